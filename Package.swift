@@ -1,0 +1,46 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let package = Package(
+    name: "pf2lora",
+    platforms: [.macOS(.v14)],
+    products: [
+        .library(name: "PF2LoRA", targets: ["PF2LoRA"]),
+        .executable(name: "pf2lora", targets: ["pf2lora"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // OpenBLAS through its C interface (cblas.h), found with pkg-config.
+        .systemLibrary(
+            name: "COpenBLAS",
+            pkgConfig: "openblas",
+            providers: [.apt(["libopenblas-dev"]), .brew(["openblas"])]
+        ),
+        // zstd for the adapter store's compressed files.
+        .systemLibrary(
+            name: "CZstd",
+            pkgConfig: "libzstd",
+            providers: [.apt(["libzstd-dev"]), .brew(["zstd"])]
+        ),
+        .target(
+            name: "PF2LoRA",
+            dependencies: ["COpenBLAS", "CZstd"],
+            swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
+        ),
+        .executableTarget(
+            name: "pf2lora",
+            dependencies: [
+                "PF2LoRA",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(
+            name: "PF2LoRATests",
+            dependencies: ["PF2LoRA"],
+            exclude: ["Fixtures"]
+        ),
+    ],
+    swiftLanguageModes: [.v5]
+)

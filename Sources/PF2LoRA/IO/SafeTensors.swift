@@ -1,0 +1,261 @@
+import Foundation
+
+/// Element types a safetensors file may hold; the runtime computes in f32 and converts on load.
+public enum DType: String, Sendable {
+    case f32 = "F32", f16 = "F16", bf16 = "BF16"
+
+    public var size: Int { self == .f32 ? 4 : 2 }
+}
+
+/// Where one tensor sits in a safetensors file.
+public struct TensorInfo: Sendable, Equatable {
+    public let dtype: DType
+    public let shape: [Int]
+    /// Byte range relative to the start of the data section.
+    public let begin: Int
+    public let end: Int
+    public var count: Int { shape.reduce(1, *) }
+}
+
+/// What can be wrong with a safetensors file. Each case names the file (and tensor) and says what to do.
+public enum SafeTensorsError: Error, CustomStringConvertible, Equatable {
+    case tooSmall(file: String, size: Int)
+    case headerOutOfBounds(file: String, headerSize: Int, fileSize: Int)
+    case badHeader(file: String, why: String)
+    case unknownDType(file: String, tensor: String, dtype: String)
+    case badEntry(file: String, tensor: String, why: String)
+    case dataOutOfBounds(file: String, tensor: String, end: Int, dataSize: Int)
+    case missingTensor(file: String, tensor: String)
+
+    public var description: String {
+        switch self {
+        case let .tooSmall(f, n):
+            return "\(f): \(n) bytes is too small for a safetensors file (it needs an 8-byte header length); the file is truncated or not safetensors"
+        case let .headerOutOfBounds(f, h, n):
+            return "\(f): header length \(h) points past the end of the \(n)-byte file; the file is truncated or corrupt"
+        case let .badHeader(f, why):
+            return "\(f): the safetensors JSON header is invalid (\(why)); re-export the file"
+        case let .unknownDType(f, t, d):
+            return "\(f): tensor '\(t)' has dtype \(d); supported are F32, F16 and BF16 — convert the checkpoint"
+        case let .badEntry(f, t, why):
+            return "\(f): tensor '\(t)' \(why)"
+        case let .dataOutOfBounds(f, t, e, n):
+            return "\(f): tensor '\(t)' ends at byte \(e) of a \(n)-byte data section; the file is truncated or corrupt"
+        case let .missingTensor(f, t):
+            return "\(f) has no tensor '\(t)'"
+        }
+    }
+}
+
+/// A parsed, validated safetensors file over bytes it keeps alive (a memory map or an owned buffer).
+///
+/// Reading an aligned f32 tensor from a mapped file costs nothing: the tensor views the mapping.
+/// f16 and bf16 tensors (and misaligned f32 ones) are converted into owned f32 memory.
+public final class SafeTensorsFile {
+    public let name: String
+    public let metadata: [String: String]
+    public let tensors: [String: TensorInfo]
+    /// Tensor names in file order (by offset).
+    public let names: [String]
+    private let storage: AnyObject
+    private let dataStart: UnsafeRawPointer?
+    public let dataSize: Int
+
+    /// Memory-maps and validates the file at `path`.
+    public convenience init(path: String) throws {
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw IOError.missing(path, "Expected a safetensors file there.")
+        }
+        let map = try MappedFile(path: path)
+        try self.init(bytes: map.bytes, owner: map, name: path)
+    }
+
+    /// Parses bytes that `owner` keeps alive. `name` is used in error messages.
+    public init(bytes: UnsafeRawBufferPointer, owner: AnyObject, name: String) throws {
+        self.name = name
+        self.storage = owner
+        let size = bytes.count
+        guard size >= 8, let base = bytes.baseAddress else { throw SafeTensorsError.tooSmall(file: name, size: size) }
+        var n: UInt64 = 0
+        withUnsafeMutableBytes(of: &n) { $0.copyMemory(from: UnsafeRawBufferPointer(start: base, count: 8)) }
+        let headerSize = Int(UInt64(littleEndian: n) & 0x7fff_ffff_ffff_ffff)
+        guard headerSize <= size - 8 else {
+            throw SafeTensorsError.headerOutOfBounds(file: name, headerSize: headerSize, fileSize: size)
+        }
+        let headerData = Data(bytes: base + 8, count: headerSize)
+        let json: Any
+        do { json = try JSONSerialization.jsonObject(with: headerData) } catch {
+            throw SafeTensorsError.badHeader(file: name, why: "not valid JSON")
+        }
+        guard let dict = json as? [String: Any] else {
+            throw SafeTensorsError.badHeader(file: name, why: "not a JSON object")
+        }
+        dataStart = UnsafeRawPointer(base + 8 + headerSize)
+        dataSize = size - 8 - headerSize
+        var meta: [String: String] = [:]
+        var infos: [String: TensorInfo] = [:]
+        for (key, value) in dict {
+            if key == "__metadata__" {
+                guard let m = value as? [String: Any] else {
+                    throw SafeTensorsError.badHeader(file: name, why: "__metadata__ is not an object")
+                }
+                for (k, v) in m {
+                    guard let s = v as? String else {
+                        throw SafeTensorsError.badHeader(file: name, why: "__metadata__ value of '\(k)' is not a string")
+                    }
+                    meta[k] = s
+                }
+                continue
+            }
+            guard let entry = value as? [String: Any] else {
+                throw SafeTensorsError.badEntry(file: name, tensor: key, why: "is not a JSON object")
+            }
+            guard let ds = entry["dtype"] as? String else {
+                throw SafeTensorsError.badEntry(file: name, tensor: key, why: "has no dtype")
+            }
+            guard let dtype = DType(rawValue: ds) else {
+                throw SafeTensorsError.unknownDType(file: name, tensor: key, dtype: ds)
+            }
+            guard let shapeAny = entry["shape"] as? [Any], let shape = Self.ints(shapeAny), shape.allSatisfy({ $0 >= 0 }) else {
+                throw SafeTensorsError.badEntry(file: name, tensor: key, why: "has no valid shape (a list of non-negative integers)")
+            }
+            guard let offAny = entry["data_offsets"] as? [Any], let off = Self.ints(offAny), off.count == 2,
+                  off[0] >= 0, off[1] >= off[0] else {
+                throw SafeTensorsError.badEntry(file: name, tensor: key, why: "has invalid data_offsets (need [begin, end] with begin <= end)")
+            }
+            let (count, overflow) = shape.reduce((1, false)) { acc, d in
+                let (p, o) = acc.0.multipliedReportingOverflow(by: d)
+                return (p, acc.1 || o)
+            }
+            guard !overflow, count.multipliedReportingOverflow(by: dtype.size).overflow == false,
+                  off[1] - off[0] == count * dtype.size else {
+                throw SafeTensorsError.badEntry(file: name, tensor: key,
+                    why: "has shape \(shape) of \(ds) but its data_offsets span \(off[1] - off[0]) bytes")
+            }
+            guard off[1] <= dataSize else {
+                throw SafeTensorsError.dataOutOfBounds(file: name, tensor: key, end: off[1], dataSize: dataSize)
+            }
+            infos[key] = TensorInfo(dtype: dtype, shape: shape, begin: off[0], end: off[1])
+        }
+        metadata = meta
+        tensors = infos
+        names = infos.keys.sorted { (infos[$0]!.begin, $0) < (infos[$1]!.begin, $1) }
+    }
+
+    private static func ints(_ a: [Any]) -> [Int]? {
+        var out: [Int] = []
+        for v in a {
+            guard let n = v as? NSNumber else { return nil }
+            let d = n.doubleValue
+            guard d == d.rounded(), abs(d) < 9.0e15 else { return nil }
+            out.append(n.intValue)
+        }
+        return out
+    }
+
+    /// The tensor `name` as f32: a view of the file for aligned f32 data, else a converted copy.
+    public func tensor(_ name: String) throws -> Tensor {
+        guard let info = tensors[name] else { throw SafeTensorsError.missingTensor(file: self.name, tensor: name) }
+        return tensor(info)
+    }
+
+    /// The tensor described by `info` (from this file's `tensors`).
+    public func tensor(_ info: TensorInfo) -> Tensor {
+        let shape = info.shape
+        guard info.count > 0, let start = dataStart else { return Tensor(zeros: shape) }
+        let src = start + info.begin
+        switch info.dtype {
+        case .f32:
+            if Int(bitPattern: src) % MemoryLayout<Float>.alignment == 0 {
+                let p = UnsafeMutablePointer(mutating: src.assumingMemoryBound(to: Float.self))
+                return Tensor(viewing: p, shape: shape, owner: storage)
+            }
+            let t = Tensor(zeros: shape)
+            UnsafeMutableRawPointer(t.data).copyMemory(from: src, byteCount: info.count * 4)
+            return t
+        case .f16:
+            let t = Tensor(zeros: shape)
+            for i in 0..<info.count {
+                let bits = src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)
+                t.data[i] = Float(Float16(bitPattern: UInt16(littleEndian: bits)))
+            }
+            return t
+        case .bf16:
+            let t = Tensor(zeros: shape)
+            for i in 0..<info.count {
+                let bits = src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)
+                t.data[i] = Float(bitPattern: UInt32(UInt16(littleEndian: bits)) << 16)
+            }
+            return t
+        }
+    }
+}
+
+/// Writes safetensors files exactly as the reference library lays them out: header keys sorted,
+/// header padded with spaces to a multiple of 8 bytes, data in header order.
+public enum SafeTensorsWriter {
+    /// Serializes `tensors` (name -> tensor) with string `metadata`, storing values as `dtype`.
+    public static func serialize(_ tensors: [String: Tensor], metadata: [String: String] = [:],
+                                 dtype: DType = .f32) -> Data {
+        let names = tensors.keys.sorted()
+        var entries: [String] = []
+        if !metadata.isEmpty {
+            let m = metadata.keys.sorted().map { "\(jsonString($0)):\(jsonString(metadata[$0]!))" }
+            entries.append("\"__metadata__\":{\(m.joined(separator: ","))}")
+        }
+        var offset = 0
+        for name in names {
+            let t = tensors[name]!
+            let bytes = t.count * dtype.size
+            let shape = t.shape.map(String.init).joined(separator: ",")
+            entries.append("\(jsonString(name)):{\"dtype\":\"\(dtype.rawValue)\",\"shape\":[\(shape)],\"data_offsets\":[\(offset),\(offset + bytes)]}")
+            offset += bytes
+        }
+        var header = Array("{\(entries.joined(separator: ","))}".utf8)
+        while (header.count + 8) % 8 != 0 { header.append(0x20) }
+        var out = Data(capacity: 8 + header.count + offset)
+        var n = UInt64(header.count).littleEndian
+        withUnsafeBytes(of: &n) { out.append(contentsOf: $0) }
+        out.append(contentsOf: header)
+        for name in names {
+            let t = tensors[name]!
+            switch dtype {
+            case .f32:
+                out.append(UnsafeBufferPointer(start: t.data, count: t.count))
+            case .f16:
+                var buf = [UInt16](repeating: 0, count: t.count)
+                for i in 0..<t.count { buf[i] = Float16(t.data[i]).bitPattern.littleEndian }
+                buf.withUnsafeBytes { out.append(contentsOf: $0) }
+            case .bf16:
+                var buf = [UInt16](repeating: 0, count: t.count)
+                for i in 0..<t.count { buf[i] = bf16Bits(t.data[i]).littleEndian }
+                buf.withUnsafeBytes { out.append(contentsOf: $0) }
+            }
+        }
+        return out
+    }
+
+    /// Round-to-nearest-even conversion to bfloat16, as PyTorch does it.
+    static func bf16Bits(_ x: Float) -> UInt16 {
+        let b = x.bitPattern
+        if x.isNaN { return 0x7fc0 }
+        let rounding = UInt32(0x7fff) + ((b >> 16) & 1)
+        return UInt16((b &+ rounding) >> 16)
+    }
+
+    static func jsonString(_ s: String) -> String {
+        var out = "\""
+        for u in s.unicodeScalars {
+            switch u {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            default:
+                if u.value < 0x20 { out += String(format: "\\u%04x", u.value) } else { out.unicodeScalars.append(u) }
+            }
+        }
+        return out + "\""
+    }
+}

@@ -1,0 +1,102 @@
+import Foundation
+
+/// A dense, row-major buffer of `Float` with a shape.
+///
+/// A tensor either owns its memory (allocated once, 64-byte aligned, zeroed) or views memory owned
+/// by someone else, such as a memory-mapped safetensors file; `owner` keeps that memory alive.
+/// Tensors are reference types on purpose: the model's weights and run state are allocated once and
+/// then only written in place by the kernels, as in llm.c.
+public final class Tensor {
+    /// The dimensions, outermost first.
+    public let shape: [Int]
+    /// The number of elements (product of `shape`).
+    public let count: Int
+    /// The first element. Row-major, contiguous.
+    public let data: UnsafeMutablePointer<Float>
+    private let owned: Bool
+    private let owner: AnyObject?
+
+    /// A new zero-filled tensor of `shape`.
+    public init(zeros shape: [Int]) {
+        let n = shape.reduce(1, *)
+        self.shape = shape
+        self.count = n
+        let bytes = max(n, 1) * MemoryLayout<Float>.stride
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+        raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+        self.data = raw.bindMemory(to: Float.self, capacity: max(n, 1))
+        self.owned = true
+        self.owner = nil
+    }
+
+    /// A new tensor holding `values`; `values.count` must equal the product of `shape`.
+    public convenience init(_ values: [Float], shape: [Int]) {
+        precondition(values.count == shape.reduce(1, *), "Tensor: \(values.count) values for shape \(shape)")
+        self.init(zeros: shape)
+        values.withUnsafeBufferPointer { src in
+            if let base = src.baseAddress { data.update(from: base, count: values.count) }
+        }
+    }
+
+    /// A view of memory owned by `owner` (kept alive as long as this tensor lives).
+    public init(viewing pointer: UnsafeMutablePointer<Float>, shape: [Int], owner: AnyObject?) {
+        self.shape = shape
+        self.count = shape.reduce(1, *)
+        self.data = pointer
+        self.owned = false
+        self.owner = owner
+    }
+
+    deinit {
+        if owned { UnsafeMutableRawPointer(data).deallocate() }
+    }
+
+    /// The whole tensor as a buffer pointer.
+    @inlinable public var buffer: UnsafeMutableBufferPointer<Float> {
+        UnsafeMutableBufferPointer(start: data, count: count)
+    }
+
+    /// Rows and columns of a tensor read as a matrix: the last dimension is the columns.
+    public var rows: Int { shape.count <= 1 ? 1 : count / (shape.last ?? 1) }
+    public var cols: Int { shape.last ?? 1 }
+
+    /// A copy of the values, for tests and serialization.
+    public var array: [Float] { Array(buffer) }
+
+    /// Element at a flat index (slow; for tests and debugging).
+    public subscript(i: Int) -> Float {
+        get { data[i] }
+        set { data[i] = newValue }
+    }
+
+    /// A view of rows `[start, start + count)` of a tensor read as a matrix.
+    public func rowsView(_ start: Int, _ n: Int) -> Tensor {
+        precondition(start >= 0 && start + n <= rows)
+        return Tensor(viewing: data + start * cols, shape: [n, cols], owner: self)
+    }
+
+    /// Sets every element to `value`.
+    public func fill(_ value: Float) {
+        data.update(repeating: value, count: count)
+    }
+
+    /// Copies all of `other` (same element count) into this tensor.
+    public func copy(from other: Tensor) {
+        precondition(other.count == count, "copy: \(other.shape) into \(shape)")
+        data.update(from: other.data, count: count)
+    }
+
+    /// A deep copy that owns its memory.
+    public func clone() -> Tensor {
+        let t = Tensor(zeros: shape)
+        t.copy(from: self)
+        return t
+    }
+}
+
+extension Tensor: CustomStringConvertible {
+    public var description: String {
+        let head = (0..<min(count, 6)).map { String(format: "%.4g", data[$0]) }.joined(separator: ", ")
+        return "Tensor(\(shape): [\(head)\(count > 6 ? ", …" : "")])"
+    }
+}

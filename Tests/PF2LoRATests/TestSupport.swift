@@ -1,0 +1,19 @@
+import Foundation
+
+/// Paths the tests read: committed fixtures, the repository root and ../shared beside it.
+enum TestPaths {
+    static let testsDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+    static let fixtures = testsDir.appendingPathComponent("Fixtures")
+    static let repoRoot = testsDir.deletingLastPathComponent().deletingLastPathComponent()
+    static let shared = repoRoot.deletingLastPathComponent().appendingPathComponent("shared")
+    static let gpt2Tokenizer = shared.appendingPathComponent("gpt2-tokenizer")
+
+    static func fixture(_ relative: String) -> String { fixtures.appendingPathComponent(relative).path }
+
+    /// A fresh empty temporary folder, removed by the caller with `cleanup`.
+    static func tempDir(_ tag: String = "t") -> String {
+        let p = NSTemporaryDirectory() + "pf2lora-\(tag)-\(UUID().uuidString)"
+        try? FileManager.default.createDirectory(atPath: p, withIntermediateDirectories: true)
+        return p
+    }
+}

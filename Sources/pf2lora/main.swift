@@ -2,6 +2,13 @@ import ArgumentParser
 import PF2LoRA
 
 struct PF2LoRACommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "pf2lora", abstract: "Serve and personalize language models with two-level LoRA (PF2LoRA).")
+    static let configuration = CommandConfiguration(
+        commandName: "pf2lora",
+        abstract: "Serve and personalize GPT-2 language models for many clients with two-level LoRA (PF2LoRA).",
+        discussion: """
+        Every client k is served W0 + (alpha/r) B A + (alpha2/r2) D_k C_k: a frozen base, a LoRA pair
+        shared by the federation, and a small pair of its own. Logs and progress go to stderr.
+        """,
+        subcommands: [ModelCommand.self, BenchCommand.self])
 }
 PF2LoRACommand.main()

@@ -1,0 +1,191 @@
+import Foundation
+
+/// A GPT-2 checkpoint loaded from a Hugging Face folder: config.json + model.safetensors.
+/// The weights stay memory-mapped (read in place); the model itself is immutable and shared by every
+/// engine, server thread and client.
+public final class GPT2Model {
+    public let folder: String
+    public let config: GPT2Config
+    public let weights: GPT2Weights
+    /// The base weights of the four linear kinds, as a weight set with nothing folded in.
+    public let baseLinears: LinearWeightSet
+    /// The safetensors file the weights view (nil for in-memory random models).
+    public let file: SafeTensorsFile?
+
+    public init(folder: String, config: GPT2Config, weights: GPT2Weights, file: SafeTensorsFile?) {
+        self.folder = folder
+        self.config = config
+        self.weights = weights
+        self.file = file
+        self.baseLinears = LinearWeightSet(base: weights)
+    }
+
+    /// Loads `folder/config.json` and `folder/model.safetensors`, validating names and shapes.
+    public static func load(folder: String, writable: Bool = false) throws -> GPT2Model {
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: folder, isDirectory: &isDir), isDir.boolValue else {
+            throw ModelError.missingFolder(folder)
+        }
+        let config = try loadConfig(folder: folder)
+        let stPath = folder + "/model.safetensors"
+        guard FileManager.default.fileExists(atPath: stPath) else {
+            throw ModelError.missingFile(stPath, hint: "A GPT-2 folder needs model.safetensors (PyTorch .bin checkpoints are not read; convert with safetensors).")
+        }
+        let st = try SafeTensorsFile(path: stPath)
+        let weights = try GPT2Weights.load(st, config: config, writable: writable)
+        return GPT2Model(folder: folder, config: config, weights: weights, file: st)
+    }
+
+    /// Reads and validates `folder/config.json`.
+    public static func loadConfig(folder: String) throws -> GPT2Config {
+        let path = folder + "/config.json"
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ModelError.missingFile(path, hint: "A Hugging Face GPT-2 folder has config.json next to model.safetensors.")
+        }
+        let config: GPT2Config
+        do { config = try JSONDecoder().decode(GPT2Config.self, from: data) } catch {
+            throw ModelError.badConfig(file: path, why: "not a GPT-2 config (\(Self.describe(error)))")
+        }
+        try config.validate(file: path)
+        return config
+    }
+
+    static func describe(_ error: Error) -> String {
+        switch error {
+        case DecodingError.keyNotFound(let key, _): return "missing key '\(key.stringValue)'"
+        case DecodingError.typeMismatch(_, let ctx): return "wrong type at '\(ctx.codingPath.map(\.stringValue).joined(separator: "."))'"
+        case DecodingError.dataCorrupted: return "invalid JSON"
+        default: return "\(error)"
+        }
+    }
+
+    /// Writes config.json and model.safetensors (atomically) into `folder`.
+    public func save(to folder: String, dtype: DType = .f32) throws {
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        try AtomicFile.write(config.jsonData(), to: folder + "/config.json")
+        try AtomicFile.write(weights.safetensors(dtype: dtype), to: folder + "/model.safetensors")
+    }
+
+    /// Module paths and (in, out) sizes of every linear layer an adapter may target.
+    public var linears: [String: (inFeatures: Int, outFeatures: Int)] {
+        var out: [String: (inFeatures: Int, outFeatures: Int)] = [:]
+        for l in 0..<config.nLayer {
+            for kind in LinearKind.allCases { out[LinearKind.modulePath(layer: l, kind)] = kind.dims(config) }
+        }
+        return out
+    }
+}
+
+/// A rank-r pair applied as a low-rank term: out += scale * (x A^T) B^T, with PEFT's shapes
+/// A (r, in) and B (out, r). `bT` is B transposed (r, out), made once so the per-token kernel is contiguous.
+public struct LowRankPair {
+    public let a: Tensor
+    public let b: Tensor
+    public let scale: Float
+    let bT: Tensor
+
+    public init(a: Tensor, b: Tensor, scale: Float) {
+        precondition(a.rows == b.cols, "LowRankPair: A \(a.shape) and B \(b.shape) ranks differ")
+        self.a = a; self.b = b; self.scale = scale
+        let t = Tensor(zeros: [b.cols, b.rows])
+        for o in 0..<b.rows { for j in 0..<b.cols { t.data[j * b.rows + o] = b.data[o * b.cols + j] } }
+        bT = t
+    }
+
+    public var rank: Int { a.rows }
+    public var byteCount: Int { (a.count + b.count + bT.count) * 4 }
+}
+
+/// The linear weights of every block that a group of sequences is served with: the base's own
+/// (views of the mapped file), or a copy with a shared LoRA pair folded in: W = W0 + s (B A)^T
+/// (Conv1D layout is (in, out), hence the transpose). Folding once per shared version makes the
+/// shared level free per token; only the small client terms cost anything (DESIGN §6).
+public final class LinearWeightSet {
+    /// [layer][LinearKind.rawValue], each (in, out).
+    public let weights: [[Tensor]]
+    public let label: String
+
+    public init(base: GPT2Weights) {
+        weights = base.layers.map { $0.linW }
+        label = "base"
+    }
+
+    /// Base weights with `pairs` (keyed by module path) folded in; modules without a pair share the base tensor.
+    public init(base: GPT2Weights, folding pairs: [String: LowRankPair], label: String) {
+        var ws: [[Tensor]] = []
+        for (l, layer) in base.layers.enumerated() {
+            var row: [Tensor] = []
+            for kind in LinearKind.allCases {
+                let w0 = layer.linW[kind.rawValue]
+                if let p = pairs[LinearKind.modulePath(layer: l, kind)] {
+                    let w = w0.clone()
+                    // (in, r) @ (r, out) -> (in, out): A^T B^T, accumulated into the copy.
+                    BLAS.gemm(p.a.data, p.b.data, w.data, m: w0.rows, n: w0.cols, k: p.rank,
+                              transA: true, transB: true, lda: p.a.cols, ldb: p.b.cols, ldc: w0.cols,
+                              alpha: p.scale, beta: 1)
+                    row.append(w)
+                } else {
+                    row.append(w0)
+                }
+            }
+            ws.append(row)
+        }
+        weights = ws
+        self.label = label
+    }
+
+    /// Bytes this set owns beyond the base mapping.
+    public func ownedBytes(base: LinearWeightSet) -> Int {
+        var n = 0
+        for (l, row) in weights.enumerated() {
+            for (k, w) in row.enumerated() where w !== base.weights[l][k] { n += w.count * 4 }
+        }
+        return n
+    }
+}
+
+/// A client's level-2 pairs, per layer and linear kind, applied as low-rank terms per token.
+public final class ClientPairs {
+    /// [layer][LinearKind.rawValue]
+    public let pairs: [[LowRankPair?]]
+    public let label: String
+    public let maxRank: Int
+
+    public init(layers: Int, pairs byPath: [String: LowRankPair], label: String) {
+        var p = Array(repeating: Array<LowRankPair?>(repeating: nil, count: LinearKind.allCases.count), count: layers)
+        var r = 0
+        for (path, pair) in byPath {
+            if let (l, kind) = LinearKind.parse(path), l < layers {
+                p[l][kind.rawValue] = pair
+                r = max(r, pair.rank)
+            }
+        }
+        pairs = p
+        self.label = label
+        maxRank = r
+    }
+
+    public var byteCount: Int { pairs.joined().compactMap { $0?.byteCount }.reduce(0, +) }
+}
+
+/// The keys and values of one sequence, for every layer: (capacity, C) each, heads interleaved as the
+/// c_attn output lays them out, so appending a token is one contiguous copy per layer.
+public final class KVCache {
+    public let capacity: Int
+    public private(set) var length: Int = 0
+    let k: [Tensor]
+    let v: [Tensor]
+
+    public init(config: GPT2Config, capacity: Int) {
+        self.capacity = capacity
+        k = (0..<config.nLayer).map { _ in Tensor(zeros: [capacity, config.nEmbd]) }
+        v = (0..<config.nLayer).map { _ in Tensor(zeros: [capacity, config.nEmbd]) }
+    }
+
+    /// Forgets the contents (the memory is kept for reuse).
+    public func reset() { length = 0 }
+
+    func advance(by n: Int) { length += n }
+
+    public var byteCount: Int { 2 * k.count * (k.first?.count ?? 0) * 4 }
+}

@@ -1,0 +1,252 @@
+import Foundation
+
+/// One sequence's part of a batched forward step.
+public struct StepInput {
+    /// The sequence's KV cache; the new tokens are appended at `cache.length`.
+    public let cache: KVCache
+    /// The new tokens: the whole prompt on prefill, one token on decode.
+    public let tokens: [Int]
+    /// The linear weights it is served with (base, or base with a shared pair folded in).
+    public let weights: LinearWeightSet
+    /// Its client's level-2 pairs, if any.
+    public let client: ClientPairs?
+    /// Return logits for every new position (tests, scoring) instead of only the last.
+    public let allLogits: Bool
+
+    public init(cache: KVCache, tokens: [Int], weights: LinearWeightSet, client: ClientPairs? = nil, allLogits: Bool = false) {
+        self.cache = cache; self.tokens = tokens; self.weights = weights; self.client = client; self.allLogits = allLogits
+    }
+}
+
+/// Runs GPT-2 forward steps over a batch of sequences of different lengths and adapters.
+///
+/// All new tokens of the batch are rows of one activation matrix, so every linear layer is one GEMM
+/// per weight set (normally one: the base or the shared-folded weights), followed by the low-rank
+/// client terms grouped by client (the SGMV idea of Punica/S-LoRA). Attention runs per sequence over
+/// its own KV cache. Callers order inputs so that equal weight sets and equal clients are adjacent.
+/// The run state below is allocated once and grown only when a larger batch arrives.
+public final class InferenceEngine {
+    public let model: GPT2Model
+    let config: GPT2Config
+
+    // Run state: every activation buffer of a step (rows = all new tokens of the batch).
+    private var capacityRows = 0
+    private var x = Tensor(zeros: [0])        // (N, C) residual stream
+    private var ln = Tensor(zeros: [0])       // (N, C) layer-norm output
+    private var qkv = Tensor(zeros: [0])      // (N, 3C)
+    private var att = Tensor(zeros: [0])      // (N, C) attention output (heads concatenated)
+    private var proj = Tensor(zeros: [0])     // (N, C) projection output before the residual add
+    private var fc = Tensor(zeros: [0])       // (N, inner)
+    private var loraTmp = Tensor(zeros: [0])  // (N, max client rank)
+    private var scores = Tensor(zeros: [0])   // (maxT, maxT) attention scores of one head
+    private var lnOut = Tensor(zeros: [0])    // (M, C) final-norm rows that produce logits
+    private var logits = Tensor(zeros: [0])   // (M, V)
+
+    public init(model: GPT2Model) {
+        self.model = model
+        self.config = model.config
+    }
+
+    private func ensure(rows n: Int, outRows m: Int, maxT: Int, maxRank: Int) {
+        let c = config
+        if n > capacityRows {
+            capacityRows = max(n, capacityRows * 2 > n ? min(capacityRows * 2, n * 2) : n)
+            let r = capacityRows
+            x = Tensor(zeros: [r, c.nEmbd]); ln = Tensor(zeros: [r, c.nEmbd])
+            qkv = Tensor(zeros: [r, 3 * c.nEmbd]); att = Tensor(zeros: [r, c.nEmbd])
+            proj = Tensor(zeros: [r, c.nEmbd]); fc = Tensor(zeros: [r, c.inner])
+        }
+        if loraTmp.count < n * maxRank { loraTmp = Tensor(zeros: [max(capacityRows, n) * max(maxRank, 1)]) }
+        let need = max(maxT * maxT, c.nPositions)
+        if scores.count < need { scores = Tensor(zeros: [need]) }
+        if lnOut.rows < m || lnOut.count < m * c.nEmbd {
+            lnOut = Tensor(zeros: [m, c.nEmbd]); logits = Tensor(zeros: [m, c.vocabSize])
+        }
+    }
+
+    /// Runs one step and returns the logits: for each input in order, one row (its last new
+    /// position) or, with `allLogits`, one row per new token. The returned tensor is a view of the
+    /// engine's buffer, valid until the next step. Advances every cache by its new tokens.
+    public func step(_ inputs: [StepInput]) throws -> Tensor {
+        let c = config
+        let C = c.nEmbd
+        var rowStart: [Int] = []
+        var n = 0, m = 0, maxT = 1, maxRank = 0
+        for inp in inputs {
+            guard !inp.tokens.isEmpty else { throw ModelError.emptyPrompt }
+            let total = inp.cache.length + inp.tokens.count
+            guard total <= min(c.nPositions, inp.cache.capacity) else {
+                throw ModelError.promptTooLong(tokens: total, context: min(c.nPositions, inp.cache.capacity))
+            }
+            for t in inp.tokens where t < 0 || t >= c.vocabSize { throw ModelError.badToken(t, vocab: c.vocabSize) }
+            rowStart.append(n)
+            n += inp.tokens.count
+            m += inp.allLogits ? inp.tokens.count : 1
+            if inp.tokens.count > 1 { maxT = max(maxT, total) }
+            maxRank = max(maxRank, inp.client?.maxRank ?? 0)
+        }
+        ensure(rows: n, outRows: m, maxT: maxT, maxRank: maxRank)
+
+        // Segments of adjacent inputs sharing a weight set, and sharing a client.
+        var weightSegs: [(LinearWeightSet, Int, Int)] = []
+        var clientSegs: [(ClientPairs, Int, Int)] = []
+        for (i, inp) in inputs.enumerated() {
+            let r0 = rowStart[i], r1 = r0 + inp.tokens.count
+            if let last = weightSegs.last, last.0 === inp.weights, last.2 == r0 { weightSegs[weightSegs.count - 1].2 = r1 }
+            else { weightSegs.append((inp.weights, r0, r1)) }
+            if let cl = inp.client {
+                if let last = clientSegs.last, last.0 === cl, last.2 == r0 { clientSegs[clientSegs.count - 1].2 = r1 }
+                else { clientSegs.append((cl, r0, r1)) }
+            }
+        }
+
+        // Embeddings: x[row] = wte[token] + wpe[position].
+        let w = model.weights
+        for (i, inp) in inputs.enumerated() {
+            for (j, tok) in inp.tokens.enumerated() {
+                let row = x.data + (rowStart[i] + j) * C
+                row.update(from: w.wte.data + tok * C, count: C)
+                addInPlace(row, w.wpe.data + (inp.cache.length + j) * C, count: C)
+            }
+        }
+
+        for l in 0..<c.nLayer {
+            let layer = w.layers[l]
+            // (N,C) -> ln -> (N,3C)
+            layerNormForward(x.data, layer.ln1W.data, layer.ln1B.data, ln.data, rows: n, C: C, eps: c.layerNormEpsilon)
+            linear(ln.data, qkv.data, rows: n, layer: l, kind: .qkv, weightSegs, clientSegs)
+            for (i, inp) in inputs.enumerated() {
+                attention(layer: l, cache: inp.cache, row0: rowStart[i], t: inp.tokens.count)
+            }
+            // (N,C) @ (C,C) -> (N,C), residual
+            linear(att.data, proj.data, rows: n, layer: l, kind: .attnProj, weightSegs, clientSegs)
+            addInPlace(x.data, proj.data, count: n * C)
+            layerNormForward(x.data, layer.ln2W.data, layer.ln2B.data, ln.data, rows: n, C: C, eps: c.layerNormEpsilon)
+            // (N,C) @ (C,4C) -> (N,4C), gelu, (N,4C) @ (4C,C) -> (N,C), residual
+            linear(ln.data, fc.data, rows: n, layer: l, kind: .fc, weightSegs, clientSegs)
+            geluForward(fc.data, fc.data, count: n * c.inner)
+            linear(fc.data, proj.data, rows: n, layer: l, kind: .mlpProj, weightSegs, clientSegs)
+            addInPlace(x.data, proj.data, count: n * C)
+        }
+
+        // Final norm on the rows that need logits, then the tied head: (M,C) @ (C,V) -> (M,V).
+        var outRow = 0
+        for (i, inp) in inputs.enumerated() {
+            let t = inp.tokens.count
+            let first = inp.allLogits ? 0 : t - 1
+            for j in first..<t {
+                layerNormForward(x.data + (rowStart[i] + j) * C, w.lnfW.data, w.lnfB.data, lnOut.data + outRow * C,
+                                 rows: 1, C: C, eps: c.layerNormEpsilon)
+                outRow += 1
+            }
+            inp.cache.advance(by: t)
+        }
+        if m == 1 {
+            BLAS.gemv(w.wte.data, lnOut.data, logits.data, m: c.vocabSize, n: C)
+        } else {
+            BLAS.gemm(lnOut.data, w.wte.data, logits.data, m: m, n: c.vocabSize, k: C, transB: true)
+        }
+        return Tensor(viewing: logits.data, shape: [m, c.vocabSize], owner: logits)
+    }
+
+    /// out (N, out) = x (N, in) @ W + b per weight segment, then + s (x A^T) B^T per client segment.
+    private func linear(_ xin: UnsafeMutablePointer<Float>, _ out: UnsafeMutablePointer<Float>, rows n: Int,
+                        layer l: Int, kind: LinearKind,
+                        _ weightSegs: [(LinearWeightSet, Int, Int)], _ clientSegs: [(ClientPairs, Int, Int)]) {
+        let (din, dout) = kind.dims(config)
+        for (set, r0, r1) in weightSegs {
+            let wt = set.weights[l][kind.rawValue]
+            let rows = r1 - r0
+            if rows == 1 {
+                BLAS.gemv(wt.data, xin + r0 * din, out + r0 * dout, m: din, n: dout, trans: true)   // W^T x
+            } else {
+                BLAS.gemm(xin + r0 * din, wt.data, out + r0 * dout, m: rows, n: dout, k: din)     // (n,in)@(in,out)
+            }
+        }
+        addBias(out, model.weights.layers[l].linB[kind.rawValue].data, rows: n, cols: dout)
+        for (client, r0, r1) in clientSegs {
+            guard let p = client.pairs[l][kind.rawValue] else { continue }
+            let rows = r1 - r0, r = p.rank
+            if rows <= 4 {
+                lowRankRows(xin + r0 * din, out + r0 * dout, rows: rows, din: din, dout: dout, pair: p)
+            } else {
+                // (n,in) @ (in,r) -> (n,r); then s * (n,r) @ (r,out) accumulated into out.
+                BLAS.gemm(xin + r0 * din, p.a.data, loraTmp.data, m: rows, n: r, k: din, transB: true)
+                BLAS.gemm(loraTmp.data, p.bT.data, out + r0 * dout, m: rows, n: dout, k: r, alpha: p.scale, beta: 1)
+            }
+        }
+    }
+
+    /// The low-rank term for a few rows without BLAS call overhead: r dot products, then r axpys over B^T.
+    private func lowRankRows(_ xin: UnsafeMutablePointer<Float>, _ out: UnsafeMutablePointer<Float>, rows: Int,
+                             din: Int, dout: Int, pair p: LowRankPair) {
+        let r = p.rank
+        for row in 0..<rows {
+            let xr = xin + row * din, orow = out + row * dout
+            for j in 0..<r {
+                let coef = p.scale * dot(xr, p.a.data + j * din, din)
+                axpy(coef, p.bT.data + j * dout, orow, dout)
+            }
+        }
+    }
+
+    /// Causal self-attention of one sequence's t new rows over its cache (past L plus the new rows).
+    private func attention(layer l: Int, cache: KVCache, row0: Int, t: Int) {
+        let C = config.nEmbd, H = config.nHead, hs = config.headSize
+        let L = cache.length, T = L + t
+        let kc = cache.k[l].data, vc = cache.v[l].data
+        // Append the new keys and values: qkv row = [q | k | v], each (C).
+        for j in 0..<t {
+            let src = qkv.data + (row0 + j) * 3 * C
+            (kc + (L + j) * C).update(from: src + C, count: C)
+            (vc + (L + j) * C).update(from: src + 2 * C, count: C)
+        }
+        let scale = 1 / Float(hs).squareRoot()
+        let sc = scores.data
+        for h in 0..<H {
+            let q = qkv.data + row0 * 3 * C + h * hs
+            let o = att.data + row0 * C + h * hs
+            if t == 1 {
+                // Decode: scores over T cached keys, softmax, weighted sum of values.
+                for j in 0..<T { sc[j] = scale * dot(q, kc + j * C + h * hs, hs) }
+                softmaxInPlace(sc, count: T)
+                o.update(repeating: 0, count: hs)
+                for j in 0..<T { axpy(sc[j], vc + j * C + h * hs, o, hs) }
+            } else {
+                // Prefill: (t,hs) @ (hs,T) -> (t,T), causal softmax, (t,T) @ (T,hs) -> (t,hs).
+                BLAS.gemm(q, kc + h * hs, sc, m: t, n: T, k: hs, transB: true, lda: 3 * C, ldb: C, ldc: T, alpha: scale)
+                for i in 0..<t {
+                    let valid = L + i + 1
+                    softmaxInPlace(sc + i * T, count: valid)
+                    if valid < T { (sc + i * T + valid).update(repeating: 0, count: T - valid) }
+                }
+                BLAS.gemm(sc, vc + h * hs, o, m: t, n: hs, k: T, lda: T, ldb: C, ldc: C)
+            }
+        }
+    }
+}
+
+/// Dot product of n floats, 16 lanes at a time.
+@inline(__always)
+func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
+    var acc0 = F16(), acc1 = F16()
+    var i = 0
+    while i + 32 <= n {
+        acc0 += load16(a + i) * load16(b + i)
+        acc1 += load16(a + i + 16) * load16(b + i + 16)
+        i += 32
+    }
+    while i + 16 <= n { acc0 += load16(a + i) * load16(b + i); i += 16 }
+    var s = (acc0 + acc1).sum()
+    while i < n { s += a[i] * b[i]; i += 1 }
+    return s
+}
+
+/// y += alpha * x over n floats.
+@inline(__always)
+func axpy(_ alpha: Float, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
+    let av = F16(repeating: alpha)
+    var i = 0
+    while i + 16 <= n { store16(load16(y + i) + av * load16(x + i), y + i); i += 16 }
+    while i < n { y[i] += alpha * x[i]; i += 1 }
+}

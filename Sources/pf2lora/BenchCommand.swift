@@ -1,0 +1,132 @@
+import ArgumentParser
+import Foundation
+import PF2LoRA
+
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Measure speed (build with -c release). Each prints one JSON object on stdout.",
+        subcommands: [BenchDecode.self, BenchBLAS.self])
+}
+
+struct BenchDecode: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "decode",
+        abstract: "Prefill and decode tokens/s of the base model on random token ids.",
+        discussion: "Prefill runs `--batch` prompts of `--prompt-tokens` tokens in one step; decode then runs `--tokens` steps of the whole batch. A warm-up run comes first; the median of `--repeats` runs is reported.")
+
+    @Option(help: "Model folder (Hugging Face GPT-2 layout).")
+    var model: String
+    @Option(help: "Sequences decoded together.")
+    var batch: Int = 1
+    @Option(help: "Decode steps to time.")
+    var tokens: Int = 64
+    @Option(name: .customLong("prompt-tokens"), help: "Prompt length for the prefill measurement.")
+    var promptTokens: Int = 128
+    @Option(help: "OpenBLAS threads (0 = its default).")
+    var threads: Int = 0
+    @Option(help: "Timed repeats (median reported).")
+    var repeats: Int = 3
+
+    func run() throws {
+        BLAS.setThreads(threads)
+        let m = try GPT2Model.load(folder: model)
+        let c = m.config
+        guard batch >= 1, tokens >= 1, promptTokens >= 1, promptTokens + tokens <= c.nPositions else {
+            throw CLIError("need batch >= 1, tokens >= 1, prompt-tokens >= 1 and prompt-tokens + tokens <= \(c.nPositions)")
+        }
+        let engine = InferenceEngine(model: m)
+        var rng = Xoshiro256(seed: 1)
+        let prompts = (0..<batch).map { _ in (0..<promptTokens).map { _ in Int(rng.next() % UInt64(c.vocabSize)) } }
+        let caches = (0..<batch).map { _ in KVCache(config: c, capacity: promptTokens + tokens) }
+        var prefill: [Double] = [], decode: [Double] = []
+        for rep in 0...repeats {
+            caches.forEach { $0.reset() }
+            var t0 = now()
+            let logits = try engine.step(zip(prompts, caches).map { StepInput(cache: $1, tokens: $0, weights: m.baseLinears) })
+            let tp = now() - t0
+            var next = (0..<batch).map { Sampler.argmax(logits.data + $0 * c.vocabSize, count: c.vocabSize) }
+            t0 = now()
+            for _ in 0..<tokens {
+                let lg = try engine.step(zip(next, caches).map { StepInput(cache: $1, tokens: [$0], weights: m.baseLinears) })
+                next = (0..<batch).map { Sampler.argmax(lg.data + $0 * c.vocabSize, count: c.vocabSize) }
+            }
+            let td = now() - t0
+            if rep > 0 { prefill.append(tp); decode.append(td) }
+            log(String(format: "bench decode: run %d: prefill %.3f s, decode %.3f s", rep, tp, td))
+        }
+        let tp = prefill.sorted()[prefill.count / 2], td = decode.sorted()[decode.count / 2]
+        print(jsonLine([
+            "model": model, "batch": batch, "prompt_tokens": promptTokens, "decode_tokens": tokens,
+            "threads": BLAS.threads,
+            "prefill_tokens_per_s": Double(batch * promptTokens) / tp,
+            "decode_tokens_per_s": Double(batch * tokens) / td,
+            "decode_ms_per_step": td / Double(tokens) * 1000,
+        ]))
+    }
+}
+
+struct BenchBLAS: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "blas",
+        abstract: "The OpenBLAS limits for a model's shapes: sgemv bandwidth over its weights and sgemm GFLOP/s on prefill shapes.",
+        discussion: "decode_bound_tokens_per_s is the weight bytes one token reads divided by the measured sgemv bandwidth: the memory-bandwidth limit of batch-1 decode.")
+
+    @Option(help: "Model folder.")
+    var model: String
+    @Option(name: .customLong("prompt-tokens"), help: "Rows of the prefill GEMMs.")
+    var promptTokens: Int = 512
+    @Option(help: "OpenBLAS threads (0 = its default).")
+    var threads: Int = 0
+
+    func run() throws {
+        BLAS.setThreads(threads)
+        let m = try GPT2Model.load(folder: model)
+        let c = m.config
+        let x = Tensor(zeros: [max(c.inner, c.nEmbd)]); x.fill(0.01)
+        let y = Tensor(zeros: [max(c.vocabSize, 3 * c.nEmbd, c.inner)])
+        // One decode token's weight reads: every linear weight and the tied head.
+        func gemvPass() {
+            for layer in m.weights.layers {
+                for kind in LinearKind.allCases {
+                    let w = layer.linW[kind.rawValue]
+                    BLAS.gemv(w.data, x.data, y.data, m: w.rows, n: w.cols, trans: true)
+                }
+            }
+            BLAS.gemv(m.weights.wte.data, x.data, y.data, m: c.vocabSize, n: c.nEmbd)
+        }
+        let bytes = Double(m.weights.layers.reduce(0) { $0 + $1.linW.reduce(0) { $0 + $1.count } } + m.weights.wte.count) * 4
+        gemvPass()
+        var times: [Double] = []
+        for _ in 0..<7 { let t0 = now(); gemvPass(); times.append(now() - t0) }
+        let tv = times.sorted()[3]
+        // The GEMMs of one prefill of promptTokens rows.
+        let T = promptTokens
+        let a = Tensor(zeros: [T, max(c.inner, c.nEmbd)]); a.fill(0.01)
+        let out = Tensor(zeros: [T, max(3 * c.nEmbd, c.inner)])
+        func gemmPass() -> Double {
+            var flops = 0.0
+            for layer in m.weights.layers {
+                for kind in LinearKind.allCases {
+                    let w = layer.linW[kind.rawValue]
+                    BLAS.gemm(a.data, w.data, out.data, m: T, n: w.cols, k: w.rows)
+                    flops += 2 * Double(T * w.rows * w.cols)
+                }
+            }
+            return flops
+        }
+        _ = gemmPass()
+        var gt: [Double] = []
+        var flops = 0.0
+        for _ in 0..<3 { let t0 = now(); flops = gemmPass(); gt.append(now() - t0) }
+        let tg = gt.sorted()[1]
+        print(jsonLine([
+            "model": model, "threads": BLAS.threads,
+            "weight_bytes_per_token": bytes,
+            "sgemv_gb_per_s": bytes / tv / 1e9,
+            "decode_bound_tokens_per_s": 1 / tv,
+            "sgemm_gflop_per_s": flops / tg / 1e9,
+            "prefill_rows": T,
+        ]))
+    }
+}

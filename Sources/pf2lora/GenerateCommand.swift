@@ -64,7 +64,7 @@ struct GenerateCommand: ParsableCommand {
         guard ids.count < m.config.nPositions else {
             throw CLIError("the prompt is \(ids.count) tokens but the model's context is \(m.config.nPositions); shorten the prompt")
         }
-        var binding = AdapterBinding(weights: m.baseLinears, sharedVersion: nil, client: nil, clientVersion: nil, clientTrainedOn: nil)
+        var binding = AdapterBinding.base(m)
         if let store = try options.openStore(m) {
             let runtime = AdapterRuntime(model: m, store: store)
             try runtime.prepare()
@@ -83,9 +83,9 @@ struct GenerateCommand: ParsableCommand {
             let logits = try engine.step([StepInput(cache: cache, tokens: gen.pendingInput, weights: binding.weights, client: binding.client)])
             if gen.isPrefill { tFirst = now() }
             let (_, delta) = gen.accept(logits: logits.data, vocabSize: m.config.vocabSize)
-            if !delta.isEmpty { stdout.write(delta.data(using: .utf8)!) }
+            if !delta.isEmpty { stdout.write(Data(delta.utf8)) }
         }
-        stdout.write("\n".data(using: .utf8)!)
+        stdout.write(Data("\n".utf8))
         let t1 = now()
         let n = gen.tokens.count
         log(String(format: "generate: %d prompt tokens in %.1f ms, %d new tokens in %.1f ms (%.1f tok/s), finish: %@, adapter: shared %@ client %@",

@@ -9,6 +9,11 @@ public struct AdapterBinding {
     public let clientVersion: Int?
     /// The shared version the client pair was trained against, when recorded.
     public let clientTrainedOn: Int?
+
+    /// The base model alone (no adapter at all).
+    public static func base(_ model: GPT2Model) -> AdapterBinding {
+        AdapterBinding(weights: model.baseLinears, sharedVersion: nil, client: nil, clientVersion: nil, clientTrainedOn: nil)
+    }
 }
 
 /// Resolves clients to adapters from the store, hot-swapping new versions without a restart.

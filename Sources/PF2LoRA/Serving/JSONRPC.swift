@@ -23,6 +23,13 @@ public struct RPCError: Error, CustomStringConvertible {
     public var description: String { "\(code.rawValue): \(message)" }
 }
 
+/// A line that could not be taken as a request: the error and the id, if one could be read.
+struct RPCLineError: Error {
+    let id: Any
+    let error: RPCError
+    init(_ id: Any?, _ error: RPCError) { self.id = id ?? NSNull(); self.error = error }
+}
+
 /// A parsed request. `id` is what the caller sent (number or string), echoed back unchanged;
 /// a request without an id is a notification and gets no answer.
 struct RPCRequest {
@@ -105,35 +112,35 @@ enum RPCParser {
     static let maxDepth = 64
 
     /// Parses one line. On failure returns the error and the id if one could be read.
-    static func parse(_ line: [UInt8]) -> Result<RPCRequest, (Any?, RPCError)> {
-        if let depthError = checkDepth(line) { return .failure((NSNull(), depthError)) }
+    static func parse(_ line: [UInt8]) -> Result<RPCRequest, RPCLineError> {
+        if let depthError = checkDepth(line) { return .failure(RPCLineError(nil, depthError)) }
         let obj: Any
         do { obj = try JSONSerialization.jsonObject(with: Data(line), options: [.fragmentsAllowed]) } catch {
-            return .failure((NSNull(), RPCError(.parseError, "the line is not valid JSON; send one JSON-RPC 2.0 object per line")))
+            return .failure(RPCLineError(NSNull(), RPCError(.parseError, "the line is not valid JSON; send one JSON-RPC 2.0 object per line")))
         }
         if obj is [Any] {
-            return .failure((NSNull(), RPCError(.invalidRequest, "batch requests (JSON arrays) are not supported; send one object per line")))
+            return .failure(RPCLineError(NSNull(), RPCError(.invalidRequest, "batch requests (JSON arrays) are not supported; send one object per line")))
         }
         guard let dict = obj as? [String: Any] else {
-            return .failure((NSNull(), RPCError(.invalidRequest, "a request must be a JSON object with jsonrpc, id, method and params")))
+            return .failure(RPCLineError(NSNull(), RPCError(.invalidRequest, "a request must be a JSON object with jsonrpc, id, method and params")))
         }
         var id: Any? = nil
         let hasID = dict["id"] != nil
         if let raw = dict["id"] {
             if raw is NSNull || raw is String || (raw is NSNumber && !Params.isBool(raw)) { id = raw } else {
-                return .failure((NSNull(), RPCError(.invalidRequest, "id must be a string, a number or null")))
+                return .failure(RPCLineError(NSNull(), RPCError(.invalidRequest, "id must be a string, a number or null")))
             }
         }
         guard dict["jsonrpc"] as? String == "2.0" else {
-            return .failure((id ?? NSNull(), RPCError(.invalidRequest, "\"jsonrpc\" must be \"2.0\"")))
+            return .failure(RPCLineError(id ?? NSNull(), RPCError(.invalidRequest, "\"jsonrpc\" must be \"2.0\"")))
         }
         guard let method = dict["method"] as? String else {
-            return .failure((id ?? NSNull(), RPCError(.invalidRequest, "\"method\" must be a string")))
+            return .failure(RPCLineError(id ?? NSNull(), RPCError(.invalidRequest, "\"method\" must be a string")))
         }
         var params: [String: Any] = [:]
         if let p = dict["params"], !(p is NSNull) {
             guard let pd = p as? [String: Any] else {
-                return .failure((id ?? NSNull(), RPCError(.invalidParams, "params must be an object (by-name parameters)")))
+                return .failure(RPCLineError(id ?? NSNull(), RPCError(.invalidParams, "params must be an object (by-name parameters)")))
             }
             params = pd
         }

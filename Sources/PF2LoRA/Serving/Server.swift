@@ -73,9 +73,9 @@ public final class Server {
         requests += 1
         let req: RPCRequest
         switch RPCParser.parse(line) {
-        case let .failure((id, e)):
+        case let .failure(e):
             errors += 1
-            out.error(id, e)
+            out.error(e.id, e.error)
             return true
         case let .success(r): req = r
         }

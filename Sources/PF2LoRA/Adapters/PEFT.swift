@@ -102,14 +102,16 @@ public enum PEFT {
     }
 
     /// Writes one level as a plain PEFT LoRA folder (a client level's C, D become lora_A, lora_B).
-    public static func write(_ adapter: LoRAAdapter, to folder: String, baseModelName: String, fanInFanOut: Bool = true) throws {
+    /// `baseModelName` becomes `base_model_name_or_path` (a hub name or a folder PEFT can load).
+    public static func write(_ adapter: LoRAAdapter, to folder: String, base: BaseModelInfo, baseModelName: String? = nil,
+                             fanInFanOut: Bool = true) throws {
         var tensors: [String: Tensor] = [:]
         for (module, pair) in adapter.modules {
             tensors[LoRAAdapter.tensorName(module: module, level: .shared, up: false)] = pair.a
             tensors[LoRAAdapter.tensorName(module: module, level: .shared, up: true)] = pair.b
         }
         try writeFolder(folder, tensors: tensors, rank: adapter.rank, alpha: adapter.alpha, useRSLoRA: adapter.useRSLoRA,
-                        targets: targetModules(Array(adapter.modules.keys)), baseModelName: baseModelName, fanInFanOut: fanInFanOut)
+                        targets: targetModules(Array(adapter.modules.keys), base: base), baseModelName: baseModelName ?? base.name, fanInFanOut: fanInFanOut)
     }
 
     /// A client's whole personalized update as one LoRA of rank r + r2 with scale 1 (DESIGN §2):
@@ -137,16 +139,16 @@ public enum PEFT {
         return LoRAAdapter(level: .shared, rank: r, alpha: Float(r), useRSLoRA: false, modules: modules, metadata: meta)
     }
 
-    /// `target_modules` for a set of module paths: the module kinds (`attn.c_attn`, ...) when every
-    /// layer has each kind, else the full paths (PEFT matches both).
-    static func targetModules(_ paths: [String]) -> [String] {
+    /// `target_modules` for a set of module paths: the module kinds (`attn.c_attn`, ...) when each
+    /// kind is adapted in every layer of `base` that has it, else the full paths (PEFT matches both:
+    /// a key equal to an entry, or ending in "." + entry).
+    static func targetModules(_ paths: [String], base: BaseModelInfo) -> [String] {
+        let have = Set(paths)
         let kinds = Set(paths.map(moduleKind))
-        let layers = Set(paths.compactMap { p -> String? in
-            let k = moduleKind(p)
-            return k == p ? nil : String(p.dropLast(k.count))
-        })
-        if paths.count == kinds.count * max(layers.count, 1) && paths.allSatisfy({ moduleKind($0) != $0 }) { return kinds.sorted() }
-        return paths.sorted()
+        let complete = kinds.allSatisfy { k in
+            base.linears.keys.filter { moduleKind($0) == k }.allSatisfy(have.contains)
+        }
+        return complete && paths.allSatisfy({ moduleKind($0) != $0 }) ? kinds.sorted() : paths.sorted()
     }
 
     static func writeFolder(_ folder: String, tensors: [String: Tensor], rank: Int, alpha: Float, useRSLoRA: Bool,

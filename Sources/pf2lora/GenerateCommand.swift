@@ -136,6 +136,10 @@ struct ServeCommand: ParsableCommand {
             throw CLIError("the store's shared adapter failed to load: \(AdapterRuntime.rpcError(error).message)")
         }
         if let store {
+            let rep = store.lastReconcile
+            for f in rep.quarantined { log("serve: warning: \(store.directory)/\(f) failed validation and was moved aside (.corrupt-*); that adapter is refused until a valid version is published") }
+            for r in rep.repointed { log("serve: store repaired: \(r)") }
+            for r in rep.ignored { log("serve: store: ignored \(r)") }
             for id in store.clients() {
                 guard let v = store.currentVersion(level: .client, client: id) else { continue }
                 do { _ = try store.load(level: .client, client: id, version: v) } catch {

@@ -29,7 +29,12 @@ public final class AdapterRuntime {
     public let store: AdapterStore?
     /// Refuse clients the store has never seen (otherwise they get the shared pair alone).
     public let strict: Bool
-    public var refreshInterval: Double = 0.05
+    /// Minimum seconds between manifest checks. A check is one stat() when nothing changed, so the
+    /// default checks on every admission: a version published a moment ago is used by the next request.
+    public var refreshInterval: Double = 0
+    /// Client id -> store-relative path of its current file that failed validation when the store
+    /// was opened (the store renamed it aside as `.corrupt-*`; nothing was deleted).
+    public let quarantined: [String: String]
 
     private let lock = NSLock()
     private var folded: (version: Int, set: LinearWeightSet)?
@@ -42,6 +47,12 @@ public final class AdapterRuntime {
         self.model = model
         self.store = store
         self.strict = strict
+        var q: [String: String] = [:]
+        for path in store?.lastReconcile.quarantined ?? [] {
+            let parts = path.split(separator: "/")
+            if parts.count == 3, parts[0] == "clients" { q[String(parts[1])] = path }
+        }
+        quarantined = q
     }
 
     /// Loads the current shared version now (called at server start so a broken shipped file is
@@ -113,6 +124,9 @@ public final class AdapterRuntime {
         }
         try ClientID.validate(client)
         guard let store, let v = store.currentVersion(level: .client, client: client) else {
+            if let path = quarantined[client] {
+                throw RPCError(.adapterInvalid, "client '\(client)' has no valid adapter: \(path) failed validation when the store was opened and was moved aside (renamed .corrupt-*); publish a new version (personalize, adapters import-peft) or restore the file, then reload")
+            }
             if strict { throw RPCError(.unknownClient, "unknown client '\(client)': the store has no adapter for it (the server runs with --strict-clients); personalize it first or drop --strict-clients") }
             return AdapterBinding(weights: weights, sharedVersion: shared?.version, client: nil, clientVersion: nil, clientTrainedOn: nil)
         }

@@ -12,7 +12,6 @@ public enum RPCCode: Int, Sendable {
     case baseMismatch = -32003
     case overloaded = -32004
     case trainingFailed = -32005
-    case shuttingDown = -32006
 }
 
 /// An error answered to one request; `message` says what to fix.

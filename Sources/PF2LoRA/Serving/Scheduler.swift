@@ -87,7 +87,7 @@ final class Scheduler {
     /// Queues a job, or refuses it at once when the queue is full or the server is draining.
     func submit(_ job: Job) throws {
         cond.lock(); defer { cond.unlock() }
-        if draining { throw RPCError(.shuttingDown, "the server is shutting down; send the request to another instance") }
+        if draining { throw RPCError(.overloaded, "the server is shutting down and takes no new requests; send it to another instance") }
         guard queue.count < limits.maxQueue else {
             throw RPCError(.overloaded, "the server is overloaded: \(queue.count) requests queued (limit \(limits.maxQueue)); retry later")
         }

@@ -8,14 +8,17 @@ struct BenchTokenizer: ParsableCommand {
         commandName: "tokenizer",
         abstract: "Measure tokenizer encode throughput (MB/s) with a cold and a warm word cache; prints JSON.",
         discussion: """
-            Encodes the text of --file (default: a generated ~1 MB mixed text: prose, code, digits, Unicode)
-            in one call, first right after emptying the word cache (cold), then --repeat times with the cache
-            filled (warm, best run). It also encodes the text line by line, the way a server meets many short
-            prompts. Prints one JSON object:
-              {"bytes", "tokens", "load_seconds", "cold_seconds", "cold_mb_per_s", "warm_seconds",
-               "warm_mb_per_s", "lines", "lines_cold_seconds", "lines_cold_mb_per_s",
-               "lines_warm_seconds", "lines_warm_mb_per_s"}
-            MB is 10^6 bytes of UTF-8 input. Build with `swift build -c release` before timing.
+            Encodes the text of --file (default: a generated ~1 MB mixed text of prose, code, digits and \
+            Unicode) in one call, first right after emptying the word cache (cold), then --repeat times \
+            with the cache filled (warm, best run). It does the same line by line, the way a server meets \
+            many short prompts. MB is 10^6 bytes of UTF-8 input. Build with `swift build -c release` \
+            before timing.
+
+            Prints one JSON object with the keys: bytes, tokens, load_seconds, cold_seconds, \
+            cold_mb_per_s, warm_seconds, warm_mb_per_s, lines, lines_cold_seconds, lines_cold_mb_per_s, \
+            lines_warm_seconds, lines_warm_mb_per_s.
+
+            Benchmarks/tokenizer_bench.py runs this next to Hugging Face tokenizers on the same text.
             """)
 
     @Option(help: ArgumentHelp("Model or tokenizer folder (tokenizer.json, or vocab.json + merges.txt).", valueName: "DIR"))

@@ -7,20 +7,21 @@ struct Tokenize: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Encode UTF-8 text from stdin to token ids (a JSON array), or decode ids back to text.",
         discussion: """
-            Encoding reads all of stdin as UTF-8 and prints the ids as one JSON array, e.g. [15496, 995].
+            Encoding reads all of stdin as UTF-8 and prints the ids as one JSON array, e.g. [15496, 995]. \
             Added tokens written in the text, such as <|endoftext|>, become their ids.
 
-            With --decode, stdin must hold a JSON array of integer ids; the text is printed exactly, with no
-            newline added (bytes that do not form valid UTF-8 print as U+FFFD).
+            With --decode, stdin must hold a JSON array of integer ids; the text is printed exactly, with \
+            no newline added (bytes that do not form valid UTF-8 print as U+FFFD).
 
-            --model may be a model folder or a tokenizer-only folder: it needs tokenizer.json, or vocab.json
-            and merges.txt (Hugging Face GPT-2 layout).
+            --model may be a model folder or a tokenizer-only folder: it needs tokenizer.json, or \
+            vocab.json and merges.txt (the Hugging Face GPT-2 layout).
+
+            Invalid UTF-8 input, a bad JSON array or an unknown id prints one error line on stderr and \
+            exits with status 1.
 
             Examples:
-              printf 'Hello world' | pf2lora tokenize --model ../shared/gpt2-tokenizer
-              echo '[15496, 995]' | pf2lora tokenize --model ../shared/gpt2-tokenizer --decode
-
-            Invalid UTF-8 input, a bad JSON array or an unknown id prints one error line on stderr and exits 1.
+              printf 'Hello world' | pf2lora tokenize --model DIR
+              echo '[15496, 995]' | pf2lora tokenize --model DIR --decode
             """)
 
     @Option(help: ArgumentHelp("Model or tokenizer folder (tokenizer.json, or vocab.json + merges.txt).", valueName: "DIR"))

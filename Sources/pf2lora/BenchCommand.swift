@@ -6,7 +6,7 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Measure speed (build with -c release). Each prints one JSON object on stdout.",
-        subcommands: [BenchDecode.self, BenchBLAS.self])
+        subcommands: [BenchDecode.self, BenchBLAS.self, BenchTokenizer.self])
 }
 
 struct BenchDecode: ParsableCommand {

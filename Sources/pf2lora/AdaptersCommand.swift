@@ -276,12 +276,6 @@ struct Adapters: ParsableCommand {
     }
 }
 
-/// A command-line error: printed as one line on stderr, exit status 1.
-struct CLIError: Error, CustomStringConvertible {
-    let description: String
-    init(_ d: String) { description = d }
-}
-
 /// Runs `body`; any error becomes one line on stderr and exit status 1.
 func cli(_ body: () throws -> Void) throws {
     do { try body() } catch let e as ValidationError { throw e } catch {

@@ -135,13 +135,13 @@ struct ServerFixture {
     }
 
     static func randomAdapter(base: BaseModelInfo, level: AdapterLevel, rank: Int, seed: UInt64, clientID: String? = nil, std: Float = 0.3) -> LoRAAdapter {
-        var rng = Xoshiro256(seed: seed)
+        var rng = RNG(seed: seed)
         var modules: [String: LoRAPair] = [:]
         for path in base.linears.keys.sorted() {
             let (din, dout) = base.linears[path]!
             let a = Tensor(zeros: [rank, din]), b = Tensor(zeros: [dout, rank])
-            for i in 0..<a.count { a.data[i] = std * rng.nextNormal() }
-            for i in 0..<b.count { b.data[i] = std * rng.nextNormal() }
+            for i in 0..<a.count { a.data[i] = std * rng.normal() }
+            for i in 0..<b.count { b.data[i] = std * rng.normal() }
             modules[path] = LoRAPair(a: a, b: b)
         }
         let meta = AdapterMetadata(baseName: base.name, baseFingerprint: base.fingerprint, clientID: clientID)

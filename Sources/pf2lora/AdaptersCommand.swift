@@ -19,7 +19,7 @@ struct Adapters: ParsableCommand {
 
     /// Options shared by the subcommands that find a store folder.
     struct StoreOptions: ParsableArguments {
-        @Option(name: .long, help: "The store root (holding one folder per base model), or a base's store folder itself.")
+        @Option(name: .long, help: "The store root, holding one folder per base model (list and inspect also take a base's folder itself).")
         var store: String = "adapters"
 
         @Option(name: .long, help: "Which base's folder under the store root, when it holds several (default: the only one).")
@@ -268,7 +268,7 @@ struct Adapters: ParsableCommand {
 
     struct Bench: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Measure adapter sizes (compressed vs raw f32/f16) and cold load time on the GPT-2-124M shape (same as `pf2lora bench adapters`).")
+            abstract: "Measure adapter sizes (compressed vs raw f32/f16) and cold load time on the GPT-2-124M shape (the BenchAdapters command, for a `pf2lora bench` group).")
 
         @OptionGroup var options: BenchAdaptersOptions
 

@@ -80,6 +80,10 @@ import Testing
         junk[0] = 0xff; junk[1] = 0xff   // header length far past the end
         #expect(failure(try Zstd.compress(junk))?.check == 3)
         #expect(failure(try Zstd.compress(Data([1, 2, 3])))?.check == 3)
+        // A header length with the top bit set must not be read as a small one.
+        var good = AdapterFixtures.adapter(base, level: .shared, rank: 4).safetensors()
+        good[7] |= 0x80
+        #expect(failure(try Zstd.compress(good))?.check == 3)
         let s = AdapterFixtures.adapter(base, level: .shared, rank: 4)
         let cut = s.safetensors().dropLast(100)   // data section shorter than the header says
         #expect(failure(try Zstd.compress(cut))?.check == 3)

@@ -64,28 +64,51 @@ func layerNormForward(_ x: UnsafePointer<Float>, _ w: UnsafePointer<Float>, _ b:
 }
 
 /// Backward of layer norm. dx += ..., dw += ..., db += ... (accumulating, as llm.c does).
+/// With norm = (x - mean) rstd and dnorm = w dout: dx = rstd (dnorm - mean(dnorm) - norm mean(dnorm norm)).
 func layerNormBackward(_ dout: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ w: UnsafePointer<Float>,
                        _ mean: UnsafePointer<Float>, _ rstd: UnsafePointer<Float>,
                        dx: UnsafeMutablePointer<Float>, dw: UnsafeMutablePointer<Float>?, db: UnsafeMutablePointer<Float>?,
                        rows: Int, C: Int) {
+    let v = C / 16 * 16
     for r in 0..<rows {
         let d = dout + r * C, xr = x + r * C, dxr = dx + r * C
         let m = mean[r], rs = rstd[r]
-        var dnormMean: Float = 0, dnormNormMean: Float = 0
-        for i in 0..<C {
+        let mv = F16(repeating: m), rsv = F16(repeating: rs)
+        var a1 = F16(), a2 = F16()
+        var i = 0
+        while i < v {
+            let norm = (load16(xr + i) - mv) * rsv
+            let dnorm = load16(w + i) * load16(d + i)
+            a1 += dnorm; a2 += dnorm * norm
+            i += 16
+        }
+        var dnormMean = a1.sum(), dnormNormMean = a2.sum()
+        while i < C {
             let norm = (xr[i] - m) * rs
             let dnorm = w[i] * d[i]
-            dnormMean += dnorm
-            dnormNormMean += dnorm * norm
+            dnormMean += dnorm; dnormNormMean += dnorm * norm
+            i += 1
         }
         dnormMean /= Float(C)
         dnormNormMean /= Float(C)
-        for i in 0..<C {
+        let dmv = F16(repeating: dnormMean), dnmv = F16(repeating: dnormNormMean)
+        i = 0
+        while i < v {
+            let norm = (load16(xr + i) - mv) * rsv
+            let dd = load16(d + i)
+            let dnorm = load16(w + i) * dd
+            if let db { store16(load16(db + i) + dd, db + i) }
+            if let dw { store16(load16(dw + i) + norm * dd, dw + i) }
+            store16(load16(dxr + i) + (dnorm - dmv - norm * dnmv) * rsv, dxr + i)
+            i += 16
+        }
+        while i < C {
             let norm = (xr[i] - m) * rs
             let dnorm = w[i] * d[i]
             db?[i] += d[i]
             dw?[i] += norm * d[i]
             dxr[i] += (dnorm - dnormMean - norm * dnormNormMean) * rs
+            i += 1
         }
     }
 }

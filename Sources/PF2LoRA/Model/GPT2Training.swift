@@ -1,0 +1,593 @@
+import Foundation
+
+// Training forward and backward of GPT-2 for a causal-LM cross-entropy loss, llm.c style:
+// one batch type, one run state holding every activation the backward pass reads (allocated once per
+// (B, T) and reused), one gradient store, and each layer's forward next to its backward.
+//
+// Two modes, chosen when the trainer is made:
+// - LoRA (default): the base is frozen (read in place, never written); every adapted linear layer computes
+//     out = x W0 + b + s1 (x A^T) B^T + s2 (x C^T) D^T
+//   and only A, B (shared level) and C, D (client level) get gradients. The base-weight gradient GEMMs
+//   are skipped; the dx GEMMs that carry the gradient down to earlier layers are kept.
+// - full (`fullGradients: true`): every base weight gets its gradient too (tied wte: embedding + lm_head),
+//   for pretraining.
+//
+// Shapes: B batch, T sequence length, C n_embd, NH heads, hs = C / NH, I = inner (4C), V vocabulary,
+// BT = B * T rows, r a LoRA rank. Linear weights are in GPT-2's Conv1D layout (in, out); LoRA factors
+// in PEFT's: A (r, in), B (out, r).
+
+/// Errors of the training path; each says what was wrong and what to do.
+public enum TrainingError: Error, CustomStringConvertible, Equatable {
+    case badBatch(String)
+    case noTargets
+    case unknownModule(String)
+    case adapterShape(module: String, tensor: String, expected: [Int], found: [Int])
+
+    public var description: String {
+        switch self {
+        case let .badBatch(why): return "bad training batch: \(why)"
+        case .noTargets: return "the batch has no target tokens (every label is -100): give sequences of at least 2 tokens"
+        case let .unknownModule(p):
+            return "adapter module '\(p)' is not a GPT-2 linear layer of this model; expected paths like transformer.h.0.attn.c_attn"
+        case let .adapterShape(m, t, e, f):
+            return "adapter \(m): \(t) has shape \(f) but this model needs \(e) (A/C are (r, in), B/D are (out, r))"
+        }
+    }
+}
+
+// MARK: - Batch
+
+/// B sequences of T tokens for causal-LM training, with per-position targets.
+///
+/// `targets[b * T + t]` is the token position t must predict, or -100 where nothing is predicted
+/// (padding, the last position). The loss is the mean cross-entropy over the positions with a target,
+/// exactly as Hugging Face's causal-LM loss. Padding must be at the end of a sequence (right padding):
+/// attention is causal only, so padded positions never influence real ones.
+public struct TrainingBatch: Sendable {
+    public static let ignoreIndex: Int32 = -100
+    /// B
+    public let batchSize: Int
+    /// T
+    public let seqLen: Int
+    /// (B * T) input token ids.
+    public let inputs: [Int32]
+    /// (B * T) targets, -100 = ignored.
+    public let targets: [Int32]
+    /// Number of positions with a target (the loss's denominator).
+    public let targetCount: Int
+
+    /// Explicit inputs and already-shifted targets, both (B * T).
+    public init(batchSize: Int, seqLen: Int, inputs: [Int32], targets: [Int32]) throws {
+        guard batchSize > 0, seqLen > 0 else { throw TrainingError.badBatch("batch size and sequence length must be positive") }
+        guard inputs.count == batchSize * seqLen, targets.count == batchSize * seqLen else {
+            throw TrainingError.badBatch("expected \(batchSize * seqLen) inputs and targets, got \(inputs.count) and \(targets.count)")
+        }
+        self.batchSize = batchSize; self.seqLen = seqLen; self.inputs = inputs; self.targets = targets
+        targetCount = targets.reduce(0) { $0 + ($1 == TrainingBatch.ignoreIndex ? 0 : 1) }
+    }
+
+    /// Hugging Face semantics: `inputIds` and `labels` are (B, T), labels -100 where ignored, and the
+    /// logits at position t predict labels[t + 1] (transformers shifts inside the loss).
+    public init(inputIds: [[Int]], labels: [[Int]]) throws {
+        guard let T = inputIds.first?.count, T > 0, inputIds.allSatisfy({ $0.count == T }), labels.count == inputIds.count,
+              labels.allSatisfy({ $0.count == T }) else {
+            throw TrainingError.badBatch("input_ids and labels must be B rows of the same length T")
+        }
+        var inp: [Int32] = [], tgt: [Int32] = []
+        inp.reserveCapacity(inputIds.count * T); tgt.reserveCapacity(inputIds.count * T)
+        for (ids, lab) in zip(inputIds, labels) {
+            for t in 0..<T {
+                inp.append(Int32(ids[t]))
+                tgt.append(t + 1 < T ? Int32(lab[t + 1]) : TrainingBatch.ignoreIndex)
+            }
+        }
+        try self.init(batchSize: inputIds.count, seqLen: T, inputs: inp, targets: tgt)
+    }
+
+    /// Sequences of different lengths, right-padded with `padToken` to `length` (default: the longest);
+    /// the model learns to predict every token of each sequence from the ones before it.
+    public init(sequences: [[Int]], padToken: Int, length: Int? = nil) throws {
+        let T = length ?? (sequences.map(\.count).max() ?? 0)
+        guard sequences.allSatisfy({ $0.count <= T }) else { throw TrainingError.badBatch("a sequence is longer than length \(T)") }
+        let ids = sequences.map { $0 + Array(repeating: padToken, count: T - $0.count) }
+        let labels = sequences.map { $0 + Array(repeating: Int(TrainingBatch.ignoreIndex), count: T - $0.count) }
+        try self.init(inputIds: ids, labels: labels)
+    }
+
+    /// Pretraining windows of T + 1 tokens each: inputs w[0..<T], targets w[1...T] (every position predicts).
+    public init(windows: [[Int]]) throws {
+        guard let n = windows.first?.count, n >= 2, windows.allSatisfy({ $0.count == n }) else {
+            throw TrainingError.badBatch("windows must all have the same length T + 1 >= 2")
+        }
+        var inp: [Int32] = [], tgt: [Int32] = []
+        for w in windows {
+            for t in 0..<(n - 1) { inp.append(Int32(w[t])); tgt.append(Int32(w[t + 1])) }
+        }
+        try self.init(batchSize: windows.count, seqLen: n - 1, inputs: inp, targets: tgt)
+    }
+}
+
+// MARK: - Adapter parameters and gradients
+
+/// One LoRA level's parameters: a (down, up) pair per module path (`transformer.h.3.attn.c_attn`),
+/// in PEFT's shapes down = A or C (r, in), up = B or D (out, r), and the level's scale (alpha / r).
+/// The tensors are read, never written; the caller's optimizer updates them between calls.
+public struct AdapterWeights {
+    public var pairs: [String: (down: Tensor, up: Tensor)]
+    public var scale: Float
+
+    public init(pairs: [String: (down: Tensor, up: Tensor)], scale: Float) {
+        self.pairs = pairs; self.scale = scale
+    }
+}
+
+/// Gradients written by `GPT2Trainer.lossAndGradients`. Tensors are allocated once per module and
+/// shape and overwritten by every call that asks for them (a level not asked for is left as it was).
+public final class GPT2Gradients {
+    /// d loss / d (A, B) per module path, shapes as the parameters.
+    public internal(set) var shared: [String: (down: Tensor, up: Tensor)] = [:]
+    /// d loss / d (C, D) per module path.
+    public internal(set) var client: [String: (down: Tensor, up: Tensor)] = [:]
+    /// Full mode: gradients of every base weight, same structure as the weights (nil in LoRA mode).
+    public let base: GPT2Weights?
+
+    init(base: GPT2Weights?) { self.base = base }
+
+    /// Full mode: (Hugging Face name, gradient) in `GPT2Weights.named` order.
+    public var named: [(String, Tensor)] { base?.named ?? [] }
+
+    func pair(level: Int, path: String, like p: (down: Tensor, up: Tensor)) -> (down: Tensor, up: Tensor) {
+        if let g = level == 0 ? shared[path] : client[path], g.down.shape == p.down.shape, g.up.shape == p.up.shape { return g }
+        let g = (down: Tensor(zeros: p.down.shape), up: Tensor(zeros: p.up.shape))
+        if level == 0 { shared[path] = g } else { client[path] = g }
+        return g
+    }
+}
+
+// MARK: - Run state
+
+/// Every activation of one layer that the backward pass reads.
+final class LayerActivations {
+    let ln1: Tensor, ln1Mean: Tensor, ln1Rstd: Tensor   // (BT,C), (BT), (BT)
+    let qkv: Tensor                                     // (BT,3C)
+    let att: Tensor                                     // (B,NH,T,T) softmax probabilities
+    let atty: Tensor                                    // (BT,C) attention output, heads concatenated
+    let resMid: Tensor                                  // (BT,C) residual after attention
+    let ln2: Tensor, ln2Mean: Tensor, ln2Rstd: Tensor   // (BT,C), (BT), (BT)
+    let fch: Tensor                                     // (BT,I) before gelu
+    let fchGelu: Tensor                                 // (BT,I) after gelu
+    let resOut: Tensor                                  // (BT,C) residual after the MLP: the next layer's input
+
+    init(B: Int, T: Int, c: GPT2Config) {
+        let BT = B * T, C = c.nEmbd
+        ln1 = Tensor(zeros: [BT, C]); ln1Mean = Tensor(zeros: [BT]); ln1Rstd = Tensor(zeros: [BT])
+        qkv = Tensor(zeros: [BT, 3 * C]); att = Tensor(zeros: [B, c.nHead, T, T]); atty = Tensor(zeros: [BT, C])
+        resMid = Tensor(zeros: [BT, C])
+        ln2 = Tensor(zeros: [BT, C]); ln2Mean = Tensor(zeros: [BT]); ln2Rstd = Tensor(zeros: [BT])
+        fch = Tensor(zeros: [BT, c.inner]); fchGelu = Tensor(zeros: [BT, c.inner]); resOut = Tensor(zeros: [BT, C])
+    }
+
+    var byteCount: Int { [ln1, ln1Mean, ln1Rstd, qkv, att, atty, resMid, ln2, ln2Mean, ln2Rstd, fch, fchGelu, resOut].reduce(0) { $0 + $1.count * 4 } }
+}
+
+/// The run state for one (B, T) (llm.c's ActivationTensors plus the backward scratch): allocated once,
+/// reused by every call of that shape. A forward-only call allocates one layer's activations and reuses
+/// them for every layer; the first training call grows it to all layers.
+final class GPT2TrainingState {
+    let B: Int, T: Int
+    let config: GPT2Config
+    let encoded: Tensor                 // (BT,C) token + position embeddings: layer 0's input
+    var layers: [LayerActivations]      // 1 (forward only) or n_layer
+    let proj: Tensor                    // (BT,C) scratch: attention / MLP projection output
+    let lnf: Tensor, lnfMean: Tensor, lnfRstd: Tensor   // (BT,C), (BT), (BT)
+    let scores: Tensor                  // (T,T) scratch for forward-only attention
+    // LoRA: u = x A^T of every adapted module and level, (BT, r) each; index (l * 4 + kind) * 2 + level.
+    var loraU: [Tensor?]
+    var loraTmp: Tensor                 // (BT, maxRank) scratch, grown on demand
+    var loraTmpCap: Int
+    // Classifier: logits of a chunk of target rows.
+    let headRows: Int
+    let headIn: Tensor                  // (chunk,C) final-norm rows with a target
+    let logits: Tensor                  // (chunk,V) logits, then their gradient in place
+    let rowList: UnsafeMutablePointer<Int>   // (BT) rows with a target, in order
+    // Backward scratch, shared by every layer.
+    var dresid: Tensor?, dln: Tensor?, dqkv: Tensor?, datty: Tensor?, dfch: Tensor?, dscores: Tensor?, dlnf: Tensor?
+    var ones: Tensor?                   // (BT) of 1, for bias gradients as a GEMV
+
+    init(B: Int, T: Int, config c: GPT2Config) {
+        self.B = B; self.T = T; self.config = c
+        let BT = B * T, C = c.nEmbd
+        encoded = Tensor(zeros: [BT, C])
+        layers = [LayerActivations(B: B, T: T, c: c)]
+        proj = Tensor(zeros: [BT, C])
+        lnf = Tensor(zeros: [BT, C]); lnfMean = Tensor(zeros: [BT]); lnfRstd = Tensor(zeros: [BT])
+        scores = Tensor(zeros: [T, T])
+        loraU = Array(repeating: nil, count: c.nLayer * 4 * 2)
+        loraTmpCap = 0
+        loraTmp = Tensor(zeros: [0])
+        headRows = min(BT, 256)
+        headIn = Tensor(zeros: [headRows, C]); logits = Tensor(zeros: [headRows, c.vocabSize])
+        rowList = .allocate(capacity: BT)
+    }
+
+    deinit { rowList.deallocate() }
+
+    /// Grows to every layer's activations and the backward scratch (first training call).
+    func ensureTraining() {
+        let c = config, BT = B * T, C = c.nEmbd
+        while layers.count < c.nLayer { layers.append(LayerActivations(B: B, T: T, c: c)) }
+        if dresid == nil {
+            dresid = Tensor(zeros: [BT, C]); dln = Tensor(zeros: [BT, C]); dqkv = Tensor(zeros: [BT, 3 * C])
+            datty = Tensor(zeros: [BT, C]); dfch = Tensor(zeros: [BT, c.inner]); dscores = Tensor(zeros: [T, T])
+            dlnf = Tensor(zeros: [BT, C])
+            ones = Tensor(zeros: [BT]); ones!.fill(1)
+        }
+    }
+
+    /// u buffer (BT, r) of a module and level.
+    func u(_ slot: Int, rank r: Int) -> Tensor {
+        if let t = loraU[slot], t.count >= B * T * r { return t }
+        let t = Tensor(zeros: [B * T * r]); loraU[slot] = t; return t
+    }
+
+    var byteCount: Int {
+        var n = layers.reduce(0) { $0 + $1.byteCount }
+        n += (encoded.count + proj.count + lnf.count + 2 * lnfMean.count + scores.count + headIn.count + logits.count) * 4
+        for t in [dresid, dln, dqkv, datty, dfch, dscores, dlnf, ones] { n += (t?.count ?? 0) * 4 }
+        n += loraU.reduce(0) { $0 + ($1?.count ?? 0) * 4 }
+        return n
+    }
+}
+
+/// One adapted module's level, resolved for a call.
+struct ResolvedPair {
+    let down: UnsafeMutablePointer<Float>     // A or C (r, in)
+    let up: UnsafeMutablePointer<Float>       // B or D (out, r)
+    let rank: Int
+    let scale: Float
+    let gradDown: UnsafeMutablePointer<Float>?   // nil: no gradient wanted
+    let gradUp: UnsafeMutablePointer<Float>?
+}
+
+// MARK: - Trainer
+
+/// Forward and backward of GPT-2 for the causal-LM loss, on a frozen base with two-level LoRA
+/// adapters (or, with `fullGradients`, for every base weight).
+///
+/// Not thread-safe: one trainer per thread. Calls of the same (B, T) allocate nothing after the first
+/// (adapter gradients are allocated once per module and shape).
+public final class GPT2Trainer {
+    public let weights: GPT2Weights
+    public let config: GPT2Config
+    /// Full mode: base-weight gradients are computed.
+    public let fullGradients: Bool
+    /// Where gradients are written.
+    public let gradients: GPT2Gradients
+
+    private var state: GPT2TrainingState?
+    private let paths: [[String]]                  // [layer][kind] module path
+    private var resolved: [ResolvedPair?]          // (l * 4 + kind) * 2 + level
+    private var anyGradWanted = false
+
+    /// `weights` is read, never written (in full mode the caller's optimizer updates it between calls,
+    /// so it must then be writable: `GPT2Weights.load(_, writable: true)` or `random`).
+    public init(weights: GPT2Weights, fullGradients: Bool = false) {
+        self.weights = weights
+        self.config = weights.config
+        self.fullGradients = fullGradients
+        let c = weights.config
+        gradients = GPT2Gradients(base: fullGradients ? (try! GPT2Weights.assemble(config: c, file: "gradients") { name in
+            Tensor(zeros: GPT2Weights.expectedShapes(c).first { $0.0 == name }!.1)
+        }) : nil)
+        paths = (0..<c.nLayer).map { l in LinearKind.allCases.map { LinearKind.modulePath(layer: l, $0) } }
+        resolved = Array(repeating: nil, count: c.nLayer * 8)
+    }
+
+    /// Bytes of the run state currently allocated (activations and backward scratch).
+    public var stateBytes: Int { state?.byteCount ?? 0 }
+
+    /// Mean cross-entropy of `batch` (no gradients; saves nothing for backward). For evaluation and perplexity.
+    public func loss(_ batch: TrainingBatch, shared: AdapterWeights? = nil, client: AdapterWeights? = nil) throws -> Float {
+        let st = try prepare(batch, shared: shared, client: client, wantShared: false, wantClient: false)
+        forward(batch, st, save: false)
+        return classifier(batch, st, backward: false)
+    }
+
+    /// Mean cross-entropy of `batch` and its gradients, written into `gradients`: `shared[path]` (dA, dB)
+    /// when `wantShared`, `client[path]` (dC, dD) when `wantClient`, and in full mode `base` (every weight).
+    /// Either adapter level may be nil (absent from the model).
+    public func lossAndGradients(_ batch: TrainingBatch, shared: AdapterWeights? = nil, client: AdapterWeights? = nil,
+                                 wantShared: Bool = true, wantClient: Bool = true) throws -> Float {
+        let st = try prepare(batch, shared: shared, client: client, wantShared: wantShared, wantClient: wantClient)
+        if !anyGradWanted {   // nothing to differentiate
+            forward(batch, st, save: false)
+            return classifier(batch, st, backward: false)
+        }
+        st.ensureTraining()
+        forward(batch, st, save: true)
+        let loss = classifier(batch, st, backward: true)
+        backward(batch, st)
+        return loss
+    }
+
+    // MARK: Setup
+
+    private func prepare(_ batch: TrainingBatch, shared: AdapterWeights?, client: AdapterWeights?,
+                         wantShared: Bool, wantClient: Bool) throws -> GPT2TrainingState {
+        let c = config
+        guard batch.seqLen <= c.nPositions else {
+            throw TrainingError.badBatch("sequence length \(batch.seqLen) exceeds the model's context \(c.nPositions)")
+        }
+        guard batch.targetCount > 0 else { throw TrainingError.noTargets }
+        for t in batch.inputs where t < 0 || Int(t) >= c.vocabSize {
+            throw TrainingError.badBatch("input token \(t) is outside the vocabulary 0..<\(c.vocabSize)")
+        }
+        for t in batch.targets where t != TrainingBatch.ignoreIndex && (t < 0 || Int(t) >= c.vocabSize) {
+            throw TrainingError.badBatch("target \(t) is outside the vocabulary 0..<\(c.vocabSize) (and is not -100)")
+        }
+        // Resolve the adapters into the per-module table.
+        anyGradWanted = fullGradients
+        var maxRank = 0
+        for level in 0..<2 {
+            let w = level == 0 ? shared : client
+            let want = level == 0 ? wantShared : wantClient
+            var matched = 0
+            for l in 0..<c.nLayer {
+                for kind in LinearKind.allCases {
+                    let slot = (l * 4 + kind.rawValue) * 2 + level
+                    guard let w, let p = w.pairs[paths[l][kind.rawValue]] else { resolved[slot] = nil; continue }
+                    matched += 1
+                    let path = paths[l][kind.rawValue]
+                    let (din, dout) = kind.dims(c)
+                    let r = p.down.shape.first ?? 0
+                    guard p.down.shape == [r, din], r > 0 else {
+                        throw TrainingError.adapterShape(module: path, tensor: level == 0 ? "lora_A" : "lora_C", expected: [r, din], found: p.down.shape)
+                    }
+                    guard p.up.shape == [dout, r] else {
+                        throw TrainingError.adapterShape(module: path, tensor: level == 0 ? "lora_B" : "lora_D", expected: [dout, r], found: p.up.shape)
+                    }
+                    var g: (down: Tensor, up: Tensor)?
+                    if want { g = gradients.pair(level: level, path: path, like: p); anyGradWanted = true }
+                    resolved[slot] = ResolvedPair(down: p.down.data, up: p.up.data, rank: r, scale: w.scale,
+                                                  gradDown: g?.down.data, gradUp: g?.up.data)
+                    maxRank = max(maxRank, r)
+                }
+            }
+            if let w, matched != w.pairs.count {
+                let unknown = w.pairs.keys.sorted().first { LinearKind.parse($0).map { $0.layer >= c.nLayer } ?? true } ?? w.pairs.keys.sorted()[0]
+                throw TrainingError.unknownModule(unknown)
+            }
+        }
+        let st: GPT2TrainingState
+        if let s = state, s.B == batch.batchSize, s.T == batch.seqLen { st = s } else {
+            st = GPT2TrainingState(B: batch.batchSize, T: batch.seqLen, config: c)
+            state = st
+        }
+        if st.loraTmpCap < maxRank {
+            st.loraTmpCap = maxRank
+            st.loraTmp = Tensor(zeros: [st.B * st.T * maxRank])
+        }
+        return st
+    }
+
+    // MARK: Forward and backward of the whole model
+
+    private func forward(_ batch: TrainingBatch, _ st: GPT2TrainingState, save: Bool) {
+        let c = config, BT = st.B * st.T, C = c.nEmbd, eps = c.layerNormEpsilon
+        embeddingForward(batch, st)
+        var input = st.encoded
+        for l in 0..<c.nLayer {
+            let a = st.layers[save ? l : 0]
+            let w = weights.layers[l]
+            // Attention block: resMid = input + proj(attn(qkv(ln1(input)))).
+            layerNormForward(input.data, w.ln1W.data, w.ln1B.data, a.ln1.data, rows: BT, C: C, eps: eps,
+                             mean: a.ln1Mean.data, rstd: a.ln1Rstd.data)
+            linearForward(a.ln1, a.qkv, layer: l, kind: .qkv, st, save: save)                  // (BT,C) -> (BT,3C)
+            attentionForward(a, st, save: save)                                              // (BT,3C) -> (BT,C)
+            linearForward(a.atty, st.proj, layer: l, kind: .attnProj, st, save: save)           // (BT,C) -> (BT,C)
+            residualForward(input.data, st.proj.data, a.resMid.data, count: BT * C)
+            // MLP block: resOut = resMid + proj(gelu(fc(ln2(resMid)))).
+            layerNormForward(a.resMid.data, w.ln2W.data, w.ln2B.data, a.ln2.data, rows: BT, C: C, eps: eps,
+                             mean: a.ln2Mean.data, rstd: a.ln2Rstd.data)
+            linearForward(a.ln2, a.fch, layer: l, kind: .fc, st, save: save)                   // (BT,C) -> (BT,I)
+            geluForward(a.fch.data, a.fchGelu.data, count: BT * c.inner)
+            linearForward(a.fchGelu, st.proj, layer: l, kind: .mlpProj, st, save: save)        // (BT,I) -> (BT,C)
+            residualForward(a.resMid.data, st.proj.data, a.resOut.data, count: BT * C)
+            input = a.resOut
+        }
+        layerNormForward(input.data, weights.lnfW.data, weights.lnfB.data, st.lnf.data, rows: BT, C: C, eps: eps,
+                         mean: st.lnfMean.data, rstd: st.lnfRstd.data)
+    }
+
+    /// Backward from d lnf (filled by the classifier) down to the embeddings.
+    private func backward(_ batch: TrainingBatch, _ st: GPT2TrainingState) {
+        let c = config, BT = st.B * st.T, C = c.nEmbd
+        let dresid = st.dresid!, dln = st.dln!, dfch = st.dfch!, datty = st.datty!, dqkv = st.dqkv!
+        let g = gradients.base
+        if let g {
+            for t in [g.lnfW, g.lnfB, g.wpe] { t.fill(0) }
+            for gl in g.layers { for t in [gl.ln1W, gl.ln1B, gl.ln2W, gl.ln2B] { t.fill(0) } }
+        }
+        // Final layer norm: dresid = d input of ln_f.
+        dresid.fill(0)
+        let last = st.layers[c.nLayer - 1].resOut
+        layerNormBackward(st.dlnf!.data, last.data, weights.lnfW.data, st.lnfMean.data, st.lnfRstd.data,
+                          dx: dresid.data, dw: g?.lnfW.data, db: g?.lnfB.data, rows: BT, C: C)
+        for l in stride(from: c.nLayer - 1, through: 0, by: -1) {
+            let a = st.layers[l], w = weights.layers[l], gl = g?.layers[l]
+            let input = l == 0 ? st.encoded : st.layers[l - 1].resOut
+            // MLP block. dresid is d resOut; the residual passes it through to d resMid unchanged.
+            linearBackward(dresid, x: a.fchGelu, dx: dfch, layer: l, kind: .mlpProj, st)    // (BT,C) -> (BT,I)
+            geluBackwardInPlace(a.fch.data, dfch.data, count: BT * c.inner)
+            linearBackward(dfch, x: a.ln2, dx: dln, layer: l, kind: .fc, st)                // (BT,I) -> (BT,C)
+            layerNormBackward(dln.data, a.resMid.data, w.ln2W.data, a.ln2Mean.data, a.ln2Rstd.data,
+                              dx: dresid.data, dw: gl?.ln2W.data, db: gl?.ln2B.data, rows: BT, C: C)
+            // Attention block. dresid is now d resMid.
+            linearBackward(dresid, x: a.atty, dx: datty, layer: l, kind: .attnProj, st)     // (BT,C) -> (BT,C)
+            attentionBackward(a, datty: datty, dqkv: dqkv, st)                              // (BT,C) -> (BT,3C)
+            // Layer 0's ln_1 input gradient only reaches the embeddings: skip it unless they train.
+            let needDx = l > 0 || g != nil
+            linearBackward(dqkv, x: a.ln1, dx: needDx ? dln : nil, layer: l, kind: .qkv, st)  // (BT,3C) -> (BT,C)
+            if needDx {
+                layerNormBackward(dln.data, input.data, w.ln1W.data, a.ln1Mean.data, a.ln1Rstd.data,
+                                  dx: dresid.data, dw: gl?.ln1W.data, db: gl?.ln1B.data, rows: BT, C: C)
+            }
+        }
+        if g != nil { embeddingBackward(batch, st) }
+    }
+
+    // MARK: Embedding
+
+    /// encoded[b,t] = wte[token] + wpe[t].
+    private func embeddingForward(_ batch: TrainingBatch, _ st: GPT2TrainingState) {
+        let C = config.nEmbd, T = st.T
+        batch.inputs.withUnsafeBufferPointer { tok in
+            for row in 0..<(st.B * T) {
+                let o = st.encoded.data + row * C
+                o.update(from: weights.wte.data + Int(tok[row]) * C, count: C)
+                addInPlace(o, weights.wpe.data + (row % T) * C, count: C)
+            }
+        }
+    }
+
+    /// dwte[token] += dresid[b,t], dwpe[t] += dresid[b,t] (dwte already holds the lm_head part).
+    private func embeddingBackward(_ batch: TrainingBatch, _ st: GPT2TrainingState) {
+        guard let g = gradients.base else { return }
+        let C = config.nEmbd, T = st.T, d = st.dresid!.data
+        batch.inputs.withUnsafeBufferPointer { tok in
+            for row in 0..<(st.B * T) {
+                addInPlace(g.wte.data + Int(tok[row]) * C, d + row * C, count: C)
+                addInPlace(g.wpe.data + (row % T) * C, d + row * C, count: C)
+            }
+        }
+    }
+
+    // MARK: Linear layer with two LoRA levels
+
+    /// out = x W0 + b + sum over levels of s (x A^T) B^T. Saves u = x A^T per level when `save`.
+    private func linearForward(_ x: Tensor, _ out: Tensor, layer l: Int, kind: LinearKind, _ st: GPT2TrainingState, save: Bool) {
+        let (din, dout) = kind.dims(config)
+        let BT = st.B * st.T
+        BLAS.gemm(x.data, weights.layers[l].linW[kind.rawValue].data, out.data, m: BT, n: dout, k: din)   // (BT,in) @ (in,out) -> (BT,out)
+        addBias(out.data, weights.layers[l].linB[kind.rawValue].data, rows: BT, cols: dout)
+        for level in 0..<2 {
+            let slot = (l * 4 + kind.rawValue) * 2 + level
+            guard let p = resolved[slot] else { continue }
+            let u = save ? st.u(slot, rank: p.rank).data : st.loraTmp.data
+            BLAS.gemm(x.data, p.down, u, m: BT, n: p.rank, k: din, transB: true)                       // (BT,in) @ (in,r) -> (BT,r)
+            BLAS.gemm(u, p.up, out.data, m: BT, n: dout, k: p.rank, transB: true, alpha: p.scale, beta: 1)  // s (BT,r) @ (r,out) -> (BT,out)
+        }
+    }
+
+    /// From dout (BT,out): dx (BT,in) when given (overwritten), the wanted LoRA gradients, and in full
+    /// mode dW, db. The frozen base in LoRA mode gets no gradient GEMM.
+    private func linearBackward(_ dout: Tensor, x: Tensor, dx: Tensor?, layer l: Int, kind: LinearKind, _ st: GPT2TrainingState) {
+        let (din, dOut) = kind.dims(config)
+        let BT = st.B * st.T
+        if let dx {
+            BLAS.gemm(dout.data, weights.layers[l].linW[kind.rawValue].data, dx.data, m: BT, n: din, k: dOut, transB: true)  // (BT,out) @ (out,in) -> (BT,in)
+        }
+        if let g = gradients.base?.layers[l] {
+            BLAS.gemm(x.data, dout.data, g.linW[kind.rawValue].data, m: din, n: dOut, k: BT, transA: true)   // (in,BT) @ (BT,out) -> (in,out)
+            BLAS.gemv(dout.data, st.ones!.data, g.linB[kind.rawValue].data, m: BT, n: dOut, trans: true)      // (out,BT) @ (BT) -> (out)
+        }
+        for level in 0..<2 {
+            let slot = (l * 4 + kind.rawValue) * 2 + level
+            guard let p = resolved[slot] else { continue }
+            let wantGrad = p.gradDown != nil
+            guard wantGrad || dx != nil else { continue }
+            let u = st.u(slot, rank: p.rank).data, du = st.loraTmp.data
+            if let gUp = p.gradUp {
+                BLAS.gemm(dout.data, u, gUp, m: dOut, n: p.rank, k: BT, transA: true, alpha: p.scale)      // s (out,BT) @ (BT,r) -> (out,r)
+            }
+            BLAS.gemm(dout.data, p.up, du, m: BT, n: p.rank, k: dOut, alpha: p.scale)                    // s (BT,out) @ (out,r) -> (BT,r)
+            if let gDown = p.gradDown {
+                BLAS.gemm(du, x.data, gDown, m: p.rank, n: din, k: BT, transA: true)                     // (r,BT) @ (BT,in) -> (r,in)
+            }
+            if let dx {
+                BLAS.gemm(du, p.down, dx.data, m: BT, n: din, k: p.rank, beta: 1)                        // (BT,r) @ (r,in) -> (BT,in)
+            }
+        }
+    }
+
+    // MARK: Causal self-attention
+
+    /// Per sequence b and head h: P = softmax(causal(q k^T / sqrt(hs))), y = P v. Saves P when `save`.
+    private func attentionForward(_ a: LayerActivations, _ st: GPT2TrainingState, save: Bool) {
+        let c = config, T = st.T, C = c.nEmbd, NH = c.nHead, hs = c.headSize
+        let scale = 1 / Float(hs).squareRoot()
+        for b in 0..<st.B {
+            for h in 0..<NH {
+                let q = a.qkv.data + b * T * 3 * C + h * hs, k = q + C, v = q + 2 * C
+                let p = save ? a.att.data + (b * NH + h) * T * T : st.scores.data
+                let y = a.atty.data + b * T * C + h * hs
+                BLAS.gemm(q, k, p, m: T, n: T, k: hs, transB: true, lda: 3 * C, ldb: 3 * C, ldc: T, alpha: scale)  // (T,hs) @ (hs,T) -> (T,T)
+                for i in 0..<T {
+                    softmaxInPlace(p + i * T, count: i + 1)
+                    if i + 1 < T { (p + i * T + i + 1).update(repeating: 0, count: T - i - 1) }
+                }
+                BLAS.gemm(p, v, y, m: T, n: hs, k: T, lda: T, ldb: 3 * C, ldc: C)                                 // (T,T) @ (T,hs) -> (T,hs)
+            }
+        }
+    }
+
+    /// dy (BT,C) -> dq, dk, dv written into dqkv (BT,3C).
+    private func attentionBackward(_ a: LayerActivations, datty: Tensor, dqkv: Tensor, _ st: GPT2TrainingState) {
+        let c = config, T = st.T, C = c.nEmbd, NH = c.nHead, hs = c.headSize
+        let scale = 1 / Float(hs).squareRoot()
+        let dp = st.dscores!.data
+        for b in 0..<st.B {
+            for h in 0..<NH {
+                let q = a.qkv.data + b * T * 3 * C + h * hs, k = q + C, v = q + 2 * C
+                let dq = dqkv.data + b * T * 3 * C + h * hs, dk = dq + C, dv = dq + 2 * C
+                let p = a.att.data + (b * NH + h) * T * T
+                let dy = datty.data + b * T * C + h * hs
+                BLAS.gemm(dy, v, dp, m: T, n: T, k: hs, transB: true, lda: C, ldb: 3 * C, ldc: T)                // (T,hs) @ (hs,T) -> (T,T)
+                BLAS.gemm(p, dy, dv, m: T, n: hs, k: T, transA: true, lda: T, ldb: C, ldc: 3 * C)                // (T,T)^T @ (T,hs) -> (T,hs)
+                for i in 0..<T { softmaxBackwardRow(p + i * T, dp + i * T, count: i + 1, zeroTo: T) }          // dP -> dS in place
+                BLAS.gemm(dp, k, dq, m: T, n: hs, k: T, lda: T, ldb: 3 * C, ldc: 3 * C, alpha: scale)            // (T,T) @ (T,hs) -> (T,hs)
+                BLAS.gemm(dp, q, dk, m: T, n: hs, k: T, transA: true, lda: T, ldb: 3 * C, ldc: 3 * C, alpha: scale)  // (T,T)^T @ (T,hs) -> (T,hs)
+            }
+        }
+    }
+
+    // MARK: Classifier (tied lm_head) and cross-entropy, forward and backward fused
+
+    /// Loss over the rows with a target, in chunks: logits = lnf @ wte^T, cross-entropy, and with
+    /// `backward` the logits' gradient in place, then d lnf = dlogits @ wte and (full mode) dwte.
+    /// Rows without a target get no logits at all.
+    private func classifier(_ batch: TrainingBatch, _ st: GPT2TrainingState, backward: Bool) -> Float {
+        let c = config, C = c.nEmbd, V = c.vocabSize
+        var n = 0
+        batch.targets.withUnsafeBufferPointer { tg in
+            for row in 0..<(st.B * st.T) where tg[row] != TrainingBatch.ignoreIndex { st.rowList[n] = row; n += 1 }
+        }
+        let invN = 1 / Float(n)
+        if backward { st.dlnf!.fill(0) }
+        var total = 0.0
+        var first = true
+        var start = 0
+        while start < n {
+            let m = min(st.headRows, n - start)
+            for i in 0..<m { st.headIn.data.advanced(by: i * C).update(from: st.lnf.data + st.rowList[start + i] * C, count: C) }
+            BLAS.gemm(st.headIn.data, weights.wte.data, st.logits.data, m: m, n: V, k: C, transB: true)        // (m,C) @ (C,V) -> (m,V)
+            batch.targets.withUnsafeBufferPointer { tg in
+                for i in 0..<m {
+                    let target = Int(tg[st.rowList[start + i]])
+                    total += crossEntropyRow(st.logits.data + i * V, count: V, target: target, gradScale: backward ? invN : nil)
+                }
+            }
+            if backward {
+                // d headIn = dlogits @ wte: (m,V) @ (V,C) -> (m,C), reusing headIn as the output.
+                if let g = gradients.base {
+                    BLAS.gemm(st.logits.data, st.headIn.data, g.wte.data, m: V, n: C, k: m, transA: true, beta: first ? 0 : 1)  // (V,m) @ (m,C) -> (V,C)
+                }
+                BLAS.gemm(st.logits.data, weights.wte.data, st.headIn.data, m: m, n: C, k: V)                   // (m,V) @ (V,C) -> (m,C)
+                for i in 0..<m { (st.dlnf!.data + st.rowList[start + i] * C).update(from: st.headIn.data + i * C, count: C) }
+            }
+            first = false
+            start += m
+        }
+        return Float(total / Double(n))
+    }
+}

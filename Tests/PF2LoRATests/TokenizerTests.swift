@@ -174,6 +174,31 @@ private let gpt2: BPETokenizer = try! BPETokenizer(folder: TestPaths.gpt2Tokeniz
         #expect(throws: TokenizerError.unsupportedModel(file: dir + "/tokenizer.json", type: "Unigram")) { try BPETokenizer(folder: dir) }
     }
 
+    @Test func jsonReader() throws {
+        let doc = #"{"a": [1, -2, 3.5, 1e2, true, false, null], "s": "q\"\\\/\b\f\n\r\t\u00e9\ud83d\ude00 é", "o": {}}"#
+        let v = try JSONValue.parse(Array(doc.utf8))
+        #expect(v["s"]?.string == "q\"\\/\u{8}\u{C}\n\r\té😀 é")
+        #expect(v["a"]?.array?.map { $0.int } == [1, -2, nil, 100, nil, nil, nil])
+        #expect(v["o"] != nil)
+        for bad in ["{\"a\": [1, 2", "{\"a\" 1}", "[1,]", "\"\\x\"", "[1] 2", "tru", ""] {
+            #expect(throws: JSONParseError.self, "\(bad)") { try JSONValue.parse(Array(bad.utf8)) }
+        }
+    }
+
+    @Test func truncatedTokenizerJSON() throws {
+        let dir = TestPaths.tempDir("toktrunc")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let whole = try Data(contentsOf: TestPaths.gpt2Tokenizer.appendingPathComponent("tokenizer.json"))
+        try whole.prefix(whole.count / 2).write(to: URL(fileURLWithPath: dir + "/tokenizer.json"))
+        do {
+            _ = try BPETokenizer(folder: dir)
+            Issue.record("truncated tokenizer.json loaded")
+        } catch let e as TokenizerError {
+            #expect(e.description.contains(dir + "/tokenizer.json"))
+            #expect(e.description.contains("truncated"))
+        }
+    }
+
     @Test func emptyAndUnknown() {
         #expect(gpt2.encode("") == [])
         #expect(gpt2.decode([]) == "")

@@ -81,6 +81,22 @@ private let gpt2: BPETokenizer = try! BPETokenizer(folder: TestPaths.gpt2Tokeniz
         #expect(gpt2.decode(want) == text)
     }
 
+    /// Several threads encoding at once share one cache safely and get the same ids.
+    @Test func concurrentEncode() throws {
+        let text = try String(contentsOfFile: TestPaths.fixture("tokenizer/large.txt"), encoding: .utf8)
+        let lines = text.split(separator: "\n").map(String.init)
+        let want = lines.map { gpt2.encode($0) }
+        gpt2.clearCache()
+        let mismatches = NSLock()
+        nonisolated(unsafe) var bad = 0
+        DispatchQueue.concurrentPerform(iterations: 4) { t in
+            for (k, line) in lines.enumerated() where k % 4 == t || k % 3 == 0 {
+                if gpt2.encode(line) != want[k] { mismatches.lock(); bad += 1; mismatches.unlock() }
+            }
+        }
+        #expect(bad == 0)
+    }
+
     /// The scanner's classes are oniguruma's (as HF ships them), checked code point by code point.
     @Test func scalarClassesMatchOniguruma() throws {
         let lines = try String(contentsOfFile: TestPaths.fixture("tokenizer/classes.txt"), encoding: .utf8).split(separator: "\n")

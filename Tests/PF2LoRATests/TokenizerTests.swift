@@ -15,6 +15,19 @@ private struct TokenizerFixture: Decodable {
     }
 }
 
+/// A seeded generator so that the random words are the same on every run.
+private struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
 /// Loaded once: the real GPT-2 tokenizer takes a noticeable fraction of a second to build.
 private let gpt2: BPETokenizer = try! BPETokenizer(folder: TestPaths.gpt2Tokenizer.path)
 
@@ -81,6 +94,22 @@ private let gpt2: BPETokenizer = try! BPETokenizer(folder: TestPaths.gpt2Tokeniz
         #expect(gpt2.decode(want) == text)
     }
 
+    /// Several threads encoding at once share one cache safely and get the same ids.
+    @Test func concurrentEncode() throws {
+        let text = try String(contentsOfFile: TestPaths.fixture("tokenizer/large.txt"), encoding: .utf8)
+        let lines = text.split(separator: "\n").map(String.init)
+        let want = lines.map { gpt2.encode($0) }
+        gpt2.clearCache()
+        let mismatches = NSLock()
+        nonisolated(unsafe) var bad = 0
+        DispatchQueue.concurrentPerform(iterations: 4) { t in
+            for (k, line) in lines.enumerated() where k % 4 == t || k % 3 == 0 {
+                if gpt2.encode(line) != want[k] { mismatches.lock(); bad += 1; mismatches.unlock() }
+            }
+        }
+        #expect(bad == 0)
+    }
+
     /// The scanner's classes are oniguruma's (as HF ships them), checked code point by code point.
     @Test func scalarClassesMatchOniguruma() throws {
         let lines = try String(contentsOfFile: TestPaths.fixture("tokenizer/classes.txt"), encoding: .utf8).split(separator: "\n")
@@ -130,7 +159,7 @@ private let gpt2: BPETokenizer = try! BPETokenizer(folder: TestPaths.gpt2Tokeniz
 
     /// The rescanning merge (short words) and the heap merge (long words) agree.
     @Test func shortAndHeapMergeAgree() {
-        var rng = SystemRandomNumberGenerator()
+        var rng = SplitMix64(seed: 42)
         let alphabet = Array("the quick brown fox, 日本 éé aaaa ===".utf8)
         for _ in 0..<200 {
             let n = Int.random(in: 2...200, using: &rng)
@@ -172,6 +201,31 @@ private let gpt2: BPETokenizer = try! BPETokenizer(folder: TestPaths.gpt2Tokeniz
 
         try "{\"model\": {\"type\": \"Unigram\", \"vocab\": []}}".write(toFile: dir + "/tokenizer.json", atomically: true, encoding: .utf8)
         #expect(throws: TokenizerError.unsupportedModel(file: dir + "/tokenizer.json", type: "Unigram")) { try BPETokenizer(folder: dir) }
+    }
+
+    @Test func jsonReader() throws {
+        let doc = #"{"a": [1, -2, 3.5, 1e2, true, false, null], "s": "q\"\\\/\b\f\n\r\t\u00e9\ud83d\ude00 é", "o": {}}"#
+        let v = try JSONValue.parse(Array(doc.utf8))
+        #expect(v["s"]?.string == "q\"\\/\u{8}\u{C}\n\r\té😀 é")
+        #expect(v["a"]?.array?.map { $0.int } == [1, -2, nil, 100, nil, nil, nil])
+        #expect(v["o"] != nil)
+        for bad in ["{\"a\": [1, 2", "{\"a\" 1}", "[1,]", "\"\\x\"", "[1] 2", "tru", ""] {
+            #expect(throws: JSONParseError.self, "\(bad)") { try JSONValue.parse(Array(bad.utf8)) }
+        }
+    }
+
+    @Test func truncatedTokenizerJSON() throws {
+        let dir = TestPaths.tempDir("toktrunc")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let whole = try Data(contentsOf: TestPaths.gpt2Tokenizer.appendingPathComponent("tokenizer.json"))
+        try whole.prefix(whole.count / 2).write(to: URL(fileURLWithPath: dir + "/tokenizer.json"))
+        do {
+            _ = try BPETokenizer(folder: dir)
+            Issue.record("truncated tokenizer.json loaded")
+        } catch let e as TokenizerError {
+            #expect(e.description.contains(dir + "/tokenizer.json"))
+            #expect(e.description.contains("truncated"))
+        }
     }
 
     @Test func emptyAndUnknown() {

@@ -8,12 +8,7 @@
 /// its last character (`\s+(?!\S)`), which then joins the next word if it is a space or stands alone.
 /// Character classes come from `scalarClassPointer`, oniguruma's tables as Hugging Face ships them.
 enum PreTokenizer {
-    /// One flat byte per code point; built once, never freed.
-    static let scalarClassPointer: UnsafePointer<UInt8> = {
-        let p = UnsafeMutablePointer<UInt8>.allocate(capacity: 0x110000)
-        scalarClassTable.withUnsafeBufferPointer { p.initialize(from: $0.baseAddress!, count: 0x110000) }
-        return UnsafePointer(p)
-    }()
+    static var scalarClassPointer: UnsafePointer<UInt8> { scalarClassTable }
 
     /// Class and byte length of the scalar starting at `p[i]`; the bytes must be valid UTF-8.
     @inline(__always)

@@ -38,57 +38,53 @@ struct TokenizerFiles {
         throw TokenizerError.noTokenizerFiles(folder: folder)
     }
 
-    private static func readJSON(_ path: String) throws -> Any {
-        let data: Data
-        do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
-            throw TokenizerError.unreadable(file: path, why: error.localizedDescription)
+    private static func readJSON(_ path: String) throws -> JSONValue {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw TokenizerError.unreadable(file: path, why: "cannot open the file")
         }
-        do { return try JSONSerialization.jsonObject(with: data) } catch {
+        do { return try JSONValue.parse([UInt8](data)) } catch {
             throw TokenizerError.badJSON(file: path, why: "\(error)")
         }
     }
 
-    private static func parseVocab(_ any: Any?, file: String) throws -> [String: Int] {
-        guard let dict = any as? [String: Any] else { throw TokenizerError.badJSON(file: file, why: "the vocabulary is not an object of token -> id") }
-        var vocab = [String: Int](minimumCapacity: dict.count)
-        for (token, value) in dict {
-            guard let n = value as? NSNumber, n.intValue >= 0, Double(n.intValue) == n.doubleValue else {
-                throw TokenizerError.badVocab(file: file, why: "token '\(token)' has id \(value)")
-            }
-            vocab[token] = n.intValue
+    private static func parseVocab(_ value: JSONValue?, file: String) throws -> [String: Int] {
+        guard case .object(let members)? = value else { throw TokenizerError.badJSON(file: file, why: "the vocabulary is not an object of token -> id") }
+        var vocab = [String: Int](minimumCapacity: members.count)
+        for (token, v) in members {
+            guard let id = v.int, id >= 0 else { throw TokenizerError.badVocab(file: file, why: "token '\(token)' has id \(v)") }
+            vocab[token] = id
         }
         return vocab
     }
 
     static func loadTokenizerJSON(_ path: String) throws -> TokenizerFiles {
-        guard let root = try readJSON(path) as? [String: Any] else { throw TokenizerError.badJSON(file: path, why: "the top level is not an object") }
-        guard let model = root["model"] as? [String: Any] else { throw TokenizerError.badJSON(file: path, why: "no \"model\" object") }
-        if let type = model["type"] as? String, type != "BPE" { throw TokenizerError.unsupportedModel(file: path, type: type) }
+        let root = try readJSON(path)
+        guard case .object = root else { throw TokenizerError.badJSON(file: path, why: "the top level is not an object") }
+        guard let model = root["model"], case .object = model else { throw TokenizerError.badJSON(file: path, why: "no \"model\" object") }
+        if let type = model["type"]?.string, type != "BPE" { throw TokenizerError.unsupportedModel(file: path, type: type) }
         var files = TokenizerFiles()
         files.vocab = try parseVocab(model["vocab"], file: path)
         files.mergesFile = path
-        guard let merges = model["merges"] as? [Any] else { throw TokenizerError.badJSON(file: path, why: "model.merges is missing or not an array") }
+        guard let merges = model["merges"]?.array else { throw TokenizerError.badJSON(file: path, why: "model.merges is missing or not an array") }
         files.merges.reserveCapacity(merges.count)
         for (i, m) in merges.enumerated() {
-            if let s = m as? String {
+            if let s = m.string {
                 files.merges.append(try splitMerge(s, file: path, line: i + 1))
-            } else if let pair = m as? [Any], pair.count == 2, let a = pair[0] as? String, let b = pair[1] as? String {
+            } else if let pair = m.array, pair.count == 2, let a = pair[0].string, let b = pair[1].string {
                 files.merges.append((a, b))
             } else {
                 throw TokenizerError.badMerge(file: path, line: i + 1, text: "\(m)")
             }
         }
-        if let added = root["added_tokens"] as? [[String: Any]] {
-            for t in added {
-                guard let id = (t["id"] as? NSNumber)?.intValue, id >= 0, let content = t["content"] as? String else {
-                    throw TokenizerError.badJSON(file: path, why: "an added_tokens entry lacks an integer id or a content string: \(t)")
-                }
-                files.addedTokens.append(AddedToken(id: id, content: content, special: (t["special"] as? Bool) ?? false,
-                                                    lstrip: (t["lstrip"] as? Bool) ?? false, rstrip: (t["rstrip"] as? Bool) ?? false))
+        for t in root["added_tokens"]?.array ?? [] {
+            guard let id = t["id"]?.int, id >= 0, let content = t["content"]?.string else {
+                throw TokenizerError.badJSON(file: path, why: "an added_tokens entry lacks an integer id or a content string")
             }
+            files.addedTokens.append(AddedToken(id: id, content: content, special: t["special"]?.bool ?? false,
+                                                lstrip: t["lstrip"]?.bool ?? false, rstrip: t["rstrip"]?.bool ?? false))
         }
-        if let pre = root["pre_tokenizer"] as? [String: Any], pre["type"] as? String == "ByteLevel" {
-            files.addPrefixSpace = (pre["add_prefix_space"] as? Bool) ?? false
+        if let pre = root["pre_tokenizer"], pre["type"]?.string == "ByteLevel" {
+            files.addPrefixSpace = pre["add_prefix_space"]?.bool ?? false
         }
         return files
     }

@@ -127,7 +127,7 @@ public struct SyntheticExperiment {
             t.add(row)
         }
         var mean = ["mean", "\(r.clients.map(\.trainCount).reduce(0, +) / max(1, r.clients.count))", "",
-                    "\(r.ranksCorrect)/\(r.clients.count) exact"]
+                    r.clients.contains { $0.learnedRank >= 0 } ? "\(r.ranksCorrect)/\(r.clients.count) exact" : "-"]
         for m in r.methods { mean.append(String(format: "**%.5f**", m.meanTestMSE)) }
         t.add(mean)
 

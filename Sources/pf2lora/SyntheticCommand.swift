@@ -24,6 +24,8 @@ struct SyntheticCommand: ParsableCommand {
     @Option(name: .customLong("lower-lr"), help: "SGD rate of PF2LoRA's client level.") var lowerLR: Float = 0.05
     @Option(name: .customLong("noise"), help: "Target noise standard deviation.") var noise: Float = 0.1
     @Option(name: .customLong("batch"), help: "Minibatch size.") var batch: Int = 64
+    @Option(name: .customLong("train-min"), help: "Fewest training examples of a client.") var trainMin: Int = 100
+    @Option(name: .customLong("train-max"), help: "Most training examples of a client.") var trainMax: Int = 400
     @Option(help: "Rank threshold tau (relative to the largest singular value).") var tau: Float = LearnedRank.defaultTau
     @Option(help: "Comma-separated methods (pf2lora,homlora,perfedavg,hetlora,local,fedavg-ft); default all.") var methods: String?
     @Option(name: .customLong("eval-every"), help: "Evaluate on the valid split every N rounds.") var evalEvery: Int = 5
@@ -38,7 +40,7 @@ struct SyntheticCommand: ParsableCommand {
         }
         var sc = SyntheticConfig()
         sc.clients = clients; sc.dIn = dIn; sc.dOut = dOut; sc.rank = rank; sc.rank2 = rank2
-        sc.noiseStd = noise; sc.batchSize = batch; sc.seed = seed
+        sc.noiseStd = noise; sc.trainMin = trainMin; sc.trainMax = trainMax; sc.batchSize = batch; sc.seed = seed
         guard rank + rank2 <= min(dIn, dOut) else { throw ValidationError("rank + rank2 must be <= min(d-in, d-out)") }
         var fc = FederatedConfig()
         fc.rounds = rounds; fc.localSteps = localSteps; fc.lowerSteps = lowerSteps; fc.clientsPerRound = clientsPerRound

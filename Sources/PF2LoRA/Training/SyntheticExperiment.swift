@@ -127,7 +127,7 @@ public struct SyntheticExperiment {
             t.add(row)
         }
         var mean = ["mean", "\(r.clients.map(\.trainCount).reduce(0, +) / max(1, r.clients.count))", "",
-                    "\(r.ranksCorrect)/\(r.clients.count) exact"]
+                    r.clients.contains { $0.learnedRank >= 0 } ? "\(r.ranksCorrect)/\(r.clients.count) exact" : "-"]
         for m in r.methods { mean.append(String(format: "**%.5f**", m.meanTestMSE)) }
         t.add(mean)
 
@@ -143,7 +143,7 @@ public struct SyntheticExperiment {
         out += "Test MSE on \(y.testCount) held-out examples per client; the noise floor is \(String(format: "%.4f", r.noiseFloor)) (noise std \(y.noiseStd)). "
         out += "Learned rank = number of singular values of s1 B A + s2 D_k C_k above tau = \(r.tau) x the largest"
         if let a = r.admissibleTau {
-            out += String(format: "; every tau in (%.3f, %.3f) gives the same ranks for all clients.\n\n", a[0], a[1])
+            out += String(format: "; every tau in (%.3f, %.3f) gives every client its true rank.\n\n", a[0], a[1])
         } else { out += "; no single tau recovers every client's rank in this run.\n\n" }
         out += s.render() + "\n"
         out += "Settings: \(y.clients) clients, d_in \(y.dIn), d_out \(y.dOut), r \(f.rank) (alpha \(f.alpha)), r2 \(f.rank2) (alpha2 \(f.alpha2)), "

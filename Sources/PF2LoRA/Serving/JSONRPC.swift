@@ -176,7 +176,12 @@ final class LineWriter {
     init(fd: Int32 = 1) { self.fd = fd }
 
     func send(_ obj: [String: Any]) {
-        guard let data = try? JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys, .withoutEscapingSlashes]) else { return }
+        let opts: JSONSerialization.WritingOptions = [.sortedKeys, .withoutEscapingSlashes]
+        guard let data = (try? JSONSerialization.data(withJSONObject: obj, options: opts))
+            // An answer that cannot be written as JSON is still answered: an internal error, never silence.
+            ?? (try? JSONSerialization.data(withJSONObject: ["jsonrpc": "2.0", "id": (obj["id"].flatMap { JSONSerialization.isValidJSONObject([$0]) ? $0 : nil }) ?? NSNull(),
+                                                             "error": ["code": RPCCode.internalError.rawValue, "message": "the answer could not be encoded as JSON"]] as [String: Any], options: opts))
+        else { return }
         var bytes = [UInt8](data)
         bytes.append(0x0A)
         lock.lock(); defer { lock.unlock() }

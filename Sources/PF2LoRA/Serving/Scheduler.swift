@@ -62,13 +62,17 @@ final class Scheduler {
     /// Serializes forward steps with anything else that uses the engine's model concurrently.
     let stepLock = NSLock()
 
-    // Counters for `stats`.
-    private(set) var steps = 0
-    private(set) var rowsStepped = 0
-    private(set) var completed = 0
-    private(set) var failed = 0
-    private(set) var generatedTokens = 0
-    private(set) var promptTokens = 0
+    /// Counters for `stats`: written by the scheduler thread, read by the reader thread.
+    struct Counters {
+        var steps = 0, rowsStepped = 0, completed = 0, failed = 0, generatedTokens = 0, promptTokens = 0
+    }
+    private var countersStorage = Counters()
+    private let countersLock = NSLock()
+    /// A consistent snapshot of the counters (safe from any thread).
+    var counters: Counters { countersLock.lock(); defer { countersLock.unlock() }; return countersStorage }
+    private func count(_ update: (inout Counters) -> Void) {
+        countersLock.lock(); update(&countersStorage); countersLock.unlock()
+    }
 
     static func clock() -> Double { Double(DispatchTime.now().uptimeNanoseconds) * 1e-9 }
 
@@ -140,7 +144,7 @@ final class Scheduler {
             if gen.isFinished { finish(r); return }
             cond.lock(); running.append(r); cond.unlock()
         } catch {
-            failed += 1
+            count { $0.failed += 1 }
             out.error(job.id, AdapterRuntime.rpcError(error))
         }
     }
@@ -180,18 +184,18 @@ final class Scheduler {
             for r in members { fail(r, RPCError(.internalError, "forward step failed: \(error)")) }
             return
         }
-        steps += 1
-        rowsStepped += inputs.reduce(0) { $0 + $1.tokens.count }
+        let rows = inputs.reduce(0) { $0 + $1.tokens.count }
+        count { $0.steps += 1; $0.rowsStepped += rows }
         let V = engine.model.config.vocabSize
         for (i, r) in members.enumerated() {
             let promptLeft = r.fed < r.job.request.prompt.count
             if promptLeft {
                 r.fed += fedNow[i]
-                promptTokens += fedNow[i]
+                count { $0.promptTokens += fedNow[i] }
                 if r.fed < r.job.request.prompt.count { continue }
             }
             let (tok, delta) = r.gen.accept(logits: logits.data + i * V, vocabSize: V)
-            generatedTokens += 1
+            count { $0.generatedTokens += 1 }
             if r.firstToken == 0 { r.firstToken = Scheduler.clock() }
             if r.job.stream, r.job.id != nil {
                 out.notify("token", ["id": r.job.id!, "text": delta, "token": tok])
@@ -209,7 +213,7 @@ final class Scheduler {
 
     private func finish(_ r: Running) {
         remove(r)
-        completed += 1
+        count { $0.completed += 1 }
         guard r.job.id != nil else { return }
         let end = Scheduler.clock()
         let b = r.binding
@@ -228,7 +232,7 @@ final class Scheduler {
 
     private func fail(_ r: Running, _ e: RPCError) {
         remove(r)
-        failed += 1
+        count { $0.failed += 1 }
         out.error(r.job.id, e)
     }
 

@@ -45,6 +45,8 @@ public final class Server {
             var start = 0
             for i in 0..<n where buf[i] == 0x0A {
                 if !overlong { line.append(contentsOf: buf[start..<i]) }
+                // A line that arrived whole within one read is measured here (the CR of a CRLF end excluded).
+                if line.count - (line.last == 0x0D ? 1 : 0) > limits.maxLineBytes { overlong = true }
                 if overlong {
                     errors += 1
                     out.error(NSNull(), RPCError(.invalidRequest, "request line longer than \(limits.maxLineBytes) bytes; shorten the prompt or raise --max-line-bytes"))
@@ -58,9 +60,13 @@ public final class Server {
             }
             if stop { break }
             if !overlong { line.append(contentsOf: buf[start..<n]) }
-            if line.count > limits.maxLineBytes { overlong = true; line.removeAll() }
+            // +1: the CR of a CRLF end may still come before its LF.
+            if line.count > limits.maxLineBytes + 1 { overlong = true; line.removeAll() }
         }
-        if !stop && !line.isEmpty && !overlong { _ = handle(line) }
+        if !stop && (overlong || line.count - (line.last == 0x0D ? 1 : 0) > limits.maxLineBytes) {
+            errors += 1
+            out.error(NSNull(), RPCError(.invalidRequest, "request line longer than \(limits.maxLineBytes) bytes; shorten the prompt or raise --max-line-bytes"))
+        } else if !stop && !line.isEmpty { _ = handle(line) }
         scheduler.drainAndStop()
         return 0
     }
@@ -182,12 +188,13 @@ public final class Server {
     }
 
     private func stats() -> [String: Any] {
+        let c = scheduler.counters
         var d: [String: Any] = [
             "requests": requests, "errors": errors,
-            "completed": scheduler.completed, "failed": scheduler.failed,
+            "completed": c.completed, "failed": c.failed,
             "running": scheduler.runningCount, "queued": scheduler.queueLength,
-            "steps": scheduler.steps, "generated_tokens": scheduler.generatedTokens, "prompt_tokens": scheduler.promptTokens,
-            "mean_batch_rows": scheduler.steps == 0 ? 0 : Double(scheduler.rowsStepped) / Double(scheduler.steps),
+            "steps": c.steps, "generated_tokens": c.generatedTokens, "prompt_tokens": c.promptTokens,
+            "mean_batch_rows": c.steps == 0 ? 0 : Double(c.rowsStepped) / Double(c.steps),
             "uptime_s": Scheduler.clock() - started,
             "rss_bytes": Self.residentBytes(),
         ]

@@ -232,8 +232,9 @@ import Testing
         let t0 = Date()
         let s = try fx.serve(["--max-line-bytes", String(Self.maxLineBytes), "--max-queue", "1000000", "--max-new-tokens", "64"])
         // Write in random-sized chunks from a thread: a server that stopped reading cannot hang the test.
-        var bytes = Data()
-        for l in stream { bytes.append(contentsOf: l.bytes); bytes.append(0x0A) }
+        var buffer = Data()
+        for l in stream { buffer.append(contentsOf: l.bytes); buffer.append(0x0A) }
+        let bytes = buffer
         // PF2LORA_FUZZ_DUMP=file keeps the stream, to replay it by hand: pf2lora serve ... < file
         if let dump = env["PF2LORA_FUZZ_DUMP"] { try bytes.write(to: URL(fileURLWithPath: dump)) }
         let written = DispatchSemaphore(value: 0)

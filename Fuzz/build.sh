@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets (Swift's -sanitize=fuzzer, with AddressSanitizer) into .build/fuzz/:
+#   protocol-fuzzer   the request parser and dispatcher (Server.handle) of `pf2lora serve`
+#   adapter-fuzzer    adapter file validation (zstd frame, safetensors header, metadata, shapes)
+# Each is the library's sources plus one harness compiled as one module (the harness reaches
+# internal API). Usage: Fuzz/build.sh [protocol|adapter]...   (default: both)
+# Run from the repository root, e.g.:
+#   .build/fuzz/adapter-fuzzer -max_total_time=300 -max_len=65536 .build/fuzz/corpus-adapter Fuzz/seeds/adapter
+#   .build/fuzz/protocol-fuzzer -max_total_time=300 -max_len=4096 -dict=Fuzz/json.dict .build/fuzz/corpus-protocol Fuzz/seeds/protocol
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .build/fuzz
+targets=("$@"); [ ${#targets[@]} -eq 0 ] && targets=(protocol adapter)
+SOURCES=$(find Sources/PF2LoRA -name '*.swift' | sort)
+for t in "${targets[@]}"; do
+  case "$t" in
+    protocol) harness=Fuzz/ProtocolFuzzer.swift ;;
+    adapter)  harness=Fuzz/AdapterFuzzer.swift ;;
+    *) echo "unknown target $t (protocol|adapter)" >&2; exit 2 ;;
+  esac
+  echo "building .build/fuzz/$t-fuzzer" >&2
+  # shellcheck disable=SC2086
+  swiftc -sanitize=fuzzer,address -parse-as-library -O -swift-version 5 -module-name PF2LoRAFuzz \
+    -I Sources/COpenBLAS -I Sources/CZstd $(pkg-config --cflags-only-I openblas libzstd | sed 's/-I/-Xcc -I/g') \
+    $SOURCES "$harness" $(pkg-config --libs openblas libzstd) -o ".build/fuzz/$t-fuzzer" 2> >(grep -v "Cannot export local symbol" >&2)
+done

@@ -355,7 +355,12 @@ public final class AdapterStore: @unchecked Sendable {
                 entry.trainedOn = t.filter { keep.contains(Int($0.key) ?? -1) }
             }
             m.setEntry(level, id, entry)
-            try writeManifest(m)
+            do { try writeManifest(m) } catch {
+                // A publish that failed (disk full, I/O error) changes nothing: without this the new
+                // file would become current at the next open, as a crash's publish is rolled forward.
+                unlink(directory + "/" + relative(comps))
+                throw error
+            }
             // The manifest no longer names the pruned versions; deleting them now is safe, and a
             // crash before it only leaves files that the next publish prunes.
             for v in prune.sorted() {

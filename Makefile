@@ -14,3 +14,16 @@ run: build
 test: setup
 	$(SWIFT) build -c release --product pf2lora
 	$(SWIFT) test
+
+# Reliability (docs/RELIABILITY.md): the suite under ThreadSanitizer and AddressSanitizer, and the
+# libFuzzer targets (FUZZ_SECONDS each).
+.PHONY: sanitize fuzz
+FUZZ_SECONDS ?= 300
+sanitize: setup
+	bash scripts/sanitize.sh
+
+fuzz:
+	bash Fuzz/build.sh
+	mkdir -p .build/fuzz/corpus-protocol .build/fuzz/corpus-adapter
+	ASAN_OPTIONS=detect_leaks=0 .build/fuzz/protocol-fuzzer -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -dict=Fuzz/json.dict -print_final_stats=1 .build/fuzz/corpus-protocol Fuzz/seeds/protocol
+	ASAN_OPTIONS=detect_leaks=0 .build/fuzz/adapter-fuzzer -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -print_final_stats=1 .build/fuzz/corpus-adapter Fuzz/seeds/adapter

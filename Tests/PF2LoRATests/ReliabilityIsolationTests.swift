@@ -34,7 +34,8 @@ import Testing
         try FileManager.default.createDirectory(atPath: outside + "/mallory", withIntermediateDirectories: true)
         let base = fx.storeHandle.base
         let secret = outside + "/mallory/v000001.safetensors.zst"
-        try ServerFixture.randomAdapter(base: base, level: .client, rank: 2, seed: 77, clientID: "mallory").encode().write(to: URL(fileURLWithPath: secret))
+        let secretBytes = try ServerFixture.randomAdapter(base: base, level: .client, rank: 2, seed: 77, clientID: "mallory").encode()
+        try secretBytes.write(to: URL(fileURLWithPath: secret))
         let eveFile = outside + "/eve.safetensors.zst"
         try ServerFixture.randomAdapter(base: base, level: .client, rank: 2, seed: 78, clientID: "eve").encode().write(to: URL(fileURLWithPath: eveFile))
         let aliceOut = outside + "/alice-v2.safetensors.zst"
@@ -99,7 +100,7 @@ import Testing
             if atimeWorks { #expect(a.atime == b.atime, "\(p) was read") }
         }
         #expect(try FileManager.default.subpathsOfDirectory(atPath: outside).sorted() == listing, "nothing created or removed outside")
-        #expect(try Data(contentsOf: URL(fileURLWithPath: secret)) == ServerFixture.randomAdapter(base: base, level: .client, rank: 2, seed: 77, clientID: "mallory").encode())
+        #expect(try Data(contentsOf: URL(fileURLWithPath: secret)) == secretBytes)
         FuzzReport.append("isolation: \(Self.hostileIDs.count) hostile ids x 4 methods = \(expectations.count) requests, all -32602; 3 outward symlinks (client folder, version file, newer version of a real client) never followed; sentinel files unread (atime check \(atimeWorks ? "active" : "unavailable: noatime")) and unwritten")
     }
 }

@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import platform
+import select
 import shutil
 import statistics
 import subprocess
@@ -108,9 +109,12 @@ def make_model(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Engines. Each worker runs in a subprocess (`--worker NAME`) and prints one JSON line.
+# Engines. The Python engines run as persistent worker subprocesses (`--worker NAME`): each loads its
+# model, warms up, prints one JSON line {"ready": true, "version": ...}, then answers every "run" line
+# on stdin with one JSON line of measurements. The main process measures the engines round-robin
+# (one run of each per round, the order rotating), so load changes on a shared machine hit them alike.
 
-def worker_transformers(a):
+def setup_transformers(a):
     import torch
     import transformers
     from transformers import GPT2LMHeadModel
@@ -120,7 +124,7 @@ def worker_transformers(a):
     ids = torch.tensor([prompt_ids(a.prompt_tokens, model.config.vocab_size)])
 
     @torch.inference_mode()
-    def one(n_decode):
+    def one(n_decode=a.tokens):
         t0 = time.perf_counter()
         # logits_to_keep=1 as generate() does: only the last position goes through lm_head.
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -135,26 +139,26 @@ def worker_transformers(a):
                 "decode_tokens_per_s": n_decode / (t3 - t2) if n_decode else None}
 
     one(4)
-    runs = [one(a.tokens) for _ in range(a.repeats)]
-    return {"runs": runs, "version": f"transformers {transformers.__version__}, torch {torch.__version__}",
-            "attn_implementation": model.config._attn_implementation}
+    return {"version": f"transformers {transformers.__version__}, torch {torch.__version__}, "
+                       f"attn {model.config._attn_implementation}"}, one
 
 
-def worker_llama_cpp(a):
+def setup_llama_cpp(a):
     import numpy as np
     import llama_cpp
     from llama_cpp import Llama
-    n_ctx = min(a.prompt_tokens + a.tokens + 8, json.loads((pathlib.Path(a.model) / "config.json").read_text())["n_positions"])
-    llm = Llama(model_path=a.gguf, n_ctx=n_ctx, n_batch=a.prompt_tokens, n_ubatch=a.prompt_tokens,
-                n_threads=a.threads, n_threads_batch=a.threads, logits_all=False, verbose=False)
+    n_pos = json.loads((pathlib.Path(a.model) / "config.json").read_text())["n_positions"]
+    llm = Llama(model_path=a.gguf, n_ctx=min(a.prompt_tokens + a.tokens + 8, n_pos), n_batch=a.prompt_tokens,
+                n_ubatch=a.prompt_tokens, n_threads=a.threads, n_threads_batch=a.threads, logits_all=False,
+                verbose=False)
     vocab = llm.n_vocab()
     ids = prompt_ids(a.prompt_tokens, vocab)
 
     def last_argmax():
         return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
 
-    def one(n_decode):
-        llm.reset()
+    def one(n_decode=a.tokens):
+        llm.reset()                                                   # next eval drops the KV cache
         t0 = time.perf_counter()
         llm.eval(ids)
         t1 = time.perf_counter()
@@ -168,17 +172,17 @@ def worker_llama_cpp(a):
                 "decode_tokens_per_s": n_decode / (t3 - t2) if n_decode else None}
 
     one(4)
-    runs = [one(a.tokens) for _ in range(a.repeats)]
-    return {"runs": runs, "version": f"llama-cpp-python {llama_cpp.__version__}, GGUF f32"}
+    return {"version": f"llama-cpp-python {llama_cpp.__version__}, GGUF f32"}, one
 
 
-def worker_blas(a):
+def setup_blas(a):
     """OpenBLAS through numpy: sgemv over the model's matmul weights (the bytes one decode step must
     read) and sgemm on the prefill shapes (T = prompt tokens) of one layer."""
     import numpy as np
     from safetensors.numpy import load_file
     cfg = json.loads((pathlib.Path(a.model) / "config.json").read_text())
     w = load_file(str(pathlib.Path(a.model) / "model.safetensors"))
+
     def get(name):
         for k in (name, "transformer." + name):
             if k in w:
@@ -194,6 +198,10 @@ def worker_blas(a):
     rng = np.random.default_rng(0)
     xs = {m.shape[0]: rng.standard_normal(m.shape[0]).astype(np.float32) for m in mats}
     h = rng.standard_normal(wte.shape[1]).astype(np.float32)
+    T = a.prompt_tokens
+    shapes = [(T, m.shape[0], m.shape[1]) for m in mats[:4]]
+    X = {k: rng.standard_normal((T, k)).astype(np.float32) for k in {s[1] for s in shapes}}
+    flops = [2 * M * K * N for (M, K, N) in shapes]
 
     def gemv_pass():
         t0 = time.perf_counter()
@@ -202,41 +210,98 @@ def worker_blas(a):
         wte @ h                                                       # sgemv
         return time.perf_counter() - t0
 
-    gemv_pass()
-    t = statistics.median(gemv_pass() for _ in range(max(5, a.repeats)))
-    T = a.prompt_tokens
-    shapes = [(T, m.shape[0], m.shape[1]) for m in mats[:4]]
-    X = {k: rng.standard_normal((T, k)).astype(np.float32) for k in {s[1] for s in shapes}}
     def gemm_pass():
         times = []
-        for (M, K, N), m in zip(shapes, mats[:4]):
+        for m in mats[:4]:
             t0 = time.perf_counter()
-            X[K] @ m                                                  # (T,K) @ (K,N) sgemm
+            X[m.shape[0]] @ m                                         # (T,K) @ (K,N) sgemm
             times.append(time.perf_counter() - t0)
         return times
+
+    def one():
+        t = statistics.median(gemv_pass() for _ in range(5))
+        per = [statistics.median(col) for col in zip(*[gemm_pass() for _ in range(3)])]
+        return {"sgemv_gb_per_s": nbytes / t / 1e9, "decode_bound_tokens_per_s": 1.0 / t,
+                "sgemm_gflop_per_s": sum(flops) / sum(per) / 1e9,
+                "sgemm_gflop_per_s_each": [f / s / 1e9 for f, s in zip(flops, per)]}
+
+    gemv_pass()
     gemm_pass()
-    per = [statistics.median(col) for col in zip(*[gemm_pass() for _ in range(max(5, a.repeats))])]
-    flops = [2 * M * K * N for (M, K, N) in shapes]
     info = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-    return {
-        "blas": f"numpy {np.__version__} with {info.get('name')} {info.get('version')} ({info.get('openblas configuration', '').strip()})",
-        "sgemv_seconds_per_pass": t, "sgemv_bytes_per_pass": nbytes, "sgemv_gb_per_s": nbytes / t / 1e9,
-        "sgemv_tokens_per_s": 1.0 / t,
-        "sgemm_shapes": [list(s) for s in shapes],
-        "sgemm_gflop_per_s_each": [f / s / 1e9 for f, s in zip(flops, per)],
-        "sgemm_gflop_per_s": sum(flops) / sum(per) / 1e9,
-    }
+    return {"version": f"numpy {np.__version__} with {info.get('name')} {info.get('version')} "
+                       f"({' '.join(info.get('openblas configuration', '').split())})",
+            "weight_bytes_per_token": nbytes, "sgemm_shapes": [list(x) for x in shapes]}, one
 
 
-WORKERS = {"transformers": worker_transformers, "llama.cpp": worker_llama_cpp, "blas": worker_blas}
+SETUPS = {"transformers": setup_transformers, "llama.cpp": setup_llama_cpp, "blas": setup_blas}
 
 
-def run_worker(name, args, extra=()):
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", name, "--model", str(args.model_dir),
-           "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens), "--tokens", str(args.tokens),
-           "--repeats", str(args.repeats), *extra]
-    p = subprocess.run(cmd, env=thread_env(args.threads), capture_output=True, text=True, timeout=args.timeout)
-    return parse_json_line(p.stdout, p.returncode, p.stderr)
+def worker_main(a):
+    try:
+        info, one = SETUPS[a.worker](a)
+    except Exception as e:                                              # noqa: BLE001
+        traceback.print_exc()
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        return
+    print(json.dumps({"ready": True, **info}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        try:
+            r = one()
+        except Exception as e:                                          # noqa: BLE001
+            traceback.print_exc()
+            r = {"error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(r), flush=True)
+
+
+class Worker:
+    """A persistent engine subprocess; stderr goes to WORK/<name>.log."""
+
+    def __init__(self, name, args, extra=()):
+        self.name, self.timeout = name, args.timeout
+        self.log_path = pathlib.Path(args.work) / f"{name}.log"
+        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", name, "--model", str(args.model_dir),
+               "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens), "--tokens", str(args.tokens),
+               *extra]
+        self.p = subprocess.Popen(cmd, env=thread_env(args.threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=open(self.log_path, "w"), text=True, bufsize=1)
+        self.info = self._read()
+
+    def _read(self):
+        deadline = time.time() + self.timeout
+        while True:
+            left = deadline - time.time()
+            if left <= 0 or not select.select([self.p.stdout], [], [], left)[0]:
+                self.close()
+                return {"error": f"no answer within {self.timeout} s (see {self.log_path})"}
+            line = self.p.stdout.readline()
+            if not line:
+                code = self.p.wait()
+                tail = " | ".join(self.log_path.read_text().strip().splitlines()[-2:])
+                return {"error": f"exited with {code}: {tail[-300:]}"}
+            if line.lstrip().startswith("{"):
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    pass
+
+    def run(self):
+        try:
+            self.p.stdin.write("run\n")
+            self.p.stdin.flush()
+        except (BrokenPipeError, OSError) as e:
+            return {"error": f"worker gone: {e}"}
+        return self._read()
+
+    def close(self):
+        if self.p.poll() is None:
+            try:
+                self.p.stdin.close()
+                self.p.wait(timeout=30)
+            except Exception:                                           # noqa: BLE001
+                self.p.kill()
+                self.p.wait()
 
 
 def parse_json_line(stdout, code, stderr):
@@ -251,20 +316,35 @@ def parse_json_line(stdout, code, stderr):
     return {"error": f"exit {code}, no JSON on stdout: {tail[-400:]}"}
 
 
-# ---- pf2lora (the CLI, not a Python worker)
+# ---- pf2lora (the CLI: one invocation per round)
 
-def bench_pf2lora(args):
-    """`pf2lora bench decode --model DIR --batch 1 --tokens N --prompt-tokens P --threads T --repeats R`:
-    one JSON object on stdout with prefill_tokens_per_s and decode_tokens_per_s (the CLI does its own
-    warm-up and median). Without --threads/--repeats support, falls back to the basic form, run R+1 times."""
-    exe = pathlib.Path(args.pf2lora)
-    if not exe.exists():
-        return {"error": f"{exe} not found (build it: swift build -c release)"}
-    base = [str(exe), "bench", "decode", "--model", str(args.model_dir), "--batch", "1",
-            "--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens)]
+class Pf2loraDecode:
+    """`pf2lora bench decode --model DIR --batch 1 --tokens N --prompt-tokens P --threads T --repeats 1`:
+    one JSON object on stdout with prefill_tokens_per_s and decode_tokens_per_s (the CLI loads the
+    mapped model and does its own warm-up run each time). If the CLI rejects --threads/--repeats, the
+    basic form is used."""
 
-    def once(cmd):
-        p = subprocess.run(cmd, env=thread_env(args.threads), capture_output=True, text=True, timeout=args.timeout)
+    def __init__(self, args):
+        self.args, self.exe = args, pathlib.Path(args.pf2lora)
+        base = [str(self.exe), "bench", "decode", "--model", str(args.model_dir), "--batch", "1",
+                "--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens)]
+        self.cmd = base + ["--threads", str(args.threads), "--repeats", "1"]
+        if not self.exe.exists():
+            self.info = {"error": f"{self.exe} not found (build it: swift build -c release)"}
+            return
+        first = self._once(self.cmd)
+        if "error" in first:
+            log(f"pf2lora: {first['error'][:200]}; retrying without --threads/--repeats")
+            self.cmd = base
+            first = self._once(self.cmd)
+        self.info = first if "error" in first else {"version": "pf2lora", "command": " ".join(self.cmd)}
+
+    def _once(self, cmd):
+        a = self.args
+        try:
+            p = subprocess.run(cmd, env=thread_env(a.threads), capture_output=True, text=True, timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"no answer within {a.timeout} s"}
         r = parse_json_line(p.stdout, p.returncode, p.stderr)
         if p.returncode != 0 and "error" not in r:
             r = {"error": f"exit {p.returncode}: {p.stderr.strip()[-400:]}"}
@@ -273,37 +353,40 @@ def bench_pf2lora(args):
             r = {"error": f"JSON has no {', '.join(missing)}: {json.dumps(r)[:300]}"}
         return r
 
-    full = base + ["--threads", str(args.threads), "--repeats", str(args.repeats)]
-    log("pf2lora:", " ".join(full))
-    r = once(full)
-    if "error" not in r:
-        return {"runs": [r], "version": "pf2lora (its own warm-up + median)", "command": " ".join(full)}
-    log(f"pf2lora: {r['error'][:200]}; retrying without --threads/--repeats")
-    runs = []
-    for i in range(args.repeats + 1):                                  # run 0 is the warm-up
-        r = once(base)
-        if "error" in r:
-            return r
-        if i > 0:
-            runs.append(r)
-    return {"runs": runs, "version": "pf2lora", "command": " ".join(base)}
+    def run(self):
+        return self._once(self.cmd)
+
+    def close(self):
+        pass
 
 
-def bench_pf2lora_blas(args):
-    """Optional: `pf2lora bench blas --model DIR --prompt-tokens T --threads N` (JSON with sgemv_gb_per_s,
-    decode_bound_tokens_per_s, sgemm_gflop_per_s). Not available if the subcommand is missing."""
-    exe = pathlib.Path(args.pf2lora)
-    if not exe.exists():
-        return {"error": f"{exe} not found"}
-    cmd = [str(exe), "bench", "blas", "--model", str(args.model_dir), "--prompt-tokens", str(args.prompt_tokens),
-           "--threads", str(args.threads)]
-    try:
-        p = subprocess.run(cmd, env=thread_env(args.threads), capture_output=True, text=True, timeout=args.timeout)
-    except Exception as e:                                              # noqa: BLE001
-        return {"error": str(e)}
-    if p.returncode != 0:
-        return {"error": f"`{' '.join(cmd[1:3])}` failed (exit {p.returncode}): {p.stderr.strip()[-200:]}"}
-    return parse_json_line(p.stdout, p.returncode, p.stderr)
+class Pf2loraBLAS(Pf2loraDecode):
+    """Optional: `pf2lora bench blas --model DIR --prompt-tokens P --threads T`, keys sgemv_gb_per_s,
+    decode_bound_tokens_per_s, sgemm_gflop_per_s (the OpenBLAS pf2lora links). Not available if the
+    subcommand is missing."""
+
+    def __init__(self, args):
+        self.args, self.exe = args, pathlib.Path(args.pf2lora)
+        self.cmd = [str(self.exe), "bench", "blas", "--model", str(args.model_dir),
+                    "--prompt-tokens", str(args.prompt_tokens), "--threads", str(args.threads)]
+        if not self.exe.exists():
+            self.info = {"error": f"{self.exe} not found"}
+            return
+        first = self._once(self.cmd)
+        self.info = first if "error" in first else {"version": "pf2lora bench blas", "command": " ".join(self.cmd)}
+
+    def _once(self, cmd):
+        a = self.args
+        try:
+            p = subprocess.run(cmd, env=thread_env(a.threads), capture_output=True, text=True, timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"no answer within {a.timeout} s"}
+        if p.returncode != 0:
+            return {"error": f"`bench blas` failed (exit {p.returncode}): {p.stderr.strip()[-200:]}"}
+        r = parse_json_line(p.stdout, p.returncode, p.stderr)
+        if "error" not in r and "sgemm_gflop_per_s" not in r:
+            r = {"error": f"JSON has no sgemm_gflop_per_s: {json.dumps(r)[:200]}"}
+        return r
 
 
 # ---- llama.cpp: conversion to GGUF f32
@@ -370,19 +453,20 @@ def convert_to_gguf(args):
     return out
 
 
-def bench_llama_cpp(args):
+def start_llama_cpp(args):
     try:
         import importlib.metadata as md
         v = md.version("llama-cpp-python")
     except Exception:                                                   # noqa: BLE001
-        return {"error": "llama-cpp-python is not installed (pip install llama-cpp-python==%s)" % LLAMA_CPP_VERSION}
+        return None, {"error": f"llama-cpp-python is not installed (pip install llama-cpp-python=={LLAMA_CPP_VERSION})"}
     if v != LLAMA_CPP_VERSION:
         log(f"note: llama-cpp-python {v} installed, DESIGN §6 figures are for {LLAMA_CPP_VERSION}")
     try:
         gguf = convert_to_gguf(args)
     except Exception as e:                                              # noqa: BLE001
-        return {"error": f"GGUF conversion: {e}"}
-    return run_worker("llama.cpp", args, ["--gguf", str(gguf)])
+        return None, {"error": f"GGUF conversion: {e}"}
+    w = Worker("llama.cpp", args, ["--gguf", str(gguf)])
+    return w, w.info
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -399,66 +483,69 @@ def report(args, geo, res, made_by):
     attn = geo["n_layer"] * 2 * 2 * ((P + 1) / 2) * geo["n_embd"]
     flop_per_tok = 2 * geo["layer_matmul_params"] + attn
     bytes_per_tok = 4 * geo["matmul_params"]
-    rows = []
-    med = {}
-    for name, label in (("pf2lora", "pf2lora"), ("transformers", "transformers (PyTorch CPU)"),
-                        ("llama.cpp", "llama.cpp (llama-cpp-python, GGUF f32)")):
-        r = res[name]
-        if "error" in r:
-            med[name] = None
-            rows.append((label, None, None, r["error"]))
-        else:
-            pre, dec = median_of(r["runs"], "prefill_tokens_per_s"), median_of(r["runs"], "decode_tokens_per_s")
-            med[name] = (pre, dec)
-            rows.append((label, pre, dec, r.get("version", "")))
-    ref = med.get("llama.cpp")
+    mm_flop_per_tok = 2 * geo["layer_matmul_params"]
+
+    def ok(name):
+        r = res.get(name, {})
+        return "error" not in r and r.get("runs")
+
+    def med(name, key):
+        return median_of(res[name]["runs"], key) if ok(name) else None
+
+    def spread(name, key):
+        vals = [r[key] for r in res[name]["runs"] if r.get(key) is not None]
+        return f"{min(vals):,.1f}–{max(vals):,.1f}" if vals else "–"
+
+    ref = (med("llama.cpp", "prefill_tokens_per_s"), med("llama.cpp", "decode_tokens_per_s"))
+
+    def ratio(x, r):
+        return fmt(x / r, 2) + "x" if x and r else "–"
+
     lines = [f"Peer benchmark, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {platform.node()}, "
-             f"{os.cpu_count()} CPUs, {args.threads} threads, batch 1, GPT-2-124M shape f32 random "
-             f"(model made by {made_by}), prefill {P} tokens, decode {args.tokens} tokens after it, "
-             f"median of {args.repeats} after a warm-up. Load average at start {args.load_start}, at end "
-             f"{'%.2f %.2f %.2f' % os.getloadavg()} (above the CPU count, the figures are contended).", "",
+             f"{os.cpu_count()} CPUs, {args.threads} threads, batch 1, GPT-2-124M shape f32 random weights "
+             f"(model made by {made_by}), prefill {P} tokens, then {args.tokens} decode steps. Engines measured "
+             f"round-robin, {args.repeats} rounds, median (min–max in the notes). Load average "
+             f"{args.load_start} at start, {'%.2f %.2f %.2f' % os.getloadavg()} at end: above {os.cpu_count()} "
+             f"the machine is contended and only same-run ratios mean much.", "",
              "| engine | prefill tok/s | decode tok/s | prefill vs llama.cpp | decode vs llama.cpp | prefill GFLOP/s | decode GB/s | notes |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for label, pre, dec, note in rows:
-        if pre is None and dec is None:
-            lines.append(f"| {label} | not available | not available | – | – | – | – | {note} |")
+    for name, label in (("pf2lora", "pf2lora"), ("transformers", "transformers (PyTorch CPU)"),
+                        ("llama.cpp", "llama.cpp (llama-cpp-python, GGUF f32)")):
+        if not ok(name):
+            lines.append(f"| {label} | not available | not available | – | – | – | – | {res[name].get('error', 'no runs')} |")
             continue
-        rp = fmt(pre / ref[0], 2) + "x" if ref and ref[0] and pre else "–"
-        rd = fmt(dec / ref[1], 2) + "x" if ref and ref[1] and dec else "–"
-        lines.append(f"| {label} | {fmt(pre)} | {fmt(dec)} | {rp} | {rd} | {fmt(pre * flop_per_tok / 1e9 if pre else None)} "
-                     f"| {fmt(dec * bytes_per_tok / 1e9 if dec else None)} | {note} |")
-    b = res["blas"]
-    if "error" in b:
-        lines.append(f"| OpenBLAS bounds (numpy) | not available | not available | – | – | – | – | {b['error']} |")
-    else:
-        sg_pre = b["sgemm_gflop_per_s"] * 1e9 / (2 * geo["layer_matmul_params"])
-        lines.append(f"| OpenBLAS bound (numpy: sgemm / sgemv) | {fmt(sg_pre)} | {fmt(b['sgemv_tokens_per_s'])} | "
-                     f"{fmt(sg_pre / ref[0], 2) + 'x' if ref and ref[0] else '–'} | "
-                     f"{fmt(b['sgemv_tokens_per_s'] / ref[1], 2) + 'x' if ref and ref[1] else '–'} | "
-                     f"{fmt(b['sgemm_gflop_per_s'])} | {fmt(b['sgemv_gb_per_s'])} | {b['blas']} |")
-    pb = res.get("pf2lora_blas", {})
-    if pb and "error" not in pb and pb.get("sgemm_gflop_per_s"):
-        pre_b = pb["sgemm_gflop_per_s"] * 1e9 / (2 * geo["layer_matmul_params"])
-        dec_b = pb.get("decode_bound_tokens_per_s")
-        lines.append(f"| OpenBLAS bound (pf2lora bench blas) | {fmt(pre_b)} | {fmt(dec_b)} | "
-                     f"{fmt(pre_b / ref[0], 2) + 'x' if ref and ref[0] else '–'} | "
-                     f"{fmt(dec_b / ref[1], 2) + 'x' if ref and ref[1] and dec_b else '–'} | "
-                     f"{fmt(pb.get('sgemm_gflop_per_s'))} | {fmt(pb.get('sgemv_gb_per_s'))} | OpenBLAS linked by pf2lora |")
+        pre, dec = med(name, "prefill_tokens_per_s"), med(name, "decode_tokens_per_s")
+        note = (f"{res[name].get('version', '')}; prefill {spread(name, 'prefill_tokens_per_s')}, "
+                f"decode {spread(name, 'decode_tokens_per_s')}")
+        lines.append(f"| {label} | {fmt(pre)} | {fmt(dec)} | {ratio(pre, ref[0])} | {ratio(dec, ref[1])} | "
+                     f"{fmt(pre * flop_per_tok / 1e9 if pre else None)} | {fmt(dec * bytes_per_tok / 1e9 if dec else None)} | {note} |")
+    bounds = {}
+    for name, label in (("blas", "OpenBLAS bound (numpy: sgemm / sgemv)"), ("pf2lora_blas", "OpenBLAS bound (pf2lora bench blas)")):
+        if not ok(name):
+            if name == "blas" or "not found" not in res[name].get("error", "not found"):
+                lines.append(f"| {label} | not available | not available | – | – | – | – | {res[name].get('error', 'no runs')} |")
+            continue
+        gf, dec, gbs = med(name, "sgemm_gflop_per_s"), med(name, "decode_bound_tokens_per_s"), med(name, "sgemv_gb_per_s")
+        pre = gf * 1e9 / mm_flop_per_tok
+        bounds[name] = (gf, dec)
+        note = res[name].get("version", "") + f"; sgemm GFLOP/s {spread(name, 'sgemm_gflop_per_s')}, sgemv GB/s {spread(name, 'sgemv_gb_per_s')}"
+        lines.append(f"| {label} | {fmt(pre)} | {fmt(dec)} | {ratio(pre, ref[0])} | {ratio(dec, ref[1])} | "
+                     f"{fmt(gf)} | {fmt(gbs)} | {note} |")
     lines += ["", f"prefill GFLOP/s = prefill tok/s x {flop_per_tok / 1e6:.1f} MFLOP/token (layer matmuls + attention at "
-              f"{P} tokens, lm_head excluded); decode GB/s = decode tok/s x {bytes_per_tok / 1e6:.1f} MB of f32 matmul "
-              f"weights read per token (incl. the tied lm_head). The OpenBLAS row turns sgemm GFLOP/s on the prefill "
-              f"shapes into tok/s (layer matmuls only) and one sgemv pass over all weights into tok/s."]
-    bound = pb if pb and "error" not in pb and pb.get("sgemm_gflop_per_s") else (
-        {"sgemm_gflop_per_s": b["sgemm_gflop_per_s"], "decode_bound_tokens_per_s": b["sgemv_tokens_per_s"],
-         "src": "numpy"} if "error" not in b else None)
-    if med.get("pf2lora") and bound:
-        pre, dec = med["pf2lora"]
-        src = bound.get("src", "pf2lora bench blas")
-        lines += ["", "Targets (issue 3):",
-                  f"- decode vs llama.cpp: {fmt(dec / ref[1], 2) + 'x' if ref else 'n/a'} (target >= 1.00x)",
-                  f"- decode vs sgemv bound ({src}): {fmt(dec / bound['decode_bound_tokens_per_s'], 2)}x (target >= 0.67x, i.e. within 1.5x)",
-                  f"- prefill GFLOP/s vs sgemm ({src}): {fmt(pre * flop_per_tok / 1e9 / bound['sgemm_gflop_per_s'], 2)}x (target >= 0.70x)"]
-    lines += ["", "Command: `" + " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]) + "`"]
+              f"{P} tokens; the lm_head runs for the last token only and is left out); decode GB/s = decode tok/s x "
+              f"{bytes_per_tok / 1e6:.1f} MB of f32 matmul weights read per token (tied lm_head included). "
+              f"The OpenBLAS rows: sgemm GFLOP/s on the four layer shapes at {P} rows, as tok/s = GFLOP/s / "
+              f"{mm_flop_per_tok / 1e6:.1f} MFLOP; one sgemv pass over all those weights, as tok/s = 1 / pass time."]
+    src = "pf2lora_blas" if "pf2lora_blas" in bounds else ("blas" if "blas" in bounds else None)
+    if ok("pf2lora") and src:
+        pre, dec = med("pf2lora", "prefill_tokens_per_s"), med("pf2lora", "decode_tokens_per_s")
+        gf, dec_b = bounds[src]
+        what = "pf2lora bench blas" if src == "pf2lora_blas" else "numpy"
+        lines += ["", "Issue 3 targets, pf2lora:",
+                  f"- decode vs llama.cpp: {ratio(dec, ref[1])} (target >= 1.00x)",
+                  f"- decode vs the sgemv bound ({what}): {ratio(dec, dec_b)} (target >= 0.67x, i.e. within 1.5x)",
+                  f"- prefill GFLOP/s vs sgemm ({what}): {ratio(pre * flop_per_tok / 1e9, gf)} (target >= 0.70x)"]
+    lines += ["", "Command: `python3 Benchmarks/peer_bench.py " + " ".join(sys.argv[1:]) + "`"]
     return "\n".join(lines) + "\n"
 
 
@@ -483,12 +570,7 @@ def main():
     a = ap.parse_args()
 
     if a.worker:                                                        # subprocess mode
-        try:
-            r = WORKERS[a.worker](a)
-        except Exception as e:                                          # noqa: BLE001
-            r = {"error": f"{type(e).__name__}: {e}"}
-            traceback.print_exc()
-        print(json.dumps(r), flush=True)
+        worker_main(a)
         return
 
     pathlib.Path(a.work).mkdir(parents=True, exist_ok=True)
@@ -497,22 +579,49 @@ def main():
     geo = model_geometry(a.model_dir)
     if a.prompt_tokens + a.tokens > geo["n_positions"]:
         sys.exit(f"peer_bench: --prompt-tokens + --tokens = {a.prompt_tokens + a.tokens} exceeds n_positions {geo['n_positions']}")
-    engines = [e.strip() for e in a.engines.split(",")]
-    res = {}
-    for name, fn in (("pf2lora", bench_pf2lora), ("transformers", lambda x: run_worker("transformers", x)),
-                     ("llama.cpp", bench_llama_cpp), ("blas", lambda x: run_worker("blas", x)),
-                     ("pf2lora_blas", bench_pf2lora_blas)):
-        key = "blas" if name == "pf2lora_blas" else name
-        if key not in engines:
+    wanted = {e.strip() for e in a.engines.split(",")}
+    starters = {
+        "pf2lora": lambda: (lambda e: (e, e.info))(Pf2loraDecode(a)),
+        "transformers": lambda: (lambda w: (w, w.info))(Worker("transformers", a)),
+        "llama.cpp": lambda: start_llama_cpp(a),
+        "blas": lambda: (lambda w: (w, w.info))(Worker("blas", a)),
+        "pf2lora_blas": lambda: (lambda e: (e, e.info))(Pf2loraBLAS(a)),
+    }
+    res, live = {}, {}
+    for name, start in starters.items():
+        if ("blas" if name == "pf2lora_blas" else name) not in wanted:
             res[name] = {"error": "not requested (--engines)"}
             continue
-        log(f"{name} ...")
-        t0 = time.time()
+        log(f"{name}: starting")
         try:
-            res[name] = fn(a)
+            eng, info = start()
         except Exception as e:                                          # noqa: BLE001
-            res[name] = {"error": f"{type(e).__name__}: {e}"}
-        log(f"{name}: {json.dumps(res[name])[:300]} ({time.time() - t0:.0f} s)")
+            eng, info = None, {"error": f"{type(e).__name__}: {e}"}
+        if "error" in info:
+            log(f"{name}: not available: {info['error'][:300]}")
+            res[name] = {"error": info["error"]}
+            if eng is not None:
+                eng.close()
+        else:
+            res[name] = {**{k: v for k, v in info.items() if k != "ready"}, "runs": []}
+            live[name] = eng
+    order = list(live)
+    for rnd in range(a.repeats):
+        for name in order[rnd % max(1, len(order)):] + order[:rnd % max(1, len(order))]:
+            if name not in live:
+                continue
+            t0 = time.time()
+            r = live[name].run()
+            if "error" in r:
+                log(f"{name}: round {rnd + 1} failed: {r['error'][:300]}")
+                res[name] = {"error": r["error"]}
+                live.pop(name).close()
+                continue
+            res[name]["runs"].append(r)
+            brief = {k: round(v, 1) for k, v in r.items() if isinstance(v, float)}
+            log(f"round {rnd + 1}/{a.repeats} {name}: {brief} ({time.time() - t0:.0f} s, load {os.getloadavg()[0]:.1f})")
+    for eng in live.values():
+        eng.close()
     table = report(a, geo, res, made_by)
     print(table)
     if a.out:

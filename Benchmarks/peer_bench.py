@@ -2,13 +2,14 @@
 """Peer benchmark: pf2lora vs Hugging Face transformers (PyTorch CPU) vs llama.cpp (llama-cpp-python),
 on one GPT-2-124M-shaped random f32 model, plus the OpenBLAS sgemv / sgemm bounds, all in one run.
 
-    python3 Benchmarks/peer_bench.py --out Benchmarks/results.md
+    python3 Benchmarks/peer_bench.py --out Benchmarks/peer-results.md
 
 Protocol (the same for every engine, see Benchmarks/README.md): batch 1, `--threads` threads (2);
 prefill `--prompt-tokens` (512) prompt tokens into an empty KV cache (timed: prefill tok/s), then
-`--tokens` (64) greedy decode steps continuing that sequence (timed: decode tok/s). One warm-up run,
-then the median of `--repeats` runs. Each engine runs in its own subprocess, so a missing or crashing
-engine is reported as "not available" with the reason and the others still run.
+`--tokens` (64) greedy decode steps continuing that sequence (timed: decode tok/s). Each engine warms
+up first, in its own process; then `--repeats` rounds run every engine once, round-robin, and the
+median per engine is reported. A missing or crashing engine is reported as "not available" with the
+reason and the others still run.
 Progress goes to stderr; the Markdown table to stdout and to `--out`.
 """
 import argparse

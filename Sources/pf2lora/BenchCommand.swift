@@ -6,7 +6,7 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Measure speed (build with -c release). Each prints one JSON object on stdout.",
-        subcommands: [BenchDecode.self, BenchBLAS.self])
+        subcommands: [BenchDecode.self, BenchBLAS.self, BenchTokenizer.self, BenchAdapters.self])
 }
 
 struct BenchDecode: ParsableCommand {
@@ -36,7 +36,7 @@ struct BenchDecode: ParsableCommand {
             throw CLIError("need batch >= 1, tokens >= 1, prompt-tokens >= 1 and prompt-tokens + tokens <= \(c.nPositions)")
         }
         let engine = InferenceEngine(model: m)
-        var rng = Xoshiro256(seed: 1)
+        var rng = RNG(seed: 1)
         let prompts = (0..<batch).map { _ in (0..<promptTokens).map { _ in Int(rng.next() % UInt64(c.vocabSize)) } }
         let caches = (0..<batch).map { _ in KVCache(config: c, capacity: promptTokens + tokens) }
         var prefill: [Double] = [], decode: [Double] = []

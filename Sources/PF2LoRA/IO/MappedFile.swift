@@ -69,8 +69,17 @@ public enum AtomicFile {
             }
             return true
         }
-        let err = String(cString: strerror(errno))
-        guard written, fsync(fd) == 0 else { close(fd); throw IOError.cannotWrite(path, err) }
+        guard written else {
+            let err = String(cString: strerror(errno))
+            close(fd)
+            throw IOError.cannotWrite(path, err)
+        }
+        // fsync's own errno (EIO, ENOSPC on some file systems) is the one to report.
+        guard fsync(fd) == 0 else {
+            let err = String(cString: strerror(errno))
+            close(fd)
+            throw IOError.cannotWrite(path, err)
+        }
         close(fd)
         guard rename(tmp, path) == 0 else { throw IOError.cannotWrite(path, String(cString: strerror(errno))) }
         ok = true

@@ -78,10 +78,12 @@ public final class SafeTensorsFile {
         guard size >= 8, let base = bytes.baseAddress else { throw SafeTensorsError.tooSmall(file: name, size: size) }
         var n: UInt64 = 0
         withUnsafeMutableBytes(of: &n) { $0.copyMemory(from: UnsafeRawBufferPointer(start: base, count: 8)) }
-        let headerSize = Int(UInt64(littleEndian: n) & 0x7fff_ffff_ffff_ffff)
-        guard headerSize <= size - 8 else {
-            throw SafeTensorsError.headerOutOfBounds(file: name, headerSize: headerSize, fileSize: size)
+        // Compare as UInt64: masking the top bit off would turn a corrupt huge length into a small one.
+        let rawHeaderSize = UInt64(littleEndian: n)
+        guard rawHeaderSize <= UInt64(size - 8) else {
+            throw SafeTensorsError.headerOutOfBounds(file: name, headerSize: Int(clamping: rawHeaderSize), fileSize: size)
         }
+        let headerSize = Int(rawHeaderSize)
         let headerData = Data(bytes: base + 8, count: headerSize)
         let json: Any
         do { json = try JSONSerialization.jsonObject(with: headerData) } catch {

@@ -77,23 +77,19 @@ public final class GPT2Model {
 }
 
 /// A rank-r pair applied as a low-rank term: out += scale * (x A^T) B^T, with PEFT's shapes
-/// A (r, in) and B (out, r). `bT` is B transposed (r, out), made once so the per-token kernel is contiguous.
+/// A (r, in) and B (out, r). It views the adapter's tensors; building one copies nothing.
 public struct LowRankPair {
     public let a: Tensor
     public let b: Tensor
     public let scale: Float
-    let bT: Tensor
 
     public init(a: Tensor, b: Tensor, scale: Float) {
         precondition(a.rows == b.cols, "LowRankPair: A \(a.shape) and B \(b.shape) ranks differ")
         self.a = a; self.b = b; self.scale = scale
-        let t = Tensor(zeros: [b.cols, b.rows])
-        for o in 0..<b.rows { for j in 0..<b.cols { t.data[j * b.rows + o] = b.data[o * b.cols + j] } }
-        bT = t
     }
 
     public var rank: Int { a.rows }
-    public var byteCount: Int { (a.count + b.count + bT.count) * 4 }
+    public var byteCount: Int { (a.count + b.count) * 4 }
 }
 
 /// The linear weights of every block that a group of sequences is served with: the base's own

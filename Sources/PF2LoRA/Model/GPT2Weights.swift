@@ -150,7 +150,7 @@ public final class GPT2Weights {
     /// Random weights as GPT-2 initializes them: N(0, 0.02), residual projections scaled by
     /// 1/sqrt(2 * n_layer), zero biases, unit layer norms.
     public static func random(config c: GPT2Config, seed: UInt64) -> GPT2Weights {
-        var rng = Xoshiro256(seed: seed)
+        var rng = RNG(seed: seed)
         let projStd = 0.02 / Float(2 * c.nLayer).squareRoot()
         return try! assemble(config: c, file: "random") { name in
             let shape = expectedShapes(c).first { $0.0 == name }!.1
@@ -159,7 +159,7 @@ public final class GPT2Weights {
                 t.fill(1)
             } else if name.hasSuffix(".weight") {
                 let std: Float = name.hasSuffix("c_proj.weight") ? projStd : 0.02
-                for i in 0..<t.count { t.data[i] = std * rng.nextNormal() }
+                for i in 0..<t.count { t.data[i] = std * rng.normal() }
             }
             return t
         }

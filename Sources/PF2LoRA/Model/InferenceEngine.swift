@@ -172,20 +172,30 @@ public final class InferenceEngine {
             } else {
                 // (n,in) @ (in,r) -> (n,r); then s * (n,r) @ (r,out) accumulated into out.
                 BLAS.gemm(xin + r0 * din, p.a.data, loraTmp.data, m: rows, n: r, k: din, transB: true)
-                BLAS.gemm(loraTmp.data, p.bT.data, out + r0 * dout, m: rows, n: dout, k: r, alpha: p.scale, beta: 1)
+                BLAS.gemm(loraTmp.data, p.b.data, out + r0 * dout, m: rows, n: dout, k: r, transB: true, alpha: p.scale, beta: 1)
             }
         }
     }
 
-    /// The low-rank term for a few rows without BLAS call overhead: r dot products, then r axpys over B^T.
+    /// The low-rank term for a few rows without BLAS call overhead: r dot products with the rows of A,
+    /// then one contiguous pass over B (out, r) row-major.
     private func lowRankRows(_ xin: UnsafeMutablePointer<Float>, _ out: UnsafeMutablePointer<Float>, rows: Int,
                              din: Int, dout: Int, pair p: LowRankPair) {
         let r = p.rank
+        let t = loraTmp.data
+        let b = p.b.data
         for row in 0..<rows {
             let xr = xin + row * din, orow = out + row * dout
-            for j in 0..<r {
-                let coef = p.scale * dot(xr, p.a.data + j * din, din)
-                axpy(coef, p.bT.data + j * dout, orow, dout)
+            for j in 0..<r { t[j] = p.scale * dot(xr, p.a.data + j * din, din) }
+            if r == 2 {
+                let t0 = t[0], t1 = t[1]
+                for o in 0..<dout { orow[o] += t0 * b[2 * o] + t1 * b[2 * o + 1] }
+            } else {
+                for o in 0..<dout {
+                    var acc: Float = 0
+                    for j in 0..<r { acc += t[j] * b[o * r + j] }
+                    orow[o] += acc
+                }
             }
         }
     }

@@ -30,13 +30,13 @@ public enum SamplingError: Error, CustomStringConvertible {
 /// Its buffers are allocated once per vocabulary size.
 public struct Sampler {
     public let params: SamplingParams
-    private var rng: Xoshiro256
+    private var rng: RNG
     private var probs: [Float]
     private var order: [Int32]
 
     public init(params: SamplingParams, vocabSize: Int) {
         self.params = params
-        rng = Xoshiro256(seed: params.seed)
+        rng = RNG(seed: params.seed)
         probs = [Float](repeating: 0, count: vocabSize)
         order = [Int32](repeating: 0, count: vocabSize)
     }
@@ -52,7 +52,7 @@ public struct Sampler {
     public mutating func sample(_ logits: UnsafePointer<Float>, count n: Int) -> Int {
         if params.temperature == 0 || params.topK == 1 { return Self.argmax(logits, count: n) }
         let invT = 1 / params.temperature
-        let u = rng.nextFloat()
+        let u = rng.uniform()
         return probs.withUnsafeMutableBufferPointer { p in
             order.withUnsafeMutableBufferPointer { ord in
                 // Softmax of logits / T.

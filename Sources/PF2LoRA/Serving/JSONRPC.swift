@@ -1,0 +1,203 @@
+import Foundation
+
+/// JSON-RPC 2.0 error codes: the standard ones and the project's own (-32001 ...).
+public enum RPCCode: Int, Sendable {
+    case parseError = -32700
+    case invalidRequest = -32600
+    case methodNotFound = -32601
+    case invalidParams = -32602
+    case internalError = -32603
+    case unknownClient = -32001
+    case adapterInvalid = -32002
+    case baseMismatch = -32003
+    case overloaded = -32004
+    case trainingFailed = -32005
+}
+
+/// An error answered to one request; `message` says what to fix.
+public struct RPCError: Error, CustomStringConvertible {
+    public let code: RPCCode
+    public let message: String
+    public init(_ code: RPCCode, _ message: String) { self.code = code; self.message = message }
+    public var description: String { "\(code.rawValue): \(message)" }
+}
+
+/// A line that could not be taken as a request: the error and the id, if one could be read.
+struct RPCLineError: Error {
+    let id: Any
+    let error: RPCError
+    init(_ id: Any?, _ error: RPCError) { self.id = id ?? NSNull(); self.error = error }
+}
+
+/// A parsed request. `id` is what the caller sent (number or string), echoed back unchanged;
+/// a request without an id is a notification and gets no answer.
+struct RPCRequest {
+    let id: Any?
+    let hasID: Bool
+    let method: String
+    let params: Params
+}
+
+/// Typed access to a request's params with errors that name the field and the expected type.
+struct Params {
+    let dict: [String: Any]
+
+    static func isBool(_ v: Any) -> Bool {
+        guard let n = v as? NSNumber else { return false }
+        return String(cString: n.objCType) == "c" || type(of: v) == Bool.self
+    }
+
+    func has(_ key: String) -> Bool { dict[key] != nil && !(dict[key] is NSNull) }
+
+    func string(_ key: String) throws -> String? {
+        guard has(key) else { return nil }
+        guard let s = dict[key] as? String else { throw RPCError(.invalidParams, "params.\(key) must be a string") }
+        return s
+    }
+
+    func int(_ key: String, min lo: Int? = nil, max hi: Int? = nil) throws -> Int? {
+        guard has(key) else { return nil }
+        let v = dict[key]!
+        guard !Self.isBool(v), let n = v as? NSNumber else { throw RPCError(.invalidParams, "params.\(key) must be an integer") }
+        let d = n.doubleValue
+        guard d.isFinite, d == d.rounded(), abs(d) <= 9.0e15 else {
+            throw RPCError(.invalidParams, "params.\(key) must be an integer (got \(n))")
+        }
+        let i = Int(d)
+        if let lo, i < lo { throw RPCError(.invalidParams, "params.\(key) must be >= \(lo) (got \(i))") }
+        if let hi, i > hi { throw RPCError(.invalidParams, "params.\(key) must be <= \(hi) (got \(i))") }
+        return i
+    }
+
+    func uint64(_ key: String) throws -> UInt64? {
+        guard has(key) else { return nil }
+        let v = dict[key]!
+        guard !Self.isBool(v), let n = v as? NSNumber else { throw RPCError(.invalidParams, "params.\(key) must be a non-negative integer") }
+        let d = n.doubleValue
+        guard d.isFinite, d == d.rounded(), d >= 0, d < 1.8e19 else {
+            throw RPCError(.invalidParams, "params.\(key) must be a non-negative integer (got \(n))")
+        }
+        return n.uint64Value
+    }
+
+    func float(_ key: String) throws -> Float? {
+        guard has(key) else { return nil }
+        let v = dict[key]!
+        guard !Self.isBool(v), let n = v as? NSNumber, n.doubleValue.isFinite else {
+            throw RPCError(.invalidParams, "params.\(key) must be a finite number")
+        }
+        return n.floatValue
+    }
+
+    func bool(_ key: String) throws -> Bool? {
+        guard has(key) else { return nil }
+        guard Self.isBool(dict[key]!), let b = dict[key] as? Bool else { throw RPCError(.invalidParams, "params.\(key) must be true or false") }
+        return b
+    }
+
+    func strings(_ key: String, maxCount: Int = 1_000_000) throws -> [String]? {
+        guard has(key) else { return nil }
+        if let s = dict[key] as? String { return [s] }
+        guard let a = dict[key] as? [Any], a.allSatisfy({ $0 is String }) else {
+            throw RPCError(.invalidParams, "params.\(key) must be a string or a list of strings")
+        }
+        guard a.count <= maxCount else { throw RPCError(.invalidParams, "params.\(key) has \(a.count) entries; at most \(maxCount)") }
+        return a as? [String]
+    }
+}
+
+enum RPCParser {
+    /// JSON nesting deeper than this is refused before parsing (a flood of brackets must not exhaust the stack).
+    static let maxDepth = 64
+
+    /// Parses one line. On failure returns the error and the id if one could be read.
+    static func parse(_ line: [UInt8]) -> Result<RPCRequest, RPCLineError> {
+        if let depthError = checkDepth(line) { return .failure(RPCLineError(nil, depthError)) }
+        let obj: Any
+        do { obj = try JSONSerialization.jsonObject(with: Data(line), options: [.fragmentsAllowed]) } catch {
+            return .failure(RPCLineError(NSNull(), RPCError(.parseError, "the line is not valid JSON; send one JSON-RPC 2.0 object per line")))
+        }
+        if obj is [Any] {
+            return .failure(RPCLineError(NSNull(), RPCError(.invalidRequest, "batch requests (JSON arrays) are not supported; send one object per line")))
+        }
+        guard let dict = obj as? [String: Any] else {
+            return .failure(RPCLineError(NSNull(), RPCError(.invalidRequest, "a request must be a JSON object with jsonrpc, id, method and params")))
+        }
+        var id: Any? = nil
+        let hasID = dict["id"] != nil
+        if let raw = dict["id"] {
+            if raw is NSNull || raw is String || (raw is NSNumber && !Params.isBool(raw)) { id = raw } else {
+                return .failure(RPCLineError(NSNull(), RPCError(.invalidRequest, "id must be a string, a number or null")))
+            }
+        }
+        guard dict["jsonrpc"] as? String == "2.0" else {
+            return .failure(RPCLineError(id ?? NSNull(), RPCError(.invalidRequest, "\"jsonrpc\" must be \"2.0\"")))
+        }
+        guard let method = dict["method"] as? String else {
+            return .failure(RPCLineError(id ?? NSNull(), RPCError(.invalidRequest, "\"method\" must be a string")))
+        }
+        var params: [String: Any] = [:]
+        if let p = dict["params"], !(p is NSNull) {
+            guard let pd = p as? [String: Any] else {
+                return .failure(RPCLineError(id ?? NSNull(), RPCError(.invalidParams, "params must be an object (by-name parameters)")))
+            }
+            params = pd
+        }
+        return .success(RPCRequest(id: id, hasID: hasID, method: method, params: Params(dict: params)))
+    }
+
+    /// Refuses nesting deeper than `maxDepth` (brackets outside strings).
+    static func checkDepth(_ line: [UInt8]) -> RPCError? {
+        var depth = 0, inString = false, escaped = false
+        for c in line {
+            if inString {
+                if escaped { escaped = false } else if c == 0x5C { escaped = true } else if c == 0x22 { inString = false }
+                continue
+            }
+            switch c {
+            case 0x22: inString = true
+            case 0x5B, 0x7B:
+                depth += 1
+                if depth > maxDepth { return RPCError(.invalidRequest, "JSON nested deeper than \(maxDepth) levels; requests are flat objects") }
+            case 0x5D, 0x7D: depth -= 1
+            default: break
+            }
+        }
+        return nil
+    }
+}
+
+/// Serialized writes of whole lines to stdout (responses and notifications from several threads).
+final class LineWriter {
+    private let lock = NSLock()
+    private let fd: Int32
+    private(set) var broken = false
+
+    init(fd: Int32 = 1) { self.fd = fd }
+
+    func send(_ obj: [String: Any]) {
+        guard let data = try? JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys, .withoutEscapingSlashes]) else { return }
+        var bytes = [UInt8](data)
+        bytes.append(0x0A)
+        lock.lock(); defer { lock.unlock() }
+        if broken { return }
+        var off = 0
+        while off < bytes.count {
+            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + off, $0.count - off) }
+            if n < 0 { if errno == EINTR { continue }; broken = true; return }
+            off += n
+        }
+    }
+
+    func result(_ id: Any?, _ result: Any) {
+        send(["jsonrpc": "2.0", "id": id ?? NSNull(), "result": result])
+    }
+
+    func error(_ id: Any?, _ e: RPCError) {
+        send(["jsonrpc": "2.0", "id": id ?? NSNull(), "error": ["code": e.code.rawValue, "message": e.message]])
+    }
+
+    func notify(_ method: String, _ params: [String: Any]) {
+        send(["jsonrpc": "2.0", "method": method, "params": params])
+    }
+}

@@ -1,0 +1,240 @@
+import Foundation
+
+/// Limits that keep the server's memory and latency bounded; past one a request is refused at once.
+public struct ServerLimits: Sendable {
+    /// Sequences decoded together in one batch.
+    public var maxBatch = 32
+    /// Requests waiting for a place in the batch.
+    public var maxQueue = 256
+    /// Prompt tokens per request (also bounded by the model's context).
+    public var maxPromptTokens = 4096
+    /// max_tokens per request.
+    public var maxNewTokens = 4096
+    /// Prompt tokens fed per step across the batch (chunked prefill keeps decode latency bounded).
+    public var prefillChunk = 256
+    /// Bytes of one request line.
+    public var maxLineBytes = 1 << 20
+    public init() {}
+}
+
+/// A generate request waiting for, or running in, the batch.
+final class Job {
+    let id: Any?
+    let client: String?
+    let request: GenerationRequest
+    let stream: Bool
+    let enqueued: Double
+    init(id: Any?, client: String?, request: GenerationRequest, stream: Bool) {
+        self.id = id; self.client = client; self.request = request; self.stream = stream
+        enqueued = Scheduler.clock()
+    }
+}
+
+/// A running sequence.
+final class Running {
+    let job: Job
+    let binding: AdapterBinding
+    let gen: GenerationState
+    var fed = 0              // prompt tokens already in the cache
+    let admitted: Double
+    var firstToken: Double = 0
+    init(job: Job, binding: AdapterBinding, gen: GenerationState) {
+        self.job = job; self.binding = binding; self.gen = gen
+        admitted = Scheduler.clock()
+    }
+}
+
+/// Continuous batching: sequences of different clients join and leave one running batch at token
+/// boundaries. Each step feeds every running sequence its next token (or a chunk of its prompt) in
+/// one forward pass, grouped by weight set and client so the engine shares the base GEMM.
+final class Scheduler {
+    let engine: InferenceEngine
+    let runtime: AdapterRuntime
+    let tokenizer: BPETokenizer
+    let out: LineWriter
+    let limits: ServerLimits
+    private let cond = NSCondition()
+    private var queue: [Job] = []
+    private var running: [Running] = []
+    private var draining = false
+    private var thread: Thread?
+    private let done = DispatchSemaphore(value: 0)
+    /// Serializes forward steps with anything else that uses the engine's model concurrently.
+    let stepLock = NSLock()
+
+    // Counters for `stats`.
+    private(set) var steps = 0
+    private(set) var rowsStepped = 0
+    private(set) var completed = 0
+    private(set) var failed = 0
+    private(set) var generatedTokens = 0
+    private(set) var promptTokens = 0
+
+    static func clock() -> Double { Double(DispatchTime.now().uptimeNanoseconds) * 1e-9 }
+
+    init(engine: InferenceEngine, runtime: AdapterRuntime, tokenizer: BPETokenizer, out: LineWriter, limits: ServerLimits) {
+        self.engine = engine; self.runtime = runtime; self.tokenizer = tokenizer; self.out = out; self.limits = limits
+    }
+
+    func start() {
+        let t = Thread { [weak self] in self?.loop() }
+        t.name = "pf2lora.scheduler"
+        t.stackSize = 8 << 20
+        thread = t
+        t.start()
+    }
+
+    /// Queues a job, or refuses it at once when the queue is full or the server is draining.
+    func submit(_ job: Job) throws {
+        cond.lock(); defer { cond.unlock() }
+        if draining { throw RPCError(.overloaded, "the server is shutting down and takes no new requests; send it to another instance") }
+        guard queue.count < limits.maxQueue else {
+            throw RPCError(.overloaded, "the server is overloaded: \(queue.count) requests queued (limit \(limits.maxQueue)); retry later")
+        }
+        queue.append(job)
+        cond.signal()
+    }
+
+    /// Stops taking jobs, finishes every queued and running one, then returns.
+    func drainAndStop() {
+        cond.lock()
+        draining = true
+        cond.signal()
+        cond.unlock()
+        if thread != nil { done.wait() }
+    }
+
+    var queueLength: Int { cond.lock(); defer { cond.unlock() }; return queue.count }
+    var runningCount: Int { cond.lock(); defer { cond.unlock() }; return running.count }
+
+    private func loop() {
+        while true {
+            cond.lock()
+            while queue.isEmpty && running.isEmpty && !draining { cond.wait() }
+            if queue.isEmpty && running.isEmpty && draining { cond.unlock(); break }
+            let idle = running.isEmpty
+            var admitted: [Job] = []
+            while !queue.isEmpty && running.count + admitted.count < limits.maxBatch { admitted.append(queue.removeFirst()) }
+            cond.unlock()
+            if !admitted.isEmpty {
+                do { try runtime.refresh(idle: idle) } catch {
+                    log("serve: adapter refresh failed: \(error)")
+                }
+            }
+            for job in admitted { admit(job) }
+            if !running.isEmpty { stepOnce() }
+        }
+        done.signal()
+    }
+
+    private func admit(_ job: Job) {
+        do {
+            let binding = try runtime.resolve(client: job.client)
+            let req = job.request
+            let capacity = min(engine.model.config.nPositions, req.prompt.count + max(req.maxTokens, 0) + 1)
+            let cache = KVCache(config: engine.model.config, capacity: capacity)
+            let tok = tokenizer
+            let gen = GenerationState(request: req, cache: cache, vocabSize: engine.model.config.vocabSize,
+                                      eos: tok.eosTokenId, decodeToken: { tok.decodeBytes([$0]) })
+            let r = Running(job: job, binding: binding, gen: gen)
+            if gen.isFinished { finish(r); return }
+            cond.lock(); running.append(r); cond.unlock()
+        } catch {
+            failed += 1
+            out.error(job.id, AdapterRuntime.rpcError(error))
+        }
+    }
+
+    private func stepOnce() {
+        // Group by weight set and client so the engine's segments are as long as possible.
+        let order = running.sorted {
+            let a = (ObjectIdentifier($0.binding.weights).hashValue, $0.binding.client.map { ObjectIdentifier($0).hashValue } ?? 0)
+            let b = (ObjectIdentifier($1.binding.weights).hashValue, $1.binding.client.map { ObjectIdentifier($0).hashValue } ?? 0)
+            return a < b
+        }
+        var inputs: [StepInput] = []
+        var fedNow: [Int] = []
+        var budget = limits.prefillChunk
+        var members: [Running] = []
+        for r in order {
+            let prompt = r.job.request.prompt
+            var toks: [Int]
+            if r.fed < prompt.count {
+                guard budget > 0 else { continue }
+                let n = min(prompt.count - r.fed, budget)
+                toks = Array(prompt[r.fed..<(r.fed + n)])
+                budget -= n
+            } else {
+                toks = r.gen.pendingInput
+            }
+            inputs.append(StepInput(cache: r.gen.cache, tokens: toks, weights: r.binding.weights, client: r.binding.client))
+            fedNow.append(toks.count)
+            members.append(r)
+        }
+        guard !inputs.isEmpty else { return }
+        let logits: Tensor
+        stepLock.lock()
+        do { logits = try engine.step(inputs) } catch {
+            stepLock.unlock()
+            // A step failure fails the sequences in it, never the server.
+            for r in members { fail(r, RPCError(.internalError, "forward step failed: \(error)")) }
+            return
+        }
+        steps += 1
+        rowsStepped += inputs.reduce(0) { $0 + $1.tokens.count }
+        let V = engine.model.config.vocabSize
+        for (i, r) in members.enumerated() {
+            let promptLeft = r.fed < r.job.request.prompt.count
+            if promptLeft {
+                r.fed += fedNow[i]
+                promptTokens += fedNow[i]
+                if r.fed < r.job.request.prompt.count { continue }
+            }
+            let (tok, delta) = r.gen.accept(logits: logits.data + i * V, vocabSize: V)
+            generatedTokens += 1
+            if r.firstToken == 0 { r.firstToken = Scheduler.clock() }
+            if r.job.stream, r.job.id != nil {
+                out.notify("token", ["id": r.job.id!, "text": delta, "token": tok])
+            }
+            if r.gen.isFinished { finish(r) }
+        }
+        stepLock.unlock()
+    }
+
+    private func remove(_ r: Running) {
+        cond.lock()
+        running.removeAll { $0 === r }
+        cond.unlock()
+    }
+
+    private func finish(_ r: Running) {
+        remove(r)
+        completed += 1
+        guard r.job.id != nil else { return }
+        let end = Scheduler.clock()
+        let b = r.binding
+        var adapter: [String: Any] = ["shared": b.sharedVersion.map { $0 as Any } ?? NSNull(),
+                                      "client": b.clientVersion.map { $0 as Any } ?? NSNull()]
+        if let t = b.clientTrainedOn { adapter["client_trained_on_shared"] = t }
+        let first = r.firstToken == 0 ? end : r.firstToken
+        out.result(r.job.id, [
+            "text": r.gen.outputText,
+            "finish_reason": (r.gen.finish ?? .length).rawValue,
+            "usage": ["prompt_tokens": r.job.request.prompt.count, "completion_tokens": r.gen.tokens.count],
+            "adapter": adapter,
+            "timing": ["queue_ms": ms(r.admitted - r.job.enqueued), "prefill_ms": ms(first - r.admitted), "decode_ms": ms(end - first)],
+        ])
+    }
+
+    private func fail(_ r: Running, _ e: RPCError) {
+        remove(r)
+        failed += 1
+        out.error(r.job.id, e)
+    }
+
+    private func ms(_ s: Double) -> Double { (s * 1e5).rounded() / 100 }
+}
+
+func log(_ s: String) {
+    FileHandle.standardError.write((s + "\n").data(using: .utf8)!)
+}

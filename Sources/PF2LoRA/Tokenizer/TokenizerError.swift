@@ -1,0 +1,32 @@
+/// What can be wrong with a tokenizer folder. Each case names the file and says what to fix.
+public enum TokenizerError: Error, CustomStringConvertible, Equatable {
+    case folderNotFound(String)
+    case noTokenizerFiles(folder: String)
+    case unreadable(file: String, why: String)
+    case badJSON(file: String, why: String)
+    case unsupportedModel(file: String, type: String)
+    case badVocab(file: String, why: String)
+    case badMerge(file: String, line: Int, text: String)
+    case mergeUnknownToken(file: String, line: Int, token: String)
+
+    public var description: String {
+        switch self {
+        case let .folderNotFound(f):
+            return "\(f): no such folder; pass a model or tokenizer folder (with tokenizer.json, or vocab.json and merges.txt)"
+        case let .noTokenizerFiles(f):
+            return "\(f): no tokenizer.json, and no vocab.json + merges.txt pair; copy the tokenizer files of the model into this folder"
+        case let .unreadable(f, why):
+            return "\(f): cannot read (\(why)); check the file exists and is readable"
+        case let .badJSON(f, why):
+            return "\(f): not valid tokenizer JSON (\(why)); re-download or re-save the tokenizer"
+        case let .unsupportedModel(f, type):
+            return "\(f): model.type is \(type); only byte-level BPE (\"BPE\", GPT-2 style) is supported"
+        case let .badVocab(f, why):
+            return "\(f): bad vocabulary (\(why)); each entry must map a token string to a non-negative integer id"
+        case let .badMerge(f, line, text):
+            return "\(f): merge \(line) is '\(text)'; a merge must be two tokens separated by one space (or a [\"a\", \"b\"] pair)"
+        case let .mergeUnknownToken(f, line, token):
+            return "\(f): merge \(line) refers to '\(token)', which is not in the vocabulary; the vocab and merges files do not belong together"
+        }
+    }
+}

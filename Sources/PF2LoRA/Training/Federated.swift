@@ -1,0 +1,266 @@
+import Foundation
+
+/// The federated algorithms: PF2LoRA and the baselines it is compared with (DESIGN §2, docs/METHOD.md).
+public enum FederatedMethod: String, CaseIterable, Codable, Sendable {
+    /// Two-level LoRA, bilevel: shared (A, B) by FedAvg, client (C, D) kept on the client.
+    case pf2lora
+    /// FedAvg of one homogeneous LoRA; one model for every client.
+    case homlora
+    /// First-order Per-FedAvg on one LoRA; each client adapts with one SGD step before use.
+    case perfedavg
+    /// Heterogeneous client ranks, rank self-pruning, zero-padded sparsity-weighted aggregation.
+    case hetlora
+    /// Every client trains its own LoRA, no communication.
+    case local
+    /// HOMLoRA, then each client fine-tunes the global LoRA on its own data.
+    case fedavgFT = "fedavg-ft"
+
+    public var displayName: String {
+        switch self {
+        case .pf2lora: return "PF2LoRA"
+        case .homlora: return "HOMLoRA"
+        case .perfedavg: return "Per-FedAvg-LoRA"
+        case .hetlora: return "HETLoRA"
+        case .local: return "Local-only LoRA"
+        case .fedavgFT: return "FedAvg-LoRA+FT"
+        }
+    }
+}
+
+/// How HETLoRA's server weighs the zero-padded client uploads.
+public enum HETLoRAAggregation: String, Codable, Sendable {
+    /// The paper's sparsity-weighted aggregation: weight ||s B_k A_k||_F / Z.
+    case sparsity
+    /// FedAvg weights n_k / n.
+    case examples
+}
+
+/// Every knob of a federated run. Defaults are the synthetic experiment's; see docs/METHOD.md.
+public struct FederatedConfig: Codable, Sendable {
+    public var rounds = 150
+    /// Clients sampled per round (uniformly, without replacement); 0 or >= clientCount means all.
+    public var clientsPerRound = 0
+    /// Local iterations per round (each: `lowerSteps` SGD steps on the client level, then one AdamW step on the shared level).
+    public var localSteps = 10
+    /// PF2LoRA's SGD steps on (C_k, D_k) per local iteration.
+    public var lowerSteps = 5
+    /// Shared rank r and alpha (scale alpha / r).
+    public var rank = 8
+    public var alpha: Float = 16
+    /// Client rank r2 and alpha2 (scale alpha2 / r2).
+    public var rank2 = 2
+    public var alpha2: Float = 4
+    /// rsLoRA scales alpha / sqrt(r).
+    public var rslora = false
+    /// AdamW rate of the shared level (and of every single-level baseline).
+    public var upperLR: Float = 0.01
+    /// SGD rate of PF2LoRA's client level.
+    public var lowerLR: Float = 0.05
+    public var lowerMomentum: Float = 0
+    /// Whether the round schedule also scales the lower-level rate (false: the lower SGD rate is constant,
+    /// so the client level keeps converging to its optimum at the end, which the hypergradient relies on).
+    public var scheduleLowerLR = false
+    /// Keep each client's upper-level AdamW moments across rounds (true) or start them fresh every round (false).
+    public var persistClientOptimizer = false
+    /// AdamW decoupled weight decay.
+    public var weightDecay: Float = 0
+    public var adamBeta1: Float = 0.9
+    public var adamBeta2: Float = 0.999
+    /// Clip every gradient to this global norm; 0 = off.
+    public var clipNorm: Float = 0
+    /// LR schedule over rounds: linear warm-up, then cosine down to `minLRRatio` x base at the last round.
+    public var warmupRounds = 0
+    public var minLRRatio: Float = 0.01
+    /// Evaluate every client on its valid split every `evalEvery` rounds (0 = only at the end).
+    public var evalEvery = 5
+    public var seed: UInt64 = 0
+
+    /// Rank of the single-level baselines (HOMLoRA, Per-FedAvg, local, FedAvg+FT); nil = rank + rank2.
+    public var baselineRank: Int?
+    /// Per-FedAvg inner (adaptation) SGD rate; nil = lowerLR.
+    public var perFedAvgInnerLR: Float?
+    /// HETLoRA client ranks lie in [min, max]; nil = [rank - rank2, rank + rank2].
+    public var hetloraMinRank: Int?
+    public var hetloraMaxRank: Int?
+    /// HETLoRA sparsity penalty weight lambda on ||s B_tail A_tail||_F, tail = last `hetloraGamma` ranks.
+    public var hetloraLambda: Float = 1e-3
+    public var hetloraGamma = 1
+    /// A client prunes its `hetloraGamma` tail ranks when their norm falls below this fraction of its whole update's norm.
+    public var hetloraPruneRatio: Float = 0.05
+    public var hetloraAggregation: HETLoRAAggregation = .sparsity
+    /// FedAvg+FT: local AdamW steps after federation; nil = 5 x localSteps.
+    public var fineTuneSteps: Int?
+
+    public init() {}
+
+    public var sharedScale: Float { loraScale(alpha: alpha, rank: rank, rslora: rslora) }
+    public var localScale: Float { loraScale(alpha: alpha2, rank: rank2, rslora: rslora) }
+    public var singleRank: Int { baselineRank ?? (rank + rank2) }
+    /// Scale of the single-level baselines: the same alpha / r ratio as the shared level.
+    public var singleScale: Float { loraScale(alpha: alpha * Float(singleRank) / Float(rank), rank: singleRank, rslora: rslora) }
+}
+
+/// What one round did.
+public struct RoundRecord: Codable, Sendable {
+    public let round: Int
+    /// Mean training minibatch loss of each client this round (nil: not sampled).
+    public let trainLoss: [Float?]
+    /// Each client's valid loss with its evaluation adapter (nil: not evaluated this round).
+    public let validLoss: [Float]?
+    public var meanTrainLoss: Float {
+        let v = trainLoss.compactMap { $0 }
+        return v.isEmpty ? .nan : v.reduce(0, +) / Float(v.count)
+    }
+    public var meanValidLoss: Float? { validLoss.map { $0.reduce(0, +) / Float($0.count) } }
+}
+
+/// The outcome of a run: per-round metrics, and for every client the adapter it would use.
+public struct FederatedResult {
+    public let method: FederatedMethod
+    public let config: FederatedConfig
+    public let rounds: [RoundRecord]
+    /// The adapter each client is evaluated with (PF2LoRA: shared + its own level 2; Per-FedAvg: after its
+    /// one-step adaptation; HETLoRA: the global LoRA truncated to its rank; FedAvg+FT: its fine-tuned copy).
+    public let clientAdapters: [TwoLevelAdapter]
+    public let validLoss: [Float]
+    public let testLoss: [Float]
+    /// Trainable parameters a client holds (both levels), and parameters it uploads per round.
+    public let trainableParameters: [Int]
+    public let uploadedParameters: [Int]
+    /// HETLoRA's final client ranks (nil for other methods).
+    public let clientRanks: [Int]?
+    public let seconds: Double
+
+    public var meanTestLoss: Float { testLoss.reduce(0, +) / Float(testLoss.count) }
+}
+
+/// Errors of a federated run.
+public enum FederatedError: Error, CustomStringConvertible {
+    case nonFiniteLoss(method: FederatedMethod, round: Int, client: Int)
+    case badConfig(String)
+    public var description: String {
+        switch self {
+        case let .nonFiniteLoss(m, r, c):
+            return "\(m.displayName): the loss of client \(c) became non-finite in round \(r). Lower the learning rates (--upper-lr / --lower-lr) or set --clip."
+        case let .badConfig(s): return "federated config: \(s)"
+        }
+    }
+}
+
+/// One algorithm, as the round loop in `runFederated` drives it.
+protocol FederatedAlgorithm {
+    /// Trains the sampled clients for one round and aggregates; returns each sampled client's mean train loss.
+    /// `lrFactor` is the schedule's multiplier for this round; `rng(k)` is client k's stream for the round.
+    mutating func round(_ t: Int, clients: [Int], lrFactor: Float, rng: (Int) -> RNG) -> [Int: Float]
+    /// The adapter client k is evaluated with now (may adapt first, using `rng`).
+    func evaluationAdapter(client k: Int, rng: inout RNG) -> TwoLevelAdapter
+    /// Work after the last round (FedAvg+FT's local fine-tuning).
+    mutating func finish(rng: (Int) -> RNG)
+    var trainableParameters: [Int] { get }
+    var uploadedParameters: [Int] { get }
+    var clientRanks: [Int]? { get }
+}
+
+extension FederatedAlgorithm {
+    mutating func finish(rng: (Int) -> RNG) {}
+    var clientRanks: [Int]? { nil }
+}
+
+/// Runs `method` on `task` for `config.rounds` rounds and evaluates every client at the end.
+/// Deterministic for `config.seed`. `log` receives one line per evaluated round (the CLI prints it on stderr).
+public func runFederated(_ method: FederatedMethod, task: FederatedTask, config: FederatedConfig,
+                         log: ((String) -> Void)? = nil) throws -> FederatedResult {
+    guard config.rounds >= 1, config.localSteps >= 1, config.rank >= 1, config.rank2 >= 1, config.lowerSteps >= 0 else {
+        throw FederatedError.badConfig("rounds, localSteps, rank and rank2 must be >= 1 and lowerSteps >= 0")
+    }
+    let start = Date()
+    let root = RNG(seed: config.seed)
+    var initRNG = root.derive(0x1A17)
+    var alg: FederatedAlgorithm
+    switch method {
+    case .pf2lora: alg = PF2LoRAAlgorithm(task: task, config: config, rng: &initRNG)
+    case .homlora: alg = FedAvgLoRAAlgorithm(task: task, config: config, fineTune: false, rng: &initRNG)
+    case .fedavgFT: alg = FedAvgLoRAAlgorithm(task: task, config: config, fineTune: true, rng: &initRNG)
+    case .local: alg = LocalLoRAAlgorithm(task: task, config: config, rng: &initRNG)
+    case .perfedavg: alg = PerFedAvgAlgorithm(task: task, config: config, rng: &initRNG)
+    case .hetlora: alg = try HETLoRAAlgorithm(task: task, config: config, rng: &initRNG)
+    }
+    let n = task.clientCount
+    let perRound = (config.clientsPerRound <= 0 || config.clientsPerRound >= n) ? n : config.clientsPerRound
+    let schedule = LRSchedule(base: 1, warmupSteps: config.warmupRounds, totalSteps: config.rounds, minRatio: config.minLRRatio)
+    var records: [RoundRecord] = []
+
+    func evaluateAll(_ t: Int, split: Split) -> ([TwoLevelAdapter], [Float]) {
+        var adapters: [TwoLevelAdapter] = [], losses: [Float] = []
+        for k in 0..<n {
+            var r = root.derive(0xE7A1_0000 &+ UInt64(t) &* 131 &+ UInt64(k))
+            let a = alg.evaluationAdapter(client: k, rng: &r)
+            adapters.append(a)
+            losses.append(task.evaluate(client: k, adapter: a, split: split))
+        }
+        return (adapters, losses)
+    }
+
+    for t in 0..<config.rounds {
+        var sampler = root.derive(0x5A3E_0000 &+ UInt64(t))
+        let clients = perRound == n ? Array(0..<n) : sampler.sample(perRound, from: n).sorted()
+        let lrFactor = config.rounds == 1 ? 1 : schedule.lr(at: t)
+        let losses = alg.round(t, clients: clients, lrFactor: lrFactor) { k in
+            root.derive((UInt64(t + 1) << 20) &+ UInt64(k))
+        }
+        for (k, l) in losses where !l.isFinite { throw FederatedError.nonFiniteLoss(method: method, round: t, client: k) }
+        let isLast = t == config.rounds - 1
+        var valid: [Float]? = nil
+        if isLast || (config.evalEvery > 0 && (t + 1) % config.evalEvery == 0) {
+            valid = evaluateAll(t, split: .valid).1
+        }
+        let rec = RoundRecord(round: t + 1, trainLoss: (0..<n).map { losses[$0] }, validLoss: valid)
+        records.append(rec)
+        if let valid, let log {
+            let mv = valid.reduce(0, +) / Float(valid.count)
+            let elapsed = Date().timeIntervalSince(start)
+            let left = elapsed / Double(t + 1) * Double(config.rounds - t - 1)
+            log(String(format: "%@ round %d/%d  train %.5f  valid %.5f  (%.1fs, ~%.0fs left)",
+                       method.displayName, t + 1, config.rounds, rec.meanTrainLoss, mv, elapsed, left))
+        }
+    }
+    alg.finish { k in root.derive(0xF17E_0000 &+ UInt64(k)) }
+    let (adapters, validLoss) = evaluateAll(config.rounds, split: .valid)
+    let testLoss = (0..<n).map { task.evaluate(client: $0, adapter: adapters[$0], split: .test) }
+    return FederatedResult(method: method, config: config, rounds: records, clientAdapters: adapters,
+                           validLoss: validLoss, testLoss: testLoss,
+                           trainableParameters: alg.trainableParameters, uploadedParameters: alg.uploadedParameters,
+                           clientRanks: alg.clientRanks, seconds: Date().timeIntervalSince(start))
+}
+
+// MARK: - Shared helpers of the algorithms
+
+/// Number of LoRA scalars of rank `rank` over `modules`.
+func loraParameterCount(_ modules: [LoRAModule], rank: Int) -> Int {
+    modules.reduce(0) { $0 + rank * ($1.dIn + $1.dOut) }
+}
+
+/// Clips `grads` when the config asks for it.
+@inline(__always) func maybeClip(_ grads: ParameterSet, _ config: FederatedConfig) {
+    if config.clipNorm > 0 { clipGradNorm(grads, maxNorm: config.clipNorm) }
+}
+
+/// A fresh AdamW with the config's betas and weight decay.
+func makeAdamW(_ config: FederatedConfig) -> AdamW {
+    AdamW(beta1: config.adamBeta1, beta2: config.adamBeta2, eps: 1e-8, weightDecay: config.weightDecay)
+}
+
+/// `localSteps` AdamW steps of a single-level LoRA on client k's data, starting from `params` (updated in place),
+/// with a fresh optimizer unless one is given. Returns the mean minibatch loss.
+func trainSingleLevel(task: FederatedTask, client k: Int, params: ParameterSet, scale: Float, steps: Int,
+                      lr: Float, optimizer: AdamW, config: FederatedConfig, rng: inout RNG) -> Float {
+    let grad = params.zerosLike()
+    var sum: Float = 0
+    for _ in 0..<steps {
+        let adapter = TwoLevelAdapter(shared: params, sharedScale: scale)
+        sum += task.lossAndGradients(client: k, adapter: adapter, sharedGrad: grad, localGrad: nil, rng: &rng)
+        maybeClip(grad, config)
+        optimizer.step(params, grad, lr: lr)
+    }
+    return sum / Float(steps)
+}

@@ -1,0 +1,75 @@
+import Foundation
+
+/// PF2LoRA's bilevel round (DESIGN §2, docs/METHOD.md).
+///
+/// Server state: x = {A, B} of rank r. Client state: y_k = {C_k, D_k} of rank r2, never uploaded,
+/// kept across rounds. In a round every sampled client copies x and runs `localSteps` iterations of
+///   a. `lowerSteps` SGD steps on y_k with x fixed (gradient of f_k with respect to y only),
+///   b. one AdamW step on its copy of x with the first-order hypergradient grad_x f_k(x, y_k)
+///      at the current y_k (exact at the lower optimum by the envelope theorem);
+/// the server then sets x to the average of the copies weighted by p_k = n_k / sum over the sampled n_j.
+/// The client's AdamW state is fresh each round (its copy of x is new each round); the lower SGD's
+/// momentum buffer, when momentum is used, is also reset per round.
+struct PF2LoRAAlgorithm: FederatedAlgorithm {
+    let task: FederatedTask
+    let config: FederatedConfig
+    var shared: ParameterSet
+    var local: [ParameterSet]
+    /// Client AdamW states when `persistClientOptimizer` is set.
+    let optimizers: [AdamW]
+
+    init(task: FederatedTask, config: FederatedConfig, rng: inout RNG) {
+        self.task = task
+        self.config = config
+        shared = makeLoRAParameters(modules: task.modules, rank: config.rank, level: .shared, rng: &rng)
+        local = (0..<task.clientCount).map { _ in
+            makeLoRAParameters(modules: task.modules, rank: config.rank2, level: .client, rng: &rng)
+        }
+        optimizers = (0..<task.clientCount).map { _ in makeAdamW(config) }
+    }
+
+    var trainableParameters: [Int] {
+        Array(repeating: loraParameterCount(task.modules, rank: config.rank) + loraParameterCount(task.modules, rank: config.rank2),
+              count: task.clientCount)
+    }
+    var uploadedParameters: [Int] { Array(repeating: loraParameterCount(task.modules, rank: config.rank), count: task.clientCount) }
+
+    mutating func round(_ t: Int, clients: [Int], lrFactor: Float, rng: (Int) -> RNG) -> [Int: Float] {
+        var uploads: [ParameterSet] = [], losses: [Int: Float] = [:]
+        for k in clients {
+            var r = rng(k)
+            let (x, loss) = clientUpdate(k, lrFactor: lrFactor, rng: &r)
+            uploads.append(x)
+            losses[k] = loss
+        }
+        shared.setWeightedAverage(of: uploads, weights: task.exampleShares(clients))
+        return losses
+    }
+
+    /// One client's local work; returns its updated copy of x and its mean upper-level loss.
+    func clientUpdate(_ k: Int, lrFactor: Float, rng: inout RNG) -> (ParameterSet, Float) {
+        let x = shared.clone()
+        let y = local[k]
+        let gx = x.zerosLike(), gy = y.zerosLike()
+        let upper = config.persistClientOptimizer ? optimizers[k] : makeAdamW(config)
+        let lower = SGD(momentum: config.lowerMomentum)
+        let adapter = TwoLevelAdapter(shared: x, sharedScale: config.sharedScale, local: y, localScale: config.localScale)
+        var sum: Float = 0
+        for _ in 0..<config.localSteps {
+            for _ in 0..<config.lowerSteps {   // lower level: y_k <- y_k - eta grad_y f_k(x, y_k)
+                _ = task.lossAndGradients(client: k, adapter: adapter, sharedGrad: nil, localGrad: gy, rng: &rng)
+                maybeClip(gy, config)
+                lower.step(y, gy, lr: config.lowerLR * (config.scheduleLowerLR ? lrFactor : 1))
+            }
+            // upper level: hypergradient estimate grad_x f_k(x, y_k) at the current y_k
+            sum += task.lossAndGradients(client: k, adapter: adapter, sharedGrad: gx, localGrad: nil, rng: &rng)
+            maybeClip(gx, config)
+            upper.step(x, gx, lr: config.upperLR * lrFactor)
+        }
+        return (x, sum / Float(config.localSteps))
+    }
+
+    func evaluationAdapter(client k: Int, rng: inout RNG) -> TwoLevelAdapter {
+        TwoLevelAdapter(shared: shared, sharedScale: config.sharedScale, local: local[k], localScale: config.localScale)
+    }
+}

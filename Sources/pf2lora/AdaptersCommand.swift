@@ -1,0 +1,293 @@
+import ArgumentParser
+import Foundation
+import PF2LoRA
+
+/// `pf2lora adapters …`: look into and convert the adapter store (docs/ADAPTER_STORE.md).
+struct Adapters: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "adapters",
+        abstract: "List, inspect, import and export two-level LoRA adapters in an adapter store.",
+        discussion: """
+        A store root (--store, default ./adapters) holds one folder per base model:
+          <root>/<base>/shared/v000012.safetensors.zst
+          <root>/<base>/clients/<client-id>/v000003.safetensors.zst
+          <root>/<base>/manifest.json
+        Each file is a zstd frame of a safetensors file with PEFT tensor names (lora_A/lora_B for the
+        shared level, lora_C/lora_D for a client level). See docs/ADAPTER_STORE.md.
+        """,
+        subcommands: [List.self, Inspect.self, ImportPEFT.self, ExportPEFT.self, Bench.self])
+
+    /// Options shared by the subcommands that find a store folder.
+    struct StoreOptions: ParsableArguments {
+        @Option(name: .long, help: "The store root, holding one folder per base model (list and inspect also take a base's folder itself).")
+        var store: String = "adapters"
+
+        @Option(name: .long, help: "Which base's folder under the store root, when it holds several (default: the only one).")
+        var base: String?
+
+        /// The store folder for one base, found without a model.
+        func folder() throws -> String {
+            if FileManager.default.fileExists(atPath: store + "/manifest.json") { return store }
+            if let base { return store + "/" + base }
+            let bases = AdapterStore.baseFolders(root: store)
+            guard !bases.isEmpty else { throw CLIError("\(store) holds no adapter store (no <base>/manifest.json); pass --store DIR") }
+            guard bases.count == 1 else { throw CLIError("\(store) holds stores for several bases (\(bases.joined(separator: ", "))); choose one with --base NAME") }
+            return store + "/" + bases[0]
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "List the versions in a store: ranks, sizes compressed and raw, compression ratio, the shared version each client was trained on.")
+
+        @OptionGroup var options: StoreOptions
+
+        @Flag(name: .long, help: "Print JSON instead of a table.")
+        var json = false
+
+        func run() throws {
+            try cli {
+                let dir = try options.folder()
+                let (baseName, fp, entries) = try AdapterStore.survey(directory: dir)
+                if json {
+                    let rows: [[String: Any]] = entries.map { e in
+                        var r: [String: Any] = ["level": e.level.rawValue, "version": e.version, "current": e.isCurrent]
+                        if let c = e.client { r["client"] = c }
+                        if let t = e.trainedOn { r["trained_on_shared"] = t }
+                        if let s = e.summary {
+                            r["rank"] = Int(s.metadata["rank"] ?? "") ?? 0
+                            r["alpha"] = Double(s.metadata["alpha"] ?? "") ?? 0
+                            r["dtype"] = s.metadata["dtype"] ?? "?"
+                            r["compressed_bytes"] = s.compressedBytes
+                            r["raw_bytes"] = s.rawBytes
+                        }
+                        if let err = e.error { r["error"] = err }
+                        return r
+                    }
+                    let obj: [String: Any] = ["store": dir, "base_model": baseName, "base_fingerprint": fp, "adapters": rows]
+                    print(String(decoding: try JSONSerialization.data(withJSONObject: obj, options: [.prettyPrinted, .sortedKeys]), as: UTF8.self))
+                    return
+                }
+                print("store \(dir)  base \(baseName)  fingerprint \(fp)")
+                if entries.isEmpty { print("(no adapters)"); return }
+                print(pad("adapter", 22) + pad("version", 9) + pad("rank", 6) + pad("alpha", 7) + pad("dtype", 6)
+                      + pad("compressed", 12) + pad("raw", 12) + pad("ratio", 7) + "trained on")
+                for e in entries {
+                    let name = e.level == .shared ? "shared" : "client " + (e.client ?? "")
+                    let v = "\(e.version)\(e.isCurrent ? "*" : "")"
+                    guard let s = e.summary else { print(pad(name, 22) + pad(v, 9) + "unreadable: \(e.error ?? "?")"); continue }
+                    let trained = e.level == .shared ? "" : (e.trainedOn.map { "shared v\($0)" } ?? "?")
+                    print(pad(name, 22) + pad(v, 9) + pad(s.metadata["rank"] ?? "?", 6) + pad(s.metadata["alpha"] ?? "?", 7)
+                          + pad(s.metadata["dtype"] ?? "?", 6) + pad(bytes(s.compressedBytes), 12) + pad(bytes(s.rawBytes), 12)
+                          + pad(String(format: "%.2f", s.compressionRatio), 7) + trained)
+                }
+                print("* current version")
+            }
+        }
+    }
+
+    struct Inspect: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show one adapter file: metadata, tensors and shapes; with --model, also run every load check.")
+
+        @OptionGroup var options: StoreOptions
+
+        @Flag(name: .long, help: "The shared adapter.")
+        var shared = false
+
+        @Option(name: .long, help: "A client's adapter.")
+        var client: String?
+
+        @Option(name: .long, help: "The version (default: the current one).")
+        var version: Int?
+
+        @Option(name: .long, help: "A GPT-2 model folder (config.json, model.safetensors) to validate the adapter against.")
+        var model: String?
+
+        func validate() throws {
+            guard shared != (client != nil) else { throw ValidationError("give exactly one of --shared or --client ID") }
+        }
+
+        func run() throws {
+            try cli {
+                let dir = try options.folder()
+                let level: AdapterLevel = shared ? .shared : .client
+                if let client { try ClientID.validate(client) }
+                let (_, _, entries) = try AdapterStore.survey(directory: dir)
+                let mine = entries.filter { $0.level == level && $0.client == client }
+                guard !mine.isEmpty else { throw CLIError("\(dir) has no \(shared ? "shared adapter" : "client '\(client!)'")") }
+                guard let entry = version.map({ v in mine.first { $0.version == v } }) ?? mine.first(where: \.isCurrent) ?? mine.last else {
+                    throw CLIError("no version \(version!); available: \(mine.map { String($0.version) }.joined(separator: ", "))")
+                }
+                guard let s = entry.summary else { throw CLIError(entry.error ?? "unreadable") }
+                print("file        \(s.path)")
+                print("version     \(entry.version)\(entry.isCurrent ? " (current)" : "")")
+                print("size        \(bytes(s.compressedBytes)) compressed, \(bytes(s.rawBytes)) raw, ratio \(String(format: "%.2f", s.compressionRatio))")
+                if let t = entry.trainedOn { print("trained on  shared v\(t)") }
+                print("metadata")
+                for k in s.metadata.keys.sorted() { print("  \(pad(k, 18)) \(s.metadata[k]!)") }
+                print("tensors (\(s.tensors.count))")
+                for t in s.tensors { print("  \(pad(t.name, 64)) \(t.dtype) \(t.shape)") }
+                if let model {
+                    let base = try BaseModelInfo.gpt2(folder: model)
+                    let store = try AdapterStore.open(root: URL(fileURLWithPath: dir).deletingLastPathComponent().path, base: base)
+                    _ = try store.readAndValidate(level: level, client: client, version: entry.version)
+                    print("valid for base \(base.name) (fingerprint \(base.fingerprint))")
+                }
+            }
+        }
+    }
+
+    struct ImportPEFT: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "import-peft",
+            abstract: "Import a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) as the shared level or a client level.",
+            discussion: """
+            The adapter is checked against the base model (module names, shapes, finite values) and published
+            as a new version. A client level is stored under lora_C/lora_D with its own r and lora_alpha
+            (rsLoRA scale alpha/sqrt(r) when use_rslora is set). rank_pattern/alpha_pattern, DoRA, LoRA biases
+            and modules_to_save are refused.
+            """)
+
+        @Option(name: .long, help: "The PEFT folder.")
+        var peft: String
+
+        @OptionGroup var options: StoreOptions
+
+        @Option(name: .long, help: "The GPT-2 model folder the adapter was trained on (config.json, model.safetensors).")
+        var model: String
+
+        @Option(name: .long, help: "shared or client.")
+        var level: String
+
+        @Option(name: .long, help: "The client id, for --level client.")
+        var client: String?
+
+        @Option(name: .long, help: "For a client: the shared version it was trained against (default: the store's current one).")
+        var trainedOn: Int?
+
+        @Option(name: .long, help: "Storage dtype in the store: f32 or f16 (compute is always f32).")
+        var dtype: String = "f32"
+
+        @Option(name: .long, help: "Old versions kept per adapter.")
+        var keep: Int = 3
+
+        func validate() throws {
+            guard let l = AdapterLevel(rawValue: level) else { throw ValidationError("--level must be shared or client") }
+            if l == .client && client == nil { throw ValidationError("--level client needs --client ID") }
+            if l == .shared && client != nil { throw ValidationError("--client is only for --level client") }
+            guard dtype == "f32" || dtype == "f16" else { throw ValidationError("--dtype must be f32 or f16") }
+        }
+
+        func run() throws {
+            try cli {
+                let lvl = AdapterLevel(rawValue: level)!
+                if let client { try ClientID.validate(client) }
+                let base = try BaseModelInfo.gpt2(folder: model)
+                let store = try AdapterStore.open(root: options.store, base: base, keepVersions: keep)
+                let adapter = try PEFT.read(folder: peft, base: base, level: lvl, clientID: client,
+                                            storage: dtype == "f16" ? .f16 : .f32, sharedVersion: trainedOn)
+                let v = lvl == .shared ? try store.publishShared(adapter) : try store.publishClient(id: client!, adapter)
+                let what = lvl == .shared ? "shared" : "client \(client!)"
+                print("imported \(peft) as \(what) v\(v) (rank \(adapter.rank), alpha \(adapter.alpha), scale \(adapter.scale), \(adapter.modules.count) modules) into \(store.directory)")
+            }
+        }
+    }
+
+    struct ExportPEFT: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "export-peft",
+            abstract: "Export a client's whole personalized update as one plain PEFT LoRA of rank r + r2 (or one level alone).",
+            discussion: """
+            With --client ID: B' = [ (alpha/r) B | (alpha2/r2) D ], A' = [ A ; C ], lora_alpha = r + r2, so
+            PEFT's scale is 1; the current shared version and the client's current version are used.
+            With --level shared or --level client, that level alone is written as it is.
+            """)
+
+        @OptionGroup var options: StoreOptions
+
+        @Option(name: .long, help: "The GPT-2 model folder of the store's base.")
+        var model: String
+
+        @Option(name: .long, help: "The client to export.")
+        var client: String?
+
+        @Option(name: .long, help: "Export one level alone: shared or client (default: both merged).")
+        var level: String?
+
+        @Option(name: .long, help: "The output folder (created).")
+        var out: String
+
+        @Option(name: .long, help: "base_model_name_or_path to write (default: the model folder).")
+        var baseModelName: String?
+
+        func validate() throws {
+            if let level {
+                guard let l = AdapterLevel(rawValue: level) else { throw ValidationError("--level must be shared or client") }
+                if l == .client && client == nil { throw ValidationError("--level client needs --client ID") }
+            } else if client == nil {
+                throw ValidationError("give --client ID (merged export) or --level shared")
+            }
+        }
+
+        func run() throws {
+            try cli {
+                let base = try BaseModelInfo.gpt2(folder: model)
+                let store = try AdapterStore.open(root: options.store, base: base)
+                let name = baseModelName ?? model
+                if let client { try ClientID.validate(client) }
+                func sharedAdapter() throws -> VersionedAdapter {
+                    guard let s = try store.latestShared() else { throw AdapterStoreError.noAdapter(what: "shared adapter", store: store.directory) }
+                    return s
+                }
+                func clientAdapter() throws -> VersionedAdapter {
+                    guard let c = try store.latestClient(client!) else { throw AdapterStoreError.noAdapter(what: "adapter for client '\(client!)'", store: store.directory) }
+                    return c
+                }
+                switch level.flatMap(AdapterLevel.init(rawValue:)) {
+                case .shared?:
+                    let s = try sharedAdapter()
+                    try PEFT.write(s.adapter, to: out, base: base, baseModelName: name)
+                    print("wrote shared v\(s.version) (rank \(s.adapter.rank)) to \(out)")
+                case .client?:
+                    let c = try clientAdapter()
+                    try PEFT.write(c.adapter, to: out, base: base, baseModelName: name)
+                    print("wrote client \(client!) v\(c.version) alone (rank \(c.adapter.rank)) to \(out)")
+                case nil:
+                    let s = try sharedAdapter(), c = try clientAdapter()
+                    if let t = store.trainedOn(client: client!, version: c.version), t != s.version {
+                        FileHandle.standardError.write(Data("note: client \(client!) v\(c.version) was trained against shared v\(t); exporting it with the current shared v\(s.version), as the server serves it\n".utf8))
+                    }
+                    let merged = PEFT.merge(shared: s.adapter, client: c.adapter)
+                    try PEFT.write(merged, to: out, base: base, baseModelName: name)
+                    print("wrote client \(client!) v\(c.version) + shared v\(s.version) as one LoRA of rank \(merged.rank) (scale 1) to \(out)")
+                }
+            }
+        }
+    }
+
+    struct Bench: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Measure adapter sizes (compressed vs raw f32/f16) and cold load time on the GPT-2-124M shape (the BenchAdapters command, for a `pf2lora bench` group).")
+
+        @OptionGroup var options: BenchAdaptersOptions
+
+        func run() throws { try cli { try options.run() } }
+    }
+}
+
+/// Runs `body`; any error becomes one line on stderr and exit status 1.
+func cli(_ body: () throws -> Void) throws {
+    do { try body() } catch let e as ValidationError { throw e } catch {
+        FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+        throw ExitCode(1)
+    }
+}
+
+func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s + " " : s + String(repeating: " ", count: n - s.count) }
+
+func bytes(_ n: Int) -> String {
+    if n >= 1 << 20 { return String(format: "%.2f MiB", Double(n) / Double(1 << 20)) }
+    if n >= 1 << 10 { return String(format: "%.1f KiB", Double(n) / 1024) }
+    return "\(n) B"
+}

@@ -1,0 +1,115 @@
+import ArgumentParser
+import Foundation
+import PF2LoRA
+
+/// `pf2lora tokenize`: text on stdin -> token ids as a JSON array, or back with --decode.
+struct Tokenize: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Encode UTF-8 text from stdin to token ids (a JSON array), or decode ids back to text.",
+        discussion: """
+            Encoding reads all of stdin as UTF-8 and prints the ids as one JSON array, e.g. [15496, 995]. \
+            Added tokens written in the text, such as <|endoftext|>, become their ids.
+
+            With --decode, stdin must hold a JSON array of integer ids; the text is printed exactly, with \
+            no newline added (bytes that do not form valid UTF-8 print as U+FFFD).
+
+            --model may be a model folder or a tokenizer-only folder: it needs tokenizer.json, or \
+            vocab.json and merges.txt (the Hugging Face GPT-2 layout).
+
+            Invalid UTF-8 input, a bad JSON array or an unknown id prints one error line on stderr and \
+            exits with status 1.
+
+            Examples:
+              printf 'Hello world' | pf2lora tokenize --model DIR
+              echo '[15496, 995]' | pf2lora tokenize --model DIR --decode
+            """)
+
+    @Option(help: ArgumentHelp("Model or tokenizer folder (tokenizer.json, or vocab.json + merges.txt).", valueName: "DIR"))
+    var model: String
+
+    @Flag(help: "Read a JSON array of token ids from stdin and print their text.")
+    var decode = false
+
+    func run() throws {
+        let tokenizer: BPETokenizer
+        do { tokenizer = try BPETokenizer(folder: model) } catch { fail("\(error)") }
+        let input = FileHandle.standardInput.readDataToEndOfFile()
+        if decode {
+            let ids = parseIds(input, vocabSize: tokenizer.vocabSize)
+            FileHandle.standardOutput.write(Data(tokenizer.decodeBytes(ids)))
+        } else {
+            guard let text = String(validating: input, as: UTF8.self) else {
+                fail("stdin is not valid UTF-8 (first invalid byte at offset \(firstInvalidUTF8Offset(input))); tokenize takes UTF-8 text")
+            }
+            let ids = tokenizer.encode(text)
+            var out = "["
+            out.reserveCapacity(ids.count * 7 + 2)
+            for (k, id) in ids.enumerated() {
+                if k > 0 { out += ", " }
+                out += String(id)
+            }
+            out += "]\n"
+            FileHandle.standardOutput.write(Data(out.utf8))
+        }
+    }
+
+    /// Parses a JSON array of integers, e.g. `[15496, 995]`, checking each id against the vocabulary.
+    private func parseIds(_ data: Data, vocabSize: Int) -> [Int] {
+        let bytes = [UInt8](data)
+        var i = 0
+        func skipSpace() { while i < bytes.count, [0x20, 0x09, 0x0A, 0x0D].contains(bytes[i]) { i += 1 } }
+        let notArray = "stdin is not a JSON array of token ids; --decode expects e.g. [15496, 995]"
+        skipSpace()
+        guard i < bytes.count, bytes[i] == UInt8(ascii: "[") else { fail(notArray) }
+        i += 1
+        var ids: [Int] = []
+        skipSpace()
+        if i < bytes.count, bytes[i] == UInt8(ascii: "]") {
+            i += 1
+        } else {
+            while true {
+                skipSpace()
+                let start = i
+                if i < bytes.count, bytes[i] == UInt8(ascii: "-") { i += 1 }
+                while i < bytes.count, bytes[i] >= 0x30, bytes[i] <= 0x39 { i += 1 }
+                // anything else that is JSON (1.5, 1e3, "a", true) is not a token id
+                var end = i
+                while end < bytes.count, ![UInt8(ascii: ","), UInt8(ascii: "]")].contains(bytes[end]) { end += 1 }
+                let token = String(decoding: bytes[start..<end], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+                guard let id = Int(token) else {
+                    fail("element \(ids.count) of the JSON array is '\(token.prefix(40))', not an integer token id")
+                }
+                guard id >= 0 && id < vocabSize else {
+                    fail("token id \(id) (element \(ids.count)) is outside the vocabulary of \(model) (0..<\(vocabSize))")
+                }
+                ids.append(id)
+                i = end
+                guard i < bytes.count else { fail(notArray + " (the array is not closed)") }
+                i += 1
+                if bytes[i - 1] == UInt8(ascii: "]") { break }
+            }
+        }
+        skipSpace()
+        guard i == bytes.count else { fail(notArray + " (extra text after the array)") }
+        return ids
+    }
+}
+
+/// Byte offset of the first byte that breaks UTF-8 validity.
+private func firstInvalidUTF8Offset(_ data: Data) -> Int {
+    var parser = Unicode.UTF8.ForwardParser()
+    var bytes = data.makeIterator()
+    var offset = 0
+    while true {
+        switch parser.parseScalar(from: &bytes) {
+        case .valid(let s): offset += s.count
+        case .error, .emptyInput: return offset
+        }
+    }
+}
+
+/// Prints one error line on stderr and exits 1.
+private func fail(_ message: String) -> Never {
+    FileHandle.standardError.write(Data("error: \(message)\n".utf8))
+    exit(1)
+}

@@ -1,0 +1,225 @@
+import Foundation
+import Testing
+@testable import PF2LoRA
+
+/// The forward pass against Hugging Face transformers (fixtures by scripts/fixtures/model.py,
+/// transformers 5.24.0): logits max abs error <= 1e-4 in f32, greedy continuations token for token.
+@Suite struct GPT2ModelTests {
+    static let tiny = TestPaths.fixture("tiny-gpt2")
+    static let tolerance: Float = 1e-4
+
+    struct Case { let name: String; let ids: [Int]; let greedy: [Int] }
+
+    static func cases() throws -> [Case] {
+        let d = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: tiny + "/cases.json"))) as! [String: Any]
+        return (d["cases"] as! [[String: Any]]).map { Case(name: $0["name"] as! String, ids: $0["ids"] as! [Int], greedy: $0["greedy"] as! [Int]) }
+    }
+
+    static func maxAbsDiff(_ a: UnsafePointer<Float>, _ b: Tensor) -> Float {
+        var m: Float = 0
+        for i in 0..<b.count { m = max(m, abs(a[i] - b.data[i])) }
+        return m
+    }
+
+    /// Runs every case in one batched prefill with all logits, and compares each case's rows.
+    static func checkLogits(model: GPT2Model, binding: AdapterBinding, reference: String, tolerance: Float = tolerance) throws {
+        let ref = try SafeTensorsFile(path: reference)
+        let cs = try cases()
+        let engine = InferenceEngine(model: model)
+        let inputs = cs.map { StepInput(cache: KVCache(config: model.config, capacity: 64), tokens: $0.ids, weights: binding.weights, client: binding.client, allLogits: true) }
+        let logits = try engine.step(inputs)
+        var row = 0
+        for c in cs {
+            let want = try ref.tensor(c.name)
+            let err = maxAbsDiff(logits.data + row * model.config.vocabSize, want)
+            #expect(err <= tolerance, "\(reference) \(c.name): max abs error \(err)")
+            row += c.ids.count
+        }
+    }
+
+    static func greedy(model: GPT2Model, binding: AdapterBinding, prompt: [Int], n: Int) throws -> [Int] {
+        let engine = InferenceEngine(model: model)
+        let cache = KVCache(config: model.config, capacity: 64)
+        var next = prompt, out: [Int] = []
+        for _ in 0..<n {
+            let lg = try engine.step([StepInput(cache: cache, tokens: next, weights: binding.weights, client: binding.client)])
+            let t = Sampler.argmax(lg.data, count: model.config.vocabSize)
+            out.append(t); next = [t]
+        }
+        return out
+    }
+
+    @Test func logitsMatchTransformersInOneBatch() throws {
+        let m = try GPT2Model.load(folder: Self.tiny)
+        try Self.checkLogits(model: m, binding: .base(m), reference: Self.tiny + "/logits.safetensors")
+    }
+
+    @Test func greedyMatchesTransformersWithKVCache() throws {
+        let m = try GPT2Model.load(folder: Self.tiny)
+        for c in try Self.cases() {
+            #expect(try Self.greedy(model: m, binding: .base(m), prompt: c.ids, n: c.greedy.count) == c.greedy, "\(c.name)")
+        }
+    }
+
+    @Test(arguments: ["f16", "bf16"]) func halfPrecisionCheckpoints(dtype: String) throws {
+        let m = try GPT2Model.load(folder: TestPaths.fixture("tiny-gpt2-\(dtype)"))
+        try Self.checkLogits(model: m, binding: .base(m), reference: Self.tiny + "/logits-\(dtype).safetensors")
+    }
+
+    // MARK: Adapters vs PEFT
+
+    static func peft(_ name: String, level: AdapterLevel, model: GPT2Model) throws -> LoRAAdapter {
+        let base = try BaseModelInfo.gpt2(folder: model.folder)
+        return try PEFT.read(folder: TestPaths.fixture("peft/\(name)"), base: base, level: level, clientID: level == .client ? "c" : nil)
+    }
+
+    static func pairs(_ a: LoRAAdapter) -> [String: LowRankPair] {
+        a.modules.mapValues { LowRankPair(a: $0.a, b: $0.b, scale: a.scale) }
+    }
+
+    static func folded(_ a: LoRAAdapter, _ m: GPT2Model) -> LinearWeightSet {
+        LinearWeightSet(base: m.weights, folding: pairs(a), label: "t")
+    }
+
+    static func client(_ a: LoRAAdapter, _ m: GPT2Model) -> ClientPairs {
+        ClientPairs(layers: m.config.nLayer, pairs: pairs(a), label: "t")
+    }
+
+    /// A PEFT LoRA gives PEFT's logits whether folded into the weights or applied per token.
+    @Test(arguments: ["lora-r4", "lora-r2-rslora", "two-level-merged"]) func peftAdapterFoldedAndUnfolded(name: String) throws {
+        let m = try GPT2Model.load(folder: Self.tiny)
+        let ref = TestPaths.fixture("peft/\(name)/logits.safetensors")
+        let shared = try Self.peft(name, level: .shared, model: m)
+        try Self.checkLogits(model: m, binding: AdapterBinding(weights: Self.folded(shared, m), sharedVersion: 1, client: nil, clientVersion: nil, clientTrainedOn: nil), reference: ref)
+        let asClient = try Self.peft(name, level: .client, model: m)
+        try Self.checkLogits(model: m, binding: AdapterBinding(weights: m.baseLinears, sharedVersion: nil, client: Self.client(asClient, m), clientVersion: 1, clientTrainedOn: nil), reference: ref)
+    }
+
+    /// Two PEFT adapters active at once = shared pair folded + client pair per token.
+    @Test func twoLevelMatchesPEFTWithBothAdaptersActive() throws {
+        let m = try GPT2Model.load(folder: Self.tiny)
+        let shared = try Self.peft("two-level/shared", level: .shared, model: m)
+        let client = try Self.peft("two-level/client", level: .client, model: m)
+        let b = AdapterBinding(weights: Self.folded(shared, m), sharedVersion: 1, client: Self.client(client, m), clientVersion: 1, clientTrainedOn: nil)
+        try Self.checkLogits(model: m, binding: b, reference: TestPaths.fixture("peft/two-level/logits.safetensors"))
+        try Self.checkLogits(model: m, binding: AdapterBinding(weights: Self.folded(shared, m), sharedVersion: 1, client: nil, clientVersion: nil, clientTrainedOn: nil),
+                             reference: TestPaths.fixture("peft/two-level/logits-shared-only.safetensors"))
+        let ref = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: TestPaths.fixture("peft/two-level/reference.json")))) as! [String: Any]
+        let c = try Self.cases().first { $0.name == ref["greedy_case"] as! String }!
+        #expect(try Self.greedy(model: m, binding: b, prompt: c.ids, n: 20) == ref["greedy"] as! [Int])
+        // The merged rank-10 export applied as one plain LoRA gives the same logits as the two levels.
+        let merged = PEFT.merge(shared: shared, client: client)
+        try Self.checkLogits(model: m, binding: AdapterBinding(weights: Self.folded(merged, m), sharedVersion: 1, client: nil, clientVersion: nil, clientTrainedOn: nil),
+                             reference: TestPaths.fixture("peft/two-level/logits.safetensors"))
+    }
+
+    /// Sequences of different clients batched together give what each gives alone (prefill and decode).
+    @Test func mixedClientBatchEqualsEachAlone() throws {
+        let m = try GPT2Model.load(folder: Self.tiny)
+        let shared = Self.folded(try Self.peft("two-level/shared", level: .shared, model: m), m)
+        let c1 = Self.client(try Self.peft("two-level/client", level: .client, model: m), m)
+        let c2 = Self.client(try Self.peft("lora-r4", level: .client, model: m), m)
+        let cs = try Self.cases()
+        let setups: [(LinearWeightSet, ClientPairs?, [Int])] = [(shared, c1, cs[1].ids), (shared, c2, cs[2].ids), (shared, nil, cs[3].ids), (m.baseLinears, c1, cs[0].ids), (shared, c1, cs[2].ids)]
+        let alone = try setups.map { try Self.greedy(model: m, binding: AdapterBinding(weights: $0.0, sharedVersion: nil, client: $0.1, clientVersion: nil, clientTrainedOn: nil), prompt: $0.2, n: 8) }
+        let engine = InferenceEngine(model: m)
+        let caches = setups.map { _ in KVCache(config: m.config, capacity: 64) }
+        var next = setups.map { $0.2 }
+        var together = Array(repeating: [Int](), count: setups.count)
+        for _ in 0..<8 {
+            let lg = try engine.step(setups.indices.map { StepInput(cache: caches[$0], tokens: next[$0], weights: setups[$0].0, client: setups[$0].1) })
+            for i in setups.indices {
+                let t = Sampler.argmax(lg.data + i * m.config.vocabSize, count: m.config.vocabSize)
+                together[i].append(t); next[i] = [t]
+            }
+        }
+        #expect(together == alone)
+        #expect(Set(alone.map { $0 }).count > 1, "different adapters should give different text")
+    }
+
+    // MARK: Bad model folders
+
+    static func copyTiny() throws -> String {
+        let dir = TestPaths.tempDir("model")
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            try FileManager.default.copyItem(atPath: tiny + "/" + f, toPath: dir + "/" + f)
+        }
+        return dir
+    }
+
+    static func loadError(_ dir: String) -> String {
+        do { _ = try GPT2Model.load(folder: dir); return "" } catch { return "\(error)" }
+    }
+
+    @Test func missingFolderAndFiles() throws {
+        #expect(Self.loadError("/nonexistent/model").contains("does not exist"))
+        let dir = try Self.copyTiny()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try FileManager.default.removeItem(atPath: dir + "/model.safetensors")
+        #expect(Self.loadError(dir).contains("model.safetensors is missing"))
+        try FileManager.default.removeItem(atPath: dir + "/config.json")
+        #expect(Self.loadError(dir).contains("config.json is missing"))
+    }
+
+    @Test func truncatedAndCorruptSafetensors() throws {
+        let dir = try Self.copyTiny()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/model.safetensors"
+        let full = try Data(contentsOf: URL(fileURLWithPath: path))
+        try full.prefix(5).write(to: URL(fileURLWithPath: path))
+        #expect(Self.loadError(dir).contains("too small"))
+        try full.prefix(full.count / 2).write(to: URL(fileURLWithPath: path))
+        let half = Self.loadError(dir)
+        #expect(half.contains("ends at byte") && half.contains("truncated"), "\(half)")
+        var big = full
+        big.replaceSubrange(0..<8, with: withUnsafeBytes(of: UInt64(1 << 40).littleEndian) { Data($0) })
+        try big.write(to: URL(fileURLWithPath: path))
+        #expect(Self.loadError(dir).contains("points past the end"))
+        var dtype = full
+        let hdr = String(decoding: full[8..<(8 + 200)], as: UTF8.self)
+        #expect(hdr.contains("\"F32\""))
+        let r = dtype.range(of: Data("\"F32\"".utf8))!
+        dtype.replaceSubrange(r, with: Data("\"I64\"".utf8))
+        try dtype.write(to: URL(fileURLWithPath: path))
+        #expect(Self.loadError(dir).contains("dtype I64"))
+    }
+
+    @Test func configThatDoesNotMatchTheTensors() throws {
+        let dir = try Self.copyTiny()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/config.json"
+        var cfg = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as! [String: Any]
+        cfg["n_embd"] = 128
+        try JSONSerialization.data(withJSONObject: cfg).write(to: URL(fileURLWithPath: path))
+        let e = Self.loadError(dir)
+        #expect(e.contains("implies") && e.contains("do not belong together"), "\(e)")
+        cfg["n_embd"] = 64; cfg["n_layer"] = 1
+        try JSONSerialization.data(withJSONObject: cfg).write(to: URL(fileURLWithPath: path))
+        #expect(Self.loadError(dir).contains("unexpected tensor 'transformer.h.1."))
+        cfg["n_layer"] = 3
+        try JSONSerialization.data(withJSONObject: cfg).write(to: URL(fileURLWithPath: path))
+        #expect(Self.loadError(dir).contains("has no tensor 'transformer.h.2."))
+        try Data("{".utf8).write(to: URL(fileURLWithPath: path))
+        #expect(Self.loadError(dir).contains("not a GPT-2 config"))
+    }
+
+    @Test func promptOverTheContextIsRefused() throws {
+        let m = try GPT2Model.load(folder: Self.tiny)
+        let engine = InferenceEngine(model: m)
+        let cache = KVCache(config: m.config, capacity: 64)
+        #expect(throws: ModelError.self) { try engine.step([StepInput(cache: cache, tokens: Array(repeating: 1, count: 65), weights: m.baseLinears)]) }
+        #expect(throws: ModelError.self) { try engine.step([StepInput(cache: cache, tokens: [400], weights: m.baseLinears)]) }
+    }
+
+    /// A saved random model loads back with the same weights (the `model random` path).
+    @Test func randomModelRoundTrip() throws {
+        let cfg = GPT2Config.preset("tiny", vocabSize: 300)!
+        let w = GPT2Weights.random(config: cfg, seed: 7)
+        let dir = TestPaths.tempDir("rand")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try GPT2Model(folder: dir, config: cfg, weights: w, file: nil).save(to: dir)
+        let back = try GPT2Model.load(folder: dir)
+        #expect(back.config == cfg)
+        for ((n1, t1), (_, t2)) in zip(w.named, back.weights.named) { #expect(t1.array == t2.array, "\(n1)") }
+    }
+}

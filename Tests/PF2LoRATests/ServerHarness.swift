@@ -1,0 +1,156 @@
+import Foundation
+@testable import PF2LoRA
+
+/// Runs the real `pf2lora` executable (built next to the test bundle) and talks to it through pipes.
+final class ServerProcess {
+    static var binary: String {
+        let me = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+        var dir = me.deletingLastPathComponent()
+        if dir.pathExtension == "xctest" { dir = dir.deletingLastPathComponent() }
+        for _ in 0..<4 {
+            let p = dir.appendingPathComponent("pf2lora").path
+            if FileManager.default.isExecutableFile(atPath: p) { return p }
+            dir = dir.deletingLastPathComponent()
+        }
+        return TestPaths.repoRoot.appendingPathComponent(".build/debug/pf2lora").path
+    }
+
+    let process = Process()
+    private let stdin = Pipe(), stdout = Pipe(), stderr = Pipe()
+    private let cond = NSCondition()
+    private var lines: [[String: Any]] = []
+    private var rawLines: [String] = []
+    private var errText = ""
+    private var eof = false
+
+    init(_ args: [String]) throws {
+        process.executableURL = URL(fileURLWithPath: Self.binary)
+        process.arguments = args
+        process.standardInput = stdin
+        process.standardOutput = stdout
+        process.standardError = stderr
+        try process.run()
+        let outHandle = stdout.fileHandleForReading
+        Thread.detachNewThread { [self] in
+            var buf = Data()
+            while true {
+                let d = outHandle.availableData
+                if d.isEmpty { break }
+                buf.append(d)
+                while let nl = buf.firstIndex(of: 0x0A) {
+                    let line = buf[buf.startIndex..<nl]
+                    buf = Data(buf[(nl + 1)...])
+                    let obj = (try? JSONSerialization.jsonObject(with: line)) as? [String: Any] ?? ["unparsable": String(decoding: line, as: UTF8.self)]
+                    cond.lock(); lines.append(obj); rawLines.append(String(decoding: line, as: UTF8.self)); cond.broadcast(); cond.unlock()
+                }
+            }
+            cond.lock(); eof = true; cond.broadcast(); cond.unlock()
+        }
+        let errHandle = stderr.fileHandleForReading
+        Thread.detachNewThread { [self] in
+            while true {
+                let d = errHandle.availableData
+                if d.isEmpty { break }
+                cond.lock(); errText += String(decoding: d, as: UTF8.self); cond.unlock()
+            }
+        }
+    }
+
+    func send(_ obj: [String: Any]) {
+        var d = try! JSONSerialization.data(withJSONObject: obj)
+        d.append(0x0A)
+        stdin.fileHandleForWriting.write(d)
+    }
+
+    func sendRaw(_ bytes: Data) { stdin.fileHandleForWriting.write(bytes) }
+
+    @discardableResult
+    func request(_ id: Int, _ method: String, _ params: [String: Any] = [:]) -> Int {
+        send(["jsonrpc": "2.0", "id": id, "method": method, "params": params])
+        return id
+    }
+
+    /// Waits for the final response (result or error) with `id`.
+    func response(_ id: Int, timeout: Double = 60) -> [String: Any]? {
+        let deadline = Date().addingTimeInterval(timeout)
+        cond.lock(); defer { cond.unlock() }
+        while true {
+            if let r = lines.first(where: { ($0["id"] as? Int) == id && ($0["result"] != nil || $0["error"] != nil) }) { return r }
+            if eof || !cond.wait(until: deadline) { return lines.first(where: { ($0["id"] as? Int) == id }) }
+        }
+    }
+
+    /// Waits until `n` lines satisfy `pred`.
+    func waitFor(count n: Int = 1, timeout: Double = 60, _ pred: ([String: Any]) -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        cond.lock(); defer { cond.unlock() }
+        while lines.filter(pred).count < n {
+            if eof || !cond.wait(until: deadline) { return false }
+        }
+        return true
+    }
+
+    var allLines: [[String: Any]] { cond.lock(); defer { cond.unlock() }; return lines }
+    var stderrText: String { cond.lock(); defer { cond.unlock() }; return errText }
+
+    /// Closes stdin and waits for exit; returns the exit code.
+    func finish(timeout: Double = 60) -> Int32 {
+        try? stdin.fileHandleForWriting.close()
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning { process.terminate(); return -1 }
+        return process.terminationStatus
+    }
+
+    static func errorCode(_ r: [String: Any]?) -> Int? { (r?["error"] as? [String: Any])?["code"] as? Int }
+    static func result(_ r: [String: Any]?) -> [String: Any]? { r?["result"] as? [String: Any] }
+}
+
+/// A small model with the fixture tokenizer and a longer context, plus a store with a shared pair and
+/// a few clients whose pairs are random but large enough to change the text.
+struct ServerFixture {
+    let model: String
+    let store: String
+    let root: String
+    let gpt2: GPT2Model
+    let storeHandle: AdapterStore
+
+    init(clients: [String] = ["alice", "bob", "carol"], seed: UInt64 = 11) throws {
+        root = TestPaths.tempDir("serve")
+        model = root + "/model"
+        store = root + "/store"
+        var cfg = GPT2Config(vocabSize: 400, nPositions: 256, nEmbd: 64, nLayer: 2, nHead: 4, eosTokenId: nil)
+        cfg.bosTokenId = nil
+        try GPT2Model(folder: model, config: cfg, weights: GPT2Weights.random(config: cfg, seed: seed), file: nil).save(to: model)
+        for f in ["tokenizer.json", "vocab.json", "merges.txt"] {
+            try FileManager.default.copyItem(atPath: TestPaths.fixture("tiny-gpt2/" + f), toPath: model + "/" + f)
+        }
+        gpt2 = try GPT2Model.load(folder: model)
+        let base = try BaseModelInfo.gpt2(folder: model)
+        storeHandle = try AdapterStore.open(root: store, base: base)
+        try storeHandle.publishShared(Self.randomAdapter(base: base, level: .shared, rank: 8, seed: seed + 1))
+        for (i, c) in clients.enumerated() {
+            try storeHandle.publishClient(id: c, Self.randomAdapter(base: base, level: .client, rank: 2, seed: seed + 100 + UInt64(i), clientID: c))
+        }
+    }
+
+    static func randomAdapter(base: BaseModelInfo, level: AdapterLevel, rank: Int, seed: UInt64, clientID: String? = nil, std: Float = 0.3) -> LoRAAdapter {
+        var rng = RNG(seed: seed)
+        var modules: [String: LoRAPair] = [:]
+        for path in base.linears.keys.sorted() {
+            let (din, dout) = base.linears[path]!
+            let a = Tensor(zeros: [rank, din]), b = Tensor(zeros: [dout, rank])
+            for i in 0..<a.count { a.data[i] = std * rng.normal() }
+            for i in 0..<b.count { b.data[i] = std * rng.normal() }
+            modules[path] = LoRAPair(a: a, b: b)
+        }
+        let meta = AdapterMetadata(baseName: base.name, baseFingerprint: base.fingerprint, clientID: clientID)
+        return LoRAAdapter(level: level, rank: rank, alpha: Float(rank), modules: modules, metadata: meta)
+    }
+
+    func serve(_ extra: [String] = []) throws -> ServerProcess {
+        try ServerProcess(["serve", "--model", model, "--store", store, "--threads", "1"] + extra)
+    }
+
+    func cleanup() { try? FileManager.default.removeItem(atPath: root) }
+}

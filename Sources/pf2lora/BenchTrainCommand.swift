@@ -41,8 +41,8 @@ struct BenchTrain: ParsableCommand {
         guard batch >= 1, seq >= 2, seq <= c.nPositions, rank >= 1, rank2 >= 0, repeats >= 1 else {
             throw CLIError("need batch >= 1, 2 <= seq <= \(c.nPositions), rank >= 1, rank2 >= 0, repeats >= 1")
         }
-        var rng = Xoshiro256(seed: 1)
-        let ids = (0..<batch).map { _ in (0..<seq).map { _ in Int(rng.next() % UInt64(c.vocabSize)) } }
+        var rng = RNG(seed: 1)
+        let ids = (0..<batch).map { _ in (0..<seq).map { _ in rng.int(below: c.vocabSize) } }
         let b = try TrainingBatch(inputIds: ids, labels: ids)
         func level(_ r: Int, _ a: Float) -> AdapterWeights? {
             guard r > 0, !full else { return nil }
@@ -51,7 +51,7 @@ struct BenchTrain: ParsableCommand {
                 let down = Tensor(zeros: [r, dims.inFeatures]), up = Tensor(zeros: [dims.outFeatures, r])
                 let bound = 1 / Float(dims.inFeatures).squareRoot()
                 for i in 0..<down.count { down.data[i] = rng.uniform(-bound, bound) }
-                for i in 0..<up.count { up.data[i] = 0.01 * rng.nextNormal() }
+                for i in 0..<up.count { up.data[i] = 0.01 * rng.normal() }
                 pairs[path] = (down, up)
             }
             return AdapterWeights(pairs: pairs, scale: a / Float(r))

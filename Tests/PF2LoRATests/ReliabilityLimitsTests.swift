@@ -118,6 +118,9 @@ import Testing
         let s = try fx.serve(["--cache-mb", "1", "--max-queue", "100000"])
         _ = s.response({ s.request(1, "health"); return 1 }(), timeout: 600)
         let startS = Date().timeIntervalSince(t1)
+        // Start reads each client file once (reconcile), not a second time through the cache.
+        let atStart = ServerProcess.result(s.response({ s.request(3, "stats"); return 3 }()))?["adapter_cache"] as? [String: Any]
+        #expect((atStart?["misses"] as? Int ?? .max) <= 1, "only the shared adapter is loaded at start: \(atStart ?? [:])")
         var curve: [(Int, Int)] = []
         var rng = RNG(seed: 9)
         let window = 64

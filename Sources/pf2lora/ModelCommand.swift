@@ -20,7 +20,7 @@ struct RandomModel: ParsableCommand {
         ../shared/gpt2-tokenizer), so the model has the real 50,257-token GPT-2 vocabulary.
         """)
 
-    @Option(help: "Shape preset: gpt2 (124M), gpt2-medium (355M), distilgpt2, tiny (2 layers, 64 wide).")
+    @Option(help: "Shape preset: gpt2 (124M), gpt2-medium (355M), distilgpt2, small (4 layers, 256 wide: the embedded default's shape), tiny (2 layers, 64 wide).")
     var config: String = "tiny"
     @Option(help: "Output folder (created if missing).")
     var out: String
@@ -30,9 +30,17 @@ struct RandomModel: ParsableCommand {
     var tokenizer: String?
     @Option(help: "Storage dtype of the weights: f32, f16 or bf16.")
     var dtype: String = "f32"
+    @Option(name: .customLong("vocab-size"), help: "Vocabulary size (default: the tokenizer's, else 50257).")
+    var vocabSize: Int?
 
     func run() throws {
-        guard let cfg = GPT2Config.preset(config) else {
+        let tokDir = tokenizer ?? defaultGPT2TokenizerFolder()
+        var vocab = vocabSize ?? 50257
+        if vocabSize == nil, let tokDir {
+            vocab = try BPETokenizer(folder: tokDir).vocabSize
+        }
+        guard vocab > 0 else { throw CLIError("--vocab-size must be positive") }
+        guard let cfg = GPT2Config.preset(config, vocabSize: vocab) else {
             throw CLIError("unknown --config '\(config)'; use gpt2, gpt2-medium, distilgpt2 or tiny")
         }
         guard let dt = DType(rawValue: dtype.uppercased()) else { throw CLIError("unknown --dtype '\(dtype)'; use f32, f16 or bf16") }
@@ -41,10 +49,9 @@ struct RandomModel: ParsableCommand {
         let weights = GPT2Weights.random(config: cfg, seed: seed)
         let model = GPT2Model(folder: out, config: cfg, weights: weights, file: nil)
         try model.save(to: out, dtype: dt)
-        let tokDir = tokenizer ?? defaultGPT2TokenizerFolder()
         if let tokDir {
             var copied = 0
-            for f in ["tokenizer.json", "vocab.json", "merges.txt"] where FileManager.default.fileExists(atPath: tokDir + "/" + f) {
+            for f in ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] where FileManager.default.fileExists(atPath: tokDir + "/" + f) {
                 let dst = out + "/" + f
                 try? FileManager.default.removeItem(atPath: dst)
                 try FileManager.default.copyItem(atPath: tokDir + "/" + f, toPath: dst)

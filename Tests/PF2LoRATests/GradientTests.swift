@@ -288,6 +288,20 @@ private func relErr(_ a: [Float], _ b: [Float]) -> Double {
         #expect(throws: TrainingError.self) { try trainer.loss(batch, client: wrong) }
     }
 
+    /// fastExp (lane-wise, used by softmax, gelu and the cross-entropy) against Foundation.exp.
+    @Test func fastExpIsAccurate() {
+        var worst = 0.0
+        var x: Float = -87
+        while x < 88 {
+            let lanes = F16((0..<16).map { x + Float($0) * 0.0037 })
+            let e = fastExp(lanes)
+            for i in 0..<16 { worst = max(worst, abs(Double(e[i]) / Foundation.exp(Double(lanes[i])) - 1)) }
+            x += 0.0619
+        }
+        #expect(worst < 5e-7, "worst relative error \(worst)")
+        #expect(fastExp(F16(repeating: -200))[0] >= 0 && fastExp(F16(repeating: -200))[0] < 1e-37)
+    }
+
     /// The shared kernels' backward functions against finite differences of their forwards.
     @Test func kernelBackwardsMatchFiniteDifferences() {
         var rng = RNG(seed: 9)

@@ -53,11 +53,13 @@ public struct GPT2Config: Codable, Equatable, Sendable {
 
     /// Presets for `pf2lora model random`: the real GPT-2 shapes, plus a tiny one for tests.
     public static func preset(_ name: String, vocabSize: Int = 50257) -> GPT2Config? {
+        let eos = vocabSize - 1   // GPT-2 tokenizers put <|endoftext|> last
         switch name {
-        case "gpt2": return GPT2Config(vocabSize: vocabSize, nPositions: 1024, nEmbd: 768, nLayer: 12, nHead: 12, eosTokenId: 50256)
-        case "gpt2-medium": return GPT2Config(vocabSize: vocabSize, nPositions: 1024, nEmbd: 1024, nLayer: 24, nHead: 16, eosTokenId: 50256)
-        case "distilgpt2": return GPT2Config(vocabSize: vocabSize, nPositions: 1024, nEmbd: 768, nLayer: 6, nHead: 12, eosTokenId: 50256)
-        case "tiny": return GPT2Config(vocabSize: vocabSize, nPositions: 256, nEmbd: 64, nLayer: 2, nHead: 4, eosTokenId: 50256)
+        case "gpt2": return GPT2Config(vocabSize: vocabSize, nPositions: 1024, nEmbd: 768, nLayer: 12, nHead: 12, eosTokenId: eos)
+        case "gpt2-medium": return GPT2Config(vocabSize: vocabSize, nPositions: 1024, nEmbd: 1024, nLayer: 24, nHead: 16, eosTokenId: eos)
+        case "distilgpt2": return GPT2Config(vocabSize: vocabSize, nPositions: 1024, nEmbd: 768, nLayer: 6, nHead: 12, eosTokenId: eos)
+        case "tiny": return GPT2Config(vocabSize: vocabSize, nPositions: 256, nEmbd: 64, nLayer: 2, nHead: 4, eosTokenId: eos)
+        case "small": return GPT2Config(vocabSize: vocabSize, nPositions: 256, nEmbd: 256, nLayer: 4, nHead: 4, eosTokenId: eos)
         default: return nil
         }
     }

@@ -58,9 +58,11 @@ func softmaxBackwardRow(_ p: UnsafePointer<Float>, _ dp: UnsafeMutablePointer<Fl
 }
 
 /// Cross-entropy of one row of logits against `target`: log-sum-exp minus the target's logit, in
-/// double. With `gradScale`, overwrites the row with its gradient (softmax - onehot) * gradScale.
+/// double. With `gradScale`, overwrites the row with its gradient (softmax - onehot) * gradScale;
+/// otherwise the row is left holding exp(logit - max). One exp per logit.
 func crossEntropyRow(_ logits: UnsafeMutablePointer<Float>, count n: Int, target: Int, gradScale: Float?) -> Double {
     let v = n / 16 * 16
+    let targetLogit = logits[target]
     var mx = -Float.infinity
     var i = 0
     if v > 0 {
@@ -72,17 +74,16 @@ func crossEntropyRow(_ logits: UnsafeMutablePointer<Float>, count n: Int, target
     let mv = F16(repeating: mx)
     var acc = F16()
     i = 0
-    while i < v { acc += fastExp(load16(logits + i) - mv); i += 16 }
+    while i < v { let e = fastExp(load16(logits + i) - mv); store16(e, logits + i); acc += e; i += 16 }
     var s = Double(acc.sum())
-    while i < n { s += Double(fastExp(logits[i] - mx)); i += 1 }
-    let lse = Double(mx) + Foundation.log(s)
-    let loss = lse - Double(logits[target])
+    while i < n { let e = fastExp(logits[i] - mx); logits[i] = e; s += Double(e); i += 1 }
+    let loss = Double(mx) + Foundation.log(s) - Double(targetLogit)
     if let g = gradScale {
         let coef = Float(1 / s) * g
         let cv = F16(repeating: coef)
         i = 0
-        while i < v { store16(fastExp(load16(logits + i) - mv) * cv, logits + i); i += 16 }
-        while i < n { logits[i] = fastExp(logits[i] - mx) * coef; i += 1 }
+        while i < v { store16(load16(logits + i) * cv, logits + i); i += 16 }
+        while i < n { logits[i] *= coef; i += 1 }
         logits[target] -= g
     }
     return loss

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The README's first command runs this after the release build: serve the embedded default model and
+# its adapter store, query three clients, personalize a new one, query it (scripts/demo_client.py).
+# Until the embedded default is trained, it makes a small random model with the default tokenizer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.build/release/pf2lora
+MODEL=models/fortune-gpt2
+STORE=adapters
+if [ ! -f "$MODEL/model.safetensors" ]; then
+  MODEL=.build/demo-model
+  STORE=.build/demo-adapters
+  if [ ! -f "$MODEL/model.safetensors" ]; then
+    echo "run: no trained default model yet; making a small random one in $MODEL" >&2
+    "$BIN" model random --config tiny --tokenizer models/fortune-gpt2 --out "$MODEL" --seed 1
+  fi
+fi
+exec python3 scripts/demo_client.py --binary "$BIN" --model "$MODEL" --store "$STORE" "$@"

@@ -102,22 +102,25 @@ func installPersonalize(_ server: Server) {
             return
         }
         let t = Thread {
-            defer { slot.release() }
+            let outcome: Result<[String: Any], RPCError>
             do {
                 let r = try personalize(weights: weights, tokenizer: tokenizer, store: store, client: client, texts: texts, options: o) { step, loss in
                     if step % 20 == 0 { log(String(format: "personalize %@: step %d loss %.4f", client, step, loss)) }
                 }
                 log(String(format: "personalize %@: published v%d in %.1fs", client, r.version, r.seconds))
-                reply(.success(personalizeReply(r)))
+                outcome = .success(personalizeReply(r))
             } catch let e as PersonalizeError {
-                reply(.failure(RPCError(e.isBadInput ? .invalidParams : .trainingFailed, e.description)))
+                outcome = .failure(RPCError(e.isBadInput ? .invalidParams : .trainingFailed, e.description))
             } catch let e as AdapterStoreError {
-                if case .invalidClientID = e { reply(.failure(RPCError(.invalidParams, e.description))) } else {
-                    reply(.failure(RPCError(.trainingFailed, "personalize '\(client)': \(e.description)")))
+                if case .invalidClientID = e { outcome = .failure(RPCError(.invalidParams, e.description)) } else {
+                    outcome = .failure(RPCError(.trainingFailed, "personalize '\(client)': \(e.description)"))
                 }
             } catch {
-                reply(.failure(RPCError(.trainingFailed, "personalize '\(client)': \(error)")))
+                outcome = .failure(RPCError(.trainingFailed, "personalize '\(client)': \(error)"))
             }
+            // Free the slot before replying, so a request sent after the reply is never refused as overloaded.
+            slot.release()
+            reply(outcome)
         }
         t.name = "pf2lora.personalize"
         t.stackSize = 8 << 20

@@ -131,6 +131,7 @@ struct PretrainCommand: ParsableCommand {
         var windowLoss = 0.0, windowSteps = 0, windowStart = now()
         var lastValid: Float = .nan
         var stepTime = 0.0
+        var reportedState = false
         while p.step < steps {
             let t = now()
             let stats: PretrainStepStats
@@ -139,6 +140,10 @@ struct PretrainCommand: ParsableCommand {
                 throw error
             }
             let dt = now() - t
+            if !reportedState {
+                reportedState = true
+                log(String(format: "pretrain: run state %.0f MB (activations and backward scratch for %d x %d)", Double(p.trainer.stateBytes) / 1e6, batch, seq))
+            }
             stepTime = stepTime == 0 ? dt : 0.9 * stepTime + 0.1 * dt
             windowLoss += Double(stats.loss); windowSteps += 1
             if stats.step % logEvery == 0 || stats.step == steps {

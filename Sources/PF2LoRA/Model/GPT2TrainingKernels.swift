@@ -67,7 +67,7 @@ func crossEntropyRow(_ logits: UnsafeMutablePointer<Float>, count n: Int, target
     var i = 0
     if v > 0 {
         var m16 = F16(repeating: -.infinity)
-        while i < v { m16 = pointwiseMax(m16, load16(logits + i)); i += 16 }
+        while i < v { let x = load16(logits + i); m16 = m16.replacing(with: x, where: x .> m16); i += 16 }   // not pointwiseMax: scalarized
         mx = m16.max()
     }
     while i < n { mx = max(mx, logits[i]); i += 1 }

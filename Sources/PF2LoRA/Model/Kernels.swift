@@ -14,12 +14,13 @@ typealias F16 = SIMD16<Float>
 
 /// exp(x) for 16 lanes: range reduction x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r,
 /// and 2^n through the exponent bits. Relative error about 2e-7 over the float range.
-/// Only plain lane-wise arithmetic and bit casts: the generic SIMD `clamped`, `rounded` and
-/// float-to-int conversions are not specialized by the compiler and cost ~10x (they made this kernel
-/// the top of the training profile). n is rounded with the 1.5 * 2^23 trick, which also leaves n's
+/// Only plain lane-wise arithmetic, compare-and-replace and bit casts: the generic SIMD `clamped`,
+/// `pointwiseMin/Max`, `rounded` and float-to-int conversions are not vectorized by the compiler on
+/// Linux and cost 10-100x (they made this kernel the top of the training profile). n is rounded with the 1.5 * 2^23 trick, which also leaves n's
 /// integer value in the low mantissa bits.
 @inline(__always) func fastExp(_ x0: F16) -> F16 {
-    let x = pointwiseMin(pointwiseMax(x0, F16(repeating: -87.3)), F16(repeating: 88.7))
+    let lo = F16(repeating: -87.3), hi = F16(repeating: 88.7)
+    let x = x0.replacing(with: lo, where: x0 .< lo).replacing(with: hi, where: x0 .> hi)
     let magic = F16(repeating: 12582912)                  // 1.5 * 2^23
     let shifted = x * 1.442695040888963 + magic
     let n = shifted - magic                               // round(x / ln2), to nearest even
@@ -165,7 +166,7 @@ func softmaxInPlace(_ p: UnsafeMutablePointer<Float>, count n: Int) {
     var i = 0
     if v > 0 {
         var m16 = F16(repeating: -.infinity)
-        while i < v { m16 = pointwiseMax(m16, load16(p + i)); i += 16 }
+        while i < v { let x = load16(p + i); m16 = m16.replacing(with: x, where: x .> m16); i += 16 }   // not pointwiseMax: scalarized
         mx = m16.max()
     }
     while i < n { mx = max(mx, p[i]); i += 1 }

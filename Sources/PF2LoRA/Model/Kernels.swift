@@ -158,9 +158,10 @@ func geluBackward(_ x: UnsafePointer<Float>, _ dout: UnsafePointer<Float>, _ dx:
 
 // MARK: - Softmax, bias, residual
 
-/// In-place softmax of the first n entries of a row (entries past n are left alone).
+/// Overwrites the first n entries with exp(x - max) and returns (max, sum of the exps): the shared
+/// pass of softmax and cross-entropy. One exp per entry.
 @inline(__always)
-func softmaxInPlace(_ p: UnsafeMutablePointer<Float>, count n: Int) {
+func expShiftedInPlace(_ p: UnsafeMutablePointer<Float>, count n: Int) -> (max: Float, sum: Float) {
     let v = n / 16 * 16
     var mx = -Float.infinity
     var i = 0
@@ -176,11 +177,24 @@ func softmaxInPlace(_ p: UnsafeMutablePointer<Float>, count n: Int) {
     while i < v { let e = fastExp(load16(p + i) - mv); store16(e, p + i); acc += e; i += 16 }
     var s = acc.sum()
     while i < n { let e = fastExp(p[i] - mx); p[i] = e; s += e; i += 1 }
-    let inv = 1 / s
-    let iv = F16(repeating: inv)
-    i = 0
-    while i < v { store16(load16(p + i) * iv, p + i); i += 16 }
-    while i < n { p[i] *= inv; i += 1 }
+    return (mx, s)
+}
+
+/// p *= c over n entries.
+@inline(__always)
+func scaleInPlace(_ p: UnsafeMutablePointer<Float>, _ c: Float, count n: Int) {
+    let v = n / 16 * 16
+    let cv = F16(repeating: c)
+    var i = 0
+    while i < v { store16(load16(p + i) * cv, p + i); i += 16 }
+    while i < n { p[i] *= c; i += 1 }
+}
+
+/// In-place softmax of the first n entries of a row (entries past n are left alone).
+@inline(__always)
+func softmaxInPlace(_ p: UnsafeMutablePointer<Float>, count n: Int) {
+    let (_, s) = expShiftedInPlace(p, count: n)
+    scaleInPlace(p, 1 / s, count: n)
 }
 
 /// out[r, :] += bias for each row.

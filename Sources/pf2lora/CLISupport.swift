@@ -29,3 +29,22 @@ func defaultGPT2TokenizerFolder() -> String? {
     candidates += ["../shared/gpt2-tokenizer", "shared/gpt2-tokenizer"]
     return candidates.first { FileManager.default.fileExists(atPath: $0 + "/vocab.json") || FileManager.default.fileExists(atPath: $0 + "/tokenizer.json") }
 }
+
+/// Swift repairs invalid UTF-8 in command-line arguments (U+FFFD), so a wrong encoding would go
+/// unnoticed; this checks the raw bytes of `option`'s value (`--opt VALUE` or `--opt=VALUE`).
+func rawArgumentIsValidUTF8(option: String) -> Bool {
+    let argv = CommandLine.unsafeArgv
+    var i = 1
+    while i < Int(CommandLine.argc) {
+        guard let raw = argv[i] else { i += 1; continue }
+        let valid = String(validatingCString: raw) != nil
+        let arg = String(cString: raw)
+        if arg == option, i + 1 < Int(CommandLine.argc), let next = argv[i + 1] {
+            if String(validatingCString: next) == nil { return false }
+        } else if arg.hasPrefix(option + "="), !valid {
+            return false
+        }
+        i += 1
+    }
+    return true
+}

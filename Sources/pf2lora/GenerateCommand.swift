@@ -55,6 +55,9 @@ struct GenerateCommand: ParsableCommand {
     var ignoreEOS = false
 
     func run() throws {
+        guard rawArgumentIsValidUTF8(option: "--prompt") else {
+            throw CLIError("--prompt is not valid UTF-8; pass the text in UTF-8")
+        }
         let (m, tok) = try options.loadModel()
         let sampling = SamplingParams(temperature: temperature, topK: topK, topP: topP, seed: seed)
         try sampling.validate()
@@ -154,6 +157,3 @@ struct ServeCommand: ParsableCommand {
         if code != 0 { throw ExitCode(code) }
     }
 }
-
-/// Installs the `personalize` method when the training layer is present (see PersonalizeCommand.swift).
-func installPersonalize(_ server: Server) {}

@@ -10,6 +10,11 @@ public struct AdapterBinding {
     /// The shared version the client pair was trained against, when recorded.
     public let clientTrainedOn: Int?
 
+    public init(weights: LinearWeightSet, sharedVersion: Int?, client: ClientPairs?, clientVersion: Int?, clientTrainedOn: Int?) {
+        self.weights = weights; self.sharedVersion = sharedVersion; self.client = client
+        self.clientVersion = clientVersion; self.clientTrainedOn = clientTrainedOn
+    }
+
     /// The base model alone (no adapter at all).
     public static func base(_ model: GPT2Model) -> AdapterBinding {
         AdapterBinding(weights: model.baseLinears, sharedVersion: nil, client: nil, clientVersion: nil, clientTrainedOn: nil)

@@ -1,0 +1,635 @@
+#!/usr/bin/env python3
+"""Peer benchmark: pf2lora vs Hugging Face transformers (PyTorch CPU) vs llama.cpp (llama-cpp-python),
+on one GPT-2-124M-shaped random f32 model, plus the OpenBLAS sgemv / sgemm bounds, all in one run.
+
+    python3 Benchmarks/peer_bench.py --out Benchmarks/peer-results.md
+
+Protocol (the same for every engine, see Benchmarks/README.md): batch 1, `--threads` threads (2);
+prefill `--prompt-tokens` (512) prompt tokens into an empty KV cache (timed: prefill tok/s), then
+`--tokens` (64) greedy decode steps continuing that sequence (timed: decode tok/s). Each engine warms
+up first, in its own process; then `--repeats` rounds run every engine once, round-robin, and the
+median per engine is reported. A missing or crashing engine is reported as "not available" with the
+reason and the others still run.
+Progress goes to stderr; the Markdown table to stdout and to `--out`.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import platform
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHARED_TOKENIZER = ROOT.parent / "shared" / "gpt2-tokenizer"
+LLAMA_CPP_VERSION = "0.3.36"
+CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "pf2lora-bench"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def log(*a):
+    print("peer_bench:", *a, file=sys.stderr, flush=True)
+
+
+def thread_env(threads):
+    env = dict(os.environ)
+    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOTO_NUM_THREADS"):
+        env[k] = str(threads)
+    return env
+
+
+def median_of(runs, key):
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def prompt_ids(n, vocab, seed=0):
+    """The same pseudo-random prompt for every engine (content does not matter for random weights)."""
+    import random
+    rng = random.Random(seed)
+    return [rng.randrange(vocab) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+def model_geometry(model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    C, L, V = cfg["n_embd"], cfg["n_layer"], cfg["vocab_size"]
+    inner = cfg.get("n_inner") or 4 * C
+    layer_mm = C * 3 * C + C * C + C * inner + inner * C          # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    return {"n_embd": C, "n_layer": L, "vocab": V, "n_positions": cfg["n_positions"], "n_inner": inner,
+            "matmul_params": L * layer_mm + V * C,                 # + tied lm_head
+            "layer_matmul_params": L * layer_mm}
+
+
+def make_model(args):
+    """Returns the model folder: --model if given, else a random GPT-2-124M made by
+    `pf2lora model random --config gpt2` (when the binary exists) or by transformers."""
+    if args.model:
+        d = pathlib.Path(args.model)
+        if not (d / "config.json").exists():
+            sys.exit(f"peer_bench: {d} has no config.json; give a Hugging Face GPT-2 folder or omit --model")
+        return d, "given"
+    d = pathlib.Path(args.work) / f"gpt2-random-seed{args.seed}"
+    if (d / "model.safetensors").exists() and (d / "config.json").exists() and (d / ".made-by").exists():
+        return d, (d / ".made-by").read_text().strip()
+    d.mkdir(parents=True, exist_ok=True)
+    maker = args.make_model
+    if maker == "auto":
+        maker = "pf2lora" if pathlib.Path(args.pf2lora).exists() else "transformers"
+    if maker == "pf2lora":
+        log(f"making the model with {args.pf2lora} model random --config gpt2 --out {d}")
+        subprocess.run([args.pf2lora, "model", "random", "--config", "gpt2", "--out", str(d), "--seed", str(args.seed)],
+                       check=True, stdout=sys.stderr)
+    else:
+        log(f"making the model with transformers GPT2LMHeadModel(GPT2Config()) in {d}")
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+        torch.manual_seed(args.seed)
+        m = GPT2LMHeadModel(GPT2Config())
+        m.save_pretrained(d, safe_serialization=True)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["n_ctx"] = cfg["n_positions"]
+        (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if SHARED_TOKENIZER.exists():
+            for f in TOKENIZER_FILES:
+                if (SHARED_TOKENIZER / f).exists():
+                    shutil.copy(SHARED_TOKENIZER / f, d / f)
+        del m
+    (d / ".made-by").write_text(maker + "\n")
+    return d, maker
+
+
+# ----------------------------------------------------------------------------------------------------
+# Engines. The Python engines run as persistent worker subprocesses (`--worker NAME`): each loads its
+# model, warms up, prints one JSON line {"ready": true, "version": ...}, then answers every "run" line
+# on stdin with one JSON line of measurements. The main process measures the engines round-robin
+# (one run of each per round, the order rotating), so load changes on a shared machine hit them alike.
+
+def setup_transformers(a):
+    import torch
+    import transformers
+    from transformers import GPT2LMHeadModel
+    torch.set_num_threads(a.threads)
+    torch.set_num_interop_threads(1)
+    model = GPT2LMHeadModel.from_pretrained(a.model, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids(a.prompt_tokens, model.config.vocab_size)])
+
+    @torch.inference_mode()
+    def one(n_decode=a.tokens):
+        t0 = time.perf_counter()
+        # logits_to_keep=1 as generate() does: only the last position goes through lm_head.
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        t1 = time.perf_counter()
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+        for _ in range(n_decode):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        t3 = time.perf_counter()
+        return {"prefill_tokens_per_s": a.prompt_tokens / (t1 - t0),
+                "decode_tokens_per_s": n_decode / (t3 - t2) if n_decode else None}
+
+    one(4)
+    return {"version": f"transformers {transformers.__version__}, torch {torch.__version__}, "
+                       f"attn {model.config._attn_implementation}"}, one
+
+
+def setup_llama_cpp(a):
+    import numpy as np
+    import llama_cpp
+    from llama_cpp import Llama
+    n_pos = json.loads((pathlib.Path(a.model) / "config.json").read_text())["n_positions"]
+    llm = Llama(model_path=a.gguf, n_ctx=min(a.prompt_tokens + a.tokens + 8, n_pos), n_batch=a.prompt_tokens,
+                n_ubatch=a.prompt_tokens, n_threads=a.threads, n_threads_batch=a.threads, logits_all=False,
+                verbose=False)
+    vocab = llm.n_vocab()
+    ids = prompt_ids(a.prompt_tokens, vocab)
+
+    def last_argmax():
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
+
+    def one(n_decode=a.tokens):
+        llm.reset()                                                   # next eval drops the KV cache
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        nxt = last_argmax()
+        t2 = time.perf_counter()
+        for _ in range(n_decode):
+            llm.eval([nxt])
+            nxt = last_argmax()
+        t3 = time.perf_counter()
+        return {"prefill_tokens_per_s": a.prompt_tokens / (t1 - t0),
+                "decode_tokens_per_s": n_decode / (t3 - t2) if n_decode else None}
+
+    one(4)
+    return {"version": f"llama-cpp-python {llama_cpp.__version__}, GGUF f32"}, one
+
+
+def setup_blas(a):
+    """OpenBLAS through numpy: sgemv over the model's matmul weights (the bytes one decode step must
+    read) and sgemm on the prefill shapes (T = prompt tokens) of one layer."""
+    import numpy as np
+    from safetensors.numpy import load_file
+    cfg = json.loads((pathlib.Path(a.model) / "config.json").read_text())
+    w = load_file(str(pathlib.Path(a.model) / "model.safetensors"))
+
+    def get(name):
+        for k in (name, "transformer." + name):
+            if k in w:
+                return np.ascontiguousarray(w[k], dtype=np.float32)
+        raise KeyError(name)
+    mats = []
+    for i in range(cfg["n_layer"]):
+        for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            mats.append(get(f"h.{i}.{n}.weight"))                   # (in, out), Conv1D layout
+    wte = get("wte.weight")                                           # (V, C): logits = wte @ h
+    del w
+    nbytes = sum(m.nbytes for m in mats) + wte.nbytes
+    rng = np.random.default_rng(0)
+    xs = {m.shape[0]: rng.standard_normal(m.shape[0]).astype(np.float32) for m in mats}
+    h = rng.standard_normal(wte.shape[1]).astype(np.float32)
+    T = a.prompt_tokens
+    shapes = [(T, m.shape[0], m.shape[1]) for m in mats[:4]]
+    X = {k: rng.standard_normal((T, k)).astype(np.float32) for k in {s[1] for s in shapes}}
+    flops = [2 * M * K * N for (M, K, N) in shapes]
+
+    def gemv_pass():
+        t0 = time.perf_counter()
+        for m in mats:
+            xs[m.shape[0]] @ m                                        # sgemv (transposed)
+        wte @ h                                                       # sgemv
+        return time.perf_counter() - t0
+
+    def gemm_pass():
+        times = []
+        for m in mats[:4]:
+            t0 = time.perf_counter()
+            X[m.shape[0]] @ m                                         # (T,K) @ (K,N) sgemm
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def one():
+        t = statistics.median(gemv_pass() for _ in range(5))
+        per = [statistics.median(col) for col in zip(*[gemm_pass() for _ in range(3)])]
+        return {"sgemv_gb_per_s": nbytes / t / 1e9, "decode_bound_tokens_per_s": 1.0 / t,
+                "sgemm_gflop_per_s": sum(flops) / sum(per) / 1e9,
+                "sgemm_gflop_per_s_each": [f / s / 1e9 for f, s in zip(flops, per)]}
+
+    gemv_pass()
+    gemm_pass()
+    info = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    return {"version": f"numpy {np.__version__} with {info.get('name')} {info.get('version')} "
+                       f"({' '.join(info.get('openblas configuration', '').split())})",
+            "weight_bytes_per_token": nbytes, "sgemm_shapes": [list(x) for x in shapes]}, one
+
+
+SETUPS = {"transformers": setup_transformers, "llama.cpp": setup_llama_cpp, "blas": setup_blas}
+
+
+def worker_main(a):
+    try:
+        info, one = SETUPS[a.worker](a)
+    except Exception as e:                                              # noqa: BLE001
+        traceback.print_exc()
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        return
+    print(json.dumps({"ready": True, **info}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        try:
+            r = one()
+        except Exception as e:                                          # noqa: BLE001
+            traceback.print_exc()
+            r = {"error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(r), flush=True)
+
+
+class Worker:
+    """A persistent engine subprocess; stderr goes to WORK/<name>.log."""
+
+    def __init__(self, name, args, extra=()):
+        self.name, self.timeout = name, args.timeout
+        self.log_path = pathlib.Path(args.work) / f"{name}.log"
+        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", name, "--model", str(args.model_dir),
+               "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens), "--tokens", str(args.tokens),
+               *extra]
+        self.p = subprocess.Popen(cmd, env=thread_env(args.threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=open(self.log_path, "w"), text=True, bufsize=1)
+        self.info = self._read()
+
+    def _read(self):
+        deadline = time.time() + self.timeout
+        while True:
+            left = deadline - time.time()
+            if left <= 0 or not select.select([self.p.stdout], [], [], left)[0]:
+                self.close()
+                return {"error": f"no answer within {self.timeout} s (see {self.log_path})"}
+            line = self.p.stdout.readline()
+            if not line:
+                code = self.p.wait()
+                tail = " | ".join(self.log_path.read_text().strip().splitlines()[-2:])
+                return {"error": f"exited with {code}: {tail[-300:]}"}
+            if line.lstrip().startswith("{"):
+                try:
+                    return json.loads(line)
+                except json.JSONDecodeError:
+                    pass
+
+    def run(self):
+        try:
+            self.p.stdin.write("run\n")
+            self.p.stdin.flush()
+        except (BrokenPipeError, OSError) as e:
+            return {"error": f"worker gone: {e}"}
+        return self._read()
+
+    def close(self):
+        if self.p.poll() is None:
+            try:
+                self.p.stdin.close()
+                self.p.wait(timeout=30)
+            except Exception:                                           # noqa: BLE001
+                self.p.kill()
+                self.p.wait()
+
+
+def parse_json_line(stdout, code, stderr):
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    tail = " | ".join(stderr.strip().splitlines()[-3:])
+    return {"error": f"exit {code}, no JSON on stdout: {tail[-400:]}"}
+
+
+# ---- pf2lora (the CLI: one invocation per round)
+
+class Pf2loraDecode:
+    """`pf2lora bench decode --model DIR --batch 1 --tokens N --prompt-tokens P --threads T --repeats 1`:
+    one JSON object on stdout with prefill_tokens_per_s and decode_tokens_per_s (the CLI loads the
+    mapped model and does its own warm-up run each time). If the CLI rejects --threads/--repeats, the
+    basic form is used."""
+
+    def __init__(self, args):
+        self.args, self.exe = args, pathlib.Path(args.pf2lora)
+        base = [str(self.exe), "bench", "decode", "--model", str(args.model_dir), "--batch", "1",
+                "--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens)]
+        self.cmd = base + ["--threads", str(args.threads), "--repeats", "1"]
+        if not self.exe.exists():
+            self.info = {"error": f"{self.exe} not found (build it: swift build -c release)"}
+            return
+        first = self._once(self.cmd)
+        if "error" in first:
+            log(f"pf2lora: {first['error'][:200]}; retrying without --threads/--repeats")
+            self.cmd = base
+            first = self._once(self.cmd)
+        self.info = first if "error" in first else {"version": "pf2lora", "command": " ".join(self.cmd)}
+
+    def _once(self, cmd):
+        a = self.args
+        try:
+            p = subprocess.run(cmd, env=thread_env(a.threads), capture_output=True, text=True, timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"no answer within {a.timeout} s"}
+        r = parse_json_line(p.stdout, p.returncode, p.stderr)
+        if p.returncode != 0 and "error" not in r:
+            r = {"error": f"exit {p.returncode}: {p.stderr.strip()[-400:]}"}
+        missing = [k for k in ("prefill_tokens_per_s", "decode_tokens_per_s") if k not in r]
+        if "error" not in r and missing:
+            r = {"error": f"JSON has no {', '.join(missing)}: {json.dumps(r)[:300]}"}
+        return r
+
+    def run(self):
+        return self._once(self.cmd)
+
+    def close(self):
+        pass
+
+
+class Pf2loraBLAS(Pf2loraDecode):
+    """Optional: `pf2lora bench blas --model DIR --prompt-tokens P --threads T`, keys sgemv_gb_per_s,
+    decode_bound_tokens_per_s, sgemm_gflop_per_s (the OpenBLAS pf2lora links). Not available if the
+    subcommand is missing."""
+
+    def __init__(self, args):
+        self.args, self.exe = args, pathlib.Path(args.pf2lora)
+        self.cmd = [str(self.exe), "bench", "blas", "--model", str(args.model_dir),
+                    "--prompt-tokens", str(args.prompt_tokens), "--threads", str(args.threads)]
+        if not self.exe.exists():
+            self.info = {"error": f"{self.exe} not found"}
+            return
+        first = self._once(self.cmd)
+        self.info = first if "error" in first else {"version": "pf2lora bench blas", "command": " ".join(self.cmd)}
+
+    def _once(self, cmd):
+        a = self.args
+        try:
+            p = subprocess.run(cmd, env=thread_env(a.threads), capture_output=True, text=True, timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"no answer within {a.timeout} s"}
+        if p.returncode != 0:
+            return {"error": f"`bench blas` failed (exit {p.returncode}): {p.stderr.strip()[-200:]}"}
+        r = parse_json_line(p.stdout, p.returncode, p.stderr)
+        if "error" not in r and "sgemm_gflop_per_s" not in r:
+            r = {"error": f"JSON has no sgemm_gflop_per_s: {json.dumps(r)[:200]}"}
+        return r
+
+
+# ---- llama.cpp: conversion to GGUF f32
+
+def find_converter(args):
+    """vendor/llama.cpp of llama-cpp-python's source distribution (convert_hf_to_gguf.py, conversion/,
+    gguf-py/): --llama-src, else the cache, else `pip download` of the sdist into the cache."""
+    cands = [pathlib.Path(args.llama_src)] if args.llama_src else []
+    cached = CACHE / f"llama_cpp_python-{LLAMA_CPP_VERSION}" / "vendor" / "llama.cpp"
+    cands.append(cached)
+    for c in cands:
+        if (c / "convert_hf_to_gguf.py").exists():
+            return c
+    log(f"fetching llama-cpp-python=={LLAMA_CPP_VERSION} source distribution for convert_hf_to_gguf.py")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+                        f"llama-cpp-python=={LLAMA_CPP_VERSION}", "-d", tmp], check=True, stdout=sys.stderr,
+                       timeout=900)
+        sdist = next(pathlib.Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        import tarfile
+        prefix = f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as tf:
+            members = [m for m in tf.getmembers() if m.name.startswith(prefix) and (
+                m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith(prefix + "conversion/")
+                or m.name.startswith(prefix + "gguf-py/"))]
+            tf.extractall(CACHE, members=members, filter="data")
+    if not (cached / "convert_hf_to_gguf.py").exists():
+        raise FileNotFoundError(f"convert_hf_to_gguf.py not in the llama-cpp-python {LLAMA_CPP_VERSION} sdist")
+    return cached
+
+
+def convert_to_gguf(args):
+    """GGUF f32 of the model folder, cached by the weights' size and mtime. The converter needs n_ctx
+    in config.json and a tokenizer it recognises (gpt2's vocab.json/merges.txt/tokenizer.json); the
+    model folder is not modified: a staging folder of symlinks gets a patched config.json."""
+    d = args.model_dir
+    st = (d / "model.safetensors").stat()
+    key = hashlib.sha256(f"{d.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = pathlib.Path(args.work) / f"model-f32-{key}.gguf"
+    if out.exists():
+        return out
+    conv = find_converter(args)
+    with tempfile.TemporaryDirectory(dir=args.work) as stage:
+        stage = pathlib.Path(stage)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.setdefault("n_ctx", cfg.get("n_positions", 1024))
+        cfg.setdefault("architectures", ["GPT2LMHeadModel"])
+        (stage / "config.json").write_text(json.dumps(cfg))
+        (stage / "model.safetensors").symlink_to((d / "model.safetensors").resolve())
+        tok_src = d
+        if not (d / "vocab.json").exists() and SHARED_TOKENIZER.exists() and cfg["vocab_size"] == 50257:
+            tok_src = SHARED_TOKENIZER                                  # the real GPT-2 tokenizer, same ids
+        for f in TOKENIZER_FILES:
+            if (tok_src / f).exists():
+                (stage / f).symlink_to((tok_src / f).resolve())
+        log(f"converting to GGUF f32 with {conv / 'convert_hf_to_gguf.py'}")
+        tmp_out = out.with_suffix(".part")
+        p = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(stage), "--outtype", "f32",
+                            "--outfile", str(tmp_out)], capture_output=True, text=True, timeout=args.timeout)
+        if p.returncode != 0:
+            raise RuntimeError("convert_hf_to_gguf.py failed: " + " | ".join(p.stderr.strip().splitlines()[-3:]))
+        tmp_out.rename(out)
+    return out
+
+
+def start_llama_cpp(args):
+    try:
+        import importlib.metadata as md
+        v = md.version("llama-cpp-python")
+    except Exception:                                                   # noqa: BLE001
+        return None, {"error": f"llama-cpp-python is not installed (pip install llama-cpp-python=={LLAMA_CPP_VERSION})"}
+    if v != LLAMA_CPP_VERSION:
+        log(f"note: llama-cpp-python {v} installed, DESIGN §6 figures are for {LLAMA_CPP_VERSION}")
+    try:
+        gguf = convert_to_gguf(args)
+    except Exception as e:                                              # noqa: BLE001
+        return None, {"error": f"GGUF conversion: {e}"}
+    w = Worker("llama.cpp", args, ["--gguf", str(gguf)])
+    return w, w.info
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+
+def fmt(x, nd=1):
+    return "–" if x is None else f"{x:,.{nd}f}"
+
+
+def report(args, geo, res, made_by):
+    P = args.prompt_tokens
+    # FLOPs per prompt token of a prefill: the layer matmuls (2 per weight) plus attention
+    # (QK^T and AV over on average (P+1)/2 keys); the lm_head only for the last token.
+    attn = geo["n_layer"] * 2 * 2 * ((P + 1) / 2) * geo["n_embd"]
+    flop_per_tok = 2 * geo["layer_matmul_params"] + attn
+    bytes_per_tok = 4 * geo["matmul_params"]
+    mm_flop_per_tok = 2 * geo["layer_matmul_params"]
+
+    def ok(name):
+        r = res.get(name, {})
+        return "error" not in r and r.get("runs")
+
+    def med(name, key):
+        return median_of(res[name]["runs"], key) if ok(name) else None
+
+    def spread(name, key):
+        vals = [r[key] for r in res[name]["runs"] if r.get(key) is not None]
+        return f"{min(vals):,.1f}–{max(vals):,.1f}" if vals else "–"
+
+    ref = (med("llama.cpp", "prefill_tokens_per_s"), med("llama.cpp", "decode_tokens_per_s"))
+
+    def ratio(x, r):
+        return fmt(x / r, 2) + "x" if x and r else "–"
+
+    lines = [f"Peer benchmark, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {platform.node()}, "
+             f"{os.cpu_count()} CPUs, {args.threads} threads, batch 1, GPT-2-124M shape f32 random weights "
+             f"(model made by {made_by}), prefill {P} tokens, then {args.tokens} decode steps. Engines measured "
+             f"round-robin, {args.repeats} rounds, median (min–max in the notes). Load average "
+             f"{args.load_start} at start, {'%.2f %.2f %.2f' % os.getloadavg()} at end: above {os.cpu_count()} "
+             f"the machine is contended and only same-run ratios mean much.", "",
+             "| engine | prefill tok/s | decode tok/s | prefill vs llama.cpp | decode vs llama.cpp | prefill GFLOP/s | decode GB/s | notes |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, label in (("pf2lora", "pf2lora"), ("transformers", "transformers (PyTorch CPU)"),
+                        ("llama.cpp", "llama.cpp (llama-cpp-python, GGUF f32)")):
+        if not ok(name):
+            lines.append(f"| {label} | not available | not available | – | – | – | – | {res[name].get('error', 'no runs')} |")
+            continue
+        pre, dec = med(name, "prefill_tokens_per_s"), med(name, "decode_tokens_per_s")
+        note = (f"{res[name].get('version', '')}; prefill {spread(name, 'prefill_tokens_per_s')}, "
+                f"decode {spread(name, 'decode_tokens_per_s')}")
+        lines.append(f"| {label} | {fmt(pre)} | {fmt(dec)} | {ratio(pre, ref[0])} | {ratio(dec, ref[1])} | "
+                     f"{fmt(pre * flop_per_tok / 1e9 if pre else None)} | {fmt(dec * bytes_per_tok / 1e9 if dec else None)} | {note} |")
+    bounds = {}
+    for name, label in (("blas", "OpenBLAS bound (numpy: sgemm / sgemv)"), ("pf2lora_blas", "OpenBLAS bound (pf2lora bench blas)")):
+        if not ok(name):
+            if name == "blas" or "not found" not in res[name].get("error", "not found"):
+                lines.append(f"| {label} | not available | not available | – | – | – | – | {res[name].get('error', 'no runs')} |")
+            continue
+        gf, dec, gbs = med(name, "sgemm_gflop_per_s"), med(name, "decode_bound_tokens_per_s"), med(name, "sgemv_gb_per_s")
+        pre = gf * 1e9 / mm_flop_per_tok
+        bounds[name] = (gf, dec)
+        note = res[name].get("version", "") + f"; sgemm GFLOP/s {spread(name, 'sgemm_gflop_per_s')}, sgemv GB/s {spread(name, 'sgemv_gb_per_s')}"
+        lines.append(f"| {label} | {fmt(pre)} | {fmt(dec)} | {ratio(pre, ref[0])} | {ratio(dec, ref[1])} | "
+                     f"{fmt(gf)} | {fmt(gbs)} | {note} |")
+    lines += ["", f"prefill GFLOP/s = prefill tok/s x {flop_per_tok / 1e6:.1f} MFLOP/token (layer matmuls + attention at "
+              f"{P} tokens; the lm_head runs for the last token only and is left out); decode GB/s = decode tok/s x "
+              f"{bytes_per_tok / 1e6:.1f} MB of f32 matmul weights read per token (tied lm_head included). "
+              f"The OpenBLAS rows: sgemm GFLOP/s on the four layer shapes at {P} rows, as tok/s = GFLOP/s / "
+              f"{mm_flop_per_tok / 1e6:.1f} MFLOP; one sgemv pass over all those weights, as tok/s = 1 / pass time."]
+    src = "pf2lora_blas" if "pf2lora_blas" in bounds else ("blas" if "blas" in bounds else None)
+    if ok("pf2lora") and src:
+        pre, dec = med("pf2lora", "prefill_tokens_per_s"), med("pf2lora", "decode_tokens_per_s")
+        gf, dec_b = bounds[src]
+        what = "pf2lora bench blas" if src == "pf2lora_blas" else "numpy"
+        lines += ["", "Issue 3 targets, pf2lora:",
+                  f"- decode vs llama.cpp: {ratio(dec, ref[1])} (target >= 1.00x)",
+                  f"- decode vs the sgemv bound ({what}): {ratio(dec, dec_b)} (target >= 0.67x, i.e. within 1.5x)",
+                  f"- prefill GFLOP/s vs sgemm ({what}): {ratio(pre * flop_per_tok / 1e9, gf)} (target >= 0.70x)"]
+    lines += ["", "Command: `python3 Benchmarks/peer_bench.py " + " ".join(sys.argv[1:]) + "`"]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="Hugging Face GPT-2 folder; default: make a random GPT-2-124M in --work")
+    ap.add_argument("--make-model", choices=["auto", "pf2lora", "transformers"], default="auto",
+                    help="who makes the random model when --model is not given (auto: pf2lora if the binary exists)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pf2lora", default=str(ROOT / ".build" / "release" / "pf2lora"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=64, help="decode steps")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--engines", default="pf2lora,transformers,llama.cpp,blas")
+    ap.add_argument("--llama-src", help="vendor/llama.cpp folder of the llama-cpp-python sdist (with convert_hf_to_gguf.py)")
+    ap.add_argument("--work", default=str(pathlib.Path(tempfile.gettempdir()) / "pf2lora-peer-bench"))
+    ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--out", help="also write the Markdown table here (and the raw results to OUT.json)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+
+    if a.worker:                                                        # subprocess mode
+        worker_main(a)
+        return
+
+    pathlib.Path(a.work).mkdir(parents=True, exist_ok=True)
+    a.load_start = "%.2f %.2f %.2f" % os.getloadavg()
+    a.model_dir, made_by = make_model(a)
+    geo = model_geometry(a.model_dir)
+    if a.prompt_tokens + a.tokens > geo["n_positions"]:
+        sys.exit(f"peer_bench: --prompt-tokens + --tokens = {a.prompt_tokens + a.tokens} exceeds n_positions {geo['n_positions']}")
+    wanted = {e.strip() for e in a.engines.split(",")}
+    starters = {
+        "pf2lora": lambda: (lambda e: (e, e.info))(Pf2loraDecode(a)),
+        "transformers": lambda: (lambda w: (w, w.info))(Worker("transformers", a)),
+        "llama.cpp": lambda: start_llama_cpp(a),
+        "blas": lambda: (lambda w: (w, w.info))(Worker("blas", a)),
+        "pf2lora_blas": lambda: (lambda e: (e, e.info))(Pf2loraBLAS(a)),
+    }
+    res, live = {}, {}
+    for name, start in starters.items():
+        if ("blas" if name == "pf2lora_blas" else name) not in wanted:
+            res[name] = {"error": "not requested (--engines)"}
+            continue
+        log(f"{name}: starting")
+        try:
+            eng, info = start()
+        except Exception as e:                                          # noqa: BLE001
+            eng, info = None, {"error": f"{type(e).__name__}: {e}"}
+        if "error" in info:
+            log(f"{name}: not available: {info['error'][:300]}")
+            res[name] = {"error": info["error"]}
+            if eng is not None:
+                eng.close()
+        else:
+            res[name] = {**{k: v for k, v in info.items() if k != "ready"}, "runs": []}
+            live[name] = eng
+    order = list(live)
+    for rnd in range(a.repeats):
+        for name in order[rnd % max(1, len(order)):] + order[:rnd % max(1, len(order))]:
+            if name not in live:
+                continue
+            t0 = time.time()
+            r = live[name].run()
+            if "error" in r:
+                log(f"{name}: round {rnd + 1} failed: {r['error'][:300]}")
+                res[name] = {"error": r["error"]}
+                live.pop(name).close()
+                continue
+            res[name]["runs"].append(r)
+            brief = {k: round(v, 1) for k, v in r.items() if isinstance(v, float)}
+            log(f"round {rnd + 1}/{a.repeats} {name}: {brief} ({time.time() - t0:.0f} s, load {os.getloadavg()[0]:.1f})")
+    for eng in live.values():
+        eng.close()
+    table = report(a, geo, res, made_by)
+    print(table)
+    if a.out:
+        pathlib.Path(a.out).write_text(table)
+        pathlib.Path(a.out).with_suffix(".json").write_text(json.dumps(
+            {"geometry": geo, "results": res, "argv": sys.argv[1:]}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

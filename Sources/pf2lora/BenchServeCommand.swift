@@ -1,0 +1,131 @@
+import ArgumentParser
+import Foundation
+import PF2LoRA
+
+struct BenchServe: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Multi-client decode throughput with per-client adapters vs the base alone, adapter cold-load and switch cost, adapter sizes.",
+        discussion: """
+        Builds a temporary store for the model with one rank-`--rank` shared pair and `--clients` distinct
+        rank-`--rank2` client pairs (random values at a trained-looking scale, all four GPT-2 linear kinds
+        of every layer). Then decodes one batch of `--clients` sequences, one per client (shared pair folded,
+        client pairs per token, grouped per client), and the same batch on the base alone, in the same run,
+        and reports the throughput ratio. Cold load = read + decompress + validate one client file
+        (median); switch = resolving a request to an already-cached adapter (median).
+        """)
+
+    @Option(help: "Model folder.")
+    var model: String
+    @Option(help: "Concurrent clients (sequences in the batch), each with its own adapter.")
+    var clients: Int = 32
+    @Option(help: "Shared rank r.")
+    var rank: Int = 8
+    @Option(help: "Client rank r2.")
+    var rank2: Int = 2
+    @Option(help: "Decode steps timed.")
+    var tokens: Int = 32
+    @Option(name: .customLong("prompt-tokens"), help: "Prompt length of each sequence.")
+    var promptTokens: Int = 16
+    @Option(help: "Timed repeats (median).")
+    var repeats: Int = 3
+    @Option(help: "OpenBLAS threads (0 = its default).")
+    var threads: Int = 0
+
+    func run() throws {
+        BLAS.setThreads(threads)
+        let m = try GPT2Model.load(folder: model)
+        let c = m.config
+        let base = try BaseModelInfo.gpt2(folder: model)
+        let root = NSTemporaryDirectory() + "pf2lora-bench-serve-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let store = try AdapterStore.open(root: root, base: base, cacheBytes: 1 << 30)
+        var rng = RNG(seed: 3)
+        func adapter(_ level: AdapterLevel, _ r: Int, _ id: String?) -> LoRAAdapter {
+            var modules: [String: LoRAPair] = [:]
+            for (path, dims) in base.linears {
+                let a = Tensor(zeros: [r, dims.inFeatures]), b = Tensor(zeros: [dims.outFeatures, r])
+                rng.fillNormal(a, std: 1 / Float(dims.inFeatures).squareRoot())
+                rng.fillNormal(b, std: 0.01)
+                modules[path] = LoRAPair(a: a, b: b)
+            }
+            return LoRAAdapter(level: level, rank: r, alpha: Float(2 * r), modules: modules,
+                               metadata: AdapterMetadata(baseName: base.name, baseFingerprint: base.fingerprint, clientID: id))
+        }
+        log("bench serve: publishing a rank-\(rank) shared pair and \(clients) rank-\(rank2) client pairs")
+        try store.publishShared(adapter(.shared, rank, nil))
+        let ids = (0..<clients).map { "client-\($0)" }
+        for id in ids { try store.publishClient(id: id, adapter(.client, rank2, id)) }
+        let runtime = AdapterRuntime(model: m, store: store)
+        try runtime.prepare()
+        let bindings = try ids.map { try runtime.resolve(client: $0) }
+
+        // Sizes of one client file and the shared file.
+        let cv = store.currentVersion(level: .client, client: ids[0])!
+        let (cz, craw) = try store.fileSizes(level: .client, client: ids[0], version: cv)
+        let (sz, sraw) = try store.fileSizes(level: .shared, version: store.currentVersion(level: .shared)!)
+        let f16Client = try adapter(.client, rank2, "x").encodedSizeF16()
+
+        // Cold load and cached switch.
+        var cold: [Double] = []
+        for i in 0..<min(50, clients * 4) {
+            let id = ids[i % clients]
+            let t0 = now(); _ = try store.readAndValidate(level: .client, client: id, version: store.currentVersion(level: .client, client: id)!); cold.append(now() - t0)
+        }
+        var sw: [Double] = []
+        for i in 0..<1000 { let t0 = now(); _ = try runtime.resolve(client: ids[i % clients]); sw.append(now() - t0) }
+
+        let engine = InferenceEngine(model: m)
+        var prng = RNG(seed: 9)
+        let prompts = (0..<clients).map { _ in (0..<promptTokens).map { _ in prng.int(below: c.vocabSize) } }
+        func decodeRate(_ bs: [AdapterBinding]) throws -> Double {
+            // Sequences ordered by client (they are already distinct), as the scheduler groups them.
+            let caches = bs.map { _ in KVCache(config: c, capacity: promptTokens + tokens + 1) }
+            var times: [Double] = []
+            for rep in 0...repeats {
+                caches.forEach { $0.reset() }
+                let lg = try engine.step(bs.indices.map { StepInput(cache: caches[$0], tokens: prompts[$0], weights: bs[$0].weights, client: bs[$0].client) })
+                var next = bs.indices.map { Sampler.argmax(lg.data + $0 * c.vocabSize, count: c.vocabSize) }
+                let t0 = now()
+                for _ in 0..<tokens {
+                    let l = try engine.step(bs.indices.map { StepInput(cache: caches[$0], tokens: [next[$0]], weights: bs[$0].weights, client: bs[$0].client) })
+                    next = bs.indices.map { Sampler.argmax(l.data + $0 * c.vocabSize, count: c.vocabSize) }
+                }
+                if rep > 0 { times.append(now() - t0) }
+            }
+            return Double(bs.count * tokens) / times.sorted()[times.count / 2]
+        }
+        let baseOnly = Array(repeating: AdapterBinding.base(m), count: clients)
+        // Interleave the two measurements so drift on a busy machine hits both alike.
+        var baseRates: [Double] = [], adapterRates: [Double] = []
+        for _ in 0..<2 {
+            baseRates.append(try decodeRate(baseOnly))
+            adapterRates.append(try decodeRate(bindings))
+        }
+        let b = baseRates.max()!, a = adapterRates.max()!
+        if ProcessInfo.processInfo.environment["PF2LORA_BENCH_SPLIT"] != nil {
+            let sharedOnly = bindings.map { AdapterBinding(weights: $0.weights, sharedVersion: $0.sharedVersion, client: nil, clientVersion: nil, clientTrainedOn: nil) }
+            let clientOnly = bindings.map { AdapterBinding(weights: m.baseLinears, sharedVersion: nil, client: $0.client, clientVersion: $0.clientVersion, clientTrainedOn: nil) }
+            log("bench serve: shared-only \(try decodeRate(sharedOnly)) tok/s, client-only \(try decodeRate(clientOnly)) tok/s")
+        }
+        let rss = Server.residentBytes()
+        print(jsonLine([
+            "model": model, "clients": clients, "rank": rank, "rank2": rank2, "threads": BLAS.threads,
+            "base_decode_tokens_per_s": b, "adapters_decode_tokens_per_s": a, "ratio": a / b,
+            "client_cold_load_ms_median": cold.sorted()[cold.count / 2] * 1000,
+            "cached_switch_us_median": sw.sorted()[sw.count / 2] * 1e6,
+            "client_file_bytes_zstd_f32": cz, "client_raw_bytes_f32": craw, "client_file_bytes_zstd_f16": f16Client,
+            "shared_file_bytes_zstd_f32": sz, "shared_raw_bytes_f32": sraw,
+            "rss_bytes": rss,
+        ]))
+    }
+}
+
+extension LoRAAdapter {
+    /// The size of this adapter's file when stored as f16.
+    func encodedSizeF16() throws -> Int {
+        var a = self
+        a.metadata.storage = .f16
+        return try a.encode().count
+    }
+}

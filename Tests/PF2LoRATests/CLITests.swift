@@ -1,0 +1,83 @@
+import Foundation
+import Testing
+@testable import PF2LoRA
+
+/// The command-line contract: results on stdout, one error line on stderr and a non-zero exit on bad input.
+@Suite struct CLITests {
+    struct Run { let code: Int32; let out: String; let err: String; let signaled: Bool }
+
+    static func run(_ args: [String], stdin: Data? = nil) throws -> Run {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: ServerProcess.binary)
+        p.arguments = args
+        let o = Pipe(), e = Pipe(), i = Pipe()
+        p.standardOutput = o; p.standardError = e; p.standardInput = i
+        try p.run()
+        if let stdin { i.fileHandleForWriting.write(stdin) }
+        try? i.fileHandleForWriting.close()
+        let out = o.fileHandleForReading.readDataToEndOfFile(), err = e.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return Run(code: p.terminationStatus, out: String(decoding: out, as: UTF8.self), err: String(decoding: err, as: UTF8.self),
+                   signaled: p.terminationReason == .uncaughtSignal)
+    }
+
+    static let tiny = TestPaths.fixture("tiny-gpt2")
+
+    @Test func greedyGenerateMatchesTheFixture() throws {
+        let d = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: Self.tiny + "/cases.json"))) as! [String: Any]
+        let c = (d["cases"] as! [[String: Any]])[1]
+        let r = try Self.run(["generate", "--model", Self.tiny, "--prompt", c["text"] as! String, "--max-tokens", "20", "--temperature", "0", "--ignore-eos"])
+        #expect(r.code == 0)
+        let tok = try BPETokenizer(folder: Self.tiny)
+        #expect(r.out == tok.decode(c["greedy"] as! [Int]) + "\n", "stdout is the continuation only, then a newline")
+        #expect(r.err.contains("tok/s"), "stats go to stderr")
+        // Same seed, same text; sampling differs from greedy.
+        let s1 = try Self.run(["generate", "--model", Self.tiny, "--prompt", "The", "--seed", "3", "--max-tokens", "12"])
+        let s2 = try Self.run(["generate", "--model", Self.tiny, "--prompt", "The", "--seed", "3", "--max-tokens", "12"])
+        #expect(s1.out == s2.out && s1.code == 0)
+    }
+
+    static func expectOneErrorLine(_ r: Run, _ needle: String, sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(r.code != 0 && !r.signaled, "exit \(r.code)", sourceLocation: sourceLocation)
+        let lines = r.err.split(separator: "\n")
+        #expect(lines.count == 1, "one error line: \(r.err)", sourceLocation: sourceLocation)
+        #expect(r.err.contains(needle), "\(r.err)", sourceLocation: sourceLocation)
+    }
+
+    @Test func badInputGivesOneErrorLine() throws {
+        Self.expectOneErrorLine(try Self.run(["generate", "--model", "/nonexistent/m", "--prompt", "x"]), "does not exist")
+        let dir = TestPaths.tempDir("cli")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for f in ["config.json", "tokenizer.json"] { try FileManager.default.copyItem(atPath: Self.tiny + "/" + f, toPath: dir + "/" + f) }
+        let full = try Data(contentsOf: URL(fileURLWithPath: Self.tiny + "/model.safetensors"))
+        try full.prefix(full.count - 100).write(to: URL(fileURLWithPath: dir + "/model.safetensors"))
+        Self.expectOneErrorLine(try Self.run(["generate", "--model", dir, "--prompt", "x"]), "model.safetensors")
+        try full.write(to: URL(fileURLWithPath: dir + "/model.safetensors"))
+        let long = String(repeating: "The cat sat on the mat. ", count: 40)
+        Self.expectOneErrorLine(try Self.run(["generate", "--model", dir, "--prompt", long]), "context")
+        Self.expectOneErrorLine(try Self.run(["generate", "--model", dir, "--prompt", "x", "--top-p", "2"]), "top_p")
+        Self.expectOneErrorLine(try Self.run(["generate", "--model", dir, "--prompt", "x", "--client", "a"]), "--store")
+        Self.expectOneErrorLine(try Self.run(["tokenize", "--model", dir], stdin: Data([0x61, 0xff, 0x62])), "UTF-8")
+        // Invalid UTF-8 in an argument: through a shell, since Process passes Swift Strings.
+        let sh = Process()
+        sh.executableURL = URL(fileURLWithPath: "/bin/sh")
+        sh.arguments = ["-c", "\"$0\" generate --model \"$1\" --prompt \"$(printf 'a\\377b')\"", ServerProcess.binary, dir]
+        let errPipe = Pipe()
+        sh.standardError = errPipe
+        sh.standardOutput = Pipe()
+        try sh.run()
+        let errText = String(decoding: errPipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        sh.waitUntilExit()
+        Self.expectOneErrorLine(Run(code: sh.terminationStatus, out: "", err: errText, signaled: false), "not valid UTF-8")
+        Self.expectOneErrorLine(try Self.run(["model", "random", "--config", "huge", "--out", dir + "/x"]), "unknown --config")
+    }
+
+    @Test func helpIsCompleteForEveryCommand() throws {
+        let top = try Self.run(["--help"])
+        for cmd in ["generate", "serve", "tokenize", "adapters", "synthetic", "model", "bench"] {
+            #expect(top.out.contains(cmd), "--help lists \(cmd)")
+            let h = try Self.run([cmd, "--help"])
+            #expect(h.code == 0 && h.out.contains("USAGE"), "\(cmd) --help")
+        }
+    }
+}

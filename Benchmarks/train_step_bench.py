@@ -16,6 +16,7 @@ Writes a Markdown table (stdout, and --out if given).
 """
 import argparse
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -95,6 +96,7 @@ def main():
     ap.add_argument("--out")
     args = ap.parse_args()
 
+    load_before = os.getloadavg()[0]
     ours, theirs = [], []
     for _ in range(args.rounds):
         ours.append(pf2lora_step(args))
@@ -109,7 +111,8 @@ def main():
         f"Training step, two-level LoRA (shared r={args.rank}, client r={args.rank2}, all 4 linear kinds), "
         f"batch {args.batch} x {args.seq} tokens, forward + backward, no optimizer; {args.threads} threads; "
         f"model {args.model}; {platform.node()}, {time.strftime('%Y-%m-%d %H:%M')}; {theirs[0]['versions']} "
-        f"(attention: {theirs[0]['attn']}); medians over {args.rounds} x {args.repeats} steps.",
+        f"(attention: {theirs[0]['attn']}); medians over {args.rounds} x {args.repeats} steps; "
+        f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 cores).",
         "",
         "| implementation | step (ms) | forward only (ms) | tokens/s (step) | step time vs PyTorch |",
         "|---|---:|---:|---:|---:|",

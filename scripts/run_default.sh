@@ -15,4 +15,8 @@ if [ ! -f "$MODEL/model.safetensors" ]; then
     "$BIN" model random --config tiny --tokenizer models/fortune-gpt2 --out "$MODEL" --seed 1
   fi
 fi
-exec python3 scripts/demo_client.py --binary "$BIN" --model "$MODEL" --store "$STORE" "$@"
+# The demo personalizes a new client: it works on a copy so the shipped store stays as committed.
+RUNSTORE=.build/run-store
+rm -rf "$RUNSTORE" && mkdir -p "$RUNSTORE"
+[ -d "$STORE" ] && cp -r "$STORE"/. "$RUNSTORE"/
+exec python3 scripts/demo_client.py --binary "$BIN" --model "$MODEL" --store "$RUNSTORE" "$@"

@@ -15,7 +15,7 @@ struct Adapters: ParsableCommand {
         Each file is a zstd frame of a safetensors file with PEFT tensor names (lora_A/lora_B for the
         shared level, lora_C/lora_D for a client level). See docs/ADAPTER_STORE.md.
         """,
-        subcommands: [List.self, Inspect.self, ImportPEFT.self, ExportPEFT.self, Bench.self])
+        subcommands: [List.self, Inspect.self, ImportPEFT.self, ExportPEFT.self, Bench.self, RankCommand.self])
 
     /// Options shared by the subcommands that find a store folder.
     struct StoreOptions: ParsableArguments {

@@ -47,7 +47,7 @@ struct BenchTrain: ParsableCommand {
         func level(_ r: Int, _ a: Float) -> AdapterWeights? {
             guard r > 0, !full else { return nil }
             var pairs: [String: (down: Tensor, up: Tensor)] = [:]
-            for (path, dims) in m.linears {
+            for (path, dims) in m.linears.sorted(by: { $0.key < $1.key }) {   // sorted: same adapters every run
                 let down = Tensor(zeros: [r, dims.inFeatures]), up = Tensor(zeros: [dims.outFeatures, r])
                 let bound = 1 / Float(dims.inFeatures).squareRoot()
                 for i in 0..<down.count { down.data[i] = rng.uniform(-bound, bound) }

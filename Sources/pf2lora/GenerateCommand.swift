@@ -154,6 +154,3 @@ struct ServeCommand: ParsableCommand {
         if code != 0 { throw ExitCode(code) }
     }
 }
-
-/// Installs the `personalize` method when the training layer is present (see PersonalizeCommand.swift).
-func installPersonalize(_ server: Server) {}

@@ -267,6 +267,25 @@ private func relErr(_ a: [Float], _ b: [Float]) -> Double {
         #expect(trainer.gradients.shared[path]!.down.array == bothShared)
     }
 
+    /// The bridge from the federated code's ParameterSets (PEFT names, modules without `transformer.`).
+    @Test func parameterSetBridge() throws {
+        let w = GradientTestModel.weights()
+        let shared = GradientTestModel.adapter(rank: 4, scale: 2, seed: 7)
+        let set = ParameterSet(shared.pairs.sorted { $0.key < $1.key }.flatMap { path, p in
+            let m = String(path.dropFirst("transformer.".count))
+            return [(LoRANames.a(m), p.down), (LoRANames.b(m), p.up)]
+        })
+        let bridged = try AdapterWeights(set, level: .shared, scale: 2)
+        #expect(bridged.pairs.count == 8)
+        let batch = try GradientTestModel.batch()
+        let trainer = GPT2Trainer(weights: w)
+        let l1 = try trainer.lossAndGradients(batch, shared: bridged)
+        let grads = set.zerosLike()
+        trainer.gradients.copy(level: .shared, into: grads)
+        #expect(grads.tensor("h.1.mlp.c_fc.lora_B.weight").array == trainer.gradients.shared["transformer.h.1.mlp.c_fc"]!.up.array)
+        #expect(try trainer.loss(batch, shared: shared) == l1)
+    }
+
     @Test func batchShiftsLabelsAsHuggingFace() throws {
         let b = try TrainingBatch(inputIds: [[5, 6, 7, 0]], labels: [[5, 6, 7, -100]])
         #expect(b.inputs == [5, 6, 7, 0])

@@ -591,3 +591,39 @@ public final class GPT2Trainer {
         return Float(total / Double(n))
     }
 }
+
+// MARK: - Bridge to the federated training's parameter sets
+
+extension AdapterWeights {
+    /// One level of a `TwoLevelAdapter`: a `ParameterSet` with PEFT names (`<module>.lora_A.weight` /
+    /// `lora_B` for the shared level, `lora_C` / `lora_D` for the client level; the module with or without
+    /// `transformer.`), keyed by module path for the trainer. The tensors are shared, not copied.
+    public init(_ set: ParameterSet, level: LoRALevel, scale: Float) throws {
+        let (downSuffix, upSuffix) = level == .shared ? (".lora_A.weight", ".lora_B.weight") : (".lora_C.weight", ".lora_D.weight")
+        var pairs: [String: (down: Tensor, up: Tensor)] = [:]
+        for name in set.names where name.hasSuffix(downSuffix) {
+            let module = String(name.dropLast(downSuffix.count))
+            guard let (l, kind) = LinearKind.parse(module) else { throw TrainingError.unknownModule(module) }
+            guard let up = set[module + upSuffix] else { throw TrainingError.unknownModule(module + upSuffix) }
+            pairs[LinearKind.modulePath(layer: l, kind)] = (set.tensor(name), up)
+        }
+        self.init(pairs: pairs, scale: scale)
+    }
+}
+
+extension GPT2Gradients {
+    /// Copies one level's gradients into `set`, which has the parameters' names and shapes
+    /// (see `AdapterWeights.init(_:level:scale:)`), overwriting it.
+    public func copy(level: LoRALevel, into set: ParameterSet) {
+        let (downSuffix, upSuffix) = level == .shared ? (".lora_A.weight", ".lora_B.weight") : (".lora_C.weight", ".lora_D.weight")
+        let source = level == .shared ? shared : client
+        for name in set.names where name.hasSuffix(downSuffix) {
+            let module = String(name.dropLast(downSuffix.count))
+            guard let (l, kind) = LinearKind.parse(module), let g = source[LinearKind.modulePath(layer: l, kind)] else {
+                preconditionFailure("GPT2Gradients: no \(level) gradient for \(module); was it asked for?")
+            }
+            set.tensor(name).copy(from: g.down)
+            set.tensor(module + upSuffix).copy(from: g.up)
+        }
+    }
+}

@@ -61,29 +61,11 @@ func softmaxBackwardRow(_ p: UnsafePointer<Float>, _ dp: UnsafeMutablePointer<Fl
 /// double. With `gradScale`, overwrites the row with its gradient (softmax - onehot) * gradScale;
 /// otherwise the row is left holding exp(logit - max). One exp per logit.
 func crossEntropyRow(_ logits: UnsafeMutablePointer<Float>, count n: Int, target: Int, gradScale: Float?) -> Double {
-    let v = n / 16 * 16
     let targetLogit = logits[target]
-    var mx = -Float.infinity
-    var i = 0
-    if v > 0 {
-        var m16 = F16(repeating: -.infinity)
-        while i < v { m16 = pointwiseMax(m16, load16(logits + i)); i += 16 }
-        mx = m16.max()
-    }
-    while i < n { mx = max(mx, logits[i]); i += 1 }
-    let mv = F16(repeating: mx)
-    var acc = F16()
-    i = 0
-    while i < v { let e = fastExp(load16(logits + i) - mv); store16(e, logits + i); acc += e; i += 16 }
-    var s = Double(acc.sum())
-    while i < n { let e = fastExp(logits[i] - mx); logits[i] = e; s += Double(e); i += 1 }
-    let loss = Double(mx) + Foundation.log(s) - Double(targetLogit)
+    let (mx, s) = expShiftedInPlace(logits, count: n)
+    let loss = Double(mx) + Foundation.log(Double(s)) - Double(targetLogit)
     if let g = gradScale {
-        let coef = Float(1 / s) * g
-        let cv = F16(repeating: coef)
-        i = 0
-        while i < v { store16(load16(logits + i) * cv, logits + i); i += 16 }
-        while i < n { logits[i] *= coef; i += 1 }
+        scaleInPlace(logits, 1 / s * g, count: n)
         logits[target] -= g
     }
     return loss

@@ -14,12 +14,13 @@ typealias F16 = SIMD16<Float>
 
 /// exp(x) for 16 lanes: range reduction x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for e^r,
 /// and 2^n through the exponent bits. Relative error about 2e-7 over the float range.
-/// Only plain lane-wise arithmetic and bit casts: the generic SIMD `clamped`, `rounded` and
-/// float-to-int conversions are not specialized by the compiler and cost ~10x (they made this kernel
-/// the top of the training profile). n is rounded with the 1.5 * 2^23 trick, which also leaves n's
+/// Only plain lane-wise arithmetic, compare-and-replace and bit casts: the generic SIMD `clamped`,
+/// `pointwiseMin/Max`, `rounded` and float-to-int conversions are not vectorized by the compiler on
+/// Linux and cost 10-100x (they made this kernel the top of the training profile). n is rounded with the 1.5 * 2^23 trick, which also leaves n's
 /// integer value in the low mantissa bits.
 @inline(__always) func fastExp(_ x0: F16) -> F16 {
-    let x = pointwiseMin(pointwiseMax(x0, F16(repeating: -87.3)), F16(repeating: 88.7))
+    let lo = F16(repeating: -87.3), hi = F16(repeating: 88.7)
+    let x = x0.replacing(with: lo, where: x0 .< lo).replacing(with: hi, where: x0 .> hi)
     let magic = F16(repeating: 12582912)                  // 1.5 * 2^23
     let shifted = x * 1.442695040888963 + magic
     let n = shifted - magic                               // round(x / ln2), to nearest even
@@ -157,15 +158,16 @@ func geluBackward(_ x: UnsafePointer<Float>, _ dout: UnsafePointer<Float>, _ dx:
 
 // MARK: - Softmax, bias, residual
 
-/// In-place softmax of the first n entries of a row (entries past n are left alone).
+/// Overwrites the first n entries with exp(x - max) and returns (max, sum of the exps): the shared
+/// pass of softmax and cross-entropy. One exp per entry.
 @inline(__always)
-func softmaxInPlace(_ p: UnsafeMutablePointer<Float>, count n: Int) {
+func expShiftedInPlace(_ p: UnsafeMutablePointer<Float>, count n: Int) -> (max: Float, sum: Float) {
     let v = n / 16 * 16
     var mx = -Float.infinity
     var i = 0
     if v > 0 {
         var m16 = F16(repeating: -.infinity)
-        while i < v { m16 = pointwiseMax(m16, load16(p + i)); i += 16 }
+        while i < v { let x = load16(p + i); m16 = m16.replacing(with: x, where: x .> m16); i += 16 }   // not pointwiseMax: scalarized
         mx = m16.max()
     }
     while i < n { mx = max(mx, p[i]); i += 1 }
@@ -175,11 +177,24 @@ func softmaxInPlace(_ p: UnsafeMutablePointer<Float>, count n: Int) {
     while i < v { let e = fastExp(load16(p + i) - mv); store16(e, p + i); acc += e; i += 16 }
     var s = acc.sum()
     while i < n { let e = fastExp(p[i] - mx); p[i] = e; s += e; i += 1 }
-    let inv = 1 / s
-    let iv = F16(repeating: inv)
-    i = 0
-    while i < v { store16(load16(p + i) * iv, p + i); i += 16 }
-    while i < n { p[i] *= inv; i += 1 }
+    return (mx, s)
+}
+
+/// p *= c over n entries.
+@inline(__always)
+func scaleInPlace(_ p: UnsafeMutablePointer<Float>, _ c: Float, count n: Int) {
+    let v = n / 16 * 16
+    let cv = F16(repeating: c)
+    var i = 0
+    while i < v { store16(load16(p + i) * cv, p + i); i += 16 }
+    while i < n { p[i] *= c; i += 1 }
+}
+
+/// In-place softmax of the first n entries of a row (entries past n are left alone).
+@inline(__always)
+func softmaxInPlace(_ p: UnsafeMutablePointer<Float>, count n: Int) {
+    let (_, s) = expShiftedInPlace(p, count: n)
+    scaleInPlace(p, 1 / s, count: n)
 }
 
 /// out[r, :] += bias for each row.

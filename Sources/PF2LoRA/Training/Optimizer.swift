@@ -66,6 +66,16 @@ public final class AdamW: Optimizer {
 
     public func reset() { m.removeAll(); v.removeAll(); stepCount = 0 }
 
+    /// The moments (by parameter name) and step count, for checkpoints. The tensors are the live ones.
+    public var state: (step: Int, m: [String: Tensor], v: [String: Tensor]) { (stepCount, m, v) }
+
+    /// Restores a checkpointed `state` (the tensors are copied).
+    public func restore(step: Int, m: [String: Tensor], v: [String: Tensor]) {
+        stepCount = step
+        self.m = m.mapValues { $0.clone() }
+        self.v = v.mapValues { $0.clone() }
+    }
+
     public func step(_ params: ParameterSet, _ grads: ParameterSet, lr: Float) {
         stepCount += 1
         let t = Float(stepCount)

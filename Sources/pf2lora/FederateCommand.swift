@@ -1,0 +1,153 @@
+import ArgumentParser
+import Foundation
+import PF2LoRA
+
+/// `pf2lora federate`: federated LoRA training of a GPT-2 over client text folders, published into the store.
+struct FederateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "federate",
+        abstract: "Train a federation of clients with PF2LoRA (or a baseline) on a GPT-2 and publish the adapters into the store.",
+        discussion: """
+        --data holds one folder per client (its name is the client id) with train, valid and test as
+        .jsonl ({"text": ...} per line) or .txt (texts separated by blank lines). Progress goes to stderr.
+        On success the shared adapter and every client's adapter are published as new versions (see
+        docs/PERSONALIZE.md for how single-level methods are stored); a failed run writes nothing to
+        the store. --out gets metrics.json, loss.svg and results.md.
+        """)
+
+    @OptionGroup var options: ModelOptions
+    @Option(help: "Folder with one sub-folder of texts per client.") var data: String
+    @Option(help: "pf2lora, homlora, perfedavg, hetlora, local or fedavg-ft.") var method: String = "pf2lora"
+    @Option(help: "Only these clients (comma-separated folder names).") var clients: String?
+    @Option(help: "Communication rounds.") var rounds: Int = 10
+    @Option(name: .customLong("clients-per-round"), help: "Clients sampled per round (0 = all).") var clientsPerRound: Int = 0
+    @Option(name: .customLong("local-steps"), help: "Local iterations per round.") var localSteps: Int = 5
+    @Option(name: .customLong("lower-steps"), help: "PF2LoRA: SGD steps on (C, D) per local iteration.") var lowerSteps: Int = 2
+    @Option(help: "Shared rank r.") var rank: Int = 8
+    @Option(help: "Client rank r2.") var rank2: Int = 2
+    @Option(help: "Shared alpha (default 2 x rank).") var alpha: Float?
+    @Option(help: "Client alpha (default 2 x rank2).") var alpha2: Float?
+    @Option(help: "AdamW rate of the shared level (and of single-level baselines).") var lr: Float = 2e-3
+    @Option(help: "SGD rate of PF2LoRA's client level (and Per-FedAvg's inner step).") var lr2: Float = 0.05
+    @Option(help: "Gradient clipping norm (0 = off).") var clip: Float = 1
+    @Option(help: "Windows per minibatch.") var batch: Int = 8
+    @Option(help: "Tokens per window (T).") var seq: Int = 64
+    @Option(help: "Random seed (the same seed gives the same adapters).") var seed: UInt64 = 0
+    @Option(help: "Adapted linear kinds, comma-separated (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj).")
+    var targets: String = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+    @Option(name: .customLong("eval-every"), help: "Evaluate on the valid split every N rounds (0 = only at the end).") var evalEvery: Int = 0
+    @Option(name: .customLong("eval-windows"), help: "Evaluate on at most this many windows per split (0 = whole split).") var evalWindows: Int = 0
+    @Option(help: "Folder for metrics.json, loss.svg and results.md.") var out: String?
+
+    func run() throws {
+        try cli { try body() }
+    }
+
+    func body() throws {
+        guard let m = FederatedMethod(rawValue: method) else {
+            throw CLIError("unknown --method '\(method)'; use \(FederatedMethod.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        guard options.store != nil else { throw CLIError("federate needs --store DIR (where the trained adapters are published)") }
+        guard rounds >= 1, localSteps >= 1, lowerSteps >= 0, rank >= 1, rank2 >= 1, batch >= 1, seq >= 2, lr > 0, lr2 > 0 else {
+            throw CLIError("need rounds, local-steps, rank, rank2, batch >= 1, seq >= 2, lower-steps >= 0 and positive rates")
+        }
+        let kinds: [LinearKind] = try targets.split(separator: ",").map { s in
+            let t = s.trimmingCharacters(in: .whitespaces)
+            guard let k = LinearKind.allCases.first(where: { $0.path == t }) else {
+                throw CLIError("unknown target '\(t)'; use attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj")
+            }
+            return k
+        }
+        let (model, tok) = try options.loadModel()
+        guard let store = try options.openStore(model) else { throw CLIError("federate needs --store DIR") }
+        let only = clients?.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+        let t0 = now()
+        let clientData = try loadClientData(folder: data, tokenizer: tok, clients: only)
+        let T = min(seq, model.config.nPositions)
+        let task = try GPT2LMTask(weights: model.weights, clients: clientData, batchSize: batch, seqLen: T, targets: kinds,
+                                  padToken: textSeparator(tok))
+        if evalWindows > 0 { task.evalWindowLimit = evalWindows }
+        log(String(format: "federate: %d clients (%@), %d train texts, %d train tokens; tokenized in %.1fs", clientData.count,
+                   clientData.map(\.id).joined(separator: ", "), clientData.reduce(0) { $0 + $1.train.textCount },
+                   clientData.reduce(0) { $0 + $1.train.tokens.count }, now() - t0))
+
+        var fc = FederatedConfig()
+        fc.rounds = rounds; fc.clientsPerRound = clientsPerRound; fc.localSteps = localSteps; fc.lowerSteps = lowerSteps
+        fc.rank = rank; fc.rank2 = rank2; fc.alpha = alpha ?? 2 * Float(rank); fc.alpha2 = alpha2 ?? 2 * Float(rank2)
+        fc.upperLR = lr; fc.lowerLR = lr2; fc.clipNorm = clip; fc.seed = seed; fc.evalEvery = evalEvery
+        fc.minLRRatio = 0.1
+
+        // Refuse early when the shared level's shape would not match the store's (HETLoRA's is known only at the end).
+        let ids = clientData.map(\.id)
+        if let (r, a) = sharedLayout(m, fc) {
+            try checkConsistent(rank: r, alpha: a, rslora: fc.rslora, modules: Set(task.modules.map(\.name)), with: store)
+        }
+
+        let result: FederatedResult
+        do {
+            result = try runFederated(m, task: task, config: fc) { line in log("federate: " + line) }
+        } catch let FederatedError.nonFiniteLoss(_, round, client) {
+            throw CLIError("\(m.displayName): the training loss of client '\(ids[client])' became non-finite in round \(round + 1); nothing was written to the store. Lower --lr (now \(lr)) or --lr2 (now \(lr2)), or set --clip")
+        }
+        log(String(format: "federate: trained in %.1fs", result.seconds))
+
+        let adapters = try federatedAdapters(result, modules: task.modules, clientIDs: ids, base: store.base)
+        try checkConsistent(adapters.shared, with: store)
+        let versions = try publish(adapters, to: store)
+        log("federate: published shared v\(versions.shared) and \(versions.clients.count) client versions into \(store.directory)")
+
+        // Metrics.
+        let baseTest = (0..<ids.count).map { task.evaluate(client: $0, adapter: .none, split: .test) }
+        var perClient: [[String: Any]] = []
+        var table = MarkdownTable(["client", "train texts", "base test loss", "valid loss", "valid ppl", "test loss", "test ppl", "rank min-max (mean)", "version"],
+                                  align: [.left, .right, .right, .right, .right, .right, .right, .center, .right])
+        for (k, id) in ids.enumerated() {
+            let spectra = LearnedRank.spectra(modules: task.modules, adapter: result.clientAdapters[k])
+            let ranks = spectra.mapValues { LearnedRank.rank($0) }
+            let rv = Array(ranks.values)
+            let mean = Double(rv.reduce(0, +)) / Double(max(1, rv.count))
+            perClient.append([
+                "client": id, "train_texts": clientData[k].train.textCount, "train_tokens": clientData[k].train.tokens.count,
+                "train_loss": result.rounds.map { $0.trainLoss[k].map { Double($0) as Any } ?? NSNull() },
+                "valid_loss_by_round": result.rounds.compactMap { r in r.validLoss.map { ["round": r.round, "loss": Double($0[k])] } },
+                "valid_loss": Double(result.validLoss[k]), "valid_perplexity": exp(Double(result.validLoss[k])),
+                "test_loss": Double(result.testLoss[k]), "test_perplexity": exp(Double(result.testLoss[k])),
+                "base_test_loss": Double(baseTest[k]),
+                "ranks": ranks, "rank_min": rv.min() ?? 0, "rank_max": rv.max() ?? 0, "rank_mean": mean,
+                "version": versions.clients[id] ?? 0,
+            ])
+            table.add([id, "\(clientData[k].train.textCount)", f4(baseTest[k]), f4(result.validLoss[k]), f2(exp(result.validLoss[k])),
+                       f4(result.testLoss[k]), f2(exp(result.testLoss[k])), String(format: "%d-%d (%.1f)", rv.min() ?? 0, rv.max() ?? 0, mean),
+                       "v\(versions.clients[id] ?? 0)"])
+        }
+        let meanTest = result.meanTestLoss
+        let summary = "\(m.displayName), \(rounds) rounds x \(localSteps) local steps, r=\(rank) r2=\(rank2), B=\(batch) T=\(T), seed \(seed): mean test loss \(f4(meanTest)) (ppl \(f2(exp(meanTest)))), \(String(format: "%.1f", result.seconds)) s; store shared v\(versions.shared)"
+        print(summary)
+        print(table.render())
+        if let out {
+            try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+            let obj: [String: Any] = [
+                "method": m.rawValue, "seed": Int(seed), "rounds": rounds, "clients_per_round": clientsPerRound, "local_steps": localSteps,
+                "lower_steps": lowerSteps, "rank": rank, "rank2": rank2, "alpha": Double(fc.alpha), "alpha2": Double(fc.alpha2),
+                "lr": Double(lr), "lr2": Double(lr2), "batch": batch, "seq": T, "targets": kinds.map(\.path),
+                "rank_rule": "sigma_i > \(LearnedRank.defaultTau) * sigma_max", "seconds": result.seconds,
+                "model": model.folder, "store": store.directory, "shared_version": versions.shared,
+                "mean_test_loss": Double(meanTest), "mean_train_loss_by_round": result.rounds.map { Double($0.meanTrainLoss) },
+                "clients": perClient,
+            ]
+            try JSONSerialization.data(withJSONObject: obj, options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: out + "/metrics.json"))
+            var plot = LinePlot(title: "\(m.displayName): per-client training loss", xLabel: "round", yLabel: "mean minibatch cross-entropy")
+            for (k, id) in ids.enumerated() {
+                let pts = result.rounds.compactMap { r in r.trainLoss[k].map { (Double(r.round), Double($0)) } }
+                plot.add(LinePlot.Series(name: id, x: pts.map(\.0), y: pts.map(\.1), color: SVG.palette[k % SVG.palette.count]))
+            }
+            try plot.svg().write(toFile: out + "/loss.svg", atomically: true, encoding: .utf8)
+            try ("# pf2lora federate\n\n" + summary + "\n\n" + table.render() + "\n").write(toFile: out + "/results.md", atomically: true, encoding: .utf8)
+            log("federate: wrote \(out)/metrics.json, loss.svg, results.md")
+        }
+    }
+
+}
+
+private func f4(_ x: Float) -> String { String(format: "%.4f", x) }
+private func f2(_ x: Float) -> String { String(format: "%.2f", x) }

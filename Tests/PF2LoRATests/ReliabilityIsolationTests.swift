@@ -63,7 +63,8 @@ import Testing
         for bad in Self.hostileIDs {
             for (method, params) in [("generate", ["client": bad, "prompt": "The cat", "max_tokens": 2, "temperature": 0] as [String: Any]),
                                      ("adapters.load", ["client": bad]), ("adapters.evict", ["client": bad]),
-                                     ("adapters.load", ["client": bad, "version": 1])] {
+                                     ("adapters.load", ["client": bad, "version": 1]),
+                                     ("personalize", ["client": bad, "texts": ["The cat sat."], "steps": 1])] {
                 id += 1
                 s.request(id, method, params)
                 expectations.append((id, "\(method) \(bad.debugDescription.prefix(40))"))
@@ -101,6 +102,6 @@ import Testing
         }
         #expect(try FileManager.default.subpathsOfDirectory(atPath: outside).sorted() == listing, "nothing created or removed outside")
         #expect(try Data(contentsOf: URL(fileURLWithPath: secret)) == secretBytes)
-        FuzzReport.append("isolation: \(Self.hostileIDs.count) hostile ids x 4 methods = \(expectations.count) requests, all -32602; 3 outward symlinks (client folder, version file, newer version of a real client) never followed; sentinel files unread (atime check \(atimeWorks ? "active" : "unavailable: noatime")) and unwritten")
+        FuzzReport.append("isolation: \(Self.hostileIDs.count) hostile ids x 5 requests (generate, adapters.load twice, adapters.evict, personalize) = \(expectations.count) requests, all -32602; 3 outward symlinks (client folder, version file, newer version of a real client) never followed; sentinel files unread (atime check \(atimeWorks ? "active" : "unavailable: noatime")) and unwritten")
     }
 }

@@ -27,3 +27,8 @@ fuzz:
 	mkdir -p .build/fuzz/corpus-protocol .build/fuzz/corpus-adapter
 	ASAN_OPTIONS=detect_leaks=0 .build/fuzz/protocol-fuzzer -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -dict=Fuzz/json.dict -print_final_stats=1 .build/fuzz/corpus-protocol Fuzz/seeds/protocol
 	ASAN_OPTIONS=detect_leaks=0 .build/fuzz/adapter-fuzzer -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -print_final_stats=1 .build/fuzz/corpus-adapter Fuzz/seeds/adapter
+
+# The embedded default from scratch: corpus, tokenizer, base model, federation, docs/RESULTS.md (~1 h).
+.PHONY: reproduce
+reproduce: setup
+	bash scripts/reproduce.sh

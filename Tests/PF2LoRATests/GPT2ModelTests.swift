@@ -223,3 +223,29 @@ import Testing
         for ((n1, t1), (_, t2)) in zip(w.named, back.weights.named) { #expect(t1.array == t2.array, "\(n1)") }
     }
 }
+
+/// The shipped default model runs the same in pf2lora as in transformers (scripts/fixtures/default_model.py).
+@Suite struct DefaultModelTests {
+    static let folder = TestPaths.repoRoot.appendingPathComponent("models/fortune-gpt2").path
+    static let fixture = TestPaths.fixture("fortune-gpt2")
+
+    @Test func shippedModelMatchesTransformers() throws {
+        let meta = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: Self.fixture + "/cases.json"))) as! [String: Any]
+        let m = try GPT2Model.load(folder: Self.folder)
+        let tok = try BPETokenizer(folder: Self.folder)
+        let ref = try SafeTensorsFile(path: Self.fixture + "/logits.safetensors")
+        let engine = InferenceEngine(model: m)
+        for c in meta["cases"] as! [[String: Any]] {
+            let ids = c["ids"] as! [Int]
+            #expect(tok.encode(c["text"] as! String) == ids, "the shipped tokenizer encodes as HF does")
+            let cache = KVCache(config: m.config, capacity: 64)
+            let logits = try engine.step([StepInput(cache: cache, tokens: ids, weights: m.baseLinears, allLogits: true)])
+            let want = try ref.tensor(c["name"] as! String)
+            var err: Float = 0
+            for i in 0..<want.count { err = max(err, abs(logits.data[i] - want.data[i])) }
+            #expect(err <= 1e-4, "\(c["name"]!): max abs error \(err)")
+            let greedy = try GPT2ModelTests.greedy(model: m, binding: .base(m), prompt: ids, n: 16)
+            #expect(greedy == c["greedy"] as! [Int])
+        }
+    }
+}

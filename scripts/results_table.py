@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--prompt", default="The")
     ap.add_argument("--no-samples", action="store_true")
     ap.add_argument("--preamble", default="", help="Markdown placed before the table (setup and commands)")
+    ap.add_argument("--appendix", default="", help="a Markdown file placed after the table (analysis)")
     args = ap.parse_args()
 
     runs = load(args.runs)
@@ -126,6 +127,8 @@ def main():
           "\n".join(lines), "", " ".join(verdict), "",
           f"![test perplexity per client]({os.path.relpath(args.svg, os.path.dirname(args.out) or '.')})", "",
           f"Learned rank: singular values of each module's update s1·BA + s2·D_kC_k above {pf['rank_rule'].split('>')[1].strip()} (docs/METHOD.md).", ""]
+    if args.appendix and os.path.exists(args.appendix):
+        md += [pathlib.Path(args.appendix).read_text(), ""]
     if not args.no_samples:
         md += ["## Sample generations", "", f"Three samples per client (temperature 0.8, top-p 0.95, seeds 1–3) from the prompt `{args.prompt}`,",
                "served by `pf2lora generate --store adapters --client ID` with PF2LoRA's adapters.", ""]

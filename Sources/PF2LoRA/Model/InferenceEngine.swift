@@ -213,27 +213,56 @@ public final class InferenceEngine {
         }
         let scale = 1 / Float(hs).squareRoot()
         let sc = scores.data
+        if t == 1 {
+            // Decode: per head, scores over T cached keys, softmax, weighted sum of values.
+            let q0 = qkv.data + row0 * 3 * C, o0 = att.data + row0 * C
+            for h in 0..<H {
+                let q = q0 + h * hs, o = o0 + h * hs
+                if hs == 64 {
+                    decodeHead64(q: q, k: kc + h * hs, v: vc + h * hs, stride: C, count: T, scale: scale, scores: sc, out: o)
+                } else {
+                    for j in 0..<T { sc[j] = scale * dot(q, kc + j * C + h * hs, hs) }
+                    softmaxInPlace(sc, count: T)
+                    o.update(repeating: 0, count: hs)
+                    for j in 0..<T { axpy(sc[j], vc + j * C + h * hs, o, hs) }
+                }
+            }
+            return
+        }
         for h in 0..<H {
             let q = qkv.data + row0 * 3 * C + h * hs
             let o = att.data + row0 * C + h * hs
-            if t == 1 {
-                // Decode: scores over T cached keys, softmax, weighted sum of values.
-                for j in 0..<T { sc[j] = scale * dot(q, kc + j * C + h * hs, hs) }
-                softmaxInPlace(sc, count: T)
-                o.update(repeating: 0, count: hs)
-                for j in 0..<T { axpy(sc[j], vc + j * C + h * hs, o, hs) }
-            } else {
-                // Prefill: (t,hs) @ (hs,T) -> (t,T), causal softmax, (t,T) @ (T,hs) -> (t,hs).
-                BLAS.gemm(q, kc + h * hs, sc, m: t, n: T, k: hs, transB: true, lda: 3 * C, ldb: C, ldc: T, alpha: scale)
-                for i in 0..<t {
-                    let valid = L + i + 1
-                    softmaxInPlace(sc + i * T, count: valid)
-                    if valid < T { (sc + i * T + valid).update(repeating: 0, count: T - valid) }
-                }
-                BLAS.gemm(sc, vc + h * hs, o, m: t, n: hs, k: T, lda: T, ldb: C, ldc: C)
+            // Prefill: (t,hs) @ (hs,T) -> (t,T), causal softmax, (t,T) @ (T,hs) -> (t,hs).
+            BLAS.gemm(q, kc + h * hs, sc, m: t, n: T, k: hs, transB: true, lda: 3 * C, ldb: C, ldc: T, alpha: scale)
+            for i in 0..<t {
+                let valid = L + i + 1
+                softmaxInPlace(sc + i * T, count: valid)
+                if valid < T { (sc + i * T + valid).update(repeating: 0, count: T - valid) }
             }
+            BLAS.gemm(sc, vc + h * hs, o, m: t, n: hs, k: T, lda: T, ldb: C, ldc: C)
         }
     }
+}
+
+/// One decode head of size 64 (every GPT-2 size): q and the output stay in registers while the
+/// T cached keys and values stream past; keys and values are rows `stride` floats apart.
+@inline(__always)
+func decodeHead64(q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>, stride: Int, count T: Int,
+                  scale: Float, scores sc: UnsafeMutablePointer<Float>, out o: UnsafeMutablePointer<Float>) {
+    let qa = load16(q), qb = load16(q + 16), qc = load16(q + 32), qd = load16(q + 48)
+    for j in 0..<T {
+        let kr = k + j * stride
+        let acc = qa * load16(kr) + qb * load16(kr + 16) + qc * load16(kr + 32) + qd * load16(kr + 48)
+        sc[j] = scale * acc.sum()
+    }
+    softmaxInPlace(sc, count: T)
+    var oa = F16(), ob = F16(), oc = F16(), od = F16()
+    for j in 0..<T {
+        let p = F16(repeating: sc[j])
+        let vr = v + j * stride
+        oa += p * load16(vr); ob += p * load16(vr + 16); oc += p * load16(vr + 32); od += p * load16(vr + 48)
+    }
+    store16(oa, o); store16(ob, o + 16); store16(oc, o + 32); store16(od, o + 48)
 }
 
 /// Dot product of n floats, 16 lanes at a time.

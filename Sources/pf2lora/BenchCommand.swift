@@ -38,24 +38,8 @@ struct BenchDecode: ParsableCommand {
         let engine = InferenceEngine(model: m)
         var rng = RNG(seed: 1)
         let prompts = (0..<batch).map { _ in (0..<promptTokens).map { _ in Int(rng.next() % UInt64(c.vocabSize)) } }
-        let caches = (0..<batch).map { _ in KVCache(config: c, capacity: promptTokens + tokens) }
-        var prefill: [Double] = [], decode: [Double] = []
-        for rep in 0...repeats {
-            caches.forEach { $0.reset() }
-            var t0 = now()
-            let logits = try engine.step(zip(prompts, caches).map { StepInput(cache: $1, tokens: $0, weights: m.baseLinears) })
-            let tp = now() - t0
-            var next = (0..<batch).map { Sampler.argmax(logits.data + $0 * c.vocabSize, count: c.vocabSize) }
-            t0 = now()
-            for _ in 0..<tokens {
-                let lg = try engine.step(zip(next, caches).map { StepInput(cache: $1, tokens: [$0], weights: m.baseLinears) })
-                next = (0..<batch).map { Sampler.argmax(lg.data + $0 * c.vocabSize, count: c.vocabSize) }
-            }
-            let td = now() - t0
-            if rep > 0 { prefill.append(tp); decode.append(td) }
-            log(String(format: "bench decode: run %d: prefill %.3f s, decode %.3f s", rep, tp, td))
-        }
-        let tp = prefill.sorted()[prefill.count / 2], td = decode.sorted()[decode.count / 2]
+        let run = try timeBatch(engine, prompts: prompts, bindings: Array(repeating: .base(m), count: batch), tokens: tokens, repeats: repeats, tag: "bench decode")
+        let tp = run.prefill, td = run.decode
         print(jsonLine([
             "model": model, "batch": batch, "prompt_tokens": promptTokens, "decode_tokens": tokens,
             "threads": BLAS.threads,
@@ -129,4 +113,30 @@ struct BenchBLAS: ParsableCommand {
             "prefill_rows": T,
         ]))
     }
+}
+
+/// Times one batch: a prefill step of every prompt, then `tokens` greedy decode steps of the whole
+/// batch; a warm-up run first, then the median of `repeats` runs (seconds). Each sequence is served
+/// with its binding; callers order bindings by client, as the scheduler does.
+func timeBatch(_ engine: InferenceEngine, prompts: [[Int]], bindings: [AdapterBinding], tokens: Int, repeats: Int,
+               tag: String) throws -> (prefill: Double, decode: Double) {
+    let c = engine.model.config
+    let caches = prompts.map { KVCache(config: c, capacity: $0.count + tokens + 1) }
+    var prefill: [Double] = [], decode: [Double] = []
+    for rep in 0...repeats {
+        caches.forEach { $0.reset() }
+        var t0 = now()
+        let lg = try engine.step(prompts.indices.map { StepInput(cache: caches[$0], tokens: prompts[$0], weights: bindings[$0].weights, client: bindings[$0].client) })
+        let tp = now() - t0
+        var next = prompts.indices.map { Sampler.argmax(lg.data + $0 * c.vocabSize, count: c.vocabSize) }
+        t0 = now()
+        for _ in 0..<tokens {
+            let l = try engine.step(prompts.indices.map { StepInput(cache: caches[$0], tokens: [next[$0]], weights: bindings[$0].weights, client: bindings[$0].client) })
+            next = prompts.indices.map { Sampler.argmax(l.data + $0 * c.vocabSize, count: c.vocabSize) }
+        }
+        let td = now() - t0
+        if rep > 0 { prefill.append(tp); decode.append(td) }
+        log(String(format: "%@: run %d: prefill %.3f s, decode %.3f s", tag, rep, tp, td))
+    }
+    return (prefill.sorted()[prefill.count / 2], decode.sorted()[decode.count / 2])
 }

@@ -79,21 +79,7 @@ struct BenchServe: ParsableCommand {
         var prng = RNG(seed: 9)
         let prompts = (0..<clients).map { _ in (0..<promptTokens).map { _ in prng.int(below: c.vocabSize) } }
         func decodeRate(_ bs: [AdapterBinding]) throws -> Double {
-            // Sequences ordered by client (they are already distinct), as the scheduler groups them.
-            let caches = bs.map { _ in KVCache(config: c, capacity: promptTokens + tokens + 1) }
-            var times: [Double] = []
-            for rep in 0...repeats {
-                caches.forEach { $0.reset() }
-                let lg = try engine.step(bs.indices.map { StepInput(cache: caches[$0], tokens: prompts[$0], weights: bs[$0].weights, client: bs[$0].client) })
-                var next = bs.indices.map { Sampler.argmax(lg.data + $0 * c.vocabSize, count: c.vocabSize) }
-                let t0 = now()
-                for _ in 0..<tokens {
-                    let l = try engine.step(bs.indices.map { StepInput(cache: caches[$0], tokens: [next[$0]], weights: bs[$0].weights, client: bs[$0].client) })
-                    next = bs.indices.map { Sampler.argmax(l.data + $0 * c.vocabSize, count: c.vocabSize) }
-                }
-                if rep > 0 { times.append(now() - t0) }
-            }
-            return Double(bs.count * tokens) / times.sorted()[times.count / 2]
+            Double(bs.count * tokens) / (try timeBatch(engine, prompts: prompts, bindings: bs, tokens: tokens, repeats: repeats, tag: "bench serve").decode)
         }
         let baseOnly = Array(repeating: AdapterBinding.base(m), count: clients)
         // Interleave the two measurements so drift on a busy machine hits both alike.
@@ -103,11 +89,6 @@ struct BenchServe: ParsableCommand {
             adapterRates.append(try decodeRate(bindings))
         }
         let b = baseRates.max()!, a = adapterRates.max()!
-        if ProcessInfo.processInfo.environment["PF2LORA_BENCH_SPLIT"] != nil {
-            let sharedOnly = bindings.map { AdapterBinding(weights: $0.weights, sharedVersion: $0.sharedVersion, client: nil, clientVersion: nil, clientTrainedOn: nil) }
-            let clientOnly = bindings.map { AdapterBinding(weights: m.baseLinears, sharedVersion: nil, client: $0.client, clientVersion: $0.clientVersion, clientTrainedOn: nil) }
-            log("bench serve: shared-only \(try decodeRate(sharedOnly)) tok/s, client-only \(try decodeRate(clientOnly)) tok/s")
-        }
         let rss = Server.residentBytes()
         print(jsonLine([
             "model": model, "clients": clients, "rank": rank, "rank2": rank2, "threads": BLAS.threads,

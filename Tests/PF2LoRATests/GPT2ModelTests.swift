@@ -61,6 +61,36 @@ import Testing
         }
     }
 
+    /// Feeds each case one token per step, so every position goes through the batch-1 decode path
+    /// (worker pool, own matrix-vector kernels), and compares each step's logits with transformers'.
+    static func checkDecodeLogits(model: GPT2Model, binding: AdapterBinding, reference: String, pool: WorkerPool) throws {
+        let ref = try SafeTensorsFile(path: reference)
+        let V = model.config.vocabSize
+        for c in try cases() {
+            let want = try ref.tensor(c.name)
+            let engine = InferenceEngine(model: model, pool: pool)
+            let cache = KVCache(config: model.config, capacity: 64)
+            var worst: Float = 0
+            for (j, tok) in c.ids.enumerated() {
+                let lg = try engine.step([StepInput(cache: cache, tokens: [tok], weights: binding.weights, client: binding.client)])
+                worst = max(worst, maxAbsDiff(lg.data, Tensor(viewing: want.data + j * V, shape: [V], owner: want)))
+            }
+            #expect(worst <= tolerance, "\(reference) \(c.name), \(pool.count) threads: max abs error \(worst)")
+        }
+    }
+
+    /// Batch-1 decode with 1, 2 and 3 participants (3 leaves uneven shares): base weights, a folded
+    /// shared pair, and a client pair applied per token, each against its transformers/PEFT logits.
+    @Test(arguments: [1, 2, 3]) func decodeStepMatchesTransformers(threads: Int) throws {
+        let m = try GPT2Model.load(folder: Self.tiny)
+        let pool = WorkerPool(threads: threads)
+        try Self.checkDecodeLogits(model: m, binding: .base(m), reference: Self.tiny + "/logits.safetensors", pool: pool)
+        let shared = try Self.peft("two-level/shared", level: .shared, model: m)
+        let client = try Self.peft("two-level/client", level: .client, model: m)
+        let both = AdapterBinding(weights: Self.folded(shared, m), sharedVersion: 1, client: Self.client(client, m), clientVersion: 1, clientTrainedOn: nil)
+        try Self.checkDecodeLogits(model: m, binding: both, reference: TestPaths.fixture("peft/two-level/logits.safetensors"), pool: pool)
+    }
+
     @Test(arguments: ["f16", "bf16"]) func halfPrecisionCheckpoints(dtype: String) throws {
         let m = try GPT2Model.load(folder: TestPaths.fixture("tiny-gpt2-\(dtype)"))
         try Self.checkLogits(model: m, binding: .base(m), reference: Self.tiny + "/logits-\(dtype).safetensors")
@@ -78,7 +108,7 @@ import Testing
     }
 
     static func folded(_ a: LoRAAdapter, _ m: GPT2Model) -> LinearWeightSet {
-        LinearWeightSet(base: m.weights, folding: pairs(a), label: "t")
+        LinearWeightSet(base: m.baseLinears, folding: pairs(a), label: "t")
     }
 
     static func client(_ a: LoRAAdapter, _ m: GPT2Model) -> ClientPairs {

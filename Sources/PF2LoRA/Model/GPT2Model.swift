@@ -7,8 +7,19 @@ public final class GPT2Model {
     public let folder: String
     public let config: GPT2Config
     public let weights: GPT2Weights
-    /// The base weights of the four linear kinds, as a weight set with nothing folded in.
-    public let baseLinears: LinearWeightSet
+    /// The base weights of the four linear kinds in the serving layout, with nothing folded in.
+    /// Made on first use (a transposed copy: 340 MB and about 0.3 s for the 124M shape), so the
+    /// training paths, which work on `weights` directly, never pay for it. Training that changes
+    /// `weights` later does not show here.
+    public var baseLinears: LinearWeightSet {
+        lock.lock(); defer { lock.unlock() }
+        if let s = _baseLinears { return s }
+        let s = LinearWeightSet(base: weights)
+        _baseLinears = s
+        return s
+    }
+    private var _baseLinears: LinearWeightSet?
+    private let lock = NSLock()
     /// The safetensors file the weights view (nil for in-memory random models).
     public let file: SafeTensorsFile?
 
@@ -17,7 +28,6 @@ public final class GPT2Model {
         self.config = config
         self.weights = weights
         self.file = file
-        self.baseLinears = LinearWeightSet(base: weights)
     }
 
     /// Loads `folder/config.json` and `folder/model.safetensors`, validating names and shapes.
@@ -92,33 +102,39 @@ public struct LowRankPair {
     public var byteCount: Int { (a.count + b.count) * 4 }
 }
 
-/// The linear weights of every block that a group of sequences is served with: the base's own
-/// (views of the mapped file), or a copy with a shared LoRA pair folded in: W = W0 + s (B A)^T
-/// (Conv1D layout is (in, out), hence the transpose). Folding once per shared version makes the
-/// shared level free per token; only the small client terms cost anything (DESIGN §6).
+/// The linear weights of every block that a group of sequences is served with: the base's own, or a
+/// copy with a shared LoRA pair folded in: W^T = W0^T + s B A. Folding once per shared version makes
+/// the shared level free per token; only the small client terms cost anything (DESIGN §6).
+///
+/// Layout: (out, in), the transpose of GPT-2's Conv1D (in, out) and the layout of `nn.Linear`,
+/// GGUF and PEFT's B A. Batch-1 decode is a dot product per output row then: each thread streams
+/// one contiguous block of the weight with the input vector in L1, which measured 25-30% faster
+/// than the (in, out) row-axpy form on this machine (Benchmarks/README.md). Prefill's GEMM reads
+/// either layout equally well. The base set is therefore a transposed copy made once per model
+/// (`GPT2Model.baseLinears`), not a view of the mapped file.
 public final class LinearWeightSet {
-    /// [layer][LinearKind.rawValue], each (in, out).
+    /// [layer][LinearKind.rawValue], each (out, in).
     public let weights: [[Tensor]]
     public let label: String
 
+    /// The base model's linear weights, transposed from the checkpoint's (in, out).
     public init(base: GPT2Weights) {
-        weights = base.layers.map { $0.linW }
+        weights = base.layers.map { layer in layer.linW.map { $0.transposed() } }
         label = "base"
     }
 
-    /// Base weights with `pairs` (keyed by module path) folded in; modules without a pair share the base tensor.
-    public init(base: GPT2Weights, folding pairs: [String: LowRankPair], label: String) {
+    /// `base` with `pairs` (keyed by module path) folded in; modules without a pair share the base tensor.
+    public init(base: LinearWeightSet, folding pairs: [String: LowRankPair], label: String) {
         var ws: [[Tensor]] = []
-        for (l, layer) in base.layers.enumerated() {
+        for (l, row0) in base.weights.enumerated() {
             var row: [Tensor] = []
             for kind in LinearKind.allCases {
-                let w0 = layer.linW[kind.rawValue]
+                let w0 = row0[kind.rawValue]
                 if let p = pairs[LinearKind.modulePath(layer: l, kind)] {
                     let w = w0.clone()
-                    // (in, r) @ (r, out) -> (in, out): A^T B^T, accumulated into the copy.
-                    BLAS.gemm(p.a.data, p.b.data, w.data, m: w0.rows, n: w0.cols, k: p.rank,
-                              transA: true, transB: true, lda: p.a.cols, ldb: p.b.cols, ldc: w0.cols,
-                              alpha: p.scale, beta: 1)
+                    // (out, r) @ (r, in) -> (out, in): s B A, accumulated into the copy.
+                    BLAS.gemm(p.b.data, p.a.data, w.data, m: w0.rows, n: w0.cols, k: p.rank,
+                              lda: p.b.cols, ldb: p.a.cols, ldc: w0.cols, alpha: p.scale, beta: 1)
                     row.append(w)
                 } else {
                     row.append(w0)
@@ -130,7 +146,7 @@ public final class LinearWeightSet {
         self.label = label
     }
 
-    /// Bytes this set owns beyond the base mapping.
+    /// Bytes this set owns beyond the base set.
     public func ownedBytes(base: LinearWeightSet) -> Int {
         var n = 0
         for (l, row) in weights.enumerated() {
@@ -164,8 +180,9 @@ public final class ClientPairs {
     public var byteCount: Int { pairs.joined().compactMap { $0?.byteCount }.reduce(0, +) }
 }
 
-/// The keys and values of one sequence, for every layer: (capacity, C) each, heads interleaved as the
-/// c_attn output lays them out, so appending a token is one contiguous copy per layer.
+/// The keys and values of one sequence, for every layer: (H, capacity, hs) each, head-major, so that
+/// one head's keys (and values) over all positions are one contiguous stream for decode attention.
+/// Appending a token copies H slices of hs floats per layer.
 public final class KVCache {
     public let capacity: Int
     public private(set) var length: Int = 0
@@ -174,8 +191,9 @@ public final class KVCache {
 
     public init(config: GPT2Config, capacity: Int) {
         self.capacity = capacity
-        k = (0..<config.nLayer).map { _ in Tensor(zeros: [capacity, config.nEmbd]) }
-        v = (0..<config.nLayer).map { _ in Tensor(zeros: [capacity, config.nEmbd]) }
+        let shape = [config.nHead, capacity, config.headSize]
+        k = (0..<config.nLayer).map { _ in Tensor(zeros: shape) }
+        v = (0..<config.nLayer).map { _ in Tensor(zeros: shape) }
     }
 
     /// Forgets the contents (the memory is kept for reuse).

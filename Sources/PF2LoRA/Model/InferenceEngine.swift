@@ -31,23 +31,32 @@ public final class InferenceEngine {
 
     // Run state: every activation buffer of a step (rows = all new tokens of the batch).
     private var capacityRows = 0
-    private var x = Tensor(zeros: [0])        // (N, C) residual stream
-    private var ln = Tensor(zeros: [0])       // (N, C) layer-norm output
-    private var qkv = Tensor(zeros: [0])      // (N, 3C)
-    private var att = Tensor(zeros: [0])      // (N, C) attention output (heads concatenated)
-    private var proj = Tensor(zeros: [0])     // (N, C) projection output before the residual add
-    private var fc = Tensor(zeros: [0])       // (N, inner)
-    private var loraTmp = Tensor(zeros: [0])  // (N, max client rank)
-    private var scores = Tensor(zeros: [0])   // (maxT, maxT) attention scores of one head
-    private var lnOut = Tensor(zeros: [0])    // (M, C) final-norm rows that produce logits
-    private var logits = Tensor(zeros: [0])   // (M, V)
+    var x = Tensor(zeros: [0])        // (N, C) residual stream
+    var ln = Tensor(zeros: [0])       // (N, C) layer-norm output
+    var qkv = Tensor(zeros: [0])      // (N, 3C)
+    var att = Tensor(zeros: [0])      // (N, C) attention output (heads concatenated)
+    var proj = Tensor(zeros: [0])     // (N, C) projection output before the residual add
+    var fc = Tensor(zeros: [0])       // (N, inner)
+    var loraTmp = Tensor(zeros: [0])  // (N, max client rank)
+    var scores = Tensor(zeros: [0])   // (maxT, maxT) attention scores of one head
+    var lnOut = Tensor(zeros: [0])    // (M, C) final-norm rows that produce logits
+    var logits = Tensor(zeros: [0])   // (M, V)
+    // Batch-1 decode on the worker pool (DecodeStep.swift): per participant, a partial sum of a
+    // matrix-vector product's rows, a private layer-norm output, attention scores and low-rank terms.
+    let pool: WorkerPool
+    var partials = Tensor(zeros: [0])      // (P, max(3C, inner)): each one's output rows, staged
+    var privateLN = Tensor(zeros: [0])     // (P, C)
+    var privateScores = Tensor(zeros: [0]) // (P, nPositions)
+    var privateLoRA = Tensor(zeros: [0])   // (P, max client rank)
 
-    public init(model: GPT2Model) {
+    /// `pool` runs batch-1 decode steps; the default is the process-wide one.
+    public init(model: GPT2Model, pool: WorkerPool = .shared) {
         self.model = model
         self.config = model.config
+        self.pool = pool
     }
 
-    private func ensure(rows n: Int, outRows m: Int, maxT: Int, maxRank: Int) {
+    func ensure(rows n: Int, outRows m: Int, maxT: Int, maxRank: Int) {
         let c = config
         if n > capacityRows {
             capacityRows = max(n, capacityRows * 2 > n ? min(capacityRows * 2, n * 2) : n)
@@ -85,6 +94,7 @@ public final class InferenceEngine {
             if inp.tokens.count > 1 { maxT = max(maxT, total) }
             maxRank = max(maxRank, inp.client?.maxRank ?? 0)
         }
+        if inputs.count == 1 && n == 1 { return decodeOne(inputs[0]) }
         ensure(rows: n, outRows: m, maxT: maxT, maxRank: maxRank)
 
         // Segments of adjacent inputs sharing a weight set, and sharing a client.
@@ -158,9 +168,9 @@ public final class InferenceEngine {
             let wt = set.weights[l][kind.rawValue]
             let rows = r1 - r0
             if rows == 1 {
-                BLAS.gemv(wt.data, xin + r0 * din, out + r0 * dout, m: din, n: dout, trans: true)   // W^T x
+                BLAS.gemv(wt.data, xin + r0 * din, out + r0 * dout, m: dout, n: din)               // (out,in) @ (in)
             } else {
-                BLAS.gemm(xin + r0 * din, wt.data, out + r0 * dout, m: rows, n: dout, k: din)     // (n,in)@(in,out)
+                BLAS.gemm(xin + r0 * din, wt.data, out + r0 * dout, m: rows, n: dout, k: din, transB: true) // (n,in) @ (out,in)^T
             }
         }
         addBias(out, model.weights.layers[l].linB[kind.rawValue].data, rows: n, cols: dout)
@@ -179,7 +189,7 @@ public final class InferenceEngine {
 
     /// The low-rank term for a few rows without BLAS call overhead: r dot products with the rows of A,
     /// then one contiguous pass over B (out, r) row-major.
-    private func lowRankRows(_ xin: UnsafeMutablePointer<Float>, _ out: UnsafeMutablePointer<Float>, rows: Int,
+    func lowRankRows(_ xin: UnsafeMutablePointer<Float>, _ out: UnsafeMutablePointer<Float>, rows: Int,
                              din: Int, dout: Int, pair p: LowRankPair) {
         let r = p.rank
         let t = loraTmp.data
@@ -204,12 +214,15 @@ public final class InferenceEngine {
     private func attention(layer l: Int, cache: KVCache, row0: Int, t: Int) {
         let C = config.nEmbd, H = config.nHead, hs = config.headSize
         let L = cache.length, T = L + t
-        let kc = cache.k[l].data, vc = cache.v[l].data
-        // Append the new keys and values: qkv row = [q | k | v], each (C).
+        let kc = cache.k[l].data, vc = cache.v[l].data, cap = cache.capacity
+        // Append the new keys and values: qkv row = [q | k | v], each (C) with heads side by side;
+        // the cache is (H, capacity, hs).
         for j in 0..<t {
             let src = qkv.data + (row0 + j) * 3 * C
-            (kc + (L + j) * C).update(from: src + C, count: C)
-            (vc + (L + j) * C).update(from: src + 2 * C, count: C)
+            for h in 0..<H {
+                (kc + (h * cap + L + j) * hs).update(from: src + C + h * hs, count: hs)
+                (vc + (h * cap + L + j) * hs).update(from: src + 2 * C + h * hs, count: hs)
+            }
         }
         let scale = 1 / Float(hs).squareRoot()
         let sc = scores.data
@@ -218,13 +231,14 @@ public final class InferenceEngine {
             let q0 = qkv.data + row0 * 3 * C, o0 = att.data + row0 * C
             for h in 0..<H {
                 let q = q0 + h * hs, o = o0 + h * hs
+                let kh = kc + h * cap * hs, vh = vc + h * cap * hs
                 if hs == 64 {
-                    decodeHead64(q: q, k: kc + h * hs, v: vc + h * hs, stride: C, count: T, scale: scale, scores: sc, out: o)
+                    decodeHead64(q: q, k: kh, v: vh, stride: hs, count: T, scale: scale, scores: sc, out: o)
                 } else {
-                    for j in 0..<T { sc[j] = scale * dot(q, kc + j * C + h * hs, hs) }
+                    for j in 0..<T { sc[j] = scale * dot(q, kh + j * hs, hs) }
                     softmaxInPlace(sc, count: T)
                     o.update(repeating: 0, count: hs)
-                    for j in 0..<T { axpy(sc[j], vc + j * C + h * hs, o, hs) }
+                    for j in 0..<T { axpy(sc[j], vh + j * hs, o, hs) }
                 }
             }
             return
@@ -232,14 +246,15 @@ public final class InferenceEngine {
         for h in 0..<H {
             let q = qkv.data + row0 * 3 * C + h * hs
             let o = att.data + row0 * C + h * hs
+            let kh = kc + h * cap * hs, vh = vc + h * cap * hs
             // Prefill: (t,hs) @ (hs,T) -> (t,T), causal softmax, (t,T) @ (T,hs) -> (t,hs).
-            BLAS.gemm(q, kc + h * hs, sc, m: t, n: T, k: hs, transB: true, lda: 3 * C, ldb: C, ldc: T, alpha: scale)
+            BLAS.gemm(q, kh, sc, m: t, n: T, k: hs, transB: true, lda: 3 * C, ldb: hs, ldc: T, alpha: scale)
             for i in 0..<t {
                 let valid = L + i + 1
                 softmaxInPlace(sc + i * T, count: valid)
                 if valid < T { (sc + i * T + valid).update(repeating: 0, count: T - valid) }
             }
-            BLAS.gemm(sc, vc + h * hs, o, m: t, n: hs, k: T, lda: T, ldb: C, ldc: C)
+            BLAS.gemm(sc, vh, o, m: t, n: hs, k: T, lda: T, ldb: hs, ldc: C)
         }
     }
 }
@@ -253,7 +268,7 @@ func decodeHead64(q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePoi
     for j in 0..<T {
         let kr = k + j * stride
         let acc = qa * load16(kr) + qb * load16(kr + 16) + qc * load16(kr + 32) + qd * load16(kr + 48)
-        sc[j] = scale * acc.sum()
+        sc[j] = scale * hsum(acc)
     }
     softmaxInPlace(sc, count: T)
     var oa = F16(), ob = F16(), oc = F16(), od = F16()
@@ -276,7 +291,7 @@ func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Floa
         i += 32
     }
     while i + 16 <= n { acc0 += load16(a + i) * load16(b + i); i += 16 }
-    var s = (acc0 + acc1).sum()
+    var s = hsum(acc0 + acc1)
     while i < n { s += a[i] * b[i]; i += 1 }
     return s
 }

@@ -75,7 +75,7 @@ public final class AdapterRuntime {
         let a = try store.load(level: .shared, version: v)
         var pairs: [String: LowRankPair] = [:]
         for (path, p) in a.modules { pairs[path] = LowRankPair(a: p.a, b: p.b, scale: a.scale) }
-        return LinearWeightSet(base: model.weights, folding: pairs, label: "shared v\(v)")
+        return LinearWeightSet(base: model.baseLinears, folding: pairs, label: "shared v\(v)")
     }
 
     /// Re-reads the manifest if it is due (or `force`), and starts folding a new shared version.

@@ -2,9 +2,13 @@ import COpenBLAS
 
 /// Matrix products, all on OpenBLAS. Matrices are row-major; shapes are written (rows, cols).
 public enum BLAS {
-    /// Sets OpenBLAS's thread count (0 keeps its default, which reads OPENBLAS_NUM_THREADS).
+    /// Sets OpenBLAS's thread count (0 keeps its default, which reads OPENBLAS_NUM_THREADS), and the
+    /// size of the decode pool (`WorkerPool.shared`) if it has not been made yet.
     public static func setThreads(_ n: Int) {
-        if n > 0 { openblas_set_num_threads(Int32(n)) }
+        if n > 0 {
+            openblas_set_num_threads(Int32(n))
+            WorkerPool.preferredThreads = n
+        }
     }
 
     public static var threads: Int { Int(openblas_get_num_threads()) }

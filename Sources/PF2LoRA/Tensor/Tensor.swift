@@ -100,3 +100,26 @@ extension Tensor: CustomStringConvertible {
         return "Tensor(\(shape): [\(head)\(count > 6 ? ", …" : "")])"
     }
 }
+
+extension Tensor {
+    /// A new (cols, rows) tensor holding this matrix's transpose, copied in 32 x 32 tiles so both
+    /// sides stay in cache.
+    public func transposed() -> Tensor {
+        let r = rows, c = cols
+        let t = Tensor(zeros: [c, r])
+        let src = data, dst = t.data
+        let tile = 32
+        var i0 = 0
+        while i0 < r {
+            let i1 = min(i0 + tile, r)
+            var j0 = 0
+            while j0 < c {
+                let j1 = min(j0 + tile, c)
+                for i in i0..<i1 { for j in j0..<j1 { dst[j * r + i] = src[i * c + j] } }
+                j0 = j1
+            }
+            i0 = i1
+        }
+        return t
+    }
+}

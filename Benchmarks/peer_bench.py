@@ -149,9 +149,11 @@ def setup_llama_cpp(a):
     import llama_cpp
     from llama_cpp import Llama
     n_pos = json.loads((pathlib.Path(a.model) / "config.json").read_text())["n_positions"]
+    # KV cache: llama.cpp's default is f16; --kv f32 makes it f32 like pf2lora's and transformers'.
+    kv = {} if a.kv == "f16" else {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
     llm = Llama(model_path=a.gguf, n_ctx=min(a.prompt_tokens + a.tokens + 8, n_pos), n_batch=a.prompt_tokens,
                 n_ubatch=a.prompt_tokens, n_threads=a.threads, n_threads_batch=a.threads, logits_all=False,
-                verbose=False)
+                verbose=False, **kv)
     vocab = llm.n_vocab()
     ids = prompt_ids(a.prompt_tokens, vocab)
 
@@ -173,7 +175,7 @@ def setup_llama_cpp(a):
                 "decode_tokens_per_s": n_decode / (t3 - t2) if n_decode else None}
 
     one(4)
-    return {"version": f"llama-cpp-python {llama_cpp.__version__}, GGUF f32"}, one
+    return {"version": f"llama-cpp-python {llama_cpp.__version__}, GGUF f32, {a.kv} KV cache"}, one
 
 
 def setup_blas(a):
@@ -234,7 +236,8 @@ def setup_blas(a):
             "weight_bytes_per_token": nbytes, "sgemm_shapes": [list(x) for x in shapes]}, one
 
 
-SETUPS = {"transformers": setup_transformers, "llama.cpp": setup_llama_cpp, "blas": setup_blas}
+SETUPS = {"transformers": setup_transformers, "llama.cpp": setup_llama_cpp, "llama.cpp-f32kv": setup_llama_cpp,
+          "blas": setup_blas}
 
 
 def worker_main(a):
@@ -454,7 +457,7 @@ def convert_to_gguf(args):
     return out
 
 
-def start_llama_cpp(args):
+def start_llama_cpp(args, kv="f16"):
     try:
         import importlib.metadata as md
         v = md.version("llama-cpp-python")
@@ -466,7 +469,7 @@ def start_llama_cpp(args):
         gguf = convert_to_gguf(args)
     except Exception as e:                                              # noqa: BLE001
         return None, {"error": f"GGUF conversion: {e}"}
-    w = Worker("llama.cpp", args, ["--gguf", str(gguf)])
+    w = Worker("llama.cpp" if kv == "f16" else "llama.cpp-f32kv", args, ["--gguf", str(gguf), "--kv", kv])
     return w, w.info
 
 
@@ -511,7 +514,8 @@ def report(args, geo, res, made_by):
              "| engine | prefill tok/s | decode tok/s | prefill vs llama.cpp | decode vs llama.cpp | prefill GFLOP/s | decode GB/s | notes |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, label in (("pf2lora", "pf2lora"), ("transformers", "transformers (PyTorch CPU)"),
-                        ("llama.cpp", "llama.cpp (llama-cpp-python, GGUF f32)")):
+                        ("llama.cpp", "llama.cpp (llama-cpp-python, GGUF f32, f16 KV: its default)"),
+                        ("llama.cpp-f32kv", "llama.cpp (llama-cpp-python, GGUF f32, f32 KV)")):
         if not ok(name):
             lines.append(f"| {label} | not available | not available | – | – | – | – | {res[name].get('error', 'no runs')} |")
             continue
@@ -532,19 +536,37 @@ def report(args, geo, res, made_by):
         note = res[name].get("version", "") + f"; sgemm GFLOP/s {spread(name, 'sgemm_gflop_per_s')}, sgemv GB/s {spread(name, 'sgemv_gb_per_s')}"
         lines.append(f"| {label} | {fmt(pre)} | {fmt(dec)} | {ratio(pre, ref[0])} | {ratio(dec, ref[1])} | "
                      f"{fmt(gf)} | {fmt(gbs)} | {note} |")
+    read_bound = None
+    if ok("pf2lora_blas") and med("pf2lora_blas", "read_bound_tokens_per_s"):
+        read_bound = med("pf2lora_blas", "read_bound_tokens_per_s")
+        note = f"pf2lora bench blas, {res['pf2lora_blas']['runs'][0].get('read_threads', '?')} threads; read GB/s {spread('pf2lora_blas', 'read_gb_per_s')}"
+        lines.append(f"| memory-read bound (plain read of the same weights) | – | {fmt(read_bound)} | – | {ratio(read_bound, ref[1])} | "
+                     f"– | {fmt(med('pf2lora_blas', 'read_gb_per_s'))} | {note} |")
     lines += ["", f"prefill GFLOP/s = prefill tok/s x {flop_per_tok / 1e6:.1f} MFLOP/token (layer matmuls + attention at "
               f"{P} tokens; the lm_head runs for the last token only and is left out); decode GB/s = decode tok/s x "
               f"{bytes_per_tok / 1e6:.1f} MB of f32 matmul weights read per token (tied lm_head included). "
               f"The OpenBLAS rows: sgemm GFLOP/s on the four layer shapes at {P} rows, as tok/s = GFLOP/s / "
-              f"{mm_flop_per_tok / 1e6:.1f} MFLOP; one sgemv pass over all those weights, as tok/s = 1 / pass time."]
+              f"{mm_flop_per_tok / 1e6:.1f} MFLOP; one sgemv pass over all those weights, as tok/s = 1 / pass time. "
+              f"The memory-read row: the same weight bytes summed by pf2lora's worker pool (the least work per byte), "
+              f"as tok/s = 1 / read time: the memory-bandwidth limit of batch-1 decode."]
     src = "pf2lora_blas" if "pf2lora_blas" in bounds else ("blas" if "blas" in bounds else None)
     if ok("pf2lora") and src:
         pre, dec = med("pf2lora", "prefill_tokens_per_s"), med("pf2lora", "decode_tokens_per_s")
         gf, dec_b = bounds[src]
         what = "pf2lora bench blas" if src == "pf2lora_blas" else "numpy"
-        lines += ["", "Issue 3 targets, pf2lora:",
-                  f"- decode vs llama.cpp: {ratio(dec, ref[1])} (target >= 1.00x)",
-                  f"- decode vs the sgemv bound ({what}): {ratio(dec, dec_b)} (target >= 0.67x, i.e. within 1.5x)",
+        lines += ["", "Issue 3 targets, pf2lora:"]
+        for peer, what_kv in (("llama.cpp", "f16 KV, llama.cpp's default"), ("llama.cpp-f32kv", "f32 KV, the same precision as pf2lora")):
+            if not ok(peer):
+                continue
+            paired = [a_run["decode_tokens_per_s"] / b_run["decode_tokens_per_s"]
+                      for a_run, b_run in zip(res["pf2lora"]["runs"], res[peer]["runs"])
+                      if a_run.get("decode_tokens_per_s") and b_run.get("decode_tokens_per_s")]
+            pair_note = (f"; per round: median {statistics.median(paired):.2f}x, "
+                         f"pf2lora faster in {sum(r > 1 for r in paired)} of {len(paired)} rounds" if paired else "")
+            lines.append(f"- decode vs llama.cpp ({what_kv}): {ratio(dec, med(peer, 'decode_tokens_per_s'))} (target >= 1.00x){pair_note}")
+        if read_bound:
+            lines.append(f"- decode vs the memory-read bound (pf2lora bench blas): {ratio(dec, read_bound)} (target >= 0.67x, i.e. within 1.5x)")
+        lines += [f"- decode vs the OpenBLAS sgemv bound ({what}): {ratio(dec, dec_b)} (for reference: sgemv is no longer what decode runs)",
                   f"- prefill GFLOP/s vs sgemm ({what}): {ratio(pre * flop_per_tok / 1e9, gf)} (target >= 0.70x)"]
     lines += ["", "Command: `python3 Benchmarks/peer_bench.py " + " ".join(sys.argv[1:]) + "`"]
     return "\n".join(lines) + "\n"
@@ -561,13 +583,16 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=64, help="decode steps")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--engines", default="pf2lora,transformers,llama.cpp,blas")
+    ap.add_argument("--engines", default="pf2lora,transformers,llama.cpp,llama.cpp-f32kv,blas",
+                    help="any of pf2lora, transformers, llama.cpp (its default f16 KV cache), llama.cpp-f32kv "
+                         "(f32 KV cache, the precision pf2lora and transformers keep), blas")
     ap.add_argument("--llama-src", help="vendor/llama.cpp folder of the llama-cpp-python sdist (with convert_hf_to_gguf.py)")
     ap.add_argument("--work", default=str(pathlib.Path(tempfile.gettempdir()) / "pf2lora-peer-bench"))
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--out", help="also write the Markdown table here (and the raw results to OUT.json)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
+    ap.add_argument("--kv", default="f16", choices=["f16", "f32"], help=argparse.SUPPRESS)
     a = ap.parse_args()
 
     if a.worker:                                                        # subprocess mode
@@ -585,6 +610,7 @@ def main():
         "pf2lora": lambda: (lambda e: (e, e.info))(Pf2loraDecode(a)),
         "transformers": lambda: (lambda w: (w, w.info))(Worker("transformers", a)),
         "llama.cpp": lambda: start_llama_cpp(a),
+        "llama.cpp-f32kv": lambda: start_llama_cpp(a, kv="f32"),
         "blas": lambda: (lambda w: (w, w.info))(Worker("blas", a)),
         "pf2lora_blas": lambda: (lambda e: (e, e.info))(Pf2loraBLAS(a)),
     }

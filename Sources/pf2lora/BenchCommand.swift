@@ -53,8 +53,10 @@ struct BenchDecode: ParsableCommand {
 struct BenchBLAS: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "blas",
-        abstract: "The OpenBLAS limits for a model's shapes: sgemv bandwidth over its weights and sgemm GFLOP/s on prefill shapes.",
-        discussion: "decode_bound_tokens_per_s is the weight bytes one token reads divided by the measured sgemv bandwidth: the memory-bandwidth limit of batch-1 decode.")
+        abstract: "The machine's limits for a model's shapes: memory-read bandwidth over its weights, OpenBLAS sgemv over them, and sgemm GFLOP/s on prefill shapes.",
+        discussion: """
+            read_gb_per_s is a plain read of the weight bytes one decode token reads (every linear weight and the tied head), summed by the worker pool: read_bound_tokens_per_s = that bandwidth / those bytes is the memory-bandwidth limit of batch-1 decode. sgemv_gb_per_s and decode_bound_tokens_per_s are the same bytes through OpenBLAS's sgemv, one call per weight, as pf2lora's decode used to run. sgemm_gflop_per_s is OpenBLAS on the four layer GEMMs of a prefill of --prompt-tokens rows.
+            """)
 
     @Option(help: "Model folder.")
     var model: String
@@ -84,6 +86,12 @@ struct BenchBLAS: ParsableCommand {
         var times: [Double] = []
         for _ in 0..<7 { let t0 = now(); gemvPass(); times.append(now() - t0) }
         let tv = times.sorted()[3]
+        // The same bytes read as plainly as possible, by the decode worker pool.
+        let serving = m.baseLinears.weights.flatMap { $0 } + [m.weights.wte]
+        var checksum = WorkerPool.shared.sumAll(serving)
+        var rt: [Double] = []
+        for _ in 0..<7 { let t0 = now(); checksum += WorkerPool.shared.sumAll(serving); rt.append(now() - t0) }
+        let tr = rt.sorted()[3]
         // The GEMMs of one prefill of promptTokens rows.
         let T = promptTokens
         let a = Tensor(zeros: [T, max(c.inner, c.nEmbd)]); a.fill(0.01)
@@ -109,6 +117,10 @@ struct BenchBLAS: ParsableCommand {
             "weight_bytes_per_token": bytes,
             "sgemv_gb_per_s": bytes / tv / 1e9,
             "decode_bound_tokens_per_s": 1 / tv,
+            "read_gb_per_s": bytes / tr / 1e9,
+            "read_bound_tokens_per_s": 1 / tr,
+            "read_threads": WorkerPool.shared.count,
+            "read_checksum_finite": checksum.isFinite,
             "sgemm_gflop_per_s": flops / tg / 1e9,
             "prefill_rows": T,
         ]))

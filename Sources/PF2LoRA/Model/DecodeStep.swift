@@ -73,37 +73,42 @@ extension InferenceEngine {
         }
         // Final norm, then the tied head: (V,C) @ (C) -> (V), vocabulary rows split.
         layerNormForward(x.data, w.lnfW.data, w.lnfB.data, lnp, rows: 1, C: C, eps: c.layerNormEpsilon)
-        dotRows(w.wte.data, C: C, lnp, rows: ctx.share(c.vocabSize, align: 4), logits.data)
+        ctx.chunks(c.vocabSize, size: 256, phase: 4 * c.nLayer) { dotRows(w.wte.data, C: C, lnp, rows: $0, logits.data) }
     }
 
     /// out = W xin + b (+ the client's s B (A xin)), then GELU, or added into out.
     /// xin must be complete on every participant; out is complete on all when this returns.
-    /// Each participant takes a block of W's output rows: one contiguous stream from memory.
+    /// Participants take chunks of 64 output rows (64 x in contiguous floats of W each) from a
+    /// shared counter, so the weight is read as long contiguous streams and a participant that is
+    /// slowed down takes fewer chunks instead of holding up the barrier.
     @inline(__always)
     private func matvec(_ ctx: WorkerPool.Context, layer l: Int, kind: LinearKind, _ xin: UnsafeMutablePointer<Float>,
                         into out: UnsafeMutablePointer<Float>, _ inp: StepInput,
                         accumulate: Bool = false, gelu: Bool = false) {
         let (din, dout) = kind.dims(config)
-        let rows = ctx.share(dout, align: 16)
-        let lo = rows.lowerBound, n = rows.count
-        let mine = partials.data + ctx.index * partials.cols   // staging for my rows
-        // (out,in) @ (in) -> (out), my rows
-        dotRows(inp.weights.weights[l][kind.rawValue].data, C: din, xin, rows: rows, mine)
-        addInPlace(mine + lo, model.weights.layers[l].linB[kind.rawValue].data + lo, count: n)
-        if let p = inp.client?.pairs[l][kind.rawValue] {
-            // The client's r projections of xin (the same on every participant), then B's rows.
-            let t = privateLoRA.data + ctx.index * privateLoRA.cols
-            let r = p.rank, b = p.b.data   // A (r, in), B (out, r)
-            for k in 0..<r { t[k] = p.scale * dot(xin, p.a.data + k * din, din) }
-            for o in rows {
-                var acc: Float = 0
-                for k in 0..<r { acc += t[k] * b[o * r + k] }
-                mine[o] += acc
+        let w = inp.weights.weights[l][kind.rawValue].data
+        let bias = model.weights.layers[l].linB[kind.rawValue].data
+        let stage = partials.data + ctx.index * partials.cols   // my rows before GELU / residual
+        let pair = inp.client?.pairs[l][kind.rawValue]
+        let t = privateLoRA.data + ctx.index * privateLoRA.cols
+        // The client's r projections t = s A xin, the same on every participant. A (r, in).
+        if let p = pair { for k in 0..<p.rank { t[k] = p.scale * dot(xin, p.a.data + k * din, din) } }
+        ctx.chunks(dout, size: 64, phase: 4 * l + kind.rawValue) { rows in
+            let lo = rows.lowerBound, n = rows.count
+            dotRows(w, C: din, xin, rows: rows, stage)         // (rows,in) @ (in) -> (rows)
+            addInPlace(stage + lo, bias + lo, count: n)
+            if let p = pair {
+                let r = p.rank, b = p.b.data                     // B (out, r)
+                for o in rows {
+                    var acc: Float = 0
+                    for k in 0..<r { acc += t[k] * b[o * r + k] }
+                    stage[o] += acc
+                }
             }
+            if gelu { geluForward(stage + lo, out + lo, count: n) }
+            else if accumulate { addInPlace(out + lo, stage + lo, count: n) }
+            else { (out + lo).update(from: stage + lo, count: n) }
         }
-        if gelu { geluForward(mine + lo, out + lo, count: n) }
-        else if accumulate { addInPlace(out + lo, mine + lo, count: n) }
-        else { (out + lo).update(from: mine + lo, count: n) }
         ctx.barrier()
     }
 }

@@ -24,6 +24,22 @@ public final class WorkerPool: @unchecked Sendable {
         /// Waits until every participant has reached this barrier.
         @inline(__always) public func barrier() { if count > 1 { pool!.barrier() } }
 
+        /// Runs `body` on chunks of 0..<n taken from a shared counter until none are left, so a
+        /// participant slowed by anything (an interrupt, a busier memory channel) takes fewer chunks.
+        /// `phase` numbers the calls of one job 0, 1, 2, ... with at least one barrier between
+        /// consecutive calls; counters are reset two phases ahead and at the start of each job.
+        @inline(__always) public func chunks(_ n: Int, size: Int, phase: Int, _ body: (Range<Int>) -> Void) {
+            if count == 1 { body(0..<n); return }
+            let p = pool!
+            if index == 0 { p.counters[(phase + 2) & 3].value.store(0, ordering: .relaxed) }
+            let counter = p.counters[phase & 3]
+            while true {
+                let lo = counter.value.add(1, ordering: .relaxed).oldValue * size
+                if lo >= n { return }
+                body(lo..<min(n, lo + size))
+            }
+        }
+
         /// The part [lo, hi) of 0..<n that this participant takes, in multiples of `align`.
         @inline(__always) public func share(_ n: Int, align: Int = 1) -> Range<Int> {
             if count == 1 { return 0..<n }
@@ -41,6 +57,8 @@ public final class WorkerPool: @unchecked Sendable {
     private let arrived = Atomic<Int>(0)         // barrier arrivals
     private let barrierRound = Atomic<Int>(0)    // barrier generation
     private let busy = Atomic<Bool>(false)
+    private final class Counter { let value = Atomic<Int>(0) }
+    private let counters = (0..<4).map { _ in Counter() }   // chunk counters of `Context.chunks`
     private var job: ((Context) -> Void)?
     private var sleepers = 0                     // guarded by `mutex`
     private var mutex = pthread_mutex_t()
@@ -81,6 +99,7 @@ public final class WorkerPool: @unchecked Sendable {
         }
         job = body
         finished.store(0, ordering: .relaxed)
+        for c in counters { c.value.store(0, ordering: .relaxed) }
         generation.add(1, ordering: .sequentiallyConsistent)
         pthread_mutex_lock(&mutex)
         if sleepers > 0 { pthread_cond_broadcast(&wake) }
@@ -128,5 +147,31 @@ public final class WorkerPool: @unchecked Sendable {
             job?(Context(index: index, count: count, pool: self))
             finished.add(1, ordering: .releasing)
         }
+    }
+}
+
+extension WorkerPool {
+    /// The sum of every element of `tensors`, each participant reading a contiguous share of each
+    /// tensor with SIMD adds: the least work per byte there is, so its time is the memory-read
+    /// limit for streaming those bytes (`pf2lora bench blas` reports it as the bandwidth bound).
+    public func sumAll(_ tensors: [Tensor]) -> Float {
+        let totals = Tensor(zeros: [count])
+        run { ctx in
+            var acc0 = SIMD16<Float>(), acc1 = SIMD16<Float>()
+            var tail: Float = 0
+            for t in tensors {
+                let part = ctx.share(t.count, align: 32)
+                var p = t.data + part.lowerBound
+                let end = t.data + part.upperBound
+                while p + 32 <= end {
+                    acc0 += UnsafeRawPointer(p).loadUnaligned(as: SIMD16<Float>.self)
+                    acc1 += UnsafeRawPointer(p + 16).loadUnaligned(as: SIMD16<Float>.self)
+                    p += 32
+                }
+                while p < end { tail += p.pointee; p += 1 }
+            }
+            totals.data[ctx.index] = (acc0 + acc1).sum() + tail
+        }
+        return (0..<count).reduce(0) { $0 + totals.data[$1] }
     }
 }

@@ -27,22 +27,28 @@ struct BenchDecode: ParsableCommand {
     var threads: Int = 0
     @Option(help: "Timed repeats (median reported).")
     var repeats: Int = 3
+    @Option(name: .customLong("pooled-rows"), help: "Decode steps of at most this many sequences run on the worker pool, larger ones as OpenBLAS GEMMs (0 = always GEMM; default: the engine's, \(InferenceEngine.maxPooledRows)).")
+    var pooledRows: Int?
 
     func run() throws {
         BLAS.setThreads(threads)
+        if let p = pooledRows, p < 0 { throw CLIError("--pooled-rows must be >= 0 (0 = decode every batch with GEMM)") }
         let m = try GPT2Model.load(folder: model)
         let c = m.config
         guard batch >= 1, tokens >= 1, promptTokens >= 1, promptTokens + tokens <= c.nPositions else {
             throw CLIError("need batch >= 1, tokens >= 1, prompt-tokens >= 1 and prompt-tokens + tokens <= \(c.nPositions)")
         }
         let engine = InferenceEngine(model: m)
+        if let p = pooledRows { engine.pooledRowLimit = p }
         var rng = RNG(seed: 1)
         let prompts = (0..<batch).map { _ in (0..<promptTokens).map { _ in Int(rng.next() % UInt64(c.vocabSize)) } }
         let run = try timeBatch(engine, prompts: prompts, bindings: Array(repeating: .base(m), count: batch), tokens: tokens, repeats: repeats, tag: "bench decode")
         let tp = run.prefill, td = run.decode
         print(jsonLine([
             "model": model, "batch": batch, "prompt_tokens": promptTokens, "decode_tokens": tokens,
-            "threads": BLAS.threads,
+            "threads": BLAS.threads, "pool_threads": WorkerPool.shared.count,
+            "decode_path": batch <= engine.pooledRowLimit ? "pool" : "gemm",
+            "pooled_rows": engine.pooledRowLimit, "pooled_rows_default": InferenceEngine.maxPooledRows,
             "prefill_tokens_per_s": Double(batch * promptTokens) / tp,
             "decode_tokens_per_s": Double(batch * tokens) / td,
             "decode_ms_per_step": td / Double(tokens) * 1000,

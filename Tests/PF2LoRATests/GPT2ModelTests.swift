@@ -167,6 +167,45 @@ import Testing
         #expect(Set(alone.map { $0 }).count > 1, "different adapters should give different text")
     }
 
+    /// A pooled decode step (up to `maxPooledRows` sequences) gives each sequence the same logits, to
+    /// the bit, as a step of that sequence alone: batching never changes what a client gets.
+    /// One thread too: the run state must grow from its empty placeholders (a 1-thread pool once
+    /// overran the score buffer, found by the server tests).
+    @Test(arguments: [1, 2]) func pooledDecodeIsBatchInvariant(threads: Int) throws {
+        let m = try GPT2Model.load(folder: Self.tiny)
+        let shared = Self.folded(try Self.peft("two-level/shared", level: .shared, model: m), m)
+        let c1 = Self.client(try Self.peft("two-level/client", level: .client, model: m), m)
+        let c2 = Self.client(try Self.peft("lora-r4", level: .client, model: m), m)
+        let cs = try Self.cases()
+        let setups: [(LinearWeightSet, ClientPairs?, [Int])] = [(shared, c1, cs[1].ids), (shared, c2, cs[2].ids), (shared, nil, cs[3].ids), (m.baseLinears, c1, cs[0].ids), (m.baseLinears, nil, cs[2].ids)]
+        let pool = WorkerPool(threads: threads)
+        let batched = InferenceEngine(model: m, pool: pool), alone = InferenceEngine(model: m, pool: pool)
+        let cachesB = setups.map { _ in KVCache(config: m.config, capacity: 64) }
+        let cachesA = setups.map { _ in KVCache(config: m.config, capacity: 64) }
+        let V = m.config.vocabSize
+        var next: [Int] = []
+        for (i, s) in setups.enumerated() {
+            _ = try alone.step([StepInput(cache: cachesA[i], tokens: s.2, weights: s.0, client: s.1)])
+            let lg = try batched.step([StepInput(cache: cachesB[i], tokens: s.2, weights: s.0, client: s.1)])
+            next.append(Sampler.argmax(lg.data, count: V))
+        }
+        for _ in 0..<3 {
+            let lb = try batched.step(setups.indices.map { StepInput(cache: cachesB[$0], tokens: [next[$0]], weights: setups[$0].0, client: setups[$0].1) })
+            #expect(lb.rows == setups.count)
+            var nextB: [Int] = []
+            for i in setups.indices {
+                let la = try alone.step([StepInput(cache: cachesA[i], tokens: [next[i]], weights: setups[i].0, client: setups[i].1)])
+                let same = (0..<V).allSatisfy { la.data[$0] == lb.data[i * V + $0] }
+                #expect(same, "sequence \(i): batched logits differ from alone")
+                nextB.append(Sampler.argmax(la.data, count: V))
+            }
+            next = nextB
+        }
+        // Every participant has its own full-length score row (the overrun above wrote past a 1-float one).
+        #expect(batched.privateScores.rows >= threads && batched.privateScores.cols >= m.config.nPositions)
+        #expect(batched.privateLN.count >= threads * setups.count * m.config.nEmbd)
+    }
+
     // MARK: Bad model folders
 
     static func copyTiny() throws -> String {

@@ -1,57 +1,78 @@
 import Foundation
 
-/// Batch-1 decode: one new token of one sequence, the shape of single-user generation.
+/// Decode steps of a few sequences, one new token each: single-user generation (B = 1) and the
+/// server's continuous batch of up to `pooledRowLimit` sequences.
 ///
-/// Every linear layer is a matrix-vector product that reads its whole weight once per token, so this
-/// step is bound by memory bandwidth. It runs SPMD on the worker pool: each participant takes a
-/// contiguous block of the weight's output rows (weights are (out, in), see `LinearWeightSet`), so
-/// each thread reads one stream from memory, and finishes its rows with the bias, the client's
-/// low-rank term and the GELU or residual add. Attention splits the heads; the tied head splits
-/// the vocabulary. Five barriers per layer, no allocation, no OpenBLAS call.
-/// Numerically this is the batched step with a different summation order (tests compare both).
+/// Every linear layer reads its whole weight once per step, so these steps are bound by memory
+/// bandwidth. They run SPMD on the worker pool: participants take chunks of 64 output rows of a
+/// weight (weights are (out, in), see `LinearWeightSet`), read each weight row from memory once and
+/// dot it with every sequence's input row while it sits in L1, then finish their rows with the bias,
+/// each sequence's client low-rank term and the GELU or residual add. Attention splits the
+/// (sequence, head) pairs; the tied head splits the vocabulary. Five barriers per layer, no
+/// allocation, no OpenBLAS call. Each output is summed in the same order whatever the batch, so a
+/// sequence decodes to the same bits alone or batched with others.
 extension InferenceEngine {
-    func decodeOne(_ inp: StepInput) -> Tensor {
-        let c = config, C = c.nEmbd
+    /// The default of `pooledRowLimit`: up to this many decode rows go to the worker pool; more go
+    /// to OpenBLAS's GEMM, which is compute-efficient once a weight row is reused by many rows
+    /// (measured crossover in Benchmarks/README.md).
+    public static let maxPooledRows = 12
+
+    func decodeRows(_ inputs: [StepInput]) -> Tensor {
+        let c = config, C = c.nEmbd, B = inputs.count
         let p = pool.count
-        ensure(rows: 1, outRows: 1, maxT: 1, maxRank: inp.client?.maxRank ?? 0)
-        let width = max(3 * C, c.inner)
-        if partials.count < p * width {
-            partials = Tensor(zeros: [p, width]); privateLN = Tensor(zeros: [p, C])
-            privateScores = Tensor(zeros: [p, c.nPositions])
-        }
-        let rank = max(inp.client?.maxRank ?? 0, 1)
-        if privateLoRA.count < p * rank { privateLoRA = Tensor(zeros: [p, rank]) }
+        let rank = max(inputs.map { $0.client?.maxRank ?? 0 }.max() ?? 0, 1)
+        ensure(rows: B, outRows: B, maxT: 1, maxRank: rank)
+        let width = B * max(3 * C, c.inner)
+        // Per-participant buffers (P, n): grown, never shrunk. Both dimensions are checked: the
+        // placeholder tensors are 1-D, whose `rows` is 1, so a one-thread pool must still allocate.
+        func grow(_ t: inout Tensor, _ n: Int) { if t.shape.count != 2 || t.cols < n || t.rows < p { t = Tensor(zeros: [p, max(n, t.cols)]) } }
+        grow(&partials, width); grow(&privateLN, B * C); grow(&privateScores, c.nPositions); grow(&privateLoRA, B * rank)
 
-        // Embedding: x = wte[token] + wpe[position].
+        // Embeddings: x[b] = wte[token] + wpe[position].
         let w = model.weights
-        let pos = inp.cache.length
-        x.data.update(from: w.wte.data + inp.tokens[0] * C, count: C)
-        addInPlace(x.data, w.wpe.data + pos * C, count: C)
-
-        pool.run { ctx in self.decodeBody(ctx, inp) }
-        inp.cache.advance(by: 1)
-        return Tensor(viewing: logits.data, shape: [1, c.vocabSize], owner: logits)
+        for (b, inp) in inputs.enumerated() {
+            let row = x.data + b * C
+            row.update(from: w.wte.data + inp.tokens[0] * C, count: C)
+            addInPlace(row, w.wpe.data + inp.cache.length * C, count: C)
+        }
+        // Runs of adjacent rows served with the same weights (the scheduler orders them so).
+        var segments: [(weights: LinearWeightSet, rows: Range<Int>)] = []
+        for (b, inp) in inputs.enumerated() {
+            if let last = segments.last, last.weights === inp.weights { segments[segments.count - 1].rows = last.rows.lowerBound..<(b + 1) }
+            else { segments.append((inp.weights, b..<(b + 1))) }
+        }
+        let step = DecodeRows(inputs: inputs, segments: segments, rank: rank)
+        pool.run { ctx in self.decodeBody(ctx, step) }
+        for inp in inputs { inp.cache.advance(by: 1) }
+        return Tensor(viewing: logits.data, shape: [B, c.vocabSize], owner: logits)
     }
 
-    /// What one participant does for the whole token.
-    private func decodeBody(_ ctx: WorkerPool.Context, _ inp: StepInput) {
-        let c = config, C = c.nEmbd, H = c.nHead, hs = c.headSize
+    /// What every participant needs to know about the step.
+    private struct DecodeRows {
+        let inputs: [StepInput]
+        let segments: [(weights: LinearWeightSet, rows: Range<Int>)]
+        let rank: Int
+    }
+
+    /// What one participant does for the whole step.
+    private func decodeBody(_ ctx: WorkerPool.Context, _ step: DecodeRows) {
+        let c = config, C = c.nEmbd, H = c.nHead, hs = c.headSize, B = step.inputs.count
         let w = model.weights
-        let me = ctx.index
-        let lnp = privateLN.data + me * C
-        let sc = privateScores.data + me * c.nPositions
-        let L = inp.cache.length, T = L + 1
+        let lnp = privateLN.data + ctx.index * privateLN.cols           // (B, C), private
+        let sc = privateScores.data + ctx.index * privateScores.cols
         let scale = 1 / Float(hs).squareRoot()
         for l in 0..<c.nLayer {
             let layer = w.layers[l]
-            layerNormForward(x.data, layer.ln1W.data, layer.ln1B.data, lnp, rows: 1, C: C, eps: c.layerNormEpsilon)
-            // (1,C) @ (C,3C) -> (1,3C)
-            matvec(ctx, layer: l, kind: .qkv, lnp, into: qkv.data, inp)
-            // Attention, heads split: append this token's k and v, then attend over T positions.
-            let kc = inp.cache.k[l].data, vc = inp.cache.v[l].data, cap = inp.cache.capacity
-            for h in ctx.share(H) {
-                let q = qkv.data + h * hs, o = att.data + h * hs
-                let kh = kc + h * cap * hs, vh = vc + h * cap * hs   // this head's (capacity, hs)
+            layerNormForward(x.data, layer.ln1W.data, layer.ln1B.data, lnp, rows: B, C: C, eps: c.layerNormEpsilon)
+            // (B,C) @ (C,3C) -> (B,3C)
+            matvec(ctx, layer: l, kind: .qkv, lnp, into: qkv.data, step)
+            // Attention, (sequence, head) pairs split: append this token's k and v, attend over T.
+            for item in ctx.share(B * H) {
+                let b = item / H, h = item % H
+                let cache = step.inputs[b].cache
+                let L = cache.length, T = L + 1, cap = cache.capacity
+                let q = qkv.data + b * 3 * C + h * hs, o = att.data + b * C + h * hs
+                let kh = cache.k[l].data + h * cap * hs, vh = cache.v[l].data + h * cap * hs   // (capacity, hs)
                 (kh + L * hs).update(from: q + C, count: hs)
                 (vh + L * hs).update(from: q + 2 * C, count: hs)
                 if hs == 64 {
@@ -64,50 +85,60 @@ extension InferenceEngine {
                 }
             }
             ctx.barrier()
-            // (1,C) @ (C,C) -> (1,C), added to the residual
-            matvec(ctx, layer: l, kind: .attnProj, att.data, into: x.data, inp, accumulate: true)
-            layerNormForward(x.data, layer.ln2W.data, layer.ln2B.data, lnp, rows: 1, C: C, eps: c.layerNormEpsilon)
-            // (1,C) @ (C,4C) -> (1,4C), GELU; (1,4C) @ (4C,C) -> (1,C), added to the residual
-            matvec(ctx, layer: l, kind: .fc, lnp, into: fc.data, inp, gelu: true)
-            matvec(ctx, layer: l, kind: .mlpProj, fc.data, into: x.data, inp, accumulate: true)
+            // (B,C) @ (C,C) -> (B,C), added to the residual
+            matvec(ctx, layer: l, kind: .attnProj, att.data, into: x.data, step, accumulate: true)
+            layerNormForward(x.data, layer.ln2W.data, layer.ln2B.data, lnp, rows: B, C: C, eps: c.layerNormEpsilon)
+            // (B,C) @ (C,4C) -> (B,4C), GELU; (B,4C) @ (4C,C) -> (B,C), added to the residual
+            matvec(ctx, layer: l, kind: .fc, lnp, into: fc.data, step, gelu: true)
+            matvec(ctx, layer: l, kind: .mlpProj, fc.data, into: x.data, step, accumulate: true)
         }
-        // Final norm, then the tied head: (V,C) @ (C) -> (V), vocabulary rows split.
-        layerNormForward(x.data, w.lnfW.data, w.lnfB.data, lnp, rows: 1, C: C, eps: c.layerNormEpsilon)
-        ctx.chunks(c.vocabSize, size: 256, phase: 4 * c.nLayer) { dotRows(w.wte.data, C: C, lnp, rows: $0, logits.data) }
+        // Final norm, then the tied head: (V,C) @ (B,C)^T -> (B,V), vocabulary rows split.
+        layerNormForward(x.data, w.lnfW.data, w.lnfB.data, lnp, rows: B, C: C, eps: c.layerNormEpsilon)
+        let V = c.vocabSize
+        ctx.chunks(V, size: 256, phase: 4 * c.nLayer) { dotRows(w.wte.data, C: C, lnp, count: B, rows: $0, logits.data, stride: V) }
     }
 
-    /// out = W xin + b (+ the client's s B (A xin)), then GELU, or added into out.
-    /// xin must be complete on every participant; out is complete on all when this returns.
-    /// Participants take chunks of 64 output rows (64 x in contiguous floats of W each) from a
-    /// shared counter, so the weight is read as long contiguous streams and a participant that is
-    /// slowed down takes fewer chunks instead of holding up the barrier.
+    /// out = xin W^T + b (+ each sequence's client term s (xin A^T) B^T), then GELU, or added into out;
+    /// xin (B, in) and out (B, out). xin must be complete on every participant; out is complete on all
+    /// when this returns. Chunks of 64 output rows (64 x in contiguous floats of W) come from a shared
+    /// counter, so the weight streams in long runs and a participant that is slowed down takes fewer.
     @inline(__always)
     private func matvec(_ ctx: WorkerPool.Context, layer l: Int, kind: LinearKind, _ xin: UnsafeMutablePointer<Float>,
-                        into out: UnsafeMutablePointer<Float>, _ inp: StepInput,
+                        into out: UnsafeMutablePointer<Float>, _ step: DecodeRows,
                         accumulate: Bool = false, gelu: Bool = false) {
         let (din, dout) = kind.dims(config)
-        let w = inp.weights.weights[l][kind.rawValue].data
+        let B = step.inputs.count
         let bias = model.weights.layers[l].linB[kind.rawValue].data
-        let stage = partials.data + ctx.index * partials.cols   // my rows before GELU / residual
-        let pair = inp.client?.pairs[l][kind.rawValue]
-        let t = privateLoRA.data + ctx.index * privateLoRA.cols
-        // The client's r projections t = s A xin, the same on every participant. A (r, in).
-        if let p = pair { for k in 0..<p.rank { t[k] = p.scale * dot(xin, p.a.data + k * din, din) } }
+        let stage = partials.data + ctx.index * partials.cols       // (B, out): my rows before GELU / residual
+        let t = privateLoRA.data + ctx.index * privateLoRA.cols      // (B, rank)
+        // Each sequence's client projections t = s A xin, the same on every participant. A (r, in).
+        for b in 0..<B {
+            if let p = step.inputs[b].client?.pairs[l][kind.rawValue] {
+                for k in 0..<p.rank { t[b * step.rank + k] = p.scale * dot(xin + b * din, p.a.data + k * din, din) }
+            }
+        }
         ctx.chunks(dout, size: 64, phase: 4 * l + kind.rawValue) { rows in
             let lo = rows.lowerBound, n = rows.count
-            dotRows(w, C: din, xin, rows: rows, stage)         // (rows,in) @ (in) -> (rows)
-            addInPlace(stage + lo, bias + lo, count: n)
-            if let p = pair {
-                let r = p.rank, b = p.b.data                     // B (out, r)
-                for o in rows {
-                    var acc: Float = 0
-                    for k in 0..<r { acc += t[k] * b[o * r + k] }
-                    stage[o] += acc
-                }
+            for seg in step.segments {
+                // (rows,in) @ (in) -> (rows) for every sequence of the segment
+                dotRows(seg.weights.weights[l][kind.rawValue].data, C: din, xin + seg.rows.lowerBound * din,
+                        count: seg.rows.count, rows: rows, stage + seg.rows.lowerBound * dout, stride: dout)
             }
-            if gelu { geluForward(stage + lo, out + lo, count: n) }
-            else if accumulate { addInPlace(out + lo, stage + lo, count: n) }
-            else { (out + lo).update(from: stage + lo, count: n) }
+            for b in 0..<B {
+                let sb = stage + b * dout, ob = out + b * dout
+                addInPlace(sb + lo, bias + lo, count: n)
+                if let p = step.inputs[b].client?.pairs[l][kind.rawValue] {
+                    let r = p.rank, bm = p.b.data, tb = t + b * step.rank   // B (out, r)
+                    for o in rows {
+                        var acc: Float = 0
+                        for k in 0..<r { acc += tb[k] * bm[o * r + k] }
+                        sb[o] += acc
+                    }
+                }
+                if gelu { geluForward(sb + lo, ob + lo, count: n) }
+                else if accumulate { addInPlace(ob + lo, sb + lo, count: n) }
+                else { (ob + lo).update(from: sb + lo, count: n) }
+            }
         }
         ctx.barrier()
     }

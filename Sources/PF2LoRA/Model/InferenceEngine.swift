@@ -41,15 +41,20 @@ public final class InferenceEngine {
     var scores = Tensor(zeros: [0])   // (maxT, maxT) attention scores of one head
     var lnOut = Tensor(zeros: [0])    // (M, C) final-norm rows that produce logits
     var logits = Tensor(zeros: [0])   // (M, V)
-    // Batch-1 decode on the worker pool (DecodeStep.swift): per participant, a partial sum of a
-    // matrix-vector product's rows, a private layer-norm output, attention scores and low-rank terms.
+    // Small decode steps on the worker pool (DecodeStep.swift): per participant, its output rows of a
+    // matrix-vector product for every sequence, private layer-norm outputs, attention scores, low-rank terms.
     let pool: WorkerPool
-    var partials = Tensor(zeros: [0])      // (P, max(3C, inner)): each one's output rows, staged
-    var privateLN = Tensor(zeros: [0])     // (P, C)
+    var partials = Tensor(zeros: [0])      // (P, B * max(3C, inner)): each one's output rows, staged
+    var privateLN = Tensor(zeros: [0])     // (P, B * C)
     var privateScores = Tensor(zeros: [0]) // (P, nPositions)
-    var privateLoRA = Tensor(zeros: [0])   // (P, max client rank)
+    var privateLoRA = Tensor(zeros: [0])   // (P, B * max client rank)
 
-    /// `pool` runs batch-1 decode steps; the default is the process-wide one.
+    /// Decode steps of at most this many sequences (one new token each) run on the worker pool
+    /// (DecodeStep.swift); larger steps and every prefill run as GEMMs. 0 sends everything to GEMM.
+    /// Both paths give the same logits within float rounding; `bench decode --pooled-rows` compares them.
+    public var pooledRowLimit = InferenceEngine.maxPooledRows
+
+    /// `pool` runs small decode steps; the default is the process-wide one.
     public init(model: GPT2Model, pool: WorkerPool = .shared) {
         self.model = model
         self.config = model.config
@@ -94,7 +99,7 @@ public final class InferenceEngine {
             if inp.tokens.count > 1 { maxT = max(maxT, total) }
             maxRank = max(maxRank, inp.client?.maxRank ?? 0)
         }
-        if inputs.count == 1 && n == 1 { return decodeOne(inputs[0]) }
+        if n == inputs.count && n <= pooledRowLimit { return decodeRows(inputs) }
         ensure(rows: n, outRows: m, maxT: maxT, maxRank: maxRank)
 
         // Segments of adjacent inputs sharing a weight set, and sharing a client.

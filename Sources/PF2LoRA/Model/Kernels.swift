@@ -224,11 +224,44 @@ func addInPlace(_ y: UnsafeMutablePointer<Float>, _ x: UnsafePointer<Float>, cou
 
 // MARK: - Batch-1 decode (matrix-vector products on the worker pool)
 
-/// out[r] = dot(W[r, :], x) for r in `rows`, W (n, C) row-major: the rows of a linear weight in
-/// (out, in) layout, or of the tied head wte (V, C). One row at a time, so the weight is read as one
-/// contiguous stream with x in L1; interleaving 4 rows (4 streams, x loaded once) measured slower.
+/// out[v * stride + r] = W[r, :] . x_v for r in `rows` and the `count` vectors x_v = xs + v C.
+/// W (n, C) row-major: a linear weight in (out, in) layout, or the tied head wte (V, C).
+/// Row by row, so the weight is read as one contiguous stream; each row is read from memory once
+/// and reused from L1 for every vector, two vectors per pass. Every vector's sum runs in exactly the
+/// order of `dot`, so its result does not depend on the others batched with it.
+/// Measured on the 124M shapes (2 threads): memory-bound up to about 4 vectors; beyond that bound by
+/// the loads of x (each x element is loaded once per weight row), levelling off near 270 tok/s
+/// (Benchmarks/README.md, decode_batch_sweep.py).
 @inline(__always)
-func dotRows(_ w: UnsafePointer<Float>, C: Int, _ x: UnsafePointer<Float>, rows: Range<Int>,
-             _ out: UnsafeMutablePointer<Float>) {
-    for r in rows { out[r] = dot(w + r * C, x, C) }
+func dotRows(_ w: UnsafePointer<Float>, C: Int, _ xs: UnsafePointer<Float>, count: Int, rows: Range<Int>,
+             _ out: UnsafeMutablePointer<Float>, stride: Int) {
+    if count == 1 {
+        for r in rows { out[r] = dot(w + r * C, xs, C) }
+        return
+    }
+    for r in rows {
+        let wr = w + r * C
+        var v = 0
+        while v + 2 <= count {
+            let x0 = xs + v * C, x1 = x0 + C
+            var a0 = F16(), a1 = F16(), b0 = F16(), b1 = F16()
+            var i = 0
+            while i + 32 <= C {
+                let w0 = load16(wr + i), w1 = load16(wr + i + 16)
+                a0 += w0 * load16(x0 + i); a1 += w1 * load16(x0 + i + 16)
+                b0 += w0 * load16(x1 + i); b1 += w1 * load16(x1 + i + 16)
+                i += 32
+            }
+            while i + 16 <= C {
+                let w0 = load16(wr + i)
+                a0 += w0 * load16(x0 + i); b0 += w0 * load16(x1 + i)
+                i += 16
+            }
+            var sa = hsum(a0 + a1), sb = hsum(b0 + b1)
+            while i < C { sa += wr[i] * x0[i]; sb += wr[i] * x1[i]; i += 1 }
+            out[v * stride + r] = sa; out[(v + 1) * stride + r] = sb
+            v += 2
+        }
+        if v < count { out[v * stride + r] = dot(wr, xs + v * C, C) }
+    }
 }

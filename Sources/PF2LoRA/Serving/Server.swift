@@ -23,6 +23,7 @@ public final class Server {
         self.model = model
         self.tokenizer = tokenizer
         self.limits = limits
+        _ = model.baseLinears   // the serving layout of the base weights, made now rather than on the first request
         runtime = AdapterRuntime(model: model, store: store, strict: strictClients)
         out = LineWriter(fd: outputFD)
         scheduler = Scheduler(engine: InferenceEngine(model: model), runtime: runtime, tokenizer: tokenizer, out: out, limits: limits)

@@ -6,7 +6,7 @@ import PF2LoRA
 struct Adapters: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "adapters",
-        abstract: "List, inspect, import and export two-level LoRA adapters in an adapter store.",
+        abstract: "List, inspect, import, export and initialize two-level LoRA adapters in an adapter store.",
         discussion: """
         A store root (--store, default ./adapters) holds one folder per base model:
           <root>/<base>/shared/v000012.safetensors.zst
@@ -15,7 +15,7 @@ struct Adapters: ParsableCommand {
         Each file is a zstd frame of a safetensors file with PEFT tensor names (lora_A/lora_B for the
         shared level, lora_C/lora_D for a client level). See docs/ADAPTER_STORE.md.
         """,
-        subcommands: [List.self, Inspect.self, ImportPEFT.self, ExportPEFT.self, Bench.self, RankCommand.self])
+        subcommands: [List.self, Inspect.self, ImportPEFT.self, ExportPEFT.self, Init.self, Bench.self, RankCommand.self])
 
     /// Options shared by the subcommands that find a store folder.
     struct StoreOptions: ParsableArguments {
@@ -262,6 +262,57 @@ struct Adapters: ParsableCommand {
                     try PEFT.write(merged, to: out, base: base, baseModelName: name)
                     print("wrote client \(client!) v\(c.version) + shared v\(s.version) as one LoRA of rank \(merged.rank) (scale 1) to \(out)")
                 }
+            }
+        }
+    }
+
+    struct Init: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "init",
+            abstract: "Write the shared pair a PF2LoRA federation starts from (A Kaiming-uniform, B = 0) as an adapter file, for a federation server to send in round 0.",
+            discussion: """
+            The pair is exactly the one `pf2lora federate --method pf2lora --seed S` starts from with the same
+            --rank, --alpha and --targets, so a federation driven through `train_local` (docs/FLOWER.md) with
+            seed S starts where `federate` does. The file is an uncompressed safetensors adapter (PEFT names
+            lora_A / lora_B, pf2lora metadata), readable by the `safetensors` Python package; with --store it
+            is also published as the store's shared version.
+            """)
+
+        @Option(name: .long, help: "The GPT-2 model folder (config.json, model.safetensors).")
+        var model: String
+        @Option(name: .long, help: "Output file (.safetensors).")
+        var out: String
+        @Option(help: "Shared rank r.") var rank: Int = 8
+        @Option(help: "Shared alpha (default 2 x rank).") var alpha: Float?
+        @Option(help: "Adapted linear kinds, comma-separated (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj).")
+        var targets: String = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+        @Option(help: "Random seed (the federation's).") var seed: UInt64 = 0
+        @Option(name: .long, help: "Also publish it as the shared version of this store root.") var store: String?
+
+        func run() throws {
+            try cli {
+                guard rank >= 1, rank <= 4096 else { throw CLIError("--rank must be in 1...4096") }
+                let m = try GPT2Model.load(folder: model)
+                let base = try BaseModelInfo.gpt2(folder: model)
+                let kinds: [LinearKind] = try targets.split(separator: ",").map { s in
+                    let t = s.trimmingCharacters(in: .whitespaces)
+                    guard let k = LinearKind.allCases.first(where: { $0.path == t }) else {
+                        throw CLIError("unknown target '\(t)'; use attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj")
+                    }
+                    return k
+                }
+                let paths = (0..<m.config.nLayer).flatMap { l in kinds.map { LinearKind.modulePath(layer: l, $0) } }
+                let a = try initialSharedAdapter(weights: m.weights, base: base, modules: paths, rank: rank, alpha: alpha ?? 2 * Float(rank), seed: seed)
+                let bytes = a.safetensors()
+                do { try bytes.write(to: URL(fileURLWithPath: out), options: .atomic) } catch {
+                    throw CLIError("cannot write \(out): \(error.localizedDescription)")
+                }
+                var note = ""
+                if let store {
+                    let st = try AdapterStore.open(root: store, base: base)
+                    note = "; published as shared v\(try adoptShared(a, into: st, trainedBy: "pf2lora adapters init")) in \(st.directory)"
+                }
+                print("wrote \(out): shared pair rank \(rank), alpha \(a.alpha), \(a.modules.count) modules, \(bytes.count) bytes, seed \(seed)\(note)")
             }
         }
     }

@@ -102,8 +102,9 @@ struct ServeCommand: ParsableCommand {
         commandName: "serve",
         abstract: "Serve many clients over JSON-RPC 2.0 on stdin/stdout (one JSON object per line).",
         discussion: """
-        Methods: generate, personalize, adapters.list, adapters.load, adapters.evict, reload, stats,
-        health, shutdown. Responses and `token` notifications go to stdout, logs to stderr. Requests
+        Methods: generate, personalize, train_local, evaluate_local, adapters.list, adapters.load,
+        adapters.evict, reload, stats, health, shutdown (train_local and evaluate_local make this
+        process a federated client node, see docs/FLOWER.md). Responses and `token` notifications go to stdout, logs to stderr. Requests
         of different clients are batched together (continuous batching); a new adapter version in the
         store is used by the client's next request without a restart. EOF on stdin drains in-flight
         work and exits 0. See docs/PROTOCOL.md for every method, parameter and error code.
@@ -147,7 +148,9 @@ struct ServeCommand: ParsableCommand {
             // was moved aside and is reported above); validating them all again here doubled the
             // start time (1,000 clients: 3.9 s in a debug build of the tiny test model) for nothing.
         }
-        installPersonalize(server)
+        let slot = TrainingSlot()
+        installPersonalize(server, slot: slot)
+        installFederatedClient(server, slot: slot)
         log("serve: \(m.folder) (\(m.config.nLayer) layers, vocab \(m.config.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")
         let code = server.run()
         log("serve: drained, exiting")

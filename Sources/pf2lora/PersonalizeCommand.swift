@@ -66,14 +66,16 @@ func personalizeReply(_ r: PersonalizeResult) -> [String: Any] {
     ]
 }
 
-/// Serializes personalizations: one at a time per server.
-private final class PersonalizeSlot: @unchecked Sendable {
+/// Serializes the training methods of one server (personalize, train_local, evaluate_local): one
+/// runs at a time, so training never takes more than its share of the cores from serving.
+final class TrainingSlot: @unchecked Sendable {
     private let lock = NSLock()
     private var running: String?
-    func acquire(_ client: String) -> String? {
+    /// Takes the slot for `what`; returns what holds it instead when it is taken.
+    func acquire(_ what: String) -> String? {
         lock.lock(); defer { lock.unlock() }
         if let r = running { return r }
-        running = client
+        running = what
         return nil
     }
     func release() { lock.lock(); running = nil; lock.unlock() }
@@ -88,17 +90,16 @@ private final class PersonalizeSlot: @unchecked Sendable {
 /// weights, while the scheduler keeps serving; it does not take the step lock. One personalization
 /// runs at a time: another gets -32004 (overloaded). Bad params answer -32602, a failed training
 /// -32005; the store keeps the client's last good version either way.
-func installPersonalize(_ server: Server) {
+func installPersonalize(_ server: Server, slot: TrainingSlot) {
     guard let store = server.runtime.store else { return }
-    let slot = PersonalizeSlot()
     let weights = server.model.weights, tokenizer = server.tokenizer
-    server.personalizeHandler = { params, reply in
+    server.trainingMethods["personalize"] = { params, reply in
         let client: String, texts: [String], o: PersonalizeOptions
         do { (client, texts, o) = try parsePersonalizeParams(params) } catch let e as RPCError {
             reply(.failure(e)); return
         } catch { reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
-        if let other = slot.acquire(client) {
-            reply(.failure(RPCError(.overloaded, "a personalization (client '\(other)') is already running; one runs at a time — retry when it has replied")))
+        if let other = slot.acquire("personalize of client '\(client)'") {
+            reply(.failure(RPCError(.overloaded, "\(other) is already running; one training method runs at a time — retry when it has replied")))
             return
         }
         let t = Thread {

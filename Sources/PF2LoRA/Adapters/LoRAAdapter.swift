@@ -148,6 +148,21 @@ public struct LoRAAdapter {
         }
     }
 
+    /// Decodes and validates an adapter given as either its file bytes (a zstd frame, as the store
+    /// keeps it) or its uncompressed safetensors bytes (as `train_local` exchanges it, and as a Python
+    /// peer writes it with the `safetensors` package); the zstd magic number tells which. The same
+    /// checks as `decode(from:)` apply, from the safetensors header on.
+    public static func decode(compressedOrPlain data: Data, name: String, base: BaseModelInfo, expectedLevel: AdapterLevel? = nil,
+                              sizeLimit: Int = defaultSizeLimit) throws -> LoRAAdapter {
+        if data.count >= 4 && data.prefix(4).elementsEqual([0x28, 0xB5, 0x2F, 0xFD]) {
+            return try decode(from: data, name: name, base: base, expectedLevel: expectedLevel, sizeLimit: sizeLimit)
+        }
+        guard data.count <= sizeLimit else { throw AdapterError.tooLarge(file: name, claimed: UInt64(data.count), limit: sizeLimit) }
+        let bytes = AlignedBytes(count: data.count)
+        data.withUnsafeBytes { src in if let b = src.baseAddress { bytes.pointer.copyMemory(from: b, byteCount: src.count) } }
+        return try decodeSafetensors(bytes.readOnly, owner: bytes, name: name, base: base, expectedLevel: expectedLevel)
+    }
+
     /// `decode(from:...)` over raw bytes (no copy of the compressed input).
     public static func decode(compressed raw: UnsafeRawBufferPointer, name: String, base: BaseModelInfo,
                               expectedLevel: AdapterLevel? = nil, sizeLimit: Int = defaultSizeLimit) throws -> LoRAAdapter {

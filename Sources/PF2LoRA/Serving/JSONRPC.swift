@@ -39,23 +39,25 @@ struct RPCRequest {
 }
 
 /// Typed access to a request's params with errors that name the field and the expected type.
-struct Params {
-    let dict: [String: Any]
+/// Typed access to a request's params, each error naming the parameter.
+public struct Params {
+    public let dict: [String: Any]
+    public init(_ dict: [String: Any]) { self.dict = dict }
 
     static func isBool(_ v: Any) -> Bool {
         guard let n = v as? NSNumber else { return false }
         return String(cString: n.objCType) == "c" || type(of: v) == Bool.self
     }
 
-    func has(_ key: String) -> Bool { dict[key] != nil && !(dict[key] is NSNull) }
+    public func has(_ key: String) -> Bool { dict[key] != nil && !(dict[key] is NSNull) }
 
-    func string(_ key: String) throws -> String? {
+    public func string(_ key: String) throws -> String? {
         guard has(key) else { return nil }
         guard let s = dict[key] as? String else { throw RPCError(.invalidParams, "params.\(key) must be a string") }
         return s
     }
 
-    func int(_ key: String, min lo: Int? = nil, max hi: Int? = nil) throws -> Int? {
+    public func int(_ key: String, min lo: Int? = nil, max hi: Int? = nil) throws -> Int? {
         guard has(key) else { return nil }
         let v = dict[key]!
         guard !Self.isBool(v), let n = v as? NSNumber else { throw RPCError(.invalidParams, "params.\(key) must be an integer") }
@@ -69,7 +71,7 @@ struct Params {
         return i
     }
 
-    func uint64(_ key: String) throws -> UInt64? {
+    public func uint64(_ key: String) throws -> UInt64? {
         guard has(key) else { return nil }
         let v = dict[key]!
         guard !Self.isBool(v), let n = v as? NSNumber else { throw RPCError(.invalidParams, "params.\(key) must be a non-negative integer") }
@@ -80,7 +82,7 @@ struct Params {
         return n.uint64Value
     }
 
-    func float(_ key: String) throws -> Float? {
+    public func float(_ key: String) throws -> Float? {
         guard has(key) else { return nil }
         let v = dict[key]!
         guard !Self.isBool(v), let n = v as? NSNumber, n.doubleValue.isFinite else {
@@ -89,13 +91,13 @@ struct Params {
         return n.floatValue
     }
 
-    func bool(_ key: String) throws -> Bool? {
+    public func bool(_ key: String) throws -> Bool? {
         guard has(key) else { return nil }
         guard Self.isBool(dict[key]!), let b = dict[key] as? Bool else { throw RPCError(.invalidParams, "params.\(key) must be true or false") }
         return b
     }
 
-    func strings(_ key: String, maxCount: Int = 1_000_000) throws -> [String]? {
+    public func strings(_ key: String, maxCount: Int = 1_000_000) throws -> [String]? {
         guard has(key) else { return nil }
         if let s = dict[key] as? String { return [s] }
         guard let a = dict[key] as? [Any], a.allSatisfy({ $0 is String }) else {
@@ -143,7 +145,7 @@ enum RPCParser {
             }
             params = pd
         }
-        return .success(RPCRequest(id: id, hasID: hasID, method: method, params: Params(dict: params)))
+        return .success(RPCRequest(id: id, hasID: hasID, method: method, params: Params(params)))
     }
 
     /// Refuses nesting deeper than `maxDepth` (brackets outside strings).

@@ -3,7 +3,8 @@ import Foundation
 /// `pf2lora serve`: JSON-RPC 2.0 over stdin/stdout, one object per line (DESIGN §5).
 ///
 /// The reader (this thread) parses each line and answers the quick methods itself; `generate` goes
-/// to the scheduler's continuous batch, `personalize` to a training thread. A bad line gets its
+/// to the scheduler's continuous batch, `personalize`, `train_local` and `evaluate_local` to a
+/// training thread. A bad line gets its
 /// error and never stops the server; EOF or `shutdown` drains in-flight work and returns 0.
 public final class Server {
     public let model: GPT2Model
@@ -15,8 +16,13 @@ public final class Server {
     let started = Scheduler.clock()
     private var requests = 0
     private var errors = 0
-    /// Handles `personalize` (installed by the training layer); nil means the method is unavailable.
-    public var personalizeHandler: ((_ params: [String: Any], _ reply: @escaping (Result<[String: Any], RPCError>) -> Void) -> Void)?
+    /// A method the training layer installs (`personalize`, `train_local`, `evaluate_local`): it gets
+    /// the params and replies once, from any thread, while the server keeps serving.
+    public typealias MethodHandler = (_ params: [String: Any], _ reply: @escaping (Result<[String: Any], RPCError>) -> Void) -> Void
+    /// The installed training methods; a method missing here answers that it needs --store.
+    public var trainingMethods: [String: MethodHandler] = [:]
+    /// The methods the training layer can install (for the unknown-method message).
+    static let trainingMethodNames = ["personalize", "train_local", "evaluate_local"]
 
     public init(model: GPT2Model, tokenizer: BPETokenizer, store: AdapterStore?, strictClients: Bool = false,
                 limits: ServerLimits = ServerLimits(), outputFD: Int32 = 1) {
@@ -89,8 +95,8 @@ public final class Server {
         do {
             switch req.method {
             case "generate": try generate(req)
-            case "personalize":
-                guard let h = personalizeHandler else { throw RPCError(.methodNotFound, "personalize is not available: the server has no adapter store (pass --store)") }
+            case let name where Self.trainingMethodNames.contains(name):
+                guard let h = trainingMethods[name] else { throw RPCError(.methodNotFound, "\(name) is not available: the server has no adapter store (pass --store)") }
                 let id = req.id, hasID = req.hasID
                 h(req.params.dict) { [out] result in
                     guard hasID else { return }
@@ -112,7 +118,7 @@ public final class Server {
                 reply(req, ["status": "shutting down", "in_flight": scheduler.runningCount + scheduler.queueLength])
                 return false
             default:
-                throw RPCError(.methodNotFound, "unknown method '\(req.method)'; methods are generate, personalize, adapters.list, adapters.load, adapters.evict, reload, stats, health, shutdown")
+                throw RPCError(.methodNotFound, "unknown method '\(req.method)'; methods are generate, personalize, train_local, evaluate_local, adapters.list, adapters.load, adapters.evict, reload, stats, health, shutdown")
             }
         } catch {
             errors += 1

@@ -3,6 +3,7 @@ import Foundation
 /// Why client text data was refused; each case names the client and the file and says what to do.
 public enum ClientDataError: Error, CustomStringConvertible, Equatable {
     case missingFolder(String)
+    case missingClientFolder(String)
     case noClients(String)
     case missingSplit(client: String, split: String, folder: String)
     case unreadable(file: String, why: String)
@@ -14,6 +15,7 @@ public enum ClientDataError: Error, CustomStringConvertible, Equatable {
     public var description: String {
         switch self {
         case let .missingFolder(p): return "\(p) is not a folder; --data must be a folder with one sub-folder per client (<data>/<client>/train.jsonl, valid.jsonl, test.jsonl)"
+        case let .missingClientFolder(p): return "\(p) is not a folder; a client's data folder holds its texts as train.jsonl, valid.jsonl and test.jsonl (or .txt)"
         case let .noClients(p): return "\(p) has no client folders; put each client's texts in <data>/<client>/train.jsonl (or train.txt), valid.*, test.*"
         case let .missingSplit(c, s, folder):
             return "client '\(c)' has no \(s) data: expected \(folder)/\(s).jsonl (one {\"text\": ...} per line) or \(folder)/\(s).txt (texts separated by blank lines)"
@@ -141,23 +143,31 @@ public func loadClientData(folder: String, tokenizer: BPETokenizer, clients only
     let chosen = only.map { o in names.filter { o.contains($0) } } ?? names
     if let only { for c in only where !names.contains(c) { throw ClientDataError.missingSplit(client: c, split: "train", folder: folder + "/" + c) } }
     guard !chosen.isEmpty else { throw ClientDataError.noClients(folder) }
-    let sep = textSeparator(tokenizer)
     return try chosen.map { id in
         do { try ClientID.validate(id) } catch let e as AdapterStoreError {
             if case let .invalidClientID(_, why) = e { throw ClientDataError.invalidClientID(id, why: why) }
             throw e
         }
-        let dir = folder + "/" + id
-        func split(_ s: String) throws -> TokenStream {
-            guard let file = ["jsonl", "json", "txt"].map({ "\(dir)/\(s).\($0)" }).first(where: { FileManager.default.fileExists(atPath: $0) }) else {
-                throw ClientDataError.missingSplit(client: id, split: s, folder: dir)
-            }
-            let texts = try TextFile.read(file)
-            guard !texts.isEmpty else { throw ClientDataError.noTexts(client: id, file: file) }
-            let stream = TokenStream(texts: texts, tokenizer: tokenizer, separator: sep)
-            guard stream.textCount > 0 else { throw ClientDataError.noTokens(client: id, file: file) }
-            return stream
-        }
-        return ClientTokenData(id: id, train: try split("train"), valid: try split("valid"), test: try split("test"))
+        return try loadClientFolder(folder + "/" + id, client: id, tokenizer: tokenizer)
     }
+}
+
+/// Reads one client's folder (`train`, `valid` and `test` as `.jsonl`, `.json` or `.txt`): the
+/// layout of each sub-folder of `loadClientData`, and what a federated client node holds. Every
+/// split must exist and hold at least one text that tokenizes to something.
+public func loadClientFolder(_ dir: String, client id: String, tokenizer: BPETokenizer) throws -> ClientTokenData {
+    var isDir: ObjCBool = false
+    guard FileManager.default.fileExists(atPath: dir, isDirectory: &isDir), isDir.boolValue else { throw ClientDataError.missingClientFolder(dir) }
+    let sep = textSeparator(tokenizer)
+    func split(_ s: String) throws -> TokenStream {
+        guard let file = ["jsonl", "json", "txt"].map({ "\(dir)/\(s).\($0)" }).first(where: { FileManager.default.fileExists(atPath: $0) }) else {
+            throw ClientDataError.missingSplit(client: id, split: s, folder: dir)
+        }
+        let texts = try TextFile.read(file)
+        guard !texts.isEmpty else { throw ClientDataError.noTexts(client: id, file: file) }
+        let stream = TokenStream(texts: texts, tokenizer: tokenizer, separator: sep)
+        guard stream.textCount > 0 else { throw ClientDataError.noTokens(client: id, file: file) }
+        return stream
+    }
+    return ClientTokenData(id: id, train: try split("train"), valid: try split("valid"), test: try split("test"))
 }

@@ -21,11 +21,18 @@ struct PF2LoRAAlgorithm: FederatedAlgorithm {
     init(task: FederatedTask, config: FederatedConfig, rng: inout RNG) {
         self.task = task
         self.config = config
-        shared = makeLoRAParameters(modules: task.modules, rank: config.rank, level: .shared, rng: &rng)
-        local = (0..<task.clientCount).map { _ in
-            makeLoRAParameters(modules: task.modules, rank: config.rank2, level: .client, rng: &rng)
-        }
+        (shared, local) = Self.initialParameters(modules: task.modules, config: config, clients: task.clientCount, rng: &rng)
         optimizers = (0..<task.clientCount).map { _ in makeAdamW(config) }
+    }
+
+    /// The starting point of a run: x from `rng`, then y_0, y_1, ... in client order from the same
+    /// stream. A federated client outside this process (`trainLocalRound`) replays this to start
+    /// exactly where `runFederated` would.
+    static func initialParameters(modules: [LoRAModule], config: FederatedConfig, clients: Int,
+                                  rng: inout RNG) -> (shared: ParameterSet, local: [ParameterSet]) {
+        let shared = makeLoRAParameters(modules: modules, rank: config.rank, level: .shared, rng: &rng)
+        let local = (0..<clients).map { _ in makeLoRAParameters(modules: modules, rank: config.rank2, level: .client, rng: &rng) }
+        return (shared, local)
     }
 
     var trainableParameters: [Int] {
@@ -49,27 +56,36 @@ struct PF2LoRAAlgorithm: FederatedAlgorithm {
     /// One client's local work; returns its updated copy of x and its mean upper-level loss.
     func clientUpdate(_ k: Int, lrFactor: Float, rng: inout RNG) -> (ParameterSet, Float) {
         let x = shared.clone()
-        let y = local[k]
-        let gx = x.zerosLike(), gy = y.zerosLike()
         let upper = config.persistClientOptimizer ? optimizers[k] : makeAdamW(config)
-        let lower = SGD(momentum: config.lowerMomentum)
-        let adapter = TwoLevelAdapter(shared: x, sharedScale: config.sharedScale, local: y, localScale: config.localScale)
-        var sum: Float = 0
-        for _ in 0..<config.localSteps {
-            for _ in 0..<config.lowerSteps {   // lower level: y_k <- y_k - eta grad_y f_k(x, y_k)
-                _ = task.lossAndGradients(client: k, adapter: adapter, sharedGrad: nil, localGrad: gy, rng: &rng)
-                maybeClip(gy, config)
-                lower.step(y, gy, lr: config.lowerLR * (config.scheduleLowerLR ? lrFactor : 1))
-            }
-            // upper level: hypergradient estimate grad_x f_k(x, y_k) at the current y_k
-            sum += task.lossAndGradients(client: k, adapter: adapter, sharedGrad: gx, localGrad: nil, rng: &rng)
-            maybeClip(gx, config)
-            upper.step(x, gx, lr: config.upperLR * lrFactor)
-        }
-        return (x, sum / Float(config.localSteps))
+        let loss = pf2loraLocalIterations(task: task, client: k, shared: x, local: local[k], config: config,
+                                          lrFactor: lrFactor, upper: upper, rng: &rng)
+        return (x, loss)
     }
 
     func evaluationAdapter(client k: Int, rng: inout RNG) -> TwoLevelAdapter {
         TwoLevelAdapter(shared: shared, sharedScale: config.sharedScale, local: local[k], localScale: config.localScale)
     }
+}
+
+/// PF2LoRA's local work of one client in one round (steps a and b above, `localSteps` times), on x
+/// and y_k in place: the round of `runFederated` and of a client driven from outside (`train_local`).
+/// Returns the mean upper-level minibatch loss.
+func pf2loraLocalIterations(task: FederatedTask, client k: Int, shared x: ParameterSet, local y: ParameterSet,
+                            config: FederatedConfig, lrFactor: Float, upper: AdamW, rng: inout RNG) -> Float {
+    let gx = x.zerosLike(), gy = y.zerosLike()
+    let lower = SGD(momentum: config.lowerMomentum)
+    let adapter = TwoLevelAdapter(shared: x, sharedScale: config.sharedScale, local: y, localScale: config.localScale)
+    var sum: Float = 0
+    for _ in 0..<config.localSteps {
+        for _ in 0..<config.lowerSteps {   // lower level: y_k <- y_k - eta grad_y f_k(x, y_k)
+            _ = task.lossAndGradients(client: k, adapter: adapter, sharedGrad: nil, localGrad: gy, rng: &rng)
+            maybeClip(gy, config)
+            lower.step(y, gy, lr: config.lowerLR * (config.scheduleLowerLR ? lrFactor : 1))
+        }
+        // upper level: hypergradient estimate grad_x f_k(x, y_k) at the current y_k
+        sum += task.lossAndGradients(client: k, adapter: adapter, sharedGrad: gx, localGrad: nil, rng: &rng)
+        maybeClip(gx, config)
+        upper.step(x, gx, lr: config.upperLR * lrFactor)
+    }
+    return sum / Float(config.localSteps)
 }

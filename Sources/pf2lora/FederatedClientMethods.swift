@@ -1,0 +1,172 @@
+import Foundation
+import PF2LoRA
+
+/// Installs `train_local` and `evaluate_local` (DESIGN §7, docs/FLOWER.md): the methods that make a
+/// `pf2lora serve` process one client node of a federation driven from outside (a Flower ClientApp).
+///
+///     {"method":"train_local","params":{"client":"debian","data":"/data/debian",
+///      "shared":{"safetensors":"<base64>"},"round":0,"client_index":3,"seed":0,"local_steps":5,
+///      "lower_steps":2,"lr":0.002,"lr2":0.05,"lr_factor":1,"rank2":2,"batch":8,"seq":64,"clip":1}}
+///     -> {"client":"debian","shared":{"safetensors":"<base64>"},"num_examples":412,"train_loss":3.91,
+///         "client_version":4,"shared_version":3,...}
+///
+/// `shared` is the server's x as adapter bytes, base64: uncompressed safetensors (what a Python peer
+/// writes with the `safetensors` package) or the store's zstd file; `{"path": FILE}` instead reads a
+/// file on this node, and `shared_out: FILE` writes the answer's x to a file (atomically) instead of
+/// inline, for adapters larger than a request line. Both are validated like any adapter file
+/// (base model, shapes, values). Like `personalize`, these run on a training thread while the server
+/// keeps serving, one training method at a time; bad params answer -32602, a failed round -32005.
+func installFederatedClient(_ server: Server, slot: TrainingSlot) {
+    guard let store = server.runtime.store else { return }
+    let weights = server.model.weights, tokenizer = server.tokenizer
+    let pad = textSeparator(tokenizer)
+
+    /// Runs `work` on a training thread holding the slot, and replies with its outcome.
+    func spawn(_ what: String, _ reply: @escaping (Result<[String: Any], RPCError>) -> Void, _ work: @escaping () throws -> [String: Any]) {
+        if let other = slot.acquire(what) {
+            reply(.failure(RPCError(.overloaded, "\(other) is already running; one training method runs at a time — retry when it has replied")))
+            return
+        }
+        let t = Thread {
+            let outcome: Result<[String: Any], RPCError>
+            do { outcome = .success(try work()) } catch let e as RPCError {
+                outcome = .failure(e)
+            } catch let e as FederatedClientError {
+                outcome = .failure(RPCError(e.isBadInput ? .invalidParams : .trainingFailed, e.description))
+            } catch let e as ClientDataError {
+                outcome = .failure(RPCError(.invalidParams, e.description))
+            } catch let e as FederatedStoreError {
+                outcome = .failure(RPCError(.invalidParams, e.description))
+            } catch let e as AdapterStoreError {
+                if case .invalidClientID = e { outcome = .failure(RPCError(.invalidParams, e.description)) } else {
+                    outcome = .failure(RPCError(.trainingFailed, "\(what): \(e.description)"))
+                }
+            } catch {
+                outcome = .failure(AdapterRuntime.rpcError(error))
+            }
+            slot.release()
+            reply(outcome)
+        }
+        t.name = "pf2lora.train"
+        t.stackSize = 8 << 20
+        t.start()
+    }
+
+    server.trainingMethods["train_local"] = { params, reply in
+        let p = Params(params)
+        let client: String, dataDir: String, shared: LoRAAdapter, out: String?, o: LocalRoundOptions
+        do {
+            client = try clientParam(p)
+            dataDir = try dataParam(p)
+            shared = try sharedParam(p, base: store.base, required: true)!
+            out = try p.string("shared_out")
+            o = try localRoundOptions(p)
+        } catch let e as RPCError { reply(.failure(e)); return } catch { reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
+        spawn("train_local of client '\(client)'", reply) {
+            let data = try loadClientFolder(dataDir, client: client, tokenizer: tokenizer)
+            let r = try trainLocalRound(weights: weights, store: store, client: client, data: data, shared: shared, padToken: pad, options: o)
+            log(String(format: "train_local %@: round %d, loss %.4f, client v%d (shared v%@), %.1fs", client, o.round, r.trainLoss,
+                       r.clientVersion, r.sharedVersion.map(String.init) ?? "none", r.seconds))
+            let bytes = r.shared.safetensors()
+            var reply: [String: Any] = [
+                "client": client, "round": o.round, "num_examples": r.numExamples, "train_loss": Double(r.trainLoss),
+                "client_version": r.clientVersion, "previous_client_version": r.previousClientVersion.map { $0 as Any } ?? NSNull(),
+                "shared_version": r.sharedVersion.map { $0 as Any } ?? NSNull(),
+                "ranks": r.ranks, "rank_range": [r.ranks.values.min() ?? 0, r.ranks.values.max() ?? 0],
+                "seconds": (r.seconds * 1000).rounded() / 1000,
+            ]
+            if let out {
+                do { try bytes.write(to: URL(fileURLWithPath: out), options: .atomic) } catch {
+                    throw RPCError(.invalidParams, "params.shared_out: cannot write \(out): \(error.localizedDescription); give a writable path")
+                }
+                reply["shared"] = ["path": out, "bytes": bytes.count]
+            } else {
+                reply["shared"] = ["safetensors": bytes.base64EncodedString()]
+            }
+            return reply
+        }
+    }
+
+    server.trainingMethods["evaluate_local"] = { params, reply in
+        let p = Params(params)
+        let client: String, dataDir: String, shared: LoRAAdapter?, split: Split, seq: Int
+        do {
+            client = try clientParam(p)
+            dataDir = try dataParam(p)
+            shared = try sharedParam(p, base: store.base, required: false)
+            let s = try p.string("split") ?? "valid"
+            guard let sp = Split(rawValue: s) else { throw RPCError(.invalidParams, "params.split must be 'train', 'valid' or 'test' (got '\(s)')") }
+            split = sp
+            seq = try p.int("seq", min: 2, max: 1 << 16) ?? 64
+        } catch let e as RPCError { reply(.failure(e)); return } catch { reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
+        spawn("evaluate_local of client '\(client)'", reply) {
+            let data = try loadClientFolder(dataDir, client: client, tokenizer: tokenizer)
+            let e = try evaluateLocal(weights: weights, store: store, client: client, data: data, shared: shared, split: split,
+                                      seqLen: seq, padToken: pad)
+            return [
+                "client": client, "split": split.rawValue, "loss": Double(e.loss), "perplexity": exp(Double(e.loss)),
+                "tokens": e.tokens, "texts": e.texts,
+                "client_version": e.clientVersion.map { $0 as Any } ?? NSNull(), "shared_version": e.sharedVersion.map { $0 as Any } ?? NSNull(),
+                "ranks": e.ranks, "rank_range": [e.ranks.values.min() ?? 0, e.ranks.values.max() ?? 0],
+            ]
+        }
+    }
+}
+
+private func clientParam(_ p: Params) throws -> String {
+    guard let client = try p.string("client") else { throw RPCError(.invalidParams, "params.client (a string) is required") }
+    do { try ClientID.validate(client) } catch { throw RPCError(.invalidParams, "\(error)") }
+    return client
+}
+
+private func dataParam(_ p: Params) throws -> String {
+    guard let d = try p.string("data"), !d.isEmpty else {
+        throw RPCError(.invalidParams, "params.data (the path of this client's data folder: train.jsonl, valid.jsonl, test.jsonl) is required")
+    }
+    return d
+}
+
+/// `shared`: {"safetensors": base64} or {"path": FILE}, decoded and validated against the store's base.
+private func sharedParam(_ p: Params, base: BaseModelInfo, required: Bool) throws -> LoRAAdapter? {
+    guard p.has("shared") else {
+        if required { throw RPCError(.invalidParams, "params.shared is required: the server's shared pair as {\"safetensors\": base64} or {\"path\": file}") }
+        return nil
+    }
+    guard let obj = p.dict["shared"] as? [String: Any] else {
+        throw RPCError(.invalidParams, "params.shared must be an object: {\"safetensors\": base64 of the adapter bytes} or {\"path\": a file on this node}")
+    }
+    let data: Data, name: String
+    if let b64 = obj["safetensors"] as? String {
+        guard let d = Data(base64Encoded: b64) else { throw RPCError(.invalidParams, "params.shared.safetensors is not valid base64") }
+        data = d; name = "params.shared"
+    } else if let path = obj["path"] as? String {
+        do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
+            throw RPCError(.invalidParams, "params.shared.path: cannot read \(path): \(error.localizedDescription)")
+        }
+        name = path
+    } else {
+        throw RPCError(.invalidParams, "params.shared needs 'safetensors' (base64) or 'path' (a file)")
+    }
+    do { return try LoRAAdapter.decode(compressedOrPlain: data, name: name, base: base, expectedLevel: .shared) } catch {
+        throw AdapterRuntime.rpcError(error)
+    }
+}
+
+private func localRoundOptions(_ p: Params) throws -> LocalRoundOptions {
+    var o = LocalRoundOptions()
+    if let v = try p.int("round", min: 0, max: 1 << 30) { o.round = v }
+    if let v = try p.int("client_index", min: 0, max: 1 << 20) { o.clientIndex = v }
+    if let v = try p.uint64("seed") { o.seed = v }
+    if let v = try p.int("local_steps", min: 1, max: 100_000) { o.localSteps = v }
+    if let v = try p.int("lower_steps", min: 0, max: 100_000) { o.lowerSteps = v }
+    if let v = try p.float("lr") { o.lr = v }
+    if let v = try p.float("lr2") { o.lr2 = v }
+    if let v = try p.float("lr_factor") { o.lrFactor = v }
+    if let v = try p.int("rank2", min: 1, max: 256) { o.rank2 = v }
+    if let v = try p.float("alpha2") { o.alpha2 = v }
+    if let v = try p.int("batch", min: 1, max: 4096) { o.batchSize = v }
+    if let v = try p.int("seq", min: 2, max: 1 << 16) { o.seqLen = v }
+    if let v = try p.float("clip") { o.clipNorm = v }
+    if let v = try p.bool("publish_shared") { o.publishShared = v }
+    return o
+}

@@ -1,7 +1,7 @@
 # The README's two commands are `make run` and `make test`.
 SWIFT ?= swift
 
-.PHONY: setup build run test
+.PHONY: setup build run test flower-test
 setup:
 	bash scripts/setup.sh
 
@@ -14,6 +14,11 @@ run: build
 test: setup
 	$(SWIFT) build -c release --product pf2lora
 	$(SWIFT) test
+	bash scripts/flower_test.sh
+
+# PF2LoRA on Flower (docs/FLOWER.md): two pf2lora nodes under a real SuperLink, checked against `federate`.
+flower-test: setup
+	bash scripts/flower_test.sh
 
 # Reliability (docs/RELIABILITY.md): the suite under ThreadSanitizer and AddressSanitizer, and the
 # libFuzzer targets (FUZZ_SECONDS each).

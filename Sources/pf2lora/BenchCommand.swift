@@ -27,12 +27,16 @@ struct BenchDecode: ParsableCommand {
     var threads: Int = 0
     @Option(help: "Timed repeats (median reported).")
     var repeats: Int = 3
+    @Option(name: .customLong("pool-policy"), help: "adaptive: decode steps run on one thread while the cores are oversubscribed (the default, as served); always: every step on every pool thread.")
+    var poolPolicy = "adaptive"
     @Option(name: .customLong("pooled-rows"), help: "Decode steps of at most this many sequences run on the worker pool, larger ones as OpenBLAS GEMMs (0 = always GEMM; default: the engine's, \(InferenceEngine.maxPooledRows)).")
     var pooledRows: Int?
 
     func run() throws {
         BLAS.setThreads(threads)
         if let p = pooledRows, p < 0 { throw CLIError("--pooled-rows must be >= 0 (0 = decode every batch with GEMM)") }
+        guard poolPolicy == "adaptive" || poolPolicy == "always" else { throw CLIError("--pool-policy must be adaptive or always") }
+        WorkerPool.shared.adaptive = poolPolicy == "adaptive"
         let m = try GPT2Model.load(folder: model)
         let c = m.config
         guard batch >= 1, tokens >= 1, promptTokens >= 1, promptTokens + tokens <= c.nPositions else {
@@ -49,6 +53,8 @@ struct BenchDecode: ParsableCommand {
             "threads": BLAS.threads, "pool_threads": WorkerPool.shared.count,
             "decode_path": batch <= engine.pooledRowLimit ? "pool" : "gemm",
             "pooled_rows": engine.pooledRowLimit, "pooled_rows_default": InferenceEngine.maxPooledRows,
+            "pool_policy": poolPolicy, "pool_solo_steps": WorkerPool.shared.policy.soloRuns, "pool_solo_switches": WorkerPool.shared.policy.switches,
+            "pool_mean_stall_fraction": WorkerPool.shared.policy.pooledJobs == 0 ? 0 : WorkerPool.shared.policy.stallFractionSum / Double(WorkerPool.shared.policy.pooledJobs),
             "prefill_tokens_per_s": Double(batch * promptTokens) / tp,
             "decode_tokens_per_s": Double(batch * tokens) / td,
             "decode_ms_per_step": td / Double(tokens) * 1000,

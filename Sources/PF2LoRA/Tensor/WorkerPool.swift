@@ -22,7 +22,7 @@ public final class WorkerPool: @unchecked Sendable {
         let pool: WorkerPool?
 
         /// Waits until every participant has reached this barrier.
-        @inline(__always) public func barrier() { if count > 1 { pool!.barrier() } }
+        @inline(__always) public func barrier() { if count > 1 { pool!.barrier(caller: index == 0) } }
 
         /// Runs `body` on chunks of 0..<n taken from a shared counter until none are left, so a
         /// participant slowed by anything (an interrupt, a busier memory channel) takes fewer chunks.
@@ -57,6 +57,7 @@ public final class WorkerPool: @unchecked Sendable {
     private let arrived = Atomic<Int>(0)         // barrier arrivals
     private let barrierRound = Atomic<Int>(0)    // barrier generation
     private let busy = Atomic<Bool>(false)
+    private let stallNanos = Atomic<Int>(0)      // this job's caller waits past their spinning phase
     private final class Counter { let value = Atomic<Int>(0) }
     private let counters = (0..<4).map { _ in Counter() }   // chunk counters of `Context.chunks`
     private var job: ((Context) -> Void)?
@@ -92,11 +93,20 @@ public final class WorkerPool: @unchecked Sendable {
 
     /// Runs `body` on every participant and returns when all are done. If another job is running,
     /// runs `body` alone on the calling thread.
+    /// Runs alone on the caller while the contention policy says so (see `ContentionPolicy`).
     public func run(_ body: @escaping (Context) -> Void) {
         if count == 1 || !busy.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
             body(Context(index: 0, count: 1, pool: nil))
             return
         }
+        if adaptive && policy.solo {
+            policy.soloJobDone()
+            busy.store(false, ordering: .releasing)
+            body(Context(index: 0, count: 1, pool: nil))
+            return
+        }
+        let t0 = Self.monotonicNanos()
+        stallNanos.store(0, ordering: .relaxed)
         job = body
         finished.store(0, ordering: .relaxed)
         for c in counters { c.value.store(0, ordering: .relaxed) }
@@ -105,29 +115,56 @@ public final class WorkerPool: @unchecked Sendable {
         if sleepers > 0 { pthread_cond_broadcast(&wake) }
         pthread_mutex_unlock(&mutex)
         body(Context(index: 0, count: count, pool: self))
-        var spins = 0
-        while finished.load(ordering: .acquiring) < count - 1 { Self.backOff(&spins) }
+        var spins = 0, since: UInt64 = 0
+        while finished.load(ordering: .acquiring) < count - 1 { Self.backOff(&spins, &since) }
+        endWait(since)
         job = nil
+        // Accounted whether or not the policy may act (its statistics are `bench`'s to report).
+        policy.record(jobNanos: Double(Self.monotonicNanos() &- t0), stallNanos: Double(stallNanos.load(ordering: .relaxed)))
         busy.store(false, ordering: .releasing)
     }
 
-    private func barrier() {
+    /// Whether the contention policy may run jobs alone; off, every job uses every participant
+    /// (`bench decode --pool-policy always` measures that). Set before jobs run.
+    public var adaptive = true
+    /// The contention state (read by `bench` and tests; updated only by the job's caller).
+    public private(set) var policy = ContentionPolicy()
+
+    private func barrier(caller: Bool) {
         let round = barrierRound.load(ordering: .acquiring)
         if arrived.add(1, ordering: .acquiringAndReleasing).newValue == count {
             arrived.store(0, ordering: .relaxed)
             barrierRound.add(1, ordering: .releasing)
         } else {
-            var spins = 0
-            while barrierRound.load(ordering: .acquiring) == round { Self.backOff(&spins) }
+            var spins = 0, since: UInt64 = 0
+            while barrierRound.load(ordering: .acquiring) == round { Self.backOff(&spins, &since) }
+            if caller { endWait(since) }
         }
     }
 
     /// A waiting participant spins first (the others are usually microseconds away), then yields
     /// its core on every check: when the cores are oversubscribed (training beside serving, more
     /// participants than cores) the one it waits for may be the one that needs the core.
-    @inline(__always) private static func backOff(_ spins: inout Int) {
+    /// `since` is set when the wait leaves the spinning phase, for the stall accounting.
+    @inline(__always) private static func backOff(_ spins: inout Int, _ since: inout UInt64) {
         spins += 1
-        if spins > 4096 { sched_yield() }
+        if spins > 4096 {
+            if since == 0 { since = monotonicNanos() }
+            sched_yield()
+        }
+    }
+
+    /// Adds the time a wait of the caller (participant 0) spent past its spinning phase to the job's
+    /// stall total. The caller waits at every barrier and at the end of the job, so whoever is late,
+    /// the caller's stalls measure it.
+    @inline(__always) private func endWait(_ since: UInt64) {
+        if since != 0 { stallNanos.add(Int(Self.monotonicNanos() &- since), ordering: .relaxed) }
+    }
+
+    @inline(__always) static func monotonicNanos() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 
     private func workerLoop(index: Int) {
@@ -147,6 +184,68 @@ public final class WorkerPool: @unchecked Sendable {
             job?(Context(index: index, count: count, pool: self))
             finished.add(1, ordering: .releasing)
         }
+    }
+}
+
+/// When to run the pool's jobs on the caller alone.
+///
+/// The pool's barriers assume every participant has a core. When the machine is oversubscribed (a
+/// build, a training thread beside serving, another process), a participant that lost its core holds
+/// up every barrier until the scheduler gives it back: with one spinning process beside it, a 2-thread
+/// decode step of the 124M shape took 2.4x the time of a 1-thread one (Benchmarks/README.md). So
+/// every pooled job measures how long its caller waited for the others past the spinning phase of its
+/// waits ("stalls"; the caller waits at every barrier, so whoever is late shows up there).
+///
+/// Measured per decode step on 2 cores: a quiet machine stalls 1-3% of a step; the first few steps
+/// after a prefill stall 35-65% (OpenBLAS's threads still spin on the cores for a while after a GEMM);
+/// with one spinning process beside it, 80-96% on every step. A job whose stalls exceed
+/// `stallFraction` (50%) counts as contended; after `trigger` (3) contended jobs in a row the pool
+/// runs the next `soloJobs` jobs on the caller alone (no barriers, no wake-ups), then tries the pool
+/// again. Each relapse doubles the solo period, from `minSoloJobs` (32) up to `maxSoloJobs`; an
+/// uncontended pooled job resets it. A job's result does not depend on how many ran it.
+public struct ContentionPolicy: Sendable, Equatable {
+    public var stallFraction = 0.5
+    public var trigger = 3
+    public var minSoloJobs = 32
+    public var maxSoloJobs = 4096
+    /// Contended pooled jobs in a row.
+    public private(set) var streak = 0
+    /// Solo jobs left before the pool is tried again.
+    public private(set) var soloLeft = 0
+    /// The next solo period.
+    public private(set) var soloJobs = 32
+    /// Jobs run alone because of contention, and times the policy switched to solo (for `bench`).
+    public private(set) var soloRuns = 0
+    public private(set) var switches = 0
+    /// Pooled jobs accounted and the sum of their stall fractions (`bench` reports the mean).
+    public private(set) var pooledJobs = 0
+    public private(set) var stallFractionSum = 0.0
+
+    public init() {}
+
+    public var solo: Bool { soloLeft > 0 }
+
+    /// Accounts one pooled job.
+    public mutating func record(jobNanos: Double, stallNanos: Double) {
+        pooledJobs += 1
+        if jobNanos > 0 { stallFractionSum += stallNanos / jobNanos }
+        if jobNanos > 0 && stallNanos > stallFraction * jobNanos {
+            streak += 1
+            if streak >= trigger {
+                soloLeft = soloJobs
+                soloJobs = min(maxSoloJobs, soloJobs * 2)
+                streak = 0
+                switches += 1
+            }
+        } else {
+            streak = 0
+            soloJobs = minSoloJobs
+        }
+    }
+
+    /// Accounts one job run alone.
+    public mutating func soloJobDone() {
+        if soloLeft > 0 { soloLeft -= 1; soloRuns += 1 }
     }
 }
 

@@ -12,7 +12,7 @@ struct Adapters: ParsableCommand {
           <root>/<base>/shared/v000012.safetensors.zst
           <root>/<base>/clients/<client-id>/v000003.safetensors.zst
           <root>/<base>/manifest.json
-        Each file is a zstd frame of a safetensors file with PEFT tensor names (lora_A/lora_B for the
+        Each file is a zstd frame of a safetensors file with PEFT tensor names (lora_A/lora_B for the \
         shared level, lora_C/lora_D for a client level). See docs/ADAPTER_STORE.md.
         """,
         subcommands: [List.self, Inspect.self, ImportPEFT.self, ExportPEFT.self, Init.self, Bench.self, RankCommand.self])
@@ -143,9 +143,9 @@ struct Adapters: ParsableCommand {
             commandName: "import-peft",
             abstract: "Import a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) as the shared level or a client level.",
             discussion: """
-            The adapter is checked against the base model (module names, shapes, finite values) and published
-            as a new version. A client level is stored under lora_C/lora_D with its own r and lora_alpha
-            (rsLoRA scale alpha/sqrt(r) when use_rslora is set). rank_pattern/alpha_pattern, DoRA, LoRA biases
+            The adapter is checked against the base model (module names, shapes, finite values) and published \
+            as a new version. A client level is stored under lora_C/lora_D with its own r and lora_alpha \
+            (rsLoRA scale alpha/sqrt(r) when use_rslora is set). rank_pattern/alpha_pattern, DoRA, LoRA biases \
             and modules_to_save are refused.
             """)
 
@@ -199,8 +199,8 @@ struct Adapters: ParsableCommand {
             commandName: "export-peft",
             abstract: "Export a client's whole personalized update as one plain PEFT LoRA of rank r + r2 (or one level alone).",
             discussion: """
-            With --client ID: B' = [ (alpha/r) B | (alpha2/r2) D ], A' = [ A ; C ], lora_alpha = r + r2, so
-            PEFT's scale is 1; the current shared version and the client's current version are used.
+            With --client ID: B' = [ (alpha/r) B | (alpha2/r2) D ], A' = [ A ; C ], lora_alpha = r + r2, so \
+            PEFT's scale is 1; the current shared version and the client's current version are used. \
             With --level shared or --level client, that level alone is written as it is.
             """)
 
@@ -271,10 +271,10 @@ struct Adapters: ParsableCommand {
             commandName: "init",
             abstract: "Write the shared pair a PF2LoRA federation starts from (A Kaiming-uniform, B = 0) as an adapter file, for a federation server to send in round 0.",
             discussion: """
-            The pair is exactly the one `pf2lora federate --method pf2lora --seed S` starts from with the same
-            --rank, --alpha and --targets, so a federation driven through `train_local` (docs/FLOWER.md) with
-            seed S starts where `federate` does. The file is an uncompressed safetensors adapter (PEFT names
-            lora_A / lora_B, pf2lora metadata), readable by the `safetensors` Python package; with --store it
+            The pair is exactly the one `pf2lora federate --method pf2lora --seed S` starts from with the same \
+            --rank, --alpha and --targets, so a federation driven through `train_local` (docs/FLOWER.md) with \
+            seed S starts where `federate` does. The file is an uncompressed safetensors adapter (PEFT names \
+            lora_A / lora_B, pf2lora metadata), readable by the `safetensors` Python package; with --store it \
             is also published as the store's shared version.
             """)
 

@@ -7,9 +7,9 @@ struct BenchTrain: ParsableCommand {
         commandName: "train",
         abstract: "Time one training step (forward + backward, no optimizer) of two-level LoRA on a model.",
         discussion: """
-        Random token ids, labels = inputs (every position but the last predicts). A rank --rank shared pair
-        and a rank --rank2 client pair on all four linear kinds of every layer, both trainable, the base
-        frozen; with --full, the base weights' gradients instead (no adapters). One warm-up step, then the
+        Random token ids, labels = inputs (every position but the last predicts). A rank --rank shared pair \
+        and a rank --rank2 client pair on all four linear kinds of every layer, both trainable, the base \
+        frozen; with --full, the base weights' gradients instead (no adapters). One warm-up step, then the \
         median of --repeats steps. Benchmarks/train_step_bench.py runs this next to the same PyTorch + PEFT step.
         """)
 

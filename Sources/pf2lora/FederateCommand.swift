@@ -8,10 +8,10 @@ struct FederateCommand: ParsableCommand {
         commandName: "federate",
         abstract: "Train a federation of clients with PF2LoRA (or a baseline) on a GPT-2 and publish the adapters into the store.",
         discussion: """
-        --data holds one folder per client (its name is the client id) with train, valid and test as
-        .jsonl ({"text": ...} per line) or .txt (texts separated by blank lines). Progress goes to stderr.
-        On success the shared adapter and every client's adapter are published as new versions (see
-        docs/PERSONALIZE.md for how single-level methods are stored); a failed run writes nothing to
+        --data holds one folder per client (its name is the client id) with train, valid and test as \
+        .jsonl ({"text": ...} per line) or .txt (texts separated by blank lines). Progress goes to stderr. \
+        On success the shared adapter and every client's adapter are published as new versions (see \
+        docs/PERSONALIZE.md for how single-level methods are stored); a failed run writes nothing to \
         the store. --out gets metrics.json, loss.svg and results.md.
         """)
 

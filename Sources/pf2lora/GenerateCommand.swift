@@ -102,11 +102,11 @@ struct ServeCommand: ParsableCommand {
         commandName: "serve",
         abstract: "Serve many clients over JSON-RPC 2.0 on stdin/stdout (one JSON object per line).",
         discussion: """
-        Methods: generate, personalize, train_local, evaluate_local, adapters.list, adapters.load,
-        adapters.evict, reload, stats, health, shutdown (train_local and evaluate_local make this
-        process a federated client node, see docs/FLOWER.md). Responses and `token` notifications go to stdout, logs to stderr. Requests
-        of different clients are batched together (continuous batching); a new adapter version in the
-        store is used by the client's next request without a restart. EOF on stdin drains in-flight
+        Methods: generate, personalize, train_local, evaluate_local, adapters.list, adapters.load, \
+        adapters.evict, reload, stats, health, shutdown (train_local and evaluate_local make this \
+        process a federated client node, see docs/FLOWER.md). Responses and `token` notifications go to stdout, logs to stderr. Requests \
+        of different clients are batched together (continuous batching); a new adapter version in the \
+        store is used by the client's next request without a restart. EOF on stdin drains in-flight \
         work and exits 0. See docs/PROTOCOL.md for every method, parameter and error code.
         """)
 

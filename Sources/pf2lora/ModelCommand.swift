@@ -14,9 +14,9 @@ struct RandomModel: ParsableCommand {
         commandName: "random",
         abstract: "Write a random-weight GPT-2 in Hugging Face layout (config.json, model.safetensors, tokenizer files).",
         discussion: """
-        For tests and benchmarks at real shapes with nothing downloaded. Weights are drawn as GPT-2
-        initializes them (N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)) from --seed.
-        The tokenizer files are copied from --tokenizer (default: $PF2LORA_GPT2_TOKENIZER or
+        For tests and benchmarks at real shapes with nothing downloaded. Weights are drawn as GPT-2 \
+        initializes them (N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)) from --seed. \
+        The tokenizer files are copied from --tokenizer (default: $PF2LORA_GPT2_TOKENIZER or \
         ../shared/gpt2-tokenizer), so the model has the real 50,257-token GPT-2 vocabulary.
         """)
 

@@ -8,9 +8,9 @@ struct PersonalizeCommand: ParsableCommand {
         commandName: "personalize",
         abstract: "Train a new or existing client's own LoRA pair (C, D) on its texts, the shared pair frozen, and publish it as a new version.",
         discussion: """
-        --texts is JSONL ({"text": ...} per line) or plain text with one text per blank-line-separated
-        paragraph. A new client starts from C Kaiming-uniform, D = 0; an existing one from its current
-        version. Training is AdamW on (C, D) only. Progress goes to stderr, a JSON summary to stdout. A
+        --texts is JSONL ({"text": ...} per line) or plain text with one text per blank-line-separated \
+        paragraph. A new client starts from C Kaiming-uniform, D = 0; an existing one from its current \
+        version. Training is AdamW on (C, D) only. Progress goes to stderr, a JSON summary to stdout. A \
         running `pf2lora serve` on the same store uses the new version from the client's next request.
         """)
 

@@ -7,13 +7,13 @@ struct PretrainCommand: ParsableCommand {
         commandName: "pretrain",
         abstract: "Train a small GPT-2 from scratch on JSONL text (full-parameter, AdamW, warm-up + cosine).",
         discussion: """
-        --data is a JSONL file, or a folder holding train.jsonl (else every *.jsonl in it). Each line is
-        {"text": "..."} (tokenized with --tokenizer; texts are joined with <|endoftext|>) or {"ids": [...]}
-        (already tokenized). Validation text: --valid, else valid.jsonl next to the training file, else the
-        last 1% of the token stream is held out. Each step draws --batch random windows of --seq + 1 tokens;
-        the windows of step s depend only on (--seed, s), so a resumed run continues exactly as an
-        uninterrupted one. --out becomes a Hugging Face folder (config.json, model.safetensors, tokenizer
-        files) plus trainer_state.json and optimizer.safetensors; every file is replaced atomically at each
+        --data is a JSONL file, or a folder holding train.jsonl (else every *.jsonl in it). Each line is \
+        {"text": "..."} (tokenized with --tokenizer; texts are joined with <|endoftext|>) or {"ids": [...]} \
+        (already tokenized). Validation text: --valid, else valid.jsonl next to the training file, else the \
+        last 1% of the token stream is held out. Each step draws --batch random windows of --seq + 1 tokens; \
+        the windows of step s depend only on (--seed, s), so a resumed run continues exactly as an \
+        uninterrupted one. --out becomes a Hugging Face folder (config.json, model.safetensors, tokenizer \
+        files) plus trainer_state.json and optimizer.safetensors; every file is replaced atomically at each \
         checkpoint. Progress goes to stderr; a JSON summary to stdout at the end.
         """)
 

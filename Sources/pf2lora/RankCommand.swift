@@ -8,9 +8,9 @@ struct RankCommand: ParsableCommand {
         commandName: "rank",
         abstract: "Singular values and learned rank of a client's effective update s1 B A + s2 D_k C_k, per module.",
         discussion: """
-        Uses the store's current shared and client versions (what `serve` gives the client). The rank
-        of a module is the number of singular values above tau x the largest (docs/METHOD.md: one tau
-        for every client and module). Prints a Markdown table per module and a summary; --json prints
+        Uses the store's current shared and client versions (what `serve` gives the client). The rank \
+        of a module is the number of singular values above tau x the largest (docs/METHOD.md: one tau \
+        for every client and module). Prints a Markdown table per module and a summary; --json prints \
         JSON instead; --svg writes the spectra plot.
         """)
 

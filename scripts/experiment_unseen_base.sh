@@ -6,7 +6,7 @@
 # pretrain mix minus every text that is in any client's train, valid or test split), with the same
 # recipe, and PF2LoRA and every baseline are federated on it with the same settings as
 # scripts/reproduce.sh. Writes runs/unseen/ and docs/RESULTS-unseen-base.md (+ .svg); leaves
-# models/ and adapters/ alone. About 1 h on the 2-core machine kind.
+# models/ and adapters/ alone. About 17 min on the 2-core machine kind.
 #
 #   scripts/experiment_unseen_base.sh
 set -euo pipefail
@@ -68,7 +68,7 @@ done
 
 say "results"
 python3 scripts/results_table.py --runs "$OUT/federate" --out docs/RESULTS-unseen-base.md --svg docs/results-unseen-base.svg \
-  --model "$OUT/base" --store "$OUT/stores/pf2lora" \
+  --model "$OUT/base" --store "$OUT/stores/pf2lora" --title "Results, experiment B: the fortune federation on a base that has never seen the clients" \
   --preamble "$(cat docs/results-unseen-preamble.md 2>/dev/null || true)" \
   $( [ -f docs/results-unseen-analysis.md ] && echo --appendix docs/results-unseen-analysis.md )
 say "finished"

@@ -37,13 +37,26 @@ def svg_chart(clients, series, path):
     n, m = len(clients), len(series)
     gw = (W - left - 20) / n
     bw = gw * 0.8 / m
-    ymax = max(v for _, vals in series for v in vals if v == v) * 1.1
+    vals_all = [v for _, vals in series for v in vals if v == v and v > 0]
+    ymax = max(vals_all) * 1.1
+    # Perplexities that span more than 30x (a language the base never saw beside one it knows) go on
+    # a log axis, or the small ones would be invisible.
+    log_axis = max(vals_all) / min(vals_all) > 30
+    ymin = 10 ** math.floor(math.log10(min(vals_all))) if log_axis else 0
     def y(v):
-        return top + (H - top - bottom) * (1 - v / ymax)
+        if log_axis:
+            f = (math.log10(max(v, ymin)) - math.log10(ymin)) / (math.log10(ymax) - math.log10(ymin))
+        else:
+            f = v / ymax
+        return top + (H - top - bottom) * (1 - f)
+    title = "Test perplexity per client (lower is better" + ("; log scale)" if log_axis else ")")
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
-             f'<text x="{W/2}" y="20" text-anchor="middle" font-size="14">Test perplexity per client (lower is better)</text>']
-    for t in range(6):
-        v = ymax * t / 5
+             f'<text x="{W/2}" y="20" text-anchor="middle" font-size="14">{title}</text>']
+    if log_axis:
+        ticks = [m * 10 ** e for e in range(int(math.log10(ymin)), int(math.log10(ymax)) + 1) for m in (1, 2, 5) if ymin <= m * 10 ** e <= ymax]
+    else:
+        ticks = [ymax * t / 5 for t in range(6)]
+    for v in ticks:
         parts.append(f'<line x1="{left}" x2="{W-20}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>'
                      f'<text x="{left-5}" y="{y(v)+4:.1f}" text-anchor="end">{v:.0f}</text>')
     for i, c in enumerate(clients):
@@ -52,7 +65,7 @@ def svg_chart(clients, series, path):
             v = vals[i]
             if v != v:
                 continue
-            parts.append(f'<rect x="{x0 + j*bw:.1f}" y="{y(v):.1f}" width="{bw*0.95:.1f}" height="{y(0)-y(v):.1f}" fill="{colors[j % len(colors)]}"><title>{name} {c}: {v:.2f}</title></rect>')
+            parts.append(f'<rect x="{x0 + j*bw:.1f}" y="{y(v):.1f}" width="{bw*0.95:.1f}" height="{y(ymin)-y(v):.1f}" fill="{colors[j % len(colors)]}"><title>{name} {c}: {v:.2f}</title></rect>')
         parts.append(f'<text transform="translate({x0 + gw*0.4:.1f},{H-bottom+14}) rotate(30)">{c}</text>')
     for j, (name, _) in enumerate(series):
         lx = left + j * 150
@@ -86,6 +99,7 @@ def main():
     ap.add_argument("--no-samples", action="store_true")
     ap.add_argument("--preamble", default="", help="Markdown placed before the table (setup and commands)")
     ap.add_argument("--appendix", default="", help="a Markdown file placed after the table (analysis)")
+    ap.add_argument("--title", default="Results: per-client text generation on the fortune federation")
     args = ap.parse_args()
 
     runs = load(args.runs)
@@ -120,10 +134,10 @@ def main():
     verdict.append("Mean test perplexity, best first: " + ", ".join(f"{n} {m:.2f}" for m, n in order) + ".")
 
     svg_chart(clients, cols, args.svg)
-    md = ["# Results: per-client text generation on the fortune federation", "", args.preamble, "",
+    md = [f"# {args.title}", "", args.preamble, "",
           "Test perplexity (exp of the mean token cross-entropy on each client's test split; lower is better;",
           "bold = best adapted model for that client). Every method trains the same base on the same",
-          "clients with the same rounds, local steps and data; settings are in `runs/federate/<method>/metrics.json`.", "",
+          f"clients with the same rounds, local steps and data; settings are in `{args.runs}/<method>/metrics.json`.", "",
           "\n".join(lines), "", " ".join(verdict), "",
           f"![test perplexity per client]({os.path.relpath(args.svg, os.path.dirname(args.out) or '.')})", "",
           f"Learned rank: singular values of each module's update s1·BA + s2·D_kC_k above {pf['rank_rule'].split('>')[1].strip()} (docs/METHOD.md).", ""]
@@ -131,7 +145,7 @@ def main():
         md += [pathlib.Path(args.appendix).read_text(), ""]
     if not args.no_samples:
         md += ["## Sample generations", "", f"Three samples per client (temperature 0.8, top-p 0.95, seeds 1–3) from the prompt `{args.prompt}`,",
-               "served by `pf2lora generate --store adapters --client ID` with PF2LoRA's adapters.", ""]
+               f"served by `pf2lora generate --model {args.model} --store {args.store} --client ID` with PF2LoRA's adapters.", ""]
         for c, texts in samples(args, clients):
             md.append(f"**{c}**")
             md.append("")

@@ -21,35 +21,19 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot) {
     let weights = server.model.weights, tokenizer = server.tokenizer
     let pad = textSeparator(tokenizer)
 
-    /// Runs `work` on a training thread holding the slot, and replies with its outcome.
-    func spawn(_ what: String, _ reply: @escaping (Result<[String: Any], RPCError>) -> Void, _ work: @escaping () throws -> [String: Any]) {
-        if let other = slot.acquire(what) {
-            reply(.failure(RPCError(.overloaded, "\(other) is already running; one training method runs at a time — retry when it has replied")))
-            return
-        }
-        let t = Thread {
-            let outcome: Result<[String: Any], RPCError>
-            do { outcome = .success(try work()) } catch let e as RPCError {
-                outcome = .failure(e)
-            } catch let e as FederatedClientError {
-                outcome = .failure(RPCError(e.isBadInput ? .invalidParams : .trainingFailed, e.description))
-            } catch let e as ClientDataError {
-                outcome = .failure(RPCError(.invalidParams, e.description))
-            } catch let e as FederatedStoreError {
-                outcome = .failure(RPCError(.invalidParams, e.description))
-            } catch let e as AdapterStoreError {
-                if case .invalidClientID = e { outcome = .failure(RPCError(.invalidParams, e.description)) } else {
-                    outcome = .failure(RPCError(.trainingFailed, "\(what): \(e.description)"))
-                }
-            } catch {
-                outcome = .failure(AdapterRuntime.rpcError(error))
+    /// What a failed round or evaluation answers (an `RPCError` thrown by the work passes as it is).
+    func rpcError(_ what: String) -> (Error) -> RPCError {
+        { error in
+            switch error {
+            case let e as FederatedClientError: return RPCError(e.isBadInput ? .invalidParams : .trainingFailed, e.description)
+            case let e as ClientDataError: return RPCError(.invalidParams, e.description)
+            case let e as FederatedStoreError: return RPCError(.invalidParams, e.description)
+            case let e as AdapterStoreError:
+                if case .invalidClientID = e { return RPCError(.invalidParams, e.description) }
+                return RPCError(.trainingFailed, "\(what): \(e.description)")
+            default: return AdapterRuntime.rpcError(error)
             }
-            slot.release()
-            reply(outcome)
         }
-        t.name = "pf2lora.train"
-        t.stackSize = 8 << 20
-        t.start()
     }
 
     server.trainingMethods["train_local"] = { params, reply in
@@ -62,13 +46,14 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot) {
             out = try p.string("shared_out")
             o = try localRoundOptions(p)
         } catch let e as RPCError { reply(.failure(e)); return } catch { reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
-        spawn("train_local of client '\(client)'", reply) {
+        let what = "train_local of client '\(client)'"
+        slot.spawn(what, thread: "pf2lora.train", reply: reply, mapError: rpcError(what)) {
             let data = try loadClientFolder(dataDir, client: client, tokenizer: tokenizer)
             let r = try trainLocalRound(weights: weights, store: store, client: client, data: data, shared: shared, padToken: pad, options: o)
             log(String(format: "train_local %@: round %d, loss %.4f, client v%d (shared v%@), %.1fs", client, o.round, r.trainLoss,
                        r.clientVersion, r.sharedVersion.map(String.init) ?? "none", r.seconds))
             let bytes = r.shared.safetensors()
-            var reply: [String: Any] = [
+            var answer: [String: Any] = [
                 "client": client, "round": o.round, "num_examples": r.numExamples, "train_loss": Double(r.trainLoss),
                 "client_version": r.clientVersion, "previous_client_version": r.previousClientVersion.map { $0 as Any } ?? NSNull(),
                 "shared_version": r.sharedVersion.map { $0 as Any } ?? NSNull(),
@@ -79,11 +64,11 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot) {
                 do { try bytes.write(to: URL(fileURLWithPath: out), options: .atomic) } catch {
                     throw RPCError(.invalidParams, "params.shared_out: cannot write \(out): \(error.localizedDescription); give a writable path")
                 }
-                reply["shared"] = ["path": out, "bytes": bytes.count]
+                answer["shared"] = ["path": out, "bytes": bytes.count]
             } else {
-                reply["shared"] = ["safetensors": bytes.base64EncodedString()]
+                answer["shared"] = ["safetensors": bytes.base64EncodedString()]
             }
-            return reply
+            return answer
         }
     }
 
@@ -99,7 +84,8 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot) {
             split = sp
             seq = try p.int("seq", min: 2, max: 1 << 16) ?? 64
         } catch let e as RPCError { reply(.failure(e)); return } catch { reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
-        spawn("evaluate_local of client '\(client)'", reply) {
+        let what = "evaluate_local of client '\(client)'"
+        slot.spawn(what, thread: "pf2lora.train", reply: reply, mapError: rpcError(what)) {
             let data = try loadClientFolder(dataDir, client: client, tokenizer: tokenizer)
             let e = try evaluateLocal(weights: weights, store: store, client: client, data: data, shared: shared, split: split,
                                       seqLen: seq, padToken: pad)

@@ -79,6 +79,27 @@ final class TrainingSlot: @unchecked Sendable {
         return nil
     }
     func release() { lock.lock(); running = nil; lock.unlock() }
+
+    /// Runs `work` for the method described by `what` on its own thread (named `thread`) holding the
+    /// slot, and replies with its result; answers -32004 at once if another training method holds
+    /// it. An `RPCError` thrown by `work` is the reply as it is; anything else goes through `mapError`.
+    func spawn(_ what: String, thread: String, reply: @escaping (Result<[String: Any], RPCError>) -> Void,
+               mapError: @escaping (Error) -> RPCError, _ work: @escaping () throws -> [String: Any]) {
+        if let other = acquire(what) {
+            reply(.failure(RPCError(.overloaded, "\(other) is already running; one training method runs at a time — retry when it has replied")))
+            return
+        }
+        let t = Thread {
+            let outcome: Result<[String: Any], RPCError>
+            do { outcome = .success(try work()) } catch let e as RPCError { outcome = .failure(e) } catch { outcome = .failure(mapError(error)) }
+            // Free the slot before replying, so a request sent after the reply is never refused as overloaded.
+            self.release()
+            reply(outcome)
+        }
+        t.name = thread
+        t.stackSize = 8 << 20
+        t.start()
+    }
 }
 
 /// Installs the `personalize` method (DESIGN §5) on a server with an adapter store.
@@ -87,8 +108,8 @@ final class TrainingSlot: @unchecked Sendable {
 ///      "max_seconds":30,"seed":0,"rank2":2,"batch":8,"seq":64}}
 ///
 /// Training runs on its own thread with its own buffers, reading the server's (read-only) base
-/// weights, while the scheduler keeps serving; it does not take the step lock. One personalization
-/// runs at a time: another gets -32004 (overloaded). Bad params answer -32602, a failed training
+/// weights, while the scheduler keeps serving; it does not take the step lock. One training method
+/// runs at a time (`TrainingSlot`): another gets -32004 (overloaded). Bad params answer -32602, a failed training
 /// -32005; the store keeps the client's last good version either way.
 func installPersonalize(_ server: Server, slot: TrainingSlot) {
     guard let store = server.runtime.store else { return }
@@ -98,34 +119,21 @@ func installPersonalize(_ server: Server, slot: TrainingSlot) {
         do { (client, texts, o) = try parsePersonalizeParams(params) } catch let e as RPCError {
             reply(.failure(e)); return
         } catch { reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
-        if let other = slot.acquire("personalize of client '\(client)'") {
-            reply(.failure(RPCError(.overloaded, "\(other) is already running; one training method runs at a time — retry when it has replied")))
-            return
-        }
-        let t = Thread {
-            let outcome: Result<[String: Any], RPCError>
-            do {
-                let r = try personalize(weights: weights, tokenizer: tokenizer, store: store, client: client, texts: texts, options: o) { step, loss in
-                    if step % 20 == 0 { log(String(format: "personalize %@: step %d loss %.4f", client, step, loss)) }
-                }
-                log(String(format: "personalize %@: published v%d in %.1fs", client, r.version, r.seconds))
-                outcome = .success(personalizeReply(r))
-            } catch let e as PersonalizeError {
-                outcome = .failure(RPCError(e.isBadInput ? .invalidParams : .trainingFailed, e.description))
-            } catch let e as AdapterStoreError {
-                if case .invalidClientID = e { outcome = .failure(RPCError(.invalidParams, e.description)) } else {
-                    outcome = .failure(RPCError(.trainingFailed, "personalize '\(client)': \(e.description)"))
-                }
-            } catch {
-                outcome = .failure(RPCError(.trainingFailed, "personalize '\(client)': \(error)"))
+        slot.spawn("personalize of client '\(client)'", thread: "pf2lora.personalize", reply: reply, mapError: { error in
+            switch error {
+            case let e as PersonalizeError: return RPCError(e.isBadInput ? .invalidParams : .trainingFailed, e.description)
+            case let e as AdapterStoreError:
+                if case .invalidClientID = e { return RPCError(.invalidParams, e.description) }
+                return RPCError(.trainingFailed, "personalize '\(client)': \(e.description)")
+            default: return RPCError(.trainingFailed, "personalize '\(client)': \(error)")
             }
-            // Free the slot before replying, so a request sent after the reply is never refused as overloaded.
-            slot.release()
-            reply(outcome)
+        }) {
+            let r = try personalize(weights: weights, tokenizer: tokenizer, store: store, client: client, texts: texts, options: o) { step, loss in
+                if step % 20 == 0 { log(String(format: "personalize %@: step %d loss %.4f", client, step, loss)) }
+            }
+            log(String(format: "personalize %@: published v%d in %.1fs", client, r.version, r.seconds))
+            return personalizeReply(r)
         }
-        t.name = "pf2lora.personalize"
-        t.stackSize = 8 << 20
-        t.start()
     }
 }
 

@@ -17,7 +17,8 @@ extension InferenceEngine {
     /// (measured crossover in Benchmarks/README.md).
     public static let maxPooledRows = 12
 
-    func decodeRows(_ inputs: [StepInput]) -> Tensor {
+    /// `segments`: the row ranges of adjacent inputs sharing a weight set (one row per input here).
+    func decodeRows(_ inputs: [StepInput], _ segments: [(LinearWeightSet, Int, Int)]) -> Tensor {
         let c = config, C = c.nEmbd, B = inputs.count
         let p = pool.count
         let rank = max(inputs.map { $0.client?.maxRank ?? 0 }.max() ?? 0, 1)
@@ -35,12 +36,6 @@ extension InferenceEngine {
             row.update(from: w.wte.data + inp.tokens[0] * C, count: C)
             addInPlace(row, w.wpe.data + inp.cache.length * C, count: C)
         }
-        // Runs of adjacent rows served with the same weights (the scheduler orders them so).
-        var segments: [(weights: LinearWeightSet, rows: Range<Int>)] = []
-        for (b, inp) in inputs.enumerated() {
-            if let last = segments.last, last.weights === inp.weights { segments[segments.count - 1].rows = last.rows.lowerBound..<(b + 1) }
-            else { segments.append((inp.weights, b..<(b + 1))) }
-        }
         let step = DecodeRows(inputs: inputs, segments: segments, rank: rank)
         pool.run { ctx in self.decodeBody(ctx, step) }
         for inp in inputs { inp.cache.advance(by: 1) }
@@ -50,7 +45,7 @@ extension InferenceEngine {
     /// What every participant needs to know about the step.
     private struct DecodeRows {
         let inputs: [StepInput]
-        let segments: [(weights: LinearWeightSet, rows: Range<Int>)]
+        let segments: [(LinearWeightSet, Int, Int)]   // (weights, first row, end row)
         let rank: Int
     }
 
@@ -119,10 +114,9 @@ extension InferenceEngine {
         }
         ctx.chunks(dout, size: 64, phase: 4 * l + kind.rawValue) { rows in
             let lo = rows.lowerBound, n = rows.count
-            for seg in step.segments {
+            for (set, r0, r1) in step.segments {
                 // (rows,in) @ (in) -> (rows) for every sequence of the segment
-                dotRows(seg.weights.weights[l][kind.rawValue].data, C: din, xin + seg.rows.lowerBound * din,
-                        count: seg.rows.count, rows: rows, stage + seg.rows.lowerBound * dout, stride: dout)
+                dotRows(set.weights[l][kind.rawValue].data, C: din, xin + r0 * din, count: r1 - r0, rows: rows, stage + r0 * dout, stride: dout)
             }
             for b in 0..<B {
                 let sb = stage + b * dout, ob = out + b * dout

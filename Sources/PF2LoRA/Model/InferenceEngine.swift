@@ -99,16 +99,19 @@ public final class InferenceEngine {
             if inp.tokens.count > 1 { maxT = max(maxT, total) }
             maxRank = max(maxRank, inp.client?.maxRank ?? 0)
         }
-        if n == inputs.count && n <= pooledRowLimit { return decodeRows(inputs) }
-        ensure(rows: n, outRows: m, maxT: maxT, maxRank: maxRank)
-
-        // Segments of adjacent inputs sharing a weight set, and sharing a client.
+        // Row ranges [r0, r1) of adjacent inputs sharing a weight set (callers order them so), and sharing a client.
         var weightSegs: [(LinearWeightSet, Int, Int)] = []
-        var clientSegs: [(ClientPairs, Int, Int)] = []
         for (i, inp) in inputs.enumerated() {
             let r0 = rowStart[i], r1 = r0 + inp.tokens.count
             if let last = weightSegs.last, last.0 === inp.weights, last.2 == r0 { weightSegs[weightSegs.count - 1].2 = r1 }
             else { weightSegs.append((inp.weights, r0, r1)) }
+        }
+        if n == inputs.count && n <= pooledRowLimit { return decodeRows(inputs, weightSegs) }
+        ensure(rows: n, outRows: m, maxT: maxT, maxRank: maxRank)
+
+        var clientSegs: [(ClientPairs, Int, Int)] = []
+        for (i, inp) in inputs.enumerated() {
+            let r0 = rowStart[i], r1 = r0 + inp.tokens.count
             if let cl = inp.client {
                 if let last = clientSegs.last, last.0 === cl, last.2 == r0 { clientSegs[clientSegs.count - 1].2 = r1 }
                 else { clientSegs.append((cl, r0, r1)) }

@@ -39,7 +39,6 @@ struct RPCRequest {
 }
 
 /// Typed access to a request's params with errors that name the field and the expected type.
-/// Typed access to a request's params, each error naming the parameter.
 public struct Params {
     public let dict: [String: Any]
     public init(_ dict: [String: Any]) { self.dict = dict }

@@ -4,8 +4,8 @@ import Foundation
 ///
 /// The reader (this thread) parses each line and answers the quick methods itself; `generate` goes
 /// to the scheduler's continuous batch, `personalize`, `train_local` and `evaluate_local` to a
-/// training thread. A bad line gets its
-/// error and never stops the server; EOF or `shutdown` drains in-flight work and returns 0.
+/// training thread. A bad line gets its error and never stops the server; EOF or `shutdown` drains
+/// in-flight work and returns 0.
 public final class Server {
     public let model: GPT2Model
     public let tokenizer: BPETokenizer
@@ -21,7 +21,7 @@ public final class Server {
     public typealias MethodHandler = (_ params: [String: Any], _ reply: @escaping (Result<[String: Any], RPCError>) -> Void) -> Void
     /// The installed training methods; a method missing here answers that it needs --store.
     public var trainingMethods: [String: MethodHandler] = [:]
-    /// The methods the training layer can install (for the unknown-method message).
+    /// The methods the training layer can install: without their handler (no store), they answer so.
     static let trainingMethodNames = ["personalize", "train_local", "evaluate_local"]
 
     public init(model: GPT2Model, tokenizer: BPETokenizer, store: AdapterStore?, strictClients: Bool = false,

@@ -294,13 +294,7 @@ struct Adapters: ParsableCommand {
                 guard rank >= 1, rank <= 4096 else { throw CLIError("--rank must be in 1...4096") }
                 let m = try GPT2Model.load(folder: model)
                 let base = try BaseModelInfo.gpt2(folder: model)
-                let kinds: [LinearKind] = try targets.split(separator: ",").map { s in
-                    let t = s.trimmingCharacters(in: .whitespaces)
-                    guard let k = LinearKind.allCases.first(where: { $0.path == t }) else {
-                        throw CLIError("unknown target '\(t)'; use attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj")
-                    }
-                    return k
-                }
+                let kinds = try parseTargets(targets)
                 let paths = (0..<m.config.nLayer).flatMap { l in kinds.map { LinearKind.modulePath(layer: l, $0) } }
                 let a = try initialSharedAdapter(weights: m.weights, base: base, modules: paths, rank: rank, alpha: alpha ?? 2 * Float(rank), seed: seed)
                 let bytes = a.safetensors()

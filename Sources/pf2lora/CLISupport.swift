@@ -48,3 +48,14 @@ func rawArgumentIsValidUTF8(option: String) -> Bool {
     }
     return true
 }
+
+/// The linear kinds of a `--targets` list (`attn.c_attn,mlp.c_fc`, ...).
+func parseTargets(_ targets: String) throws -> [LinearKind] {
+    try targets.split(separator: ",").map { s in
+        let t = s.trimmingCharacters(in: .whitespaces)
+        guard let k = LinearKind.allCases.first(where: { $0.path == t }) else {
+            throw CLIError("unknown target '\(t)'; use attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj")
+        }
+        return k
+    }
+}

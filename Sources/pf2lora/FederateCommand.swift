@@ -51,13 +51,7 @@ struct FederateCommand: ParsableCommand {
         guard rounds >= 1, localSteps >= 1, lowerSteps >= 0, rank >= 1, rank2 >= 1, batch >= 1, seq >= 2, lr > 0, lr2 > 0 else {
             throw CLIError("need rounds, local-steps, rank, rank2, batch >= 1, seq >= 2, lower-steps >= 0 and positive rates")
         }
-        let kinds: [LinearKind] = try targets.split(separator: ",").map { s in
-            let t = s.trimmingCharacters(in: .whitespaces)
-            guard let k = LinearKind.allCases.first(where: { $0.path == t }) else {
-                throw CLIError("unknown target '\(t)'; use attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj")
-            }
-            return k
-        }
+        let kinds = try parseTargets(targets)
         let (model, tok) = try options.loadModel()
         guard let store = try options.openStore(model) else { throw CLIError("federate needs --store DIR") }
         let only = clients?.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }

@@ -154,7 +154,7 @@ public struct LoRAAdapter {
     /// checks as `decode(from:)` apply, from the safetensors header on.
     public static func decode(compressedOrPlain data: Data, name: String, base: BaseModelInfo, expectedLevel: AdapterLevel? = nil,
                               sizeLimit: Int = defaultSizeLimit) throws -> LoRAAdapter {
-        if data.count >= 4 && data.prefix(4).elementsEqual([0x28, 0xB5, 0x2F, 0xFD]) {
+        if data.prefix(4).elementsEqual(Zstd.magic) {
             return try decode(from: data, name: name, base: base, expectedLevel: expectedLevel, sizeLimit: sizeLimit)
         }
         guard data.count <= sizeLimit else { throw AdapterError.tooLarge(file: name, claimed: UInt64(data.count), limit: sizeLimit) }

@@ -65,16 +65,19 @@ public enum Zstd {
         if ZSTD_isError(code) != 0 { throw ZstdError.compressFailed(why: String(cString: ZSTD_getErrorName(code))) }
     }
 
+    /// The 4 bytes every zstd frame starts with.
+    public static let magic: [UInt8] = [0x28, 0xB5, 0x2F, 0xFD]
+
     /// The decompressed size the frame header claims, after checking the magic number and that the
     /// frame is complete and alone. Throws the matching `ZstdError` otherwise.
     public static func frameContentSize(_ src: UnsafeRawBufferPointer, name: String) throws -> Int {
         guard src.count >= 4, let base = src.baseAddress else {
-            if src.count > 0, src.count < 4, Array(src) == Array([0x28, 0xB5, 0x2F, 0xFD].prefix(src.count)) {
+            if src.count > 0, src.count < 4, Array(src) == Array(magic.prefix(src.count)) {
                 throw ZstdError.truncated(name: name, size: src.count)
             }
             throw ZstdError.notZstd(name: name)
         }
-        guard src[0] == 0x28, src[1] == 0xB5, src[2] == 0x2F, src[3] == 0xFD else { throw ZstdError.notZstd(name: name) }
+        guard src.prefix(4).elementsEqual(magic) else { throw ZstdError.notZstd(name: name) }
         let content = ZSTD_getFrameContentSize(base, src.count)
         if content == UInt64.max - 1 {   // ZSTD_CONTENTSIZE_ERROR: the header is short or invalid
             // A frame header is at most 18 bytes; with the right magic and fewer bytes than that,

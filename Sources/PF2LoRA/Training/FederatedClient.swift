@@ -100,7 +100,8 @@ public func initialSharedAdapter(weights: GPT2Weights, base: BaseModelInfo, modu
                         base: base, extra: ["trained_by": "pf2lora adapters init", "seed": String(seed)])
 }
 
-/// The LoRA modules of `paths` in the order every trainer uses (layer, then kind).
+/// The LoRA modules of `paths` (`transformer.h.0.attn.c_attn`, ...) in the order every trainer uses
+/// (layer, then kind); an unknown path or a layer past the model's throws `TrainingError.unknownModule`.
 func loraModules(_ paths: [String], config c: GPT2Config) throws -> [LoRAModule] {
     try paths.map { p in
         guard let lk = LinearKind.parse(p), lk.layer < c.nLayer else { throw TrainingError.unknownModule(p) }
@@ -117,6 +118,11 @@ func loraModules(_ paths: [String], config c: GPT2Config) throws -> [LoRAModule]
 @discardableResult
 public func adoptShared(_ shared: LoRAAdapter, into store: AdapterStore, trainedBy: String) throws -> Int {
     try checkConsistent(shared, with: store)
+    return try publishIfNew(shared, into: store, trainedBy: trainedBy)
+}
+
+/// `adoptShared` after its shape check (done by a caller that checked before doing other work).
+func publishIfNew(_ shared: LoRAAdapter, into store: AdapterStore, trainedBy: String) throws -> Int {
     if let cur = try store.latestShared(), sameValues(cur.adapter, shared) { return cur.version }
     var a = shared
     a.metadata = AdapterMetadata(baseName: store.base.name, baseFingerprint: store.base.fingerprint,
@@ -183,7 +189,7 @@ public func trainLocalRound(weights: GPT2Weights, store: AdapterStore, client: S
         y = PF2LoRAAlgorithm.initialParameters(modules: modules, config: fc, clients: o.clientIndex + 1, rng: &rng).local[o.clientIndex]
     }
     guard fc.rank2 >= 1 else { throw FederatedClientError.badOption("the stored pair of '\(client)' has rank 0") }
-    let sharedVersion = o.publishShared ? try adoptShared(shared, into: store, trainedBy: "train_local (federation)") : store.currentVersion(level: .shared)
+    let sharedVersion = o.publishShared ? try publishIfNew(shared, into: store, trainedBy: "train_local (federation)") : store.currentVersion(level: .shared)
 
     let x = parameterSet(from: shared, level: .shared, modules: modules)
     var rng = RNG(seed: o.seed).derive((UInt64(o.round + 1) << 20) &+ UInt64(o.clientIndex))

@@ -63,18 +63,9 @@ public final class GPT2LMTask: FederatedTask {
         self.batchSize = batchSize
         self.seqLen = seqLen
         self.padToken = Int32(padToken)
-        var chosen: [(layer: Int, kind: LinearKind)] = (0..<c.nLayer).flatMap { l in targets.map { (l, $0) } }
-        if let modulePaths {
-            chosen = try modulePaths.map { p in
-                guard let lk = LinearKind.parse(p), lk.layer < c.nLayer else { throw TrainingError.unknownModule(p) }
-                return lk
-            }.sorted { ($0.layer, $0.kind.rawValue) < ($1.layer, $1.kind.rawValue) }
-            guard !chosen.isEmpty else { throw TrainingError.badBatch("no target modules") }
-        }
-        modules = chosen.map { lk in
-            let (din, dout) = lk.kind.dims(c)
-            return LoRAModule(name: LinearKind.modulePath(layer: lk.layer, lk.kind), dIn: din, dOut: dout)
-        }
+        modules = try loraModules(modulePaths ?? (0..<c.nLayer).flatMap { l in targets.map { LinearKind.modulePath(layer: l, $0) } },
+                                  config: c)
+        guard !modules.isEmpty else { throw TrainingError.badBatch("no target modules") }
         inputs = Array(repeating: 0, count: batchSize * seqLen)
         self.targets = Array(repeating: TrainingBatch.ignoreIndex, count: batchSize * seqLen)
     }

@@ -50,21 +50,7 @@ if [ ! -f "$OUT/base/model.safetensors" ]; then
 fi
 
 say "federation: PF2LoRA and every baseline, two at a time (one BLAS thread each)"
-rm -rf "$OUT/stores" "$OUT/federate"
-mkdir -p "$OUT/federate"
-run_method() {
-  local extra=""
-  [ "$1" = pf2lora ] && extra="--lr2 0.5 --lower-steps 5"   # the setting selected for the default (docs/RESULTS.md)
-  "$BIN" federate --model "$OUT/base" --data data/corpus/clients --store "$OUT/stores/$1" --method "$1" \
-    $FED $extra --threads 1 --out "$OUT/federate/$1" > "$OUT/federate-$1.out" 2> "$OUT/federate-$1.log"
-}
-for pair in "pf2lora homlora" "perfedavg hetlora" "local fedavg-ft"; do
-  set -- $pair
-  run_method "$1" & p1=$!
-  run_method "$2" & p2=$!
-  wait $p1; wait $p2
-  say "done: $pair"
-done
+FED="$FED" bash scripts/federate_all_methods.sh "$OUT/base" "$OUT"
 
 say "results"
 python3 scripts/results_table.py --runs "$OUT/federate" --out docs/RESULTS-unseen-base.md --svg docs/results-unseen-base.svg \

@@ -30,22 +30,7 @@ if [ -z "${SKIP_PRETRAIN:-}" ]; then
 fi
 
 say "federation: PF2LoRA and every baseline, two at a time (one BLAS thread each)"
-rm -rf runs/stores runs/federate
-run_method() {
-  # PF2LoRA's lower level: SGD 0.5 with 5 steps, selected on the validation split (docs/RESULTS.md).
-  local extra=""
-  [ "$1" = pf2lora ] && extra="--lr2 0.5 --lower-steps 5"
-  "$BIN" federate --model models/fortune-gpt2 --data data/corpus/clients --store "runs/stores/$1" --method "$1" \
-    $FED $extra --threads 1 --out "runs/federate/$1" > "runs/federate-$1.out" 2> "runs/federate-$1.log"
-}
-mkdir -p runs/federate
-for pair in "pf2lora homlora" "perfedavg hetlora" "local fedavg-ft"; do
-  set -- $pair
-  run_method "$1" & p1=$!
-  run_method "$2" & p2=$!
-  wait $p1; wait $p2
-  say "done: $pair"
-done
+FED="$FED" bash scripts/federate_all_methods.sh models/fortune-gpt2 runs
 
 say "shipping PF2LoRA's store as adapters/"
 rm -rf adapters/fortune-gpt2

@@ -270,8 +270,10 @@ def report(exp, out_md, svg):
         for v, p in rows:
             lines.append(f"| {NAMES[m]} | `{point_id(p)}` | {v:.4f} | {'**yes**' if p == best else ''} |")
     lines.append("")
+    lines += selection_stage(a, root, sel)
     if not complete:
-        lines += ["No method has finished every seed yet.", ""]
+        lines += ["No method has finished every seed yet: the test split has not been read. Finish with the "
+                  "command above (it resumes).", ""]
         pathlib.Path(out_md).write_text("\n".join(lines) + "\n")
         return
     clients = [c["client"] for c in runs[complete[0]][a.seeds[0]]["clients"]]
@@ -391,6 +393,51 @@ def report(exp, out_md, svg):
         lines += [pathlib.Path(a.appendix).read_text().strip(), ""]
     pathlib.Path(out_md).write_text("\n".join(lines) + "\n")
     log(f"wrote {out_md} and {svg}")
+
+
+def selection_stage(a, root, sel):
+    """Per-client valid loss of each method's selected grid point (selection seed): a one-seed comparison
+    on the split used for selection (optimistic for every method alike, each having the same number of points)."""
+    from scipy import stats
+    done = [m for m in a.methods if m in sel]
+    if len(done) < 2:
+        return []
+    per = {}
+    for m in done:
+        f = root / "grid" / m / point_id(sel[m][0]) / "metrics.json"
+        per[m] = {c["client"]: c["valid_loss"] for c in json.loads(f.read_text())["clients"]}
+    clients = list(per[done[0]])
+    out = [f"## Selection stage: valid loss of each method's selected point (seed {SELECT_SEED}, one seed)", "",
+           "The split used for selection, so every number is optimistic by the same mechanism (each method picks the "
+           "best of the same number of points); no confidence interval (one seed). Lower is better.", "",
+           "| client | " + " | ".join(NAMES[m] for m in done) + " |", "|---|" + "---:|" * len(done)]
+    for c in clients:
+        best = min(per[m][c] for m in done)
+        out.append(f"| {c} | " + " | ".join((f"**{per[m][c]:.4f}**" if per[m][c] == best else f"{per[m][c]:.4f}") for m in done) + " |")
+    out.append("| **mean** | " + " | ".join(f"**{sum(per[m].values()) / len(clients):.4f}**" for m in done) + " |")
+    out.append("")
+    out += ["Cost of these runs (measured; one run each, 2-core machine shared with other jobs, one BLAS thread, "
+            f"{a.jobs} runs at a time: compare within the table only):", "",
+            "| method | local iterations / round | gradient evaluations / client / round | tokens trained / client | trainable params / client | uploaded / client / round | training s / round | peak RSS (MB) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in done:
+        r = json.loads((root / "grid" / m / point_id(sel[m][0]) / "metrics.json").read_text())
+        c0 = r["clients"][0]
+        out.append(f"| {NAMES[m]} | {r['local_iterations']} | {r['gradient_evaluations_per_round']} | {c0['tokens']:,} | "
+                   f"{c0['trainable_parameters']:,} | {c0['uploaded_parameters_per_round']:,} | {r['seconds_per_round']:.1f} | "
+                   f"{r['peak_rss_bytes'] / 2**20:.0f} |")
+    out.append("")
+    if "pf2lora" in done:
+        cmp = []
+        for m in done:
+            if m == "pf2lora":
+                continue
+            d = [per["pf2lora"][c] - per[m][c] for c in clients]
+            p = stats.wilcoxon(d).pvalue if any(x != 0 for x in d) else 1.0
+            cmp.append(f"{NAMES[m]}: PF2LoRA lower on {sum(1 for x in d if x < 0)} of {len(d)} clients, "
+                       f"mean {sum(d) / len(d):+.4f}, Wilcoxon p = {p:.2g}")
+        out += ["PF2LoRA vs each baseline over clients (valid, one seed): " + "; ".join(cmp) + ".", ""]
+    return out
 
 
 def rank_controls(a, root, clients):

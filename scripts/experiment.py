@@ -270,10 +270,13 @@ def report(exp, out_md, svg):
         for v, p in rows:
             lines.append(f"| {NAMES[m]} | `{point_id(p)}` | {v:.4f} | {'**yes**' if p == best else ''} |")
     lines.append("")
-    lines += selection_stage(a, root, sel)
+    lines += selection_stage(a, root, sel, out_md, svg)
     if not complete:
         lines += ["No method has finished every seed yet: the test split has not been read. Finish with the "
                   "command above (it resumes).", ""]
+        if a.appendix and os.path.exists(a.appendix):
+            lines += [pathlib.Path(a.appendix).read_text().strip(), ""]
+        lines += diagnostics(root)
         pathlib.Path(out_md).write_text("\n".join(lines) + "\n")
         return
     clients = [c["client"] for c in runs[complete[0]][a.seeds[0]]["clients"]]
@@ -395,7 +398,21 @@ def report(exp, out_md, svg):
     log(f"wrote {out_md} and {svg}")
 
 
-def selection_stage(a, root, sel):
+def diagnostics(root):
+    """Runs outside the grids (ROOT/diagnostic/<name>/metrics.json), never used for selection."""
+    rows = []
+    for f in sorted((root / "diagnostic").glob("*/metrics.json")):
+        m = json.loads(f.read_text())
+        rows.append(f"| {f.parent.name} | {NAMES.get(m['method'], m['method'])} | {m['lr']:g} | {m['lr2']:g} | "
+                    f"{m['local_iterations']} | {m['gradient_evaluations_per_round']} | {m['mean_valid_loss']:.4f} |")
+    if not rows:
+        return []
+    return ["### Diagnostic runs (outside the grids, selection seed, valid split)", "",
+            "| run | method | lr | lr2 | local iterations | gradient evaluations / client / round | mean valid loss |",
+            "|---|---|---:|---:|---:|---:|---:|"] + rows + [""]
+
+
+def selection_stage(a, root, sel, out_md, svg):
     """Per-client valid loss of each method's selected grid point (selection seed): a one-seed comparison
     on the split used for selection (optimistic for every method alike, each having the same number of points)."""
     from scipy import stats
@@ -416,6 +433,16 @@ def selection_stage(a, root, sel):
         out.append(f"| {c} | " + " | ".join((f"**{per[m][c]:.4f}**" if per[m][c] == best else f"{per[m][c]:.4f}") for m in done) + " |")
     out.append("| **mean** | " + " | ".join(f"**{sum(per[m].values()) / len(clients):.4f}**" for m in done) + " |")
     out.append("")
+    series = []
+    for m in done:
+        r = json.loads((root / "grid" / m / point_id(sel[m][0]) / "metrics.json").read_text())
+        pts = [(0, r["mean_base_valid_loss"])] + [(x["round"], x["loss"]) for x in r.get("mean_valid_loss_by_round", [])]
+        series.append((NAMES[m], [x for x, _ in pts], [y for _, y in pts]))
+    sel_svg = str(pathlib.Path(svg).with_suffix("")) + "-selection.svg"
+    curves_svg(series, sel_svg, f"Mean valid loss by round, selected points, seed {SELECT_SEED} (round 0 = base)")
+    out += [f"![valid curves of the selected points]({os.path.relpath(sel_svg, os.path.dirname(out_md) or '.')})", ""]
+    last = ", ".join(f"{n} {ys[-2] - ys[-1]:+.4f}" for n, _, ys in series if len(ys) >= 2)
+    out += [f"Valid-loss drop over the last evaluation interval (positive = still improving): {last}.", ""]
     out += ["Cost of these runs (measured; one run each, 2-core machine shared with other jobs, one BLAS thread, "
             f"{a.jobs} runs at a time: compare within the table only):", "",
             "| method | local iterations / round | gradient evaluations / client / round | tokens trained / client | trainable params / client | uploaded / client / round | training s / round | peak RSS (MB) |",
@@ -519,7 +546,8 @@ def main():
     ap.add_argument("--preamble", default="")
     ap.add_argument("--appendix", default="")
     a = ap.parse_args()
-    a.argv = [x if " " not in x else repr(x) for x in sys.argv[1:]]
+    skip = {"--report-only"}
+    a.argv = [x if " " not in x else repr(x) for x in sys.argv[1:] if x not in skip]
     a.seeds = [int(s) for s in a.seeds.split(",")]
     a.methods = [m for m in a.methods.split(",") if m]
     for m in a.methods:

@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--clients", default="")
     ap.add_argument("--prompt", default="The meaning of life is")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=60, help="personalize steps for the new client")
     args = ap.parse_args()
 
     argv = [args.binary, "serve", "--model", args.model]
@@ -127,7 +128,7 @@ def main():
     before = srv.send("generate", dict(params, client=new))
     show(f"new client {new!r} before personalization (shared pair alone)", srv.wait(before))
     t1 = time.time()
-    pr = srv.wait(srv.send("personalize", {"client": new, "texts": NEW_CLIENT_TEXTS, "steps": 60, "seed": 1}), timeout=600)
+    pr = srv.wait(srv.send("personalize", {"client": new, "texts": NEW_CLIENT_TEXTS, "steps": args.steps, "seed": 1}), timeout=600)
     if "error" in pr:
         print(f"\n── personalize {new!r}: error {pr['error']['code']}: {pr['error']['message']}")
     else:

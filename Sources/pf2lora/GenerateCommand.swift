@@ -126,16 +126,20 @@ struct ServeCommand: ParsableCommand {
     var strictClients = false
     @Option(name: .customLong("max-batch"), help: "Sequences decoded together.")
     var maxBatch = 32
-    @Option(name: .customLong("max-queue"), help: "Requests waiting beyond the batch before new ones are refused as overloaded.")
+    @Option(name: .customLong("max-queue"), help: "Requests waiting while the batch is full; past them new requests are refused as overloaded (0: none waits, requests are taken only while the batch has room).")
     var maxQueue = 256
     @Option(name: .customLong("max-prompt-tokens"), help: "Longest prompt accepted, in tokens.")
     var maxPromptTokens = 4096
-    @Option(name: .customLong("max-new-tokens"), help: "Largest max_tokens accepted.")
+    @Option(name: .customLong("max-new-tokens"), help: "Largest max_tokens accepted; a request without max_tokens gets min(64, this).")
     var maxNewTokens = 4096
     @Option(name: .customLong("max-line-bytes"), help: "Longest request line accepted.")
     var maxLineBytes = 1 << 20
     @Option(name: .customLong("cache-mb"), help: "Byte budget of the decompressed-adapter LRU cache, in MiB (0 = no cache: every request loads its adapter from the store).")
     var cacheMB = 256
+    @Option(name: .customLong("exchange-dir"), help: "The folder train_local/evaluate_local requests may name files in (data folders, shared.path, shared_out); paths are resolved inside it, never following links, never into the store. Without it, requests that name a path are refused.")
+    var exchangeDir: String?
+    @Option(name: .customLong("exchange-max-mb"), help: "The largest file a request may make the server read from the exchange folder, in MiB.")
+    var exchangeMaxMB = 1024
 
     func validate() throws {
         guard maxBatch >= 1, maxQueue >= 0, maxPromptTokens >= 1, maxNewTokens >= 0, maxLineBytes >= 64 else {
@@ -144,6 +148,10 @@ struct ServeCommand: ParsableCommand {
         let memoryMB = Int(ProcessInfo.processInfo.physicalMemory >> 20)
         guard cacheMB >= 0, cacheMB <= memoryMB else {
             throw ValidationError("--cache-mb \(cacheMB) is outside 0...\(memoryMB) (this machine's memory in MiB); 0 turns the cache off")
+        }
+        guard exchangeMaxMB >= 1, exchangeMaxMB <= 1 << 20 else { throw ValidationError("--exchange-max-mb must be in 1...1048576 (got \(exchangeMaxMB))") }
+        guard exchangeDir == nil || options.store != nil else {
+            throw ValidationError("--exchange-dir needs --store: it is where train_local and evaluate_local read and write, and they need a store")
         }
     }
 
@@ -166,9 +174,15 @@ struct ServeCommand: ParsableCommand {
             // was moved aside and is reported above); validating them all again here doubled the
             // start time (1,000 clients: 3.9 s in a debug build of the tiny test model) for nothing.
         }
+        var exchange: ConfinedFolder?
+        if let exchangeDir {
+            do {
+                exchange = try ConfinedFolder(exchangeDir, readLimit: exchangeMaxMB << 20, excluding: [options.store!, store!.directory])
+            } catch { throw CLIError("\(error)") }
+        }
         let slot = TrainingSlot()
         installPersonalize(server, slot: slot)
-        installFederatedClient(server, slot: slot)
+        installFederatedClient(server, slot: slot, exchange: exchange)
         log("serve: pf2lora \(PF2LoRAVersion.string), \(m.folder) (\(m.config.nLayer) layers, vocab \(m.config.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")
         let code = server.run()
         log("serve: drained, exiting")

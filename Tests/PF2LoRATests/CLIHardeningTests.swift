@@ -192,3 +192,27 @@ import Testing
         #expect(all.count == 65536 && Set(all.map { Int($0.0) << 8 | Int($0.1) }).count == 65536)
     }
 }
+
+/// `make run`'s demo (scripts/demo_client.py) against the tiny model and a small store: it ends with
+/// status 0 and prints every adapter version it was served with as a version, never as `vNone`.
+@Suite struct DemoClientTests {
+    @Test func demoPrintsWhatEachClientWasServed() throws {
+        let fx = try ServerFixture(clients: ["alice", "bob"])
+        defer { fx.cleanup() }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = ["python3", TestPaths.repoRoot.appendingPathComponent("scripts/demo_client.py").path, "--binary", ServerProcess.binary,
+                       "--model", fx.model, "--store", fx.store, "--max-tokens", "8", "--steps", "5"]
+        let o = Pipe(), e = Pipe()
+        p.standardOutput = o; p.standardError = e
+        try p.run()
+        let out = String(decoding: o.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let err = String(decoding: e.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0, "\(out)\n\(err)")
+        #expect(!out.contains("None"), "\(out)")
+        #expect(out.contains("adapter: shared v1 + client v1"), "\(out)")
+        #expect(out.contains("adapter: shared v1 alone (no client pair yet)"), "the newcomer before personalization: \(out)")
+        #expect(out.contains("personalized 'demo-newcomer'") && out.contains("on shared v1"), "\(out)")
+    }
+}

@@ -3,7 +3,12 @@ import Foundation
 
 /// Runs the real `pf2lora` executable (built next to the test bundle) and talks to it through pipes.
 final class ServerProcess {
-    static var binary: String { executable("pf2lora") }
+    /// `PF2LORA_TEST_BINARY` runs the end-to-end tests against another build (for example main's,
+    /// to see a new test fail before its fix).
+    static var binary: String {
+        if let b = ProcessInfo.processInfo.environment["PF2LORA_TEST_BINARY"] { return b }
+        return executable("pf2lora")
+    }
     /// The test-only publish loop (Tests/TestPublishLoop), built by `swift test` beside `pf2lora`.
     static var publishLoopBinary: String { executable("TestPublishLoop") }
 

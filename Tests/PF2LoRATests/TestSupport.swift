@@ -9,6 +9,7 @@ enum TestPaths {
     static let testsDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
     static let fixtures = testsDir.appendingPathComponent("Fixtures")
     static let repoRoot = testsDir.deletingLastPathComponent().deletingLastPathComponent()
+    /// The shared folder (real tokenizers): $PF2LORA_SHARED_DIR, else ../shared beside the repository.
     static let shared: URL = {
         if let dir = ProcessInfo.processInfo.environment["PF2LORA_SHARED_DIR"], !dir.isEmpty { return URL(fileURLWithPath: dir) }
         return repoRoot.deletingLastPathComponent().appendingPathComponent("shared")

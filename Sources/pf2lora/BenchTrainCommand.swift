@@ -36,10 +36,10 @@ struct BenchTrain: ParsableCommand {
 
     func run() throws {
         BLAS.setThreads(threads)
-        let m = try GPT2Model.load(folder: model)
-        let c = m.config
-        guard batch >= 1, seq >= 2, seq <= c.nPositions, rank >= 1, rank2 >= 0, repeats >= 1 else {
-            throw CLIError("need batch >= 1, 2 <= seq <= \(c.nPositions), rank >= 1, rank2 >= 0, repeats >= 1")
+        let m = try LanguageModel.load(folder: model)
+        let c = m.architecture
+        guard batch >= 1, seq >= 2, seq <= c.contextLength, rank >= 1, rank2 >= 0, repeats >= 1 else {
+            throw CLIError("need batch >= 1, 2 <= seq <= \(c.contextLength), rank >= 1, rank2 >= 0, repeats >= 1")
         }
         var rng = RNG(seed: 1)
         let ids = (0..<batch).map { _ in (0..<seq).map { _ in rng.int(below: c.vocabSize) } }

@@ -33,8 +33,8 @@ struct FederateCommand: ParsableCommand {
     @Option(help: "Windows per minibatch.") var batch: Int = 8
     @Option(help: "Tokens per window (T).") var seq: Int = 64
     @Option(help: "Random seed (the same seed gives the same adapters).") var seed: UInt64 = 0
-    @Option(help: "Adapted linear kinds, comma-separated (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj).")
-    var targets: String = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+    @Option(help: "Adapted linear layers, comma-separated: the model's slots (GPT-2: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; Llama family: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), or all.")
+    var targets: String = "all"
     @Option(name: .customLong("eval-every"), help: "Evaluate on the valid split every N rounds (0 = only at the end).") var evalEvery: Int = 0
     @Option(name: .customLong("eval-windows"), help: "Evaluate on at most this many windows per split (0 = whole split).") var evalWindows: Int = 0
     @Option(help: "Folder for metrics.json, loss.svg and results.md.") var out: String?
@@ -51,13 +51,13 @@ struct FederateCommand: ParsableCommand {
         guard rounds >= 1, localSteps >= 1, lowerSteps >= 0, rank >= 1, rank2 >= 1, batch >= 1, seq >= 2, lr > 0, lr2 > 0 else {
             throw CLIError("need rounds, local-steps, rank, rank2, batch >= 1, seq >= 2, lower-steps >= 0 and positive rates")
         }
-        let kinds = try parseTargets(targets)
         let (model, tok) = try options.loadModel()
+        let kinds = try parseTargets(targets, model.architecture)
         guard let store = try options.openStore(model) else { throw CLIError("federate needs --store DIR") }
         let only = clients?.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
         let t0 = now()
         let clientData = try loadClientData(folder: data, tokenizer: tok, clients: only)
-        let T = min(seq, model.config.nPositions)
+        let T = min(seq, model.architecture.contextLength)
         let task = try GPT2LMTask(weights: model.weights, clients: clientData, batchSize: batch, seqLen: T, targets: kinds,
                                   padToken: textSeparator(tok))
         if evalWindows > 0 { task.evalWindowLimit = evalWindows }

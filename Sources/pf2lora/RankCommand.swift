@@ -24,7 +24,7 @@ struct RankCommand: ParsableCommand {
     func run() throws {
         try cli {
             guard tau > 0, tau < 1 else { throw CLIError("--tau must be in (0, 1)") }
-            let base = try BaseModelInfo.gpt2(folder: model)
+            let base = try BaseModelInfo.load(folder: model)
             let st = try AdapterStore.open(root: store, base: base)
             let sp = try clientSpectra(store: st, client: client)
             let ranks = sp.ranks(tau: tau)

@@ -115,11 +115,11 @@ struct ServeCommand: ParsableCommand {
     var strictClients = false
     @Option(name: .customLong("max-batch"), help: "Sequences decoded together.")
     var maxBatch = 32
-    @Option(name: .customLong("max-queue"), help: "Requests waiting beyond the batch before new ones are refused as overloaded.")
+    @Option(name: .customLong("max-queue"), help: "Requests waiting while the batch is full; past them new requests are refused as overloaded (0: none waits, requests are taken only while the batch has room).")
     var maxQueue = 256
     @Option(name: .customLong("max-prompt-tokens"), help: "Longest prompt accepted, in tokens.")
     var maxPromptTokens = 4096
-    @Option(name: .customLong("max-new-tokens"), help: "Largest max_tokens accepted.")
+    @Option(name: .customLong("max-new-tokens"), help: "Largest max_tokens accepted; a request without max_tokens gets min(64, this).")
     var maxNewTokens = 4096
     @Option(name: .customLong("max-line-bytes"), help: "Longest request line accepted.")
     var maxLineBytes = 1 << 20

@@ -3,7 +3,10 @@ import Foundation
 
 /// Runs the real `pf2lora` executable (built next to the test bundle) and talks to it through pipes.
 final class ServerProcess {
+    /// `PF2LORA_TEST_BINARY` runs the end-to-end tests against another build (for example main's,
+    /// to see a new test fail before its fix).
     static var binary: String {
+        if let b = ProcessInfo.processInfo.environment["PF2LORA_TEST_BINARY"] { return b }
         let me = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
         var dir = me.deletingLastPathComponent()
         if dir.pathExtension == "xctest" { dir = dir.deletingLastPathComponent() }

@@ -2,7 +2,7 @@ import Foundation
 
 /// Why a generation ended, as the protocol reports it.
 public enum FinishReason: String, Sendable {
-    case length, stop, eos, context
+    case length, stop, eos, context, cancelled
 }
 
 /// What a generation request asks for.
@@ -20,20 +20,26 @@ public struct GenerationRequest: Sendable {
 
 /// One sequence being generated: its cache, sampler, and the text produced so far.
 ///
-/// Text is released for streaming only when its bytes form complete UTF-8 and it cannot be the
-/// beginning of a stop string; a stop string found ends the text just before it.
+/// The text is kept as UTF-8 bytes, never as Swift `Character`s (a combining mark joins the character
+/// before it, so counting characters loses it). Bytes are released for streaming only when they form
+/// complete UTF-8 and cannot be the beginning of a stop string; the released pieces, concatenated,
+/// are exactly the final text, byte for byte. A stop string found ends the text just before the
+/// earliest occurrence of any of them.
 public final class GenerationState {
     public let request: GenerationRequest
     public let cache: KVCache
     private var sampler: Sampler
     private let eos: Int?
     private let decodeToken: (Int) -> [UInt8]
+    /// The stop strings as UTF-8 (empty ones dropped).
+    private let stops: [[UInt8]]
     public private(set) var tokens: [Int] = []
     /// Bytes of a UTF-8 character not yet complete.
     private var pending: [UInt8] = []
-    /// All complete text generated (stop strings not yet cut).
-    private var text = ""
-    /// How many characters of `text` have been streamed.
+    /// All complete text generated (stop strings not yet cut), as valid UTF-8: an invalid sequence
+    /// from the model is replaced by U+FFFD when it is appended.
+    private var text: [UInt8] = []
+    /// How many bytes of `text` have been released (streamed).
     private var streamed = 0
     public private(set) var finish: FinishReason?
     private var nextTokens: [Int]
@@ -44,6 +50,7 @@ public final class GenerationState {
         self.sampler = Sampler(params: request.sampling, vocabSize: vocabSize)
         self.eos = request.ignoreEOS ? nil : eos
         self.decodeToken = decodeToken
+        self.stops = request.stop.map { Array($0.utf8) }.filter { !$0.isEmpty }
         self.nextTokens = request.prompt
         if request.maxTokens <= 0 { finish = .length }
     }
@@ -66,43 +73,84 @@ public final class GenerationState {
         pending += decodeToken(tok)
         let (complete, rest) = Self.splitUTF8(pending)
         pending = rest
-        if !complete.isEmpty { text += String(decoding: complete, as: UTF8.self) }
-        for s in request.stop where !s.isEmpty {
-            if let r = text.range(of: s) {
-                text = String(text[..<r.lowerBound])
-                finish = .stop
-                return (tok, flush())
-            }
+        let before = text.count
+        if !complete.isEmpty { Self.appendRepaired(complete, to: &text) }
+        if let cut = earliestStop(newFrom: before) {
+            text.removeSubrange(cut...)
+            pending = []
+            finish = .stop
+            return (tok, flush())
         }
         if tokens.count >= request.maxTokens { finish = .length; return (tok, flush()) }
         if cache.length + 1 >= cache.capacity { finish = .context; return (tok, flush()) }
-        // Hold back a suffix that could begin a stop string.
-        var hold = 0
-        for s in request.stop where !s.isEmpty {
-            var k = min(s.count - 1, text.count)
-            while k > 0 { if text.hasSuffix(s.prefix(k)) { break }; k -= 1 }
-            hold = max(hold, k)
+        return (tok, release(upTo: text.count - heldBack()))
+    }
+
+    /// Ends the sequence now (a `cancel`): the text is what was already released, so a stream's
+    /// pieces still add up to it.
+    public func cancel() {
+        guard finish == nil else { return }
+        text.removeSubrange(streamed...)
+        pending = []
+        finish = .cancelled
+    }
+
+    /// The start of the earliest occurrence of any stop string, looking only at occurrences that end
+    /// in the bytes appended from `from` on (older ones were looked for when they arrived).
+    private func earliestStop(newFrom from: Int) -> Int? {
+        guard !stops.isEmpty, text.count > from else { return nil }
+        var best: Int?
+        for s in stops where s.count <= text.count {
+            // An occurrence ending at or after `from` starts at or after from - (s.count - 1); only one
+            // starting before the best found so far matters.
+            var i = max(0, from - s.count + 1)
+            let last = min(text.count - s.count, (best ?? .max) - 1)
+            while i <= last {
+                if text[i..<(i + s.count)].elementsEqual(s) { best = i; break }
+                i += 1
+            }
         }
-        let safe = text.count - hold
-        guard safe > streamed else { return (tok, "") }
-        let start = text.index(text.startIndex, offsetBy: streamed)
-        let end = text.index(text.startIndex, offsetBy: safe)
-        streamed = safe
-        return (tok, String(text[start..<end]))
+        return best
+    }
+
+    /// Bytes at the end of `text` that could begin a stop string (held back from streaming).
+    private func heldBack() -> Int {
+        var hold = 0
+        for s in stops {
+            var k = min(s.count - 1, text.count - streamed)
+            while k > hold {
+                if text[(text.count - k)...].elementsEqual(s[..<k]) { hold = k; break }
+                k -= 1
+            }
+        }
+        return hold
+    }
+
+    /// Releases `text[streamed..<end]` (ends at a character boundary: `text` is valid UTF-8 and a
+    /// held suffix starts where a stop string starts, on a lead byte).
+    private func release(upTo end: Int) -> String {
+        guard end > streamed else { return "" }
+        let s = String(decoding: text[streamed..<end], as: UTF8.self)
+        streamed = end
+        return s
     }
 
     /// Everything not yet streamed (called when the sequence finishes).
     private func flush() -> String {
-        if !pending.isEmpty { text += String(decoding: pending, as: UTF8.self); pending = [] }
-        guard text.count > streamed else { return "" }
-        let s = String(text[text.index(text.startIndex, offsetBy: streamed)...])
-        streamed = text.count
-        return s
+        if !pending.isEmpty { Self.appendRepaired(pending, to: &text); pending = [] }
+        return release(upTo: text.count)
     }
 
     /// The final text (the continuation only, stop string removed).
-    public var outputText: String { text }
+    public var outputText: String { String(decoding: text, as: UTF8.self) }
+    /// The final text's UTF-8 bytes.
+    public var outputBytes: [UInt8] { text }
     public var isFinished: Bool { finish != nil }
+
+    /// Appends `bytes` as valid UTF-8 (each invalid sequence replaced by U+FFFD, as `String(decoding:)` does).
+    static func appendRepaired(_ bytes: [UInt8], to text: inout [UInt8]) {
+        text += String(decoding: bytes, as: UTF8.self).utf8
+    }
 
     /// Splits bytes into a prefix of complete UTF-8 sequences and an incomplete tail (at most 3 bytes).
     static func splitUTF8(_ b: [UInt8]) -> ([UInt8], [UInt8]) {

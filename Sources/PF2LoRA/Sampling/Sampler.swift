@@ -1,7 +1,10 @@
 import Foundation
 
-/// How to pick the next token. `temperature == 0` is greedy.
+/// How to pick the next token. `temperature` below `SamplingParams.greedyBelow` (0 included) is greedy.
 public struct SamplingParams: Sendable, Equatable {
+    /// Temperatures below this are greedy: 1/T would overflow (1e-40) or make exp((l - max)/T) 0 for
+    /// every token but the largest anyway (a logit gap of 1e-3 at T = 1e-5 is a factor e^-100).
+    public static let greedyBelow: Float = 1e-5
     public var temperature: Float = 1
     /// Keep only the k most likely tokens (0 = off).
     public var topK: Int = 0
@@ -50,7 +53,7 @@ public struct Sampler {
     }
 
     public mutating func sample(_ logits: UnsafePointer<Float>, count n: Int) -> Int {
-        if params.temperature == 0 || params.topK == 1 { return Self.argmax(logits, count: n) }
+        if params.temperature < SamplingParams.greedyBelow || params.topK == 1 { return Self.argmax(logits, count: n) }
         let invT = 1 / params.temperature
         let u = rng.uniform()
         return probs.withUnsafeMutableBufferPointer { p in
@@ -60,6 +63,8 @@ public struct Sampler {
                 for i in 0..<n { mx = max(mx, logits[i]) }
                 var sum: Float = 0
                 for i in 0..<n { let e = exp((logits[i] - mx) * invT); p[i] = e; sum += e }
+                // Non-finite logits (never from a healthy model) cannot be sampled: take the argmax.
+                guard sum > 0, sum.isFinite else { return Self.argmax(logits, count: n) }
                 let inv = 1 / sum
                 for i in 0..<n { p[i] *= inv }
                 let k = params.topK > 0 ? min(params.topK, n) : n
@@ -69,15 +74,21 @@ public struct Sampler {
                     return n - 1
                 }
                 // Candidates: drop tokens that cannot be in the top-p set (llama2.c's cutoff), then sort.
+                // When top_p < 1/n every token can fall below the cutoff (a near-uniform distribution
+                // at a huge temperature): the most likely token always stays, it alone reaches top_p then.
                 let cutoff = params.topP < 1 ? (1 - params.topP) / Float(max(n - 1, 1)) : 0
                 var m = 0
                 for i in 0..<n where p[i] >= cutoff { ord[m] = Int32(i); m += 1 }
+                if m == 0 { ord[0] = Int32(Self.argmax(logits, count: n)); m = 1 }
                 var cand = UnsafeMutableBufferPointer(rebasing: ord[0..<m])
+                // Equal probabilities (rounded equal at a huge temperature) are ordered by their logits.
                 cand.sort { (i: Int32, j: Int32) -> Bool in
                     let pi = p[Int(i)], pj = p[Int(j)]
-                    return pi > pj || (pi == pj && i < j)
+                    if pi != pj { return pi > pj }
+                    let li = logits[Int(i)], lj = logits[Int(j)]
+                    return li > lj || (li == lj && i < j)
                 }
-                var keep = min(k, m)
+                var keep = max(1, min(k, m))
                 var mass: Float = 0
                 for j in 0..<keep {
                     mass += p[Int(cand[j])]

@@ -26,7 +26,9 @@ public struct RPCError: Error, CustomStringConvertible {
 struct RPCLineError: Error {
     let id: Any
     let error: RPCError
-    init(_ id: Any?, _ error: RPCError) { self.id = id ?? NSNull(); self.error = error }
+    /// The line is a notification (valid `jsonrpc` and `method`, no id) whose params are wrong: never answered.
+    let notification: Bool
+    init(_ id: Any?, _ error: RPCError, notification: Bool = false) { self.id = id ?? NSNull(); self.error = error; self.notification = notification }
 }
 
 /// A parsed request. `id` is what the caller sent (number or string), echoed back unchanged;
@@ -140,7 +142,7 @@ enum RPCParser {
         var params: [String: Any] = [:]
         if let p = dict["params"], !(p is NSNull) {
             guard let pd = p as? [String: Any] else {
-                return .failure(RPCLineError(id ?? NSNull(), RPCError(.invalidParams, "params must be an object (by-name parameters)")))
+                return .failure(RPCLineError(id ?? NSNull(), RPCError(.invalidParams, "params must be an object (by-name parameters)"), notification: !hasID))
             }
             params = pd
         }

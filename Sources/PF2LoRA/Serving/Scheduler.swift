@@ -4,12 +4,16 @@ import Foundation
 public struct ServerLimits: Sendable {
     /// Sequences decoded together in one batch.
     public var maxBatch = 32
-    /// Requests waiting for a place in the batch.
+    /// Requests waiting beyond the batch: a request is refused (overloaded) when the batch is full and
+    /// this many already wait. 0: none waits, a request is taken only while the batch has room.
     public var maxQueue = 256
     /// Prompt tokens per request (also bounded by the model's context).
     public var maxPromptTokens = 4096
-    /// max_tokens per request.
+    /// max_tokens per request: the largest accepted, and the default (with `defaultMaxTokens`) of a
+    /// request that gives none.
     public var maxNewTokens = 4096
+    /// max_tokens of a request that gives none: min(this, `maxNewTokens`).
+    public var defaultMaxTokens = 64
     /// Prompt tokens fed per step across the batch (chunked prefill keeps decode latency bounded).
     public var prefillChunk = 256
     /// Bytes of one request line.
@@ -56,6 +60,8 @@ final class Scheduler {
     private let cond = NSCondition()
     private var queue: [Job] = []
     private var running: [Running] = []
+    /// Jobs taken from the queue into the batch and not finished yet (being admitted or running).
+    private var inBatch = 0
     private var draining = false
     private var thread: Thread?
     private let done = DispatchSemaphore(value: 0)
@@ -88,12 +94,15 @@ final class Scheduler {
         t.start()
     }
 
-    /// Queues a job, or refuses it at once when the queue is full or the server is draining.
+    /// Queues a job, or refuses it at once when the batch is full and `maxQueue` jobs wait already,
+    /// or the server is draining. Jobs the batch has room for do not count as waiting, even before
+    /// the scheduler thread has moved them in.
     func submit(_ job: Job) throws {
         cond.lock(); defer { cond.unlock() }
         if draining { throw RPCError(.overloaded, "the server is shutting down and takes no new requests; send it to another instance") }
-        guard queue.count < limits.maxQueue else {
-            throw RPCError(.overloaded, "the server is overloaded: \(queue.count) requests queued (limit \(limits.maxQueue)); retry later")
+        let room = max(0, limits.maxBatch - inBatch)
+        guard queue.count < limits.maxQueue + room else {
+            throw RPCError(.overloaded, "the server is overloaded: \(inBatch) requests running (--max-batch \(limits.maxBatch)) and \(queue.count - room) waiting (--max-queue \(limits.maxQueue)); retry later")
         }
         queue.append(job)
         cond.signal()
@@ -118,7 +127,7 @@ final class Scheduler {
             if queue.isEmpty && running.isEmpty && draining { cond.unlock(); break }
             let idle = running.isEmpty
             var admitted: [Job] = []
-            while !queue.isEmpty && running.count + admitted.count < limits.maxBatch { admitted.append(queue.removeFirst()) }
+            while !queue.isEmpty && inBatch < limits.maxBatch { admitted.append(queue.removeFirst()); inBatch += 1 }
             cond.unlock()
             if !admitted.isEmpty {
                 do { try runtime.refresh(idle: idle) } catch {
@@ -144,8 +153,10 @@ final class Scheduler {
             if gen.isFinished { finish(r); return }
             cond.lock(); running.append(r); cond.unlock()
         } catch {
+            cond.lock(); inBatch -= 1; cond.unlock()
             count { $0.failed += 1 }
-            out.error(job.id, AdapterRuntime.rpcError(error))
+            // A notification (no id) is never answered, not even with an error.
+            if job.id != nil { out.error(job.id, AdapterRuntime.rpcError(error)) }
         }
     }
 
@@ -205,9 +216,11 @@ final class Scheduler {
         stepLock.unlock()
     }
 
+    /// Takes a finished sequence out of the batch (also one that finished as it was admitted).
     private func remove(_ r: Running) {
         cond.lock()
         running.removeAll { $0 === r }
+        inBatch -= 1
         cond.unlock()
     }
 
@@ -233,7 +246,7 @@ final class Scheduler {
     private func fail(_ r: Running, _ e: RPCError) {
         remove(r)
         count { $0.failed += 1 }
-        out.error(r.job.id, e)
+        if r.job.id != nil { out.error(r.job.id, e) }
     }
 
     private func ms(_ s: Double) -> Double { (s * 1e5).rounded() / 100 }

@@ -88,7 +88,8 @@ public final class Server {
         switch RPCParser.parse(line) {
         case let .failure(e):
             errors += 1
-            out.error(e.id, e.error)
+            // A notification (a valid envelope without an id) is never answered, not even with an error.
+            if !e.notification { out.error(e.id, e.error) }
             return true
         case let .success(r): req = r
         }
@@ -138,7 +139,7 @@ public final class Server {
         guard let prompt = try p.string("prompt") else { throw RPCError(.invalidParams, "params.prompt (a string) is required") }
         let ids = tokenizer.encode(prompt)
         guard !ids.isEmpty else { throw RPCError(.invalidParams, "params.prompt is empty; give at least one character of text") }
-        let maxTokens = try p.int("max_tokens", min: 0, max: limits.maxNewTokens) ?? 64
+        let maxTokens = try p.int("max_tokens", min: 0, max: limits.maxNewTokens) ?? min(limits.defaultMaxTokens, limits.maxNewTokens)
         let ctx = model.architecture.contextLength
         guard ids.count <= limits.maxPromptTokens, ids.count < ctx else {
             throw RPCError(.invalidParams, "the prompt is \(ids.count) tokens; the limit is \(min(limits.maxPromptTokens, ctx - 1)) (context \(ctx)); shorten it")

@@ -125,6 +125,10 @@ struct ServeCommand: ParsableCommand {
     var maxLineBytes = 1 << 20
     @Option(name: .customLong("cache-mb"), help: "Byte budget of the decompressed-adapter LRU cache, in MiB.")
     var cacheMB = 256
+    @Option(name: .customLong("exchange-dir"), help: "The folder train_local/evaluate_local requests may name files in (data folders, shared.path, shared_out); paths are resolved inside it, never following links, never into the store. Without it, requests that name a path are refused.")
+    var exchangeDir: String?
+    @Option(name: .customLong("exchange-max-mb"), help: "The largest file a request may make the server read from the exchange folder, in MiB.")
+    var exchangeMaxMB = 1024
 
     func run() throws {
         let (m, tok) = try options.loadModel()
@@ -148,9 +152,17 @@ struct ServeCommand: ParsableCommand {
             // was moved aside and is reported above); validating them all again here doubled the
             // start time (1,000 clients: 3.9 s in a debug build of the tiny test model) for nothing.
         }
+        var exchange: ConfinedFolder?
+        if let exchangeDir {
+            guard exchangeMaxMB >= 1, exchangeMaxMB <= 1 << 20 else { throw CLIError("--exchange-max-mb must be in 1...1048576 (got \(exchangeMaxMB))") }
+            guard let store else { throw CLIError("--exchange-dir needs --store: it is where train_local and evaluate_local read and write, and they need a store") }
+            do {
+                exchange = try ConfinedFolder(exchangeDir, readLimit: exchangeMaxMB << 20, excluding: [options.store!, store.directory])
+            } catch { throw CLIError("\(error)") }
+        }
         let slot = TrainingSlot()
         installPersonalize(server, slot: slot)
-        installFederatedClient(server, slot: slot)
+        installFederatedClient(server, slot: slot, exchange: exchange)
         log("serve: \(m.folder) (\(m.architecture.layerCount) layers, vocab \(m.architecture.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")
         let code = server.run()
         log("serve: drained, exiting")

@@ -8,13 +8,17 @@ struct Tokenize: ParsableCommand {
         abstract: "Encode UTF-8 text from stdin to token ids (a JSON array), or decode ids back to text.",
         discussion: """
             Encoding reads all of stdin as UTF-8 and prints the ids as one JSON array, e.g. [15496, 995]. \
-            Added tokens written in the text, such as <|endoftext|>, become their ids.
+            Added tokens written in the text, such as <|endoftext|>, become their ids. The tokenizer's \
+            post-processor adds its special tokens as Hugging Face does by default (Llama-3: \
+            <|begin_of_text|> in front; GPT-2 and Qwen2: none); --no-special-tokens leaves them out.
 
             With --decode, stdin must hold a JSON array of integer ids; the text is printed exactly, with \
-            no newline added (bytes that do not form valid UTF-8 print as U+FFFD).
+            no newline added (bytes that do not form valid UTF-8 print as U+FFFD). Special tokens are \
+            printed too unless --skip-special-tokens.
 
-            --model may be a model folder or a tokenizer-only folder: it needs tokenizer.json, or \
-            vocab.json and merges.txt (the Hugging Face GPT-2 layout).
+            --model may be a model folder or a tokenizer-only folder: it needs tokenizer.json (byte-level \
+            BPE: GPT-2, Llama-3, Qwen2, SmolLM2 families), or vocab.json and merges.txt (the Hugging Face \
+            GPT-2 layout).
 
             Invalid UTF-8 input, a bad JSON array or an unknown id prints one error line on stderr and \
             exits with status 1.
@@ -30,18 +34,24 @@ struct Tokenize: ParsableCommand {
     @Flag(help: "Read a JSON array of token ids from stdin and print their text.")
     var decode = false
 
+    @Flag(help: "Encode without the post-processor's special tokens (e.g. Llama-3's <|begin_of_text|>).")
+    var noSpecialTokens = false
+
+    @Flag(help: "With --decode, leave special tokens (<|eot_id|>, <|im_end|> ...) out of the text.")
+    var skipSpecialTokens = false
+
     func run() throws {
         let tokenizer: BPETokenizer
         do { tokenizer = try BPETokenizer(folder: model) } catch { fail("\(error)") }
         let input = FileHandle.standardInput.readDataToEndOfFile()
         if decode {
             let ids = parseIds(input, vocabSize: tokenizer.vocabSize)
-            FileHandle.standardOutput.write(Data(tokenizer.decodeBytes(ids)))
+            FileHandle.standardOutput.write(Data(tokenizer.decodeBytes(ids, skipSpecialTokens: skipSpecialTokens)))
         } else {
             guard let text = String(validating: input, as: UTF8.self) else {
                 fail("stdin is not valid UTF-8 (first invalid byte at offset \(firstInvalidUTF8Offset(input))); tokenize takes UTF-8 text")
             }
-            let ids = tokenizer.encode(text)
+            let ids = tokenizer.encode(text, addSpecialTokens: !noSpecialTokens)
             var out = "["
             out.reserveCapacity(ids.count * 7 + 2)
             for (k, id) in ids.enumerated() {

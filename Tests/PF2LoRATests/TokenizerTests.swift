@@ -193,14 +193,15 @@ private let gpt2: BPETokenizer = try! BPETokenizer(folder: TestPaths.gpt2Tokeniz
             #expect(e.description.contains("tokenizer.json"))
         }
 
-        try "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1}, \"merges\": [\"a b\"]}}".write(toFile: dir + "/tokenizer.json", atomically: true, encoding: .utf8)
+        let byteLevel = #""pre_tokenizer": {"type": "ByteLevel"}, "decoder": {"type": "ByteLevel"}"#
+        try "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1}, \"merges\": [\"a b\"]}, \(byteLevel)}".write(toFile: dir + "/tokenizer.json", atomically: true, encoding: .utf8)
         #expect(throws: TokenizerError.mergeUnknownToken(file: dir + "/tokenizer.json", line: 1, token: "ab")) { try BPETokenizer(folder: dir) }
 
         try "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, \"ab\": 2}, \"merges\": [\"a b c\"]}}".write(toFile: dir + "/tokenizer.json", atomically: true, encoding: .utf8)
         #expect(throws: TokenizerError.badMerge(file: dir + "/tokenizer.json", line: 1, text: "a b c")) { try BPETokenizer(folder: dir) }
 
         try "{\"model\": {\"type\": \"Unigram\", \"vocab\": []}}".write(toFile: dir + "/tokenizer.json", atomically: true, encoding: .utf8)
-        #expect(throws: TokenizerError.unsupportedModel(file: dir + "/tokenizer.json", type: "Unigram")) { try BPETokenizer(folder: dir) }
+        #expect(throws: TokenizerError.unsupported(file: dir + "/tokenizer.json", part: "model", type: "Unigram", supported: "BPE (byte-level)")) { try BPETokenizer(folder: dir) }
     }
 
     @Test func jsonReader() throws {

@@ -559,7 +559,7 @@ public final class AdapterStore: @unchecked Sendable {
         guard fstat(fd, &st) == 0 else { throw AdapterStoreError.io(path: path, why: String(cString: strerror(errno))) }
         guard (st.st_mode & S_IFMT) == S_IFREG else { throw AdapterStoreError.notRegularFile(path: path) }
         let size = Int(st.st_size)
-        guard size <= sizeLimit else { throw AdapterError.tooLarge(file: relative(comps), claimed: UInt64(size), limit: sizeLimit) }
+        guard size <= sizeLimit else { throw AdapterError.fileTooLarge(file: relative(comps), size: size, limit: sizeLimit) }
         let bytes = AlignedBytes(count: size)
         var done = 0
         while done < size {

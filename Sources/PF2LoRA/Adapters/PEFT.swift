@@ -26,18 +26,18 @@ public enum PEFT {
             throw AdapterError.badPEFT(folder: folder, why: "adapter_config.json is not a JSON object")
         }
         func fail(_ why: String) -> AdapterError { .badPEFT(folder: folder, why: why) }
-        if let t = j["peft_type"] as? String, t.uppercased() != "LORA" { throw fail("peft_type is \(t); only LORA adapters can be imported") }
+        if let t = j["peft_type"] as? String, t.uppercased() != "LORA" { throw fail("peft_type is not LORA; only LORA adapters can be imported") }
         guard let r = (j["r"] as? NSNumber)?.intValue, r >= 1 else { throw fail("adapter_config.json has no positive integer 'r'") }
         guard let alphaN = j["lora_alpha"] as? NSNumber, alphaN.floatValue.isFinite else { throw fail("adapter_config.json has no numeric 'lora_alpha'") }
         var targets: [String] = []
         if let list = j["target_modules"] as? [String] { targets = list.sorted() } else if let s = j["target_modules"] as? String { targets = [s] }
         for key in ["rank_pattern", "alpha_pattern"] {
             if let d = j[key] as? [String: Any], !d.isEmpty {
-                throw fail("\(key) is not empty (\(d.keys.sorted().joined(separator: ", "))); per-module ranks or alphas are not supported — retrain with one r and lora_alpha")
+                throw fail("\(key) is not empty (\(d.count) entries); per-module ranks or alphas are not supported — retrain with one r and lora_alpha")
             }
         }
         if (j["use_dora"] as? Bool) == true { throw fail("use_dora is true; DoRA adapters are not supported") }
-        if let b = j["bias"] as? String, b != "none" { throw fail("bias is '\(b)'; LoRA bias terms are not supported (use bias='none')") }
+        if let b = j["bias"] as? String, b != "none" { throw fail("bias is not 'none'; LoRA bias terms are not supported (use bias='none')") }
         if let m = j["modules_to_save"] as? [Any], !m.isEmpty { throw fail("modules_to_save is not empty; fully trained modules cannot be stored as a LoRA adapter") }
         return PEFTConfig(r: r, loraAlpha: alphaN.floatValue, targetModules: targets,
                           fanInFanOut: (j["fan_in_fan_out"] as? Bool) ?? false,

@@ -15,7 +15,7 @@ struct Adapters: ParsableCommand {
         Each file is a zstd frame of a safetensors file with PEFT tensor names (lora_A/lora_B for the \
         shared level, lora_C/lora_D for a client level). See docs/ADAPTER_STORE.md.
         """,
-        subcommands: [List.self, Inspect.self, ImportPEFT.self, ExportPEFT.self, Init.self, Bench.self, RankCommand.self])
+        subcommands: [List.self, Inspect.self, ImportPEFT.self, ExportPEFT.self, Init.self, RankCommand.self])
 
     /// Options shared by the subcommands that find a store folder.
     struct StoreOptions: ParsableArguments {
@@ -46,7 +46,7 @@ struct Adapters: ParsableCommand {
         var json = false
 
         func run() throws {
-            try cli {
+            do {
                 let dir = try options.folder()
                 let (baseName, fp, entries) = try AdapterStore.survey(directory: dir)
                 if json {
@@ -109,7 +109,7 @@ struct Adapters: ParsableCommand {
         }
 
         func run() throws {
-            try cli {
+            do {
                 let dir = try options.folder()
                 let level: AdapterLevel = shared ? .shared : .client
                 if let client { try ClientID.validate(client) }
@@ -180,7 +180,7 @@ struct Adapters: ParsableCommand {
         }
 
         func run() throws {
-            try cli {
+            do {
                 let lvl = AdapterLevel(rawValue: level)!
                 if let client { try ClientID.validate(client) }
                 let base = try BaseModelInfo.load(folder: model)
@@ -231,7 +231,7 @@ struct Adapters: ParsableCommand {
         }
 
         func run() throws {
-            try cli {
+            do {
                 let base = try BaseModelInfo.load(folder: model)
                 let store = try AdapterStore.open(root: options.store, base: base)
                 let name = baseModelName ?? model
@@ -289,9 +289,13 @@ struct Adapters: ParsableCommand {
         @Option(help: "Random seed (the federation's).") var seed: UInt64 = 0
         @Option(name: .long, help: "Also publish it as the shared version of this store root.") var store: String?
 
+        func validate() throws {
+            guard rank >= 1, rank <= 4096 else { throw ValidationError("--rank must be in 1...4096") }
+            try validateTargets(targets, modelFolder: model)
+        }
+
         func run() throws {
-            try cli {
-                guard rank >= 1, rank <= 4096 else { throw CLIError("--rank must be in 1...4096") }
+            do {
                 let m = try LanguageModel.load(folder: model)
                 let base = try BaseModelInfo.load(folder: model)
                 let arch = m.architecture
@@ -310,23 +314,6 @@ struct Adapters: ParsableCommand {
                 print("wrote \(out): shared pair rank \(rank), alpha \(a.alpha), \(a.modules.count) modules, \(bytes.count) bytes, seed \(seed)\(note)")
             }
         }
-    }
-
-    struct Bench: ParsableCommand {
-        static let configuration = CommandConfiguration(
-            abstract: "Measure adapter sizes (compressed vs raw f32/f16) and cold load time on the GPT-2-124M shape (the BenchAdapters command, for a `pf2lora bench` group).")
-
-        @OptionGroup var options: BenchAdaptersOptions
-
-        func run() throws { try cli { try options.run() } }
-    }
-}
-
-/// Runs `body`; any error becomes one line on stderr and exit status 1.
-func cli(_ body: () throws -> Void) throws {
-    do { try body() } catch let e as ValidationError { throw e } catch {
-        FileHandle.standardError.write(Data("error: \(error)\n".utf8))
-        throw ExitCode(1)
     }
 }
 

@@ -32,15 +32,21 @@ struct BenchDecode: ParsableCommand {
     @Option(name: .customLong("pooled-rows"), help: "Decode steps of at most this many sequences run on the worker pool, larger ones as OpenBLAS GEMMs (0 = always GEMM; default: the engine's, \(InferenceEngine.maxPooledRows)).")
     var pooledRows: Int?
 
+    func validate() throws {
+        if let p = pooledRows, p < 0 { throw ValidationError("--pooled-rows must be >= 0 (0 = decode every batch with GEMM)") }
+        guard poolPolicy == "adaptive" || poolPolicy == "always" else { throw ValidationError("--pool-policy must be adaptive or always") }
+        guard batch >= 1, tokens >= 1, promptTokens >= 1, repeats >= 1, threads >= 0 else {
+            throw ValidationError("need --batch, --tokens, --prompt-tokens, --repeats >= 1 and --threads >= 0")
+        }
+    }
+
     func run() throws {
         BLAS.setThreads(threads)
-        if let p = pooledRows, p < 0 { throw CLIError("--pooled-rows must be >= 0 (0 = decode every batch with GEMM)") }
-        guard poolPolicy == "adaptive" || poolPolicy == "always" else { throw CLIError("--pool-policy must be adaptive or always") }
         WorkerPool.shared.adaptive = poolPolicy == "adaptive"
         let m = try LanguageModel.load(folder: model)
         let c = m.architecture
-        guard batch >= 1, tokens >= 1, promptTokens >= 1, promptTokens + tokens <= c.contextLength else {
-            throw CLIError("need batch >= 1, tokens >= 1, prompt-tokens >= 1 and prompt-tokens + tokens <= \(c.contextLength)")
+        guard promptTokens + tokens <= c.contextLength else {
+            throw CLIError("--prompt-tokens + --tokens is \(promptTokens + tokens), longer than the model's context (\(c.contextLength))")
         }
         let engine = InferenceEngine(model: m)
         if let p = pooledRows { engine.pooledRowLimit = p }
@@ -76,6 +82,10 @@ struct BenchBLAS: ParsableCommand {
     var promptTokens: Int = 512
     @Option(help: "OpenBLAS threads (0 = its default).")
     var threads: Int = 0
+
+    func validate() throws {
+        guard promptTokens >= 1, threads >= 0 else { throw ValidationError("need --prompt-tokens >= 1 and --threads >= 0") }
+    }
 
     func run() throws {
         BLAS.setThreads(threads)

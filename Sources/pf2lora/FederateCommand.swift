@@ -52,25 +52,30 @@ struct FederateCommand: ParsableCommand {
     @Option(name: .customLong("eval-windows"), help: "Evaluate on at most this many windows per split (0 = whole split).") var evalWindows: Int = 0
     @Option(help: "Folder for metrics.json, loss.svg and results.md.") var out: String?
 
-    func run() throws {
-        try cli { try body() }
+    func validate() throws {
+        guard FederatedMethod(rawValue: method) != nil else {
+            throw ValidationError("unknown --method '\(method)'; use \(FederatedMethod.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        guard options.store != nil else { throw ValidationError("federate needs --store DIR (where the trained adapters are published)") }
+        guard rounds >= 1, localSteps >= 1, lowerSteps >= 0, rank >= 1, rank2 >= 1, batch >= 1, seq >= 2, clientsPerRound >= 0 else {
+            throw ValidationError("need --rounds, --local-steps, --rank, --rank2, --batch >= 1, --seq >= 2, --lower-steps and --clients-per-round >= 0")
+        }
+        guard lr.isFinite, lr > 0, lr2.isFinite, lr2 > 0, clip.isFinite, clip >= 0 else {
+            throw ValidationError("--lr and --lr2 must be positive numbers, --clip a number >= 0 (0 = off)")
+        }
+        guard BudgetMode(rawValue: budget) != nil else { throw ValidationError("unknown --budget '\(budget)'; use steps or compute") }
+        guard PF2LoRAVariant(rawValue: variant) != nil else {
+            throw ValidationError("unknown --variant '\(variant)'; use \(PF2LoRAVariant.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        if let r = baselineRank, r < 1 { throw ValidationError("--baseline-rank must be >= 1") }
+        guard evalEvery >= 0, evalWindows >= 0 else { throw ValidationError("--eval-every and --eval-windows must be >= 0 (0 = off)") }
+        try validateTargets(targets, modelFolder: options.model)
     }
 
-    func body() throws {
-        guard let m = FederatedMethod(rawValue: method) else {
-            throw CLIError("unknown --method '\(method)'; use \(FederatedMethod.allCases.map(\.rawValue).joined(separator: ", "))")
-        }
-        guard let budgetMode = BudgetMode(rawValue: budget) else {
-            throw CLIError("unknown --budget '\(budget)'; use steps or compute")
-        }
-        guard let pf2loraVariant = PF2LoRAVariant(rawValue: variant) else {
-            throw CLIError("unknown --variant '\(variant)'; use \(PF2LoRAVariant.allCases.map(\.rawValue).joined(separator: ", "))")
-        }
-        if let r = baselineRank, r < 1 { throw CLIError("--baseline-rank must be >= 1") }
-        guard options.store != nil else { throw CLIError("federate needs --store DIR (where the trained adapters are published)") }
-        guard rounds >= 1, localSteps >= 1, lowerSteps >= 0, rank >= 1, rank2 >= 1, batch >= 1, seq >= 2, lr > 0, lr2 > 0 else {
-            throw CLIError("need rounds, local-steps, rank, rank2, batch >= 1, seq >= 2, lower-steps >= 0 and positive rates")
-        }
+    func run() throws {
+        let m = FederatedMethod(rawValue: method)!
+        let budgetMode = BudgetMode(rawValue: budget)!
+        let pf2loraVariant = PF2LoRAVariant(rawValue: variant)!
         let (model, tok) = try options.loadModel()
         let kinds = try parseTargets(targets, model.architecture)
         guard let store = try options.openStore(model) else { throw CLIError("federate needs --store DIR") }

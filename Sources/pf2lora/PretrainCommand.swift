@@ -58,11 +58,15 @@ struct PretrainCommand: ParsableCommand {
     @Option(help: "OpenBLAS threads (0 = its default: all cores).")
     var threads: Int = 0
 
+    func validate() throws {
+        guard steps >= 1, batch >= 1, seq >= 2, evalEvery >= 1, saveEvery >= 1, logEvery >= 1, lr.isFinite, lr > 0 else {
+            throw ValidationError("need --steps, --batch, --eval-every, --save-every, --log-every >= 1, --seq >= 2 and --lr > 0")
+        }
+        guard threads >= 0 else { throw ValidationError("--threads must be >= 0 (0 = OpenBLAS's default, all cores)") }
+    }
+
     func run() throws {
         BLAS.setThreads(threads)
-        guard steps >= 1, batch >= 1, seq >= 2, evalEvery >= 1, saveEvery >= 1, logEvery >= 1, lr > 0 else {
-            throw CLIError("need --steps, --batch, --eval-every, --save-every, --log-every >= 1, --seq >= 2 and --lr > 0")
-        }
         var opts = PretrainOptions()
         opts.steps = steps; opts.batch = batch; opts.seq = seq; opts.lr = lr; opts.minLRRatio = minLRRatio
         opts.warmup = warmup; opts.weightDecay = weightDecay; opts.clip = clip; opts.seed = seed

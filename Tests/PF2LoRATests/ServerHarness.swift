@@ -7,15 +7,22 @@ final class ServerProcess {
     /// to see a new test fail before its fix).
     static var binary: String {
         if let b = ProcessInfo.processInfo.environment["PF2LORA_TEST_BINARY"] { return b }
+        return executable("pf2lora")
+    }
+    /// The test-only publish loop (Tests/TestPublishLoop), built by `swift test` beside `pf2lora`.
+    static var publishLoopBinary: String { executable("TestPublishLoop") }
+
+    /// An executable of this package, from the build folder the test bundle runs in.
+    static func executable(_ name: String) -> String {
         let me = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
         var dir = me.deletingLastPathComponent()
         if dir.pathExtension == "xctest" { dir = dir.deletingLastPathComponent() }
         for _ in 0..<4 {
-            let p = dir.appendingPathComponent("pf2lora").path
+            let p = dir.appendingPathComponent(name).path
             if FileManager.default.isExecutableFile(atPath: p) { return p }
             dir = dir.deletingLastPathComponent()
         }
-        return TestPaths.repoRoot.appendingPathComponent(".build/debug/pf2lora").path
+        return TestPaths.repoRoot.appendingPathComponent(".build/debug/" + name).path
     }
 
     let process = Process()

@@ -138,8 +138,8 @@ import Testing
         let made = try Self.run(["model", "random", "--config", "tiny", "--out", dir + "/m", "--seed", "3"], cwd: dir, environment: env)
         #expect(made.code == 0, "\(made.err)")
         let tok = try BPETokenizer(folder: dir + "/m")
-        let model = try GPT2Model.load(folder: dir + "/m")
-        #expect(tok.vocabSize == 50257 && model.config.vocabSize == 50257)
+        let model = try LanguageModel.load(folder: dir + "/m")
+        #expect(tok.vocabSize == 50257 && model.architecture.vocabSize == 50257)
         #expect(tok.eosTokenId == 50256 && tok.tokenText(50256) == "<|endoftext|>")
         for text in ["Hello, world! The meaning of life is", "naïve café 東京 👍🏽 e\u{301}", "  spaces\n\n\ttabs  ", ""] {
             let ids = tok.encode(text)

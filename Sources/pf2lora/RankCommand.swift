@@ -21,10 +21,13 @@ struct RankCommand: ParsableCommand {
     @Flag(help: "Print JSON.") var json = false
     @Option(help: "Write the spectra plot (SVG) here.") var svg: String?
 
+    func validate() throws {
+        guard tau > 0, tau < 1 else { throw ValidationError("--tau must be in (0, 1)") }
+    }
+
     func run() throws {
-        try cli {
-            guard tau > 0, tau < 1 else { throw CLIError("--tau must be in (0, 1)") }
-            let base = try BaseModelInfo.gpt2(folder: model)
+        do {
+            let base = try BaseModelInfo.load(folder: model)
             let st = try AdapterStore.open(root: store, base: base)
             let sp = try clientSpectra(store: st, client: client)
             let ranks = sp.ranks(tau: tau)

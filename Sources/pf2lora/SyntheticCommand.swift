@@ -18,6 +18,8 @@ struct SyntheticCommand: ParsableCommand {
     @Option(name: .customLong("clients-per-round"), help: "Clients sampled per round (0 = all).") var clientsPerRound: Int = 0
     @Option(help: "Shared rank r.") var rank: Int = 8
     @Option(name: .customLong("rank2"), help: "Client rank r2.") var rank2: Int = 2
+    @Option(name: .customLong("true-rank"), help: "Generator's shared rank (default --rank): a truth the model is not specified for.") var trueRank: Int?
+    @Option(name: .customLong("true-rank2"), help: "Generator's client budget m_k + a_k (default --rank2): true ranks span [true-rank - true-rank2, true-rank + true-rank2].") var trueRank2: Int?
     @Option(name: .customLong("d-in"), help: "Input dimension.") var dIn: Int = 40
     @Option(name: .customLong("d-out"), help: "Output dimension.") var dOut: Int = 32
     @Option(name: .customLong("upper-lr"), help: "AdamW rate of the shared level and of the baselines.") var upperLR: Float = 0.01
@@ -34,14 +36,20 @@ struct SyntheticCommand: ParsableCommand {
     @Flag(name: .customLong("persist-adam"), help: "Keep client AdamW moments across rounds.") var persistAdam = false
     @Option(name: .customLong("min-lr-ratio"), help: "Cosine floor of the round schedule.") var minLRRatio: Float = 0.01
 
-    func run() throws {
+    func validate() throws {
         guard clients >= 1, rounds >= 1, rank >= rank2, rank2 >= 1 else {
-            throw ValidationError("need clients >= 1, rounds >= 1 and rank >= rank2 >= 1")
+            throw ValidationError("need --clients >= 1, --rounds >= 1 and --rank >= --rank2 >= 1")
         }
+        guard rank + rank2 <= min(dIn, dOut) else { throw ValidationError("--rank + --rank2 must be <= min(--d-in, --d-out)") }
+    }
+
+    func run() throws {
         var sc = SyntheticConfig()
-        sc.clients = clients; sc.dIn = dIn; sc.dOut = dOut; sc.rank = rank; sc.rank2 = rank2
+        sc.clients = clients; sc.dIn = dIn; sc.dOut = dOut; sc.rank = trueRank ?? rank; sc.rank2 = trueRank2 ?? rank2
+        guard sc.rank >= sc.rank2, sc.rank2 >= 1, sc.rank + sc.rank2 <= min(dIn, dOut) else {
+            throw ValidationError("need true-rank >= true-rank2 >= 1 and true-rank + true-rank2 <= min(d-in, d-out)")
+        }
         sc.noiseStd = noise; sc.trainMin = trainMin; sc.trainMax = trainMax; sc.batchSize = batch; sc.seed = seed
-        guard rank + rank2 <= min(dIn, dOut) else { throw ValidationError("rank + rank2 must be <= min(d-in, d-out)") }
         var fc = FederatedConfig()
         fc.rounds = rounds; fc.localSteps = localSteps; fc.lowerSteps = lowerSteps; fc.clientsPerRound = clientsPerRound
         fc.rank = rank; fc.rank2 = rank2; fc.alpha = 2 * Float(rank); fc.alpha2 = 2 * Float(rank2)

@@ -58,21 +58,18 @@ struct Tokenize: ParsableCommand {
     var printPrompt = false
 
     func run() throws {
-        let tokenizer: BPETokenizer
-        do { tokenizer = try BPETokenizer(folder: model) } catch { fail("\(error)") }
+        let tokenizer = try BPETokenizer(folder: model)
         let input = FileHandle.standardInput.readDataToEndOfFile()
         if decode {
-            let ids = parseIds(input, vocabSize: tokenizer.vocabSize)
+            let ids = try parseIds(input, vocabSize: tokenizer.vocabSize)
             FileHandle.standardOutput.write(Data(tokenizer.decodeBytes(ids, skipSpecialTokens: skipSpecialTokens)))
         } else {
             guard var text = String(validating: input, as: UTF8.self) else {
-                fail("stdin is not valid UTF-8 (first invalid byte at offset \(firstInvalidUTF8Offset(input))); tokenize takes UTF-8 text")
+                throw CLIError("stdin is not valid UTF-8 (first invalid byte at offset \(firstInvalidUTF8Offset(input))); tokenize takes UTF-8 text")
             }
             var addSpecial = !noSpecialTokens
             if messages {
-                do {
-                    text = try ChatTemplate(folder: model).render(messagesJSON: text, addGenerationPrompt: !noGenerationPrompt)
-                } catch { fail("\(error)") }
+                text = try ChatTemplate(folder: model).render(messagesJSON: text, addGenerationPrompt: !noGenerationPrompt)
                 if printPrompt {
                     FileHandle.standardOutput.write(Data(text.utf8))
                     return
@@ -92,13 +89,13 @@ struct Tokenize: ParsableCommand {
     }
 
     /// Parses a JSON array of integers, e.g. `[15496, 995]`, checking each id against the vocabulary.
-    private func parseIds(_ data: Data, vocabSize: Int) -> [Int] {
+    private func parseIds(_ data: Data, vocabSize: Int) throws -> [Int] {
         let bytes = [UInt8](data)
         var i = 0
         func skipSpace() { while i < bytes.count, [0x20, 0x09, 0x0A, 0x0D].contains(bytes[i]) { i += 1 } }
         let notArray = "stdin is not a JSON array of token ids; --decode expects e.g. [15496, 995]"
         skipSpace()
-        guard i < bytes.count, bytes[i] == UInt8(ascii: "[") else { fail(notArray) }
+        guard i < bytes.count, bytes[i] == UInt8(ascii: "[") else { throw CLIError(notArray) }
         i += 1
         var ids: [Int] = []
         skipSpace()
@@ -115,20 +112,20 @@ struct Tokenize: ParsableCommand {
                 while end < bytes.count, ![UInt8(ascii: ","), UInt8(ascii: "]")].contains(bytes[end]) { end += 1 }
                 let token = String(decoding: bytes[start..<end], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
                 guard let id = Int(token) else {
-                    fail("element \(ids.count) of the JSON array is '\(token.prefix(40))', not an integer token id")
+                    throw CLIError("element \(ids.count) of the JSON array is '\(token.prefix(40))', not an integer token id")
                 }
                 guard id >= 0 && id < vocabSize else {
-                    fail("token id \(id) (element \(ids.count)) is outside the vocabulary of \(model) (0..<\(vocabSize))")
+                    throw CLIError("token id \(id) (element \(ids.count)) is outside the vocabulary of \(model) (0..<\(vocabSize))")
                 }
                 ids.append(id)
                 i = end
-                guard i < bytes.count else { fail(notArray + " (the array is not closed)") }
+                guard i < bytes.count else { throw CLIError(notArray + " (the array is not closed)") }
                 i += 1
                 if bytes[i - 1] == UInt8(ascii: "]") { break }
             }
         }
         skipSpace()
-        guard i == bytes.count else { fail(notArray + " (extra text after the array)") }
+        guard i == bytes.count else { throw CLIError(notArray + " (extra text after the array)") }
         return ids
     }
 }
@@ -144,10 +141,4 @@ private func firstInvalidUTF8Offset(_ data: Data) -> Int {
         case .error, .emptyInput: return offset
         }
     }
-}
-
-/// Prints one error line on stderr and exits 1.
-private func fail(_ message: String) -> Never {
-    FileHandle.standardError.write(Data("error: \(message)\n".utf8))
-    exit(1)
 }

@@ -23,7 +23,7 @@ public enum AdapterStoreError: Error, CustomStringConvertible, Equatable {
         case let .noAdapter(what, store):
             return "store \(store) has no \(what); publish or import one first (`pf2lora adapters list --store …` shows what is there)"
         case let .noVersion(what, v, available):
-            return "\(what) has no version \(v); available: \(available.isEmpty ? "none" : available.map(String.init).joined(separator: ", ")) (old versions are pruned after each publish)"
+            return "\(what) has no version \(v) on disk (old versions are pruned after each publish); versions on disk: \(available.isEmpty ? "none" : available.map(String.init).joined(separator: ", "))"
         case let .symlink(path, target, outside):
             return outside
                 ? "\(path) is a symlink to \(target), outside the store; the store never follows links out of itself — remove the link"
@@ -213,15 +213,25 @@ public final class AdapterStore: @unchecked Sendable {
     }
 
     private func latest(_ level: AdapterLevel, _ id: String?) throws -> VersionedAdapter? {
-        guard let v = currentVersion(level: level, client: id) else { return nil }
-        do {
-            return VersionedAdapter(version: v, adapter: try load(level: level, client: id, version: v))
-        } catch AdapterStoreError.noVersion {
-            // Another process published and pruned since we read the manifest: read it again.
-            try refresh()
-            guard let v2 = currentVersion(level: level, client: id), v2 != v else { throw AdapterStoreError.noVersion(what: what(level, id), version: v, available: versions(level: level, client: id)) }
-            return VersionedAdapter(version: v2, adapter: try load(level: level, client: id, version: v2))
+        try loadCurrent(level: level, client: id) { try load(level: level, client: id, version: $0) }
+            .map { VersionedAdapter(version: $0.version, adapter: $0.value) }
+    }
+
+    /// The current version of `level` (client `id`) and what `load` makes of it, as one consistent
+    /// step: if the version the manifest named was pruned by another process's publish before its
+    /// file was read (`load` throws `noVersion`), the manifest is read again — forced: its stamp can
+    /// repeat when an inode is reused within one timestamp tick — and the new current version is
+    /// loaded, up to `attempts` times. nil when the adapter has no current version.
+    public func loadCurrent<T>(level: AdapterLevel, client id: String? = nil, attempts: Int = 16,
+                               _ load: (Int) throws -> T) throws -> (version: Int, value: T)? {
+        let cid = try checkedClient(level, id)
+        var tried: [Int] = []
+        for attempt in 0..<attempts {
+            if attempt > 0 { try refresh(force: true) }
+            guard let v = currentVersion(level: level, client: cid) else { return nil }
+            do { return (v, try load(v)) } catch AdapterStoreError.noVersion { tried.append(v) }
         }
+        throw AdapterStoreError.noVersion(what: what(level, cid), version: tried.last ?? 0, available: (try? listVersions(Array(components(level, cid, 0).dropLast()))) ?? [])
     }
 
     /// A specific version, from the cache or from disk (read, decompress, validate, then cached).
@@ -241,7 +251,10 @@ public final class AdapterStore: @unchecked Sendable {
         let bytes: AlignedBytes
         do { bytes = try readInStore(comps) } catch let e as AdapterStoreError {
             if case .io(_, let why) = e, why.contains("No such file") {
-                throw AdapterStoreError.noVersion(what: what(level, cid), version: version, available: versions(level: level, client: cid))
+                // What is on disk now, not what the manifest last said: a message must not name the
+                // missing version as available.
+                let onDisk = (try? listVersions(Array(comps.dropLast()))) ?? []
+                throw AdapterStoreError.noVersion(what: what(level, cid), version: version, available: onDisk)
             }
             throw e
         }
@@ -270,15 +283,15 @@ public final class AdapterStore: @unchecked Sendable {
     }
 
     /// Re-reads the manifest if it changed on disk (inode, size or mtime), as another process's
-    /// publish does. Cheap when nothing changed: one stat. Returns whether it re-read.
-    @discardableResult public func refresh() throws -> Bool {
+    /// publish does, or always with `force`. Cheap when nothing changed: one stat. Returns whether it re-read.
+    @discardableResult public func refresh(force: Bool = false) throws -> Bool {
         var st = stat()
         guard stat(directory + "/manifest.json", &st) == 0 else { return false }
         let stamp = Self.stamp(st)
         state.lock()
         let same = stamp == manifestStamp
         state.unlock()
-        if same { return false }
+        if same && !force { return false }
         guard let (m, s) = try readManifestFromDisk() else { return false }
         state.lock()
         manifest = m

@@ -16,7 +16,7 @@ public struct AdapterBinding {
     }
 
     /// The base model alone (no adapter at all).
-    public static func base(_ model: GPT2Model) -> AdapterBinding {
+    public static func base(_ model: LanguageModel) -> AdapterBinding {
         AdapterBinding(weights: model.baseLinears, sharedVersion: nil, client: nil, clientVersion: nil, clientTrainedOn: nil)
     }
 }
@@ -30,7 +30,7 @@ public struct AdapterBinding {
 ///   `ClientPairs` views built on them copy nothing and are dropped when the cache evicts.
 /// - The store's manifest is re-read (one stat when unchanged) at most every `refreshInterval`.
 public final class AdapterRuntime {
-    public let model: GPT2Model
+    public let model: LanguageModel
     public let store: AdapterStore?
     /// Refuse clients the store has never seen (otherwise they get the shared pair alone).
     public let strict: Bool
@@ -48,7 +48,7 @@ public final class AdapterRuntime {
     private var lastRefresh = 0.0
     private let foldQueue = DispatchQueue(label: "pf2lora.fold")
 
-    public init(model: GPT2Model, store: AdapterStore?, strict: Bool = false) {
+    public init(model: LanguageModel, store: AdapterStore?, strict: Bool = false) {
         self.model = model
         self.store = store
         self.strict = strict
@@ -64,8 +64,7 @@ public final class AdapterRuntime {
     /// reported at once with its path).
     public func prepare() throws {
         guard let store else { return }
-        if let v = store.currentVersion(level: .shared) {
-            let set = try fold(version: v)
+        if let (v, set) = try store.loadCurrent(level: .shared, fold) {
             lock.lock(); folded = (v, set); lock.unlock()
         }
     }
@@ -75,7 +74,7 @@ public final class AdapterRuntime {
         let a = try store.load(level: .shared, version: v)
         var pairs: [String: LowRankPair] = [:]
         for (path, p) in a.modules { pairs[path] = LowRankPair(a: p.a, b: p.b, scale: a.scale) }
-        return LinearWeightSet(base: model.baseLinears, folding: pairs, label: "shared v\(v)")
+        return LinearWeightSet(base: model.baseLinears, architecture: model.architecture, folding: pairs, label: "shared v\(v)")
     }
 
     /// Re-reads the manifest if it is due (or `force`), and starts folding a new shared version.
@@ -94,10 +93,15 @@ public final class AdapterRuntime {
         if need { folding = v }
         lock.unlock()
         guard need else { return }
+        // The version folded is the store's current one when the fold reads it: if `v` was pruned
+        // meanwhile (another process published again), the newer one is folded instead.
         if idle || folded == nil {
             do {
-                let set = try fold(version: v)
-                lock.lock(); folded = (v, set); folding = nil; lock.unlock()
+                if let (fv, set) = try store.loadCurrent(level: .shared, fold) {
+                    lock.lock(); if (folded?.version ?? -1) < fv { folded = (fv, set) }; folding = nil; lock.unlock()
+                } else {
+                    lock.lock(); folding = nil; lock.unlock()
+                }
             } catch {
                 lock.lock(); folding = nil; lock.unlock()
                 throw error
@@ -105,12 +109,17 @@ public final class AdapterRuntime {
         } else {
             foldQueue.async { [weak self] in
                 guard let self else { return }
-                let set = try? self.fold(version: v)
+                var failure: Error?
+                var result: (version: Int, value: LinearWeightSet)?
+                do { result = try store.loadCurrent(level: .shared, self.fold) } catch { failure = error }
                 self.lock.lock()
-                if let set, (self.folded?.version ?? -1) < v { self.folded = (v, set) }
+                if let (fv, set) = result, (self.folded?.version ?? -1) < fv { self.folded = (fv, set) }
                 self.folding = nil
+                let serving = self.folded?.version ?? 0
                 self.lock.unlock()
-                if set == nil { FileHandle.standardError.write("serve: shared v\(v) failed validation; still serving shared v\(self.folded?.version ?? 0)\n".data(using: .utf8)!) }
+                if let failure {
+                    FileHandle.standardError.write("serve: shared v\(v) could not be loaded (\(failure)); still serving shared v\(serving)\n".data(using: .utf8)!)
+                }
             }
         }
     }
@@ -128,14 +137,15 @@ public final class AdapterRuntime {
             return AdapterBinding(weights: weights, sharedVersion: shared?.version, client: nil, clientVersion: nil, clientTrainedOn: nil)
         }
         try ClientID.validate(client)
-        guard let store, let v = store.currentVersion(level: .client, client: client) else {
+        // The current version and its pairs in one step: a version pruned by another process's
+        // publish between reading the manifest and reading the file is retried at the new one.
+        guard let store, let (v, pairs) = try store.loadCurrent(level: .client, client: client, { try clientPairs(client, version: $0) }) else {
             if let path = quarantined[client] {
                 throw RPCError(.adapterInvalid, "client '\(client)' has no valid adapter: \(path) failed validation when the store was opened and was moved aside (renamed .corrupt-*); publish a new version (personalize, adapters import-peft) or restore the file, then reload")
             }
             if strict { throw RPCError(.unknownClient, "unknown client '\(client)': the store has no adapter for it (the server runs with --strict-clients); personalize it first or drop --strict-clients") }
             return AdapterBinding(weights: weights, sharedVersion: shared?.version, client: nil, clientVersion: nil, clientTrainedOn: nil)
         }
-        let pairs = try clientPairs(client, version: v)
         return AdapterBinding(weights: weights, sharedVersion: shared?.version, client: pairs, clientVersion: v,
                               clientTrainedOn: store.trainedOn(client: client, version: v))
     }
@@ -150,7 +160,7 @@ public final class AdapterRuntime {
         let a = try store.load(level: .client, client: id, version: v)
         var pairs: [String: LowRankPair] = [:]
         for (path, p) in a.modules { pairs[path] = LowRankPair(a: p.a, b: p.b, scale: a.scale) }
-        let cp = ClientPairs(layers: model.config.nLayer, pairs: pairs, label: "\(id) v\(v)")
+        let cp = ClientPairs(architecture: model.architecture, pairs: pairs, label: "\(id) v\(v)")
         lock.lock()
         views[key] = cp
         // Drop the views of adapters the cache evicted, so their memory goes with them.

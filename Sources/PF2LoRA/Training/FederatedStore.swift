@@ -198,10 +198,14 @@ public func clientSpectra(store: AdapterStore, client id: String) throws -> Clie
     let cl = try store.latestClient(id)
     guard shared != nil || cl != nil else { throw AdapterStoreError.noAdapter(what: "adapter for client '\(id)' (nor a shared one)", store: store.directory) }
     let paths = Set((shared?.adapter.modules.keys).map(Array.init) ?? []).union((cl?.adapter.modules.keys).map(Array.init) ?? [])
-    let ordered = paths.sorted { a, b in
-        let x = LinearKind.parse(a), y = LinearKind.parse(b)
-        return (x?.layer ?? 0, x?.kind.rawValue ?? 0, a) < (y?.layer ?? 0, y?.kind.rawValue ?? 0, b)
+    // Layer, then slot order (without a known architecture: the layer number, then the path).
+    let arch = store.base.architecture
+    func key(_ p: String) -> (Int, Int, String) {
+        if let ls = arch?.parseModulePath(p) { return (ls.layer, ls.slot, p) }
+        let layer = p.split(separator: ".").lazy.compactMap { Int($0) }.first ?? 0
+        return (layer, 0, p)
     }
+    let ordered = paths.sorted { key($0) < key($1) }
     var out: [String: [Float]] = [:]
     for p in ordered {
         var terms: [(up: Tensor, down: Tensor, scale: Float)] = []

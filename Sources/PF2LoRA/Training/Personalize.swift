@@ -87,7 +87,7 @@ public enum PersonalizeError: Error, CustomStringConvertible, Equatable {
 ///
 /// `progress(step, loss)` is called after every step. Throws `PersonalizeError`, `AdapterStoreError`
 /// (invalid client id) or a store error; nothing is published unless training finished with finite values.
-public func personalize(weights: GPT2Weights, tokenizer: BPETokenizer, store: AdapterStore, client: String,
+public func personalize(weights: ModelWeights, tokenizer: BPETokenizer, store: AdapterStore, client: String,
                         texts: [String], options o: PersonalizeOptions = PersonalizeOptions(),
                         progress: ((Int, Float) -> Void)? = nil) throws -> PersonalizeResult {
     let start = Date()
@@ -105,11 +105,11 @@ public func personalize(weights: GPT2Weights, tokenizer: BPETokenizer, store: Ad
     try store.refresh()
     let shared = try store.latestShared()
     let existing = try store.latestClient(client)
-    let c = weights.config
+    let c = weights.architecture
     // Adapt the modules the shared (else the existing client) adapter adapts; else every linear layer.
     let paths = (shared?.adapter.modules.keys).map(Array.init) ?? (existing?.adapter.modules.keys).map(Array.init)
-        ?? (0..<c.nLayer).flatMap { l in LinearKind.allCases.map { LinearKind.modulePath(layer: l, $0) } }
-    let T = min(o.seqLen, c.nPositions, stream.tokens.count - 1)
+        ?? (0..<c.layerCount).flatMap { l in c.slots.map { c.modulePath(layer: l, slot: $0.index) } }
+    let T = min(o.seqLen, c.contextLength, stream.tokens.count - 1)
     let data = ClientTokenData(id: client, train: stream, valid: stream, test: stream)
     let task = try GPT2LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T, modulePaths: paths,
                               padToken: textSeparator(tokenizer))

@@ -185,9 +185,11 @@ struct Adapters: ParsableCommand {
                 if let client { try ClientID.validate(client) }
                 let base = try BaseModelInfo.load(folder: model)
                 let store = try AdapterStore.open(root: options.store, base: base, keepVersions: keep)
+                // The version this import replaces: its publish is a compare-and-swap on it.
+                let from = ExpectedVersion(startedFrom: store.currentVersion(level: lvl, client: client))
                 let adapter = try PEFT.read(folder: peft, base: base, level: lvl, clientID: client,
                                             storage: dtype == "f16" ? .f16 : .f32, sharedVersion: trainedOn)
-                let v = lvl == .shared ? try store.publishShared(adapter) : try store.publishClient(id: client!, adapter)
+                let v = lvl == .shared ? try store.publishShared(adapter, expecting: from) : try store.publishClient(id: client!, adapter, expecting: from)
                 let what = lvl == .shared ? "shared" : "client \(client!)"
                 print("imported \(peft) as \(what) v\(v) (rank \(adapter.rank), alpha \(adapter.alpha), scale \(adapter.scale), \(adapter.modules.count) modules) into \(store.directory)")
             }

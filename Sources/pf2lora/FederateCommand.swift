@@ -105,6 +105,8 @@ struct FederateCommand: ParsableCommand {
             try checkConsistent(rank: r, alpha: a, rslora: fc.rslora, modules: Set(task.modules.map(\.name)), with: store)
         }
 
+        // The versions this run starts from: its publish is a compare-and-swap on them.
+        let start = try startVersions(store, clients: ids)
         let result: FederatedResult
         do {
             result = try runFederated(m, task: task, config: fc) { line in log("federate: " + line) }
@@ -115,7 +117,7 @@ struct FederateCommand: ParsableCommand {
 
         let adapters = try federatedAdapters(result, modules: task.modules, clientIDs: ids, base: store.base)
         try checkConsistent(adapters.shared, with: store)
-        let versions = try publish(adapters, to: store)
+        let versions = try publish(adapters, to: store, from: start)
         log("federate: published shared v\(versions.shared) and \(versions.clients.count) client versions into \(store.directory)")
 
         // Metrics.

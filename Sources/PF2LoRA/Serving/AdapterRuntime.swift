@@ -192,6 +192,7 @@ public final class AdapterRuntime {
             case .baseMismatch: return RPCError(.baseMismatch, e.description)
             case .invalidClientID: return RPCError(.invalidParams, e.description)
             case .noAdapter, .noVersion: return RPCError(.unknownClient, e.description)
+            case .conflict: return RPCError(.conflict, e.description)
             default: return RPCError(.adapterInvalid, e.description)
             }
         default: return RPCError(.internalError, "\(error)")

@@ -124,11 +124,14 @@ public func adoptShared(_ shared: LoRAAdapter, into store: AdapterStore, trained
 
 /// `adoptShared` after its shape check (done by a caller that checked before doing other work).
 func publishIfNew(_ shared: LoRAAdapter, into store: AdapterStore, trainedBy: String) throws -> Int {
-    if let cur = try store.latestShared(), sameValues(cur.adapter, shared) { return cur.version }
+    let cur = try store.latestShared()
+    if let cur, sameValues(cur.adapter, shared) { return cur.version }
     var a = shared
     a.metadata = AdapterMetadata(baseName: store.base.name, baseFingerprint: store.base.fingerprint,
                                  extra: shared.metadata.extra.merging(["trained_by": trainedBy]) { $1 })
-    return try store.publishShared(a)
+    // Replaces exactly the version compared against: another writer's shared version in between is
+    // a conflict, not silently superseded.
+    return try store.publishShared(a, expecting: ExpectedVersion(startedFrom: cur?.version))
 }
 
 /// True when two adapters hold the same tensors, to the bit.
@@ -203,7 +206,12 @@ public func trainLocalRound(weights: ModelWeights, store: AdapterStore, client: 
                                 rslora: fc.rslora, base: store.base, extra: extra)
     yAdapter.metadata.sharedVersion = sharedVersion
     yAdapter.metadata.clientID = client
-    let version = try store.publishClient(id: client, yAdapter)
+    // A new version keeps every module of the previous one: modules the client's pair adapts beyond
+    // the shared pair's (which the federation does not train) are carried over unchanged.
+    if let e = existing?.adapter {
+        for (m, pair) in e.modules where yAdapter.modules[m] == nil { yAdapter.modules[m] = pair }
+    }
+    let version = try store.publishClient(id: client, yAdapter, expecting: ExpectedVersion(startedFrom: existing?.version))
     let xAdapter = storeAdapter(x, setLevel: .shared, as: .shared, modules: modules, components: 0..<fc.rank, alpha: fc.alpha,
                                 rslora: fc.rslora, base: store.base, extra: extra.merging(["client_id": client]) { $1 })
     let adapter = TwoLevelAdapter(shared: x, sharedScale: fc.sharedScale, local: y, localScale: fc.localScale)

@@ -156,22 +156,48 @@ public func checkConsistent(_ shared: LoRAAdapter, with store: AdapterStore) thr
     try checkConsistent(rank: shared.rank, alpha: shared.alpha, rslora: shared.useRSLoRA, modules: Set(shared.modules.keys), with: store)
 }
 
+/// The store's current versions when a run started (`startVersions`), for the compare-and-swap of
+/// its publish.
+public struct StartVersions: Sendable {
+    public var shared: Int?
+    public var clients: [String: Int?]
+}
+
+/// The current shared version and each client's, read now (call before a long run).
+public func startVersions(_ store: AdapterStore, clients ids: [String]) throws -> StartVersions {
+    try store.refresh(force: true)
+    var c: [String: Int?] = [:]
+    for id in ids { try ClientID.validate(id); c[id] = .some(store.currentVersion(level: .client, client: id)) }
+    return StartVersions(shared: store.currentVersion(level: .shared), clients: c)
+}
+
 /// Publishes the shared level, then every client's level trained against it. Every adapter is
-/// encoded and validated before the first write, so a bad adapter publishes nothing.
+/// encoded and validated before the first write, so a bad adapter publishes nothing. With `from`
+/// (the versions the run started from), every publish is a compare-and-swap on them, checked for
+/// all adapters before the first write and again by each publish under the store's lock: a version
+/// another writer published meanwhile is a conflict, never silently superseded.
 /// Returns the new shared version and each client's new version.
 @discardableResult
-public func publish(_ f: FederatedAdapters, to store: AdapterStore) throws -> (shared: Int, clients: [String: Int]) {
+public func publish(_ f: FederatedAdapters, to store: AdapterStore, from start: StartVersions? = nil) throws -> (shared: Int, clients: [String: Int]) {
     for (id, a) in [("shared", f.shared)] + f.clients.map({ ($0.id, $0.adapter) }) {
         var a = a
         if a.level == .client { try ClientID.validate(id); a.metadata.clientID = id }
         _ = try LoRAAdapter.decode(from: try a.encode(), name: "new adapter for \(id)", base: store.base, expectedLevel: a.level)
     }
-    let sv = try store.publishShared(f.shared)
+    func expected(_ id: String?) -> ExpectedVersion {
+        guard let start else { return .any }
+        guard let id else { return ExpectedVersion(startedFrom: start.shared) }
+        guard let v = start.clients[id] else { return .any }
+        return ExpectedVersion(startedFrom: v)
+    }
+    try store.checkExpected(expected(nil), level: .shared)
+    for (id, _) in f.clients { try store.checkExpected(expected(id), level: .client, client: id) }
+    let sv = try store.publishShared(f.shared, expecting: expected(nil))
     var out: [String: Int] = [:]
     for (id, a) in f.clients {
         var a = a
         a.metadata.sharedVersion = sv
-        out[id] = try store.publishClient(id: id, a)
+        out[id] = try store.publishClient(id: id, a, expecting: expected(id))
     }
     return (sv, out)
 }

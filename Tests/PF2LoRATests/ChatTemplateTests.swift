@@ -143,6 +143,19 @@ private struct ChatFixture {
         CLITests.expectOneErrorLine(try CLITests.run(["tokenize", "--model", dir, "--messages"], stdin: Data("[{\"content\": 1}]".utf8)), "role")
     }
 
+    /// `pf2lora generate --messages` continues the rendered chat (plain format for a model without a
+    /// template): the same text as --prompt with that rendering; exactly one of the two is accepted.
+    @Test func generateWithMessages() throws {
+        let json = #"[{"role": "user", "content": "The cat"}]"#
+        let viaMessages = try CLITests.run(["generate", "--model", CLITests.tiny, "--messages", json, "--max-tokens", "8", "--temperature", "0", "--ignore-eos"])
+        let viaPrompt = try CLITests.run(["generate", "--model", CLITests.tiny, "--prompt", "User: The cat\n\nAssistant:", "--max-tokens", "8", "--temperature", "0", "--ignore-eos"])
+        #expect(viaMessages.code == 0, "\(viaMessages.err)")
+        #expect(!viaMessages.out.isEmpty && viaMessages.out == viaPrompt.out)
+        CLITests.expectOneErrorLine(try CLITests.run(["generate", "--model", CLITests.tiny, "--messages", json, "--prompt", "x"]), "either --prompt")
+        CLITests.expectOneErrorLine(try CLITests.run(["generate", "--model", CLITests.tiny]), "either --prompt")
+        CLITests.expectOneErrorLine(try CLITests.run(["generate", "--model", CLITests.tiny, "--messages", "[1]"]), "message")
+    }
+
     @Test func plainFormatForModelsWithoutTemplate() throws {
         let template = try ChatTemplate(folder: TestPaths.gpt2Tokenizer.path)
         #expect(template.isPlainFallback)

@@ -47,11 +47,24 @@ struct GenerateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "generate",
         abstract: "Continue a prompt; prints the continuation (not the prompt) to stdout as it is generated.",
-        discussion: "Statistics go to stderr. --temperature 0 is greedy. With --store, the store's shared pair is applied, and with --client that client's two-level adapter (a client the store has no adapter for is an error: omit --client for the shared pair alone). The store is only read: nothing in it is created or changed.")
+        discussion: """
+            Statistics go to stderr. --temperature 0 is greedy. With --store, the store's shared pair is \
+            applied, and with --client that client's two-level adapter (a client the store has no adapter \
+            for is an error: omit --client for the shared pair alone). The store is only read: nothing in \
+            it is created or changed.
+
+            Instead of --prompt, --messages takes a JSON array of chat messages \
+            ('[{"role": "user", "content": "Hi"}]'): they are rendered with the model's chat template \
+            (tokenizer_config.json, as transformers' apply_chat_template; the plain "Role: content" format of \
+            docs/CHAT.md for models without one) with the assistant generation prompt, and the continuation is \
+            the assistant's reply.
+            """)
 
     @OptionGroup var options: ModelOptions
     @Option(help: "The prompt text.")
-    var prompt: String
+    var prompt: String?
+    @Option(help: ArgumentHelp("Chat messages as a JSON array, rendered with the model's chat template (instead of --prompt).", valueName: "JSON"))
+    var messages: String?
     @Option(name: .customLong("max-tokens"), help: "Tokens to generate at most.")
     var maxTokens: Int = 64
     @Option(help: "Sampling temperature, >= 0 (0 = greedy; the larger, the flatter).")
@@ -76,6 +89,7 @@ struct GenerateCommand: ParsableCommand {
 
     func validate() throws {
         guard rawArgumentIsValidUTF8(option: "--prompt") else { throw ValidationError("--prompt is not valid UTF-8; pass the text in UTF-8") }
+        guard (prompt == nil) != (messages == nil) else { throw ValidationError("give either --prompt TEXT or --messages JSON (one of them)") }
         guard maxTokens >= 0 else { throw ValidationError("--max-tokens must be >= 0") }
         guard temperature.isFinite, temperature >= 0 else { throw ValidationError("--temperature must be a number >= 0 (0 is greedy)") }
         guard topK >= 0 else { throw ValidationError("--top-k must be >= 0 (0 turns it off)") }
@@ -86,7 +100,14 @@ struct GenerateCommand: ParsableCommand {
     func run() throws {
         let (m, tok) = try options.loadModel()
         let sampling = self.sampling
-        let ids = tok.encode(prompt)
+        let ids: [Int]
+        if let messages {
+            // The template writes the special tokens (BOS) itself.
+            let text = try ChatTemplate(folder: options.model).render(messagesJSON: messages, addGenerationPrompt: true)
+            ids = tok.encode(text, addSpecialTokens: false)
+        } else {
+            ids = tok.encode(prompt ?? "")
+        }
         guard !ids.isEmpty else { throw CLIError("the prompt is empty; give at least one character of text") }
         guard ids.count < m.architecture.contextLength else {
             throw CLIError("the prompt is \(ids.count) tokens but the model's context is \(m.architecture.contextLength); shorten the prompt")

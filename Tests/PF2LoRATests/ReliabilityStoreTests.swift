@@ -53,6 +53,7 @@ import Testing
         #expect(!versions.contains(-1))
         #expect(versions.count >= 5, "the reader saw only \(versions.count) versions")
         // A version that is really gone says what is on disk, not the version it could not find.
+        try reader.refresh(force: true)
         let current = try #require(reader.currentVersion(level: .client, client: "imp"))
         do { _ = try reader.load(level: .client, client: "imp", version: 1); Issue.record("version 1 loaded") } catch let e as AdapterStoreError {
             #expect(e == .noVersion(what: "client 'imp'", version: 1, available: [current]), "\(e)")

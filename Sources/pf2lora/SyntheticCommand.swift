@@ -43,17 +43,20 @@ struct SyntheticCommand: ParsableCommand {
     @Option(help: "PF2LoRA: bilevel, joint or client-only (ablations, docs/METHOD.md).") var variant: String = "bilevel"
     @Option(name: .customLong("baseline-rank"), help: "Rank of the single-level baselines (default rank + rank2).") var baselineRank: Int?
 
-    func run() throws {
+    func validate() throws {
         guard clients >= 1, rounds >= 1, rank >= rank2, rank2 >= 1 else {
-            throw ValidationError("need clients >= 1, rounds >= 1 and rank >= rank2 >= 1")
+            throw ValidationError("need --clients >= 1, --rounds >= 1 and --rank >= --rank2 >= 1")
         }
+        guard rank + rank2 <= min(dIn, dOut) else { throw ValidationError("--rank + --rank2 must be <= min(--d-in, --d-out)") }
+    }
+
+    func run() throws {
         var sc = SyntheticConfig()
         sc.clients = clients; sc.dIn = dIn; sc.dOut = dOut; sc.rank = trueRank ?? rank; sc.rank2 = trueRank2 ?? rank2
         guard sc.rank >= sc.rank2, sc.rank2 >= 1, sc.rank + sc.rank2 <= min(dIn, dOut) else {
             throw ValidationError("need true-rank >= true-rank2 >= 1 and true-rank + true-rank2 <= min(d-in, d-out)")
         }
         sc.noiseStd = noise; sc.trainMin = trainMin; sc.trainMax = trainMax; sc.batchSize = batch; sc.seed = seed
-        guard rank + rank2 <= min(dIn, dOut) else { throw ValidationError("rank + rank2 must be <= min(d-in, d-out)") }
         var fc = FederatedConfig()
         fc.rounds = rounds; fc.localSteps = localSteps; fc.lowerSteps = lowerSteps; fc.clientsPerRound = clientsPerRound
         fc.rank = rank; fc.rank2 = rank2; fc.alpha = 2 * Float(rank); fc.alpha2 = 2 * Float(rank2)

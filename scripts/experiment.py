@@ -151,7 +151,8 @@ class Experiment:
 
     def stage_seeds(self):
         sel = self.selected()
-        jobs = [("seeds", m, f"seed{s}", sel[m][0], s, False) for m in self.a.methods for s in self.a.seeds]
+        # Seed-major: an interrupted experiment has whole seeds (every method) rather than whole methods.
+        jobs = [("seeds", m, f"seed{s}", sel[m][0], s, False) for s in self.a.seeds for m in self.a.methods]
         log(f"seeds: {len(jobs)} runs ({sum(1 for j in jobs if not (self.root / 'seeds' / j[1] / j[2] / 'metrics.json').exists())} to do)")
         self.parallel(jobs)
 

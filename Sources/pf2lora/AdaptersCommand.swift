@@ -129,7 +129,7 @@ struct Adapters: ParsableCommand {
                 print("tensors (\(s.tensors.count))")
                 for t in s.tensors { print("  \(pad(t.name, 64)) \(t.dtype) \(t.shape)") }
                 if let model {
-                    let base = try BaseModelInfo.gpt2(folder: model)
+                    let base = try BaseModelInfo.load(folder: model)
                     let store = try AdapterStore.open(root: URL(fileURLWithPath: dir).deletingLastPathComponent().path, base: base)
                     _ = try store.readAndValidate(level: level, client: client, version: entry.version)
                     print("valid for base \(base.name) (fingerprint \(base.fingerprint))")
@@ -154,7 +154,7 @@ struct Adapters: ParsableCommand {
 
         @OptionGroup var options: StoreOptions
 
-        @Option(name: .long, help: "The GPT-2 model folder the adapter was trained on (config.json, model.safetensors).")
+        @Option(name: .long, help: "The model folder the adapter was trained on (config.json, model.safetensors).")
         var model: String
 
         @Option(name: .long, help: "shared or client.")
@@ -183,11 +183,13 @@ struct Adapters: ParsableCommand {
             do {
                 let lvl = AdapterLevel(rawValue: level)!
                 if let client { try ClientID.validate(client) }
-                let base = try BaseModelInfo.gpt2(folder: model)
+                let base = try BaseModelInfo.load(folder: model)
                 let store = try AdapterStore.open(root: options.store, base: base, keepVersions: keep)
+                // The version this import replaces: its publish is a compare-and-swap on it.
+                let from = ExpectedVersion(startedFrom: store.currentVersion(level: lvl, client: client))
                 let adapter = try PEFT.read(folder: peft, base: base, level: lvl, clientID: client,
                                             storage: dtype == "f16" ? .f16 : .f32, sharedVersion: trainedOn)
-                let v = lvl == .shared ? try store.publishShared(adapter) : try store.publishClient(id: client!, adapter)
+                let v = lvl == .shared ? try store.publishShared(adapter, expecting: from) : try store.publishClient(id: client!, adapter, expecting: from)
                 let what = lvl == .shared ? "shared" : "client \(client!)"
                 print("imported \(peft) as \(what) v\(v) (rank \(adapter.rank), alpha \(adapter.alpha), scale \(adapter.scale), \(adapter.modules.count) modules) into \(store.directory)")
             }
@@ -206,7 +208,7 @@ struct Adapters: ParsableCommand {
 
         @OptionGroup var options: StoreOptions
 
-        @Option(name: .long, help: "The GPT-2 model folder of the store's base.")
+        @Option(name: .long, help: "The model folder of the store's base.")
         var model: String
 
         @Option(name: .long, help: "The client to export.")
@@ -232,7 +234,7 @@ struct Adapters: ParsableCommand {
 
         func run() throws {
             do {
-                let base = try BaseModelInfo.gpt2(folder: model)
+                let base = try BaseModelInfo.load(folder: model)
                 let store = try AdapterStore.open(root: options.store, base: base)
                 let name = baseModelName ?? model
                 if let client { try ClientID.validate(client) }
@@ -278,28 +280,29 @@ struct Adapters: ParsableCommand {
             is also published as the store's shared version.
             """)
 
-        @Option(name: .long, help: "The GPT-2 model folder (config.json, model.safetensors).")
+        @Option(name: .long, help: "The model folder (config.json, model.safetensors).")
         var model: String
         @Option(name: .long, help: "Output file (.safetensors).")
         var out: String
         @Option(help: "Shared rank r.") var rank: Int = 8
         @Option(help: "Shared alpha (default 2 x rank).") var alpha: Float?
-        @Option(help: "Adapted linear kinds, comma-separated (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj).")
-        var targets: String = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+        @Option(help: "Adapted linear layers, comma-separated: the model's slots (GPT-2: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; Llama family: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), or all.")
+        var targets: String = "all"
         @Option(help: "Random seed (the federation's).") var seed: UInt64 = 0
         @Option(name: .long, help: "Also publish it as the shared version of this store root.") var store: String?
 
         func validate() throws {
             guard rank >= 1, rank <= 4096 else { throw ValidationError("--rank must be in 1...4096") }
-            _ = try parseTargets(targets)
+            try validateTargets(targets, modelFolder: model)
         }
 
         func run() throws {
             do {
-                let m = try GPT2Model.load(folder: model)
-                let base = try BaseModelInfo.gpt2(folder: model)
-                let kinds = try parseTargets(targets)
-                let paths = (0..<m.config.nLayer).flatMap { l in kinds.map { LinearKind.modulePath(layer: l, $0) } }
+                let m = try LanguageModel.load(folder: model)
+                let base = try BaseModelInfo.load(folder: model)
+                let arch = m.architecture
+                let kinds = try parseTargets(targets, arch)
+                let paths = (0..<arch.layerCount).flatMap { l in kinds.map { arch.modulePath(layer: l, slot: $0.index) } }
                 let a = try initialSharedAdapter(weights: m.weights, base: base, modules: paths, rank: rank, alpha: alpha ?? 2 * Float(rank), seed: seed)
                 let bytes = a.safetensors()
                 do { try bytes.write(to: URL(fileURLWithPath: out), options: .atomic) } catch {

@@ -40,9 +40,9 @@ struct BenchServe: ParsableCommand {
 
     func run() throws {
         BLAS.setThreads(threads)
-        let m = try GPT2Model.load(folder: model)
-        let c = m.config
-        let base = try BaseModelInfo.gpt2(folder: model)
+        let m = try LanguageModel.load(folder: model)
+        let c = m.architecture
+        let base = try BaseModelInfo.load(folder: model)
         let root = NSTemporaryDirectory() + "pf2lora-bench-serve-\(getpid())"
         defer { try? FileManager.default.removeItem(atPath: root) }
         let store = try AdapterStore.open(root: root, base: base, cacheBytes: 1 << 30)

@@ -42,9 +42,9 @@ struct BenchTrain: ParsableCommand {
 
     func run() throws {
         BLAS.setThreads(threads)
-        let m = try GPT2Model.load(folder: model)
-        let c = m.config
-        guard seq <= c.nPositions else { throw CLIError("--seq \(seq) is longer than the model's context (\(c.nPositions))") }
+        let m = try LanguageModel.load(folder: model)
+        let c = m.architecture
+        guard seq <= c.contextLength else { throw CLIError("--seq \(seq) is longer than the model's context (\(c.contextLength))") }
         var rng = RNG(seed: 1)
         let ids = (0..<batch).map { _ in (0..<seq).map { _ in rng.int(below: c.vocabSize) } }
         let b = try TrainingBatch(inputIds: ids, labels: ids)

@@ -76,13 +76,19 @@ func rawArgumentIsValidUTF8(option: String) -> Bool {
     return true
 }
 
-/// The linear kinds of a `--targets` list (`attn.c_attn,mlp.c_fc`, ...).
-func parseTargets(_ targets: String) throws -> [LinearKind] {
-    try targets.split(separator: ",").map { s in
-        let t = s.trimmingCharacters(in: .whitespaces)
-        guard let k = LinearKind.allCases.first(where: { $0.path == t }) else {
-            throw ValidationError("unknown target '\(t)'; use attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj")
-        }
-        return k
+/// The slots of a `--targets` list (`attn.c_attn,mlp.c_fc`, `q_proj,v_proj`, or `all`) of an architecture.
+func parseTargets(_ targets: String, _ a: ModelArchitecture) throws -> [LinearSlot] {
+    if targets.trimmingCharacters(in: .whitespaces) == "all" { return a.slots }
+    do {
+        return try a.slots(named: targets.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
+    } catch let e as ModelError {
+        throw ValidationError("--targets: \(e)")
     }
+}
+
+/// `validate()`'s check of `--targets` against the model folder's config.json, when it can be read
+/// (a missing or bad model folder is reported by `run()` with the model's own error).
+func validateTargets(_ targets: String, modelFolder: String) throws {
+    guard let a = try? ModelRegistry.architecture(folder: modelFolder) else { return }
+    _ = try parseTargets(targets, a)
 }

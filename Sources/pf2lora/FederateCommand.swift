@@ -46,8 +46,8 @@ struct FederateCommand: ParsableCommand {
     @Option(help: "Windows per minibatch.") var batch: Int = 8
     @Option(help: "Tokens per window (T).") var seq: Int = 64
     @Option(help: "Random seed (the same seed gives the same adapters).") var seed: UInt64 = 0
-    @Option(help: "Adapted linear kinds, comma-separated (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj).")
-    var targets: String = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+    @Option(help: "Adapted linear layers, comma-separated: the model's slots (GPT-2: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; Llama family: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), or all.")
+    var targets: String = "all"
     @Option(name: .customLong("eval-every"), help: "Evaluate on the valid split every N rounds (0 = only at the end).") var evalEvery: Int = 0
     @Option(name: .customLong("eval-windows"), help: "Evaluate on at most this many windows per split (0 = whole split).") var evalWindows: Int = 0
     @Option(help: "Folder for metrics.json, loss.svg and results.md.") var out: String?
@@ -69,21 +69,21 @@ struct FederateCommand: ParsableCommand {
         }
         if let r = baselineRank, r < 1 { throw ValidationError("--baseline-rank must be >= 1") }
         guard evalEvery >= 0, evalWindows >= 0 else { throw ValidationError("--eval-every and --eval-windows must be >= 0 (0 = off)") }
-        _ = try parseTargets(targets)
+        try validateTargets(targets, modelFolder: options.model)
     }
 
     func run() throws {
         let m = FederatedMethod(rawValue: method)!
         let budgetMode = BudgetMode(rawValue: budget)!
         let pf2loraVariant = PF2LoRAVariant(rawValue: variant)!
-        let kinds = try parseTargets(targets)
         let (model, tok) = try options.loadModel()
+        let kinds = try parseTargets(targets, model.architecture)
         guard let store = try options.openStore(model) else { throw CLIError("federate needs --store DIR") }
         let only = clients?.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
         let t0 = now()
         let clientData = try tokenCache.map { try TokenCache.load(folder: data, modelFolder: options.model, tokenizer: tok, clients: only, cacheDir: $0) }
             ?? loadClientData(folder: data, tokenizer: tok, clients: only)
-        let T = min(seq, model.config.nPositions)
+        let T = min(seq, model.architecture.contextLength)
         let task = try GPT2LMTask(weights: model.weights, clients: clientData, batchSize: batch, seqLen: T, targets: kinds,
                                   padToken: textSeparator(tok))
         if evalWindows > 0 { task.evalWindowLimit = evalWindows }
@@ -105,6 +105,8 @@ struct FederateCommand: ParsableCommand {
             try checkConsistent(rank: r, alpha: a, rslora: fc.rslora, modules: Set(task.modules.map(\.name)), with: store)
         }
 
+        // The versions this run starts from: its publish is a compare-and-swap on them.
+        let start = try startVersions(store, clients: ids)
         let result: FederatedResult
         do {
             result = try runFederated(m, task: task, config: fc) { line in log("federate: " + line) }
@@ -115,7 +117,7 @@ struct FederateCommand: ParsableCommand {
 
         let adapters = try federatedAdapters(result, modules: task.modules, clientIDs: ids, base: store.base)
         try checkConsistent(adapters.shared, with: store)
-        let versions = try publish(adapters, to: store)
+        let versions = try publish(adapters, to: store, from: start)
         log("federate: published shared v\(versions.shared) and \(versions.clients.count) client versions into \(store.directory)")
 
         // Metrics.

@@ -37,6 +37,7 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot, exchange: Conf
             case let e as FederatedStoreError: return RPCError(.invalidParams, e.description)
             case let e as AdapterStoreError:
                 if case .invalidClientID = e { return RPCError(.invalidParams, e.description) }
+                if case .conflict = e { return RPCError(.conflict, "\(what): \(e.description)") }
                 return RPCError(.trainingFailed, "\(what): \(e.description)")
             default: return AdapterRuntime.rpcError(error)
             }

@@ -4,7 +4,7 @@ import PF2LoRA
 
 /// Options that open a model, its tokenizer and optionally an adapter store.
 struct ModelOptions: ParsableArguments {
-    @Option(help: "Model folder in Hugging Face GPT-2 layout (config.json, model.safetensors, tokenizer.json or vocab.json + merges.txt).")
+    @Option(help: "Model folder in Hugging Face layout (config.json of a supported family, model.safetensors, tokenizer.json or vocab.json + merges.txt).")
     var model: String = "models/fortune-gpt2"
     @Option(help: "Adapter store folder (DESIGN §4): personalize and federate publish into it and need it; generate and serve apply its adapters, and serve the base model alone without it.")
     var store: String?
@@ -15,19 +15,19 @@ struct ModelOptions: ParsableArguments {
         guard threads >= 0 else { throw ValidationError("--threads must be >= 0 (0 = OpenBLAS's default, all cores)") }
     }
 
-    func loadModel() throws -> (GPT2Model, BPETokenizer) {
+    func loadModel() throws -> (LanguageModel, BPETokenizer) {
         BLAS.setThreads(threads)
-        let m = try GPT2Model.load(folder: model)
+        let m = try LanguageModel.load(folder: model)
         let tok = try BPETokenizer(folder: model)
-        guard tok.vocabSize <= m.config.vocabSize else {
-            throw CLIError("\(model): the tokenizer has \(tok.vocabSize) tokens but the model's vocab_size is \(m.config.vocabSize); they do not belong together")
+        guard tok.vocabSize <= m.architecture.vocabSize else {
+            throw CLIError("\(model): the tokenizer has \(tok.vocabSize) tokens but the model's vocab_size is \(m.architecture.vocabSize); they do not belong together")
         }
         return (m, tok)
     }
 
-    func openStore(_ m: GPT2Model, cacheBytes: Int = 256 << 20) throws -> AdapterStore? {
+    func openStore(_ m: LanguageModel, cacheBytes: Int = 256 << 20) throws -> AdapterStore? {
         guard let store else { return nil }
-        let base = try BaseModelInfo.gpt2(folder: m.folder)
+        let base = try BaseModelInfo.load(folder: m.folder)
         return try AdapterStore.open(root: store, base: base, cacheBytes: cacheBytes)
     }
 }
@@ -36,11 +36,22 @@ struct GenerateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "generate",
         abstract: "Continue a prompt; prints the continuation (not the prompt) to stdout as it is generated.",
-        discussion: "Statistics go to stderr. --temperature 0 is greedy. With --store and --client, the client's two-level adapter is applied (the shared pair alone if the client has none).")
+        discussion: """
+            Statistics go to stderr. --temperature 0 is greedy. With --store and --client, the client's two-level \
+            adapter is applied (the shared pair alone if the client has none).
+
+            Instead of --prompt, --messages takes a JSON array of chat messages \
+            ('[{"role": "user", "content": "Hi"}]'): they are rendered with the model's chat template \
+            (tokenizer_config.json, as transformers' apply_chat_template; the plain "Role: content" format of \
+            docs/CHAT.md for models without one) with the assistant generation prompt, and the continuation is \
+            the assistant's reply.
+            """)
 
     @OptionGroup var options: ModelOptions
     @Option(help: "The prompt text.")
-    var prompt: String
+    var prompt: String?
+    @Option(help: ArgumentHelp("Chat messages as a JSON array, rendered with the model's chat template (instead of --prompt).", valueName: "JSON"))
+    var messages: String?
     @Option(name: .customLong("max-tokens"), help: "Tokens to generate at most.")
     var maxTokens: Int = 64
     @Option(help: "Sampling temperature, >= 0 (0 = greedy; the larger, the flatter).")
@@ -65,6 +76,7 @@ struct GenerateCommand: ParsableCommand {
 
     func validate() throws {
         guard rawArgumentIsValidUTF8(option: "--prompt") else { throw ValidationError("--prompt is not valid UTF-8; pass the text in UTF-8") }
+        guard (prompt == nil) != (messages == nil) else { throw ValidationError("give either --prompt TEXT or --messages JSON (one of them)") }
         guard maxTokens >= 0 else { throw ValidationError("--max-tokens must be >= 0") }
         guard temperature.isFinite, temperature >= 0 else { throw ValidationError("--temperature must be a number >= 0 (0 is greedy)") }
         guard topK >= 0 else { throw ValidationError("--top-k must be >= 0 (0 turns it off)") }
@@ -75,10 +87,17 @@ struct GenerateCommand: ParsableCommand {
     func run() throws {
         let (m, tok) = try options.loadModel()
         let sampling = self.sampling
-        let ids = tok.encode(prompt)
+        let ids: [Int]
+        if let messages {
+            // The template writes the special tokens (BOS) itself.
+            let text = try ChatTemplate(folder: options.model).render(messagesJSON: messages, addGenerationPrompt: true)
+            ids = tok.encode(text, addSpecialTokens: false)
+        } else {
+            ids = tok.encode(prompt ?? "")
+        }
         guard !ids.isEmpty else { throw CLIError("the prompt is empty; give at least one character of text") }
-        guard ids.count < m.config.nPositions else {
-            throw CLIError("the prompt is \(ids.count) tokens but the model's context is \(m.config.nPositions); shorten the prompt")
+        guard ids.count < m.architecture.contextLength else {
+            throw CLIError("the prompt is \(ids.count) tokens but the model's context is \(m.architecture.contextLength); shorten the prompt")
         }
         var binding = AdapterBinding.base(m)
         if let store = try options.openStore(m) {
@@ -87,16 +106,16 @@ struct GenerateCommand: ParsableCommand {
             do { binding = try runtime.resolve(client: client) } catch { throw CLIError(AdapterRuntime.rpcError(error).message) }
         }
         let engine = InferenceEngine(model: m)
-        let cache = KVCache(config: m.config, capacity: min(m.config.nPositions, ids.count + maxTokens + 1))
+        let cache = KVCache(architecture: m.architecture, capacity: min(m.architecture.contextLength, ids.count + maxTokens + 1))
         let gen = GenerationState(request: GenerationRequest(prompt: ids, maxTokens: maxTokens, sampling: sampling, stop: stop, ignoreEOS: ignoreEOS),
-                                  cache: cache, vocabSize: m.config.vocabSize, eos: tok.eosTokenId, decodeToken: { tok.decodeBytes([$0]) })
+                                  cache: cache, vocabSize: m.architecture.vocabSize, eos: tok.eosTokenId, decodeToken: { tok.decodeBytes([$0]) })
         let t0 = now()
         var tFirst = t0
         let stdout = FileHandle.standardOutput
         while !gen.isFinished {
             let logits = try engine.step([StepInput(cache: cache, tokens: gen.pendingInput, weights: binding.weights, client: binding.client)])
             if gen.isPrefill { tFirst = now() }
-            let (_, delta) = gen.accept(logits: logits.data, vocabSize: m.config.vocabSize)
+            let (_, delta) = gen.accept(logits: logits.data, vocabSize: m.architecture.vocabSize)
             if !delta.isEmpty { stdout.write(Data(delta.utf8)) }
         }
         stdout.write(Data("\n".utf8))
@@ -183,7 +202,7 @@ struct ServeCommand: ParsableCommand {
         let slot = TrainingSlot()
         installPersonalize(server, slot: slot)
         installFederatedClient(server, slot: slot, exchange: exchange)
-        log("serve: pf2lora \(PF2LoRAVersion.string), \(m.folder) (\(m.config.nLayer) layers, vocab \(m.config.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")
+        log("serve: pf2lora \(PF2LoRAVersion.string), \(m.folder) (\(m.architecture.layerCount) layers, vocab \(m.architecture.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")
         let code = server.run()
         log("serve: drained, exiting")
         if code != 0 { throw ExitCode(code) }

@@ -65,8 +65,8 @@ struct RandomModel: ParsableCommand {
         let dt = DType(rawValue: dtype.uppercased())!
         let t0 = now()
         log("model random: \(config) (\(cfg.nLayer) layers, \(cfg.nEmbd) wide, vocab \(cfg.vocabSize)), seed \(seed)")
-        let weights = GPT2Weights.random(config: cfg, seed: seed)
-        let model = GPT2Model(folder: out, config: cfg, weights: weights, file: nil)
+        let weights = ModelWeights.random(architecture: cfg.architecture, seed: seed)
+        let model = LanguageModel(folder: out, weights: weights, file: nil)
         try model.save(to: out, dtype: dt)
         if let tokDir {
             var copied = 0

@@ -134,6 +134,7 @@ func installPersonalize(_ server: Server, slot: TrainingSlot) {
             case let e as PersonalizeError: return RPCError(e.isBadInput ? .invalidParams : .trainingFailed, e.description)
             case let e as AdapterStoreError:
                 if case .invalidClientID = e { return RPCError(.invalidParams, e.description) }
+                if case .conflict = e { return RPCError(.conflict, "personalize '\(client)': \(e.description)") }
                 return RPCError(.trainingFailed, "personalize '\(client)': \(e.description)")
             default: return RPCError(.trainingFailed, "personalize '\(client)': \(error)")
             }

@@ -27,7 +27,7 @@ struct RankCommand: ParsableCommand {
 
     func run() throws {
         do {
-            let base = try BaseModelInfo.gpt2(folder: model)
+            let base = try BaseModelInfo.load(folder: model)
             let st = try AdapterStore.open(root: store, base: base)
             let sp = try clientSpectra(store: st, client: client)
             let ranks = sp.ranks(tau: tau)

@@ -20,12 +20,20 @@ struct Tokenize: ParsableCommand {
             BPE: GPT-2, Llama-3, Qwen2, SmolLM2 families), or vocab.json and merges.txt (the Hugging Face \
             GPT-2 layout).
 
+            With --messages, stdin holds a JSON array of chat messages ([{"role": "user", "content": "Hi"}]); \
+            they are rendered with the folder's chat template (tokenizer_config.json's chat_template or \
+            chat_template.jinja, exactly as transformers' apply_chat_template; models without one get the \
+            plain "Role: content" format of docs/CHAT.md) with the assistant generation prompt unless \
+            --no-generation-prompt, then encoded without adding special tokens (the template writes them). \
+            --print-prompt prints the rendered text instead of the ids.
+
             Invalid UTF-8 input, a bad JSON array or an unknown id prints one error line on stderr and \
             exits with status 1.
 
             Examples:
               printf 'Hello world' | pf2lora tokenize --model DIR
               echo '[15496, 995]' | pf2lora tokenize --model DIR --decode
+              echo '[{"role": "user", "content": "Hi"}]' | pf2lora tokenize --model DIR --messages --print-prompt
             """)
 
     @Option(help: ArgumentHelp("Model or tokenizer folder (tokenizer.json, or vocab.json + merges.txt).", valueName: "DIR"))
@@ -40,6 +48,15 @@ struct Tokenize: ParsableCommand {
     @Flag(help: "With --decode, leave special tokens (<|eot_id|>, <|im_end|> ...) out of the text.")
     var skipSpecialTokens = false
 
+    @Flag(help: "Read a JSON array of chat messages and render them with the model's chat template first.")
+    var messages = false
+
+    @Flag(help: "With --messages, do not append the assistant generation prompt.")
+    var noGenerationPrompt = false
+
+    @Flag(help: "With --messages, print the rendered prompt text instead of its token ids.")
+    var printPrompt = false
+
     func run() throws {
         let tokenizer = try BPETokenizer(folder: model)
         let input = FileHandle.standardInput.readDataToEndOfFile()
@@ -47,10 +64,19 @@ struct Tokenize: ParsableCommand {
             let ids = try parseIds(input, vocabSize: tokenizer.vocabSize)
             FileHandle.standardOutput.write(Data(tokenizer.decodeBytes(ids, skipSpecialTokens: skipSpecialTokens)))
         } else {
-            guard let text = String(validating: input, as: UTF8.self) else {
+            guard var text = String(validating: input, as: UTF8.self) else {
                 throw CLIError("stdin is not valid UTF-8 (first invalid byte at offset \(firstInvalidUTF8Offset(input))); tokenize takes UTF-8 text")
             }
-            let ids = tokenizer.encode(text, addSpecialTokens: !noSpecialTokens)
+            var addSpecial = !noSpecialTokens
+            if messages {
+                text = try ChatTemplate(folder: model).render(messagesJSON: text, addGenerationPrompt: !noGenerationPrompt)
+                if printPrompt {
+                    FileHandle.standardOutput.write(Data(text.utf8))
+                    return
+                }
+                addSpecial = false
+            }
+            let ids = tokenizer.encode(text, addSpecialTokens: addSpecial)
             var out = "["
             out.reserveCapacity(ids.count * 7 + 2)
             for (k, id) in ids.enumerated() {

@@ -120,6 +120,26 @@ import Testing
         #expect(FileManager.default.isExecutableFile(atPath: ServerProcess.publishLoopBinary))
     }
 
+    /// Every command and every option of the tree says what it is for (ArgumentParser's dump of the tree).
+    @Test func helpDescribesEveryCommandAndOption() throws {
+        let dump = try Self.run(["--experimental-dump-help"])
+        let root = try #require((try JSONSerialization.jsonObject(with: Data(dump.out.utf8)) as? [String: Any])?["command"] as? [String: Any])
+        var commands = 0, options = 0
+        func walk(_ c: [String: Any], _ path: String) {
+            guard c["commandName"] as? String != "help" else { return }   // ArgumentParser's own
+            commands += 1
+            #expect(!((c["abstract"] as? String) ?? "").isEmpty, "\(path) has an abstract")
+            for a in c["arguments"] as? [[String: Any]] ?? [] {
+                options += 1
+                let names = (a["names"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+                #expect(!((a["abstract"] as? String) ?? "").isEmpty, "\(path) \(names) has help")
+            }
+            for s in c["subcommands"] as? [[String: Any]] ?? [] { walk(s, path + " " + ((s["commandName"] as? String) ?? "?")) }
+        }
+        walk(root, "pf2lora")
+        #expect(commands >= 20 && options >= 150, "\(commands) commands, \(options) options")
+    }
+
     @Test func storeHelpIsTrueForEveryCommand() throws {
         for cmd in ["personalize", "federate"] {
             let h = try Self.run([cmd, "--help"])
@@ -138,8 +158,8 @@ import Testing
         let made = try Self.run(["model", "random", "--config", "tiny", "--out", dir + "/m", "--seed", "3"], cwd: dir, environment: env)
         #expect(made.code == 0, "\(made.err)")
         let tok = try BPETokenizer(folder: dir + "/m")
-        let model = try GPT2Model.load(folder: dir + "/m")
-        #expect(tok.vocabSize == 50257 && model.config.vocabSize == 50257)
+        let model = try LanguageModel.load(folder: dir + "/m")
+        #expect(tok.vocabSize == 50257 && model.architecture.vocabSize == 50257)
         #expect(tok.eosTokenId == 50256 && tok.tokenText(50256) == "<|endoftext|>")
         for text in ["Hello, world! The meaning of life is", "naïve café 東京 👍🏽 e\u{301}", "  spaces\n\n\ttabs  ", ""] {
             let ids = tok.encode(text)

@@ -58,4 +58,121 @@ import Testing
             #expect(e == .noVersion(what: "client 'imp'", version: 1, available: [current]), "\(e)")
         }
     }
+
+    static func client(_ fx: ServerFixture, _ id: String, seed: UInt64, rank: Int = 2) -> LoRAAdapter {
+        ServerFixture.randomAdapter(base: fx.storeHandle.base, level: .client, rank: rank, seed: seed, clientID: id, std: 0.05)
+    }
+
+    /// Item 6, in process: a personalization whose client gets a new version from another writer
+    /// (a second store handle) while it trains. Before the fix it published over that version and
+    /// reported a stale `previousVersion`; now it is refused with a conflict naming both versions,
+    /// nothing is written, and a retry starts from the other writer's version.
+    @Test func personalizeIsACompareAndSwap() throws {
+        let fx = try ServerFixture(clients: ["dana"])
+        defer { fx.cleanup() }
+        let tok = try BPETokenizer(folder: fx.model)
+        let other = try AdapterStore.open(root: fx.store, base: fx.storeHandle.base)
+        let mine = try AdapterStore.open(root: fx.store, base: fx.storeHandle.base)
+        var o = PersonalizeOptions(); o.steps = 3; o.batchSize = 2; o.seqLen = 16
+        var theirs: Int?
+        do {
+            _ = try personalize(weights: fx.gpt2.weights, tokenizer: tok, store: mine, client: "dana", texts: PersonalizeTests.texts, options: o) { step, _ in
+                if step == 1 { theirs = try? other.publishClient(id: "dana", Self.client(fx, "dana", seed: 99)) }
+            }
+            Issue.record("personalize published over the version another writer made meanwhile")
+        } catch let e as AdapterStoreError {
+            #expect(e == .conflict(what: "client 'dana'", expected: 1, current: 2), "\(e)")
+            #expect(e.description.contains("started from version 1") && e.description.contains("version 2"))
+        }
+        #expect(theirs == 2)
+        try mine.refresh(force: true)
+        #expect(mine.currentVersion(level: .client, client: "dana") == 2)
+        #expect(mine.versions(level: .client, client: "dana") == [1, 2], "a refused publish wrote a file")
+        // The retry starts from the other writer's version and replaces exactly it.
+        let r = try personalize(weights: fx.gpt2.weights, tokenizer: tok, store: mine, client: "dana", texts: PersonalizeTests.texts, options: o)
+        #expect(r.previousVersion == 2 && r.version == 3)
+
+        // The store API: a publish expecting a version is refused once another handle moved on,
+        // also for the shared level and for a client that did not exist when the run started.
+        #expect(throws: AdapterStoreError.conflict(what: "client 'dana'", expected: 2, current: 3)) {
+            try other.publishClient(id: "dana", Self.client(fx, "dana", seed: 5), expecting: .version(2))
+        }
+        #expect(throws: AdapterStoreError.conflict(what: "client 'dana'", expected: nil, current: 3)) {
+            try other.publishClient(id: "dana", Self.client(fx, "dana", seed: 5), expecting: .absent)
+        }
+        let sharedNow = try #require(other.currentVersion(level: .shared))
+        try mine.publishShared(ServerFixture.randomAdapter(base: fx.storeHandle.base, level: .shared, rank: 8, seed: 3))
+        #expect(throws: AdapterStoreError.conflict(what: "shared adapter", expected: sharedNow, current: sharedNow + 1)) {
+            try other.publishShared(ServerFixture.randomAdapter(base: fx.storeHandle.base, level: .shared, rank: 8, seed: 4), expecting: .version(sharedNow))
+        }
+        #expect(try other.publishClient(id: "dana", Self.client(fx, "dana", seed: 5), expecting: .version(3)) == 4)
+    }
+
+    /// Item 6, two processes: `serve`'s personalize and the CLI's `personalize` of the same client on
+    /// one store. The CLI publishes while the server trains; the server's publish is then refused
+    /// with -32007 (conflict), and a retry replaces the CLI's version. Before the fix both reported
+    /// success and the server's `previous_version` was stale.
+    @Test func serverAndCLIPersonalizeConflict() throws {
+        let fx = try ServerFixture(clients: ["dana"])
+        defer { fx.cleanup() }
+        let texts = fx.root + "/texts.jsonl"
+        try PersonalizeTests.texts.map { String(decoding: try JSONSerialization.data(withJSONObject: ["text": $0]), as: UTF8.self) }
+            .joined(separator: "\n").write(toFile: texts, atomically: true, encoding: .utf8)
+        let s = try fx.serve()
+        s.request(1, "personalize", ["client": "dana", "texts": PersonalizeTests.texts, "steps": 100_000, "max_seconds": 12, "batch": 2, "seq": 16])
+        let cli = try CLITests.run(["personalize", "--model", fx.model, "--store", fx.store, "--client", "dana", "--texts", texts,
+                                    "--steps", "2", "--batch", "2", "--seq", "16", "--threads", "1"])
+        #expect(cli.code == 0, "\(cli.err)")
+        let cliVersion = (try? JSONSerialization.jsonObject(with: Data(cli.out.utf8)) as? [String: Any])?["version"] as? Int
+        #expect(cliVersion == 2)
+        let r = s.response(1, timeout: 120)
+        #expect(ServerProcess.errorCode(r) == -32007, "the server's publish was not refused: \(r ?? [:])")
+        let msg = ((r?["error"] as? [String: Any])?["message"] as? String) ?? ""
+        #expect(msg.contains("started from version 1") && msg.contains("version 2"), "\(msg)")
+        s.request(2, "personalize", ["client": "dana", "texts": PersonalizeTests.texts, "steps": 2, "batch": 2, "seq": 16])
+        let r2 = try #require(ServerProcess.result(s.response(2, timeout: 120)), "\(s.stderrText)")
+        #expect(r2["previous_version"] as? Int == 2 && r2["version"] as? Int == 3)
+        #expect(s.finish() == 0)
+    }
+
+    /// Item 7: a client with pairs on every linear layer, personalized (and trained through
+    /// train_local) under a shared pair that adapts only attn.c_attn. Before the fix the new version
+    /// held only the shared pair's modules; now every module of the previous version is kept
+    /// (personalize trains them all; train_local carries those outside the federation unchanged).
+    @Test func newVersionsKeepEveryModule() throws {
+        let fx = try ServerFixture(clients: ["dana"])
+        defer { fx.cleanup() }
+        let base = fx.storeHandle.base
+        let all = Set(base.linears.keys)
+        var narrow = ServerFixture.randomAdapter(base: base, level: .shared, rank: 8, seed: 7)
+        narrow.modules = narrow.modules.filter { $0.key.hasSuffix("attn.c_attn") }
+        #expect(narrow.modules.count == 2 && all.count == 8)
+        try fx.storeHandle.publishShared(narrow)
+        let before = try #require(try fx.storeHandle.latestClient("dana")).adapter
+        #expect(Set(before.modules.keys) == all)
+
+        let tok = try BPETokenizer(folder: fx.model)
+        var o = PersonalizeOptions(); o.steps = 2; o.batchSize = 2; o.seqLen = 16
+        let r = try personalize(weights: fx.gpt2.weights, tokenizer: tok, store: fx.storeHandle, client: "dana", texts: PersonalizeTests.texts, options: o)
+        let after = try fx.storeHandle.load(level: .client, client: "dana", version: r.version)
+        #expect(Set(after.modules.keys) == all, "personalize dropped \(all.subtracting(after.modules.keys).sorted())")
+        let outside = all.filter { !$0.hasSuffix("attn.c_attn") }
+        #expect(outside.contains { m in after.modules[m].map { !FederatedClientTests.bitsEqual($0.b, before.modules[m]!.b) } ?? false },
+                "modules outside the shared pair were not trained")
+
+        // train_local: the federation trains the shared pair's modules; the others are kept as they were.
+        let data = fx.root + "/data"
+        try FederatedClientTests.writeClientData(data, texts: PersonalizeTests.texts)
+        var lo = LocalRoundOptions(); lo.localSteps = 1; lo.lowerSteps = 1; lo.batchSize = 2; lo.seqLen = 16
+        let x = try initialSharedAdapter(weights: fx.gpt2.weights, base: base, modules: Array(narrow.modules.keys), rank: 8, alpha: 8, seed: 1)
+        let round = try trainLocalRound(weights: fx.gpt2.weights, store: fx.storeHandle, client: "dana",
+                                        data: try loadClientFolder(data, client: "dana", tokenizer: tok), shared: x,
+                                        padToken: textSeparator(tok), options: lo)
+        let fed = try fx.storeHandle.load(level: .client, client: "dana", version: round.clientVersion)
+        #expect(Set(fed.modules.keys) == all, "train_local dropped \(all.subtracting(fed.modules.keys).sorted())")
+        for m in outside {
+            guard let f = fed.modules[m], let p = after.modules[m] else { continue }
+            #expect(FederatedClientTests.bitsEqual(f.a, p.a) && FederatedClientTests.bitsEqual(f.b, p.b), "\(m) changed")
+        }
+    }
 }

@@ -122,7 +122,7 @@ struct ServerFixture {
     let model: String
     let store: String
     let root: String
-    let gpt2: GPT2Model
+    let gpt2: LanguageModel
     let storeHandle: AdapterStore
 
     init(clients: [String] = ["alice", "bob", "carol"], seed: UInt64 = 11) throws {
@@ -131,12 +131,12 @@ struct ServerFixture {
         store = root + "/store"
         var cfg = GPT2Config(vocabSize: 400, nPositions: 256, nEmbd: 64, nLayer: 2, nHead: 4, eosTokenId: nil)
         cfg.bosTokenId = nil
-        try GPT2Model(folder: model, config: cfg, weights: GPT2Weights.random(config: cfg, seed: seed), file: nil).save(to: model)
+        try LanguageModel(folder: model, weights: ModelWeights.random(architecture: cfg.architecture, seed: seed), file: nil).save(to: model)
         for f in ["tokenizer.json", "vocab.json", "merges.txt"] {
             try FileManager.default.copyItem(atPath: TestPaths.fixture("tiny-gpt2/" + f), toPath: model + "/" + f)
         }
-        gpt2 = try GPT2Model.load(folder: model)
-        let base = try BaseModelInfo.gpt2(folder: model)
+        gpt2 = try LanguageModel.load(folder: model)
+        let base = try BaseModelInfo.load(folder: model)
         storeHandle = try AdapterStore.open(root: store, base: base)
         try storeHandle.publishShared(Self.randomAdapter(base: base, level: .shared, rank: 8, seed: seed + 1))
         for (i, c) in clients.enumerated() {

@@ -45,7 +45,7 @@ struct TestPublishLoopCommand: ParsableCommand {
     }
 
     func run() throws {
-        let base = try BaseModelInfo.gpt2(folder: model)
+        let base = try BaseModelInfo.load(folder: model)
         let s = try AdapterStore.open(root: store, base: base, keepVersions: keepVersions, cacheBytes: 0)
         let ids = clients.split(separator: ",").map(String.init)
         setvbuf(stdout, nil, _IONBF, 0)

@@ -15,6 +15,7 @@ public enum AdapterStoreError: Error, CustomStringConvertible, Equatable {
     case wrongLevel(expected: AdapterLevel, got: AdapterLevel)
     case unknownSharedVersion(client: String, version: Int, latest: Int?)
     case badVersionLimit(Int)
+    case conflict(what: String, expected: Int?, current: Int?)
 
     public var description: String {
         switch self {
@@ -40,8 +41,36 @@ public enum AdapterStoreError: Error, CustomStringConvertible, Equatable {
             return "client '\(client)' says it was trained against shared version \(v), but the store's newest shared version is \(latest.map(String.init) ?? "none"); publish the shared adapter first"
         case let .badVersionLimit(n):
             return "keep-versions must be at least 1 (got \(n))"
+        case let .conflict(what, expected, current):
+            let from = expected.map { "version \($0)" } ?? "no version"
+            let now = current.map { "version \($0)" } ?? "no version"
+            return "\(what) changed while this run worked: it started from \(from), and another writer has since made \(now) current; nothing was published (a publish never silently replaces a version it did not start from) — retry to start from \(now)"
         }
     }
+}
+
+/// What a publish requires the adapter's current version to be: a compare-and-swap on the version
+/// a training run started from, so two writers never silently supersede each other.
+public enum ExpectedVersion: Equatable, Sendable {
+    /// No check: publish whatever is current.
+    case any
+    /// The adapter has no current version (a new client, or no shared version yet).
+    case absent
+    /// The current version is exactly this one.
+    case version(Int)
+
+    /// `.version(v)`, or `.absent` for nil: what a run that started from version `v` expects.
+    public init(startedFrom v: Int?) { self = v.map { .version($0) } ?? .absent }
+
+    func allows(_ current: Int?) -> Bool {
+        switch self {
+        case .any: return true
+        case .absent: return current == nil
+        case let .version(v): return current == v
+        }
+    }
+
+    var version: Int? { if case let .version(v) = self { return v }; return nil }
 }
 
 /// An adapter with the store version it was loaded from.
@@ -302,21 +331,37 @@ public final class AdapterStore: @unchecked Sendable {
 
     // MARK: Publishing
 
-    /// Publishes a new shared version; returns its number.
-    @discardableResult public func publishShared(_ adapter: LoRAAdapter, compressionLevel: Int = 3) throws -> Int {
+    /// Publishes a new shared version; returns its number. With `expecting`, only if the current
+    /// shared version (read under the store's lock) is the one given, else `AdapterStoreError.conflict`
+    /// and nothing is written.
+    @discardableResult public func publishShared(_ adapter: LoRAAdapter, compressionLevel: Int = 3,
+                                                 expecting: ExpectedVersion = .any) throws -> Int {
         guard adapter.level == .shared else { throw AdapterStoreError.wrongLevel(expected: .shared, got: adapter.level) }
-        return try publish(adapter, level: .shared, id: nil, compressionLevel: compressionLevel)
+        return try publish(adapter, level: .shared, id: nil, compressionLevel: compressionLevel, expecting: expecting)
     }
 
     /// Publishes a new version of client `id`'s pair; returns its number. The adapter's client id is
     /// set to `id`; a missing `sharedVersion` is taken to be the store's current shared version.
-    @discardableResult public func publishClient(id: String, _ adapter: LoRAAdapter, compressionLevel: Int = 3) throws -> Int {
+    /// With `expecting` (the version a training run started from), only if the client's current
+    /// version is still that one, else `AdapterStoreError.conflict` and nothing is written.
+    @discardableResult public func publishClient(id: String, _ adapter: LoRAAdapter, compressionLevel: Int = 3,
+                                                 expecting: ExpectedVersion = .any) throws -> Int {
         try ClientID.validate(id)
         guard adapter.level == .client else { throw AdapterStoreError.wrongLevel(expected: .client, got: adapter.level) }
-        return try publish(adapter, level: .client, id: id, compressionLevel: compressionLevel)
+        return try publish(adapter, level: .client, id: id, compressionLevel: compressionLevel, expecting: expecting)
     }
 
-    private func publish(_ original: LoRAAdapter, level: AdapterLevel, id: String?, compressionLevel: Int) throws -> Int {
+    /// Throws `conflict` unless the current version of `level` (client `id`) on disk is what `expecting`
+    /// allows: a cheap early check before a long run's writes (the publish checks again under the lock).
+    public func checkExpected(_ expecting: ExpectedVersion, level: AdapterLevel, client id: String? = nil) throws {
+        let cid = try checkedClient(level, id)
+        try refresh(force: true)
+        let cur = currentVersion(level: level, client: cid)
+        guard expecting.allows(cur) else { throw AdapterStoreError.conflict(what: what(level, cid), expected: expecting.version, current: cur) }
+    }
+
+    private func publish(_ original: LoRAAdapter, level: AdapterLevel, id: String?, compressionLevel: Int,
+                         expecting: ExpectedVersion) throws -> Int {
         try withFileLock {
             // Another process may have published since we last looked.
             if let (m, s) = try readManifestFromDisk() {
@@ -324,6 +369,12 @@ public final class AdapterStore: @unchecked Sendable {
             }
             var adapter = original
             var m = snapshot()
+            // Compare and swap: under the lock every writer holds, the current version is the one
+            // the caller's run started from, or nothing is written.
+            let current = m.entry(level, id)?.current
+            guard expecting.allows(current) else {
+                throw AdapterStoreError.conflict(what: what(level, id), expected: expecting.version, current: current)
+            }
             if level == .client {
                 adapter.metadata.clientID = id
                 let latestShared = m.shared?.last

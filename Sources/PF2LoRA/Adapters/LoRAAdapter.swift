@@ -261,7 +261,7 @@ public struct LoRAAdapter {
                     why: "is a \(FileText.name(part)) tensor but a \(level.rawValue) adapter holds only \(level.downName) and \(level.upName)")
             }
             guard base.linears[module] != nil else {
-                throw AdapterError.unknownTensor(file: name, tensor: t, why: "names module \(FileText.name(module)), which is not a linear layer of base '\(base.name)'\(hint)")
+                throw AdapterError.unknownTensor(file: name, tensor: t, why: "names module \(FileText.name(module)), which is not a linear layer of base '\(base.name)'\(hint)\(base.namingHint)")
             }
             if part == level.downName { downs[module] = file.tensors[t]! } else { ups[module] = file.tensors[t]! }
         }
@@ -321,11 +321,12 @@ func firstNonFinite(_ t: Tensor) -> Int? {
     return (0..<n).first { !p[$0].isFinite }
 }
 
-/// `transformer.h.3.attn.c_attn` -> `attn.c_attn`; paths without a layer prefix are returned whole.
+/// A module path's part after its layer number: `transformer.h.3.attn.c_attn` -> `attn.c_attn`,
+/// `model.layers.3.self_attn.q_proj` -> `self_attn.q_proj`; paths without a layer number are returned whole.
 func moduleKind(_ path: String) -> String {
     let parts = path.split(separator: ".", omittingEmptySubsequences: false)
-    if parts.count > 3, parts[0] == "transformer", parts[1] == "h", Int(parts[2]) != nil {
-        return parts[3...].joined(separator: ".")
+    if let i = parts.firstIndex(where: { Int($0) != nil }), i > 0, i + 1 < parts.count {
+        return parts[(i + 1)...].joined(separator: ".")
     }
     return path
 }

@@ -16,7 +16,7 @@ public struct AdapterBinding {
     }
 
     /// The base model alone (no adapter at all).
-    public static func base(_ model: GPT2Model) -> AdapterBinding {
+    public static func base(_ model: LanguageModel) -> AdapterBinding {
         AdapterBinding(weights: model.baseLinears, sharedVersion: nil, client: nil, clientVersion: nil, clientTrainedOn: nil)
     }
 }
@@ -30,7 +30,7 @@ public struct AdapterBinding {
 ///   `ClientPairs` views built on them copy nothing and are dropped when the cache evicts.
 /// - The store's manifest is re-read (one stat when unchanged) at most every `refreshInterval`.
 public final class AdapterRuntime {
-    public let model: GPT2Model
+    public let model: LanguageModel
     public let store: AdapterStore?
     /// Refuse clients the store has never seen (otherwise they get the shared pair alone).
     public let strict: Bool
@@ -48,7 +48,7 @@ public final class AdapterRuntime {
     private var lastRefresh = 0.0
     private let foldQueue = DispatchQueue(label: "pf2lora.fold")
 
-    public init(model: GPT2Model, store: AdapterStore?, strict: Bool = false) {
+    public init(model: LanguageModel, store: AdapterStore?, strict: Bool = false) {
         self.model = model
         self.store = store
         self.strict = strict
@@ -74,7 +74,7 @@ public final class AdapterRuntime {
         let a = try store.load(level: .shared, version: v)
         var pairs: [String: LowRankPair] = [:]
         for (path, p) in a.modules { pairs[path] = LowRankPair(a: p.a, b: p.b, scale: a.scale) }
-        return LinearWeightSet(base: model.baseLinears, folding: pairs, label: "shared v\(v)")
+        return LinearWeightSet(base: model.baseLinears, architecture: model.architecture, folding: pairs, label: "shared v\(v)")
     }
 
     /// Re-reads the manifest if it is due (or `force`), and starts folding a new shared version.
@@ -160,7 +160,7 @@ public final class AdapterRuntime {
         let a = try store.load(level: .client, client: id, version: v)
         var pairs: [String: LowRankPair] = [:]
         for (path, p) in a.modules { pairs[path] = LowRankPair(a: p.a, b: p.b, scale: a.scale) }
-        let cp = ClientPairs(layers: model.config.nLayer, pairs: pairs, label: "\(id) v\(v)")
+        let cp = ClientPairs(architecture: model.architecture, pairs: pairs, label: "\(id) v\(v)")
         lock.lock()
         views[key] = cp
         // Drop the views of adapters the cache evicted, so their memory goes with them.
@@ -192,6 +192,7 @@ public final class AdapterRuntime {
             case .baseMismatch: return RPCError(.baseMismatch, e.description)
             case .invalidClientID: return RPCError(.invalidParams, e.description)
             case .noAdapter, .noVersion: return RPCError(.unknownClient, e.description)
+            case .conflict: return RPCError(.conflict, e.description)
             default: return RPCError(.adapterInvalid, e.description)
             }
         default: return RPCError(.internalError, "\(error)")

@@ -12,6 +12,7 @@ public enum RPCCode: Int, Sendable {
     case baseMismatch = -32003
     case overloaded = -32004
     case trainingFailed = -32005
+    case conflict = -32007
 }
 
 /// An error answered to one request; `message` says what to fix.

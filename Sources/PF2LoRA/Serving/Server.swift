@@ -7,7 +7,7 @@ import Foundation
 /// training thread. A bad line gets its error and never stops the server; EOF or `shutdown` drains
 /// in-flight work and returns 0.
 public final class Server {
-    public let model: GPT2Model
+    public let model: LanguageModel
     public let tokenizer: BPETokenizer
     public let runtime: AdapterRuntime
     public let limits: ServerLimits
@@ -24,7 +24,7 @@ public final class Server {
     /// The methods the training layer can install: without their handler (no store), they answer so.
     static let trainingMethodNames = ["personalize", "train_local", "evaluate_local"]
 
-    public init(model: GPT2Model, tokenizer: BPETokenizer, store: AdapterStore?, strictClients: Bool = false,
+    public init(model: LanguageModel, tokenizer: BPETokenizer, store: AdapterStore?, strictClients: Bool = false,
                 limits: ServerLimits = ServerLimits(), outputFD: Int32 = 1) {
         self.model = model
         self.tokenizer = tokenizer
@@ -140,7 +140,7 @@ public final class Server {
         let ids = tokenizer.encode(prompt)
         guard !ids.isEmpty else { throw RPCError(.invalidParams, "params.prompt is empty; give at least one character of text") }
         let maxTokens = try p.int("max_tokens", min: 0, max: limits.maxNewTokens) ?? min(limits.defaultMaxTokens, limits.maxNewTokens)
-        let ctx = model.config.nPositions
+        let ctx = model.architecture.contextLength
         guard ids.count <= limits.maxPromptTokens, ids.count < ctx else {
             throw RPCError(.invalidParams, "the prompt is \(ids.count) tokens; the limit is \(min(limits.maxPromptTokens, ctx - 1)) (context \(ctx)); shorten it")
         }

@@ -206,7 +206,11 @@ public final class BPETokenizer: @unchecked Sendable {
         if addSpecialTokens { out += specialPrefixIds }
         if let p = buf.baseAddress, buf.count > 0 {
             lock.lock()
-            rawAdded.split(p, 0, buf.count, into: &out) { q, n, out in encodeRaw(q, n, into: &out) }
+            if !nfc && normalizedAdded.isEmpty {
+                rawAdded.split(p, 0, buf.count, into: &out) { q, n, out in preTokenize(q, n, step: 0, into: &out) }
+            } else {
+                rawAdded.split(p, 0, buf.count, into: &out) { q, n, out in encodeRaw(q, n, into: &out) }
+            }
             lock.unlock()
         }
         if addSpecialTokens { out += specialSuffixIds }

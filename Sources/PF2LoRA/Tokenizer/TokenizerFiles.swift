@@ -126,7 +126,7 @@ struct TokenizerFiles {
                 throw TokenizerError.unsupported(file: path, part: "model", type: "BPE with \(key) \(s.debugDescription)", supported: "byte-level BPE without it")
             }
         }
-        if case .number(let d)? = model["dropout"], d > 0 {
+        if let d = model["dropout"]?.double, d > 0 {
             throw TokenizerError.unsupported(file: path, part: "model", type: "BPE with dropout \(d)", supported: "BPE without dropout")
         }
         var files = TokenizerFiles()

@@ -55,6 +55,10 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot, exchange: Conf
             o = try localRoundOptions(p)
         } catch let e as RPCError { reply(.failure(e)); return } catch { reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
         let what = "train_local of client '\(client)'"
+        // A read-only store is served as it is: refused before any training is spent.
+        if let why = store.readOnlyReason {
+            reply(.failure(RPCError(.trainingFailed, "\(what): \(AdapterStoreError.readOnly(store: store.directory, why: why).description)"))); return
+        }
         slot.spawn(what, thread: "pf2lora.train", reply: reply, mapError: rpcError(what)) {
             // Everything that can refuse the request is checked before the store is touched: the
             // output's folder too (it is opened again, the same way, when the answer is written).

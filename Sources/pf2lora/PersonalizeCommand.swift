@@ -39,7 +39,8 @@ struct PersonalizeCommand: ParsableCommand {
 
     func run() throws {
         let (m, tok) = try options.loadModel()
-        guard let store = try options.openStore(m) else { throw CLIError("personalize needs --store DIR") }
+        guard let store = try options.openStore(m, access: .write, create: true, command: "personalize") else { throw CLIError("personalize needs --store DIR") }
+        if let why = store.readOnlyReason { throw CLIError(AdapterStoreError.readOnly(store: store.directory, why: why).description) }
         let list: [String]
         do { list = try TextFile.read(texts) } catch { throw CLIError("\(error)") }
         var o = PersonalizeOptions()
@@ -129,6 +130,10 @@ func installPersonalize(_ server: Server, slot: TrainingSlot) {
         do { (client, texts, o) = try parsePersonalizeParams(params) } catch let e as RPCError {
             reply(.failure(e)); return
         } catch { reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
+        // A read-only store is served as it is: refused before any training is spent.
+        if let why = store.readOnlyReason {
+            reply(.failure(RPCError(.trainingFailed, "personalize '\(client)': \(AdapterStoreError.readOnly(store: store.directory, why: why).description)"))); return
+        }
         slot.spawn("personalize of client '\(client)'", thread: "pf2lora.personalize", reply: reply, mapError: { error in
             switch error {
             case let e as PersonalizeError: return RPCError(e.isBadInput ? .invalidParams : .trainingFailed, e.description)

@@ -170,7 +170,7 @@ public func trainLocalRound(weights: ModelWeights, store: AdapterStore, client: 
     let existing = try store.latestClient(client)
     let modules = try loraModules(Array(shared.modules.keys), architecture: weights.architecture)
     let T = min(o.seqLen, weights.architecture.contextLength)
-    let task = try GPT2LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T,
+    let task = try LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T,
                               modulePaths: modules.map(\.name), padToken: padToken)
 
     var fc = FederatedConfig()
@@ -247,7 +247,7 @@ public func evaluateLocal(weights: ModelWeights, store: AdapterStore, client: St
     let paths = (sh?.adapter.modules.keys).map(Array.init) ?? (cl?.adapter.modules.keys).map(Array.init)
         ?? (0..<weights.architecture.layerCount).map { weights.architecture.modulePath(layer: $0, slot: 0) }
     let modules = try loraModules(paths, architecture: weights.architecture)
-    let task = try GPT2LMTask(weights: weights, clients: [data], batchSize: 1, seqLen: min(max(2, seqLen), weights.architecture.contextLength),
+    let task = try LMTask(weights: weights, clients: [data], batchSize: 1, seqLen: min(max(2, seqLen), weights.architecture.contextLength),
                               modulePaths: modules.map(\.name), padToken: padToken)
     let x = sh.map { parameterSet(from: $0.adapter, level: .shared, modules: modules) }
     let y = cl.map { parameterSet(from: $0.adapter, level: .client, modules: modules) }

@@ -113,7 +113,7 @@ public func personalize(weights: ModelWeights, tokenizer: BPETokenizer, store: A
     let paths = known.isEmpty ? (0..<c.layerCount).flatMap { l in c.slots.map { c.modulePath(layer: l, slot: $0.index) } } : Array(known)
     let T = min(o.seqLen, c.contextLength, stream.tokens.count - 1)
     let data = ClientTokenData(id: client, train: stream, valid: stream, test: stream)
-    let task = try GPT2LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T, modulePaths: paths,
+    let task = try LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T, modulePaths: paths,
                               padToken: textSeparator(tokenizer))
 
     let rng = RNG(seed: o.seed)

@@ -16,7 +16,7 @@ import PF2LoRA
 /// inline, for adapters larger than a request line. Both are validated like any adapter file
 /// (base model, shapes, values). Like `personalize`, these run on a training thread while the server
 /// keeps serving, one training method at a time; bad params answer -32602, a failed round -32005.
-func installFederatedClient(_ server: Server, slot: TrainingSlot) {
+func installFederatedClient(_ server: Server) {
     guard let store = server.runtime.store else { return }
     let weights = server.model.weights, tokenizer = server.tokenizer
     let pad = textSeparator(tokenizer)
@@ -36,8 +36,8 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot) {
         }
     }
 
-    server.trainingMethods["train_local"] = { params, reply in
-        let p = Params(params)
+    server.trainingMethods["train_local"] = TrainingMethod(params: trainLocalParams) { call in
+        let p = call.params
         let client: String, dataDir: String, shared: LoRAAdapter, out: String?, o: LocalRoundOptions
         do {
             client = try clientParam(p)
@@ -45,11 +45,12 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot) {
             shared = try sharedParam(p, base: store.base, required: true)!
             out = try p.string("shared_out")
             o = try localRoundOptions(p)
-        } catch let e as RPCError { reply(.failure(e)); return } catch { reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
+        } catch let e as RPCError { call.reply(.failure(e)); return } catch { call.reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
         let what = "train_local of client '\(client)'"
-        slot.spawn(what, thread: "pf2lora.train", reply: reply, mapError: rpcError(what)) {
+        call.spawn(what, thread: "pf2lora.train", mapError: rpcError(what)) { task in
             let data = try loadClientFolder(dataDir, client: client, tokenizer: tokenizer)
-            let r = try trainLocalRound(weights: weights, store: store, client: client, data: data, shared: shared, padToken: pad, options: o)
+            let r = try trainLocalRound(weights: weights, store: store, client: client, data: data, shared: shared, padToken: pad, options: o,
+                                        control: task.control)
             log(String(format: "train_local %@: round %d, loss %.4f, client v%d (shared v%@), %.1fs", client, o.round, r.trainLoss,
                        r.clientVersion, r.sharedVersion.map(String.init) ?? "none", r.seconds))
             let bytes = r.shared.safetensors()
@@ -72,8 +73,8 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot) {
         }
     }
 
-    server.trainingMethods["evaluate_local"] = { params, reply in
-        let p = Params(params)
+    server.trainingMethods["evaluate_local"] = TrainingMethod(params: evaluateLocalParams) { call in
+        let p = call.params
         let client: String, dataDir: String, shared: LoRAAdapter?, split: Split, seq: Int
         do {
             client = try clientParam(p)
@@ -83,12 +84,12 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot) {
             guard let sp = Split(rawValue: s) else { throw RPCError(.invalidParams, "params.split must be 'train', 'valid' or 'test' (got '\(s)')") }
             split = sp
             seq = try p.int("seq", min: 2, max: 1 << 16) ?? 64
-        } catch let e as RPCError { reply(.failure(e)); return } catch { reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
+        } catch let e as RPCError { call.reply(.failure(e)); return } catch { call.reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
         let what = "evaluate_local of client '\(client)'"
-        slot.spawn(what, thread: "pf2lora.train", reply: reply, mapError: rpcError(what)) {
+        call.spawn(what, thread: "pf2lora.train", mapError: rpcError(what)) { task in
             let data = try loadClientFolder(dataDir, client: client, tokenizer: tokenizer)
             let e = try evaluateLocal(weights: weights, store: store, client: client, data: data, shared: shared, split: split,
-                                      seqLen: seq, padToken: pad)
+                                      seqLen: seq, padToken: pad, control: task.control)
             return [
                 "client": client, "split": split.rawValue, "loss": Double(e.loss), "perplexity": exp(Double(e.loss)),
                 "tokens": e.tokens, "texts": e.texts,
@@ -98,6 +99,11 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot) {
         }
     }
 }
+
+/// The params `train_local` and `evaluate_local` accept.
+let trainLocalParams = ["client", "data", "shared", "shared_out", "round", "client_index", "seed", "local_steps", "lower_steps",
+                        "lr", "lr2", "lr_factor", "rank2", "alpha2", "batch", "seq", "clip", "publish_shared"]
+let evaluateLocalParams = ["client", "data", "shared", "split", "seq"]
 
 private func clientParam(_ p: Params) throws -> String {
     guard let client = try p.string("client") else { throw RPCError(.invalidParams, "params.client (a string) is required") }

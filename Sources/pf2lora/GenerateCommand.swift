@@ -102,12 +102,14 @@ struct ServeCommand: ParsableCommand {
         commandName: "serve",
         abstract: "Serve many clients over JSON-RPC 2.0 on stdin/stdout (one JSON object per line).",
         discussion: """
-        Methods: generate, personalize, train_local, evaluate_local, adapters.list, adapters.load, \
+        Methods: generate, cancel, personalize, train_local, evaluate_local, adapters.list, adapters.load, \
         adapters.evict, reload, stats, health, shutdown (train_local and evaluate_local make this \
         process a federated client node, see docs/FLOWER.md). Responses and `token` notifications go to stdout, logs to stderr. Requests \
         of different clients are batched together (continuous batching); a new adapter version in the \
-        store is used by the client's next request without a restart. EOF on stdin drains in-flight \
-        work and exits 0. See docs/PROTOCOL.md for every method, parameter and error code.
+        store is used by the client's next request without a restart. EOF on stdin, `shutdown`, SIGTERM \
+        or SIGINT drain: no new work is taken, everything in flight (training included) finishes and \
+        is answered, then the server exits 0; a second signal exits at once. See docs/PROTOCOL.md for \
+        every method, parameter and error code.
         """)
 
     @OptionGroup var options: ModelOptions
@@ -125,6 +127,10 @@ struct ServeCommand: ParsableCommand {
     var maxLineBytes = 1 << 20
     @Option(name: .customLong("cache-mb"), help: "Byte budget of the decompressed-adapter LRU cache, in MiB.")
     var cacheMB = 256
+    @Option(name: .customLong("max-train-mb"), help: "Largest training state (activations for batch x seq) a personalize, train_local or evaluate_local may take, in MiB; a larger request is refused with the figure before anything is allocated (0: no bound).")
+    var maxTrainMB = 2048
+    @Flag(help: "Ignore unknown request params (by default they are refused with -32602 naming them).")
+    var lenient = false
 
     func run() throws {
         let (m, tok) = try options.loadModel()
@@ -132,10 +138,11 @@ struct ServeCommand: ParsableCommand {
         var limits = ServerLimits()
         limits.maxBatch = maxBatch; limits.maxQueue = maxQueue; limits.maxPromptTokens = maxPromptTokens
         limits.maxNewTokens = maxNewTokens; limits.maxLineBytes = maxLineBytes
-        guard maxBatch >= 1, maxQueue >= 0, maxPromptTokens >= 1, maxNewTokens >= 0, maxLineBytes >= 64 else {
+        guard maxBatch >= 1, maxQueue >= 0, maxPromptTokens >= 1, maxNewTokens >= 0, maxLineBytes >= 64, maxTrainMB >= 0 else {
             throw CLIError("limits must be positive (max-line-bytes at least 64)")
         }
-        let server = Server(model: m, tokenizer: tok, store: store, strictClients: strictClients, limits: limits)
+        let server = Server(model: m, tokenizer: tok, store: store, strictClients: strictClients, limits: limits, lenient: lenient)
+        server.training.maxStateBytes = maxTrainMB == 0 ? nil : maxTrainMB << 20
         do { try server.runtime.prepare() } catch {
             throw CLIError("the store's shared adapter failed to load: \(AdapterRuntime.rpcError(error).message)")
         }
@@ -148,9 +155,9 @@ struct ServeCommand: ParsableCommand {
             // was moved aside and is reported above); validating them all again here doubled the
             // start time (1,000 clients: 3.9 s in a debug build of the tiny test model) for nothing.
         }
-        let slot = TrainingSlot()
-        installPersonalize(server, slot: slot)
-        installFederatedClient(server, slot: slot)
+        installPersonalize(on: server)
+        installFederatedClient(server)
+        server.handleTerminationSignals()
         log("serve: \(m.folder) (\(m.config.nLayer) layers, vocab \(m.config.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")
         let code = server.run()
         log("serve: drained, exiting")

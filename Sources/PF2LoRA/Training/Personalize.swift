@@ -85,10 +85,13 @@ public enum PersonalizeError: Error, CustomStringConvertible, Equatable {
 ///   the seeded RNG: the same inputs and seed give the same adapter.
 /// - The base weights are only read (a server may share them); the trainer owns all its buffers.
 ///
-/// `progress(step, loss)` is called after every step. Throws `PersonalizeError`, `AdapterStoreError`
+/// `progress(step, loss)` is called after every step, then `control.afterStep` (which may throw to stop
+/// the run: a cancel); `control.maxStateBytes` refuses a batch × seq whose training state would not fit
+/// (`TrainingMemoryError`) before anything is allocated. Throws `PersonalizeError`, `AdapterStoreError`
 /// (invalid client id) or a store error; nothing is published unless training finished with finite values.
 public func personalize(weights: GPT2Weights, tokenizer: BPETokenizer, store: AdapterStore, client: String,
                         texts: [String], options o: PersonalizeOptions = PersonalizeOptions(),
+                        control: TrainingControl = TrainingControl(),
                         progress: ((Int, Float) -> Void)? = nil) throws -> PersonalizeResult {
     let start = Date()
     try ClientID.validate(client)
@@ -110,6 +113,10 @@ public func personalize(weights: GPT2Weights, tokenizer: BPETokenizer, store: Ad
     let paths = (shared?.adapter.modules.keys).map(Array.init) ?? (existing?.adapter.modules.keys).map(Array.init)
         ?? (0..<c.nLayer).flatMap { l in LinearKind.allCases.map { LinearKind.modulePath(layer: l, $0) } }
     let T = min(o.seqLen, c.nPositions, stream.tokens.count - 1)
+    let clientRank = existing?.adapter.rank ?? o.rank2 ?? 2
+    try control.check(bytes: GPT2LMTask.runBytes(config: c, batch: o.batchSize, seq: T,
+                                                 ranks: paths.flatMap { _ in [shared?.adapter.rank, clientRank].compactMap { $0 } }, training: true),
+                      batch: o.batchSize, seq: T, config: c, training: true)
     let data = ClientTokenData(id: client, train: stream, valid: stream, test: stream)
     let task = try GPT2LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T, modulePaths: paths,
                               padToken: textSeparator(tokenizer))
@@ -143,6 +150,7 @@ public func personalize(weights: GPT2Weights, tokenizer: BPETokenizer, store: Ad
         opt.step(local, grad, lr: o.lr)
         losses.append(loss)
         progress?(step, loss)
+        try control.afterStep?(step, maxSteps == .max ? o.steps : maxSteps, loss)
         if let s = o.maxSeconds, Date().timeIntervalSince(start) >= s { break }
     }
     guard local.allFinite else { throw PersonalizeError.nonFiniteLoss(client: client, step: losses.count, lr: o.lr) }

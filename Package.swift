@@ -50,6 +50,17 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // A helper the reliability tests run as a child process and SIGKILL mid-publish. Not a
+        // product: `swift build --product pf2lora` and an install never include it; `swift test`
+        // builds it (every target is built before the tests run).
+        .executableTarget(
+            name: "TestPublishLoop",
+            dependencies: [
+                "PF2LoRA",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Tests/TestPublishLoop"
+        ),
         .testTarget(
             name: "PF2LoRATests",
             dependencies: ["PF2LoRA"],

@@ -5,7 +5,7 @@ vocab 4096) with the fortune tokenizer, for personalization benchmarks before th
     python3 Benchmarks/make_small_model.py --out /tmp/small-gpt2 [--seed 0] [--tokenizer models/fortune-gpt2]
 
 Weights as GPT-2 initializes them: N(0, 0.02), residual projections N(0, 0.02/sqrt(2 n_layer)),
-zero biases, unit layer norms (the same recipe as GPT2Weights.random, with numpy's generator).
+zero biases, unit layer norms (the same recipe as ModelWeights.random, with numpy's generator).
 """
 import argparse, json, os, shutil
 import numpy as np

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Peer benchmark: pf2lora vs Hugging Face transformers (PyTorch CPU) vs llama.cpp (llama-cpp-python),
-on one GPT-2-124M-shaped random f32 model, plus the OpenBLAS sgemv / sgemm bounds, all in one run.
+on one random f32 model of a given shape (GPT-2-124M, or SmolLM2-135M: a Llama), plus the OpenBLAS
+sgemv / sgemm bounds, all in one run.
 
     python3 Benchmarks/peer_bench.py --out Benchmarks/peer-results.md
+    python3 Benchmarks/peer_bench.py --shape smollm2-135m --out Benchmarks/peer-results-smollm2.md
 
 Protocol (the same for every engine, see Benchmarks/README.md): batch 1, `--threads` threads (2);
 prefill `--prompt-tokens` (512) prompt tokens into an empty KV cache (timed: prefill tok/s), then
@@ -29,7 +31,9 @@ import time
 import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHARED_TOKENIZER = ROOT.parent / "shared" / "gpt2-tokenizer"
+# ../shared beside the repository (in a git worktree at /work/wt/NAME it is two levels up).
+SHARED_TOKENIZER = next((p / "shared" / "gpt2-tokenizer" for p in (ROOT.parent, ROOT.parent.parent)
+                         if (p / "shared" / "gpt2-tokenizer").exists()), ROOT.parent / "shared" / "gpt2-tokenizer")
 LLAMA_CPP_VERSION = "0.3.36"
 CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "pf2lora-bench"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -61,35 +65,115 @@ def prompt_ids(n, vocab, seed=0):
 # ----------------------------------------------------------------------------------------------------
 # The model
 
+# HuggingFaceTB/SmolLM2-135M's config.json (the Hub's, transformers 4.x layout), the shape of --shape smollm2-135m.
+SMOLLM2_135M = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 0, "eos_token_id": 0, "head_dim": 64, "hidden_act": "silu", "hidden_size": 576,
+    "initializer_range": 0.041666666666666664, "intermediate_size": 1536, "max_position_embeddings": 8192,
+    "mlp_bias": False, "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30,
+    "num_key_value_heads": 3, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+    "rope_theta": 100000, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+    "vocab_size": 49152,
+}
+SHAPES = {"gpt2-124m": "GPT-2-124M", "smollm2-135m": "SmolLM2-135M"}
+
+
+def is_llama(cfg):
+    return cfg.get("model_type") in ("llama", "qwen2", "qwen3", "mistral")
+
+
 def model_geometry(model_dir):
+    """Sizes for the report: matmul weights read per decoded token (the lm_head included), layer matmul
+    weights (the prefill FLOPs), the attention width (heads x head_dim) and the context length."""
     cfg = json.loads((model_dir / "config.json").read_text())
+    if is_llama(cfg):
+        C, L, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+        H, KV = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        hd = cfg.get("head_dim") or C // H
+        inner = cfg["intermediate_size"]
+        layer_mm = C * H * hd + 2 * C * KV * hd + H * hd * C + 3 * C * inner   # q, k, v, o, gate, up, down
+        return {"family": cfg["model_type"], "n_embd": C, "n_layer": L, "vocab": V, "n_head": H, "n_kv_head": KV,
+                "head_dim": hd, "attn_width": H * hd, "n_positions": cfg["max_position_embeddings"],
+                "n_inner": inner, "matmul_params": L * layer_mm + V * C, "layer_matmul_params": L * layer_mm}
     C, L, V = cfg["n_embd"], cfg["n_layer"], cfg["vocab_size"]
     inner = cfg.get("n_inner") or 4 * C
     layer_mm = C * 3 * C + C * C + C * inner + inner * C          # c_attn, attn.c_proj, c_fc, mlp.c_proj
-    return {"n_embd": C, "n_layer": L, "vocab": V, "n_positions": cfg["n_positions"], "n_inner": inner,
+    return {"family": "gpt2", "n_embd": C, "n_layer": L, "vocab": V, "n_head": cfg["n_head"], "n_kv_head": cfg["n_head"],
+            "head_dim": C // cfg["n_head"], "attn_width": C, "n_positions": cfg["n_positions"], "n_inner": inner,
             "matmul_params": L * layer_mm + V * C,                 # + tied lm_head
             "layer_matmul_params": L * layer_mm}
 
 
+def weight_files(d):
+    """The folder's safetensors weights: model.safetensors, or the shards its index names (and the index)."""
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [index] + [d / s for s in shards]
+    return [d / "model.safetensors"]
+
+
+def write_gpt2_bpe_cut(dest, vocab_size):
+    """GPT-2's byte-level BPE (../shared/gpt2-tokenizer) cut to its first `vocab_size` ids: vocab.json,
+    merges.txt and tokenizer.json with every token id >= vocab_size and the merges making them dropped.
+    A stand-in vocabulary for a random model whose real tokenizer is not on this machine: llama.cpp's
+    converter needs a tokenizer it recognises, and GPT-2's first 49,152 ids tokenize the converter's
+    check text exactly as GPT-2 does (its largest id there is 48,101), so it is recognised as "gpt-2".
+    The benchmark feeds token ids, so the vocabulary does not affect any timing."""
+    tj = json.loads((SHARED_TOKENIZER / "tokenizer.json").read_text())
+    vocab = {t: i for t, i in tj["model"]["vocab"].items() if i < vocab_size}
+    merges = []
+    for m in tj["model"]["merges"]:
+        a, b = m if isinstance(m, list) else m.split(" ", 1)
+        if a + b in vocab:
+            merges.append([a, b])
+    tj["model"]["vocab"], tj["model"]["merges"] = vocab, merges
+    tj["added_tokens"] = [t for t in tj.get("added_tokens", []) if t["id"] < vocab_size]
+    (dest / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    (dest / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (dest / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    # Without it transformers would build a Llama tokenizer around tokenizer.json; this loads the file as it is.
+    (dest / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                            "model_max_length": 8192}) + "\n")
+
+
 def make_model(args):
-    """Returns the model folder: --model if given, else a random GPT-2-124M made by
-    `pf2lora model random --config gpt2` (when the binary exists) or by transformers."""
+    """Returns the model folder: --model if given, else a random model of --shape: GPT-2-124M made by
+    `pf2lora model random --config gpt2` (when the binary exists) or by transformers; SmolLM2-135M made
+    by transformers from the real config (or by `pf2lora model random --config smollm2-135m` with
+    --make-model pf2lora)."""
     if args.model:
         d = pathlib.Path(args.model)
         if not (d / "config.json").exists():
-            sys.exit(f"peer_bench: {d} has no config.json; give a Hugging Face GPT-2 folder or omit --model")
+            sys.exit(f"peer_bench: {d} has no config.json; give a Hugging Face GPT-2 or Llama-family folder or omit --model")
         return d, "given"
-    d = pathlib.Path(args.work) / f"gpt2-random-seed{args.seed}"
-    if (d / "model.safetensors").exists() and (d / "config.json").exists() and (d / ".made-by").exists():
+    prefix = "gpt2" if args.shape == "gpt2-124m" else args.shape
+    d = pathlib.Path(args.work) / f"{prefix}-random-seed{args.seed}"
+    if all(f.exists() for f in weight_files(d)) and (d / "config.json").exists() and (d / ".made-by").exists():
         return d, (d / ".made-by").read_text().strip()
     d.mkdir(parents=True, exist_ok=True)
     maker = args.make_model
     if maker == "auto":
-        maker = "pf2lora" if pathlib.Path(args.pf2lora).exists() else "transformers"
+        maker = "pf2lora" if pathlib.Path(args.pf2lora).exists() and args.shape == "gpt2-124m" else "transformers"
     if maker == "pf2lora":
-        log(f"making the model with {args.pf2lora} model random --config gpt2 --out {d}")
-        subprocess.run([args.pf2lora, "model", "random", "--config", "gpt2", "--out", str(d), "--seed", str(args.seed)],
+        config = "gpt2" if args.shape == "gpt2-124m" else args.shape
+        log(f"making the model with {args.pf2lora} model random --config {config} --out {d}")
+        subprocess.run([args.pf2lora, "model", "random", "--config", config, "--out", str(d), "--seed", str(args.seed)],
                        check=True, stdout=sys.stderr)
+    elif args.shape == "smollm2-135m":
+        log(f"making the model with transformers LlamaForCausalLM(SmolLM2-135M config), float32, in {d}")
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(args.seed)
+        cfg = {k: v for k, v in SMOLLM2_135M.items() if k not in ("architectures", "torch_dtype")}
+        m = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32)
+        m.save_pretrained(d, safe_serialization=True)
+        c = json.loads((d / "config.json").read_text())
+        c["n_ctx"] = c["max_position_embeddings"]                       # DESIGN §6: llama.cpp's converter reads it
+        (d / "config.json").write_text(json.dumps(c, indent=2) + "\n")
+        if SHARED_TOKENIZER.exists():
+            write_gpt2_bpe_cut(d, c["vocab_size"])
+        del m
     else:
         log(f"making the model with transformers GPT2LMHeadModel(GPT2Config()) in {d}")
         import torch
@@ -118,10 +202,10 @@ def make_model(args):
 def setup_transformers(a):
     import torch
     import transformers
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
-    model = GPT2LMHeadModel.from_pretrained(a.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     ids = torch.tensor([prompt_ids(a.prompt_tokens, model.config.vocab_size)])
 
     @torch.inference_mode()
@@ -148,7 +232,7 @@ def setup_llama_cpp(a):
     import numpy as np
     import llama_cpp
     from llama_cpp import Llama
-    n_pos = json.loads((pathlib.Path(a.model) / "config.json").read_text())["n_positions"]
+    n_pos = model_geometry(pathlib.Path(a.model))["n_positions"]
     # KV cache: llama.cpp's default is f16; --kv f32 makes it f32 like pf2lora's and transformers'.
     kv = {} if a.kv == "f16" else {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
     llm = Llama(model_path=a.gguf, n_ctx=min(a.prompt_tokens + a.tokens + 8, n_pos), n_batch=a.prompt_tokens,
@@ -184,25 +268,37 @@ def setup_blas(a):
     import numpy as np
     from safetensors.numpy import load_file
     cfg = json.loads((pathlib.Path(a.model) / "config.json").read_text())
-    w = load_file(str(pathlib.Path(a.model) / "model.safetensors"))
+    w = {}
+    for f in weight_files(pathlib.Path(a.model)):
+        if f.suffix == ".safetensors":
+            w.update(load_file(str(f)))
 
-    def get(name):
-        for k in (name, "transformer." + name):
+    def get(name, prefixes=("", "transformer.")):
+        for k in (p + name for p in prefixes):
             if k in w:
                 return np.ascontiguousarray(w[k], dtype=np.float32)
         raise KeyError(name)
-    mats = []
-    for i in range(cfg["n_layer"]):
-        for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-            mats.append(get(f"h.{i}.{n}.weight"))                   # (in, out), Conv1D layout
-    wte = get("wte.weight")                                           # (V, C): logits = wte @ h
+    mats = []                                                         # every matrix as (in, out)
+    if is_llama(cfg):
+        for i in range(cfg["num_hidden_layers"]):
+            for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+                mats.append(np.ascontiguousarray(get(f"model.layers.{i}.{n}.weight").T))   # stored (out, in)
+        wte = get("lm_head.weight") if "lm_head.weight" in w else get("model.embed_tokens.weight")
+        per_layer = 7
+    else:
+        for i in range(cfg["n_layer"]):
+            for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                mats.append(get(f"h.{i}.{n}.weight"))               # (in, out), Conv1D layout
+        wte = get("wte.weight")                                       # (V, C): logits = wte @ h
+        per_layer = 4
     del w
     nbytes = sum(m.nbytes for m in mats) + wte.nbytes
     rng = np.random.default_rng(0)
     xs = {m.shape[0]: rng.standard_normal(m.shape[0]).astype(np.float32) for m in mats}
     h = rng.standard_normal(wte.shape[1]).astype(np.float32)
     T = a.prompt_tokens
-    shapes = [(T, m.shape[0], m.shape[1]) for m in mats[:4]]
+    shapes = [(T, m.shape[0], m.shape[1]) for m in mats[:per_layer]]
     X = {k: rng.standard_normal((T, k)).astype(np.float32) for k in {s[1] for s in shapes}}
     flops = [2 * M * K * N for (M, K, N) in shapes]
 
@@ -215,7 +311,7 @@ def setup_blas(a):
 
     def gemm_pass():
         times = []
-        for m in mats[:4]:
+        for m in mats[:per_layer]:
             t0 = time.perf_counter()
             X[m.shape[0]] @ m                                         # (T,K) @ (K,N) sgemm
             times.append(time.perf_counter() - t0)
@@ -428,8 +524,9 @@ def convert_to_gguf(args):
     in config.json and a tokenizer it recognises (gpt2's vocab.json/merges.txt/tokenizer.json); the
     model folder is not modified: a staging folder of symlinks gets a patched config.json."""
     d = args.model_dir
-    st = (d / "model.safetensors").stat()
-    key = hashlib.sha256(f"{d.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    files = weight_files(d)
+    key = hashlib.sha256("".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in files)
+                         .encode()).hexdigest()[:12]
     out = pathlib.Path(args.work) / f"model-f32-{key}.gguf"
     if out.exists():
         return out
@@ -437,14 +534,19 @@ def convert_to_gguf(args):
     with tempfile.TemporaryDirectory(dir=args.work) as stage:
         stage = pathlib.Path(stage)
         cfg = json.loads((d / "config.json").read_text())
-        cfg.setdefault("n_ctx", cfg.get("n_positions", 1024))
-        cfg.setdefault("architectures", ["GPT2LMHeadModel"])
+        cfg.setdefault("n_ctx", cfg.get("n_positions", cfg.get("max_position_embeddings", 1024)))
+        cfg.setdefault("architectures", ["LlamaForCausalLM" if is_llama(cfg) else "GPT2LMHeadModel"])
         (stage / "config.json").write_text(json.dumps(cfg))
-        (stage / "model.safetensors").symlink_to((d / "model.safetensors").resolve())
+        for f in files:
+            (stage / f.name).symlink_to(f.resolve())
+        has_tok = (d / "vocab.json").exists() or (d / "tokenizer.json").exists()
         tok_src = d
-        if not (d / "vocab.json").exists() and SHARED_TOKENIZER.exists() and cfg["vocab_size"] == 50257:
+        if not has_tok and SHARED_TOKENIZER.exists() and cfg["vocab_size"] == 50257:
             tok_src = SHARED_TOKENIZER                                  # the real GPT-2 tokenizer, same ids
-        for f in TOKENIZER_FILES:
+        if not has_tok and SHARED_TOKENIZER.exists() and cfg["vocab_size"] < 50257:
+            write_gpt2_bpe_cut(stage, cfg["vocab_size"])                # a stand-in vocabulary (ids are fed directly)
+            tok_src = None
+        for f in TOKENIZER_FILES if tok_src else ():
             if (tok_src / f).exists():
                 (stage / f).symlink_to((tok_src / f).resolve())
         log(f"converting to GGUF f32 with {conv / 'convert_hf_to_gguf.py'}")
@@ -484,7 +586,7 @@ def report(args, geo, res, made_by):
     P = args.prompt_tokens
     # FLOPs per prompt token of a prefill: the layer matmuls (2 per weight) plus attention
     # (QK^T and AV over on average (P+1)/2 keys); the lm_head only for the last token.
-    attn = geo["n_layer"] * 2 * 2 * ((P + 1) / 2) * geo["n_embd"]
+    attn = geo["n_layer"] * 2 * 2 * ((P + 1) / 2) * geo["attn_width"]
     flop_per_tok = 2 * geo["layer_matmul_params"] + attn
     bytes_per_tok = 4 * geo["matmul_params"]
     mm_flop_per_tok = 2 * geo["layer_matmul_params"]
@@ -506,7 +608,7 @@ def report(args, geo, res, made_by):
         return fmt(x / r, 2) + "x" if x and r else "–"
 
     lines = [f"Peer benchmark, {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {platform.node()}, "
-             f"{os.cpu_count()} CPUs, {args.threads} threads, batch 1, GPT-2-124M shape f32 random weights "
+             f"{os.cpu_count()} CPUs, {args.threads} threads, batch 1, {args.shape_label} shape f32 random weights "
              f"(model made by {made_by}), prefill {P} tokens, then {args.tokens} decode steps. Engines measured "
              f"round-robin, {args.repeats} rounds, median (min–max in the notes). Load average "
              f"{args.load_start} at start, {'%.2f %.2f %.2f' % os.getloadavg()} at end: above {os.cpu_count()} "
@@ -545,7 +647,7 @@ def report(args, geo, res, made_by):
     lines += ["", f"prefill GFLOP/s = prefill tok/s x {flop_per_tok / 1e6:.1f} MFLOP/token (layer matmuls + attention at "
               f"{P} tokens; the lm_head runs for the last token only and is left out); decode GB/s = decode tok/s x "
               f"{bytes_per_tok / 1e6:.1f} MB of f32 matmul weights read per token (tied lm_head included). "
-              f"The OpenBLAS rows: sgemm GFLOP/s on the four layer shapes at {P} rows, as tok/s = GFLOP/s / "
+              f"The OpenBLAS rows: sgemm GFLOP/s on the {7 if geo['family'] != 'gpt2' else 4} layer shapes at {P} rows, as tok/s = GFLOP/s / "
               f"{mm_flop_per_tok / 1e6:.1f} MFLOP; one sgemv pass over all those weights, as tok/s = 1 / pass time. "
               f"The memory-read row: the same weight bytes summed by pf2lora's worker pool (the least work per byte), "
               f"as tok/s = 1 / read time: the memory-bandwidth limit of batch-1 decode."]
@@ -568,13 +670,23 @@ def report(args, geo, res, made_by):
             lines.append(f"- decode vs the memory-read bound (pf2lora bench blas): {ratio(dec, read_bound)} (target >= 0.67x, i.e. within 1.5x)")
         lines += [f"- decode vs the OpenBLAS sgemv bound ({what}): {ratio(dec, dec_b)} (for reference: sgemv is no longer what decode runs)",
                   f"- prefill GFLOP/s vs sgemm ({what}): {ratio(pre * flop_per_tok / 1e9, gf)} (target >= 0.70x)"]
+    if ok("pf2lora") and geo["family"] != "gpt2":
+        pre, dec = med("pf2lora", "prefill_tokens_per_s"), med("pf2lora", "decode_tokens_per_s")
+        lines += ["", "Issue 12 targets (Llama family), pf2lora:"]
+        for peer, what_kv in (("llama.cpp", "f16 KV, llama.cpp's default"), ("llama.cpp-f32kv", "f32 KV")):
+            if ok(peer):
+                lines.append(f"- vs llama.cpp ({what_kv}): decode {ratio(dec, med(peer, 'decode_tokens_per_s'))} "
+                             f"(target >= 1.00x), prefill {ratio(pre, med(peer, 'prefill_tokens_per_s'))} (target >= 1.20x)")
     lines += ["", "Command: `python3 Benchmarks/peer_bench.py " + " ".join(sys.argv[1:]) + "`"]
     return "\n".join(lines) + "\n"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="Hugging Face GPT-2 folder; default: make a random GPT-2-124M in --work")
+    ap.add_argument("--model", help="Hugging Face GPT-2 or Llama-family folder; default: make a random model of --shape in --work")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-124m",
+                    help="the random model's shape when --model is not given: gpt2-124m, or smollm2-135m "
+                         "(SmolLM2-135M's config: 30 layers, hidden 576, 9 heads / 3 KV heads, tied)")
     ap.add_argument("--make-model", choices=["auto", "pf2lora", "transformers"], default="auto",
                     help="who makes the random model when --model is not given (auto: pf2lora if the binary exists)")
     ap.add_argument("--seed", type=int, default=0)
@@ -603,6 +715,7 @@ def main():
     a.load_start = "%.2f %.2f %.2f" % os.getloadavg()
     a.model_dir, made_by = make_model(a)
     geo = model_geometry(a.model_dir)
+    a.shape_label = SHAPES[a.shape] if not a.model else f"{geo['family']} ({a.model_dir.name})"
     if a.prompt_tokens + a.tokens > geo["n_positions"]:
         sys.exit(f"peer_bench: --prompt-tokens + --tokens = {a.prompt_tokens + a.tokens} exceeds n_positions {geo['n_positions']}")
     wanted = {e.strip() for e in a.engines.split(",")}

@@ -2,9 +2,11 @@
 """Tokenizer encode throughput: pf2lora vs Hugging Face tokenizers (Rust), same 1 MB text, same run.
 
     python3 Benchmarks/tokenizer_bench.py [--model ../shared/gpt2-tokenizer] [--mb 1] [--out FILE]
+    python3 Benchmarks/tokenizer_bench.py --model ../shared/tokenizers/llama3    # Llama-3 (issue 12 target)
 
 Builds a deterministic ~1 MB mixed text (prose, code, digits, Unicode, whitespace runs, <|endoftext|>),
-checks that pf2lora's ids equal HF's on it, then times:
+checks that pf2lora's ids equal HF's on it (with the tokenizer's default special tokens, e.g. Llama-3's
+BOS), then times:
   - HF tokenizers, one `encode` call on the whole text and `encode_batch` over its lines, with
     RAYON_NUM_THREADS=1 (single thread) and with the default thread count, each in a fresh process;
   - the pf2lora release binary (`pf2lora bench tokenizer`), single thread, one call and line by line.
@@ -121,7 +123,7 @@ def main():
         ("pf2lora, line by line", "1", pf["lines_cold_seconds"], pf["lines_warm_seconds"]),
     ]
     out = []
-    out.append(f"Text: {nbytes:,} bytes, {len(ref):,} GPT-2 tokens ({pathlib.Path(args.model).name}); "
+    out.append(f"Text: {nbytes:,} bytes, {len(ref):,} tokens ({pathlib.Path(args.model).name}); "
                f"pf2lora ids identical to HF: {'yes' if same else 'NO'}. "
                f"Machine: {platform.machine()}, {os.cpu_count()} cpus.")
     out.append("")

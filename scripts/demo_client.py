@@ -64,6 +64,21 @@ class Server:
         return self.p.wait(timeout=120)
 
 
+def version_text(v):
+    """A store version as the demo prints it: v3, or None (no such adapter) as 'none'."""
+    return "none" if v is None else f"v{v}"
+
+
+def adapter_text(a):
+    """The adapter a reply was served with: 'shared v1 + client v2', 'shared v1 alone', 'base model alone'."""
+    shared, client = a.get("shared"), a.get("client")
+    if shared is None and client is None:
+        return "base model alone"
+    if client is None:
+        return f"shared {version_text(shared)} alone (no client pair yet)"
+    return f"shared {version_text(shared)} + client {version_text(client)}"
+
+
 def show(title, msg):
     print(f"\n── {title}")
     if "error" in msg:
@@ -73,7 +88,7 @@ def show(title, msg):
     text = r.get("text", "")
     print(textwrap.indent(textwrap.fill(text.strip() or "(empty)", 96), "   │ "))
     a, t, u = r.get("adapter", {}), r.get("timing", {}), r.get("usage", {})
-    print(f"   adapter shared v{a.get('shared')} client v{a.get('client')} · {u.get('completion_tokens')} tokens · "
+    print(f"   adapter: {adapter_text(a)} · {u.get('completion_tokens')} tokens · "
           f"prefill {t.get('prefill_ms')} ms · decode {t.get('decode_ms')} ms · {r.get('finish_reason')}")
 
 
@@ -85,6 +100,7 @@ def main():
     ap.add_argument("--clients", default="")
     ap.add_argument("--prompt", default="The meaning of life is")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=60, help="personalize steps for the new client")
     args = ap.parse_args()
 
     argv = [args.binary, "serve", "--model", args.model]
@@ -98,7 +114,7 @@ def main():
     listed = srv.wait(srv.send("adapters.list")).get("result", {})
     known = [c["id"] for c in listed.get("clients", [])]
     clients = [c for c in args.clients.split(",") if c] or known[:3] or ["alice", "bob", "carol"]
-    print(f"store: shared {listed.get('shared', {}).get('version') if listed.get('shared') else None}, "
+    print(f"store: shared {version_text(listed.get('shared', {}).get('version') if listed.get('shared') else None)}, "
           f"{len(known)} clients ({', '.join(known) or 'none'})")
 
     # Three clients at once: their requests share one batch.
@@ -112,13 +128,13 @@ def main():
     before = srv.send("generate", dict(params, client=new))
     show(f"new client {new!r} before personalization (shared pair alone)", srv.wait(before))
     t1 = time.time()
-    pr = srv.wait(srv.send("personalize", {"client": new, "texts": NEW_CLIENT_TEXTS, "steps": 60, "seed": 1}), timeout=600)
+    pr = srv.wait(srv.send("personalize", {"client": new, "texts": NEW_CLIENT_TEXTS, "steps": args.steps, "seed": 1}), timeout=600)
     if "error" in pr:
         print(f"\n── personalize {new!r}: error {pr['error']['code']}: {pr['error']['message']}")
     else:
         r = pr["result"]
         losses = r.get("loss", [])
-        print(f"\n── personalized {new!r} in {time.time() - t1:.1f} s: version {r.get('version')} on shared v{r.get('shared_version')}, "
+        print(f"\n── personalized {new!r} in {time.time() - t1:.1f} s: version {r.get('version')} on shared {version_text(r.get('shared_version'))}, "
               f"loss {losses[0]:.3f} → {losses[-1]:.3f}, learned rank {r.get('rank_range')}" if losses else f"\n── personalized: {r}")
         show(f"new client {new!r} after personalization", srv.wait(srv.send("generate", dict(params, client=new))))
     stats = srv.wait(srv.send("stats"))["result"]

@@ -15,7 +15,7 @@ struct Adapters: ParsableCommand {
         Each file is a zstd frame of a safetensors file with PEFT tensor names (lora_A/lora_B for the \
         shared level, lora_C/lora_D for a client level). See docs/ADAPTER_STORE.md.
         """,
-        subcommands: [List.self, Inspect.self, ImportPEFT.self, ExportPEFT.self, Init.self, Bench.self, RankCommand.self])
+        subcommands: [List.self, Inspect.self, ImportPEFT.self, ExportPEFT.self, Init.self, RankCommand.self])
 
     /// Options shared by the subcommands that find a store folder.
     struct StoreOptions: ParsableArguments {
@@ -46,7 +46,7 @@ struct Adapters: ParsableCommand {
         var json = false
 
         func run() throws {
-            try cli {
+            do {
                 let dir = try options.folder()
                 let (baseName, fp, entries) = try AdapterStore.survey(directory: dir)
                 if json {
@@ -88,9 +88,15 @@ struct Adapters: ParsableCommand {
 
     struct Inspect: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Show one adapter file: metadata, tensors and shapes; with --model, also run every load check.")
+            abstract: "Show one adapter file: metadata, tensors and shapes; with --model, also run every load check.",
+            discussion: """
+            --file inspects any file, inside a store or not, a quarantined .corrupt-* file included: what can             be read of it, and (with --model) which load check it fails. Nothing is created or changed.
+            """)
 
         @OptionGroup var options: StoreOptions
+
+        @Option(name: .long, help: "Any adapter file (for example a store's .corrupt-v000003.safetensors.zst), instead of --shared / --client.")
+        var file: String?
 
         @Flag(name: .long, help: "The shared adapter.")
         var shared = false
@@ -105,11 +111,48 @@ struct Adapters: ParsableCommand {
         var model: String?
 
         func validate() throws {
-            guard shared != (client != nil) else { throw ValidationError("give exactly one of --shared or --client ID") }
+            if file != nil {
+                guard !shared, client == nil, version == nil else { throw ValidationError("--file is instead of --shared / --client / --version") }
+                return
+            }
+            guard shared != (client != nil) else { throw ValidationError("give exactly one of --shared or --client ID, or --file PATH") }
+        }
+
+        /// `--file`: what can be read of any file, and which check it fails against `--model`.
+        func inspectFile(_ path: String) throws {
+            print("file        \(path)")
+            var failed: Error?
+            do {
+                let s = try AdapterFileSummary(path: path)
+                print("size        \(bytes(s.compressedBytes)) compressed, \(bytes(s.rawBytes)) raw, ratio \(String(format: "%.2f", s.compressionRatio))")
+                print("metadata")
+                for k in s.metadata.keys.sorted() { print("  \(pad(k, 18)) \(s.metadata[k]!)") }
+                print("tensors (\(s.tensors.count))")
+                for t in s.tensors { print("  \(pad(t.name, 64)) \(t.dtype) \(t.shape)") }
+            } catch {
+                failed = error
+                print("unreadable  \(error)")
+            }
+            guard let model else {
+                if let failed { throw failed }
+                print("(give --model to run every load check against a base)")
+                return
+            }
+            let base = try BaseModelInfo.load(folder: model)
+            let data: Data
+            do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch { throw CLIError("cannot read \(path): \(error.localizedDescription)") }
+            do {
+                let a = try LoRAAdapter.decode(from: data, name: path, base: base, sizeLimit: LoRAAdapter.defaultSizeLimit)
+                print("valid       a \(a.level.rawValue) adapter for base \(base.name) (fingerprint \(base.fingerprint)), rank \(a.rank), \(a.modules.count) modules")
+            } catch let e as AdapterError {
+                print("invalid     check \(e.check.map(String.init) ?? "-") failed")
+                throw e
+            }
         }
 
         func run() throws {
-            try cli {
+            if let file { return try inspectFile(file) }
+            do {
                 let dir = try options.folder()
                 let level: AdapterLevel = shared ? .shared : .client
                 if let client { try ClientID.validate(client) }
@@ -129,8 +172,9 @@ struct Adapters: ParsableCommand {
                 print("tensors (\(s.tensors.count))")
                 for t in s.tensors { print("  \(pad(t.name, 64)) \(t.dtype) \(t.shape)") }
                 if let model {
-                    let base = try BaseModelInfo.gpt2(folder: model)
-                    let store = try AdapterStore.open(root: URL(fileURLWithPath: dir).deletingLastPathComponent().path, base: base)
+                    let base = try BaseModelInfo.load(folder: model)
+                    let store = try AdapterStore.open(root: URL(fileURLWithPath: dir).deletingLastPathComponent().path, base: base,
+                                                      folder: URL(fileURLWithPath: dir).lastPathComponent, access: .read, create: false)
                     _ = try store.readAndValidate(level: level, client: client, version: entry.version)
                     print("valid for base \(base.name) (fingerprint \(base.fingerprint))")
                 }
@@ -154,7 +198,7 @@ struct Adapters: ParsableCommand {
 
         @OptionGroup var options: StoreOptions
 
-        @Option(name: .long, help: "The GPT-2 model folder the adapter was trained on (config.json, model.safetensors).")
+        @Option(name: .long, help: "The model folder the adapter was trained on (config.json, model.safetensors).")
         var model: String
 
         @Option(name: .long, help: "shared or client.")
@@ -180,14 +224,18 @@ struct Adapters: ParsableCommand {
         }
 
         func run() throws {
-            try cli {
+            do {
                 let lvl = AdapterLevel(rawValue: level)!
                 if let client { try ClientID.validate(client) }
-                let base = try BaseModelInfo.gpt2(folder: model)
-                let store = try AdapterStore.open(root: options.store, base: base, keepVersions: keep)
+                let base = try BaseModelInfo.load(folder: model)
+                let store = try AdapterStore.open(root: options.store, base: base, folder: options.base, keepVersions: keep)
+                logStoreOpen(store, command: "import-peft")
+                if let why = store.readOnlyReason { throw AdapterStoreError.readOnly(store: store.directory, why: why) }
+                // The version this import replaces: its publish is a compare-and-swap on it.
+                let from = ExpectedVersion(startedFrom: store.currentVersion(level: lvl, client: client))
                 let adapter = try PEFT.read(folder: peft, base: base, level: lvl, clientID: client,
                                             storage: dtype == "f16" ? .f16 : .f32, sharedVersion: trainedOn)
-                let v = lvl == .shared ? try store.publishShared(adapter) : try store.publishClient(id: client!, adapter)
+                let v = lvl == .shared ? try store.publishShared(adapter, expecting: from) : try store.publishClient(id: client!, adapter, expecting: from)
                 let what = lvl == .shared ? "shared" : "client \(client!)"
                 print("imported \(peft) as \(what) v\(v) (rank \(adapter.rank), alpha \(adapter.alpha), scale \(adapter.scale), \(adapter.modules.count) modules) into \(store.directory)")
             }
@@ -206,7 +254,7 @@ struct Adapters: ParsableCommand {
 
         @OptionGroup var options: StoreOptions
 
-        @Option(name: .long, help: "The GPT-2 model folder of the store's base.")
+        @Option(name: .long, help: "The model folder of the store's base.")
         var model: String
 
         @Option(name: .long, help: "The client to export.")
@@ -231,9 +279,9 @@ struct Adapters: ParsableCommand {
         }
 
         func run() throws {
-            try cli {
-                let base = try BaseModelInfo.gpt2(folder: model)
-                let store = try AdapterStore.open(root: options.store, base: base)
+            do {
+                let base = try BaseModelInfo.load(folder: model)
+                let store = try AdapterStore.open(root: options.store, base: base, folder: options.base, access: .read, create: false)
                 let name = baseModelName ?? model
                 if let client { try ClientID.validate(client) }
                 func sharedAdapter() throws -> VersionedAdapter {
@@ -278,24 +326,29 @@ struct Adapters: ParsableCommand {
             is also published as the store's shared version.
             """)
 
-        @Option(name: .long, help: "The GPT-2 model folder (config.json, model.safetensors).")
+        @Option(name: .long, help: "The model folder (config.json, model.safetensors).")
         var model: String
         @Option(name: .long, help: "Output file (.safetensors).")
         var out: String
         @Option(help: "Shared rank r.") var rank: Int = 8
         @Option(help: "Shared alpha (default 2 x rank).") var alpha: Float?
-        @Option(help: "Adapted linear kinds, comma-separated (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj).")
-        var targets: String = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+        @Option(help: "Adapted linear layers, comma-separated: the model's slots (GPT-2: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; Llama family: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), or all.")
+        var targets: String = "all"
         @Option(help: "Random seed (the federation's).") var seed: UInt64 = 0
         @Option(name: .long, help: "Also publish it as the shared version of this store root.") var store: String?
 
+        func validate() throws {
+            guard rank >= 1, rank <= 4096 else { throw ValidationError("--rank must be in 1...4096") }
+            try validateTargets(targets, modelFolder: model)
+        }
+
         func run() throws {
-            try cli {
-                guard rank >= 1, rank <= 4096 else { throw CLIError("--rank must be in 1...4096") }
-                let m = try GPT2Model.load(folder: model)
-                let base = try BaseModelInfo.gpt2(folder: model)
-                let kinds = try parseTargets(targets)
-                let paths = (0..<m.config.nLayer).flatMap { l in kinds.map { LinearKind.modulePath(layer: l, $0) } }
+            do {
+                let m = try LanguageModel.load(folder: model)
+                let base = try BaseModelInfo.load(folder: model)
+                let arch = m.architecture
+                let kinds = try parseTargets(targets, arch)
+                let paths = (0..<arch.layerCount).flatMap { l in kinds.map { arch.modulePath(layer: l, slot: $0.index) } }
                 let a = try initialSharedAdapter(weights: m.weights, base: base, modules: paths, rank: rank, alpha: alpha ?? 2 * Float(rank), seed: seed)
                 let bytes = a.safetensors()
                 do { try bytes.write(to: URL(fileURLWithPath: out), options: .atomic) } catch {
@@ -304,28 +357,12 @@ struct Adapters: ParsableCommand {
                 var note = ""
                 if let store {
                     let st = try AdapterStore.open(root: store, base: base)
+                    logStoreOpen(st, command: "adapters init")
                     note = "; published as shared v\(try adoptShared(a, into: st, trainedBy: "pf2lora adapters init")) in \(st.directory)"
                 }
                 print("wrote \(out): shared pair rank \(rank), alpha \(a.alpha), \(a.modules.count) modules, \(bytes.count) bytes, seed \(seed)\(note)")
             }
         }
-    }
-
-    struct Bench: ParsableCommand {
-        static let configuration = CommandConfiguration(
-            abstract: "Measure adapter sizes (compressed vs raw f32/f16) and cold load time on the GPT-2-124M shape (the BenchAdapters command, for a `pf2lora bench` group).")
-
-        @OptionGroup var options: BenchAdaptersOptions
-
-        func run() throws { try cli { try options.run() } }
-    }
-}
-
-/// Runs `body`; any error becomes one line on stderr and exit status 1.
-func cli(_ body: () throws -> Void) throws {
-    do { try body() } catch let e as ValidationError { throw e } catch {
-        FileHandle.standardError.write(Data("error: \(error)\n".utf8))
-        throw ExitCode(1)
     }
 }
 

@@ -2,18 +2,12 @@ import ArgumentParser
 import Foundation
 import PF2LoRA
 
-/// `pf2lora bench adapters` (and `pf2lora adapters bench`): adapter file sizes and cold load time.
+/// `pf2lora bench adapters`: adapter file sizes and cold load time.
 struct BenchAdapters: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "adapters",
         abstract: "Measure adapter sizes (compressed vs raw f32/f16) and cold load time on the GPT-2-124M shape.")
 
-    @OptionGroup var options: BenchAdaptersOptions
-
-    func run() throws { try cli { try options.run() } }
-}
-
-struct BenchAdaptersOptions: ParsableArguments {
     @Option(name: .long, help: "Shared rank r.")
     var rank: Int = 8
 
@@ -28,6 +22,12 @@ struct BenchAdaptersOptions: ParsableArguments {
 
     @Flag(name: .long, help: "Print JSON instead of a table.")
     var json = false
+
+    func validate() throws {
+        guard rank >= 1, clientRank >= 1 else { throw ValidationError("--rank and --client-rank must be >= 1") }
+        guard repeats >= 1 else { throw ValidationError("--repeats must be >= 1") }
+        guard (1...22).contains(zstdLevel) else { throw ValidationError("--zstd-level must be in 1...22 (zstd's levels; 3 is the store's)") }
+    }
 
     /// GPT-2 124M: C = 768, 12 layers, MLP 3072; all four linears of every layer adapted.
     static func gpt2Small() -> BaseModelInfo {
@@ -132,7 +132,7 @@ struct BenchAdaptersOptions: ParsableArguments {
             let t2 = DispatchTime.now().uptimeNanoseconds
             for (level, id, v, publishNs) in [(AdapterLevel.shared, nil as String?, sv, t1 - t0), (.client, "bench", cv, t2 - t1)] {
                 var ms: [Double] = []
-                for _ in 0..<max(1, repeats) {
+                for _ in 0..<repeats {
                     let a = DispatchTime.now().uptimeNanoseconds
                     _ = try store.readAndValidate(level: level, client: id, version: v)
                     ms.append(Double(DispatchTime.now().uptimeNanoseconds - a) / 1e6)

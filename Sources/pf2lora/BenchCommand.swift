@@ -32,15 +32,21 @@ struct BenchDecode: ParsableCommand {
     @Option(name: .customLong("pooled-rows"), help: "Decode steps of at most this many sequences run on the worker pool, larger ones as OpenBLAS GEMMs (0 = always GEMM; default: the engine's, \(InferenceEngine.maxPooledRows)).")
     var pooledRows: Int?
 
+    func validate() throws {
+        if let p = pooledRows, p < 0 { throw ValidationError("--pooled-rows must be >= 0 (0 = decode every batch with GEMM)") }
+        guard poolPolicy == "adaptive" || poolPolicy == "always" else { throw ValidationError("--pool-policy must be adaptive or always") }
+        guard batch >= 1, tokens >= 1, promptTokens >= 1, repeats >= 1, threads >= 0 else {
+            throw ValidationError("need --batch, --tokens, --prompt-tokens, --repeats >= 1 and --threads >= 0")
+        }
+    }
+
     func run() throws {
         BLAS.setThreads(threads)
-        if let p = pooledRows, p < 0 { throw CLIError("--pooled-rows must be >= 0 (0 = decode every batch with GEMM)") }
-        guard poolPolicy == "adaptive" || poolPolicy == "always" else { throw CLIError("--pool-policy must be adaptive or always") }
         WorkerPool.shared.adaptive = poolPolicy == "adaptive"
-        let m = try GPT2Model.load(folder: model)
-        let c = m.config
-        guard batch >= 1, tokens >= 1, promptTokens >= 1, promptTokens + tokens <= c.nPositions else {
-            throw CLIError("need batch >= 1, tokens >= 1, prompt-tokens >= 1 and prompt-tokens + tokens <= \(c.nPositions)")
+        let m = try LanguageModel.load(folder: model)
+        let c = m.architecture
+        guard promptTokens + tokens <= c.contextLength else {
+            throw CLIError("--prompt-tokens + --tokens is \(promptTokens + tokens), longer than the model's context (\(c.contextLength))")
         }
         let engine = InferenceEngine(model: m)
         if let p = pooledRows { engine.pooledRowLimit = p }
@@ -77,43 +83,49 @@ struct BenchBLAS: ParsableCommand {
     @Option(help: "OpenBLAS threads (0 = its default).")
     var threads: Int = 0
 
+    func validate() throws {
+        guard promptTokens >= 1, threads >= 0 else { throw ValidationError("need --prompt-tokens >= 1 and --threads >= 0") }
+    }
+
     func run() throws {
         BLAS.setThreads(threads)
-        let m = try GPT2Model.load(folder: model)
-        let c = m.config
-        let x = Tensor(zeros: [max(c.inner, c.nEmbd)]); x.fill(0.01)
-        let y = Tensor(zeros: [max(c.vocabSize, 3 * c.nEmbd, c.inner)])
+        let m = try LanguageModel.load(folder: model)
+        let c = m.architecture
+        let widest = c.slots.map { max($0.inFeatures, $0.outFeatures) }.max() ?? c.hiddenSize
+        let x = Tensor(zeros: [max(widest, c.hiddenSize)]); x.fill(0.01)
+        let y = Tensor(zeros: [max(c.vocabSize, widest)])
         // One decode token's weight reads: every linear weight and the tied head.
         func gemvPass() {
             for layer in m.weights.layers {
-                for kind in LinearKind.allCases {
-                    let w = layer.linW[kind.rawValue]
-                    BLAS.gemv(w.data, x.data, y.data, m: w.rows, n: w.cols, trans: true)
+                for s in c.slots {
+                    let w = layer.linW[s.index]   // as the checkpoint stores it: (in, out) Conv1D is read transposed
+                    BLAS.gemv(w.data, x.data, y.data, m: w.rows, n: w.cols, trans: s.layout == .conv1D)
                 }
             }
-            BLAS.gemv(m.weights.wte.data, x.data, y.data, m: c.vocabSize, n: c.nEmbd)
+            BLAS.gemv(m.weights.head.data, x.data, y.data, m: c.vocabSize, n: c.hiddenSize)
         }
-        let bytes = Double(m.weights.layers.reduce(0) { $0 + $1.linW.reduce(0) { $0 + $1.count } } + m.weights.wte.count) * 4
+        let bytes = Double(m.weights.layers.reduce(0) { $0 + $1.linW.reduce(0) { $0 + $1.count } } + m.weights.head.count) * 4
         gemvPass()
         var times: [Double] = []
         for _ in 0..<7 { let t0 = now(); gemvPass(); times.append(now() - t0) }
         let tv = times.sorted()[3]
         // The same bytes read as plainly as possible, by the decode worker pool.
-        let serving = m.baseLinears.weights.flatMap { $0 } + [m.weights.wte]
+        let serving = m.baseLinears.weights.flatMap { $0 } + [m.weights.head]
         var checksum = WorkerPool.shared.sumAll(serving)
         var rt: [Double] = []
         for _ in 0..<7 { let t0 = now(); checksum += WorkerPool.shared.sumAll(serving); rt.append(now() - t0) }
         let tr = rt.sorted()[3]
         // The GEMMs of one prefill of promptTokens rows.
         let T = promptTokens
-        let a = Tensor(zeros: [T, max(c.inner, c.nEmbd)]); a.fill(0.01)
-        let out = Tensor(zeros: [T, max(3 * c.nEmbd, c.inner)])
+        let a = Tensor(zeros: [T, widest]); a.fill(0.01)
+        let out = Tensor(zeros: [T, widest])
         func gemmPass() -> Double {
             var flops = 0.0
             for layer in m.weights.layers {
-                for kind in LinearKind.allCases {
-                    let w = layer.linW[kind.rawValue]
-                    BLAS.gemm(a.data, w.data, out.data, m: T, n: w.cols, k: w.rows)
+                for s in c.slots {
+                    let w = layer.linW[s.index]
+                    // (T,in) @ (in,out) -> (T,out); an (out,in) weight is read transposed
+                    BLAS.gemm(a.data, w.data, out.data, m: T, n: s.outFeatures, k: s.inFeatures, transB: s.layout == .linear)
                     flops += 2 * Double(T * w.rows * w.cols)
                 }
             }
@@ -144,8 +156,8 @@ struct BenchBLAS: ParsableCommand {
 /// with its binding; callers order bindings by client, as the scheduler does.
 func timeBatch(_ engine: InferenceEngine, prompts: [[Int]], bindings: [AdapterBinding], tokens: Int, repeats: Int,
                tag: String) throws -> (prefill: Double, decode: Double) {
-    let c = engine.model.config
-    let caches = prompts.map { KVCache(config: c, capacity: $0.count + tokens + 1) }
+    let c = engine.model.architecture
+    let caches = prompts.map { KVCache(architecture: c, capacity: $0.count + tokens + 1) }
     var prefill: [Double] = [], decode: [Double] = []
     for rep in 0...repeats {
         caches.forEach { $0.reset() }

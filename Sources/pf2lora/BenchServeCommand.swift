@@ -32,11 +32,17 @@ struct BenchServe: ParsableCommand {
     @Option(help: "OpenBLAS threads (0 = its default).")
     var threads: Int = 0
 
+    func validate() throws {
+        guard clients >= 1, rank >= 1, rank2 >= 1, tokens >= 1, promptTokens >= 1, repeats >= 1, threads >= 0 else {
+            throw ValidationError("need --clients, --rank, --rank2, --tokens, --prompt-tokens, --repeats >= 1 and --threads >= 0")
+        }
+    }
+
     func run() throws {
         BLAS.setThreads(threads)
-        let m = try GPT2Model.load(folder: model)
-        let c = m.config
-        let base = try BaseModelInfo.gpt2(folder: model)
+        let m = try LanguageModel.load(folder: model)
+        let c = m.architecture
+        let base = try BaseModelInfo.load(folder: model)
         let root = NSTemporaryDirectory() + "pf2lora-bench-serve-\(getpid())"
         defer { try? FileManager.default.removeItem(atPath: root) }
         let store = try AdapterStore.open(root: root, base: base, cacheBytes: 1 << 30)

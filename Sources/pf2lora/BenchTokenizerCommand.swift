@@ -30,16 +30,19 @@ struct BenchTokenizer: ParsableCommand {
     @Option(help: "Warm runs; the best one is reported.")
     var `repeat`: Int = 5
 
+    func validate() throws {
+        guard self.repeat >= 1 else { throw ValidationError("--repeat must be >= 1") }
+    }
+
     func run() throws {
         let t0 = DispatchTime.now()
-        let tokenizer: BPETokenizer
-        do { tokenizer = try BPETokenizer(folder: model) } catch { benchFail("\(error)") }
+        let tokenizer = try BPETokenizer(folder: model)
         let loadSeconds = seconds(since: t0)
 
         let text: String
         if let file {
-            guard let data = FileManager.default.contents(atPath: file) else { benchFail("\(file): cannot read the text file") }
-            guard let s = String(validating: data, as: UTF8.self) else { benchFail("\(file): not valid UTF-8") }
+            guard let data = FileManager.default.contents(atPath: file) else { throw CLIError("\(file): cannot read the text file") }
+            guard let s = String(validating: data, as: UTF8.self) else { throw CLIError("\(file): not valid UTF-8") }
             text = s
         } else {
             text = Self.mixedText(bytes: 1_000_000)
@@ -52,7 +55,7 @@ struct BenchTokenizer: ParsableCommand {
         let tokens = tokenizer.encode(text).count
         let cold = seconds(since: t)
         var warm = Double.infinity
-        for _ in 0..<max(1, self.repeat) {
+        for _ in 0..<self.repeat {
             t = DispatchTime.now()
             _ = tokenizer.encode(text)
             warm = min(warm, seconds(since: t))
@@ -63,7 +66,7 @@ struct BenchTokenizer: ParsableCommand {
         for line in lines { _ = tokenizer.encode(line) }
         let linesCold = seconds(since: t)
         var linesWarm = Double.infinity
-        for _ in 0..<max(1, self.repeat) {
+        for _ in 0..<self.repeat {
             t = DispatchTime.now()
             for line in lines { _ = tokenizer.encode(line) }
             linesWarm = min(linesWarm, seconds(since: t))
@@ -120,9 +123,4 @@ struct BenchTokenizer: ParsableCommand {
         }
         return out
     }
-}
-
-private func benchFail(_ message: String) -> Never {
-    FileHandle.standardError.write(Data("error: \(message)\n".utf8))
-    exit(1)
 }

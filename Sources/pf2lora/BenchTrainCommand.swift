@@ -34,13 +34,17 @@ struct BenchTrain: ParsableCommand {
     @Option(help: "Timed steps (median reported).")
     var repeats: Int = 5
 
+    func validate() throws {
+        guard batch >= 1, seq >= 2, rank >= 1, rank2 >= 0, repeats >= 1, threads >= 0 else {
+            throw ValidationError("need --batch >= 1, --seq >= 2, --rank >= 1, --rank2 >= 0, --repeats >= 1, --threads >= 0")
+        }
+    }
+
     func run() throws {
         BLAS.setThreads(threads)
-        let m = try GPT2Model.load(folder: model)
-        let c = m.config
-        guard batch >= 1, seq >= 2, seq <= c.nPositions, rank >= 1, rank2 >= 0, repeats >= 1 else {
-            throw CLIError("need batch >= 1, 2 <= seq <= \(c.nPositions), rank >= 1, rank2 >= 0, repeats >= 1")
-        }
+        let m = try LanguageModel.load(folder: model)
+        let c = m.architecture
+        guard seq <= c.contextLength else { throw CLIError("--seq \(seq) is longer than the model's context (\(c.contextLength))") }
         var rng = RNG(seed: 1)
         let ids = (0..<batch).map { _ in (0..<seq).map { _ in rng.int(below: c.vocabSize) } }
         let b = try TrainingBatch(inputIds: ids, labels: ids)

@@ -1,3 +1,4 @@
+import ArgumentParser
 import Foundation
 import PF2LoRA
 
@@ -21,13 +22,39 @@ struct CLIError: Error, CustomStringConvertible {
     init(_ s: String) { description = s }
 }
 
-/// Where the real GPT-2 tokenizer files are, when the user did not say: $PF2LORA_GPT2_TOKENIZER,
-/// then ../shared/gpt2-tokenizer and shared/gpt2-tokenizer relative to the working directory.
-func defaultGPT2TokenizerFolder() -> String? {
-    var candidates: [String] = []
-    if let env = ProcessInfo.processInfo.environment["PF2LORA_GPT2_TOKENIZER"] { candidates.append(env) }
-    candidates += ["../shared/gpt2-tokenizer", "shared/gpt2-tokenizer"]
-    return candidates.first { FileManager.default.fileExists(atPath: $0 + "/vocab.json") || FileManager.default.fileExists(atPath: $0 + "/tokenizer.json") }
+/// Parses the command line and runs the command. Help and `--version` go to stdout with status 0;
+/// any failure is one line on stderr, `error: <what is wrong and what to do>`, and status 64 for a
+/// mistake in the command line (an unknown option, a value `validate()` refused) or 1 for a failure
+/// while running. Swift-argument-parser's own `main()` would print `Error: ` followed by the usage
+/// on more lines, which is why this does not use it: every error of every command reads the same.
+func runCommandLine(_ root: ParsableCommand.Type, arguments: [String] = Array(CommandLine.arguments.dropFirst())) -> Never {
+    do {
+        var command = try root.parseAsRoot(arguments)
+        try command.run()
+        exit(0)
+    } catch {
+        let code = root.exitCode(for: error)
+        if code == .success { root.exit(withError: error) }   // --help, --version
+        let message = root.message(for: error).trimmingCharacters(in: .whitespacesAndNewlines)
+        if !message.isEmpty {
+            var line = "error: " + message.replacingOccurrences(of: "\n", with: " ")
+            if code == .validationFailure { line += " (see '\(commandPath(root, arguments)) --help')" }
+            FileHandle.standardError.write(Data((line + "\n").utf8))
+        }
+        exit(code.rawValue)
+    }
+}
+
+/// The words of the command the arguments name (`pf2lora adapters list`), for the usage hint.
+func commandPath(_ root: ParsableCommand.Type, _ arguments: [String]) -> String {
+    var path = [root.configuration.commandName ?? "pf2lora"]
+    var current = root
+    for word in arguments {
+        guard let sub = current.configuration.subcommands.first(where: { $0.configuration.commandName == word || $0._commandName == word }) else { break }
+        path.append(word)
+        current = sub
+    }
+    return path.joined(separator: " ")
 }
 
 /// Swift repairs invalid UTF-8 in command-line arguments (U+FFFD), so a wrong encoding would go
@@ -49,13 +76,19 @@ func rawArgumentIsValidUTF8(option: String) -> Bool {
     return true
 }
 
-/// The linear kinds of a `--targets` list (`attn.c_attn,mlp.c_fc`, ...).
-func parseTargets(_ targets: String) throws -> [LinearKind] {
-    try targets.split(separator: ",").map { s in
-        let t = s.trimmingCharacters(in: .whitespaces)
-        guard let k = LinearKind.allCases.first(where: { $0.path == t }) else {
-            throw CLIError("unknown target '\(t)'; use attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj")
-        }
-        return k
+/// The slots of a `--targets` list (`attn.c_attn,mlp.c_fc`, `q_proj,v_proj`, or `all`) of an architecture.
+func parseTargets(_ targets: String, _ a: ModelArchitecture) throws -> [LinearSlot] {
+    if targets.trimmingCharacters(in: .whitespaces) == "all" { return a.slots }
+    do {
+        return try a.slots(named: targets.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
+    } catch let e as ModelError {
+        throw ValidationError("--targets: \(e)")
     }
+}
+
+/// `validate()`'s check of `--targets` against the model folder's config.json, when it can be read
+/// (a missing or bad model folder is reported by `run()` with the model's own error).
+func validateTargets(_ targets: String, modelFolder: String) throws {
+    guard let a = try? ModelRegistry.architecture(folder: modelFolder) else { return }
+    _ = try parseTargets(targets, a)
 }

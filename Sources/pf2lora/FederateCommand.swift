@@ -28,36 +28,63 @@ struct FederateCommand: ParsableCommand {
     @Option(help: "Shared alpha (default 2 x rank).") var alpha: Float?
     @Option(help: "Client alpha (default 2 x rank2).") var alpha2: Float?
     @Option(help: "AdamW rate of the shared level (and of single-level baselines).") var lr: Float = 2e-3
-    @Option(help: "SGD rate of PF2LoRA's client level (and Per-FedAvg's inner step).") var lr2: Float = 0.05
+    @Option(help: "SGD rate of PF2LoRA's client level (and Per-FedAvg's inner step unless --inner-lr is given).") var lr2: Float = 0.05
+    @Option(help: "steps: every method runs --local-steps iterations per round; compute: every method makes PF2LoRA's gradient evaluations (local-steps x (lower-steps + 1)) per client per round.")
+    var budget: String = "steps"
+    @Option(name: .customLong("inner-lr"), help: "Per-FedAvg's inner (adaptation) SGD rate (default: --lr2).") var innerLR: Float?
+    @Option(name: .customLong("hetlora-lambda"), help: "HETLoRA's sparsity penalty weight.") var hetloraLambda: Float = 1e-3
+    @Option(name: .customLong("hetlora-prune"), help: "HETLoRA prunes its tail rank when its norm falls below this fraction of the whole update's.") var hetloraPrune: Float = 0.05
+    @Option(help: "PF2LoRA ablations: bilevel (the method), joint (one AdamW on both levels, no alternation) or client-only (no shared level).")
+    var variant: String = "bilevel"
+    @Option(name: .customLong("baseline-rank"), help: "Rank of the single-level baselines (default rank + rank2; HOMLoRA at --baseline-rank = rank is PF2LoRA with r2 = 0).")
+    var baselineRank: Int?
+    @Option(name: .customLong("token-cache"), help: "Folder caching the tokenized --data (keyed by the bytes of the data and tokenizer files).")
+    var tokenCache: String?
+    @Flag(name: .customLong("no-test"), help: "Do not read the test split (hyperparameter selection on valid); test losses are reported as null.")
+    var noTest = false
     @Option(help: "Gradient clipping norm (0 = off).") var clip: Float = 1
     @Option(help: "Windows per minibatch.") var batch: Int = 8
     @Option(help: "Tokens per window (T).") var seq: Int = 64
     @Option(help: "Random seed (the same seed gives the same adapters).") var seed: UInt64 = 0
-    @Option(help: "Adapted linear kinds, comma-separated (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj).")
-    var targets: String = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
+    @Option(help: "Adapted linear layers, comma-separated: the model's slots (GPT-2: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; Llama family: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), or all.")
+    var targets: String = "all"
     @Option(name: .customLong("eval-every"), help: "Evaluate on the valid split every N rounds (0 = only at the end).") var evalEvery: Int = 0
     @Option(name: .customLong("eval-windows"), help: "Evaluate on at most this many windows per split (0 = whole split).") var evalWindows: Int = 0
     @Option(help: "Folder for metrics.json, loss.svg and results.md.") var out: String?
 
-    func run() throws {
-        try cli { try body() }
+    func validate() throws {
+        guard FederatedMethod(rawValue: method) != nil else {
+            throw ValidationError("unknown --method '\(method)'; use \(FederatedMethod.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        guard options.store != nil else { throw ValidationError("federate needs --store DIR (where the trained adapters are published)") }
+        guard rounds >= 1, localSteps >= 1, lowerSteps >= 0, rank >= 1, rank2 >= 1, batch >= 1, seq >= 2, clientsPerRound >= 0 else {
+            throw ValidationError("need --rounds, --local-steps, --rank, --rank2, --batch >= 1, --seq >= 2, --lower-steps and --clients-per-round >= 0")
+        }
+        guard lr.isFinite, lr > 0, lr2.isFinite, lr2 > 0, clip.isFinite, clip >= 0 else {
+            throw ValidationError("--lr and --lr2 must be positive numbers, --clip a number >= 0 (0 = off)")
+        }
+        guard BudgetMode(rawValue: budget) != nil else { throw ValidationError("unknown --budget '\(budget)'; use steps or compute") }
+        guard PF2LoRAVariant(rawValue: variant) != nil else {
+            throw ValidationError("unknown --variant '\(variant)'; use \(PF2LoRAVariant.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        if let r = baselineRank, r < 1 { throw ValidationError("--baseline-rank must be >= 1") }
+        guard evalEvery >= 0, evalWindows >= 0 else { throw ValidationError("--eval-every and --eval-windows must be >= 0 (0 = off)") }
+        try validateTargets(targets, modelFolder: options.model)
     }
 
-    func body() throws {
-        guard let m = FederatedMethod(rawValue: method) else {
-            throw CLIError("unknown --method '\(method)'; use \(FederatedMethod.allCases.map(\.rawValue).joined(separator: ", "))")
-        }
-        guard options.store != nil else { throw CLIError("federate needs --store DIR (where the trained adapters are published)") }
-        guard rounds >= 1, localSteps >= 1, lowerSteps >= 0, rank >= 1, rank2 >= 1, batch >= 1, seq >= 2, lr > 0, lr2 > 0 else {
-            throw CLIError("need rounds, local-steps, rank, rank2, batch >= 1, seq >= 2, lower-steps >= 0 and positive rates")
-        }
-        let kinds = try parseTargets(targets)
+    func run() throws {
+        let m = FederatedMethod(rawValue: method)!
+        let budgetMode = BudgetMode(rawValue: budget)!
+        let pf2loraVariant = PF2LoRAVariant(rawValue: variant)!
         let (model, tok) = try options.loadModel()
-        guard let store = try options.openStore(model) else { throw CLIError("federate needs --store DIR") }
+        let kinds = try parseTargets(targets, model.architecture)
+        guard let store = try options.openStore(model, access: .write, create: true, command: "federate") else { throw CLIError("federate needs --store DIR") }
+        if let why = store.readOnlyReason { throw CLIError(AdapterStoreError.readOnly(store: store.directory, why: why).description) }
         let only = clients?.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
         let t0 = now()
-        let clientData = try loadClientData(folder: data, tokenizer: tok, clients: only)
-        let T = min(seq, model.config.nPositions)
+        let clientData = try tokenCache.map { try TokenCache.load(folder: data, modelFolder: options.model, tokenizer: tok, clients: only, cacheDir: $0) }
+            ?? loadClientData(folder: data, tokenizer: tok, clients: only)
+        let T = min(seq, model.architecture.contextLength)
         let task = try GPT2LMTask(weights: model.weights, clients: clientData, batchSize: batch, seqLen: T, targets: kinds,
                                   padToken: textSeparator(tok))
         if evalWindows > 0 { task.evalWindowLimit = evalWindows }
@@ -70,6 +97,8 @@ struct FederateCommand: ParsableCommand {
         fc.rank = rank; fc.rank2 = rank2; fc.alpha = alpha ?? 2 * Float(rank); fc.alpha2 = alpha2 ?? 2 * Float(rank2)
         fc.upperLR = lr; fc.lowerLR = lr2; fc.clipNorm = clip; fc.seed = seed; fc.evalEvery = evalEvery
         fc.minLRRatio = 0.1
+        fc.budget = budgetMode; fc.skipTest = noTest; fc.pf2loraVariant = pf2loraVariant; fc.baselineRank = baselineRank
+        fc.perFedAvgInnerLR = innerLR; fc.hetloraLambda = hetloraLambda; fc.hetloraPruneRatio = hetloraPrune
 
         // Refuse early when the shared level's shape would not match the store's (HETLoRA's is known only at the end).
         let ids = clientData.map(\.id)
@@ -77,6 +106,8 @@ struct FederateCommand: ParsableCommand {
             try checkConsistent(rank: r, alpha: a, rslora: fc.rslora, modules: Set(task.modules.map(\.name)), with: store)
         }
 
+        // The versions this run starts from: its publish is a compare-and-swap on them.
+        let start = try startVersions(store, clients: ids)
         let result: FederatedResult
         do {
             result = try runFederated(m, task: task, config: fc) { line in log("federate: " + line) }
@@ -87,11 +118,13 @@ struct FederateCommand: ParsableCommand {
 
         let adapters = try federatedAdapters(result, modules: task.modules, clientIDs: ids, base: store.base)
         try checkConsistent(adapters.shared, with: store)
-        let versions = try publish(adapters, to: store)
+        let versions = try publish(adapters, to: store, from: start)
         log("federate: published shared v\(versions.shared) and \(versions.clients.count) client versions into \(store.directory)")
 
         // Metrics.
-        let baseTest = (0..<ids.count).map { task.evaluate(client: $0, adapter: .none, split: .test) }
+        let baseTest = (0..<ids.count).map { noTest ? Float.nan : task.evaluate(client: $0, adapter: .none, split: .test) }
+        let baseValid = (0..<ids.count).map { task.evaluate(client: $0, adapter: .none, split: .valid) }
+        let tokensPerEvaluation = batch * T
         var perClient: [[String: Any]] = []
         var table = MarkdownTable(["client", "train texts", "base test loss", "valid loss", "valid ppl", "test loss", "test ppl", "rank min-max (mean)", "version"],
                                   align: [.left, .right, .right, .right, .right, .right, .right, .center, .right])
@@ -105,8 +138,11 @@ struct FederateCommand: ParsableCommand {
                 "train_loss": result.rounds.map { $0.trainLoss[k].map { Double($0) as Any } ?? NSNull() },
                 "valid_loss_by_round": result.rounds.compactMap { r in r.validLoss.map { ["round": r.round, "loss": Double($0[k])] } },
                 "valid_loss": Double(result.validLoss[k]), "valid_perplexity": exp(Double(result.validLoss[k])),
-                "test_loss": Double(result.testLoss[k]), "test_perplexity": exp(Double(result.testLoss[k])),
-                "base_test_loss": Double(baseTest[k]),
+                "test_loss": json(result.testLoss[k]), "test_perplexity": json(exp(result.testLoss[k])),
+                "base_test_loss": json(baseTest[k]), "base_valid_loss": Double(baseValid[k]),
+                "gradient_evaluations": result.trainingEvaluations[k], "adaptation_evaluations": result.adaptationEvaluations[k],
+                "tokens": result.trainingEvaluations[k] * tokensPerEvaluation,
+                "trainable_parameters": result.trainableParameters[k], "uploaded_parameters_per_round": result.uploadedParameters[k],
                 "ranks": ranks, "rank_min": rv.min() ?? 0, "rank_max": rv.max() ?? 0, "rank_mean": mean,
                 "version": versions.clients[id] ?? 0,
             ])
@@ -115,7 +151,8 @@ struct FederateCommand: ParsableCommand {
                        "v\(versions.clients[id] ?? 0)"])
         }
         let meanTest = result.meanTestLoss
-        let summary = "\(m.displayName), \(rounds) rounds x \(localSteps) local steps, r=\(rank) r2=\(rank2), B=\(batch) T=\(T), seed \(seed): mean test loss \(f4(meanTest)) (ppl \(f2(exp(meanTest)))), \(String(format: "%.1f", result.seconds)) s; store shared v\(versions.shared)"
+        let evaluations = result.trainingEvaluations.reduce(0, +)
+        let summary = "\(m.displayName), budget \(budgetMode.rawValue): \(rounds) rounds x \(result.localIterations) local iterations (\(fc.evaluationsPerRound(for: m)) gradient evaluations per client per round; \(evaluations) in all, \(evaluations * tokensPerEvaluation) tokens), r=\(rank) r2=\(rank2), B=\(batch) T=\(T), seed \(seed): mean valid loss \(f4(mean(result.validLoss))), mean test loss \(noTest ? "not read" : f4(meanTest) + " (ppl " + f2(exp(meanTest)) + ")"), \(String(format: "%.1f", result.seconds)) s (training \(String(format: "%.1f", result.trainingSeconds)) s); store shared v\(versions.shared)"
         print(summary)
         print(table.render())
         if let out {
@@ -126,7 +163,17 @@ struct FederateCommand: ParsableCommand {
                 "lr": Double(lr), "lr2": Double(lr2), "batch": batch, "seq": T, "targets": kinds.map(\.path),
                 "rank_rule": "sigma_i > \(LearnedRank.defaultTau) * sigma_max", "seconds": result.seconds,
                 "model": model.folder, "store": store.directory, "shared_version": versions.shared,
-                "mean_test_loss": Double(meanTest), "mean_train_loss_by_round": result.rounds.map { Double($0.meanTrainLoss) },
+                "budget": budgetMode.rawValue, "local_iterations": result.localIterations,
+                "variant": pf2loraVariant.rawValue, "baseline_rank": fc.singleRank,
+                "gradient_evaluations_per_round": fc.evaluationsPerRound(for: m), "tokens_per_evaluation": tokensPerEvaluation,
+                "gradient_evaluations": evaluations, "tokens": evaluations * tokensPerEvaluation,
+                "training_seconds": result.trainingSeconds, "seconds_per_round": result.trainingSeconds / Double(rounds),
+                "peak_rss_bytes": peakResidentBytes(),
+                "inner_lr": Double(fc.perFedAvgInnerLR ?? fc.lowerLR), "hetlora_lambda": Double(hetloraLambda), "hetlora_prune": Double(hetloraPrune),
+                "test_read": !noTest, "data": data,
+                "mean_valid_loss": Double(mean(result.validLoss)), "mean_base_valid_loss": Double(mean(baseValid)),
+                "mean_valid_loss_by_round": result.rounds.compactMap { r in r.meanValidLoss.map { ["round": r.round, "loss": Double($0)] } },
+                "mean_test_loss": json(meanTest), "mean_train_loss_by_round": result.rounds.map { Double($0.meanTrainLoss) },
                 "clients": perClient,
             ]
             try JSONSerialization.data(withJSONObject: obj, options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: out + "/metrics.json"))
@@ -145,3 +192,14 @@ struct FederateCommand: ParsableCommand {
 
 private func f4(_ x: Float) -> String { String(format: "%.4f", x) }
 private func f2(_ x: Float) -> String { String(format: "%.2f", x) }
+private func mean(_ v: [Float]) -> Float { v.reduce(0, +) / Float(max(1, v.count)) }
+/// A loss for metrics.json: null when it was not computed (test split not read).
+private func json(_ x: Float) -> Any { x.isFinite ? Double(x) : NSNull() }
+
+/// The process's peak resident set size in bytes (VmHWM of /proc/self/status; 0 where it is unavailable).
+private func peakResidentBytes() -> Int {
+    guard let s = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+          let line = s.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }),
+          let kb = Int(line.split(separator: " ").dropFirst().first ?? "") else { return 0 }
+    return kb * 1024
+}

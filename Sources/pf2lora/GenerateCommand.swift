@@ -4,27 +4,42 @@ import PF2LoRA
 
 /// Options that open a model, its tokenizer and optionally an adapter store.
 struct ModelOptions: ParsableArguments {
-    @Option(help: "Model folder in Hugging Face GPT-2 layout (config.json, model.safetensors, tokenizer.json or vocab.json + merges.txt).")
+    @Option(help: "Model folder in Hugging Face layout (config.json of a supported family, model.safetensors, tokenizer.json or vocab.json + merges.txt).")
     var model: String = "models/fortune-gpt2"
-    @Option(help: "Adapter store folder (DESIGN §4). Without it, the base model alone is served.")
+    @Option(help: "Adapter store folder (DESIGN §4): personalize and federate publish into it and need it; generate and serve apply its adapters, and serve the base model alone without it.")
     var store: String?
+    @Option(help: "Which base folder of the store to use (default: the one named after the model folder). Errors that find none say which bases the store holds.")
+    var base: String?
     @Option(help: "OpenBLAS threads (0 = its default: all cores).")
     var threads: Int = 0
 
-    func loadModel() throws -> (GPT2Model, BPETokenizer) {
+    func validate() throws {
+        guard threads >= 0 else { throw ValidationError("--threads must be >= 0 (0 = OpenBLAS's default, all cores)") }
+    }
+
+    func loadModel() throws -> (LanguageModel, BPETokenizer) {
         BLAS.setThreads(threads)
-        let m = try GPT2Model.load(folder: model)
+        let m = try LanguageModel.load(folder: model)
         let tok = try BPETokenizer(folder: model)
-        guard tok.vocabSize <= m.config.vocabSize else {
-            throw CLIError("\(model): the tokenizer has \(tok.vocabSize) tokens but the model's vocab_size is \(m.config.vocabSize); they do not belong together")
+        guard tok.vocabSize <= m.architecture.vocabSize else {
+            throw CLIError("\(model): the tokenizer has \(tok.vocabSize) tokens but the model's vocab_size is \(m.architecture.vocabSize); they do not belong together")
         }
         return (m, tok)
     }
 
-    func openStore(_ m: GPT2Model, cacheBytes: Int = 256 << 20) throws -> AdapterStore? {
+    /// Opens `--store` for this model: `.read` (generate) creates and changes nothing and needs the
+    /// store to hold this base; `.write` with `create` (personalize, federate) makes a missing store;
+    /// `.write` without it (serve) needs the root to exist and makes the base folder at its first
+    /// publish. What the open's reconcile found goes to stderr, prefixed with `command`.
+    func openStore(_ m: LanguageModel, access: StoreAccess, create: Bool, command: String, cacheBytes: Int = 256 << 20) throws -> AdapterStore? {
         guard let store else { return nil }
-        let base = try BaseModelInfo.gpt2(folder: m.folder)
-        return try AdapterStore.open(root: store, base: base, cacheBytes: cacheBytes)
+        let info = try BaseModelInfo.load(folder: m.folder)
+        let s: AdapterStore
+        do { s = try AdapterStore.open(root: store, base: info, folder: base, access: access, create: create, cacheBytes: cacheBytes) } catch let e as AdapterStoreError {
+            throw CLIError(e.description)
+        }
+        logStoreOpen(s, command: command)
+        return s
     }
 }
 
@@ -32,15 +47,28 @@ struct GenerateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "generate",
         abstract: "Continue a prompt; prints the continuation (not the prompt) to stdout as it is generated.",
-        discussion: "Statistics go to stderr. --temperature 0 is greedy. With --store and --client, the client's two-level adapter is applied (the shared pair alone if the client has none).")
+        discussion: """
+            Statistics go to stderr. --temperature 0 is greedy. With --store, the store's shared pair is \
+            applied, and with --client that client's two-level adapter (a client the store has no adapter \
+            for is an error: omit --client for the shared pair alone). The store is only read: nothing in \
+            it is created or changed.
+
+            Instead of --prompt, --messages takes a JSON array of chat messages \
+            ('[{"role": "user", "content": "Hi"}]'): they are rendered with the model's chat template \
+            (tokenizer_config.json, as transformers' apply_chat_template; the plain "Role: content" format of \
+            docs/CHAT.md for models without one) with the assistant generation prompt, and the continuation is \
+            the assistant's reply.
+            """)
 
     @OptionGroup var options: ModelOptions
     @Option(help: "The prompt text.")
-    var prompt: String
+    var prompt: String?
+    @Option(help: ArgumentHelp("Chat messages as a JSON array, rendered with the model's chat template (instead of --prompt).", valueName: "JSON"))
+    var messages: String?
     @Option(name: .customLong("max-tokens"), help: "Tokens to generate at most.")
     var maxTokens: Int = 64
-    @Option(help: "Sampling temperature (0 = greedy).")
-    var temperature: Float = 0.8
+    @Option(help: "Sampling temperature, >= 0 (0 = greedy; the larger, the flatter).")
+    var temperature: Double = 0.8
     @Option(name: .customLong("top-k"), help: "Sample from the k most likely tokens only (0 = off).")
     var topK: Int = 0
     @Option(name: .customLong("top-p"), help: "Nucleus sampling: smallest set of tokens with probability >= p (1 = off).")
@@ -54,38 +82,62 @@ struct GenerateCommand: ParsableCommand {
     @Flag(name: .customLong("ignore-eos"), help: "Keep going past the end-of-text token.")
     var ignoreEOS = false
 
+    /// The sampling options; a temperature beyond Float's range is as flat as Float's largest.
+    var sampling: SamplingParams {
+        SamplingParams(temperature: Float(min(temperature, Double(Float.greatestFiniteMagnitude))), topK: topK, topP: topP, seed: seed)
+    }
+
+    func validate() throws {
+        guard rawArgumentIsValidUTF8(option: "--prompt") else { throw ValidationError("--prompt is not valid UTF-8; pass the text in UTF-8") }
+        guard (prompt == nil) != (messages == nil) else { throw ValidationError("give either --prompt TEXT or --messages JSON (one of them)") }
+        guard maxTokens >= 0 else { throw ValidationError("--max-tokens must be >= 0") }
+        guard temperature.isFinite, temperature >= 0 else { throw ValidationError("--temperature must be a number >= 0 (0 is greedy)") }
+        guard topK >= 0 else { throw ValidationError("--top-k must be >= 0 (0 turns it off)") }
+        guard topP.isFinite, topP > 0, topP <= 1 else { throw ValidationError("--top-p must be in (0, 1] (1 turns it off)") }
+        guard client == nil || options.store != nil else { throw ValidationError("--client needs --store DIR (the adapter store)") }
+    }
+
     func run() throws {
-        guard rawArgumentIsValidUTF8(option: "--prompt") else {
-            throw CLIError("--prompt is not valid UTF-8; pass the text in UTF-8")
-        }
         let (m, tok) = try options.loadModel()
-        let sampling = SamplingParams(temperature: temperature, topK: topK, topP: topP, seed: seed)
-        try sampling.validate()
-        guard maxTokens >= 0 else { throw CLIError("--max-tokens must be >= 0") }
-        let ids = tok.encode(prompt)
+        let sampling = self.sampling
+        let ids: [Int]
+        if let messages {
+            // The template writes the special tokens (BOS) itself.
+            let text = try ChatTemplate(folder: options.model).render(messagesJSON: messages, addGenerationPrompt: true)
+            ids = tok.encode(text, addSpecialTokens: false)
+        } else {
+            ids = tok.encode(prompt ?? "")
+        }
         guard !ids.isEmpty else { throw CLIError("the prompt is empty; give at least one character of text") }
-        guard ids.count < m.config.nPositions else {
-            throw CLIError("the prompt is \(ids.count) tokens but the model's context is \(m.config.nPositions); shorten the prompt")
+        guard ids.count < m.architecture.contextLength else {
+            throw CLIError("the prompt is \(ids.count) tokens but the model's context is \(m.architecture.contextLength); shorten the prompt")
         }
         var binding = AdapterBinding.base(m)
-        if let store = try options.openStore(m) {
+        if let store = try options.openStore(m, access: .read, create: false, command: "generate") {
+            // A client given must have an adapter: a mistyped id is an error, not a silent fallback
+            // to the shared pair (omit --client for the shared pair alone).
+            if let client {
+                try ClientID.validate(client)
+                guard store.currentVersion(level: .client, client: client) != nil else {
+                    let known = store.clients()
+                    throw CLIError("store \(store.directory) has no adapter for client '\(client)' (\(known.isEmpty ? "it has no clients" : "clients: " + known.prefix(10).joined(separator: ", ") + (known.count > 10 ? ", … (\(known.count))" : ""))); omit --client for the shared pair alone")
+                }
+            }
             let runtime = AdapterRuntime(model: m, store: store)
             try runtime.prepare()
             do { binding = try runtime.resolve(client: client) } catch { throw CLIError(AdapterRuntime.rpcError(error).message) }
-        } else if client != nil {
-            throw CLIError("--client needs --store DIR (the adapter store)")
         }
         let engine = InferenceEngine(model: m)
-        let cache = KVCache(config: m.config, capacity: min(m.config.nPositions, ids.count + maxTokens + 1))
+        let cache = KVCache(architecture: m.architecture, capacity: min(m.architecture.contextLength, ids.count + maxTokens + 1))
         let gen = GenerationState(request: GenerationRequest(prompt: ids, maxTokens: maxTokens, sampling: sampling, stop: stop, ignoreEOS: ignoreEOS),
-                                  cache: cache, vocabSize: m.config.vocabSize, eos: tok.eosTokenId, decodeToken: { tok.decodeBytes([$0]) })
+                                  cache: cache, vocabSize: m.architecture.vocabSize, eos: tok.eosTokenId, decodeToken: { tok.decodeBytes([$0]) })
         let t0 = now()
         var tFirst = t0
         let stdout = FileHandle.standardOutput
         while !gen.isFinished {
             let logits = try engine.step([StepInput(cache: cache, tokens: gen.pendingInput, weights: binding.weights, client: binding.client)])
             if gen.isPrefill { tFirst = now() }
-            let (_, delta) = gen.accept(logits: logits.data, vocabSize: m.config.vocabSize)
+            let (_, delta) = gen.accept(logits: logits.data, vocabSize: m.architecture.vocabSize)
             if !delta.isEmpty { stdout.write(Data(delta.utf8)) }
         }
         stdout.write(Data("\n".utf8))
@@ -125,42 +177,79 @@ struct ServeCommand: ParsableCommand {
     var maxNewTokens = 4096
     @Option(name: .customLong("max-line-bytes"), help: "Longest request line accepted.")
     var maxLineBytes = 1 << 20
-    @Option(name: .customLong("cache-mb"), help: "Byte budget of the decompressed-adapter LRU cache, in MiB.")
+    @Option(name: .customLong("cache-mb"), help: "Byte budget of the decompressed-adapter LRU cache, in MiB (0 = no cache: every request loads its adapter from the store).")
     var cacheMB = 256
+    @Option(name: .customLong("exchange-dir"), help: "The folder train_local/evaluate_local requests may name files in (data folders, shared.path, shared_out); paths are resolved inside it, never following links, never into the store. Without it, requests that name a path are refused.")
+    var exchangeDir: String?
+    @Option(name: .customLong("exchange-max-mb"), help: "The largest file a request may make the server read from the exchange folder, in MiB.")
+    var exchangeMaxMB = 1024
     @Option(name: .customLong("max-train-mb"), help: "Largest training state (activations for batch x seq) a personalize, train_local or evaluate_local may take, in MiB; a larger request is refused with the figure before anything is allocated (0: no bound).")
     var maxTrainMB = 2048
     @Flag(help: "Ignore unknown request params (by default they are refused with -32602 naming them).")
     var lenient = false
 
+    func validate() throws {
+        guard maxBatch >= 1, maxQueue >= 0, maxPromptTokens >= 1, maxNewTokens >= 0, maxLineBytes >= 64 else {
+            throw ValidationError("limits must be positive (max-line-bytes at least 64)")
+        }
+        let memoryMB = Int(ProcessInfo.processInfo.physicalMemory >> 20)
+        guard cacheMB >= 0, cacheMB <= memoryMB else {
+            throw ValidationError("--cache-mb \(cacheMB) is outside 0...\(memoryMB) (this machine's memory in MiB); 0 turns the cache off")
+        }
+        guard maxTrainMB >= 0 else { throw ValidationError("--max-train-mb must be >= 0 (0: no bound)") }
+        guard exchangeMaxMB >= 1, exchangeMaxMB <= 1 << 20 else { throw ValidationError("--exchange-max-mb must be in 1...1048576 (got \(exchangeMaxMB))") }
+        guard exchangeDir == nil || options.store != nil else {
+            throw ValidationError("--exchange-dir needs --store: it is where train_local and evaluate_local read and write, and they need a store")
+        }
+    }
+
     func run() throws {
         let (m, tok) = try options.loadModel()
-        let store = try options.openStore(m, cacheBytes: cacheMB << 20)
+        // serve creates nothing at start: the store root must exist (a mistyped --store is an error);
+        // a base folder is made at the first publish; a store it cannot write is served read-only.
+        let store = try options.openStore(m, access: .write, create: false, command: "serve", cacheBytes: cacheMB << 20)
         var limits = ServerLimits()
         limits.maxBatch = maxBatch; limits.maxQueue = maxQueue; limits.maxPromptTokens = maxPromptTokens
         limits.maxNewTokens = maxNewTokens; limits.maxLineBytes = maxLineBytes
-        guard maxBatch >= 1, maxQueue >= 0, maxPromptTokens >= 1, maxNewTokens >= 0, maxLineBytes >= 64, maxTrainMB >= 0 else {
-            throw CLIError("limits must be positive (max-line-bytes at least 64)")
-        }
         let server = Server(model: m, tokenizer: tok, store: store, strictClients: strictClients, limits: limits, lenient: lenient)
         server.training.maxStateBytes = maxTrainMB == 0 ? nil : maxTrainMB << 20
         do { try server.runtime.prepare() } catch {
             throw CLIError("the store's shared adapter failed to load: \(AdapterRuntime.rpcError(error).message)")
         }
-        if let store {
-            let rep = store.lastReconcile
-            for f in rep.quarantined { log("serve: warning: \(store.directory)/\(f) failed validation and was moved aside (.corrupt-*); that adapter is refused until a valid version is published") }
-            for r in rep.repointed { log("serve: store repaired: \(r)") }
-            for r in rep.ignored { log("serve: store: ignored \(r)") }
-            // Every client's current file was validated by the reconcile in `open` (a failing one
-            // was moved aside and is reported above); validating them all again here doubled the
-            // start time (1,000 clients: 3.9 s in a debug build of the tiny test model) for nothing.
+        // Every client's current file was validated by the reconcile in `open` (a failing one was
+        // moved aside and reported by openStore); validating them all again here doubled the start
+        // time (1,000 clients: 3.9 s in a debug build of the tiny test model) for nothing.
+        var exchange: ConfinedFolder?
+        if let exchangeDir {
+            do {
+                exchange = try ConfinedFolder(exchangeDir, readLimit: exchangeMaxMB << 20, excluding: [options.store!, store!.directory])
+            } catch { throw CLIError("\(error)") }
         }
         installPersonalize(on: server)
-        installFederatedClient(server)
+        installFederatedClient(server, exchange: exchange)
         server.handleTerminationSignals()
-        log("serve: \(m.folder) (\(m.config.nLayer) layers, vocab \(m.config.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")
+        log("serve: pf2lora \(PF2LoRAVersion.string), \(m.folder) (\(m.architecture.layerCount) layers, vocab \(m.architecture.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")
         let code = server.run()
         log("serve: drained, exiting")
         if code != 0 { throw ExitCode(code) }
+    }
+}
+
+/// Reports on stderr what opening a store did: folders created, files that failed validation (moved
+/// aside or, read-only, skipped) with the check that failed, adapters repointed, links ignored, and
+/// whether the store is read-only.
+func logStoreOpen(_ store: AdapterStore, command: String) {
+    let rep = store.lastReconcile
+    for f in store.createdFolders { log("\(command): created the store folder \(f)") }
+    for f in rep.quarantined {
+        log("\(command): warning: \(store.directory)/\(f) failed validation and was moved aside as .corrupt-\((f as NSString).lastPathComponent): \(rep.reasons[f] ?? "?"); that adapter falls back to its newest valid version (`pf2lora adapters inspect --file` shows the file)")
+    }
+    for f in rep.skipped {
+        log("\(command): warning: \(store.directory)/\(f) failed validation and is skipped (the store is not written): \(rep.reasons[f] ?? "?")")
+    }
+    for r in rep.repointed { log("\(command): store repaired: \(r)") }
+    for r in rep.ignored { log("\(command): store: ignored \(r)") }
+    if let why = store.readOnlyReason, why != "opened read-only" {
+        log("\(command): the store \(store.directory) is read-only (\(why)): it is served as it is; personalize, train_local and imports are refused")
     }
 }

@@ -26,10 +26,21 @@ struct PersonalizeCommand: ParsableCommand {
     @Option(help: "Tokens per window (T).") var seq: Int = PersonalizeOptions().seqLen
     @Option(help: "Random seed.") var seed: UInt64 = 0
 
+    func validate() throws {
+        guard options.store != nil else { throw ValidationError("personalize needs --store DIR (the adapter store to publish into)") }
+        guard steps >= 1 else { throw ValidationError("--steps must be >= 1") }
+        if let s = maxSeconds { guard s.isFinite, s > 0 else { throw ValidationError("--max-seconds must be a positive number of seconds") } }
+        guard lr.isFinite, lr > 0 else { throw ValidationError("--lr must be a positive number") }
+        if let r = rank2 { guard (1...256).contains(r) else { throw ValidationError("--rank2 must be in 1...256") } }
+        if let a = alpha2 { guard a.isFinite, a > 0 else { throw ValidationError("--alpha2 must be a positive number") } }
+        guard (1...64).contains(batch) else { throw ValidationError("--batch must be in 1...64") }
+        guard (2...4096).contains(seq) else { throw ValidationError("--seq must be in 2...4096") }
+    }
+
     func run() throws {
-        guard options.store != nil else { throw CLIError("personalize needs --store DIR (the adapter store to publish into)") }
         let (m, tok) = try options.loadModel()
-        guard let store = try options.openStore(m) else { throw CLIError("personalize needs --store DIR") }
+        guard let store = try options.openStore(m, access: .write, create: true, command: "personalize") else { throw CLIError("personalize needs --store DIR") }
+        if let why = store.readOnlyReason { throw CLIError(AdapterStoreError.readOnly(store: store.directory, why: why).description) }
         let list: [String]
         do { list = try TextFile.read(texts) } catch { throw CLIError("\(error)") }
         var o = PersonalizeOptions()

@@ -58,11 +58,15 @@ struct PretrainCommand: ParsableCommand {
     @Option(help: "OpenBLAS threads (0 = its default: all cores).")
     var threads: Int = 0
 
+    func validate() throws {
+        guard steps >= 1, batch >= 1, seq >= 2, evalEvery >= 1, saveEvery >= 1, logEvery >= 1, lr.isFinite, lr > 0 else {
+            throw ValidationError("need --steps, --batch, --eval-every, --save-every, --log-every >= 1, --seq >= 2 and --lr > 0")
+        }
+        guard threads >= 0 else { throw ValidationError("--threads must be >= 0 (0 = OpenBLAS's default, all cores)") }
+    }
+
     func run() throws {
         BLAS.setThreads(threads)
-        guard steps >= 1, batch >= 1, seq >= 2, evalEvery >= 1, saveEvery >= 1, logEvery >= 1, lr > 0 else {
-            throw CLIError("need --steps, --batch, --eval-every, --save-every, --log-every >= 1, --seq >= 2 and --lr > 0")
-        }
         var opts = PretrainOptions()
         opts.steps = steps; opts.batch = batch; opts.seq = seq; opts.lr = lr; opts.minLRRatio = minLRRatio
         opts.warmup = warmup; opts.weightDecay = weightDecay; opts.clip = clip; opts.seed = seed
@@ -105,10 +109,10 @@ struct PretrainCommand: ParsableCommand {
                 throw CLIError("unknown --config '\(config)'; use small, tiny, distilgpt2 or gpt2")
             }
             cfg.eosTokenId = eos; cfg.bosTokenId = eos
-            p = GPT2Pretrainer(weights: GPT2Weights.random(config: cfg, seed: seed), options: opts)
+            p = GPT2Pretrainer(weights: ModelWeights.random(architecture: cfg.architecture, seed: seed), options: opts)
         }
-        let c = p.weights.config
-        guard seq <= c.nPositions else { throw CLIError("--seq \(seq) exceeds the model's n_positions \(c.nPositions)") }
+        let c = p.weights.architecture
+        guard seq <= c.contextLength else { throw CLIError("--seq \(seq) exceeds the model's context \(c.contextLength)") }
         guard c.vocabSize >= tok.vocabSize else { throw CLIError("the tokenizer has \(tok.vocabSize) tokens but the checkpoint's vocab_size is \(c.vocabSize)") }
         try fm.createDirectory(atPath: out, withIntermediateDirectories: true)
         for f in ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
@@ -116,7 +120,7 @@ struct PretrainCommand: ParsableCommand {
             try AtomicFile.write(Data(contentsOf: URL(fileURLWithPath: tokenizer + "/" + f)), to: out + "/" + f)
         }
         log(String(format: "pretrain: %@ config: %d layers, %d wide, %d heads, %d positions, vocab %d: %.2fM parameters; %d steps of %d x %d tokens, lr %g, warm-up %d",
-                   config, c.nLayer, c.nEmbd, c.nHead, c.nPositions, c.vocabSize, Double(p.parameterCount) / 1e6,
+                   config, c.layerCount, c.hiddenSize, c.headCount, c.contextLength, c.vocabSize, Double(p.parameterCount) / 1e6,
                    steps, batch, seq, Double(lr), warmup))
 
         func checkpoint(_ elapsed: Double) throws {

@@ -21,11 +21,14 @@ struct RankCommand: ParsableCommand {
     @Flag(help: "Print JSON.") var json = false
     @Option(help: "Write the spectra plot (SVG) here.") var svg: String?
 
+    func validate() throws {
+        guard tau > 0, tau < 1 else { throw ValidationError("--tau must be in (0, 1)") }
+    }
+
     func run() throws {
-        try cli {
-            guard tau > 0, tau < 1 else { throw CLIError("--tau must be in (0, 1)") }
-            let base = try BaseModelInfo.gpt2(folder: model)
-            let st = try AdapterStore.open(root: store, base: base)
+        do {
+            let base = try BaseModelInfo.load(folder: model)
+            let st = try AdapterStore.open(root: store, base: base, access: .read, create: false)
             let sp = try clientSpectra(store: st, client: client)
             let ranks = sp.ranks(tau: tau)
             let values = sp.modules.map { ranks[$0]! }

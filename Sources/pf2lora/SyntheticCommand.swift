@@ -18,6 +18,8 @@ struct SyntheticCommand: ParsableCommand {
     @Option(name: .customLong("clients-per-round"), help: "Clients sampled per round (0 = all).") var clientsPerRound: Int = 0
     @Option(help: "Shared rank r.") var rank: Int = 8
     @Option(name: .customLong("rank2"), help: "Client rank r2.") var rank2: Int = 2
+    @Option(name: .customLong("true-rank"), help: "Generator's shared rank (default --rank): a truth the model is not specified for.") var trueRank: Int?
+    @Option(name: .customLong("true-rank2"), help: "Generator's client budget m_k + a_k (default --rank2): true ranks span [true-rank - true-rank2, true-rank + true-rank2].") var trueRank2: Int?
     @Option(name: .customLong("d-in"), help: "Input dimension.") var dIn: Int = 40
     @Option(name: .customLong("d-out"), help: "Output dimension.") var dOut: Int = 32
     @Option(name: .customLong("upper-lr"), help: "AdamW rate of the shared level and of the baselines.") var upperLR: Float = 0.01
@@ -33,20 +35,40 @@ struct SyntheticCommand: ParsableCommand {
     @Flag(name: .customLong("schedule-lower"), help: "Decay the lower-level rate with the round schedule too.") var scheduleLower = false
     @Flag(name: .customLong("persist-adam"), help: "Keep client AdamW moments across rounds.") var persistAdam = false
     @Option(name: .customLong("min-lr-ratio"), help: "Cosine floor of the round schedule.") var minLRRatio: Float = 0.01
+    @Option(help: "steps (every method runs --local-steps iterations) or compute (every method makes PF2LoRA's local-steps x (lower-steps + 1) gradient evaluations per client per round).")
+    var budget: String = "steps"
+    @Option(name: .customLong("inner-lr"), help: "Per-FedAvg's inner SGD rate (default --lower-lr).") var innerLR: Float?
+    @Option(name: .customLong("hetlora-lambda"), help: "HETLoRA's sparsity penalty weight.") var hetloraLambda: Float = 1e-3
+    @Option(name: .customLong("hetlora-prune"), help: "HETLoRA's tail-pruning ratio.") var hetloraPrune: Float = 0.05
+    @Option(help: "PF2LoRA: bilevel, joint or client-only (ablations, docs/METHOD.md).") var variant: String = "bilevel"
+    @Option(name: .customLong("baseline-rank"), help: "Rank of the single-level baselines (default rank + rank2).") var baselineRank: Int?
+
+    func validate() throws {
+        guard clients >= 1, rounds >= 1, rank >= rank2, rank2 >= 1 else {
+            throw ValidationError("need --clients >= 1, --rounds >= 1 and --rank >= --rank2 >= 1")
+        }
+        guard rank + rank2 <= min(dIn, dOut) else { throw ValidationError("--rank + --rank2 must be <= min(--d-in, --d-out)") }
+    }
 
     func run() throws {
-        guard clients >= 1, rounds >= 1, rank >= rank2, rank2 >= 1 else {
-            throw ValidationError("need clients >= 1, rounds >= 1 and rank >= rank2 >= 1")
-        }
         var sc = SyntheticConfig()
-        sc.clients = clients; sc.dIn = dIn; sc.dOut = dOut; sc.rank = rank; sc.rank2 = rank2
+        sc.clients = clients; sc.dIn = dIn; sc.dOut = dOut; sc.rank = trueRank ?? rank; sc.rank2 = trueRank2 ?? rank2
+        guard sc.rank >= sc.rank2, sc.rank2 >= 1, sc.rank + sc.rank2 <= min(dIn, dOut) else {
+            throw ValidationError("need true-rank >= true-rank2 >= 1 and true-rank + true-rank2 <= min(d-in, d-out)")
+        }
         sc.noiseStd = noise; sc.trainMin = trainMin; sc.trainMax = trainMax; sc.batchSize = batch; sc.seed = seed
-        guard rank + rank2 <= min(dIn, dOut) else { throw ValidationError("rank + rank2 must be <= min(d-in, d-out)") }
         var fc = FederatedConfig()
         fc.rounds = rounds; fc.localSteps = localSteps; fc.lowerSteps = lowerSteps; fc.clientsPerRound = clientsPerRound
         fc.rank = rank; fc.rank2 = rank2; fc.alpha = 2 * Float(rank); fc.alpha2 = 2 * Float(rank2)
         fc.upperLR = upperLR; fc.lowerLR = lowerLR; fc.seed = seed; fc.evalEvery = evalEvery
         fc.scheduleLowerLR = scheduleLower; fc.persistClientOptimizer = persistAdam; fc.minLRRatio = minLRRatio
+        guard let b = BudgetMode(rawValue: budget) else { throw ValidationError("--budget must be steps or compute") }
+        guard let v = PF2LoRAVariant(rawValue: variant) else {
+            throw ValidationError("--variant must be one of \(PF2LoRAVariant.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        if let r = baselineRank, r < 1 { throw ValidationError("--baseline-rank must be >= 1") }
+        fc.budget = b; fc.pf2loraVariant = v; fc.baselineRank = baselineRank; fc.perFedAvgInnerLR = innerLR
+        fc.hetloraLambda = hetloraLambda; fc.hetloraPruneRatio = hetloraPrune
         var list = FederatedMethod.allCases
         if let methods {
             list = try methods.split(separator: ",").map { s in

@@ -186,9 +186,9 @@ import Testing
     @Test func gpt2BaseInfoFromFolder() throws {
         let dir = TestPaths.tempDir("gpt2")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        try Data(#"{"n_embd": 8, "n_layer": 2, "n_inner": null, "model_type": "gpt2"}"#.utf8).write(to: URL(fileURLWithPath: dir + "/config.json"))
+        try Data(#"{"vocab_size": 10, "n_positions": 16, "n_embd": 8, "n_layer": 2, "n_head": 2, "n_inner": null, "model_type": "gpt2"}"#.utf8).write(to: URL(fileURLWithPath: dir + "/config.json"))
         try SafeTensorsWriter.serialize(["wte.weight": Tensor(zeros: [10, 8])]).write(to: URL(fileURLWithPath: dir + "/model.safetensors"))
-        let b = try BaseModelInfo.gpt2(folder: dir)
+        let b = try BaseModelInfo.load(folder: dir)
         #expect(b.linears.count == 8)
         #expect(b.linears["transformer.h.1.attn.c_attn"]! == (8, 24))
         #expect(b.linears["transformer.h.0.mlp.c_proj"]! == (32, 8))

@@ -55,7 +55,7 @@ import Testing
         try full.write(to: URL(fileURLWithPath: dir + "/model.safetensors"))
         let long = String(repeating: "The cat sat on the mat. ", count: 40)
         Self.expectOneErrorLine(try Self.run(["generate", "--model", dir, "--prompt", long]), "context")
-        Self.expectOneErrorLine(try Self.run(["generate", "--model", dir, "--prompt", "x", "--top-p", "2"]), "top_p")
+        Self.expectOneErrorLine(try Self.run(["generate", "--model", dir, "--prompt", "x", "--top-p", "2"]), "--top-p")
         Self.expectOneErrorLine(try Self.run(["generate", "--model", dir, "--prompt", "x", "--client", "a"]), "--store")
         Self.expectOneErrorLine(try Self.run(["tokenize", "--model", dir], stdin: Data([0x61, 0xff, 0x62])), "UTF-8")
         // Invalid UTF-8 in an argument: through a shell, since Process passes Swift Strings.

@@ -101,7 +101,8 @@ import Testing
     @Test func trainLocalThroughTheServer() throws {
         let fx = try ServerFixture(clients: ["alice"])
         defer { fx.cleanup() }
-        let data = fx.root + "/data/dana"
+        let exchange = fx.root + "/exchange"
+        let data = exchange + "/dana"
         try Self.writeClientData(data, texts: PersonalizeTests.texts)
         // The server's x: a fresh shared pair of the store's shape (rank 8, alpha 8 as the fixture's).
         let sharedNow = try #require(try fx.storeHandle.latestShared()).adapter
@@ -124,7 +125,7 @@ import Testing
                                            data: try loadClientFolder(data, client: "dana", tokenizer: tok), shared: x0,
                                            padToken: textSeparator(tok), options: o)
 
-        let s = try fx.serve()
+        let s = try fx.serve(["--exchange-dir", exchange])
         s.request(1, "train_local", withShared(round, x0))
         // Generation keeps being answered while the node trains.
         s.request(2, "generate", ["client": "alice", "prompt": "The cat", "max_tokens": 4, "temperature": 0])
@@ -141,7 +142,7 @@ import Testing
         #expect(abs((r1["train_loss"] as? Double ?? 0) - Double(expected.trainLoss)) < 1e-6)
 
         // Round 2 with an averaged x (here: the answer itself), written to a file instead of inline.
-        let outFile = fx.root + "/x2.safetensors"
+        let outFile = exchange + "/x2.safetensors"
         s.request(3, "train_local", withShared(round, x1).merging(["round": 1, "shared_out": outFile]) { $1 })
         let r3 = try #require(ServerProcess.result(s.response(3, timeout: 120)), "\(s.stderrText)")
         #expect(r3["client_version"] as? Int == 2 && r3["previous_client_version"] as? Int == 1 && r3["shared_version"] as? Int == 3)
@@ -169,7 +170,7 @@ import Testing
             ("no shared", round, -32602, "params.shared is required"),
             ("bad base64", round.merging(["shared": ["safetensors": "***"]]) { $1 }, -32602, "not valid base64"),
             ("truncated", round.merging(["shared": ["safetensors": x1.safetensors().prefix(100).base64EncodedString()]]) { $1 }, -32002, "params.shared"),
-            ("other base", withShared(round, wrongBase), -32003, "fedcba9876543210"),
+            ("other base", withShared(round, wrongBase), -32003, "check 10"),
             ("client level", withShared(round, clientLevel), -32002, "level"),
             ("missing data", withShared(round, x1).merging(["data": fx.root + "/nowhere"]) { $1 }, -32602, "nowhere"),
             ("unsafe id", withShared(round, x1).merging(["client": "../x"]) { $1 }, -32602, "client"),

@@ -12,9 +12,9 @@ import Testing
     }()
     /// Random GPT-2 weights with a wider tied embedding (std 0.2): at GPT-2's 0.02 the final layer norm
     /// caps every logit near ±0.6 at this width, so no adapter could lower the loss much below ln V.
-    static let weights: GPT2Weights = {
-        let w = GPT2Weights.random(config: config, seed: 3)
-        for i in 0..<w.wte.count { w.wte.data[i] *= 10 }
+    static let weights: ModelWeights = {
+        let w = ModelWeights.random(architecture: config.architecture, seed: 3)
+        for i in 0..<w.embed.count { w.embed.data[i] *= 10 }
         return w
     }()
 

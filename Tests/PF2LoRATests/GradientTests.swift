@@ -17,8 +17,8 @@ struct ReferenceGPT2 {
     var adapters: [[String: (down: [Double], up: [Double], r: Int)]]   // [level][path]
     var scales: [Double]
 
-    init(weights: GPT2Weights, shared: AdapterWeights?, client: AdapterWeights?) {
-        c = weights.config
+    init(weights: ModelWeights, shared: AdapterWeights?, client: AdapterWeights?) {
+        c = GPT2Config(weights.architecture)
         p = Dictionary(uniqueKeysWithValues: weights.named.map { ($0.0, $0.1.array.map(Double.init)) })
         adapters = [shared, client].map { lvl in
             (lvl?.pairs ?? [:]).mapValues { (down: $0.down.array.map(Double.init), up: $0.up.array.map(Double.init), r: $0.down.shape[0]) }
@@ -34,9 +34,11 @@ struct ReferenceGPT2 {
         return x.indices.map { (x[$0] - m) * rs * w[$0] + b[$0] }
     }
 
-    func linear(_ x: [Double], layer l: Int, kind: LinearKind) -> [Double] {
-        let (din, dout) = kind.dims(c)
-        let name = "transformer.h.\(l).\(kind.path)"
+    /// Slot 0 attn.c_attn, 1 attn.c_proj, 2 mlp.c_fc, 3 mlp.c_proj (Conv1D weights, (in, out)).
+    func linear(_ x: [Double], layer l: Int, slot: Int) -> [Double] {
+        let s = c.architecture.slots[slot]
+        let (din, dout) = s.dims
+        let name = "transformer.h.\(l).\(s.path)"
         let w = p[name + ".weight"]!, b = p[name + ".bias"]!
         var out = b
         for i in 0..<din { for o in 0..<dout { out[o] += x[i] * w[i * dout + o] } }
@@ -64,7 +66,7 @@ struct ReferenceGPT2 {
             }
             for l in 0..<c.nLayer {
                 let pre = "transformer.h.\(l)."
-                let qkv = x.map { linear(layerNorm($0, p[pre + "ln_1.weight"]!, p[pre + "ln_1.bias"]!), layer: l, kind: .qkv) }
+                let qkv = x.map { linear(layerNorm($0, p[pre + "ln_1.weight"]!, p[pre + "ln_1.bias"]!), layer: l, slot: 0) }
                 var y = Array(repeating: Array(repeating: 0.0, count: C), count: T)
                 for h in 0..<H {
                     for i in 0..<T {
@@ -76,10 +78,10 @@ struct ReferenceGPT2 {
                     }
                 }
                 for t in 0..<T {
-                    let proj = linear(y[t], layer: l, kind: .attnProj)
+                    let proj = linear(y[t], layer: l, slot: 1)
                     for i in 0..<C { x[t][i] += proj[i] }
-                    let h1 = linear(layerNorm(x[t], p[pre + "ln_2.weight"]!, p[pre + "ln_2.bias"]!), layer: l, kind: .fc).map(gelu)
-                    let h2 = linear(h1, layer: l, kind: .mlpProj)
+                    let h1 = linear(layerNorm(x[t], p[pre + "ln_2.weight"]!, p[pre + "ln_2.bias"]!), layer: l, slot: 2).map(gelu)
+                    let h2 = linear(h1, layer: l, slot: 3)
                     for i in 0..<C { x[t][i] += h2[i] }
                 }
             }
@@ -105,8 +107,8 @@ enum GradientTestModel {
     /// GPT-2's init so the loss is far from uniform and every gradient is clearly non-zero.
     static let config = GPT2Config(vocabSize: 37, nPositions: 16, nEmbd: 24, nLayer: 2, nHead: 3, eosTokenId: 0)
 
-    static func weights(seed: UInt64 = 1) -> GPT2Weights {
-        let w = GPT2Weights.random(config: config, seed: seed)
+    static func weights(seed: UInt64 = 1) -> ModelWeights {
+        let w = ModelWeights.random(architecture: config.architecture, seed: seed)
         var rng = RNG(seed: seed &+ 100)
         for (name, t) in w.named {
             let isLN = name.contains("ln_") && name.hasSuffix(".weight")
@@ -121,13 +123,14 @@ enum GradientTestModel {
     static func adapter(rank: Int, scale: Float, seed: UInt64) -> AdapterWeights {
         var rng = RNG(seed: seed)
         var pairs: [String: (down: Tensor, up: Tensor)] = [:]
+        let arch = config.architecture
         for l in 0..<config.nLayer {
-            for kind in LinearKind.allCases {
-                let (din, dout) = kind.dims(config)
+            for s in arch.slots {
+                let (din, dout) = s.dims
                 let a = Tensor(zeros: [rank, din]), b = Tensor(zeros: [dout, rank])
                 for i in 0..<a.count { a.data[i] = 0.3 * rng.normal() }
                 for i in 0..<b.count { b.data[i] = 0.2 * rng.normal() }
-                pairs[LinearKind.modulePath(layer: l, kind)] = (a, b)
+                pairs[arch.modulePath(layer: l, slot: s.index)] = (a, b)
             }
         }
         return AdapterWeights(pairs: pairs, scale: scale)
@@ -235,7 +238,7 @@ private func relErr(_ a: [Float], _ b: [Float]) -> Double {
             }
         }
         // wpe rows past T get nothing; wte rows of unused tokens get only the lm_head part.
-        let wpe = trainer.gradients.base!.wpe
+        let wpe = trainer.gradients.base!.positions!
         #expect((7 * 24..<wpe.count).allSatisfy { wpe.data[$0] == 0 })
         print("full finite differences: \(checked) entries, worst error \(worst) of the tensor's max |gradient|")
     }
@@ -275,7 +278,7 @@ private func relErr(_ a: [Float], _ b: [Float]) -> Double {
             let m = String(path.dropFirst("transformer.".count))
             return [(LoRANames.a(m), p.down), (LoRANames.b(m), p.up)]
         })
-        let bridged = try AdapterWeights(set, level: .shared, scale: 2)
+        let bridged = try AdapterWeights(set, level: .shared, scale: 2, architecture: w.architecture)
         #expect(bridged.pairs.count == 8)
         let batch = try GradientTestModel.batch()
         let trainer = GPT2Trainer(weights: w)
@@ -383,8 +386,8 @@ struct GradientFixtureTests {
         let full_loss_f64: Double
     }
 
-    static func load() throws -> (GPT2Weights, TrainingBatch, Inputs) {
-        let model = try GPT2Model.load(folder: TestPaths.fixture("tiny-gpt2"))
+    static func load() throws -> (ModelWeights, TrainingBatch, Inputs) {
+        let model = try LanguageModel.load(folder: TestPaths.fixture("tiny-gpt2"))
         let inp = try JSONDecoder().decode(Inputs.self, from: Data(contentsOf: URL(fileURLWithPath: TestPaths.fixture("grads/inputs.json"))))
         return (model.weights, try TrainingBatch(inputIds: inp.input_ids, labels: inp.labels), inp)
     }

@@ -78,7 +78,7 @@ import Testing
     @Test func learnedRankOfAKnownAdapter() throws {
         let fx = try ServerFixture(clients: [])
         defer { fx.cleanup() }
-        let base = try BaseModelInfo.gpt2(folder: fx.model)
+        let base = try BaseModelInfo.load(folder: fx.model)
         func adapter(_ level: AdapterLevel, rank: Int, live: Int, seed: UInt64, id: String? = nil) -> LoRAAdapter {
             var a = ServerFixture.randomAdapter(base: base, level: level, rank: rank, seed: seed, clientID: id)
             for (_, p) in a.modules {   // keep `live` components: zero the rest of B (d_out, rank)

@@ -4,7 +4,7 @@ import Testing
 
 /// Crash safety of the adapter store (issue 7, item 3) and two writer processes (item 6).
 ///
-/// A child `pf2lora _test-publish-loop` publishes adapters in a loop and is SIGKILLed at a random
+/// A child `TestPublishLoop` (a test-only executable) publishes adapters in a loop and is SIGKILLed at a random
 /// point after its first acknowledged publish, many times over one store. After each kill the
 /// manifest as left on disk must name only whole, valid files and be at least as new as every
 /// acknowledged publish; opening the store (reconcile) must quarantine nothing, leave no temporary
@@ -19,8 +19,8 @@ import Testing
     /// Runs the publish loop; returns the process and a function that collects its acks so far.
     static func publisher(_ fx: ServerFixture, clients: String, seq: Int, count: Int = 1_000_000) throws -> (Process, () -> [Ack], Pipe) {
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: ServerProcess.binary)
-        p.arguments = ["_test-publish-loop", "--model", fx.model, "--store", fx.store, "--clients", clients, "--seq", String(seq), "--count", String(count)]
+        p.executableURL = URL(fileURLWithPath: ServerProcess.publishLoopBinary)
+        p.arguments = ["--model", fx.model, "--store", fx.store, "--clients", clients, "--seq", String(seq), "--count", String(count)]
         let out = Pipe(), err = Pipe()
         p.standardOutput = out
         p.standardError = err

@@ -71,7 +71,7 @@ import Testing
         let vocab = script.count + 1
         let cfg = GPT2Config(vocabSize: vocab, nPositions: 256, nEmbd: 16, nLayer: 1, nHead: 1)
         let g = GenerationState(request: GenerationRequest(prompt: [0], maxTokens: maxTokens, sampling: SamplingParams(temperature: 0), stop: stop),
-                                cache: KVCache(config: cfg, capacity: 256), vocabSize: vocab, eos: eos,
+                                cache: KVCache(architecture: cfg.architecture, capacity: 256), vocabSize: vocab, eos: eos,
                                 decodeToken: { $0 < script.count ? script[$0] : [] })
         var deltas: [String] = []
         var logits = [Float](repeating: 0, count: vocab)

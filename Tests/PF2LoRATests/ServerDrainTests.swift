@@ -24,10 +24,17 @@ import Testing
         return store.currentVersion(level: .client, client: client)
     }
 
+    /// `serve` flags naming the exchange folder where `dana`'s data is (train_local's paths must be inside it).
+    static func exchange(_ fx: ServerFixture) throws -> [String] {
+        let data = fx.root + "/exchange/dana"
+        if !FileManager.default.fileExists(atPath: data) { try FederatedClientTests.writeClientData(data, texts: texts) }
+        return ["--exchange-dir", fx.root + "/exchange"]
+    }
+
     /// A train_local round's params for client `dana` with its data folder and the store's shape.
     static func trainLocal(_ fx: ServerFixture, extra: [String: Any] = [:]) throws -> [String: Any] {
-        let data = fx.root + "/data/dana"
-        if !FileManager.default.fileExists(atPath: data) { try FederatedClientTests.writeClientData(data, texts: texts) }
+        let data = fx.root + "/exchange/dana"
+        _ = try exchange(fx)
         let sharedNow = try #require(try fx.storeHandle.latestShared()).adapter
         let x0 = try initialSharedAdapter(weights: fx.gpt2.weights, base: fx.storeHandle.base, modules: Array(sharedNow.modules.keys),
                                           rank: sharedNow.rank, alpha: sharedNow.alpha, seed: 4)
@@ -51,15 +58,15 @@ import Testing
         #expect(try Self.currentVersion(fx, "alice") == 2, "and published")
 
         // train_local, then evaluate_local, each alone before EOF.
-        let t = try fx.serve()
+        let t = try fx.serve(try Self.exchange(fx))
         t.request(2, "train_local", try Self.trainLocal(fx))
         t.closeInput()
         #expect(t.waitExit(timeout: 120) && t.process.terminationStatus == 0)
         #expect(ServerProcess.result(t.response(2, timeout: 1))?["client_version"] as? Int == 1, "\(t.allLines) \(t.stderrText)")
         #expect(try Self.currentVersion(fx, "dana") == 1)
 
-        let e = try fx.serve()
-        e.request(3, "evaluate_local", ["client": "dana", "data": fx.root + "/data/dana", "split": "valid", "seq": 16])
+        let e = try fx.serve(try Self.exchange(fx))
+        e.request(3, "evaluate_local", ["client": "dana", "data": fx.root + "/exchange/dana", "split": "valid", "seq": 16])
         e.closeInput()
         #expect(e.waitExit(timeout: 120) && e.process.terminationStatus == 0)
         #expect((ServerProcess.result(e.response(3, timeout: 1))?["loss"] as? Double).map { $0.isFinite } == true, "\(e.allLines)")

@@ -7,15 +7,22 @@ final class ServerProcess {
     /// to see a new test fail before its fix).
     static var binary: String {
         if let b = ProcessInfo.processInfo.environment["PF2LORA_TEST_BINARY"] { return b }
+        return executable("pf2lora")
+    }
+    /// The test-only publish loop (Tests/TestPublishLoop), built by `swift test` beside `pf2lora`.
+    static var publishLoopBinary: String { executable("TestPublishLoop") }
+
+    /// An executable of this package, from the build folder the test bundle runs in.
+    static func executable(_ name: String) -> String {
         let me = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
         var dir = me.deletingLastPathComponent()
         if dir.pathExtension == "xctest" { dir = dir.deletingLastPathComponent() }
         for _ in 0..<4 {
-            let p = dir.appendingPathComponent("pf2lora").path
+            let p = dir.appendingPathComponent(name).path
             if FileManager.default.isExecutableFile(atPath: p) { return p }
             dir = dir.deletingLastPathComponent()
         }
-        return TestPaths.repoRoot.appendingPathComponent(".build/debug/pf2lora").path
+        return TestPaths.repoRoot.appendingPathComponent(".build/debug/" + name).path
     }
 
     let process: SpawnedProcess
@@ -126,7 +133,7 @@ struct ServerFixture {
     let model: String
     let store: String
     let root: String
-    let gpt2: GPT2Model
+    let gpt2: LanguageModel
     let storeHandle: AdapterStore
 
     init(clients: [String] = ["alice", "bob", "carol"], seed: UInt64 = 11, nPositions: Int = 256) throws {
@@ -135,12 +142,12 @@ struct ServerFixture {
         store = root + "/store"
         var cfg = GPT2Config(vocabSize: 400, nPositions: nPositions, nEmbd: 64, nLayer: 2, nHead: 4, eosTokenId: nil)
         cfg.bosTokenId = nil
-        try GPT2Model(folder: model, config: cfg, weights: GPT2Weights.random(config: cfg, seed: seed), file: nil).save(to: model)
+        try LanguageModel(folder: model, weights: ModelWeights.random(architecture: cfg.architecture, seed: seed), file: nil).save(to: model)
         for f in ["tokenizer.json", "vocab.json", "merges.txt"] {
             try FileManager.default.copyItem(atPath: TestPaths.fixture("tiny-gpt2/" + f), toPath: model + "/" + f)
         }
-        gpt2 = try GPT2Model.load(folder: model)
-        let base = try BaseModelInfo.gpt2(folder: model)
+        gpt2 = try LanguageModel.load(folder: model)
+        let base = try BaseModelInfo.load(folder: model)
         storeHandle = try AdapterStore.open(root: store, base: base)
         try storeHandle.publishShared(Self.randomAdapter(base: base, level: .shared, rank: 8, seed: seed + 1))
         for (i, c) in clients.enumerated() {

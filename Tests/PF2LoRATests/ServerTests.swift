@@ -45,7 +45,7 @@ import Testing
         let s = try fx.serve()
         s.request(1, "generate", Self.gen("alice", "The cat", max: 150, extra: ["stream": true]))
         #expect(s.waitFor(count: 3) { $0["method"] as? String == "token" })
-        let base = try BaseModelInfo.gpt2(folder: fx.model)
+        let base = try BaseModelInfo.load(folder: fx.model)
         let v2 = try fx.storeHandle.publishClient(id: "alice", ServerFixture.randomAdapter(base: base, level: .client, rank: 2, seed: 999, clientID: "alice"))
         #expect(v2 == 2)
         s.request(2, "generate", Self.gen("alice", "The cat"))

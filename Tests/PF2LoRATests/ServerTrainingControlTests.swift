@@ -9,7 +9,7 @@ import Testing
     /// trainer's run state plus the task's batch buffers take exactly `GPT2LMTask.runBytes` bytes.
     @Test(arguments: [(1, 4, [Int]()), (3, 8, [4, 2]), (2, 32, [8, 1]), (5, 17, [2])])
     func memoryEstimateIsTheAllocation(_ b: Int, _ t: Int, _ levelRanks: [Int]) throws {
-        let w = GPT2TaskTests.weights, c = GPT2TaskTests.config
+        let w = GPT2TaskTests.weights, c = GPT2TaskTests.config.architecture
         let task = try GPT2LMTask(weights: w, clients: GPT2TaskTests.clients(), batchSize: b, seqLen: t)
         var rng = RNG(seed: 1)
         let sets = levelRanks.enumerated().map { i, r in
@@ -32,11 +32,11 @@ import Testing
     @Test func trainingRequestsAreBoundedByMemory() throws {
         let fx = try ServerFixture(clients: ["alice"])
         defer { fx.cleanup() }
-        let c = fx.gpt2.config
+        let c = fx.gpt2.architecture
         // What a personalize of batch 8 × seq 64 needs with alice's rank-2 pair under the rank-8 shared pair.
-        let needed = GPT2LMTask.runBytes(config: c, batch: 8, seq: 64, ranks: Array(repeating: [8, 2], count: 4 * c.nLayer).flatMap { $0 }, training: true)
+        let needed = GPT2LMTask.runBytes(config: c, batch: 8, seq: 64, ranks: Array(repeating: [8, 2], count: 4 * c.layerCount).flatMap { $0 }, training: true)
         let limitMB = (needed >> 20) + 1
-        let s = try fx.serve(["--max-train-mb", String(limitMB)])
+        let s = try fx.serve(["--max-train-mb", String(limitMB)] + (try ServerDrainTests.exchange(fx)))
         let manifest = PersonalizeTests.manifest(fx)
         s.request(1, "train_local", try ServerDrainTests.trainLocal(fx, extra: ["batch": 4096, "seq": 256]))
         let e1 = s.response(1, timeout: 120)
@@ -89,7 +89,7 @@ import Testing
     @Test func cancelTrainingAndProgress() throws {
         let fx = try ServerFixture(clients: ["alice"])
         defer { fx.cleanup() }
-        let s = try fx.serve()
+        let s = try fx.serve(try ServerDrainTests.exchange(fx))
         s.request(1, "personalize", ServerDrainTests.personalize(["steps": 100_000]))
         #expect(s.waitFor(count: 2, timeout: 60) { $0["method"] as? String == "progress" })
         let c = ServerProcess.result(s.response({ s.request(2, "cancel", ["id": 1]); return 2 }()))

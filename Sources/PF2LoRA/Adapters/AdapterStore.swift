@@ -15,15 +15,31 @@ public enum AdapterStoreError: Error, CustomStringConvertible, Equatable {
     case wrongLevel(expected: AdapterLevel, got: AdapterLevel)
     case unknownSharedVersion(client: String, version: Int, latest: Int?)
     case badVersionLimit(Int)
+    case conflict(what: String, expected: Int?, current: Int?)
+    case noStore(root: String)
+    case noBase(root: String, base: String, fingerprint: String, held: [HeldBase])
+    case baseElsewhere(root: String, wanted: String, folder: String, fingerprint: String)
+    case readOnly(store: String, why: String)
 
     public var description: String {
         switch self {
+        case let .noStore(root):
+            return "no adapter store at \(root) (the folder does not exist); check --store — a mistyped path is not turned into a new empty store. The commands that publish (personalize, federate, adapters import-peft, adapters init --store) create one"
+        case let .noBase(root, b, fp, held):
+            if held.isEmpty {
+                return "store \(root) holds no adapters for base '\(b)' (fingerprint \(fp)) yet; publish some first (personalize, adapters import-peft), or check --store and --model"
+            }
+            return "store \(root) holds no adapters for base '\(b)' (fingerprint \(fp)); it holds: \(held.map(\.description).joined(separator: "; ")). Pass --base FOLDER to use one of them (its fingerprint must match the model), or give the --model or --store they were made for"
+        case let .baseElsewhere(root, wanted, folder, fp):
+            return "store \(root) has no folder '\(wanted)' for this model, but its folder '\(folder)' holds adapters for the same weights (fingerprint \(fp)): the model folder's name differs from the one the store was made with. Pass --base \(folder) to use them"
+        case let .readOnly(store, why):
+            return "store \(store) is read-only (\(why)); it is served without writes — personalize, train_local and imports need a writable store"
         case let .invalidClientID(id, why):
             return "invalid client id '\(id)': \(why); \(ClientID.rule)"
         case let .noAdapter(what, store):
             return "store \(store) has no \(what); publish or import one first (`pf2lora adapters list --store …` shows what is there)"
         case let .noVersion(what, v, available):
-            return "\(what) has no version \(v); available: \(available.isEmpty ? "none" : available.map(String.init).joined(separator: ", ")) (old versions are pruned after each publish)"
+            return "\(what) has no version \(v) on disk (old versions are pruned after each publish); versions on disk: \(available.isEmpty ? "none" : available.map(String.init).joined(separator: ", "))"
         case let .symlink(path, target, outside):
             return outside
                 ? "\(path) is a symlink to \(target), outside the store; the store never follows links out of itself — remove the link"
@@ -40,8 +56,55 @@ public enum AdapterStoreError: Error, CustomStringConvertible, Equatable {
             return "client '\(client)' says it was trained against shared version \(v), but the store's newest shared version is \(latest.map(String.init) ?? "none"); publish the shared adapter first"
         case let .badVersionLimit(n):
             return "keep-versions must be at least 1 (got \(n))"
+        case let .conflict(what, expected, current):
+            let from = expected.map { "version \($0)" } ?? "no version"
+            let now = current.map { "version \($0)" } ?? "no version"
+            return "\(what) changed while this run worked: it started from \(from), and another writer has since made \(now) current; nothing was published (a publish never silently replaces a version it did not start from) — retry to start from \(now)"
         }
     }
+}
+
+/// A base folder of a store root, as its manifest describes it (for messages about which bases a store holds).
+public struct HeldBase: Equatable, Sendable, CustomStringConvertible {
+    public let folder: String
+    public let baseModel: String
+    public let fingerprint: String
+    public var description: String { "\(folder)/ (base '\(baseModel)', fingerprint \(fingerprint))" }
+}
+
+/// How a store is opened.
+public enum StoreAccess: Equatable, Sendable {
+    /// Read only: nothing in the store is created, renamed, deleted or written (files that fail
+    /// validation are skipped in memory, the manifest is reconciled in memory); publishing throws
+    /// `readOnly`. For commands that only read (generate, adapters inspect/export-peft, rank).
+    case read
+    /// Read and publish. A store that cannot be written (read-only file system, no permission) is
+    /// opened read-only instead, `readOnlyReason` says why, and publishing throws `readOnly`.
+    case write
+}
+
+/// What a publish requires the adapter's current version to be: a compare-and-swap on the version
+/// a training run started from, so two writers never silently supersede each other.
+public enum ExpectedVersion: Equatable, Sendable {
+    /// No check: publish whatever is current.
+    case any
+    /// The adapter has no current version (a new client, or no shared version yet).
+    case absent
+    /// The current version is exactly this one.
+    case version(Int)
+
+    /// `.version(v)`, or `.absent` for nil: what a run that started from version `v` expects.
+    public init(startedFrom v: Int?) { self = v.map { .version($0) } ?? .absent }
+
+    func allows(_ current: Int?) -> Bool {
+        switch self {
+        case .any: return true
+        case .absent: return current == nil
+        case let .version(v): return current == v
+        }
+    }
+
+    var version: Int? { if case let .version(v) = self { return v }; return nil }
 }
 
 /// An adapter with the store version it was loaded from.
@@ -56,6 +119,10 @@ public struct ReconcileReport: Equatable, Sendable {
     public var removedTempFiles: [String] = []
     /// Version files that failed validation, renamed aside to `.corrupt-<name>`.
     public var quarantined: [String] = []
+    /// Version files that failed validation in a store opened read-only: skipped, not renamed.
+    public var skipped: [String] = []
+    /// Why each quarantined or skipped file failed: the check and what it found (no file content).
+    public var reasons: [String: String] = [:]
     /// Adapters whose current version changed: "shared 3 -> 4", "client alice 2 -> none".
     public var repointed: [String] = []
     /// Things skipped because following them would leave the store (symlinks).
@@ -126,6 +193,14 @@ public final class AdapterStore: @unchecked Sendable {
     public let cache: AdapterCache
     /// What the reconcile at `open` did.
     public private(set) var lastReconcile = ReconcileReport()
+    /// Why the store is read-only (opened `.read`, or a `.write` open found it unwritable); nil when
+    /// it can be published to.
+    public let readOnlyReason: String?
+    /// Folders this handle created (the root or the base folder), for the caller to report.
+    public var createdFolders: [String] { state.lock(); defer { state.unlock() }; return created }
+    private var created: [String] = []
+    /// Whether the base folder exists (a store opened without `create` makes it at its first publish).
+    private var baseExists: Bool
 
     private let state = NSLock()
     private var manifest: Manifest
@@ -137,32 +212,89 @@ public final class AdapterStore: @unchecked Sendable {
         ClientID.isValid(base.name) ? base.name : "fp-" + base.fingerprint.filter { $0.isHexDigit }
     }
 
-    /// Opens (creating if needed) the store for `base` under `root`, and reconciles it.
+    /// Opens the store for `base` under `root` and reconciles it.
     /// - Parameters:
+    ///   - folder: the base folder's name (`--base`); default `folderName(for: base)`.
+    ///   - access: `.read` creates and changes nothing; `.write` may publish (and repairs what a crash
+    ///     left at open, under the store's lock).
+    ///   - create: create a missing root and base folder now (commands that publish). Without it a
+    ///     missing root is `noStore`, a root that holds only other bases is `noBase`, and an empty
+    ///     root gets its base folder at the first publish. A root whose other folder holds the same
+    ///     weights under another name is `baseElsewhere` unless `folder` is given.
     ///   - keepVersions: versions kept per adapter after a publish (default 3).
     ///   - cacheBytes: the byte budget of the decoded-adapter cache (default 256 MiB).
-    public static func open(root: String, base: BaseModelInfo, keepVersions: Int = 3, cacheBytes: Int = 256 << 20,
+    public static func open(root: String, base: BaseModelInfo, folder: String? = nil, access: StoreAccess = .write, create: Bool = true,
+                            keepVersions: Int = 3, cacheBytes: Int = 256 << 20,
                             sizeLimit: Int = LoRAAdapter.defaultSizeLimit) throws -> AdapterStore {
-        try AdapterStore(root: root, base: base, keepVersions: keepVersions, cacheBytes: cacheBytes, sizeLimit: sizeLimit)
+        try AdapterStore(root: root, base: base, folder: folder, access: access, create: create, keepVersions: keepVersions,
+                         cacheBytes: cacheBytes, sizeLimit: sizeLimit)
     }
 
-    private init(root: String, base: BaseModelInfo, keepVersions: Int, cacheBytes: Int, sizeLimit: Int) throws {
+    /// The base folders under a store root that hold a readable manifest, sorted by folder.
+    public static func heldBases(root: String) -> [HeldBase] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []
+        return names.sorted().compactMap { n in
+            guard !n.hasPrefix("."), let d = FileManager.default.contents(atPath: root + "/" + n + "/manifest.json"),
+                  let m = try? JSONDecoder().decode(Manifest.self, from: d) else { return nil }
+            return HeldBase(folder: n, baseModel: m.baseModel, fingerprint: m.baseFingerprint)
+        }
+    }
+
+    private static func isDirectory(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
+    }
+
+    private init(root: String, base: BaseModelInfo, folder: String?, access: StoreAccess, create: Bool, keepVersions: Int,
+                 cacheBytes: Int, sizeLimit: Int) throws {
         guard keepVersions >= 1 else { throw AdapterStoreError.badVersionLimit(keepVersions) }
-        let dir = root + "/" + Self.folderName(for: base)
-        do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch {
-            throw AdapterStoreError.io(path: dir, why: "cannot create the store folder (\(error.localizedDescription))")
+        let name = folder ?? Self.folderName(for: base)
+        guard ClientID.isValid(name) || name.hasPrefix("fp-") && !name.contains("/") && name != "fp-" else {
+            throw AdapterStoreError.io(path: root + "/" + name, why: "'\(name)' is not a usable base folder name (\(ClientID.rule))")
+        }
+        var made: [String] = []
+        if !Self.isDirectory(root) {
+            guard create, access == .write else { throw AdapterStoreError.noStore(root: root) }
+            do { try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true) } catch {
+                throw AdapterStoreError.io(path: root, why: "cannot create the store folder (\(error.localizedDescription))")
+            }
+            made.append(root)
+        }
+        let dir = root + "/" + name
+        var exists = Self.isDirectory(dir)
+        if !exists {
+            let held = Self.heldBases(root: root)
+            if folder == nil, let same = held.first(where: { $0.fingerprint == base.fingerprint }) {
+                throw AdapterStoreError.baseElsewhere(root: root, wanted: name, folder: same.folder, fingerprint: base.fingerprint)
+            }
+            if access == .read || (!create && !held.isEmpty) {
+                throw AdapterStoreError.noBase(root: root, base: base.name, fingerprint: base.fingerprint, held: held)
+            }
+            if create {
+                if mkdir(dir, 0o755) != 0 && errno != EEXIST {
+                    throw AdapterStoreError.io(path: dir, why: "cannot create the store folder (\(String(cString: strerror(errno))))")
+                }
+                made.append(dir)
+                exists = true
+            }
         }
         // The base folder itself may be a link the operator made (onto another disk, say): it is
-        // resolved once here. Nothing inside it is followed.
-        guard let real = realpath(dir, nil) else { throw AdapterStoreError.io(path: dir, why: String(cString: strerror(errno))) }
-        directory = String(cString: real)
+        // resolved once here. Nothing inside it is followed. A base folder that does not exist yet
+        // lies in the resolved root.
+        let resolved = exists ? dir : root
+        guard let real = realpath(resolved, nil) else { throw AdapterStoreError.io(path: resolved, why: String(cString: strerror(errno))) }
+        directory = exists ? String(cString: real) : String(cString: real) + "/" + name
         free(real)
+        baseExists = exists
+        created = made
         self.base = base
         self.keepVersions = keepVersions
         self.sizeLimit = sizeLimit
         cache = AdapterCache(capacityBytes: cacheBytes)
         manifest = Manifest(baseModel: base.name, baseFingerprint: base.fingerprint)
-        try withFileLock {
+        readOnlyReason = access == .read ? "opened read-only" : Self.unwritable(exists ? directory : String(directory.dropLast(name.count + 1)))
+        guard exists else { return }
+        func load() throws {
             if let (m, stamp) = try readManifestFromDisk() {
                 guard m.baseFingerprint == base.fingerprint else {
                     throw AdapterStoreError.baseMismatch(store: directory, storeBase: m.baseModel, storeFingerprint: m.baseFingerprint,
@@ -171,8 +303,36 @@ public final class AdapterStore: @unchecked Sendable {
                 manifest = m
                 manifestStamp = stamp
             }
-            lastReconcile = try reconcileLocked()
         }
+        if readOnlyReason == nil {
+            try withFileLock {
+                try load()
+                lastReconcile = try reconcileLocked(write: true)
+            }
+        } else {
+            try load()
+            lastReconcile = try reconcileLocked(write: false)
+        }
+    }
+
+    /// Why a folder of the store cannot be written (nil when it can): a read-only file system or no
+    /// permission to create files in it, or an existing lock file that cannot be opened for writing.
+    private static func unwritable(_ dir: String) -> String? {
+        if access(dir, W_OK) != 0 {
+            let e = errno
+            return e == EROFS ? "read-only file system" : "no permission to write \(dir) (\(String(cString: strerror(e))))"
+        }
+        let lock = dir + "/.lock"
+        if FileManager.default.fileExists(atPath: lock) {
+            let fd = Glibc.open(lock, O_RDWR | O_NOFOLLOW | O_CLOEXEC)
+            if fd < 0 {
+                let e = errno
+                if e == EROFS || e == EACCES || e == EPERM { return "its lock file \(lock) cannot be opened for writing (\(String(cString: strerror(e))))" }
+            } else {
+                close(fd)
+            }
+        }
+        return nil
     }
 
     // MARK: Reading
@@ -213,15 +373,25 @@ public final class AdapterStore: @unchecked Sendable {
     }
 
     private func latest(_ level: AdapterLevel, _ id: String?) throws -> VersionedAdapter? {
-        guard let v = currentVersion(level: level, client: id) else { return nil }
-        do {
-            return VersionedAdapter(version: v, adapter: try load(level: level, client: id, version: v))
-        } catch AdapterStoreError.noVersion {
-            // Another process published and pruned since we read the manifest: read it again.
-            try refresh()
-            guard let v2 = currentVersion(level: level, client: id), v2 != v else { throw AdapterStoreError.noVersion(what: what(level, id), version: v, available: versions(level: level, client: id)) }
-            return VersionedAdapter(version: v2, adapter: try load(level: level, client: id, version: v2))
+        try loadCurrent(level: level, client: id) { try load(level: level, client: id, version: $0) }
+            .map { VersionedAdapter(version: $0.version, adapter: $0.value) }
+    }
+
+    /// The current version of `level` (client `id`) and what `load` makes of it, as one consistent
+    /// step: if the version the manifest named was pruned by another process's publish before its
+    /// file was read (`load` throws `noVersion`), the manifest is read again — forced: its stamp can
+    /// repeat when an inode is reused within one timestamp tick — and the new current version is
+    /// loaded, up to `attempts` times. nil when the adapter has no current version.
+    public func loadCurrent<T>(level: AdapterLevel, client id: String? = nil, attempts: Int = 16,
+                               _ load: (Int) throws -> T) throws -> (version: Int, value: T)? {
+        let cid = try checkedClient(level, id)
+        var tried: [Int] = []
+        for attempt in 0..<attempts {
+            if attempt > 0 { try refresh(force: true) }
+            guard let v = currentVersion(level: level, client: cid) else { return nil }
+            do { return (v, try load(v)) } catch AdapterStoreError.noVersion { tried.append(v) }
         }
+        throw AdapterStoreError.noVersion(what: what(level, cid), version: tried.last ?? 0, available: (try? listVersions(Array(components(level, cid, 0).dropLast()))) ?? [])
     }
 
     /// A specific version, from the cache or from disk (read, decompress, validate, then cached).
@@ -241,7 +411,10 @@ public final class AdapterStore: @unchecked Sendable {
         let bytes: AlignedBytes
         do { bytes = try readInStore(comps) } catch let e as AdapterStoreError {
             if case .io(_, let why) = e, why.contains("No such file") {
-                throw AdapterStoreError.noVersion(what: what(level, cid), version: version, available: versions(level: level, client: cid))
+                // What is on disk now, not what the manifest last said: a message must not name the
+                // missing version as available.
+                let onDisk = (try? listVersions(Array(comps.dropLast()))) ?? []
+                throw AdapterStoreError.noVersion(what: what(level, cid), version: version, available: onDisk)
             }
             throw e
         }
@@ -270,16 +443,16 @@ public final class AdapterStore: @unchecked Sendable {
     }
 
     /// Re-reads the manifest if it changed on disk (inode, size or mtime), as another process's
-    /// publish does. Cheap when nothing changed: one stat. Returns whether it re-read.
-    @discardableResult public func refresh() throws -> Bool {
+    /// publish does, or always with `force`. Cheap when nothing changed: one stat. Returns whether it re-read.
+    @discardableResult public func refresh(force: Bool = false) throws -> Bool {
         var st = stat()
         guard stat(directory + "/manifest.json", &st) == 0 else { return false }
         let stamp = Self.stamp(st)
         state.lock()
         let same = stamp == manifestStamp
         state.unlock()
-        if same { return false }
-        guard let (m, s) = try readManifestFromDisk() else { return false }
+        if same && !force { return false }
+        guard let (m, s) = try readManifestFromDisk(), m.baseFingerprint == base.fingerprint else { return false }
         state.lock()
         manifest = m
         manifestStamp = s
@@ -289,28 +462,52 @@ public final class AdapterStore: @unchecked Sendable {
 
     // MARK: Publishing
 
-    /// Publishes a new shared version; returns its number.
-    @discardableResult public func publishShared(_ adapter: LoRAAdapter, compressionLevel: Int = 3) throws -> Int {
+    /// Publishes a new shared version; returns its number. With `expecting`, only if the current
+    /// shared version (read under the store's lock) is the one given, else `AdapterStoreError.conflict`
+    /// and nothing is written.
+    @discardableResult public func publishShared(_ adapter: LoRAAdapter, compressionLevel: Int = 3,
+                                                 expecting: ExpectedVersion = .any) throws -> Int {
         guard adapter.level == .shared else { throw AdapterStoreError.wrongLevel(expected: .shared, got: adapter.level) }
-        return try publish(adapter, level: .shared, id: nil, compressionLevel: compressionLevel)
+        return try publish(adapter, level: .shared, id: nil, compressionLevel: compressionLevel, expecting: expecting)
     }
 
     /// Publishes a new version of client `id`'s pair; returns its number. The adapter's client id is
     /// set to `id`; a missing `sharedVersion` is taken to be the store's current shared version.
-    @discardableResult public func publishClient(id: String, _ adapter: LoRAAdapter, compressionLevel: Int = 3) throws -> Int {
+    /// With `expecting` (the version a training run started from), only if the client's current
+    /// version is still that one, else `AdapterStoreError.conflict` and nothing is written.
+    @discardableResult public func publishClient(id: String, _ adapter: LoRAAdapter, compressionLevel: Int = 3,
+                                                 expecting: ExpectedVersion = .any) throws -> Int {
         try ClientID.validate(id)
         guard adapter.level == .client else { throw AdapterStoreError.wrongLevel(expected: .client, got: adapter.level) }
-        return try publish(adapter, level: .client, id: id, compressionLevel: compressionLevel)
+        return try publish(adapter, level: .client, id: id, compressionLevel: compressionLevel, expecting: expecting)
     }
 
-    private func publish(_ original: LoRAAdapter, level: AdapterLevel, id: String?, compressionLevel: Int) throws -> Int {
-        try withFileLock {
+    /// Throws `conflict` unless the current version of `level` (client `id`) on disk is what `expecting`
+    /// allows: a cheap early check before a long run's writes (the publish checks again under the lock).
+    public func checkExpected(_ expecting: ExpectedVersion, level: AdapterLevel, client id: String? = nil) throws {
+        let cid = try checkedClient(level, id)
+        try refresh(force: true)
+        let cur = currentVersion(level: level, client: cid)
+        guard expecting.allows(cur) else { throw AdapterStoreError.conflict(what: what(level, cid), expected: expecting.version, current: cur) }
+    }
+
+    private func publish(_ original: LoRAAdapter, level: AdapterLevel, id: String?, compressionLevel: Int,
+                         expecting: ExpectedVersion) throws -> Int {
+        if let why = readOnlyReason { throw AdapterStoreError.readOnly(store: directory, why: why) }
+        try makeBaseFolder()
+        return try withFileLock {
             // Another process may have published since we last looked.
             if let (m, s) = try readManifestFromDisk() {
                 state.lock(); manifest = m; manifestStamp = s; state.unlock()
             }
             var adapter = original
             var m = snapshot()
+            // Compare and swap: under the lock every writer holds, the current version is the one
+            // the caller's run started from, or nothing is written.
+            let current = m.entry(level, id)?.current
+            guard expecting.allows(current) else {
+                throw AdapterStoreError.conflict(what: what(level, id), expected: expecting.version, current: current)
+            }
             if level == .client {
                 adapter.metadata.clientID = id
                 let latestShared = m.shared?.last
@@ -376,23 +573,36 @@ public final class AdapterStore: @unchecked Sendable {
     // MARK: Reconcile
 
     /// Brings the manifest in line with the files (done at `open`; call again after repairing a
-    /// store by hand). Takes the store's lock.
+    /// store by hand). Takes the store's lock; a read-only store is reconciled in memory only.
     @discardableResult public func reconcile() throws -> ReconcileReport {
-        try withFileLock { try reconcileLocked() }
+        state.lock(); let exists = baseExists; state.unlock()
+        guard exists || Self.isDirectory(directory) else { return ReconcileReport() }
+        if readOnlyReason != nil { return try reconcileLocked(write: false) }
+        return try withFileLock { try reconcileLocked(write: true) }
+    }
+
+    /// Creates the base folder of a store opened before it existed (at its first publish).
+    private func makeBaseFolder() throws {
+        state.lock(); let exists = baseExists; state.unlock()
+        guard !exists else { return }
+        if mkdir(directory, 0o755) != 0 && errno != EEXIST {
+            throw AdapterStoreError.io(path: directory, why: "cannot create the store folder (\(String(cString: strerror(errno))))")
+        }
+        state.lock(); baseExists = true; created.append(directory); state.unlock()
     }
 
     /// The rule: for each adapter, the current version is the newest version file that passes
     /// validation. Files that fail are renamed aside (`.corrupt-<name>`), stray `.tmp-*` files are
     /// deleted (no write is in progress: we hold the lock every writer holds), and the highest
     /// version number ever seen is kept so numbers are never reused.
-    private func reconcileLocked() throws -> ReconcileReport {
+    private func reconcileLocked(write: Bool) throws -> ReconcileReport {
         var report = ReconcileReport()
         var m = snapshot()
         let before = m
-        report.removedTempFiles += removeTempFiles([])
+        if write { report.removedTempFiles += removeTempFiles([]) }
         // The shared level.
-        report.removedTempFiles += removeTempFiles(["shared"])
-        m.shared = try reconcileEntry(.shared, nil, m.shared, &report)
+        if write { report.removedTempFiles += removeTempFiles(["shared"]) }
+        m.shared = try reconcileEntry(.shared, nil, m.shared, write: write, &report)
         // Each client folder on disk, and each client the manifest names.
         var ids = Set(m.clients.keys)
         if let names = try? FileManager.default.contentsOfDirectory(atPath: directory + "/clients") {
@@ -403,17 +613,20 @@ public final class AdapterStore: @unchecked Sendable {
         }
         for id in ids.sorted() {
             guard ClientID.isValid(id) else { m.clients[id] = nil; continue }
-            report.removedTempFiles += removeTempFiles(["clients", id])
-            m.clients[id] = try reconcileEntry(.client, id, m.clients[id], &report)
+            if write { report.removedTempFiles += removeTempFiles(["clients", id]) }
+            m.clients[id] = try reconcileEntry(.client, id, m.clients[id], write: write, &report)
         }
-        if m != before || !FileManager.default.fileExists(atPath: directory + "/manifest.json") {
+        if !write {
+            // Read-only: the reconciled manifest is kept in memory; nothing on disk changes.
+            state.lock(); manifest = m; state.unlock()
+        } else if m != before || !FileManager.default.fileExists(atPath: directory + "/manifest.json") {
             try writeManifest(m)
             report.manifestRewritten = true
         }
         return report
     }
 
-    private func reconcileEntry(_ level: AdapterLevel, _ id: String?, _ old: Manifest.Entry?,
+    private func reconcileEntry(_ level: AdapterLevel, _ id: String?, _ old: Manifest.Entry?, write: Bool,
                                 _ report: inout ReconcileReport) throws -> Manifest.Entry? {
         let dirComps = Array(components(level, id, 0).dropLast())
         let onDisk: [Int]
@@ -430,23 +643,28 @@ public final class AdapterStore: @unchecked Sendable {
         var current: Int?
         var trained: Int?
         for v in onDisk.sorted(by: >) {
-            var quarantine = false
+            var failure: Error?
             do {
                 let a = try readAndValidate(level: level, client: id, version: v)
                 current = v
                 trained = a.metadata.sharedVersion
                 break
             } catch let e as AdapterError {
-                _ = e
-                quarantine = true
-            } catch AdapterStoreError.symlink, AdapterStoreError.notRegularFile {
-                quarantine = true
+                failure = e
+            } catch let e as AdapterStoreError {
+                switch e { case .symlink, .notRegularFile: failure = e; default: throw e }
             }
-            if quarantine {
+            if let failure {
+                // Which check failed goes with the file (the messages never quote its content).
                 let comps = components(level, id, v)
-                let from = directory + "/" + relative(comps)
-                let to = directory + "/" + (dirComps + [".corrupt-" + comps.last!]).joined(separator: "/")
-                if rename(from, to) == 0 { report.quarantined.append(relative(comps)) }
+                report.reasons[relative(comps)] = "\(failure)"
+                if write {
+                    let from = directory + "/" + relative(comps)
+                    let to = directory + "/" + (dirComps + [".corrupt-" + comps.last!]).joined(separator: "/")
+                    if rename(from, to) == 0 { report.quarantined.append(relative(comps)) } else { report.skipped.append(relative(comps)) }
+                } else {
+                    report.skipped.append(relative(comps))
+                }
                 present.removeAll { $0 == v }
             }
         }
@@ -559,7 +777,7 @@ public final class AdapterStore: @unchecked Sendable {
         guard fstat(fd, &st) == 0 else { throw AdapterStoreError.io(path: path, why: String(cString: strerror(errno))) }
         guard (st.st_mode & S_IFMT) == S_IFREG else { throw AdapterStoreError.notRegularFile(path: path) }
         let size = Int(st.st_size)
-        guard size <= sizeLimit else { throw AdapterError.tooLarge(file: relative(comps), claimed: UInt64(size), limit: sizeLimit) }
+        guard size <= sizeLimit else { throw AdapterError.fileTooLarge(file: relative(comps), size: size, limit: sizeLimit) }
         let bytes = AlignedBytes(count: size)
         var done = 0
         while done < size {

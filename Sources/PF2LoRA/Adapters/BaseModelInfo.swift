@@ -1,49 +1,48 @@
 import Foundation
 
 /// What the adapter store needs to know about the frozen base model: its name, its fingerprint and
-/// the shape of every linear layer an adapter may target. The model side supplies it; for GPT-2
-/// checkpoints `gpt2(folder:)` builds it from the folder's config.json and model.safetensors.
+/// the shape of every linear layer an adapter may target. `load(folder:)` builds it from a model
+/// folder through the model registry (config.json of any supported family) and the weights' headers.
 public struct BaseModelInfo: Sendable {
     /// A short name, used as the store's folder name when it is a safe name (see `ClientID`).
     public var name: String
     /// `baseFingerprint(ofSafetensorsAt:)` of the weights file.
     public var fingerprint: String
-    /// Module path (Hugging Face naming, `transformer.h.0.attn.c_attn`) -> (d_in, d_out).
+    /// Module path (Hugging Face naming: `transformer.h.0.attn.c_attn`, `model.layers.0.self_attn.q_proj`) -> (d_in, d_out).
     public var linears: [String: (inFeatures: Int, outFeatures: Int)]
+    /// The base's architecture, when known (nil for a base described only by its linears).
+    public var architecture: ModelArchitecture?
 
     public init(name: String, fingerprint: String, linears: [String: (inFeatures: Int, outFeatures: Int)]) {
         self.name = name
         self.fingerprint = fingerprint
         self.linears = linears
+        self.architecture = nil
     }
 
-    /// The adaptable linears of a GPT-2 checkpoint folder (config.json + model.safetensors):
-    /// per layer i, `transformer.h.i.attn.c_attn` (C -> 3C), `attn.c_proj` (C -> C),
-    /// `mlp.c_fc` (C -> n_inner or 4C) and `mlp.c_proj` (n_inner or 4C -> C).
-    public static func gpt2(folder: String) throws -> BaseModelInfo {
-        let configPath = folder + "/config.json"
-        guard let data = FileManager.default.contents(atPath: configPath) else {
-            throw IOError.missing(configPath, "Expected a Hugging Face GPT-2 folder with config.json and model.safetensors.")
-        }
-        guard let json = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {
-            throw AdapterError.badBase(why: "\(configPath) is not a JSON object")
-        }
-        func int(_ key: String) -> Int? { (json[key] as? NSNumber).map { $0.intValue } }
-        guard let c = int("n_embd"), let layers = int("n_layer"), c > 0, layers > 0 else {
-            throw AdapterError.badBase(why: "\(configPath) has no positive n_embd and n_layer; is this a GPT-2 config?")
-        }
-        let inner = int("n_inner") ?? 4 * c   // null in most GPT-2 configs
-        var linears: [String: (inFeatures: Int, outFeatures: Int)] = [:]
-        for i in 0..<layers {
-            let p = "transformer.h.\(i)."
-            linears[p + "attn.c_attn"] = (c, 3 * c)
-            linears[p + "attn.c_proj"] = (c, c)
-            linears[p + "mlp.c_fc"] = (c, inner)
-            linears[p + "mlp.c_proj"] = (inner, c)
-        }
+    public init(name: String, fingerprint: String, architecture: ModelArchitecture) {
+        self.name = name
+        self.fingerprint = fingerprint
+        self.linears = architecture.linears
+        self.architecture = architecture
+    }
+
+    /// The base of a model folder: its architecture from config.json (any family the registry
+    /// knows), every slot of every layer as an adaptable linear, and the weights' fingerprint.
+    public static func load(folder: String) throws -> BaseModelInfo {
+        let a = try ModelRegistry.architecture(folder: folder)
         let weights = folder + "/model.safetensors"
         let name = URL(fileURLWithPath: folder).standardizedFileURL.lastPathComponent
-        return BaseModelInfo(name: name, fingerprint: try baseFingerprint(ofSafetensorsAt: weights), linears: linears)
+        return BaseModelInfo(name: name, fingerprint: try baseFingerprint(ofSafetensorsAt: weights), architecture: a)
+    }
+
+    @available(*, deprecated, renamed: "load(folder:)", message: "reads any supported family now")
+    public static func gpt2(folder: String) throws -> BaseModelInfo { try load(folder: folder) }
+
+    /// An example module path of this base and how its linears are named, for error messages.
+    var namingHint: String {
+        guard let a = architecture else { return "" }
+        return "; a \(a.modelType) base names its linear layers like \(a.modulePath(layer: 0, slot: 0)) (\(a.slots.map(\.peftName).joined(separator: ", ")))"
     }
 }
 

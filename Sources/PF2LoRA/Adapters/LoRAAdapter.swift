@@ -157,7 +157,7 @@ public struct LoRAAdapter {
         if data.prefix(4).elementsEqual(Zstd.magic) {
             return try decode(from: data, name: name, base: base, expectedLevel: expectedLevel, sizeLimit: sizeLimit)
         }
-        guard data.count <= sizeLimit else { throw AdapterError.tooLarge(file: name, claimed: UInt64(data.count), limit: sizeLimit) }
+        guard data.count <= sizeLimit else { throw AdapterError.fileTooLarge(file: name, size: data.count, limit: sizeLimit) }
         let bytes = AlignedBytes(count: data.count)
         data.withUnsafeBytes { src in if let b = src.baseAddress { bytes.pointer.copyMemory(from: b, byteCount: src.count) } }
         return try decodeSafetensors(bytes.readOnly, owner: bytes, name: name, base: base, expectedLevel: expectedLevel)
@@ -244,7 +244,7 @@ public struct LoRAAdapter {
             throw AdapterError.levelMismatch(file: name, found: level.rawValue, expected: e.rawValue)
         }
         // 7. every tensor is a known module's lora_A/B (shared) or lora_C/D (client)
-        let hint = fp == base.fingerprint ? "" : " (the adapter was made for base '\(baseName)', fingerprint \(fp), not this one)"
+        let hint = fp == base.fingerprint ? "" : " (the adapter records another base's fingerprint than this one)"
         var downs: [String: TensorInfo] = [:], ups: [String: TensorInfo] = [:]
         let prefix = "base_model.model."
         for t in file.names {
@@ -258,10 +258,10 @@ public struct LoRAAdapter {
             let module = String(inner[..<dot]), part = String(inner[inner.index(after: dot)...])
             guard part == level.downName || part == level.upName else {
                 throw AdapterError.unknownTensor(file: name, tensor: t,
-                    why: "is a \(part) tensor but a \(level.rawValue) adapter holds only \(level.downName) and \(level.upName)")
+                    why: "is a \(FileText.name(part)) tensor but a \(level.rawValue) adapter holds only \(level.downName) and \(level.upName)")
             }
             guard base.linears[module] != nil else {
-                throw AdapterError.unknownTensor(file: name, tensor: t, why: "names module '\(module)', which is not a linear layer of base '\(base.name)'\(hint)")
+                throw AdapterError.unknownTensor(file: name, tensor: t, why: "names module \(FileText.name(module)), which is not a linear layer of base '\(base.name)'\(hint)\(base.namingHint)")
             }
             if part == level.downName { downs[module] = file.tensors[t]! } else { ups[module] = file.tensors[t]! }
         }
@@ -321,11 +321,12 @@ func firstNonFinite(_ t: Tensor) -> Int? {
     return (0..<n).first { !p[$0].isFinite }
 }
 
-/// `transformer.h.3.attn.c_attn` -> `attn.c_attn`; paths without a layer prefix are returned whole.
+/// A module path's part after its layer number: `transformer.h.3.attn.c_attn` -> `attn.c_attn`,
+/// `model.layers.3.self_attn.q_proj` -> `self_attn.q_proj`; paths without a layer number are returned whole.
 func moduleKind(_ path: String) -> String {
     let parts = path.split(separator: ".", omittingEmptySubsequences: false)
-    if parts.count > 3, parts[0] == "transformer", parts[1] == "h", Int(parts[2]) != nil {
-        return parts[3...].joined(separator: ".")
+    if let i = parts.firstIndex(where: { Int($0) != nil }), i > 0, i + 1 < parts.count {
+        return parts[(i + 1)...].joined(separator: ".")
     }
     return path
 }

@@ -26,18 +26,18 @@ public enum PEFT {
             throw AdapterError.badPEFT(folder: folder, why: "adapter_config.json is not a JSON object")
         }
         func fail(_ why: String) -> AdapterError { .badPEFT(folder: folder, why: why) }
-        if let t = j["peft_type"] as? String, t.uppercased() != "LORA" { throw fail("peft_type is \(t); only LORA adapters can be imported") }
+        if let t = j["peft_type"] as? String, t.uppercased() != "LORA" { throw fail("peft_type is not LORA; only LORA adapters can be imported") }
         guard let r = (j["r"] as? NSNumber)?.intValue, r >= 1 else { throw fail("adapter_config.json has no positive integer 'r'") }
         guard let alphaN = j["lora_alpha"] as? NSNumber, alphaN.floatValue.isFinite else { throw fail("adapter_config.json has no numeric 'lora_alpha'") }
         var targets: [String] = []
         if let list = j["target_modules"] as? [String] { targets = list.sorted() } else if let s = j["target_modules"] as? String { targets = [s] }
         for key in ["rank_pattern", "alpha_pattern"] {
             if let d = j[key] as? [String: Any], !d.isEmpty {
-                throw fail("\(key) is not empty (\(d.keys.sorted().joined(separator: ", "))); per-module ranks or alphas are not supported — retrain with one r and lora_alpha")
+                throw fail("\(key) is not empty (\(d.count) entries); per-module ranks or alphas are not supported — retrain with one r and lora_alpha")
             }
         }
         if (j["use_dora"] as? Bool) == true { throw fail("use_dora is true; DoRA adapters are not supported") }
-        if let b = j["bias"] as? String, b != "none" { throw fail("bias is '\(b)'; LoRA bias terms are not supported (use bias='none')") }
+        if let b = j["bias"] as? String, b != "none" { throw fail("bias is not 'none'; LoRA bias terms are not supported (use bias='none')") }
         if let m = j["modules_to_save"] as? [Any], !m.isEmpty { throw fail("modules_to_save is not empty; fully trained modules cannot be stored as a LoRA adapter") }
         return PEFTConfig(r: r, loraAlpha: alphaN.floatValue, targetModules: targets,
                           fanInFanOut: (j["fan_in_fan_out"] as? Bool) ?? false,
@@ -68,7 +68,7 @@ public enum PEFT {
             // name (.lora_A.default.weight); a bare GPT2Model has no `transformer.` prefix.
             var n = name.replacingOccurrences(of: ".lora_A.default.weight", with: ".lora_A.weight")
                 .replacingOccurrences(of: ".lora_B.default.weight", with: ".lora_B.weight")
-            if n.hasPrefix("base_model.model.h.") { n = "base_model.model.transformer." + n.dropFirst("base_model.model.".count) }
+            n = withOptionalPrefix(n, base: base)
             if level == .client {
                 n = n.replacingOccurrences(of: ".lora_A.weight", with: ".lora_C.weight")
                     .replacingOccurrences(of: ".lora_B.weight", with: ".lora_D.weight")
@@ -92,6 +92,17 @@ public enum PEFT {
         return a
     }
 
+    /// Puts back the prefix a family's bare model leaves out: `base_model.model.h.0...` (PEFT on a
+    /// bare `GPT2Model`) -> `base_model.model.transformer.h.0...`. Without a known architecture, GPT-2's.
+    static func withOptionalPrefix(_ name: String, base: BaseModelInfo) -> String {
+        let p = "base_model.model."
+        let layerPrefix = base.architecture?.names.layerPrefix ?? "transformer.h."
+        let optional = base.architecture == nil ? "transformer." : base.architecture!.names.optionalPrefix
+        guard let opt = optional, layerPrefix.hasPrefix(opt) else { return name }
+        if name.hasPrefix(p + layerPrefix.dropFirst(opt.count)) { return p + opt + name.dropFirst(p.count) }
+        return name
+    }
+
     /// `base_model.model.<module>.lora_X.weight` -> `<module>`
     static func peftModule(_ name: String) -> String? {
         let p = "base_model.model."
@@ -102,16 +113,18 @@ public enum PEFT {
     }
 
     /// Writes one level as a plain PEFT LoRA folder (a client level's C, D become lora_A, lora_B).
-    /// `baseModelName` becomes `base_model_name_or_path` (a hub name or a folder PEFT can load).
+    /// `baseModelName` becomes `base_model_name_or_path` (a hub name or a folder PEFT can load);
+    /// `fanInFanOut` defaults to the base's layout (true for GPT-2's Conv1D, false for `nn.Linear`).
     public static func write(_ adapter: LoRAAdapter, to folder: String, base: BaseModelInfo, baseModelName: String? = nil,
-                             fanInFanOut: Bool = true) throws {
+                             fanInFanOut: Bool? = nil) throws {
         var tensors: [String: Tensor] = [:]
         for (module, pair) in adapter.modules {
             tensors[LoRAAdapter.tensorName(module: module, level: .shared, up: false)] = pair.a
             tensors[LoRAAdapter.tensorName(module: module, level: .shared, up: true)] = pair.b
         }
         try writeFolder(folder, tensors: tensors, rank: adapter.rank, alpha: adapter.alpha, useRSLoRA: adapter.useRSLoRA,
-                        targets: targetModules(Array(adapter.modules.keys), base: base), baseModelName: baseModelName ?? base.name, fanInFanOut: fanInFanOut)
+                        targets: targetModules(Array(adapter.modules.keys), base: base), baseModelName: baseModelName ?? base.name,
+                        fanInFanOut: fanInFanOut ?? (base.architecture?.slots.first?.layout ?? .conv1D == .conv1D))
     }
 
     /// A client's whole personalized update as one LoRA of rank r + r2 with scale 1 (DESIGN §2):
@@ -148,7 +161,9 @@ public enum PEFT {
         let complete = kinds.allSatisfy { k in
             base.linears.keys.filter { moduleKind($0) == k }.allSatisfy(have.contains)
         }
-        return complete && paths.allSatisfy({ moduleKind($0) != $0 }) ? kinds.sorted() : paths.sorted()
+        guard complete, paths.allSatisfy({ moduleKind($0) != $0 }) else { return paths.sorted() }
+        // PEFT's own spelling (`q_proj`) where the family's slot table has one.
+        return kinds.map { k in base.architecture?.slots.first { $0.path == k }?.peftName ?? k }.sorted()
     }
 
     static func writeFolder(_ folder: String, tensors: [String: Tensor], rank: Int, alpha: Float, useRSLoRA: Bool,

@@ -17,7 +17,10 @@ public struct TensorInfo: Sendable, Equatable {
     public var count: Int { shape.reduce(1, *) }
 }
 
-/// What can be wrong with a safetensors file. Each case names the file (and tensor) and says what to do.
+/// What can be wrong with a safetensors file. Each case names the file and says what to do. A message
+/// never quotes the file's bytes (a file a caller names may be one they cannot read): tensor names
+/// and dtypes read from the file appear only through `FileText` (a recognised name, else its length),
+/// and numbers only as sizes the reader measured or dimensions of a parsed entry.
 public enum SafeTensorsError: Error, CustomStringConvertible, Equatable {
     case tooSmall(file: String, size: Int)
     case headerOutOfBounds(file: String, headerSize: Int, fileSize: Int)
@@ -31,19 +34,51 @@ public enum SafeTensorsError: Error, CustomStringConvertible, Equatable {
         switch self {
         case let .tooSmall(f, n):
             return "\(f): \(n) bytes is too small for a safetensors file (it needs an 8-byte header length); the file is truncated or not safetensors"
-        case let .headerOutOfBounds(f, h, n):
-            return "\(f): header length \(h) points past the end of the \(n)-byte file; the file is truncated or corrupt"
+        case let .headerOutOfBounds(f, _, n):
+            return "\(f): the 8-byte header length points past the end of the \(n)-byte file; the file is truncated, corrupt or not safetensors"
         case let .badHeader(f, why):
             return "\(f): the safetensors JSON header is invalid (\(why)); re-export the file"
         case let .unknownDType(f, t, d):
-            return "\(f): tensor '\(t)' has dtype \(d); supported are F32, F16 and BF16 — convert the checkpoint"
+            return "\(f): tensor \(FileText.name(t)) has dtype \(FileText.dtype(d)); supported are F32, F16 and BF16 — convert the checkpoint"
         case let .badEntry(f, t, why):
-            return "\(f): tensor '\(t)' \(why)"
-        case let .dataOutOfBounds(f, t, e, n):
-            return "\(f): tensor '\(t)' ends at byte \(e) of a \(n)-byte data section; the file is truncated or corrupt"
+            return "\(f): tensor \(FileText.name(t)) \(why)"
+        case let .dataOutOfBounds(f, t, _, n):
+            return "\(f): tensor \(FileText.name(t)) ends past the end of the \(n)-byte data section; the file is truncated or corrupt"
         case let .missingTensor(f, t):
             return "\(f) has no tensor '\(t)'"
         }
+    }
+}
+
+/// How strings read from a file appear in error messages: never as the file's bytes, unless they
+/// are a name the program itself knows (its own vocabulary of tensor names, metadata keys and
+/// dtypes); anything else is described by its length. A caller who names a file they cannot read
+/// learns from an error which check failed and the sizes involved, never what the file holds.
+public enum FileText {
+    /// Names this program writes or reads by name: the tensors of GPT-2 style weights and PEFT / pf2lora
+    /// adapters (dotted paths of lowercase words and layer numbers from a fixed list), metadata keys.
+    static let words: Set<String> = [
+        "base_model", "model", "transformer", "h", "layers", "attn", "mlp", "c_attn", "c_proj", "c_fc", "ln_1", "ln_2", "ln_f",
+        "wte", "wpe", "lm_head", "weight", "bias", "lora_A", "lora_B", "lora_C", "lora_D", "default", "self_attn", "q_proj", "k_proj",
+        "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "norm", "input_layernorm", "post_attention_layernorm",
+        "format", "format_version", "level", "rank", "alpha", "use_rslora", "target_modules", "dtype", "base_fingerprint",
+        "created_at", "shared_version", "client_id", "__metadata__", "pt",
+    ]
+    static let dtypes: Set<String> = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
+
+    /// `'name'` when every dot-separated part is a known word or a layer number (at most 3 digits),
+    /// else "(a name of N bytes)".
+    public static func name(_ s: String) -> String {
+        let parts = s.split(separator: ".", omittingEmptySubsequences: false)
+        let known = s.utf8.count <= 200 && !parts.isEmpty && parts.allSatisfy { p in
+            words.contains(String(p)) || (!p.isEmpty && p.count <= 3 && p.allSatisfy { $0.isASCII && $0.isNumber })
+        }
+        return known ? "'\(s)'" : "(a name of \(s.utf8.count) bytes)"
+    }
+
+    /// A safetensors dtype name when it is one, else "an unknown dtype (N bytes)".
+    public static func dtype(_ s: String) -> String {
+        dtypes.contains(s) ? s : "an unknown dtype (\(s.utf8.count) bytes)"
     }
 }
 
@@ -103,7 +138,7 @@ public final class SafeTensorsFile {
                 }
                 for (k, v) in m {
                     guard let s = v as? String else {
-                        throw SafeTensorsError.badHeader(file: name, why: "__metadata__ value of '\(k)' is not a string")
+                        throw SafeTensorsError.badHeader(file: name, why: "a __metadata__ value (of \(FileText.name(k))) is not a string")
                     }
                     meta[k] = s
                 }
@@ -132,7 +167,7 @@ public final class SafeTensorsFile {
             guard !overflow, count.multipliedReportingOverflow(by: dtype.size).overflow == false,
                   off[1] - off[0] == count * dtype.size else {
                 throw SafeTensorsError.badEntry(file: name, tensor: key,
-                    why: "has shape \(shape) of \(ds) but its data_offsets span \(off[1] - off[0]) bytes")
+                    why: "has shape \(shape) of \(dtype.rawValue) but its data_offsets span \(off[1] - off[0]) bytes")
             }
             guard off[1] <= dataSize else {
                 throw SafeTensorsError.dataOutOfBounds(file: name, tensor: key, end: off[1], dataSize: dataSize)

@@ -26,8 +26,8 @@ public enum ZstdError: Error, CustomStringConvertible, Equatable {
             return "\(n): the zstd frame is truncated (only \(size) bytes); the file was cut short — restore it or publish it again"
         case let .unknownContentSize(n):
             return "\(n): the zstd frame does not record its decompressed size; recompress it with a one-shot compressor (zstd CLI or pf2lora)"
-        case let .tooLarge(n, claimed, limit):
-            return "\(n): the zstd frame claims \(claimed) decompressed bytes, more than the limit of \(limit); the file is corrupt or not an adapter (raise the limit only if it is genuinely this large)"
+        case let .tooLarge(n, _, limit):
+            return "\(n): the decompressed size the zstd frame records is over the limit of \(limit) bytes; the file is corrupt or not an adapter (raise the limit only if it is genuinely this large)"
         case let .trailingBytes(n, count):
             return "\(n): \(count) unexpected bytes follow the zstd frame; the file is corrupt"
         case let .corrupt(n, why):

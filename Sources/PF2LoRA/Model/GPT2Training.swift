@@ -28,7 +28,7 @@ public enum TrainingError: Error, CustomStringConvertible, Equatable {
         case let .badBatch(why): return "bad training batch: \(why)"
         case .noTargets: return "the batch has no target tokens (every label is -100): give sequences of at least 2 tokens"
         case let .unknownModule(p):
-            return "adapter module '\(p)' is not a GPT-2 linear layer of this model; expected paths like transformer.h.0.attn.c_attn"
+            return "adapter module '\(p)' is not a linear layer of this model; expected module paths like transformer.h.0.attn.c_attn (GPT-2) or model.layers.0.self_attn.q_proj (Llama family)"
         case let .adapterShape(m, t, e, f):
             return "adapter \(m): \(t) has shape \(f) but this model needs \(e) (A/C are (r, in), B/D are (out, r))"
         }
@@ -129,11 +129,12 @@ public final class GPT2Gradients {
     /// d loss / d (C, D) per module path.
     public internal(set) var client: [String: (down: Tensor, up: Tensor)] = [:]
     /// Full mode: gradients of every base weight, same structure as the weights (nil in LoRA mode).
-    public let base: GPT2Weights?
+    public let base: ModelWeights?
+    let architecture: ModelArchitecture
 
-    init(base: GPT2Weights?) { self.base = base }
+    init(base: ModelWeights?, architecture: ModelArchitecture) { self.base = base; self.architecture = architecture }
 
-    /// Full mode: (Hugging Face name, gradient) in `GPT2Weights.named` order.
+    /// Full mode: (Hugging Face name, gradient) in `ModelWeights.named` order.
     public var named: [(String, Tensor)] { base?.named ?? [] }
 
     func pair(level: Int, path: String, like p: (down: Tensor, up: Tensor)) -> (down: Tensor, up: Tensor) {
@@ -158,13 +159,13 @@ final class LayerActivations {
     let fchGelu: Tensor                                 // (BT,I) after gelu
     let resOut: Tensor                                  // (BT,C) residual after the MLP: the next layer's input
 
-    init(B: Int, T: Int, c: GPT2Config) {
-        let BT = B * T, C = c.nEmbd
+    init(B: Int, T: Int, c: ModelArchitecture) {
+        let BT = B * T, C = c.hiddenSize
         ln1 = Tensor(zeros: [BT, C]); ln1Mean = Tensor(zeros: [BT]); ln1Rstd = Tensor(zeros: [BT])
-        qkv = Tensor(zeros: [BT, 3 * C]); att = Tensor(zeros: [B, c.nHead, T, T]); atty = Tensor(zeros: [BT, C])
+        qkv = Tensor(zeros: [BT, 3 * C]); att = Tensor(zeros: [B, c.headCount, T, T]); atty = Tensor(zeros: [BT, C])
         resMid = Tensor(zeros: [BT, C])
         ln2 = Tensor(zeros: [BT, C]); ln2Mean = Tensor(zeros: [BT]); ln2Rstd = Tensor(zeros: [BT])
-        fch = Tensor(zeros: [BT, c.inner]); fchGelu = Tensor(zeros: [BT, c.inner]); resOut = Tensor(zeros: [BT, C])
+        fch = Tensor(zeros: [BT, c.intermediateSize]); fchGelu = Tensor(zeros: [BT, c.intermediateSize]); resOut = Tensor(zeros: [BT, C])
     }
 
     var byteCount: Int { [ln1, ln1Mean, ln1Rstd, qkv, att, atty, resMid, ln2, ln2Mean, ln2Rstd, fch, fchGelu, resOut].reduce(0) { $0 + $1.count * 4 } }
@@ -175,13 +176,13 @@ final class LayerActivations {
 /// them for every layer; the first training call grows it to all layers.
 final class GPT2TrainingState {
     let B: Int, T: Int
-    let config: GPT2Config
+    let config: ModelArchitecture
     let encoded: Tensor                 // (BT,C) token + position embeddings: layer 0's input
     var layers: [LayerActivations]      // 1 (forward only) or n_layer
     let proj: Tensor                    // (BT,C) scratch: attention / MLP projection output
     let lnf: Tensor, lnfMean: Tensor, lnfRstd: Tensor   // (BT,C), (BT), (BT)
     let scores: Tensor                  // (T,T) scratch for forward-only attention
-    // LoRA: u = x A^T of every adapted module and level, (BT, r) each; index (l * 4 + kind) * 2 + level.
+    // LoRA: u = x A^T of every adapted module and level, (BT, r) each; index (l * slots + slot) * 2 + level.
     var loraU: [Tensor?]
     var loraTmp: Tensor                 // (BT, maxRank) scratch, grown on demand
     var loraTmpCap: Int
@@ -194,15 +195,15 @@ final class GPT2TrainingState {
     var dresid: Tensor?, dln: Tensor?, dqkv: Tensor?, datty: Tensor?, dfch: Tensor?, dscores: Tensor?, dlnf: Tensor?
     var ones: Tensor?                   // (BT) of 1, for bias gradients as a GEMV
 
-    init(B: Int, T: Int, config c: GPT2Config) {
+    init(B: Int, T: Int, config c: ModelArchitecture) {
         self.B = B; self.T = T; self.config = c
-        let BT = B * T, C = c.nEmbd
+        let BT = B * T, C = c.hiddenSize
         encoded = Tensor(zeros: [BT, C])
         layers = [LayerActivations(B: B, T: T, c: c)]
         proj = Tensor(zeros: [BT, C])
         lnf = Tensor(zeros: [BT, C]); lnfMean = Tensor(zeros: [BT]); lnfRstd = Tensor(zeros: [BT])
         scores = Tensor(zeros: [T, T])
-        loraU = Array(repeating: nil, count: c.nLayer * 4 * 2)
+        loraU = Array(repeating: nil, count: c.layerCount * c.slots.count * 2)
         loraTmpCap = 0
         loraTmp = Tensor(zeros: [0])
         headRows = min(BT, 256)
@@ -214,11 +215,11 @@ final class GPT2TrainingState {
 
     /// Grows to every layer's activations and the backward scratch (first training call).
     func ensureTraining() {
-        let c = config, BT = B * T, C = c.nEmbd
-        while layers.count < c.nLayer { layers.append(LayerActivations(B: B, T: T, c: c)) }
+        let c = config, BT = B * T, C = c.hiddenSize
+        while layers.count < c.layerCount { layers.append(LayerActivations(B: B, T: T, c: c)) }
         if dresid == nil {
             dresid = Tensor(zeros: [BT, C]); dln = Tensor(zeros: [BT, C]); dqkv = Tensor(zeros: [BT, 3 * C])
-            datty = Tensor(zeros: [BT, C]); dfch = Tensor(zeros: [BT, c.inner]); dscores = Tensor(zeros: [T, T])
+            datty = Tensor(zeros: [BT, C]); dfch = Tensor(zeros: [BT, c.intermediateSize]); dscores = Tensor(zeros: [T, T])
             dlnf = Tensor(zeros: [BT, C])
             ones = Tensor(zeros: [BT]); ones!.fill(1)
         }
@@ -243,10 +244,10 @@ final class GPT2TrainingState {
     /// call (every layer's activations, the backward scratch, a u buffer per adapted module and level
     /// of rank `ranks[i]`) or a forward-only one (one layer's activations). Must follow `init`,
     /// `ensureTraining`, `u` and `prepare` (a test compares it with `byteCount` after real calls).
-    static func bytes(B: Int, T: Int, config c: GPT2Config, training: Bool, ranks: [Int]) -> Int {
-        let BT = B * T, C = c.nEmbd, I = c.inner
-        let layer = BT * (8 * C + 2 * I + 4) + B * c.nHead * T * T
-        var floats = (training ? c.nLayer : 1) * layer
+    static func bytes(B: Int, T: Int, config c: ModelArchitecture, training: Bool, ranks: [Int]) -> Int {
+        let BT = B * T, C = c.hiddenSize, I = c.intermediateSize
+        let layer = BT * (8 * C + 2 * I + 4) + B * c.headCount * T * T
+        var floats = (training ? c.layerCount : 1) * layer
         floats += 3 * BT * C + 2 * BT + T * T                 // encoded, proj, lnf, lnfMean, lnfRstd, scores
         floats += min(BT, 256) * (C + c.vocabSize)            // headIn, logits
         if training {
@@ -276,30 +277,32 @@ struct ResolvedPair {
 /// Not thread-safe: one trainer per thread. Calls of the same (B, T) allocate nothing after the first
 /// (adapter gradients are allocated once per module and shape).
 public final class GPT2Trainer {
-    public let weights: GPT2Weights
-    public let config: GPT2Config
+    public let weights: ModelWeights
+    public let config: ModelArchitecture
     /// Full mode: base-weight gradients are computed.
     public let fullGradients: Bool
     /// Where gradients are written.
     public let gradients: GPT2Gradients
 
     private var state: GPT2TrainingState?
-    private let paths: [[String]]                  // [layer][kind] module path
-    private var resolved: [ResolvedPair?]          // (l * 4 + kind) * 2 + level
+    private let paths: [[String]]                  // [layer][slot] module path
+    private var resolved: [ResolvedPair?]          // (l * slots + slot) * 2 + level
     private var anyGradWanted = false
 
     /// `weights` is read, never written (in full mode the caller's optimizer updates it between calls,
-    /// so it must then be writable: `GPT2Weights.load(_, writable: true)` or `random`).
-    public init(weights: GPT2Weights, fullGradients: Bool = false) {
+    /// so it must then be writable: `ModelWeights.load(_, writable: true)` or `random`).
+    public init(weights: ModelWeights, fullGradients: Bool = false) {
+        precondition(weights.architecture.modelType == "gpt2", "GPT2Trainer: training runs GPT-2 blocks only so far")
         self.weights = weights
-        self.config = weights.config
+        self.config = weights.architecture
         self.fullGradients = fullGradients
-        let c = weights.config
-        gradients = GPT2Gradients(base: fullGradients ? (try! GPT2Weights.assemble(config: c, file: "gradients") { name in
-            Tensor(zeros: GPT2Weights.expectedShapes(c).first { $0.0 == name }!.1)
-        }) : nil)
-        paths = (0..<c.nLayer).map { l in LinearKind.allCases.map { LinearKind.modulePath(layer: l, $0) } }
-        resolved = Array(repeating: nil, count: c.nLayer * 8)
+        let c = weights.architecture
+        let shapes = Dictionary(uniqueKeysWithValues: c.tensors.map { ($0.name, $0.shape) })
+        gradients = GPT2Gradients(base: fullGradients ? (try! ModelWeights.assemble(architecture: c, file: "gradients") { name in
+            Tensor(zeros: shapes[name]!)
+        }) : nil, architecture: c)
+        paths = (0..<c.layerCount).map { l in c.slots.map { c.modulePath(layer: l, slot: $0.index) } }
+        resolved = Array(repeating: nil, count: c.layerCount * c.slots.count * 2)
     }
 
     /// Bytes of the run state currently allocated (activations and backward scratch).
@@ -334,8 +337,8 @@ public final class GPT2Trainer {
     private func prepare(_ batch: TrainingBatch, shared: AdapterWeights?, client: AdapterWeights?,
                          wantShared: Bool, wantClient: Bool) throws -> GPT2TrainingState {
         let c = config
-        guard batch.seqLen <= c.nPositions else {
-            throw TrainingError.badBatch("sequence length \(batch.seqLen) exceeds the model's context \(c.nPositions)")
+        guard batch.seqLen <= c.contextLength else {
+            throw TrainingError.badBatch("sequence length \(batch.seqLen) exceeds the model's context \(c.contextLength)")
         }
         guard batch.targetCount > 0 else { throw TrainingError.noTargets }
         for t in batch.inputs where t < 0 || Int(t) >= c.vocabSize {
@@ -351,13 +354,13 @@ public final class GPT2Trainer {
             let w = level == 0 ? shared : client
             let want = level == 0 ? wantShared : wantClient
             var matched = 0
-            for l in 0..<c.nLayer {
-                for kind in LinearKind.allCases {
-                    let slot = (l * 4 + kind.rawValue) * 2 + level
-                    guard let w, let p = w.pairs[paths[l][kind.rawValue]] else { resolved[slot] = nil; continue }
+            for l in 0..<c.layerCount {
+                for s in c.slots {
+                    let slot = (l * c.slots.count + s.index) * 2 + level
+                    guard let w, let p = w.pairs[paths[l][s.index]] else { resolved[slot] = nil; continue }
                     matched += 1
-                    let path = paths[l][kind.rawValue]
-                    let (din, dout) = kind.dims(c)
+                    let path = paths[l][s.index]
+                    let (din, dout) = s.dims
                     let r = p.down.shape.first ?? 0
                     guard p.down.shape == [r, din], r > 0 else {
                         throw TrainingError.adapterShape(module: path, tensor: level == 0 ? "lora_A" : "lora_C", expected: [r, din], found: p.down.shape)
@@ -373,7 +376,7 @@ public final class GPT2Trainer {
                 }
             }
             if let w, matched != w.pairs.count {
-                let unknown = w.pairs.keys.sorted().first { LinearKind.parse($0).map { $0.layer >= c.nLayer } ?? true } ?? w.pairs.keys.sorted()[0]
+                let unknown = w.pairs.keys.sorted().first { c.parseModulePath($0) == nil } ?? w.pairs.keys.sorted()[0]
                 throw TrainingError.unknownModule(unknown)
             }
         }
@@ -392,64 +395,64 @@ public final class GPT2Trainer {
     // MARK: Forward and backward of the whole model
 
     private func forward(_ batch: TrainingBatch, _ st: GPT2TrainingState, save: Bool) {
-        let c = config, BT = st.B * st.T, C = c.nEmbd, eps = c.layerNormEpsilon
+        let c = config, BT = st.B * st.T, C = c.hiddenSize, eps = c.normEps
         embeddingForward(batch, st)
         var input = st.encoded
-        for l in 0..<c.nLayer {
+        for l in 0..<c.layerCount {
             let a = st.layers[save ? l : 0]
             let w = weights.layers[l]
             // Attention block: resMid = input + proj(attn(qkv(ln1(input)))).
-            layerNormForward(input.data, w.ln1W.data, w.ln1B.data, a.ln1.data, rows: BT, C: C, eps: eps,
+            layerNormForward(input.data, w.attnNorm.data, w.attnNormBias!.data, a.ln1.data, rows: BT, C: C, eps: eps,
                              mean: a.ln1Mean.data, rstd: a.ln1Rstd.data)
-            linearForward(a.ln1, a.qkv, layer: l, kind: .qkv, st, save: save)                  // (BT,C) -> (BT,3C)
+            linearForward(a.ln1, a.qkv, layer: l, slot: 0, st, save: save)                     // (BT,C) -> (BT,3C)
             attentionForward(a, st, save: save)                                              // (BT,3C) -> (BT,C)
-            linearForward(a.atty, st.proj, layer: l, kind: .attnProj, st, save: save)           // (BT,C) -> (BT,C)
+            linearForward(a.atty, st.proj, layer: l, slot: 1, st, save: save)                   // (BT,C) -> (BT,C)
             residualForward(input.data, st.proj.data, a.resMid.data, count: BT * C)
             // MLP block: resOut = resMid + proj(gelu(fc(ln2(resMid)))).
-            layerNormForward(a.resMid.data, w.ln2W.data, w.ln2B.data, a.ln2.data, rows: BT, C: C, eps: eps,
+            layerNormForward(a.resMid.data, w.mlpNorm.data, w.mlpNormBias!.data, a.ln2.data, rows: BT, C: C, eps: eps,
                              mean: a.ln2Mean.data, rstd: a.ln2Rstd.data)
-            linearForward(a.ln2, a.fch, layer: l, kind: .fc, st, save: save)                   // (BT,C) -> (BT,I)
-            geluForward(a.fch.data, a.fchGelu.data, count: BT * c.inner)
-            linearForward(a.fchGelu, st.proj, layer: l, kind: .mlpProj, st, save: save)        // (BT,I) -> (BT,C)
+            linearForward(a.ln2, a.fch, layer: l, slot: 2, st, save: save)                     // (BT,C) -> (BT,I)
+            geluForward(a.fch.data, a.fchGelu.data, count: BT * c.intermediateSize)
+            linearForward(a.fchGelu, st.proj, layer: l, slot: 3, st, save: save)              // (BT,I) -> (BT,C)
             residualForward(a.resMid.data, st.proj.data, a.resOut.data, count: BT * C)
             input = a.resOut
         }
-        layerNormForward(input.data, weights.lnfW.data, weights.lnfB.data, st.lnf.data, rows: BT, C: C, eps: eps,
+        layerNormForward(input.data, weights.finalNorm.data, weights.finalNormBias!.data, st.lnf.data, rows: BT, C: C, eps: eps,
                          mean: st.lnfMean.data, rstd: st.lnfRstd.data)
     }
 
     /// Backward from d lnf (filled by the classifier) down to the embeddings.
     private func backward(_ batch: TrainingBatch, _ st: GPT2TrainingState) {
-        let c = config, BT = st.B * st.T, C = c.nEmbd
+        let c = config, BT = st.B * st.T, C = c.hiddenSize
         let dresid = st.dresid!, dln = st.dln!, dfch = st.dfch!, datty = st.datty!, dqkv = st.dqkv!
         let g = gradients.base
         if let g {
-            for t in [g.lnfW, g.lnfB, g.wpe] { t.fill(0) }
-            for gl in g.layers { for t in [gl.ln1W, gl.ln1B, gl.ln2W, gl.ln2B] { t.fill(0) } }
+            for t in [g.finalNorm, g.finalNormBias!, g.positions!] { t.fill(0) }
+            for gl in g.layers { for t in [gl.attnNorm, gl.attnNormBias!, gl.mlpNorm, gl.mlpNormBias!] { t.fill(0) } }
         }
         // Final layer norm: dresid = d input of ln_f.
         dresid.fill(0)
-        let last = st.layers[c.nLayer - 1].resOut
-        layerNormBackward(st.dlnf!.data, last.data, weights.lnfW.data, st.lnfMean.data, st.lnfRstd.data,
-                          dx: dresid.data, dw: g?.lnfW.data, db: g?.lnfB.data, rows: BT, C: C)
-        for l in stride(from: c.nLayer - 1, through: 0, by: -1) {
+        let last = st.layers[c.layerCount - 1].resOut
+        layerNormBackward(st.dlnf!.data, last.data, weights.finalNorm.data, st.lnfMean.data, st.lnfRstd.data,
+                          dx: dresid.data, dw: g?.finalNorm.data, db: g?.finalNormBias?.data, rows: BT, C: C)
+        for l in stride(from: c.layerCount - 1, through: 0, by: -1) {
             let a = st.layers[l], w = weights.layers[l], gl = g?.layers[l]
             let input = l == 0 ? st.encoded : st.layers[l - 1].resOut
             // MLP block. dresid is d resOut; the residual passes it through to d resMid unchanged.
-            linearBackward(dresid, x: a.fchGelu, dx: dfch, layer: l, kind: .mlpProj, st)    // (BT,C) -> (BT,I)
-            geluBackwardInPlace(a.fch.data, dfch.data, count: BT * c.inner)
-            linearBackward(dfch, x: a.ln2, dx: dln, layer: l, kind: .fc, st)                // (BT,I) -> (BT,C)
-            layerNormBackward(dln.data, a.resMid.data, w.ln2W.data, a.ln2Mean.data, a.ln2Rstd.data,
-                              dx: dresid.data, dw: gl?.ln2W.data, db: gl?.ln2B.data, rows: BT, C: C)
+            linearBackward(dresid, x: a.fchGelu, dx: dfch, layer: l, slot: 3, st)          // (BT,C) -> (BT,I)
+            geluBackwardInPlace(a.fch.data, dfch.data, count: BT * c.intermediateSize)
+            linearBackward(dfch, x: a.ln2, dx: dln, layer: l, slot: 2, st)                   // (BT,I) -> (BT,C)
+            layerNormBackward(dln.data, a.resMid.data, w.mlpNorm.data, a.ln2Mean.data, a.ln2Rstd.data,
+                              dx: dresid.data, dw: gl?.mlpNorm.data, db: gl?.mlpNormBias?.data, rows: BT, C: C)
             // Attention block. dresid is now d resMid.
-            linearBackward(dresid, x: a.atty, dx: datty, layer: l, kind: .attnProj, st)     // (BT,C) -> (BT,C)
+            linearBackward(dresid, x: a.atty, dx: datty, layer: l, slot: 1, st)             // (BT,C) -> (BT,C)
             attentionBackward(a, datty: datty, dqkv: dqkv, st)                              // (BT,C) -> (BT,3C)
             // Layer 0's ln_1 input gradient only reaches the embeddings: skip it unless they train.
             let needDx = l > 0 || g != nil
-            linearBackward(dqkv, x: a.ln1, dx: needDx ? dln : nil, layer: l, kind: .qkv, st)  // (BT,3C) -> (BT,C)
+            linearBackward(dqkv, x: a.ln1, dx: needDx ? dln : nil, layer: l, slot: 0, st)     // (BT,3C) -> (BT,C)
             if needDx {
-                layerNormBackward(dln.data, input.data, w.ln1W.data, a.ln1Mean.data, a.ln1Rstd.data,
-                                  dx: dresid.data, dw: gl?.ln1W.data, db: gl?.ln1B.data, rows: BT, C: C)
+                layerNormBackward(dln.data, input.data, w.attnNorm.data, a.ln1Mean.data, a.ln1Rstd.data,
+                                  dx: dresid.data, dw: gl?.attnNorm.data, db: gl?.attnNormBias?.data, rows: BT, C: C)
             }
         }
         if g != nil { embeddingBackward(batch, st) }
@@ -459,12 +462,12 @@ public final class GPT2Trainer {
 
     /// encoded[b,t] = wte[token] + wpe[t].
     private func embeddingForward(_ batch: TrainingBatch, _ st: GPT2TrainingState) {
-        let C = config.nEmbd, T = st.T
+        let C = config.hiddenSize, T = st.T
         batch.inputs.withUnsafeBufferPointer { tok in
             for row in 0..<(st.B * T) {
                 let o = st.encoded.data + row * C
-                o.update(from: weights.wte.data + Int(tok[row]) * C, count: C)
-                addInPlace(o, weights.wpe.data + (row % T) * C, count: C)
+                o.update(from: weights.embed.data + Int(tok[row]) * C, count: C)
+                addInPlace(o, weights.positions!.data + (row % T) * C, count: C)
             }
         }
     }
@@ -472,11 +475,11 @@ public final class GPT2Trainer {
     /// dwte[token] += dresid[b,t], dwpe[t] += dresid[b,t] (dwte already holds the lm_head part).
     private func embeddingBackward(_ batch: TrainingBatch, _ st: GPT2TrainingState) {
         guard let g = gradients.base else { return }
-        let C = config.nEmbd, T = st.T, d = st.dresid!.data
+        let C = config.hiddenSize, T = st.T, d = st.dresid!.data
         batch.inputs.withUnsafeBufferPointer { tok in
             for row in 0..<(st.B * T) {
-                addInPlace(g.wte.data + Int(tok[row]) * C, d + row * C, count: C)
-                addInPlace(g.wpe.data + (row % T) * C, d + row * C, count: C)
+                addInPlace(g.embed.data + Int(tok[row]) * C, d + row * C, count: C)
+                addInPlace(g.positions!.data + (row % T) * C, d + row * C, count: C)
             }
         }
     }
@@ -484,13 +487,15 @@ public final class GPT2Trainer {
     // MARK: Linear layer with two LoRA levels
 
     /// out = x W0 + b + sum over levels of s (x A^T) B^T. Saves u = x A^T per level when `save`.
-    private func linearForward(_ x: Tensor, _ out: Tensor, layer l: Int, kind: LinearKind, _ st: GPT2TrainingState, save: Bool) {
-        let (din, dout) = kind.dims(config)
+    private func linearForward(_ x: Tensor, _ out: Tensor, layer l: Int, slot s: Int, _ st: GPT2TrainingState, save: Bool) {
+        let sl = config.slots[s]
+        let (din, dout) = sl.dims
         let BT = st.B * st.T
-        BLAS.gemm(x.data, weights.layers[l].linW[kind.rawValue].data, out.data, m: BT, n: dout, k: din)   // (BT,in) @ (in,out) -> (BT,out)
-        addBias(out.data, weights.layers[l].linB[kind.rawValue].data, rows: BT, cols: dout)
+        // (BT,in) @ (in,out) -> (BT,out); an (out,in) weight is read transposed
+        BLAS.gemm(x.data, weights.layers[l].linW[s].data, out.data, m: BT, n: dout, k: din, transB: sl.layout == .linear)
+        if let b = weights.layers[l].linB[s] { addBias(out.data, b.data, rows: BT, cols: dout) }
         for level in 0..<2 {
-            let slot = (l * 4 + kind.rawValue) * 2 + level
+            let slot = (l * config.slots.count + s) * 2 + level
             guard let p = resolved[slot] else { continue }
             let u = save ? st.u(slot, rank: p.rank).data : st.loraTmp.data
             BLAS.gemm(x.data, p.down, u, m: BT, n: p.rank, k: din, transB: true)                       // (BT,in) @ (in,r) -> (BT,r)
@@ -500,18 +505,24 @@ public final class GPT2Trainer {
 
     /// From dout (BT,out): dx (BT,in) when given (overwritten), the wanted LoRA gradients, and in full
     /// mode dW, db. The frozen base in LoRA mode gets no gradient GEMM.
-    private func linearBackward(_ dout: Tensor, x: Tensor, dx: Tensor?, layer l: Int, kind: LinearKind, _ st: GPT2TrainingState) {
-        let (din, dOut) = kind.dims(config)
+    private func linearBackward(_ dout: Tensor, x: Tensor, dx: Tensor?, layer l: Int, slot s: Int, _ st: GPT2TrainingState) {
+        let sl = config.slots[s]
+        let (din, dOut) = sl.dims
+        let conv = sl.layout == .conv1D
         let BT = st.B * st.T
         if let dx {
-            BLAS.gemm(dout.data, weights.layers[l].linW[kind.rawValue].data, dx.data, m: BT, n: din, k: dOut, transB: true)  // (BT,out) @ (out,in) -> (BT,in)
+            BLAS.gemm(dout.data, weights.layers[l].linW[s].data, dx.data, m: BT, n: din, k: dOut, transB: conv)  // (BT,out) @ (out,in) -> (BT,in)
         }
         if let g = gradients.base?.layers[l] {
-            BLAS.gemm(x.data, dout.data, g.linW[kind.rawValue].data, m: din, n: dOut, k: BT, transA: true)   // (in,BT) @ (BT,out) -> (in,out)
-            BLAS.gemv(dout.data, st.ones!.data, g.linB[kind.rawValue].data, m: BT, n: dOut, trans: true)      // (out,BT) @ (BT) -> (out)
+            if conv {
+                BLAS.gemm(x.data, dout.data, g.linW[s].data, m: din, n: dOut, k: BT, transA: true)   // (in,BT) @ (BT,out) -> (in,out)
+            } else {
+                BLAS.gemm(dout.data, x.data, g.linW[s].data, m: dOut, n: din, k: BT, transA: true)   // (out,BT) @ (BT,in) -> (out,in)
+            }
+            if let gb = g.linB[s] { BLAS.gemv(dout.data, st.ones!.data, gb.data, m: BT, n: dOut, trans: true) }  // (out,BT) @ (BT) -> (out)
         }
         for level in 0..<2 {
-            let slot = (l * 4 + kind.rawValue) * 2 + level
+            let slot = (l * config.slots.count + s) * 2 + level
             guard let p = resolved[slot] else { continue }
             let wantGrad = p.gradDown != nil
             guard wantGrad || dx != nil else { continue }
@@ -533,7 +544,7 @@ public final class GPT2Trainer {
 
     /// Per sequence b and head h: P = softmax(causal(q k^T / sqrt(hs))), y = P v. Saves P when `save`.
     private func attentionForward(_ a: LayerActivations, _ st: GPT2TrainingState, save: Bool) {
-        let c = config, T = st.T, C = c.nEmbd, NH = c.nHead, hs = c.headSize
+        let c = config, T = st.T, C = c.hiddenSize, NH = c.headCount, hs = c.headDim
         let scale = 1 / Float(hs).squareRoot()
         for b in 0..<st.B {
             for h in 0..<NH {
@@ -552,7 +563,7 @@ public final class GPT2Trainer {
 
     /// dy (BT,C) -> dq, dk, dv written into dqkv (BT,3C).
     private func attentionBackward(_ a: LayerActivations, datty: Tensor, dqkv: Tensor, _ st: GPT2TrainingState) {
-        let c = config, T = st.T, C = c.nEmbd, NH = c.nHead, hs = c.headSize
+        let c = config, T = st.T, C = c.hiddenSize, NH = c.headCount, hs = c.headDim
         let scale = 1 / Float(hs).squareRoot()
         let dp = st.dscores!.data
         for b in 0..<st.B {
@@ -576,7 +587,7 @@ public final class GPT2Trainer {
     /// `backward` the logits' gradient in place, then d lnf = dlogits @ wte and (full mode) dwte.
     /// Rows without a target get no logits at all.
     private func classifier(_ batch: TrainingBatch, _ st: GPT2TrainingState, backward: Bool) -> Float {
-        let c = config, C = c.nEmbd, V = c.vocabSize
+        let c = config, C = c.hiddenSize, V = c.vocabSize
         var n = 0
         batch.targets.withUnsafeBufferPointer { tg in
             for row in 0..<(st.B * st.T) where tg[row] != TrainingBatch.ignoreIndex { st.rowList[n] = row; n += 1 }
@@ -589,7 +600,7 @@ public final class GPT2Trainer {
         while start < n {
             let m = min(st.headRows, n - start)
             for i in 0..<m { st.headIn.data.advanced(by: i * C).update(from: st.lnf.data + st.rowList[start + i] * C, count: C) }
-            BLAS.gemm(st.headIn.data, weights.wte.data, st.logits.data, m: m, n: V, k: C, transB: true)        // (m,C) @ (C,V) -> (m,V)
+            BLAS.gemm(st.headIn.data, weights.head.data, st.logits.data, m: m, n: V, k: C, transB: true)        // (m,C) @ (C,V) -> (m,V)
             batch.targets.withUnsafeBufferPointer { tg in
                 for i in 0..<m {
                     let target = Int(tg[st.rowList[start + i]])
@@ -599,9 +610,9 @@ public final class GPT2Trainer {
             if backward {
                 // d headIn = dlogits @ wte: (m,V) @ (V,C) -> (m,C), reusing headIn as the output.
                 if let g = gradients.base {
-                    BLAS.gemm(st.logits.data, st.headIn.data, g.wte.data, m: V, n: C, k: m, transA: true, beta: first ? 0 : 1)  // (V,m) @ (m,C) -> (V,C)
+                    BLAS.gemm(st.logits.data, st.headIn.data, g.head.data, m: V, n: C, k: m, transA: true, beta: first ? 0 : 1)  // (V,m) @ (m,C) -> (V,C)
                 }
-                BLAS.gemm(st.logits.data, weights.wte.data, st.headIn.data, m: m, n: C, k: V)                   // (m,V) @ (V,C) -> (m,C)
+                BLAS.gemm(st.logits.data, weights.head.data, st.headIn.data, m: m, n: C, k: V)                   // (m,V) @ (V,C) -> (m,C)
                 for i in 0..<m { (st.dlnf!.data + st.rowList[start + i] * C).update(from: st.headIn.data + i * C, count: C) }
             }
             first = false
@@ -617,14 +628,14 @@ extension AdapterWeights {
     /// One level of a `TwoLevelAdapter`: a `ParameterSet` with PEFT names (`<module>.lora_A.weight` /
     /// `lora_B` for the shared level, `lora_C` / `lora_D` for the client level; the module with or without
     /// `transformer.`), keyed by module path for the trainer. The tensors are shared, not copied.
-    public init(_ set: ParameterSet, level: LoRALevel, scale: Float) throws {
+    public init(_ set: ParameterSet, level: LoRALevel, scale: Float, architecture: ModelArchitecture) throws {
         let (downSuffix, upSuffix) = level == .shared ? (".lora_A.weight", ".lora_B.weight") : (".lora_C.weight", ".lora_D.weight")
         var pairs: [String: (down: Tensor, up: Tensor)] = [:]
         for name in set.names where name.hasSuffix(downSuffix) {
             let module = String(name.dropLast(downSuffix.count))
-            guard let (l, kind) = LinearKind.parse(module) else { throw TrainingError.unknownModule(module) }
+            guard let (l, s) = architecture.parseModulePath(module) else { throw TrainingError.unknownModule(module) }
             guard let up = set[module + upSuffix] else { throw TrainingError.unknownModule(module + upSuffix) }
-            pairs[LinearKind.modulePath(layer: l, kind)] = (set.tensor(name), up)
+            pairs[architecture.modulePath(layer: l, slot: s)] = (set.tensor(name), up)
         }
         self.init(pairs: pairs, scale: scale)
     }
@@ -638,7 +649,7 @@ extension GPT2Gradients {
         let source = level == .shared ? shared : client
         for name in set.names where name.hasSuffix(downSuffix) {
             let module = String(name.dropLast(downSuffix.count))
-            guard let (l, kind) = LinearKind.parse(module), let g = source[LinearKind.modulePath(layer: l, kind)] else {
+            guard let (l, s) = architecture.parseModulePath(module), let g = source[architecture.modulePath(layer: l, slot: s)] else {
                 preconditionFailure("GPT2Gradients: no \(level) gradient for \(module); was it asked for?")
             }
             set.tensor(name).copy(from: g.down)

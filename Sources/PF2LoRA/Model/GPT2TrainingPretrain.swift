@@ -98,7 +98,7 @@ public struct PretrainStepStats: Sendable {
 
 /// Full-parameter training of a GPT-2: owns the weights (writable), the trainer, the two AdamW groups.
 public final class GPT2Pretrainer {
-    public let weights: GPT2Weights
+    public let weights: ModelWeights
     public let options: PretrainOptions
     public let trainer: GPT2Trainer
     /// Optimizer steps completed.
@@ -108,8 +108,8 @@ public final class GPT2Pretrainer {
     private let decayGrads: ParameterSet, noDecayGrads: ParameterSet, allGrads: ParameterSet
     private let optDecay: AdamW, optNoDecay: AdamW
 
-    /// `weights` must own its memory (`GPT2Weights.random`, or `load(_, writable: true)`): it is updated in place.
-    public init(weights: GPT2Weights, options: PretrainOptions) {
+    /// `weights` must own its memory (`ModelWeights.random`, or `load(_, writable: true)`): it is updated in place.
+    public init(weights: ModelWeights, options: PretrainOptions) {
         self.weights = weights
         self.options = options
         trainer = GPT2Trainer(weights: weights, fullGradients: true)
@@ -160,7 +160,7 @@ public final class GPT2Pretrainer {
     public func save(to folder: String, extra: [String: Any] = [:]) throws {
         try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
         let meta = ["format": "pt", "pf2lora_step": String(step)]
-        try AtomicFile.write(weights.config.jsonData(), to: folder + "/config.json")
+        try AtomicFile.write(weights.architecture.configJSON(), to: folder + "/config.json")
         try AtomicFile.write(SafeTensorsWriter.serialize(Dictionary(uniqueKeysWithValues: weights.named), metadata: meta),
                              to: folder + "/model.safetensors")
         var moments: [String: Tensor] = [:]
@@ -187,7 +187,7 @@ public final class GPT2Pretrainer {
               let state = try JSONSerialization.jsonObject(with: data) as? [String: Any], let step = state["step"] as? Int else {
             throw PretrainError.badCheckpoint("\(folder)/trainer_state.json is missing or unreadable")
         }
-        let model = try GPT2Model.load(folder: folder, writable: true)
+        let model = try LanguageModel.load(folder: folder, writable: true)
         let optFile = try SafeTensorsFile(path: folder + "/optimizer.safetensors")
         for (file, meta) in [("model.safetensors", model.file?.metadata ?? [:]), ("optimizer.safetensors", optFile.metadata)] {
             guard meta["pf2lora_step"] == String(step) else {

@@ -26,8 +26,8 @@ public struct StepInput {
 /// its own KV cache. Callers order inputs so that equal weight sets and equal clients are adjacent.
 /// The run state below is allocated once and grown only when a larger batch arrives.
 public final class InferenceEngine {
-    public let model: GPT2Model
-    let config: GPT2Config
+    public let model: LanguageModel
+    let architecture: ModelArchitecture
 
     // Run state: every activation buffer of a step (rows = all new tokens of the batch).
     private var capacityRows = 0
@@ -55,26 +55,26 @@ public final class InferenceEngine {
     public var pooledRowLimit = InferenceEngine.maxPooledRows
 
     /// `pool` runs small decode steps; the default is the process-wide one.
-    public init(model: GPT2Model, pool: WorkerPool = .shared) {
+    public init(model: LanguageModel, pool: WorkerPool = .shared) {
         self.model = model
-        self.config = model.config
+        self.architecture = model.architecture
         self.pool = pool
     }
 
     func ensure(rows n: Int, outRows m: Int, maxT: Int, maxRank: Int) {
-        let c = config
+        let c = architecture, C = c.hiddenSize
         if n > capacityRows {
             capacityRows = max(n, capacityRows * 2 > n ? min(capacityRows * 2, n * 2) : n)
             let r = capacityRows
-            x = Tensor(zeros: [r, c.nEmbd]); ln = Tensor(zeros: [r, c.nEmbd])
-            qkv = Tensor(zeros: [r, 3 * c.nEmbd]); att = Tensor(zeros: [r, c.nEmbd])
-            proj = Tensor(zeros: [r, c.nEmbd]); fc = Tensor(zeros: [r, c.inner])
+            x = Tensor(zeros: [r, C]); ln = Tensor(zeros: [r, C])
+            qkv = Tensor(zeros: [r, c.qWidth + 2 * c.kvWidth]); att = Tensor(zeros: [r, c.qWidth])
+            proj = Tensor(zeros: [r, C]); fc = Tensor(zeros: [r, c.intermediateSize])
         }
         if loraTmp.count < n * maxRank { loraTmp = Tensor(zeros: [max(capacityRows, n) * max(maxRank, 1)]) }
-        let need = max(maxT * maxT, c.nPositions)
+        let need = max(maxT * maxT, c.contextLength)
         if scores.count < need { scores = Tensor(zeros: [need]) }
-        if lnOut.rows < m || lnOut.count < m * c.nEmbd {
-            lnOut = Tensor(zeros: [m, c.nEmbd]); logits = Tensor(zeros: [m, c.vocabSize])
+        if lnOut.rows < m || lnOut.count < m * C {
+            lnOut = Tensor(zeros: [m, C]); logits = Tensor(zeros: [m, c.vocabSize])
         }
     }
 
@@ -82,15 +82,15 @@ public final class InferenceEngine {
     /// position) or, with `allLogits`, one row per new token. The returned tensor is a view of the
     /// engine's buffer, valid until the next step. Advances every cache by its new tokens.
     public func step(_ inputs: [StepInput]) throws -> Tensor {
-        let c = config
-        let C = c.nEmbd
+        let c = architecture
+        let C = c.hiddenSize
         var rowStart: [Int] = []
         var n = 0, m = 0, maxT = 1, maxRank = 0
         for inp in inputs {
             guard !inp.tokens.isEmpty else { throw ModelError.emptyPrompt }
             let total = inp.cache.length + inp.tokens.count
-            guard total <= min(c.nPositions, inp.cache.capacity) else {
-                throw ModelError.promptTooLong(tokens: total, context: min(c.nPositions, inp.cache.capacity))
+            guard total <= min(c.contextLength, inp.cache.capacity) else {
+                throw ModelError.promptTooLong(tokens: total, context: min(c.contextLength, inp.cache.capacity))
             }
             for t in inp.tokens where t < 0 || t >= c.vocabSize { throw ModelError.badToken(t, vocab: c.vocabSize) }
             rowStart.append(n)
@@ -123,27 +123,27 @@ public final class InferenceEngine {
         for (i, inp) in inputs.enumerated() {
             for (j, tok) in inp.tokens.enumerated() {
                 let row = x.data + (rowStart[i] + j) * C
-                row.update(from: w.wte.data + tok * C, count: C)
-                addInPlace(row, w.wpe.data + (inp.cache.length + j) * C, count: C)
+                row.update(from: w.embed.data + tok * C, count: C)
+                addInPlace(row, w.positions!.data + (inp.cache.length + j) * C, count: C)
             }
         }
 
-        for l in 0..<c.nLayer {
+        for l in 0..<c.layerCount {
             let layer = w.layers[l]
             // (N,C) -> ln -> (N,3C)
-            layerNormForward(x.data, layer.ln1W.data, layer.ln1B.data, ln.data, rows: n, C: C, eps: c.layerNormEpsilon)
-            linear(ln.data, qkv.data, rows: n, layer: l, kind: .qkv, weightSegs, clientSegs)
+            layerNormForward(x.data, layer.attnNorm.data, layer.attnNormBias!.data, ln.data, rows: n, C: C, eps: c.normEps)
+            linear(ln.data, qkv.data, rows: n, layer: l, slot: 0, weightSegs, clientSegs)
             for (i, inp) in inputs.enumerated() {
                 attention(layer: l, cache: inp.cache, row0: rowStart[i], t: inp.tokens.count)
             }
             // (N,C) @ (C,C) -> (N,C), residual
-            linear(att.data, proj.data, rows: n, layer: l, kind: .attnProj, weightSegs, clientSegs)
+            linear(att.data, proj.data, rows: n, layer: l, slot: 1, weightSegs, clientSegs)
             addInPlace(x.data, proj.data, count: n * C)
-            layerNormForward(x.data, layer.ln2W.data, layer.ln2B.data, ln.data, rows: n, C: C, eps: c.layerNormEpsilon)
+            layerNormForward(x.data, layer.mlpNorm.data, layer.mlpNormBias!.data, ln.data, rows: n, C: C, eps: c.normEps)
             // (N,C) @ (C,4C) -> (N,4C), gelu, (N,4C) @ (4C,C) -> (N,C), residual
-            linear(ln.data, fc.data, rows: n, layer: l, kind: .fc, weightSegs, clientSegs)
-            geluForward(fc.data, fc.data, count: n * c.inner)
-            linear(fc.data, proj.data, rows: n, layer: l, kind: .mlpProj, weightSegs, clientSegs)
+            linear(ln.data, fc.data, rows: n, layer: l, slot: 2, weightSegs, clientSegs)
+            geluForward(fc.data, fc.data, count: n * c.intermediateSize)
+            linear(fc.data, proj.data, rows: n, layer: l, slot: 3, weightSegs, clientSegs)
             addInPlace(x.data, proj.data, count: n * C)
         }
 
@@ -153,27 +153,27 @@ public final class InferenceEngine {
             let t = inp.tokens.count
             let first = inp.allLogits ? 0 : t - 1
             for j in first..<t {
-                layerNormForward(x.data + (rowStart[i] + j) * C, w.lnfW.data, w.lnfB.data, lnOut.data + outRow * C,
-                                 rows: 1, C: C, eps: c.layerNormEpsilon)
+                layerNormForward(x.data + (rowStart[i] + j) * C, w.finalNorm.data, w.finalNormBias!.data, lnOut.data + outRow * C,
+                                 rows: 1, C: C, eps: c.normEps)
                 outRow += 1
             }
             inp.cache.advance(by: t)
         }
         if m == 1 {
-            BLAS.gemv(w.wte.data, lnOut.data, logits.data, m: c.vocabSize, n: C)
+            BLAS.gemv(w.head.data, lnOut.data, logits.data, m: c.vocabSize, n: C)
         } else {
-            BLAS.gemm(lnOut.data, w.wte.data, logits.data, m: m, n: c.vocabSize, k: C, transB: true)
+            BLAS.gemm(lnOut.data, w.head.data, logits.data, m: m, n: c.vocabSize, k: C, transB: true)
         }
         return Tensor(viewing: logits.data, shape: [m, c.vocabSize], owner: logits)
     }
 
     /// out (N, out) = x (N, in) @ W + b per weight segment, then + s (x A^T) B^T per client segment.
     private func linear(_ xin: UnsafeMutablePointer<Float>, _ out: UnsafeMutablePointer<Float>, rows n: Int,
-                        layer l: Int, kind: LinearKind,
+                        layer l: Int, slot: Int,
                         _ weightSegs: [(LinearWeightSet, Int, Int)], _ clientSegs: [(ClientPairs, Int, Int)]) {
-        let (din, dout) = kind.dims(config)
+        let (din, dout) = architecture.slots[slot].dims
         for (set, r0, r1) in weightSegs {
-            let wt = set.weights[l][kind.rawValue]
+            let wt = set.weights[l][slot]
             let rows = r1 - r0
             if rows == 1 {
                 BLAS.gemv(wt.data, xin + r0 * din, out + r0 * dout, m: dout, n: din)               // (out,in) @ (in)
@@ -181,9 +181,9 @@ public final class InferenceEngine {
                 BLAS.gemm(xin + r0 * din, wt.data, out + r0 * dout, m: rows, n: dout, k: din, transB: true) // (n,in) @ (out,in)^T
             }
         }
-        addBias(out, model.weights.layers[l].linB[kind.rawValue].data, rows: n, cols: dout)
+        if let b = model.weights.layers[l].linB[slot] { addBias(out, b.data, rows: n, cols: dout) }
         for (client, r0, r1) in clientSegs {
-            guard let p = client.pairs[l][kind.rawValue] else { continue }
+            guard let p = client.pairs[l][slot] else { continue }
             let rows = r1 - r0, r = p.rank
             if rows <= 4 {
                 lowRankRows(xin + r0 * din, out + r0 * dout, rows: rows, din: din, dout: dout, pair: p)
@@ -220,7 +220,7 @@ public final class InferenceEngine {
 
     /// Causal self-attention of one sequence's t new rows over its cache (past L plus the new rows).
     private func attention(layer l: Int, cache: KVCache, row0: Int, t: Int) {
-        let C = config.nEmbd, H = config.nHead, hs = config.headSize
+        let C = architecture.hiddenSize, H = architecture.headCount, hs = architecture.headDim
         let L = cache.length, T = L + t
         let kc = cache.k[l].data, vc = cache.v[l].data, cap = cache.capacity
         // Append the new keys and values: qkv row = [q | k | v], each (C) with heads side by side;

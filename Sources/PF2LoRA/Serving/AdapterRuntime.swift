@@ -16,7 +16,7 @@ public struct AdapterBinding {
     }
 
     /// The base model alone (no adapter at all).
-    public static func base(_ model: GPT2Model) -> AdapterBinding {
+    public static func base(_ model: LanguageModel) -> AdapterBinding {
         AdapterBinding(weights: model.baseLinears, sharedVersion: nil, client: nil, clientVersion: nil, clientTrainedOn: nil)
     }
 }
@@ -30,15 +30,16 @@ public struct AdapterBinding {
 ///   `ClientPairs` views built on them copy nothing and are dropped when the cache evicts.
 /// - The store's manifest is re-read (one stat when unchanged) at most every `refreshInterval`.
 public final class AdapterRuntime {
-    public let model: GPT2Model
+    public let model: LanguageModel
     public let store: AdapterStore?
     /// Refuse clients the store has never seen (otherwise they get the shared pair alone).
     public let strict: Bool
     /// Minimum seconds between manifest checks. A check is one stat() when nothing changed, so the
     /// default checks on every admission: a version published a moment ago is used by the next request.
     public var refreshInterval: Double = 0
-    /// Client id -> store-relative path of its current file that failed validation when the store
-    /// was opened (the store renamed it aside as `.corrupt-*`; nothing was deleted).
+    /// Client id -> what happened to its current file that failed validation when the store was
+    /// opened: its path, whether it was renamed aside (`.corrupt-*`; nothing is deleted) or skipped
+    /// (a read-only store), and which check failed.
     public let quarantined: [String: String]
 
     private let lock = NSLock()
@@ -48,14 +49,18 @@ public final class AdapterRuntime {
     private var lastRefresh = 0.0
     private let foldQueue = DispatchQueue(label: "pf2lora.fold")
 
-    public init(model: GPT2Model, store: AdapterStore?, strict: Bool = false) {
+    public init(model: LanguageModel, store: AdapterStore?, strict: Bool = false) {
         self.model = model
         self.store = store
         self.strict = strict
         var q: [String: String] = [:]
-        for path in store?.lastReconcile.quarantined ?? [] {
+        let report = store?.lastReconcile ?? ReconcileReport()
+        for path in report.quarantined + report.skipped {
             let parts = path.split(separator: "/")
-            if parts.count == 3, parts[0] == "clients" { q[String(parts[1])] = path }
+            if parts.count == 3, parts[0] == "clients" {
+                let moved = report.quarantined.contains(path) ? "was moved aside (renamed .corrupt-*)" : "was skipped (the store is read-only: nothing was renamed)"
+                q[String(parts[1])] = "\(path) failed validation when the store was opened and \(moved): \(report.reasons[path] ?? "?")"
+            }
         }
         quarantined = q
     }
@@ -64,8 +69,7 @@ public final class AdapterRuntime {
     /// reported at once with its path).
     public func prepare() throws {
         guard let store else { return }
-        if let v = store.currentVersion(level: .shared) {
-            let set = try fold(version: v)
+        if let (v, set) = try store.loadCurrent(level: .shared, fold) {
             lock.lock(); folded = (v, set); lock.unlock()
         }
     }
@@ -75,7 +79,7 @@ public final class AdapterRuntime {
         let a = try store.load(level: .shared, version: v)
         var pairs: [String: LowRankPair] = [:]
         for (path, p) in a.modules { pairs[path] = LowRankPair(a: p.a, b: p.b, scale: a.scale) }
-        return LinearWeightSet(base: model.baseLinears, folding: pairs, label: "shared v\(v)")
+        return LinearWeightSet(base: model.baseLinears, architecture: model.architecture, folding: pairs, label: "shared v\(v)")
     }
 
     /// Re-reads the manifest if it is due (or `force`), and starts folding a new shared version.
@@ -94,10 +98,15 @@ public final class AdapterRuntime {
         if need { folding = v }
         lock.unlock()
         guard need else { return }
+        // The version folded is the store's current one when the fold reads it: if `v` was pruned
+        // meanwhile (another process published again), the newer one is folded instead.
         if idle || folded == nil {
             do {
-                let set = try fold(version: v)
-                lock.lock(); folded = (v, set); folding = nil; lock.unlock()
+                if let (fv, set) = try store.loadCurrent(level: .shared, fold) {
+                    lock.lock(); if (folded?.version ?? -1) < fv { folded = (fv, set) }; folding = nil; lock.unlock()
+                } else {
+                    lock.lock(); folding = nil; lock.unlock()
+                }
             } catch {
                 lock.lock(); folding = nil; lock.unlock()
                 throw error
@@ -105,12 +114,17 @@ public final class AdapterRuntime {
         } else {
             foldQueue.async { [weak self] in
                 guard let self else { return }
-                let set = try? self.fold(version: v)
+                var failure: Error?
+                var result: (version: Int, value: LinearWeightSet)?
+                do { result = try store.loadCurrent(level: .shared, self.fold) } catch { failure = error }
                 self.lock.lock()
-                if let set, (self.folded?.version ?? -1) < v { self.folded = (v, set) }
+                if let (fv, set) = result, (self.folded?.version ?? -1) < fv { self.folded = (fv, set) }
                 self.folding = nil
+                let serving = self.folded?.version ?? 0
                 self.lock.unlock()
-                if set == nil { FileHandle.standardError.write("serve: shared v\(v) failed validation; still serving shared v\(self.folded?.version ?? 0)\n".data(using: .utf8)!) }
+                if let failure {
+                    FileHandle.standardError.write("serve: shared v\(v) could not be loaded (\(failure)); still serving shared v\(serving)\n".data(using: .utf8)!)
+                }
             }
         }
     }
@@ -128,14 +142,15 @@ public final class AdapterRuntime {
             return AdapterBinding(weights: weights, sharedVersion: shared?.version, client: nil, clientVersion: nil, clientTrainedOn: nil)
         }
         try ClientID.validate(client)
-        guard let store, let v = store.currentVersion(level: .client, client: client) else {
-            if let path = quarantined[client] {
-                throw RPCError(.adapterInvalid, "client '\(client)' has no valid adapter: \(path) failed validation when the store was opened and was moved aside (renamed .corrupt-*); publish a new version (personalize, adapters import-peft) or restore the file, then reload")
+        // The current version and its pairs in one step: a version pruned by another process's
+        // publish between reading the manifest and reading the file is retried at the new one.
+        guard let store, let (v, pairs) = try store.loadCurrent(level: .client, client: client, { try clientPairs(client, version: $0) }) else {
+            if let what = quarantined[client] {
+                throw RPCError(.adapterInvalid, "client '\(client)' has no valid adapter: \(what); publish a new version (personalize, adapters import-peft) or restore the file, then reload")
             }
             if strict { throw RPCError(.unknownClient, "unknown client '\(client)': the store has no adapter for it (the server runs with --strict-clients); personalize it first or drop --strict-clients") }
             return AdapterBinding(weights: weights, sharedVersion: shared?.version, client: nil, clientVersion: nil, clientTrainedOn: nil)
         }
-        let pairs = try clientPairs(client, version: v)
         return AdapterBinding(weights: weights, sharedVersion: shared?.version, client: pairs, clientVersion: v,
                               clientTrainedOn: store.trainedOn(client: client, version: v))
     }
@@ -150,7 +165,7 @@ public final class AdapterRuntime {
         let a = try store.load(level: .client, client: id, version: v)
         var pairs: [String: LowRankPair] = [:]
         for (path, p) in a.modules { pairs[path] = LowRankPair(a: p.a, b: p.b, scale: a.scale) }
-        let cp = ClientPairs(layers: model.config.nLayer, pairs: pairs, label: "\(id) v\(v)")
+        let cp = ClientPairs(architecture: model.architecture, pairs: pairs, label: "\(id) v\(v)")
         lock.lock()
         views[key] = cp
         // Drop the views of adapters the cache evicted, so their memory goes with them.
@@ -182,6 +197,7 @@ public final class AdapterRuntime {
             case .baseMismatch: return RPCError(.baseMismatch, e.description)
             case .invalidClientID: return RPCError(.invalidParams, e.description)
             case .noAdapter, .noVersion: return RPCError(.unknownClient, e.description)
+            case .conflict: return RPCError(.conflict, e.description)
             default: return RPCError(.adapterInvalid, e.description)
             }
         default: return RPCError(.internalError, "\(error)")

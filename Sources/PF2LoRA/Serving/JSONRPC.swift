@@ -13,6 +13,7 @@ public enum RPCCode: Int, Sendable {
     case overloaded = -32004
     case trainingFailed = -32005
     case cancelled = -32006
+    case conflict = -32007
 }
 
 /// An error answered to one request; `message` says what to fix, `data` (JSON) adds detail (a
@@ -61,38 +62,70 @@ public struct Params {
         return s
     }
 
+    /// A JSON number as an exact integer, or nil if it is not one. JSONSerialization keeps integers
+    /// written without a fraction or exponent exact up to 64 bits (`18446744073709551615` arrives as
+    /// UInt64.max); `1e18` or `3.0` arrive as doubles and count when they are whole.
+    enum Whole { case exact(negative: Bool, magnitude: UInt64), beyond64Bits, notWhole }
+    static func whole(_ n: NSNumber) -> Whole {
+        switch String(cString: n.objCType) {
+        case "Q", "L", "I", "S", "C": return .exact(negative: false, magnitude: n.uint64Value)
+        case "q", "l", "i", "s":
+            let v = n.int64Value
+            return .exact(negative: v < 0, magnitude: v.magnitude)
+        default:
+            let d = n.doubleValue
+            guard d.isFinite, d == d.rounded() else { return .notWhole }
+            guard d.magnitude < 18_446_744_073_709_551_616.0 else { return .beyond64Bits }
+            return .exact(negative: d < 0, magnitude: UInt64(d.magnitude))
+        }
+    }
+
     public func int(_ key: String, min lo: Int? = nil, max hi: Int? = nil) throws -> Int? {
         guard has(key) else { return nil }
         let v = dict[key]!
         guard !Self.isBool(v), let n = v as? NSNumber else { throw RPCError(.invalidParams, "params.\(key) must be an integer") }
-        let d = n.doubleValue
-        guard d.isFinite, d == d.rounded(), abs(d) <= 9.0e15 else {
-            throw RPCError(.invalidParams, "params.\(key) must be an integer (got \(n))")
+        let range = "\(lo.map { "\($0)" } ?? "\(Int.min)")...\(hi.map { "\($0)" } ?? "\(Int.max)")"
+        let i: Int
+        switch Self.whole(n) {
+        case .notWhole: throw RPCError(.invalidParams, "params.\(key) must be an integer (got \(n))")
+        case .beyond64Bits: throw RPCError(.invalidParams, "params.\(key) must be an integer in \(range) (got \(n))")
+        case let .exact(negative, magnitude):
+            if negative {
+                guard magnitude <= UInt64(Int.max) + 1 else { throw RPCError(.invalidParams, "params.\(key) must be an integer in \(range) (got \(n))") }
+                i = magnitude == UInt64(Int.max) + 1 ? Int.min : -Int(magnitude)
+            } else {
+                guard magnitude <= UInt64(Int.max) else { throw RPCError(.invalidParams, "params.\(key) must be an integer in \(range) (got \(n))") }
+                i = Int(magnitude)
+            }
         }
-        let i = Int(d)
-        if let lo, i < lo { throw RPCError(.invalidParams, "params.\(key) must be >= \(lo) (got \(i))") }
-        if let hi, i > hi { throw RPCError(.invalidParams, "params.\(key) must be <= \(hi) (got \(i))") }
+        if let lo, i < lo { throw RPCError(.invalidParams, "params.\(key) must be >= \(lo) (got \(n))") }
+        if let hi, i > hi { throw RPCError(.invalidParams, "params.\(key) must be <= \(hi) (got \(n))") }
         return i
     }
 
+    /// A non-negative integer up to UInt64.max (a seed).
     public func uint64(_ key: String) throws -> UInt64? {
         guard has(key) else { return nil }
         let v = dict[key]!
-        guard !Self.isBool(v), let n = v as? NSNumber else { throw RPCError(.invalidParams, "params.\(key) must be a non-negative integer") }
-        let d = n.doubleValue
-        guard d.isFinite, d == d.rounded(), d >= 0, d < 1.8e19 else {
-            throw RPCError(.invalidParams, "params.\(key) must be a non-negative integer (got \(n))")
+        let expected = "params.\(key) must be an integer in 0...\(UInt64.max)"
+        guard !Self.isBool(v), let n = v as? NSNumber else { throw RPCError(.invalidParams, expected) }
+        switch Self.whole(n) {
+        case let .exact(negative, magnitude) where !negative || magnitude == 0: return magnitude
+        default: throw RPCError(.invalidParams, "\(expected) (got \(n))")
         }
-        return n.uint64Value
     }
 
+    /// A number as a Float. A magnitude beyond Float's range becomes the largest Float of its sign
+    /// (a temperature of 3.5e38 is as flat as one of 3.4e38), so the range check that follows
+    /// speaks about the value the caller sent, never about an infinity it did not send.
     public func float(_ key: String) throws -> Float? {
         guard has(key) else { return nil }
         let v = dict[key]!
         guard !Self.isBool(v), let n = v as? NSNumber, n.doubleValue.isFinite else {
-            throw RPCError(.invalidParams, "params.\(key) must be a finite number")
+            throw RPCError(.invalidParams, "params.\(key) must be a number")
         }
-        return n.floatValue
+        let limit = Double(Float.greatestFiniteMagnitude)
+        return Float(Swift.min(Swift.max(n.doubleValue, -limit), limit))
     }
 
     public func bool(_ key: String) throws -> Bool? {

@@ -32,11 +32,16 @@ public func installPersonalize(on server: Server) {
         do { (client, texts, o) = try parsePersonalizeParams(call.params.dict) } catch let e as RPCError {
             call.reply(.failure(e)); return
         } catch { call.reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
+        // A read-only store is served as it is: refused before any training is spent.
+        if let why = store.readOnlyReason {
+            call.reply(.failure(RPCError(.trainingFailed, "personalize '\(client)': \(AdapterStoreError.readOnly(store: store.directory, why: why).description)"))); return
+        }
         call.spawn("personalize of client '\(client)'", thread: "pf2lora.personalize", mapError: { error in
             switch error {
             case let e as PersonalizeError: return RPCError(e.isBadInput ? .invalidParams : .trainingFailed, e.description)
             case let e as AdapterStoreError:
                 if case .invalidClientID = e { return RPCError(.invalidParams, e.description) }
+                if case .conflict = e { return RPCError(.conflict, "personalize '\(client)': \(e.description)") }
                 return RPCError(.trainingFailed, "personalize '\(client)': \(e.description)")
             default: return RPCError(.trainingFailed, "personalize '\(client)': \(error)")
             }
@@ -52,42 +57,29 @@ public func installPersonalize(on server: Server) {
 }
 
 /// Reads and checks the params of a `personalize` request.
-public func parsePersonalizeParams(_ p: [String: Any]) throws -> (String, [String], PersonalizeOptions) {
+public func parsePersonalizeParams(_ dict: [String: Any]) throws -> (String, [String], PersonalizeOptions) {
     func bad(_ s: String) -> RPCError { RPCError(.invalidParams, s) }
-    func isBool(_ v: Any) -> Bool { (v as? NSNumber).map { String(cString: $0.objCType) == "c" } ?? false }
-    func number(_ k: String) throws -> Double? {
-        guard let v = p[k], !(v is NSNull) else { return nil }
-        guard !isBool(v), let n = v as? NSNumber, n.doubleValue.isFinite else { throw bad("params.\(k) must be a number") }
-        return n.doubleValue
-    }
-    func int(_ k: String, _ lo: Int, _ hi: Int) throws -> Int? {
-        guard let d = try number(k) else { return nil }
-        guard d == d.rounded(), d >= Double(lo), d <= Double(hi) else { throw bad("params.\(k) must be an integer in \(lo)...\(hi) (got \(d))") }
-        return Int(d)
-    }
-    guard let client = p["client"] as? String else { throw bad("params.client (a string) is required") }
+    let p = Params(dict)
+    guard let client = try p.string("client") else { throw bad("params.client (a string) is required") }
     do { try ClientID.validate(client) } catch { throw bad("\(error)") }
-    guard let raw = p["texts"] else { throw bad("params.texts (an array of strings) is required") }
+    guard let raw = dict["texts"] else { throw bad("params.texts (an array of strings) is required") }
     guard let texts = raw as? [Any], texts.allSatisfy({ $0 is String }) else { throw bad("params.texts must be an array of strings") }
     guard texts.count <= 100_000 else { throw bad("params.texts has \(texts.count) texts; the limit is 100000") }
     var o = PersonalizeOptions()
-    if let s = try int("steps", 1, 100_000) { o.steps = s }
-    if let lr = try number("lr") {
+    if let s = try p.int("steps", min: 1, max: 100_000) { o.steps = s }
+    if let lr = try p.float("lr") {
         guard lr > 0 else { throw bad("params.lr must be positive") }
-        o.lr = Float(lr)
+        o.lr = lr
     }
-    if let s = try number("max_seconds") {
+    if let s = try p.float("max_seconds") {
         guard s > 0 else { throw bad("params.max_seconds must be positive") }
-        o.maxSeconds = s
-        if p["steps"] == nil { o.steps = 100_000 }
+        o.maxSeconds = Double(s)
+        if !p.has("steps") { o.steps = 100_000 }
     }
-    if let s = try number("seed") {
-        guard s >= 0, s == s.rounded(), s < 1.8e19 else { throw bad("params.seed must be a non-negative integer") }
-        o.seed = UInt64(s)
-    }
-    if let r = try int("rank2", 1, 256) { o.rank2 = r }
-    if let a = try number("alpha2") { o.alpha2 = Float(a) }
-    if let b = try int("batch", 1, 64) { o.batchSize = b }
-    if let t = try int("seq", 2, 4096) { o.seqLen = t }
+    if let s = try p.uint64("seed") { o.seed = s }
+    if let r = try p.int("rank2", min: 1, max: 256) { o.rank2 = r }
+    if let a = try p.float("alpha2") { o.alpha2 = a }
+    if let b = try p.int("batch", min: 1, max: 64) { o.batchSize = b }
+    if let t = try p.int("seq", min: 2, max: 4096) { o.seqLen = t }
     return (client, texts as! [String], o)
 }

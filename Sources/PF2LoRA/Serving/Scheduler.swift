@@ -189,7 +189,15 @@ final class Scheduler {
         if thread != nil { done.wait(); thread = nil }
     }
 
+    /// Requests taken and not yet in the batch (queued or being tokenized).
     var queueLength: Int { cond.lock(); defer { cond.unlock() }; return queue.count + reserved.count }
+    /// Requests taken and not yet in the batch, split into those waiting beyond the batch's free
+    /// places (what `--max-queue` bounds) and the others (tokenizing or about to be moved in).
+    var waiting: (beyondBatch: Int, admitting: Int) {
+        cond.lock(); defer { cond.unlock() }
+        let all = queue.count + reserved.count, beyond = max(0, all - max(0, limits.maxBatch - inBatch.count))
+        return (beyond, all - beyond)
+    }
     var runningCount: Int { cond.lock(); defer { cond.unlock() }; return running.count }
 
     private func loop() {
@@ -219,10 +227,10 @@ final class Scheduler {
         do {
             let binding = try runtime.resolve(client: job.client)
             let req = job.request
-            let capacity = min(engine.model.config.nPositions, req.prompt.count + max(req.maxTokens, 0) + 1)
-            let cache = KVCache(config: engine.model.config, capacity: capacity)
+            let capacity = min(engine.model.architecture.contextLength, req.prompt.count + max(req.maxTokens, 0) + 1)
+            let cache = KVCache(architecture: engine.model.architecture, capacity: capacity)
             let tok = tokenizer
-            let gen = GenerationState(request: req, cache: cache, vocabSize: engine.model.config.vocabSize,
+            let gen = GenerationState(request: req, cache: cache, vocabSize: engine.model.architecture.vocabSize,
                                       eos: tok.eosTokenId, decodeToken: { tok.decodeBytes([$0]) })
             let r = Running(job: job, binding: binding, gen: gen)
             if gen.isFinished { finish(r); return }
@@ -272,7 +280,7 @@ final class Scheduler {
         }
         let rows = inputs.reduce(0) { $0 + $1.tokens.count }
         count { $0.steps += 1; $0.rowsStepped += rows }
-        let V = engine.model.config.vocabSize
+        let V = engine.model.architecture.vocabSize
         for (i, r) in members.enumerated() {
             let promptLeft = r.fed < r.job.request.prompt.count
             if promptLeft {

@@ -14,7 +14,7 @@ import Foundation
 /// refused with -32004, the others (`cancel`, `health`, `stats`, ...) are answered; a broken output
 /// also cancels the generates (their answers cannot be delivered) and stops reading.
 public final class Server {
-    public let model: GPT2Model
+    public let model: LanguageModel
     public let tokenizer: BPETokenizer
     public let runtime: AdapterRuntime
     public let limits: ServerLimits
@@ -38,9 +38,12 @@ public final class Server {
         "reload": [], "stats": [], "health": [], "shutdown": [],
     ]
     static let methodList = "generate, cancel, personalize, train_local, evaluate_local, adapters.list, adapters.load, adapters.evict, reload, stats, health, shutdown"
-    /// The most bytes one token stands for: a prompt of more bytes than this times the token limit
-    /// is refused without tokenizing it (byte-level BPE covers every byte of the text exactly once).
+    /// The most bytes one token stands for. Byte-level BPE covers every byte of the (normalized) text
+    /// exactly once, so a prompt of more bytes than the token limit times `maxPromptBytesPerToken` is
+    /// refused without tokenizing it; NFC (Qwen2's normalizer) shrinks text by at most 3 to 1 (three
+    /// Hangul jamo of 3 bytes compose to one syllable of 3), so it is allowed 4 times as much.
     let maxTokenBytes: Int
+    var maxPromptBytesPerToken: Int { maxTokenBytes * (tokenizer.normalizesText ? 4 : 1) }
     private let tokenizeQueue = DispatchQueue(label: "pf2lora.tokenize")
     /// Written to wake the reader: by a signal handler, by a broken output.
     private let wakeRead: Int32, wakeWrite: Int32
@@ -48,7 +51,7 @@ public final class Server {
     private var drainReason: String?
     private var outputBroken = false
 
-    public init(model: GPT2Model, tokenizer: BPETokenizer, store: AdapterStore?, strictClients: Bool = false,
+    public init(model: LanguageModel, tokenizer: BPETokenizer, store: AdapterStore?, strictClients: Bool = false,
                 limits: ServerLimits = ServerLimits(), lenient: Bool = false, outputFD: Int32 = 1) {
         self.model = model
         self.tokenizer = tokenizer
@@ -299,11 +302,11 @@ public final class Server {
         if let client { try ClientID.validate(client) }
         guard let prompt = try p.string("prompt") else { throw RPCError(.invalidParams, "params.prompt (a string) is required") }
         let maxTokens = try p.int("max_tokens", min: 0, max: limits.maxNewTokens) ?? min(limits.defaultMaxTokens, limits.maxNewTokens)
-        let ctx = model.config.nPositions
+        let ctx = model.architecture.contextLength
         let tokenLimit = min(limits.maxPromptTokens, ctx - 1)
         let bytes = prompt.utf8.count
-        guard bytes <= tokenLimit * maxTokenBytes else {
-            throw RPCError(.invalidParams, "the prompt is \(bytes) bytes: more than \(tokenLimit) tokens (the limit, context \(ctx)) whatever it says, as no token stands for more than \(maxTokenBytes) bytes; shorten it")
+        guard bytes <= tokenLimit * maxPromptBytesPerToken else {
+            throw RPCError(.invalidParams, "the prompt is \(bytes) bytes: more than \(tokenLimit) tokens (the limit, context \(ctx)) whatever it says, as no token stands for more than \(maxTokenBytes) bytes\(tokenizer.normalizesText ? " (\(maxPromptBytesPerToken) before normalization)" : ""); shorten it")
         }
         guard bytes > 0 else { throw RPCError(.invalidParams, "params.prompt is empty; give at least one character of text") }
         var sampling = SamplingParams()
@@ -375,10 +378,12 @@ public final class Server {
 
     private func stats() -> [String: Any] {
         let c = scheduler.counters
+        let waiting = scheduler.waiting
         var d: [String: Any] = [
             "requests": requests, "errors": errors,
             "completed": c.completed, "failed": c.failed,
-            "running": scheduler.runningCount, "queued": scheduler.queueLength, "training": training.running ?? NSNull(),
+            "running": scheduler.runningCount, "queued": waiting.beyondBatch, "admitting": waiting.admitting,
+            "training": training.running ?? NSNull(),
             "steps": c.steps, "generated_tokens": c.generatedTokens, "prompt_tokens": c.promptTokens,
             "mean_batch_rows": c.steps == 0 ? 0 : Double(c.rowsStepped) / Double(c.steps),
             "uptime_s": Scheduler.clock() - started,

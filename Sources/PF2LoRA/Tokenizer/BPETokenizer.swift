@@ -1,28 +1,57 @@
 import Foundation
 
-/// Byte-level BPE as Hugging Face `tokenizers` does it for GPT-2: added (special) tokens are split out
-/// first, each remaining segment is cut into pieces by the GPT-2 regex (`PreTokenizer`), and each
-/// piece's bytes are merged by rank (`MergeTable`) into vocabulary ids, with a cache of piece -> ids.
-/// Decoding concatenates the bytes the tokens stand for and reads them as UTF-8, replacing invalid
-/// sequences with U+FFFD as Rust's `from_utf8_lossy` does.
+/// Byte-level BPE as Hugging Face `tokenizers` runs it from a tokenizer.json (GPT-2, Llama-3, Qwen2 and
+/// the families that share their layout), or from GPT-2's vocab.json + merges.txt:
+///
+/// 1. added tokens (`<|endoftext|>`, `<|begin_of_text|>`, ...) are cut out of the raw text first, never
+///    split, honouring their lstrip / rstrip / single_word / normalized flags (`AddedTokenMatcher`);
+/// 2. the rest is normalized (NFC, Qwen2's normalizer) and searched for the added tokens that match
+///    normalized text;
+/// 3. each remaining stretch goes through the pre-tokenizer steps (`PreTokenizerStep`: Split with
+///    the family's regex, Digits, ByteLevel with or without its regex, add_prefix_space);
+/// 4. each piece's bytes are merged by rank (`MergeTable`) into vocabulary ids, or are one id when
+///    `ignore_merges` is set and the piece is a vocabulary entry (Llama-3), with a cache of piece -> ids;
+/// 5. the post-processor's special tokens (Llama-3's BOS) are added around the ids when asked.
+///
+/// Decoding concatenates the bytes the tokens stand for, optionally without the special tokens, and
+/// reads them as UTF-8, replacing invalid sequences with U+FFFD as Rust's `from_utf8_lossy` does.
+/// Anything in tokenizer.json this does not implement is refused when loading, naming it.
 ///
 /// Thread-safe: `encode` takes a lock around the shared cache; decoding reads immutable tables.
 public final class BPETokenizer: @unchecked Sendable {
     /// Number of ids: one more than the largest id in the vocabulary or the added tokens.
     public let vocabSize: Int
-    /// Id of `<|endoftext|>`, if the tokenizer has it.
+    /// Id of the end-of-text token: tokenizer_config.json's `eos_token` if the folder has one, else
+    /// `<|endoftext|>` if the tokenizer has it.
     public let eosTokenId: Int?
+    /// Id of tokenizer_config.json's `bos_token`, if the folder names one.
+    public let bosTokenId: Int?
+    /// tokenizer_config.json's bos_token / eos_token text (what chat templates write), if present.
+    public let bosToken: String?
+    public let eosToken: String?
+    /// Ids `encode` puts before / after the text's ids when `addSpecialTokens` (the post-processor's
+    /// template: `[128000]` before for Llama-3, nothing for GPT-2 and Qwen2).
+    public let specialPrefixIds: [Int]
+    public let specialSuffixIds: [Int]
 
     // Decoding: the bytes of token `id` are tokenBytes[tokenOffsets[id] ..< tokenOffsets[id + 1]].
     private let tokenOffsets: [Int32]
     private let tokenBytes: [UInt8]
     private let tokenStrings: [String?]
+    private let special: [Bool]
+    private let idsByToken: [String: Int]
 
     // Encoding.
     private let byteTokenIds: [Int32]          // 256 entries: id of the single-byte token, or -1
     private let merges: MergeTable
-    private let added: AddedTokenMatcher
-    private let addPrefixSpace: Bool
+    private let rawAdded: AddedTokenMatcher          // tokens matched in the raw text
+    private let normalizedAdded: AddedTokenMatcher   // tokens matched after normalization
+    private let nfc: Bool
+    /// The text is normalized (NFC) before it is split into tokens, which may change its length.
+    var normalizesText: Bool { nfc }
+    private let steps: [PreTokenizerStep]
+    /// ignore_merges: piece bytes -> its vocabulary id.
+    private let wholeWords: WordCache?
     private let cache = WordCache()
     private let lock = NSLock()
     /// Words longer than this (bytes) are merged every time, not cached.
@@ -34,7 +63,8 @@ public final class BPETokenizer: @unchecked Sendable {
     private var symbols: [Int32] = []
     private var pairs: [UInt64] = []
 
-    /// Loads `tokenizer.json`, or `vocab.json` + `merges.txt`, from a model or tokenizer folder.
+    /// Loads `tokenizer.json`, or `vocab.json` + `merges.txt`, from a model or tokenizer folder (and
+    /// tokenizer_config.json's bos/eos tokens when present).
     public convenience init(folder: String) throws {
         try self.init(files: try TokenizerFiles.load(folder: folder))
     }
@@ -47,14 +77,23 @@ public final class BPETokenizer: @unchecked Sendable {
 
         var strings = [String?](repeating: nil, count: vocabSize)
         for (token, id) in files.vocab { strings[id] = token }
-        for t in files.addedTokens { strings[t.id] = t.content }
+        var isSpecial = [Bool](repeating: false, count: vocabSize)
+        // An added token matched in normalized text decodes as its normalized form (as HF does).
+        var decodeStrings = strings
+        for t in files.addedTokens {
+            strings[t.id] = t.content
+            decodeStrings[t.id] = t.normalized && files.nfc ? NFC.normalize(t.content) : t.content
+        }
+        let specialContents = Set(files.addedTokens.filter { $0.special }.map { $0.content })
+        for id in 0..<vocabSize { if let s = decodeStrings[id], specialContents.contains(s) { isSpecial[id] = true } }
         tokenStrings = strings
+        special = isSpecial
 
         var offsets = [Int32](repeating: 0, count: vocabSize + 1)
         var bytes: [UInt8] = []
         bytes.reserveCapacity(vocabSize * 7)
         for id in 0..<vocabSize {
-            if let s = strings[id] { bytes.append(contentsOf: ByteLevel.bytes(ofToken: s)) }
+            if let s = decodeStrings[id] { bytes.append(contentsOf: ByteLevel.bytes(ofToken: s)) }
             offsets[id + 1] = Int32(bytes.count)
         }
         tokenOffsets = offsets
@@ -74,9 +113,36 @@ public final class BPETokenizer: @unchecked Sendable {
             table.insert(left: Int32(left), right: Int32(right), rank: rank, merged: Int32(merged))
         }
         merges = table
-        added = AddedTokenMatcher(files.addedTokens)
-        addPrefixSpace = files.addPrefixSpace
-        eosTokenId = files.addedTokens.first(where: { $0.content == "<|endoftext|>" })?.id ?? files.vocab["<|endoftext|>"]
+
+        if files.ignoreMerges {
+            let words = WordCache(maxEntries: files.vocab.count + 1)
+            for (token, id) in files.vocab {
+                guard var b = ByteLevel.bytesIfByteLevel(token), !b.isEmpty else { continue }
+                b.withUnsafeMutableBufferPointer { w in
+                    let p = UnsafePointer(w.baseAddress!)
+                    var one = Int32(id)
+                    withUnsafePointer(to: &one) { words.insert(p, w.count, hash: WordCache.hash(p, w.count), ids: UnsafeBufferPointer(start: $0, count: 1)) }
+                }
+            }
+            wholeWords = words
+        } else {
+            wholeWords = nil
+        }
+
+        rawAdded = AddedTokenMatcher(files.addedTokens.filter { !$0.normalized }, normalize: false)
+        normalizedAdded = AddedTokenMatcher(files.addedTokens.filter { $0.normalized }, normalize: files.nfc)
+        nfc = files.nfc
+        steps = files.preTokenizer
+        specialPrefixIds = files.prefixIds
+        specialSuffixIds = files.suffixIds
+
+        var byToken = files.vocab
+        for t in files.addedTokens { byToken[t.content] = t.id }
+        idsByToken = byToken
+        bosToken = files.bosToken
+        eosToken = files.eosToken
+        bosTokenId = files.bosToken.flatMap { byToken[$0] }
+        eosTokenId = files.eosToken.flatMap { byToken[$0] } ?? byToken["<|endoftext|>"]
     }
 
     /// The token as the vocabulary spells it (byte-level alphabet, e.g. "Ġhello"), or the added
@@ -84,6 +150,12 @@ public final class BPETokenizer: @unchecked Sendable {
     public func tokenText(_ id: Int) -> String? {
         id >= 0 && id < vocabSize ? tokenStrings[id] : nil
     }
+
+    /// The id of a token as the vocabulary spells it, or of an added token ("<|eot_id|>"); nil if none.
+    public func tokenId(_ token: String) -> Int? { idsByToken[token] }
+
+    /// Whether `id` is a special added token (skipped by `decode(_:skipSpecialTokens: true)`).
+    public func isSpecialToken(_ id: Int) -> Bool { id >= 0 && id < vocabSize && special[id] }
 
     /// Empties the word cache (to measure cold-cache speed; never needed for correctness).
     public func clearCache() {
@@ -93,82 +165,185 @@ public final class BPETokenizer: @unchecked Sendable {
 
     // MARK: Decoding
 
-    /// The bytes the ids stand for; ids with no token are skipped. A streaming caller emits text only
-    /// once the accumulated bytes end on a complete UTF-8 character.
-    public func decodeBytes(_ ids: [Int]) -> [UInt8] {
+    /// The bytes the ids stand for; ids with no token are skipped, and special tokens too when
+    /// `skipSpecialTokens`. A streaming caller emits text only once the accumulated bytes end on a
+    /// complete UTF-8 character.
+    public func decodeBytes(_ ids: [Int], skipSpecialTokens: Bool = false) -> [UInt8] {
         var out: [UInt8] = []
         tokenOffsets.withUnsafeBufferPointer { off in
             tokenBytes.withUnsafeBufferPointer { bytes in
-                var n = 0
-                for id in ids where id >= 0 && id < vocabSize { n += Int(off[id + 1] - off[id]) }
-                out.reserveCapacity(n)
-                for id in ids where id >= 0 && id < vocabSize {
-                    out.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[Int(off[id])..<Int(off[id + 1])]))
+                special.withUnsafeBufferPointer { sp in
+                    var n = 0
+                    for id in ids where id >= 0 && id < vocabSize { n += Int(off[id + 1] - off[id]) }
+                    out.reserveCapacity(n)
+                    for id in ids where id >= 0 && id < vocabSize && !(skipSpecialTokens && sp[id]) {
+                        out.append(contentsOf: UnsafeBufferPointer(rebasing: bytes[Int(off[id])..<Int(off[id + 1])]))
+                    }
                 }
             }
         }
         return out
     }
 
-    /// The text of the ids; invalid UTF-8 (a character cut between tokens) becomes U+FFFD.
-    public func decode(_ ids: [Int]) -> String {
-        String(decoding: decodeBytes(ids), as: UTF8.self)
+    /// The text of the ids; invalid UTF-8 (a character cut between tokens) becomes U+FFFD. Special
+    /// tokens are written out unless `skipSpecialTokens` (Hugging Face's `skip_special_tokens`).
+    public func decode(_ ids: [Int], skipSpecialTokens: Bool = false) -> String {
+        String(decoding: decodeBytes(ids, skipSpecialTokens: skipSpecialTokens), as: UTF8.self)
     }
 
     // MARK: Encoding
 
-    /// Token ids of `text`. Added tokens such as `<|endoftext|>` in the text become their ids.
-    public func encode(_ text: String) -> [Int] {
+    /// Token ids of `text`. Added tokens written in the text, such as `<|endoftext|>`, become their ids.
+    /// With `addSpecialTokens` (the default, as in Hugging Face), the post-processor's tokens are
+    /// added: Llama-3's `<|begin_of_text|>` in front; GPT-2 and Qwen2 add none.
+    public func encode(_ text: String, addSpecialTokens: Bool = true) -> [Int] {
         var text = text
-        return text.withUTF8 { buf in encode(utf8: buf) }
+        return text.withUTF8 { buf in encode(utf8: buf, addSpecialTokens: addSpecialTokens) }
     }
 
     /// Token ids of valid UTF-8 bytes (the caller checked them, e.g. `String(validating:)`).
-    func encode(utf8 buf: UnsafeBufferPointer<UInt8>) -> [Int] {
-        guard let p = buf.baseAddress, buf.count > 0 else { return [] }
+    func encode(utf8 buf: UnsafeBufferPointer<UInt8>, addSpecialTokens: Bool = true) -> [Int] {
         var out: [Int] = []
         out.reserveCapacity(buf.count / 3 + 4)
-        lock.lock(); defer { lock.unlock() }
-        var start = 0
-        while start < buf.count {
-            guard let m = added.nextMatch(p, from: start, end: buf.count) else {
-                encodeSegment(p + start, buf.count - start, into: &out)
-                break
+        if addSpecialTokens { out += specialPrefixIds }
+        if let p = buf.baseAddress, buf.count > 0 {
+            lock.lock()
+            if !nfc && normalizedAdded.isEmpty {
+                rawAdded.split(p, 0, buf.count, into: &out) { q, n, out in preTokenize(q, n, step: 0, into: &out) }
+            } else {
+                rawAdded.split(p, 0, buf.count, into: &out) { q, n, out in encodeRaw(q, n, into: &out) }
             }
-            if m.start > start { encodeSegment(p + start, m.start - start, into: &out) }
-            out.append(m.id)
-            start = m.end
+            lock.unlock()
         }
+        if addSpecialTokens { out += specialSuffixIds }
         return out
     }
 
-    /// BPE ids of one word's bytes through the rescanning or the heap merge (for tests).
-    func mergeIds(_ word: [UInt8], heap: Bool) -> [Int] {
-        lock.lock(); defer { lock.unlock() }
-        let m = word.withUnsafeBufferPointer { mergeWord($0.baseAddress!, $0.count, forceHeap: heap) }
-        return symbols[0..<m].map { Int($0) }
-    }
-
-    /// One stretch of text with no added token in it.
-    private func encodeSegment(_ p: UnsafePointer<UInt8>, _ n: Int, into out: inout [Int]) {
-        if addPrefixSpace && p[0] != 0x20 {
-            var withSpace = [UInt8](repeating: 0x20, count: n + 1)
-            withSpace.withUnsafeMutableBufferPointer { w in
-                (w.baseAddress! + 1).initialize(from: p, count: n)
-                scanSegment(UnsafePointer(w.baseAddress!), n + 1, into: &out)
+    /// A stretch of raw text between added tokens: normalized, then searched for normalized added tokens.
+    private func encodeRaw(_ p: UnsafePointer<UInt8>, _ n: Int, into out: inout [Int]) {
+        if nfc, let normalized = NFC.normalize(p, n) {
+            normalized.withUnsafeBufferPointer { w in
+                normalizedAdded.split(w.baseAddress!, 0, w.count, into: &out) { q, m, out in preTokenize(q, m, step: 0, into: &out) }
             }
         } else {
-            scanSegment(p, n, into: &out)
+            normalizedAdded.split(p, 0, n, into: &out) { q, m, out in preTokenize(q, m, step: 0, into: &out) }
         }
     }
 
-    private func scanSegment(_ p: UnsafePointer<UInt8>, _ n: Int, into out: inout [Int]) {
-        let table = PreTokenizer.scalarClassPointer
-        var i = 0
-        while i < n {
-            let e = PreTokenizer.pieceEnd(p, i, n, table)
-            encodeWord(p + i, e - i, into: &out)
-            i = e
+    /// Runs pre-tokenizer steps `step...` on one piece, then BPE on each resulting piece.
+    private func preTokenize(_ p: UnsafePointer<UInt8>, _ n: Int, step: Int, into out: inout [Int]) {
+        guard n > 0 else { return }
+        if step == steps.count { encodeWord(p, n, into: &out); return }
+        let last = step + 1 == steps.count
+        switch steps[step] {
+        case .gpt2Regex:
+            let table = PreTokenizer.scalarClassPointer
+            var i = 0
+            while i < n {
+                let e = PreTokenizer.pieceEnd(p, i, n, table)
+                if last { encodeWord(p + i, e - i, into: &out) } else { preTokenize(p + i, e - i, step: step + 1, into: &out) }
+                i = e
+            }
+        case .prefixSpace:
+            if p[0] == 0x20 {
+                preTokenize(p, n, step: step + 1, into: &out)
+            } else {
+                var withSpace = [UInt8](repeating: 0x20, count: n + 1)
+                withSpace.withUnsafeMutableBufferPointer { w in
+                    (w.baseAddress! + 1).initialize(from: p, count: n)
+                    preTokenize(UnsafePointer(w.baseAddress!), n + 1, step: step + 1, into: &out)
+                }
+            }
+        case let .split(regex, behavior, invert):
+            BPETokenizer.forEachSplitPiece(regex, behavior, invert: invert, p, n) { s, e in
+                preTokenize(p + s, e - s, step: step + 1, into: &out)
+            }
+        case .digits(let individual):
+            let table = PreTokenizer.scalarClassPointer
+            let number = ScalarClass.number.rawValue
+            var i = 0
+            var start = 0
+            var runIsNumber = false
+            while i < n {
+                let (cls, len) = PreTokenizer.scalarClass(p, i, table)
+                let isNumber = cls == number
+                if i > start && (isNumber != runIsNumber || (isNumber && individual)) {
+                    preTokenize(p + start, i - start, step: step + 1, into: &out)
+                    start = i
+                }
+                runIsNumber = isNumber
+                i += len
+            }
+            if n > start { preTokenize(p + start, n - start, step: step + 1, into: &out) }
+        }
+    }
+
+    /// The pieces a Split step makes of `p[..<n]`, in order, empty ones left out, as byte ranges.
+    @inline(__always)
+    static func forEachSplitPiece(_ regex: SplitRegex, _ behavior: SplitBehavior, invert: Bool,
+                                  _ p: UnsafePointer<UInt8>, _ n: Int, _ body: (Int, Int) -> Void) {
+        if behavior == .isolated {
+            // Matches and the text between them, each a piece (the invert flag changes nothing).
+            var from = 0        // where the search goes on
+            var gapStart = 0    // end of the last match
+            var lastEnd = -1    // the same, -1 before the first (an empty match is refused there)
+            while from < n, let (s, e) = regex.firstMatch(p, from: from, end: n, notEmptyAt: lastEnd) {
+                if s > gapStart { body(gapStart, s) }
+                if e > s { body(s, e) }
+                gapStart = e
+                lastEnd = e
+                from = e
+                if e == s {   // after an empty match the search steps over one character
+                    if e == n { break }
+                    from = e + (p[e] < 0x80 ? 1 : p[e] < 0xE0 ? 2 : p[e] < 0xF0 ? 3 : 4)
+                }
+            }
+            if gapStart < n { body(gapStart, n) }
+            return
+        }
+        var marked: [(Int, Int, Bool)] = []
+        var prev = 0
+        for (s, e) in regex.matches(p, n) {
+            if s > prev { marked.append((prev, s, invert)) }
+            marked.append((s, e, !invert))
+            prev = e
+        }
+        if prev < n { marked.append((prev, n, invert)) }
+        for (s, e) in applyBehavior(behavior, marked) where e > s { body(s, e) }
+    }
+
+    /// Hugging Face's `NormalizedString::split` behaviors over pieces marked (start, end, isDelimiter)
+    /// that cover the text in order; returns the pieces kept.
+    static func applyBehavior(_ behavior: SplitBehavior, _ marked: [(Int, Int, Bool)]) -> [(Int, Int)] {
+        switch behavior {
+        case .isolated:
+            return marked.map { ($0.0, $0.1) }
+        case .removed:
+            return marked.filter { !$0.2 }.map { ($0.0, $0.1) }
+        case .contiguous:
+            var acc: [(Int, Int)] = []
+            var previous = false
+            for (s, e, isMatch) in marked {
+                if isMatch == previous, !acc.isEmpty { acc[acc.count - 1].1 = e } else { acc.append((s, e)) }
+                previous = isMatch
+            }
+            return acc
+        case .mergedWithPrevious:
+            var acc: [(Int, Int)] = []
+            var previous = false
+            for (s, e, isMatch) in marked {
+                if isMatch && !previous, !acc.isEmpty { acc[acc.count - 1].1 = e } else { acc.append((s, e)) }
+                previous = isMatch
+            }
+            return acc
+        case .mergedWithNext:
+            var acc: [(Int, Int)] = []
+            var previous = false
+            for (s, e, isMatch) in marked.reversed() {
+                if isMatch && !previous, !acc.isEmpty { acc[acc.count - 1].0 = s } else { acc.append((s, e)) }
+                previous = isMatch
+            }
+            return acc.reversed()
         }
     }
 
@@ -180,16 +355,21 @@ public final class BPETokenizer: @unchecked Sendable {
             return
         }
         let cacheable = n <= BPETokenizer.maxCachedWordBytes
-        var h: UInt64 = 0
-        if cacheable {
-            h = WordCache.hash(p, n)
-            if cache.lookup(p, n, hash: h, into: &out) { return }
-        }
+        let h = WordCache.hash(p, n)
+        if cacheable && cache.lookup(p, n, hash: h, into: &out) { return }
+        if let wholeWords, wholeWords.lookup(p, n, hash: h, into: &out) { return }
         let count = mergeWord(p, n)
         symbols.withUnsafeBufferPointer { s in
             for k in 0..<count { out.append(Int(s[k])) }
             if cacheable { cache.insert(p, n, hash: h, ids: UnsafeBufferPointer(rebasing: s[0..<count])) }
         }
+    }
+
+    /// BPE ids of one word's bytes through the rescanning or the heap merge (for tests).
+    func mergeIds(_ word: [UInt8], heap: Bool) -> [Int] {
+        lock.lock(); defer { lock.unlock() }
+        let m = word.withUnsafeBufferPointer { mergeWord($0.baseAddress!, $0.count, forceHeap: heap) }
+        return symbols[0..<m].map { Int($0) }
     }
 
     /// BPE on one word's bytes; leaves the ids in `symbols[0..<result]`.
@@ -301,41 +481,3 @@ public final class BPETokenizer: @unchecked Sendable {
     }
 }
 
-/// Finds added tokens in raw text, leftmost first and longest among those starting at the same byte
-/// (Hugging Face matches them with a leftmost-longest automaton before pre-tokenizing).
-struct AddedTokenMatcher {
-    private struct Candidate { let bytes: [UInt8]; let id: Int; let lstrip: Bool; let rstrip: Bool }
-    private var byFirstByte: [[Candidate]] = Array(repeating: [], count: 256)
-    private var isFirstByte = [Bool](repeating: false, count: 256)
-
-    init(_ tokens: [AddedToken]) {
-        for t in tokens where !t.content.isEmpty {
-            let bytes = Array(t.content.utf8)
-            byFirstByte[Int(bytes[0])].append(Candidate(bytes: bytes, id: t.id, lstrip: t.lstrip, rstrip: t.rstrip))
-            isFirstByte[Int(bytes[0])] = true
-        }
-        for b in 0..<256 { byFirstByte[b].sort { $0.bytes.count > $1.bytes.count } }
-    }
-
-    /// The next added token at or after `from`: its id and the byte range it covers (with stripped
-    /// whitespace around it when the token asks for lstrip/rstrip).
-    func nextMatch(_ p: UnsafePointer<UInt8>, from: Int, end: Int) -> (start: Int, end: Int, id: Int)? {
-        var i = from
-        while i < end {
-            if isFirstByte[Int(p[i])] {
-                for c in byFirstByte[Int(p[i])] where c.bytes.count <= end - i {
-                    let matches = c.bytes.withUnsafeBufferPointer { memcmpBytes($0.baseAddress!, p + i, c.bytes.count) }
-                    guard matches else { continue }
-                    var s = i, e = i + c.bytes.count
-                    if c.lstrip { while s > from, isASCIIWhitespace(p[s - 1]) { s -= 1 } }
-                    if c.rstrip { while e < end, isASCIIWhitespace(p[e]) { e += 1 } }
-                    return (s, e, c.id)
-                }
-            }
-            i += 1
-        }
-        return nil
-    }
-
-    private func isASCIIWhitespace(_ b: UInt8) -> Bool { b == 0x20 || (b >= 0x09 && b <= 0x0D) }
-}

@@ -39,6 +39,18 @@ enum ByteLevel {
         return out
     }
 
+    /// The bytes a vocabulary string spells if every character is in the byte-level alphabet, else nil.
+    static func bytesIfByteLevel(_ token: String) -> [UInt8]? {
+        var out: [UInt8] = []
+        out.reserveCapacity(token.utf8.count)
+        for s in token.unicodeScalars {
+            let v = Int(s.value)
+            guard v < scalarToByte.count, scalarToByte[v] >= 0 else { return nil }
+            out.append(UInt8(scalarToByte[v]))
+        }
+        return out
+    }
+
     /// The vocabulary spelling of a byte sequence ("Ġhello" for " hello").
     static func token(ofBytes bytes: [UInt8]) -> String {
         var s = String.UnicodeScalarView()

@@ -8,6 +8,9 @@
 /// its last character (`\s+(?!\S)`), which then joins the next word if it is a space or stands alone.
 /// Character classes come from `scalarClassPointer`, oniguruma's tables as Hugging Face ships them.
 enum PreTokenizer {
+    /// The pattern this scanner implements, as tokenizer.json files spell it in a Split.
+    static let gpt2Pattern = #"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"#
+
     static var scalarClassPointer: UnsafePointer<UInt8> { scalarClassTable }
 
     /// Class and byte length of the scalar starting at `p[i]`; the bytes must be valid UTF-8.

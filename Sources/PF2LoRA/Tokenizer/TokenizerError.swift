@@ -4,7 +4,9 @@ public enum TokenizerError: Error, CustomStringConvertible, Equatable {
     case noTokenizerFiles(folder: String)
     case unreadable(file: String, why: String)
     case badJSON(file: String, why: String)
-    case unsupportedModel(file: String, type: String)
+    /// A part of tokenizer.json (model, normalizer, pre_tokenizer, post_processor, decoder) of a kind
+    /// this tokenizer does not implement.
+    case unsupported(file: String, part: String, type: String, supported: String)
     case badVocab(file: String, why: String)
     case badMerge(file: String, line: Int, text: String)
     case mergeUnknownToken(file: String, line: Int, token: String)
@@ -19,8 +21,8 @@ public enum TokenizerError: Error, CustomStringConvertible, Equatable {
             return "\(f): cannot read (\(why)); check the file exists and is readable"
         case let .badJSON(f, why):
             return "\(f): not valid tokenizer JSON (\(why)); re-download or re-save the tokenizer"
-        case let .unsupportedModel(f, type):
-            return "\(f): model.type is \(type); only byte-level BPE (\"BPE\", GPT-2 style) is supported"
+        case let .unsupported(f, part, type, supported):
+            return "\(f): \(part) \(type) is not supported (supported: \(supported)); pf2lora reads byte-level BPE tokenizers (GPT-2, Llama-3, Qwen2 families)"
         case let .badVocab(f, why):
             return "\(f): bad vocabulary (\(why)); each entry must map a token string to a non-negative integer id"
         case let .badMerge(f, line, text):

@@ -5,7 +5,8 @@ indirect enum JSONValue {
     case object([(String, JSONValue)])
     case array([JSONValue])
     case string(String)
-    case number(Double)
+    case number(Double)   // written without a fraction or exponent
+    case float(Double)    // written with one (Python's json reads it as a float)
     case bool(Bool)
     case null
 
@@ -16,9 +17,15 @@ indirect enum JSONValue {
     var string: String? { if case .string(let s) = self { return s }; return nil }
     var array: [JSONValue]? { if case .array(let a) = self { return a }; return nil }
     var bool: Bool? { if case .bool(let b) = self { return b }; return nil }
+    var double: Double? {
+        switch self {
+        case .number(let d), .float(let d): return d
+        default: return nil
+        }
+    }
     /// The value as an integer, if it is a number with no fractional part.
     var int: Int? {
-        if case .number(let d) = self, let i = Int(exactly: d) { return i }
+        if let d = double, let i = Int(exactly: d) { return i }
         return nil
     }
 
@@ -103,7 +110,10 @@ private struct JSONParser {
         case UInt8(ascii: "f"): try literal("false"); return .bool(false)
         case UInt8(ascii: "n"): try literal("null"); return .null
         default:
-            return .number(try number())
+            let start = i
+            let d = try number()
+            let isFloat = (start..<i).contains { b[$0] == UInt8(ascii: ".") || b[$0] == UInt8(ascii: "e") || b[$0] == UInt8(ascii: "E") }
+            return isFloat ? .float(d) : .number(d)
         }
     }
 

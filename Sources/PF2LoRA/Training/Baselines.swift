@@ -93,13 +93,17 @@ struct LocalLoRAAlgorithm: FederatedAlgorithm {
 /// Each local iteration, on two independent minibatches D, D':
 ///     x_tmp = x - alpha grad f_k(x; D)            (inner SGD step, alpha = perFedAvgInnerLR)
 ///     x    <- x - beta-step(grad f_k(x_tmp; D'))  (outer step: AdamW at upperLR, the FO-MAML gradient)
-/// The server averages the copies of x weighted by p_k. A client is evaluated after one inner SGD step
-/// on one minibatch of its training data: x_k = x - alpha grad f_k(x; D).
+/// The inner rate follows the round schedule (alpha_t = alpha x lrFactor_t). The server averages the copies
+/// of x weighted by p_k. A client is evaluated after one inner SGD step on one minibatch of its training
+/// data with the rate of the last round trained, the step the meta-objective was trained for:
+/// x_k = x - alpha_t grad f_k(x; D).
 struct PerFedAvgAlgorithm: FederatedAlgorithm {
     let task: FederatedTask
     let config: FederatedConfig
     var global: ParameterSet
     var inner: Float { config.perFedAvgInnerLR ?? config.lowerLR }
+    /// The schedule factor of the last round trained (the inner step at evaluation uses it).
+    var lastLRFactor: Float = 1
 
     init(task: FederatedTask, config: FederatedConfig, rng: inout RNG) {
         self.task = task; self.config = config
@@ -112,6 +116,7 @@ struct PerFedAvgAlgorithm: FederatedAlgorithm {
     mutating func round(_ t: Int, clients: [Int], lrFactor: Float, rng: (Int) -> RNG) -> [Int: Float] {
         var uploads: [ParameterSet] = [], losses: [Int: Float] = [:]
         let s = config.singleScale
+        lastLRFactor = lrFactor
         for k in clients {
             var r = rng(k)
             let x = global.clone(), tmp = x.zerosLike(), g = x.zerosLike()
@@ -137,7 +142,7 @@ struct PerFedAvgAlgorithm: FederatedAlgorithm {
         let x = global.clone(), g = x.zerosLike()
         _ = task.lossAndGradients(client: k, adapter: TwoLevelAdapter(shared: x, sharedScale: config.singleScale), sharedGrad: g, localGrad: nil, rng: &rng)
         maybeClip(g, config)
-        x.axpy(-inner, g)
+        x.axpy(-inner * lastLRFactor, g)
         return TwoLevelAdapter(shared: x, sharedScale: config.singleScale)
     }
 }

@@ -158,15 +158,35 @@ public func loadClientData(folder: String, tokenizer: BPETokenizer, clients only
 public func loadClientFolder(_ dir: String, client id: String, tokenizer: BPETokenizer) throws -> ClientTokenData {
     var isDir: ObjCBool = false
     guard FileManager.default.fileExists(atPath: dir, isDirectory: &isDir), isDir.boolValue else { throw ClientDataError.missingClientFolder(dir) }
+    return try loadClientFiles(folder: dir, client: id, tokenizer: tokenizer) { name in
+        let path = dir + "/" + name
+        guard FileManager.default.fileExists(atPath: path) else { return nil }
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ClientDataError.unreadable(file: path, why: "permission denied or not a file")
+        }
+        return data
+    }
+}
+
+/// `loadClientFolder` over a reader: `file(name)` returns the bytes of `train.jsonl` (and the other
+/// split files) or nil when there is no such file. `folder` names the folder in messages. A server
+/// reads a request's data folder this way, through its exchange folder (no link followed, sizes
+/// checked before reading).
+public func loadClientFiles(folder: String, client id: String, tokenizer: BPETokenizer,
+                            file: (String) throws -> Data?) throws -> ClientTokenData {
     let sep = textSeparator(tokenizer)
     func split(_ s: String) throws -> TokenStream {
-        guard let file = ["jsonl", "json", "txt"].map({ "\(dir)/\(s).\($0)" }).first(where: { FileManager.default.fileExists(atPath: $0) }) else {
-            throw ClientDataError.missingSplit(client: id, split: s, folder: dir)
+        var found: (String, Data)?
+        for ext in ["jsonl", "json", "txt"] {
+            if let d = try file("\(s).\(ext)") { found = ("\(s).\(ext)", d); break }
         }
-        let texts = try TextFile.read(file)
-        guard !texts.isEmpty else { throw ClientDataError.noTexts(client: id, file: file) }
+        guard let (name, data) = found else { throw ClientDataError.missingSplit(client: id, split: s, folder: folder) }
+        let path = folder + "/" + name
+        guard let text = String(data: data, encoding: .utf8) else { throw ClientDataError.unreadable(file: path, why: "not UTF-8 text") }
+        let texts = name.hasSuffix(".txt") ? TextFile.paragraphs(text) : try TextFile.jsonl(text, file: path)
+        guard !texts.isEmpty else { throw ClientDataError.noTexts(client: id, file: path) }
         let stream = TokenStream(texts: texts, tokenizer: tokenizer, separator: sep)
-        guard stream.textCount > 0 else { throw ClientDataError.noTokens(client: id, file: file) }
+        guard stream.textCount > 0 else { throw ClientDataError.noTokens(client: id, file: path) }
         return stream
     }
     return ClientTokenData(id: id, train: try split("train"), valid: try split("valid"), test: try split("test"))

@@ -27,6 +27,30 @@ public enum FederatedMethod: String, CaseIterable, Codable, Sendable {
     }
 }
 
+/// How the local work of one round is matched across methods (DESIGN §9, docs/METHOD.md "Budgets").
+public enum BudgetMode: String, CaseIterable, Codable, Sendable {
+    /// The same local iterations: every method runs `localSteps` iterations per client per round. A PF2LoRA
+    /// iteration makes `lowerSteps + 1` gradient evaluations, a Per-FedAvg iteration 2, the others 1, so
+    /// PF2LoRA sees (lowerSteps + 1) x the tokens of a single-level baseline.
+    case steps
+    /// The same gradient evaluations (minibatches, hence tokens) per client per round: PF2LoRA's
+    /// `localSteps x (lowerSteps + 1)`. HOMLoRA, Local-only, HETLoRA and FedAvg+FT run that many
+    /// iterations, Per-FedAvg half as many (two evaluations each, rounded down).
+    case compute
+}
+
+/// PF2LoRA and its ablations (docs/METHOD.md "Ablations").
+public enum PF2LoRAVariant: String, CaseIterable, Codable, Sendable {
+    /// The method: `lowerSteps` SGD steps on (C_k, D_k), then one AdamW step on (A, B), alternating.
+    case bilevel
+    /// Both levels trained jointly: one minibatch, the gradients of both levels, one AdamW step on all four
+    /// matrices (one optimizer, rate `upperLR`); no alternation, no lower loop.
+    case joint
+    /// No shared level: only (C_k, D_k) are trained, one SGD step (at `lowerLR`) per local iteration, like a
+    /// single-level baseline's iteration; nothing is uploaded.
+    case clientOnly = "client-only"
+}
+
 /// How HETLoRA's server weighs the zero-padded client uploads.
 public enum HETLoRAAggregation: String, Codable, Sendable {
     /// The paper's sparsity-weighted aggregation: weight ||s B_k A_k||_F / Z.
@@ -41,7 +65,10 @@ public struct FederatedConfig: Codable, Sendable {
     /// Clients sampled per round (uniformly, without replacement); 0 or >= clientCount means all.
     public var clientsPerRound = 0
     /// Local iterations per round (each: `lowerSteps` SGD steps on the client level, then one AdamW step on the shared level).
+    /// Under `budget = .compute` the baselines run more iterations (`localIterations(for:)`).
     public var localSteps = 10
+    /// Which quantity is equal across methods: local iterations or gradient evaluations.
+    public var budget: BudgetMode = .steps
     /// PF2LoRA's SGD steps on (C_k, D_k) per local iteration.
     public var lowerSteps = 5
     /// Shared rank r and alpha (scale alpha / r).
@@ -56,6 +83,8 @@ public struct FederatedConfig: Codable, Sendable {
     public var upperLR: Float = 0.01
     /// SGD rate of PF2LoRA's client level.
     public var lowerLR: Float = 0.05
+    /// PF2LoRA as published (`.bilevel`) or an ablation of it.
+    public var pf2loraVariant: PF2LoRAVariant = .bilevel
     public var lowerMomentum: Float = 0
     /// Whether the round schedule also scales the lower-level rate (false: the lower SGD rate is constant,
     /// so the client level keeps converging to its optimum at the end, which the hypergradient relies on).
@@ -73,6 +102,8 @@ public struct FederatedConfig: Codable, Sendable {
     public var minLRRatio: Float = 0.01
     /// Evaluate every client on its valid split every `evalEvery` rounds (0 = only at the end).
     public var evalEvery = 5
+    /// Leave the test split unread (test losses are NaN): for runs that select hyperparameters on valid.
+    public var skipTest = false
     public var seed: UInt64 = 0
 
     /// Rank of the single-level baselines (HOMLoRA, Per-FedAvg, local, FedAvg+FT); nil = rank + rank2.
@@ -92,6 +123,43 @@ public struct FederatedConfig: Codable, Sendable {
     public var fineTuneSteps: Int?
 
     public init() {}
+
+    /// Gradient evaluations (minibatches) one local iteration of `method` makes, not counting HETLoRA's penalty
+    /// (closed form) or evaluation.
+    public func evaluationsPerIteration(_ method: FederatedMethod) -> Int {
+        switch method {
+        case .pf2lora:
+            switch pf2loraVariant {
+            case .bilevel: return lowerSteps + 1
+            case .joint, .clientOnly: return 1
+            }
+        case .perfedavg: return 2
+        case .homlora, .hetlora, .local, .fedavgFT: return 1
+        }
+    }
+
+    /// Local iterations per client per round that `method` runs under `budget`.
+    public func localIterations(for method: FederatedMethod) -> Int {
+        switch budget {
+        case .steps: return localSteps
+        case .compute:
+            let evaluations = localSteps * (lowerSteps + 1)   // PF2LoRA's (bilevel)
+            return max(1, evaluations / evaluationsPerIteration(method))
+        }
+    }
+
+    /// Gradient evaluations per client per round of `method` under `budget` (the training rounds; FedAvg+FT's
+    /// fine-tuning and Per-FedAvg's adaptation at evaluation come on top).
+    public func evaluationsPerRound(for method: FederatedMethod) -> Int {
+        localIterations(for: method) * evaluationsPerIteration(method)
+    }
+
+    /// The config an algorithm runs with: `localSteps` set to `localIterations(for:)`.
+    func effective(for method: FederatedMethod) -> FederatedConfig {
+        var c = self
+        c.localSteps = localIterations(for: method)
+        return c
+    }
 
     public var sharedScale: Float { loraScale(alpha: alpha, rank: rank, rslora: rslora) }
     public var localScale: Float { loraScale(alpha: alpha2, rank: rank2, rslora: rslora) }
@@ -129,7 +197,17 @@ public struct FederatedResult {
     public let uploadedParameters: [Int]
     /// HETLoRA's final client ranks (nil for other methods).
     public let clientRanks: [Int]?
+    /// Local iterations per client per round the method ran (`FederatedConfig.localIterations(for:)`).
+    public let localIterations: Int
+    /// Gradient evaluations (minibatches drawn by `lossAndGradients`) per client in training: the rounds
+    /// plus FedAvg+FT's fine-tuning; counted at the task, not derived from the config.
+    public let trainingEvaluations: [Int]
+    /// Gradient evaluations per client spent adapting at evaluation time (Per-FedAvg's one step per
+    /// evaluation; 0 for the others), over all evaluations of the run.
+    public let adaptationEvaluations: [Int]
+    /// Wall-clock of the whole run, and of training only (rounds and fine-tuning, no evaluation).
     public let seconds: Double
+    public let trainingSeconds: Double
 
     public var meanTestLoss: Float { testLoss.reduce(0, +) / Float(testLoss.count) }
 }
@@ -176,21 +254,27 @@ public func runFederated(_ method: FederatedMethod, task: FederatedTask, config:
     let start = Date()
     let root = RNG(seed: config.seed)
     var initRNG = root.derive(0x1A17)
+    let counter = CountingTask(task)
+    let task: FederatedTask = counter
+    let runConfig = config.effective(for: method)
     var alg: FederatedAlgorithm
     switch method {
-    case .pf2lora: alg = PF2LoRAAlgorithm(task: task, config: config, rng: &initRNG)
-    case .homlora: alg = FedAvgLoRAAlgorithm(task: task, config: config, fineTune: false, rng: &initRNG)
-    case .fedavgFT: alg = FedAvgLoRAAlgorithm(task: task, config: config, fineTune: true, rng: &initRNG)
-    case .local: alg = LocalLoRAAlgorithm(task: task, config: config, rng: &initRNG)
-    case .perfedavg: alg = PerFedAvgAlgorithm(task: task, config: config, rng: &initRNG)
-    case .hetlora: alg = try HETLoRAAlgorithm(task: task, config: config, rng: &initRNG)
+    case .pf2lora: alg = PF2LoRAAlgorithm(task: task, config: runConfig, rng: &initRNG)
+    case .homlora: alg = FedAvgLoRAAlgorithm(task: task, config: runConfig, fineTune: false, rng: &initRNG)
+    case .fedavgFT: alg = FedAvgLoRAAlgorithm(task: task, config: runConfig, fineTune: true, rng: &initRNG)
+    case .local: alg = LocalLoRAAlgorithm(task: task, config: runConfig, rng: &initRNG)
+    case .perfedavg: alg = PerFedAvgAlgorithm(task: task, config: runConfig, rng: &initRNG)
+    case .hetlora: alg = try HETLoRAAlgorithm(task: task, config: runConfig, rng: &initRNG)
     }
+    var trainingSeconds = 0.0
     let n = task.clientCount
     let perRound = (config.clientsPerRound <= 0 || config.clientsPerRound >= n) ? n : config.clientsPerRound
     let schedule = LRSchedule(base: 1, warmupSteps: config.warmupRounds, totalSteps: config.rounds, minRatio: config.minLRRatio)
     var records: [RoundRecord] = []
 
     func evaluateAll(_ t: Int, split: Split) -> ([TwoLevelAdapter], [Float]) {
+        counter.phase = .adaptation
+        defer { counter.phase = .training }
         var adapters: [TwoLevelAdapter] = [], losses: [Float] = []
         for k in 0..<n {
             var r = root.derive(0xE7A1_0000 &+ UInt64(t) &* 131 &+ UInt64(k))
@@ -205,9 +289,11 @@ public func runFederated(_ method: FederatedMethod, task: FederatedTask, config:
         var sampler = root.derive(0x5A3E_0000 &+ UInt64(t))
         let clients = perRound == n ? Array(0..<n) : sampler.sample(perRound, from: n).sorted()
         let lrFactor = config.rounds == 1 ? 1 : schedule.lr(at: t)
+        let roundStart = Date()
         let losses = alg.round(t, clients: clients, lrFactor: lrFactor) { k in
             root.derive((UInt64(t + 1) << 20) &+ UInt64(k))
         }
+        trainingSeconds += Date().timeIntervalSince(roundStart)
         for (k, l) in losses where !l.isFinite { throw FederatedError.nonFiniteLoss(method: method, round: t, client: k) }
         let isLast = t == config.rounds - 1
         var valid: [Float]? = nil
@@ -224,13 +310,49 @@ public func runFederated(_ method: FederatedMethod, task: FederatedTask, config:
                        method.displayName, t + 1, config.rounds, rec.meanTrainLoss, mv, elapsed, left))
         }
     }
+    let finishStart = Date()
     alg.finish { k in root.derive(0xF17E_0000 &+ UInt64(k)) }
+    trainingSeconds += Date().timeIntervalSince(finishStart)
     let (adapters, validLoss) = evaluateAll(config.rounds, split: .valid)
-    let testLoss = (0..<n).map { task.evaluate(client: $0, adapter: adapters[$0], split: .test) }
+    let testLoss = config.skipTest ? [Float](repeating: .nan, count: n)
+                                   : (0..<n).map { task.evaluate(client: $0, adapter: adapters[$0], split: .test) }
     return FederatedResult(method: method, config: config, rounds: records, clientAdapters: adapters,
                            validLoss: validLoss, testLoss: testLoss,
                            trainableParameters: alg.trainableParameters, uploadedParameters: alg.uploadedParameters,
-                           clientRanks: alg.clientRanks, seconds: Date().timeIntervalSince(start))
+                           clientRanks: alg.clientRanks, localIterations: runConfig.localSteps,
+                           trainingEvaluations: counter.training, adaptationEvaluations: counter.adaptation,
+                           seconds: Date().timeIntervalSince(start), trainingSeconds: trainingSeconds)
+}
+
+/// Forwards to a task and counts `lossAndGradients` calls (one minibatch each) per client, split by phase:
+/// training (rounds, fine-tuning) or adaptation at evaluation time.
+final class CountingTask: FederatedTask {
+    enum Phase { case training, adaptation }
+    let base: FederatedTask
+    var phase = Phase.training
+    private(set) var training: [Int]
+    private(set) var adaptation: [Int]
+
+    init(_ base: FederatedTask) {
+        self.base = base
+        training = Array(repeating: 0, count: base.clientCount)
+        adaptation = training
+    }
+
+    var clientCount: Int { base.clientCount }
+    var modules: [LoRAModule] { base.modules }
+    func exampleCount(client: Int) -> Int { base.exampleCount(client: client) }
+    func lossAndGradients(client: Int, adapter: TwoLevelAdapter, sharedGrad: ParameterSet?,
+                          localGrad: ParameterSet?, rng: inout RNG) -> Float {
+        switch phase {
+        case .training: training[client] += 1
+        case .adaptation: adaptation[client] += 1
+        }
+        return base.lossAndGradients(client: client, adapter: adapter, sharedGrad: sharedGrad, localGrad: localGrad, rng: &rng)
+    }
+    func evaluate(client: Int, adapter: TwoLevelAdapter, split: Split) -> Float {
+        base.evaluate(client: client, adapter: adapter, split: split)
+    }
 }
 
 // MARK: - Shared helpers of the algorithms

@@ -89,9 +89,9 @@ public enum FederatedClientError: Error, CustomStringConvertible, Equatable {
 /// The shared pair a federation starts from, as `runFederated` makes it for PF2LoRA with `seed`:
 /// A Kaiming-uniform, B = 0, rank `rank`, over `modules` (paths like `transformer.h.0.attn.c_attn`).
 /// `pf2lora adapters init` writes it for a server to send in round 0.
-public func initialSharedAdapter(weights: GPT2Weights, base: BaseModelInfo, modules paths: [String], rank: Int, alpha: Float,
+public func initialSharedAdapter(weights: ModelWeights, base: BaseModelInfo, modules paths: [String], rank: Int, alpha: Float,
                                  rslora: Bool = false, seed: UInt64) throws -> LoRAAdapter {
-    let modules = try loraModules(paths, config: weights.config)
+    let modules = try loraModules(paths, architecture: weights.architecture)
     var c = FederatedConfig()
     c.rank = rank; c.alpha = alpha; c.rslora = rslora
     var rng = RNG(seed: seed).derive(0x1A17)
@@ -100,15 +100,16 @@ public func initialSharedAdapter(weights: GPT2Weights, base: BaseModelInfo, modu
                         base: base, extra: ["trained_by": "pf2lora adapters init", "seed": String(seed)])
 }
 
-/// The LoRA modules of `paths` (`transformer.h.0.attn.c_attn`, ...) in the order every trainer uses
-/// (layer, then kind); an unknown path or a layer past the model's throws `TrainingError.unknownModule`.
-func loraModules(_ paths: [String], config c: GPT2Config) throws -> [LoRAModule] {
+/// The LoRA modules of `paths` (`transformer.h.0.attn.c_attn`, `model.layers.0.self_attn.q_proj`, ...)
+/// in the order every trainer uses (layer, then slot); a path that is not a linear layer of the
+/// architecture throws `TrainingError.unknownModule`.
+func loraModules(_ paths: [String], architecture a: ModelArchitecture) throws -> [LoRAModule] {
     try paths.map { p in
-        guard let lk = LinearKind.parse(p), lk.layer < c.nLayer else { throw TrainingError.unknownModule(p) }
-        return lk
-    }.sorted { ($0.layer, $0.kind.rawValue) < ($1.layer, $1.kind.rawValue) }.map { lk in
-        let (din, dout) = lk.kind.dims(c)
-        return LoRAModule(name: LinearKind.modulePath(layer: lk.layer, lk.kind), dIn: din, dOut: dout)
+        guard let ls = a.parseModulePath(p) else { throw TrainingError.unknownModule(p) }
+        return ls
+    }.sorted { ($0.layer, $0.slot) < ($1.layer, $1.slot) }.map { ls in
+        let (din, dout) = a.slots[ls.slot].dims
+        return LoRAModule(name: a.modulePath(layer: ls.layer, slot: ls.slot), dIn: din, dOut: dout)
     }
 }
 
@@ -123,11 +124,14 @@ public func adoptShared(_ shared: LoRAAdapter, into store: AdapterStore, trained
 
 /// `adoptShared` after its shape check (done by a caller that checked before doing other work).
 func publishIfNew(_ shared: LoRAAdapter, into store: AdapterStore, trainedBy: String) throws -> Int {
-    if let cur = try store.latestShared(), sameValues(cur.adapter, shared) { return cur.version }
+    let cur = try store.latestShared()
+    if let cur, sameValues(cur.adapter, shared) { return cur.version }
     var a = shared
     a.metadata = AdapterMetadata(baseName: store.base.name, baseFingerprint: store.base.fingerprint,
                                  extra: shared.metadata.extra.merging(["trained_by": trainedBy]) { $1 })
-    return try store.publishShared(a)
+    // Replaces exactly the version compared against: another writer's shared version in between is
+    // a conflict, not silently superseded.
+    return try store.publishShared(a, expecting: ExpectedVersion(startedFrom: cur?.version))
 }
 
 /// True when two adapters hold the same tensors, to the bit.
@@ -150,7 +154,7 @@ func sameValues(_ a: LoRAAdapter, _ b: LoRAAdapter) -> Bool {
 /// `control`: its memory bound is checked before anything is allocated; its `afterStep` runs after
 /// every local iteration (step = iteration, loss = its upper-level loss) and may throw to stop the round
 /// before anything is published.
-public func trainLocalRound(weights: GPT2Weights, store: AdapterStore, client: String, data: ClientTokenData,
+public func trainLocalRound(weights: ModelWeights, store: AdapterStore, client: String, data: ClientTokenData,
                             shared: LoRAAdapter, padToken: Int, options o: LocalRoundOptions,
                             control: TrainingControl = TrainingControl()) throws -> LocalRoundResult {
     let start = Date()
@@ -169,12 +173,12 @@ public func trainLocalRound(weights: GPT2Weights, store: AdapterStore, client: S
     try store.refresh()
     if o.publishShared { try checkConsistent(shared, with: store) }
     let existing = try store.latestClient(client)
-    let modules = try loraModules(Array(shared.modules.keys), config: weights.config)
-    let T = min(o.seqLen, weights.config.nPositions)
+    let modules = try loraModules(Array(shared.modules.keys), architecture: weights.architecture)
+    let T = min(o.seqLen, weights.architecture.contextLength)
     let clientRank = existing?.adapter.rank ?? o.rank2 ?? 2
-    try control.check(bytes: GPT2LMTask.runBytes(config: weights.config, batch: o.batchSize, seq: T,
+    try control.check(bytes: GPT2LMTask.runBytes(config: weights.architecture, batch: o.batchSize, seq: T,
                                                  ranks: modules.flatMap { _ in [shared.rank, clientRank] }, training: true),
-                      batch: o.batchSize, seq: T, config: weights.config, training: true)
+                      batch: o.batchSize, seq: T, config: weights.architecture, training: true)
     let task = try GPT2LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T,
                               modulePaths: modules.map(\.name), padToken: padToken)
 
@@ -211,7 +215,12 @@ public func trainLocalRound(weights: GPT2Weights, store: AdapterStore, client: S
                                 rslora: fc.rslora, base: store.base, extra: extra)
     yAdapter.metadata.sharedVersion = sharedVersion
     yAdapter.metadata.clientID = client
-    let version = try store.publishClient(id: client, yAdapter)
+    // A new version keeps every module of the previous one: modules the client's pair adapts beyond
+    // the shared pair's (which the federation does not train) are carried over unchanged.
+    if let e = existing?.adapter {
+        for (m, pair) in e.modules where yAdapter.modules[m] == nil { yAdapter.modules[m] = pair }
+    }
+    let version = try store.publishClient(id: client, yAdapter, expecting: ExpectedVersion(startedFrom: existing?.version))
     let xAdapter = storeAdapter(x, setLevel: .shared, as: .shared, modules: modules, components: 0..<fc.rank, alpha: fc.alpha,
                                 rslora: fc.rslora, base: store.base, extra: extra.merging(["client_id": client]) { $1 })
     let adapter = TwoLevelAdapter(shared: x, sharedScale: fc.sharedScale, local: y, localScale: fc.localScale)
@@ -239,12 +248,12 @@ public struct LocalEvaluation {
 /// `control`: its memory bound is checked first (with rank 256, the largest a pair may have, for the
 /// scratch); its `afterStep` runs after every batch of windows (step = windows done, loss = the mean so
 /// far) and may throw to stop the evaluation.
-public func evaluateLocal(weights: GPT2Weights, store: AdapterStore, client: String, data: ClientTokenData, shared: LoRAAdapter?,
+public func evaluateLocal(weights: ModelWeights, store: AdapterStore, client: String, data: ClientTokenData, shared: LoRAAdapter?,
                           split: Split, seqLen: Int = 64, padToken: Int, control: TrainingControl = TrainingControl()) throws -> LocalEvaluation {
     try ClientID.validate(client)
-    let evalT = min(max(2, seqLen), weights.config.nPositions)
-    try control.check(bytes: GPT2LMTask.runBytes(config: weights.config, batch: 1, seq: evalT, ranks: [256], training: false),
-                      batch: 1, seq: evalT, config: weights.config, training: false)
+    let evalT = min(max(2, seqLen), weights.architecture.contextLength)
+    try control.check(bytes: GPT2LMTask.runBytes(config: weights.architecture, batch: 1, seq: evalT, ranks: [256], training: false),
+                      batch: 1, seq: evalT, config: weights.architecture, training: false)
     if let shared {
         guard shared.level == .shared else { throw FederatedClientError.notShared("the adapter sent as 'shared'") }
         try adoptShared(shared, into: store, trainedBy: "train_local (federation)")
@@ -252,8 +261,8 @@ public func evaluateLocal(weights: GPT2Weights, store: AdapterStore, client: Str
     try store.refresh()
     let sh = try store.latestShared(), cl = try store.latestClient(client)
     let paths = (sh?.adapter.modules.keys).map(Array.init) ?? (cl?.adapter.modules.keys).map(Array.init)
-        ?? (0..<weights.config.nLayer).map { LinearKind.modulePath(layer: $0, .qkv) }
-    let modules = try loraModules(paths, config: weights.config)
+        ?? (0..<weights.architecture.layerCount).map { weights.architecture.modulePath(layer: $0, slot: 0) }
+    let modules = try loraModules(paths, architecture: weights.architecture)
     let task = try GPT2LMTask(weights: weights, clients: [data], batchSize: 1, seqLen: evalT,
                               modulePaths: modules.map(\.name), padToken: padToken)
     let x = sh.map { parameterSet(from: $0.adapter, level: .shared, modules: modules) }

@@ -156,22 +156,48 @@ public func checkConsistent(_ shared: LoRAAdapter, with store: AdapterStore) thr
     try checkConsistent(rank: shared.rank, alpha: shared.alpha, rslora: shared.useRSLoRA, modules: Set(shared.modules.keys), with: store)
 }
 
+/// The store's current versions when a run started (`startVersions`), for the compare-and-swap of
+/// its publish.
+public struct StartVersions: Sendable {
+    public var shared: Int?
+    public var clients: [String: Int?]
+}
+
+/// The current shared version and each client's, read now (call before a long run).
+public func startVersions(_ store: AdapterStore, clients ids: [String]) throws -> StartVersions {
+    try store.refresh(force: true)
+    var c: [String: Int?] = [:]
+    for id in ids { try ClientID.validate(id); c[id] = .some(store.currentVersion(level: .client, client: id)) }
+    return StartVersions(shared: store.currentVersion(level: .shared), clients: c)
+}
+
 /// Publishes the shared level, then every client's level trained against it. Every adapter is
-/// encoded and validated before the first write, so a bad adapter publishes nothing.
+/// encoded and validated before the first write, so a bad adapter publishes nothing. With `from`
+/// (the versions the run started from), every publish is a compare-and-swap on them, checked for
+/// all adapters before the first write and again by each publish under the store's lock: a version
+/// another writer published meanwhile is a conflict, never silently superseded.
 /// Returns the new shared version and each client's new version.
 @discardableResult
-public func publish(_ f: FederatedAdapters, to store: AdapterStore) throws -> (shared: Int, clients: [String: Int]) {
+public func publish(_ f: FederatedAdapters, to store: AdapterStore, from start: StartVersions? = nil) throws -> (shared: Int, clients: [String: Int]) {
     for (id, a) in [("shared", f.shared)] + f.clients.map({ ($0.id, $0.adapter) }) {
         var a = a
         if a.level == .client { try ClientID.validate(id); a.metadata.clientID = id }
         _ = try LoRAAdapter.decode(from: try a.encode(), name: "new adapter for \(id)", base: store.base, expectedLevel: a.level)
     }
-    let sv = try store.publishShared(f.shared)
+    func expected(_ id: String?) -> ExpectedVersion {
+        guard let start else { return .any }
+        guard let id else { return ExpectedVersion(startedFrom: start.shared) }
+        guard let v = start.clients[id] else { return .any }
+        return ExpectedVersion(startedFrom: v)
+    }
+    try store.checkExpected(expected(nil), level: .shared)
+    for (id, _) in f.clients { try store.checkExpected(expected(id), level: .client, client: id) }
+    let sv = try store.publishShared(f.shared, expecting: expected(nil))
     var out: [String: Int] = [:]
     for (id, a) in f.clients {
         var a = a
         a.metadata.sharedVersion = sv
-        out[id] = try store.publishClient(id: id, a)
+        out[id] = try store.publishClient(id: id, a, expecting: expected(id))
     }
     return (sv, out)
 }
@@ -198,10 +224,14 @@ public func clientSpectra(store: AdapterStore, client id: String) throws -> Clie
     let cl = try store.latestClient(id)
     guard shared != nil || cl != nil else { throw AdapterStoreError.noAdapter(what: "adapter for client '\(id)' (nor a shared one)", store: store.directory) }
     let paths = Set((shared?.adapter.modules.keys).map(Array.init) ?? []).union((cl?.adapter.modules.keys).map(Array.init) ?? [])
-    let ordered = paths.sorted { a, b in
-        let x = LinearKind.parse(a), y = LinearKind.parse(b)
-        return (x?.layer ?? 0, x?.kind.rawValue ?? 0, a) < (y?.layer ?? 0, y?.kind.rawValue ?? 0, b)
+    // Layer, then slot order (without a known architecture: the layer number, then the path).
+    let arch = store.base.architecture
+    func key(_ p: String) -> (Int, Int, String) {
+        if let ls = arch?.parseModulePath(p) { return (ls.layer, ls.slot, p) }
+        let layer = p.split(separator: ".").lazy.compactMap { Int($0) }.first ?? 0
+        return (layer, 0, p)
     }
+    let ordered = paths.sorted { key($0) < key($1) }
     var out: [String: [Float]] = [:]
     for p in ordered {
         var terms: [(up: Tensor, down: Tensor, scale: Float)] = []

@@ -38,15 +38,16 @@ public final class GPT2LMTask: FederatedTask {
     /// - Parameters:
     ///   - weights: the frozen base (read only; may be shared with a server's inference engine).
     ///   - clients: tokenized client data; every token must be in the model's vocabulary.
-    ///   - targets: the linear kinds to adapt in every layer.
+    ///   - targets: the slots to adapt in every layer (nil: all of the architecture's).
     ///   - modulePaths: the exact modules to adapt (`transformer.h.0.attn.c_attn`, ...), overriding
     ///     `targets` (to match an existing adapter that adapts only some layers).
-    public init(weights: GPT2Weights, clients: [ClientTokenData], batchSize: Int, seqLen: Int,
-                targets: [LinearKind] = LinearKind.allCases, modulePaths: [String]? = nil, padToken: Int = 0) throws {
-        let c = weights.config
+    public init(weights: ModelWeights, clients: [ClientTokenData], batchSize: Int, seqLen: Int,
+                targets: [LinearSlot]? = nil, modulePaths: [String]? = nil, padToken: Int = 0) throws {
+        let c = weights.architecture
+        let targets = targets ?? c.slots
         guard !clients.isEmpty else { throw TrainingError.badBatch("no clients") }
-        guard batchSize >= 1, seqLen >= 1, seqLen <= c.nPositions else {
-            throw TrainingError.badBatch("batch \(batchSize) and sequence length \(seqLen) must be >= 1, the length <= the model's context \(c.nPositions)")
+        guard batchSize >= 1, seqLen >= 1, seqLen <= c.contextLength else {
+            throw TrainingError.badBatch("batch \(batchSize) and sequence length \(seqLen) must be >= 1, the length <= the model's context \(c.contextLength)")
         }
         guard !targets.isEmpty else { throw TrainingError.badBatch("no target modules") }
         for cl in clients {
@@ -63,8 +64,8 @@ public final class GPT2LMTask: FederatedTask {
         self.batchSize = batchSize
         self.seqLen = seqLen
         self.padToken = Int32(padToken)
-        modules = try loraModules(modulePaths ?? (0..<c.nLayer).flatMap { l in targets.map { LinearKind.modulePath(layer: l, $0) } },
-                                  config: c)
+        modules = try loraModules(modulePaths ?? (0..<c.layerCount).flatMap { l in targets.map { c.modulePath(layer: l, slot: $0.index) } },
+                                  architecture: c)
         guard !modules.isEmpty else { throw TrainingError.badBatch("no target modules") }
         inputs = Array(repeating: 0, count: batchSize * seqLen)
         self.targets = Array(repeating: TrainingBatch.ignoreIndex, count: batchSize * seqLen)

@@ -39,7 +39,9 @@ struct PF2LoRAAlgorithm: FederatedAlgorithm {
         Array(repeating: loraParameterCount(task.modules, rank: config.rank) + loraParameterCount(task.modules, rank: config.rank2),
               count: task.clientCount)
     }
-    var uploadedParameters: [Int] { Array(repeating: loraParameterCount(task.modules, rank: config.rank), count: task.clientCount) }
+    var uploadedParameters: [Int] {
+        Array(repeating: config.pf2loraVariant == .clientOnly ? 0 : loraParameterCount(task.modules, rank: config.rank), count: task.clientCount)
+    }
 
     mutating func round(_ t: Int, clients: [Int], lrFactor: Float, rng: (Int) -> RNG) -> [Int: Float] {
         var uploads: [ParameterSet] = [], losses: [Int: Float] = [:]
@@ -49,7 +51,9 @@ struct PF2LoRAAlgorithm: FederatedAlgorithm {
             uploads.append(x)
             losses[k] = loss
         }
-        shared.setWeightedAverage(of: uploads, weights: task.exampleShares(clients))
+        if config.pf2loraVariant != .clientOnly {   // client-only: x never moves and is not uploaded
+            shared.setWeightedAverage(of: uploads, weights: task.exampleShares(clients))
+        }
         return losses
     }
 
@@ -77,6 +81,30 @@ func pf2loraLocalIterations(task: FederatedTask, client k: Int, shared x: Parame
     let lower = SGD(momentum: config.lowerMomentum)
     let adapter = TwoLevelAdapter(shared: x, sharedScale: config.sharedScale, local: y, localScale: config.localScale)
     var sum: Float = 0
+    switch config.pf2loraVariant {
+    case .bilevel: break
+    case .joint:
+        // Ablation: one minibatch, both gradients, one AdamW step on (A, B, C_k, D_k) together.
+        let both = ParameterSet(x.entries + y.entries), grads = ParameterSet(gx.entries + gy.entries)
+        for it in 0..<config.localSteps {
+            let loss = task.lossAndGradients(client: k, adapter: adapter, sharedGrad: gx, localGrad: gy, rng: &rng)
+            sum += loss
+            maybeClip(grads, config)
+            upper.step(both, grads, lr: config.upperLR * lrFactor)
+            try afterIteration(it + 1, loss)
+        }
+        return sum / Float(config.localSteps)
+    case .clientOnly:
+        // Ablation: the client level alone, one SGD step per iteration (x stays at its start, B = 0, so W_k = W0 + s2 D_k C_k).
+        for it in 0..<config.localSteps {
+            let loss = task.lossAndGradients(client: k, adapter: adapter, sharedGrad: nil, localGrad: gy, rng: &rng)
+            sum += loss
+            maybeClip(gy, config)
+            lower.step(y, gy, lr: config.lowerLR * (config.scheduleLowerLR ? lrFactor : 1))
+            try afterIteration(it + 1, loss)
+        }
+        return sum / Float(config.localSteps)
+    }
     for it in 0..<config.localSteps {
         for _ in 0..<config.lowerSteps {   // lower level: y_k <- y_k - eta grad_y f_k(x, y_k)
             _ = task.lossAndGradients(client: k, adapter: adapter, sharedGrad: nil, localGrad: gy, rng: &rng)

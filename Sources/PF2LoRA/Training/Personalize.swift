@@ -89,7 +89,7 @@ public enum PersonalizeError: Error, CustomStringConvertible, Equatable {
 /// the run: a cancel); `control.maxStateBytes` refuses a batch × seq whose training state would not fit
 /// (`TrainingMemoryError`) before anything is allocated. Throws `PersonalizeError`, `AdapterStoreError`
 /// (invalid client id) or a store error; nothing is published unless training finished with finite values.
-public func personalize(weights: GPT2Weights, tokenizer: BPETokenizer, store: AdapterStore, client: String,
+public func personalize(weights: ModelWeights, tokenizer: BPETokenizer, store: AdapterStore, client: String,
                         texts: [String], options o: PersonalizeOptions = PersonalizeOptions(),
                         control: TrainingControl = TrainingControl(),
                         progress: ((Int, Float) -> Void)? = nil) throws -> PersonalizeResult {
@@ -108,14 +108,16 @@ public func personalize(weights: GPT2Weights, tokenizer: BPETokenizer, store: Ad
     try store.refresh()
     let shared = try store.latestShared()
     let existing = try store.latestClient(client)
-    let c = weights.config
-    // Adapt the modules the shared (else the existing client) adapter adapts; else every linear layer.
-    let paths = (shared?.adapter.modules.keys).map(Array.init) ?? (existing?.adapter.modules.keys).map(Array.init)
-        ?? (0..<c.nLayer).flatMap { l in LinearKind.allCases.map { LinearKind.modulePath(layer: l, $0) } }
-    let T = min(o.seqLen, c.nPositions, stream.tokens.count - 1)
+    let c = weights.architecture
+    // Adapt the modules the shared adapter adapts and every module the client's pair already has
+    // (a new version keeps every module of the previous one: a shared pair that targets fewer
+    // modules must not drop the client's others); with neither, every linear layer.
+    let known = Set(shared?.adapter.modules.keys.map { $0 } ?? []).union(existing?.adapter.modules.keys.map { $0 } ?? [])
+    let paths = known.isEmpty ? (0..<c.layerCount).flatMap { l in c.slots.map { c.modulePath(layer: l, slot: $0.index) } } : Array(known)
+    let T = min(o.seqLen, c.contextLength, stream.tokens.count - 1)
     let clientRank = existing?.adapter.rank ?? o.rank2 ?? 2
-    try control.check(bytes: GPT2LMTask.runBytes(config: c, batch: o.batchSize, seq: T,
-                                                 ranks: paths.flatMap { _ in [shared?.adapter.rank, clientRank].compactMap { $0 } }, training: true),
+    let stateRanks = paths.flatMap { p in [shared?.adapter.modules[p] != nil ? shared?.adapter.rank : nil, clientRank].compactMap { $0 } }
+    try control.check(bytes: GPT2LMTask.runBytes(config: c, batch: o.batchSize, seq: T, ranks: stateRanks, training: true),
                       batch: o.batchSize, seq: T, config: c, training: true)
     let data = ClientTokenData(id: client, train: stream, valid: stream, test: stream)
     let task = try GPT2LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T, modulePaths: paths,
@@ -128,6 +130,14 @@ public func personalize(weights: GPT2Weights, tokenizer: BPETokenizer, store: Ad
         if let r = o.rank2, r != e.rank { throw PersonalizeError.rankMismatch(client: client, existing: e.rank, requested: r) }
         rank = e.rank; alpha = e.alpha; rslora = e.useRSLoRA
         local = parameterSet(from: e, level: .client, modules: task.modules)
+        // A module the shared pair adapts but the client's pair does not yet: start it as a new
+        // client's would (C Kaiming-uniform, D = 0: the served function is unchanged at step 0).
+        let missing = task.modules.filter { e.modules[$0.name] == nil }
+        if !missing.isEmpty {
+            var initRNG = rng.derive(0x1A17)
+            let fresh = makeLoRAParameters(modules: missing, rank: rank, level: .client, rng: &initRNG)
+            for m in missing { local.tensor(LoRALevel.client.downName(m.name)).copy(from: fresh.tensor(LoRALevel.client.downName(m.name))) }
+        }
     } else {
         rank = o.rank2 ?? 2
         alpha = o.alpha2 ?? 2 * Float(rank)
@@ -163,7 +173,9 @@ public func personalize(weights: GPT2Weights, tokenizer: BPETokenizer, store: Ad
     var meta = out
     meta.metadata.sharedVersion = shared?.version
     meta.metadata.clientID = client
-    let version = try store.publishClient(id: client, meta)
+    // Compare and swap on the version this run started from: a version another writer published
+    // meanwhile is never silently superseded (the caller gets a conflict and may retry from it).
+    let version = try store.publishClient(id: client, meta, expecting: ExpectedVersion(startedFrom: existing?.version))
     return PersonalizeResult(client: client, version: version, previousVersion: existing?.version, sharedVersion: shared?.version,
                              steps: losses.count, loss: losses, ranks: ranks, seconds: Date().timeIntervalSince(start),
                              texts: stream.textCount, tokens: stream.tokens.count)

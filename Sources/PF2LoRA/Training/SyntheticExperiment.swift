@@ -15,11 +15,17 @@ public struct SyntheticExperiment {
         public let relativeError: Float
         /// Test MSE per method (raw value of the method name).
         public let testMSE: [String: Float]
+        /// Singular values of every method's effective update for this client (raw method name): the
+        /// control for the learned rank (a single-level update read with the same rule).
+        public let spectraByMethod: [String: [Float]]
     }
     public struct MethodSummary: Codable {
         public let method: String
         public let name: String
         public let meanTestMSE: Float
+        /// Mean valid MSE of the adapters the method ends with (after FedAvg+FT's fine-tuning): what a
+        /// selection on the valid split compares.
+        public let meanValidMSE: Float
         public let trainableParametersPerClient: Int
         public let uploadedParametersPerRound: Int
         public let seconds: Double
@@ -74,14 +80,18 @@ public struct SyntheticExperiment {
                 if tr >= 1, tr <= learned.count { hi = min(hi, learned[tr - 1] / top) }
                 if tr < learned.count { lo = max(lo, learned[tr] / top) }
             }
-            var mse: [String: Float] = [:]
-            for r in results { mse[r.method.rawValue] = r.testLoss[k] }
+            var mse: [String: Float] = [:], spectra: [String: [Float]] = [:]
+            for r in results {
+                mse[r.method.rawValue] = r.testLoss[k]
+                spectra[r.method.rawValue] = LearnedRank.spectra(modules: task.modules, adapter: r.clientAdapters[k])[task.module.name] ?? []
+            }
             rows.append(ClientRow(client: k, trainCount: fed.truths[k].trainCount, trueRank: fed.truths[k].rank,
                                   trueSingularValues: fed.truths[k].singularValues, learnedSingularValues: learned,
-                                  learnedRank: rank, relativeError: relErr, testMSE: mse))
+                                  learnedRank: rank, relativeError: relErr, testMSE: mse, spectraByMethod: spectra))
         }
         let summaries = results.map { r in
             MethodSummary(method: r.method.rawValue, name: r.method.displayName, meanTestMSE: r.meanTestLoss,
+                          meanValidMSE: r.validLoss.reduce(0, +) / Float(max(1, r.validLoss.count)),
                           trainableParametersPerClient: r.trainableParameters.max() ?? 0,
                           uploadedParametersPerRound: r.uploadedParameters.max() ?? 0, seconds: r.seconds,
                           roundsMeanTrainLoss: r.rounds.map(\.meanTrainLoss),

@@ -14,9 +14,9 @@ public struct TrainingControl {
     }
 
     /// Throws when `bytes` (the run's estimate for batch × seq) is over `maxStateBytes`.
-    func check(bytes: Int, batch: Int, seq: Int, config c: GPT2Config, training: Bool) throws {
+    func check(bytes: Int, batch: Int, seq: Int, config c: ModelArchitecture, training: Bool) throws {
         guard let limit = maxStateBytes, bytes > limit else { return }
-        throw TrainingMemoryError(needed: bytes, limit: limit, batch: batch, seq: seq, layers: training ? c.nLayer : 1)
+        throw TrainingMemoryError(needed: bytes, limit: limit, batch: batch, seq: seq, layers: training ? c.layerCount : 1)
     }
 }
 
@@ -40,7 +40,7 @@ extension GPT2LMTask {
     /// allocates anything: the trainer's run state (`GPT2Trainer.stateBytes` after the first call, to
     /// the byte) plus the task's own input and target buffers. `ranks`: the rank of every adapted
     /// (module, level); `training` false for evaluation (forward only, one layer's activations).
-    public static func runBytes(config: GPT2Config, batch: Int, seq: Int, ranks: [Int], training: Bool) -> Int {
+    public static func runBytes(config: ModelArchitecture, batch: Int, seq: Int, ranks: [Int], training: Bool) -> Int {
         GPT2TrainingState.bytes(B: batch, T: seq, config: config, training: training, ranks: ranks) + 2 * 4 * batch * seq
     }
 }

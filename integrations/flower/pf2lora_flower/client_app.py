@@ -29,7 +29,7 @@ def train(msg: Message, context: Context) -> Message:
     s = node_settings(context.node_config)
     cfg = msg.content["config"]
     params = {
-        "client": s["client-id"], "data": s["data-dir"],
+        "client": s["client-id"], "data": ".",
         "shared": {"safetensors": b64(_shared_bytes(msg))},
         "round": int(cfg["server-round"]) - 1, "client_index": int(s["client-index"]), "seed": int(cfg["seed"]),
         "local_steps": int(cfg["local-steps"]), "lower_steps": int(cfg["lower-steps"]),
@@ -37,7 +37,7 @@ def train(msg: Message, context: Context) -> Message:
         "rank2": int(cfg["rank2"]), "alpha2": float(cfg["alpha2"]),
         "batch": int(cfg["batch"]), "seq": int(cfg["seq"]), "clip": float(cfg["clip"]),
     }
-    with Pf2loraNode(s["pf2lora"], s["model"], s["store"], s["threads"]) as node:
+    with Pf2loraNode(s["pf2lora"], s["model"], s["store"], s["data-dir"], s["threads"]) as node:
         r = node.call("train_local", params)
     arrays, _ = read_adapter(base64.b64decode(r["shared"]["safetensors"]))
     metrics = MetricRecord({
@@ -53,10 +53,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     s = node_settings(context.node_config)
     cfg = msg.content["config"]
     params = {
-        "client": s["client-id"], "data": s["data-dir"], "shared": {"safetensors": b64(_shared_bytes(msg))},
+        "client": s["client-id"], "data": ".", "shared": {"safetensors": b64(_shared_bytes(msg))},
         "split": str(cfg.get("eval-split", "valid")), "seq": int(cfg["seq"]),
     }
-    with Pf2loraNode(s["pf2lora"], s["model"], s["store"], s["threads"]) as node:
+    with Pf2loraNode(s["pf2lora"], s["model"], s["store"], s["data-dir"], s["threads"]) as node:
         r = node.call("evaluate_local", params)
     metrics = MetricRecord({
         "num-examples": int(r["tokens"]), "eval-loss": float(r["loss"]), "client-index": int(s["client-index"]),

@@ -46,13 +46,16 @@ class NodeError(RuntimeError):
 class Pf2loraNode:
     """A `pf2lora serve` process of this node, spoken to over its stdin/stdout (one JSON per line).
 
-    The ClientApp starts one per message: the model is memory-mapped, so starting is cheap, and the
+    The ClientApp starts one per message, with the node's data folder as its exchange folder: the model is memory-mapped, so starting is cheap, and the
     node's adapter store is shared with any long-running `pf2lora serve` that answers generate
     requests on the same node (it picks up the new versions by itself).
     """
 
-    def __init__(self, binary, model, store, threads=0, max_line_bytes=256 << 20):
-        args = [binary, "serve", "--model", model, "--store", store, "--max-line-bytes", str(max_line_bytes)]
+    def __init__(self, binary, model, store, exchange_dir, threads=0, max_line_bytes=256 << 20):
+        # Every path a request names must lie inside --exchange-dir (pf2lora refuses others): the
+        # node's data folder is that folder, and requests name it as "." (docs/PROTOCOL.md).
+        args = [binary, "serve", "--model", model, "--store", store, "--exchange-dir", exchange_dir,
+                "--max-line-bytes", str(max_line_bytes)]
         if threads:
             args += ["--threads", str(threads)]
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -2,16 +2,17 @@ import ArgumentParser
 import Foundation
 import PF2LoRA
 
-/// `pf2lora _test-publish-loop`: a test-only helper, hidden from --help. It publishes client (and
-/// every fourth time shared) adapters into a store in a loop, printing `ack <level> <client|-> <version>
-/// <seq>` on stdout after each publish returns, so the reliability tests can SIGKILL it at arbitrary
-/// points of a write, or run two of them against one store. Each adapter's values are a function
-/// of its `test_seq` metadata (`reliabilityValue`), so a reader can check a file is whole.
+/// `TestPublishLoop`: a test-only executable (not a product; it never ships in `pf2lora`). It
+/// publishes client (and every fourth time shared) adapters into a store in a loop, printing `ack
+/// <level> <client|-> <version> <seq>` on stdout after each publish returns, so the reliability
+/// tests can SIGKILL it at arbitrary points of a write, or run two of them against one store. Each
+/// adapter's values are a function of its `test_seq` metadata (`reliabilityValue`), so a reader can
+/// check a file is whole.
+@main
 struct TestPublishLoopCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "_test-publish-loop",
-        abstract: "Test helper (reliability tests only): publish adapters in a loop.",
-        shouldDisplay: false)
+        commandName: "TestPublishLoop",
+        abstract: "Test helper (reliability tests only): publish adapters in a loop.")
 
     @Option(help: "Model folder (its base fingerprint and shapes).")
     var model: String
@@ -44,7 +45,7 @@ struct TestPublishLoopCommand: ParsableCommand {
     }
 
     func run() throws {
-        let base = try BaseModelInfo.gpt2(folder: model)
+        let base = try BaseModelInfo.load(folder: model)
         let s = try AdapterStore.open(root: store, base: base, keepVersions: keepVersions, cacheBytes: 0)
         let ids = clients.split(separator: ",").map(String.init)
         setvbuf(stdout, nil, _IONBF, 0)

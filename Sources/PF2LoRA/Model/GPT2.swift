@@ -1,6 +1,8 @@
 import Foundation
 
-/// GPT-2 hyperparameters, decoded from a Hugging Face `config.json` with its own key spellings.
+/// GPT-2 hyperparameters, decoded from a Hugging Face `config.json` with its own key spellings: the
+/// `gpt2` family. Its block: LayerNorm, learned positions, c_attn (q, k, v in one Conv1D), attn.c_proj,
+/// and a GELU MLP (c_fc, mlp.c_proj), every linear with a bias, the head tied to the embeddings.
 public struct GPT2Config: Codable, Equatable, Sendable {
     public var vocabSize: Int
     public var nPositions: Int
@@ -15,6 +17,8 @@ public struct GPT2Config: Codable, Equatable, Sendable {
     public var modelType: String
     /// llama.cpp's converter reads n_ctx, which transformers 5 no longer writes; we write both.
     public var nCtx: Int?
+    /// `torch_dtype` (checkpoints on the Hub) or `dtype` (transformers 5); read, not written.
+    public var storedDType: String? = nil
 
     enum CodingKeys: String, CodingKey {
         case vocabSize = "vocab_size", nPositions = "n_positions", nEmbd = "n_embd", nLayer = "n_layer"
@@ -22,6 +26,8 @@ public struct GPT2Config: Codable, Equatable, Sendable {
         case activationFunction = "activation_function", bosTokenId = "bos_token_id"
         case eosTokenId = "eos_token_id", modelType = "model_type", nCtx = "n_ctx"
     }
+
+    enum DTypeKeys: String, CodingKey { case torchDType = "torch_dtype", dtype }
 
     public init(vocabSize: Int, nPositions: Int, nEmbd: Int, nLayer: Int, nHead: Int, nInner: Int? = nil,
                 layerNormEpsilon: Float = 1e-5, eosTokenId: Int? = nil) {
@@ -45,6 +51,8 @@ public struct GPT2Config: Codable, Equatable, Sendable {
         bosTokenId = try c.decodeIfPresent(Int.self, forKey: .bosTokenId)
         eosTokenId = try c.decodeIfPresent(Int.self, forKey: .eosTokenId)
         modelType = try c.decodeIfPresent(String.self, forKey: .modelType) ?? "gpt2"
+        let d = try decoder.container(keyedBy: DTypeKeys.self)
+        storedDType = (try? d.decodeIfPresent(String.self, forKey: .dtype)) ?? (try? d.decodeIfPresent(String.self, forKey: .torchDType)) ?? nil
     }
 
     /// The MLP's hidden width (n_inner, or 4 * n_embd when unset).
@@ -64,16 +72,45 @@ public struct GPT2Config: Codable, Equatable, Sendable {
         }
     }
 
+    /// The preset names, for help texts and errors.
+    public static let presetNames = ["gpt2", "gpt2-medium", "distilgpt2", "small", "tiny"]
+
     /// Checks the values make a GPT-2 this runtime can run.
     public func validate(file: String) throws {
         func bad(_ why: String) -> ModelError { .badConfig(file: file, why: why) }
-        guard modelType == "gpt2" else { throw bad("model_type is '\(modelType)'; only gpt2 checkpoints are supported") }
         guard vocabSize > 0, nPositions > 0, nEmbd > 0, nLayer > 0, nHead > 0 else { throw bad("sizes must be positive") }
         guard nEmbd % nHead == 0 else { throw bad("n_embd \(nEmbd) is not divisible by n_head \(nHead)") }
         guard inner > 0 else { throw bad("n_inner must be positive") }
         guard ["gelu_new", "gelu_pytorch_tanh", "gelu"].contains(activationFunction) else {
             throw bad("activation_function '\(activationFunction)' is not supported (gelu_new, gelu_pytorch_tanh, gelu)")
         }
+    }
+
+    /// The architecture: LayerNorm, learned positions, GELU MLP, and GPT-2's four Conv1D slots
+    /// c_attn (C -> 3C), attn.c_proj (C -> C), mlp.c_fc (C -> I), mlp.c_proj (I -> C), all with biases.
+    public var architecture: ModelArchitecture {
+        let C = nEmbd, I = inner
+        func slot(_ i: Int, _ role: SlotRole, _ path: String, _ din: Int, _ dout: Int) -> LinearSlot {
+            LinearSlot(index: i, role: role, path: path, peftName: path, inFeatures: din, outFeatures: dout, layout: .conv1D, hasBias: true)
+        }
+        return ModelArchitecture(
+            modelType: "gpt2", vocabSize: vocabSize, hiddenSize: C, layerCount: nLayer, headCount: nHead, kvHeadCount: nHead,
+            headDim: C / max(nHead, 1), intermediateSize: I, contextLength: nPositions, norm: .layerNorm, normEps: layerNormEpsilon,
+            positions: .learned, mlp: .gelu, qkNorm: false, tiedHead: true, bosTokenId: bosTokenId,
+            eosTokenIds: eosTokenId.map { [$0] } ?? [], storedDType: storedDType, scaledResidualInit: true,
+            slots: [slot(0, .qkv, "attn.c_attn", C, 3 * C), slot(1, .attnOut, "attn.c_proj", C, C),
+                    slot(2, .up, "mlp.c_fc", C, I), slot(3, .down, "mlp.c_proj", I, C)],
+            names: TensorNames(embed: "transformer.wte.weight", positions: "transformer.wpe.weight", finalNorm: "transformer.ln_f",
+                               lmHead: "lm_head.weight", layerPrefix: "transformer.h.", attnNorm: "ln_1", mlpNorm: "ln_2",
+                               optionalPrefix: "transformer.", ignoredSuffixes: [".attn.bias", ".attn.masked_bias"]))
+    }
+
+    /// The config of a GPT-2 architecture (the inverse of `architecture`).
+    init(_ a: ModelArchitecture) {
+        self.init(vocabSize: a.vocabSize, nPositions: a.contextLength, nEmbd: a.hiddenSize, nLayer: a.layerCount, nHead: a.headCount,
+                  nInner: a.intermediateSize == 4 * a.hiddenSize ? nil : a.intermediateSize, layerNormEpsilon: a.normEps,
+                  eosTokenId: a.eosTokenIds.first)
+        bosTokenId = a.bosTokenId
     }
 
     public func jsonData() throws -> Data {
@@ -87,31 +124,17 @@ public struct GPT2Config: Codable, Equatable, Sendable {
     }
 }
 
-/// What can be wrong with a model folder; each case names the file or tensor and what to do.
-public enum ModelError: Error, CustomStringConvertible {
-    case missingFolder(String)
-    case missingFile(String, hint: String)
-    case badConfig(file: String, why: String)
-    case missingTensor(file: String, tensor: String)
-    case unexpectedTensor(file: String, tensor: String)
-    case shapeMismatch(file: String, tensor: String, expected: [Int], found: [Int])
-    case promptTooLong(tokens: Int, context: Int)
-    case emptyPrompt
-    case badToken(Int, vocab: Int)
+extension GPT2Config: ModelFamily {
+    static var modelTypes: [String] { ["gpt2"] }
 
-    public var description: String {
-        switch self {
-        case let .missingFolder(p):
-            return "model folder \(p) does not exist; pass a folder with config.json and model.safetensors (make one with `pf2lora model random --config tiny --out DIR`)"
-        case let .missingFile(p, hint): return "\(p) is missing. \(hint)"
-        case let .badConfig(f, why): return "\(f): \(why)"
-        case let .missingTensor(f, t): return "\(f) has no tensor '\(t)'. Is this a GPT-2 checkpoint? Expected names like h.0.attn.c_attn.weight."
-        case let .unexpectedTensor(f, t): return "\(f) has an unexpected tensor '\(t)' (not part of GPT-2); is this the right model or a different architecture?"
-        case let .shapeMismatch(f, t, e, found):
-            return "\(f): tensor '\(t)' has shape \(found) but config.json implies \(e); config.json and the weights do not belong together"
-        case let .promptTooLong(n, ctx): return "the prompt is \(n) tokens but the model's context is \(ctx); shorten the prompt"
-        case .emptyPrompt: return "the prompt is empty; give at least one token of text"
-        case let .badToken(id, v): return "token id \(id) is outside the vocabulary (0..<\(v))"
+    static func architecture(config: Data, modelType: String, file: String) throws -> ModelArchitecture {
+        let c: GPT2Config
+        do { c = try JSONDecoder().decode(GPT2Config.self, from: config) } catch {
+            throw ModelError.badConfig(file: file, why: "not a GPT-2 config (\(ModelRegistry.describe(error)))")
         }
+        try c.validate(file: file)
+        return c.architecture
     }
+
+    static func configJSON(_ a: ModelArchitecture) throws -> Data { try GPT2Config(a).jsonData() }
 }

@@ -1,0 +1,86 @@
+import Foundation
+
+/// A checkpoint loaded from a Hugging Face folder: config.json (any family of `ModelRegistry`) +
+/// model.safetensors. The weights stay memory-mapped (read in place); the model itself is immutable
+/// and shared by every engine, server thread and client.
+public final class LanguageModel {
+    public let folder: String
+    public let architecture: ModelArchitecture
+    public let weights: ModelWeights
+    /// The base weights of every linear slot in the serving layout (out, in), with nothing folded in.
+    /// Made on first use: for Conv1D checkpoints (GPT-2) a transposed copy (340 MB and about 0.3 s for
+    /// the 124M shape), for `nn.Linear` ones views of the weights. The training paths, which work on
+    /// `weights` directly, never pay for it. Training that changes `weights` later does not show here.
+    public var baseLinears: LinearWeightSet {
+        lock.lock(); defer { lock.unlock() }
+        if let s = _baseLinears { return s }
+        let s = LinearWeightSet(base: weights)
+        _baseLinears = s
+        return s
+    }
+    private var _baseLinears: LinearWeightSet?
+    private let lock = NSLock()
+    /// The safetensors file the weights view (nil for in-memory random models).
+    public let file: SafeTensorsFile?
+
+    public init(folder: String, weights: ModelWeights, file: SafeTensorsFile?) {
+        self.folder = folder
+        self.architecture = weights.architecture
+        self.weights = weights
+        self.file = file
+    }
+
+    /// Loads `folder/config.json` and `folder/model.safetensors`, validating names and shapes.
+    public static func load(folder: String, writable: Bool = false) throws -> LanguageModel {
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: folder, isDirectory: &isDir), isDir.boolValue else {
+            throw ModelError.missingFolder(folder)
+        }
+        let a = try ModelRegistry.architecture(folder: folder)
+        guard a.modelType == "gpt2" else {
+            throw ModelError.badConfig(file: folder + "/config.json", why: "model_type '\(a.modelType)' is read, but its forward pass is not built yet; only gpt2 models run")
+        }
+        let stPath = folder + "/model.safetensors"
+        guard FileManager.default.fileExists(atPath: stPath) else {
+            throw ModelError.missingFile(stPath, hint: "A model folder needs model.safetensors (PyTorch .bin checkpoints are not read; convert with safetensors).")
+        }
+        let st = try SafeTensorsFile(path: stPath)
+        let weights = try ModelWeights.load(st, architecture: a, writable: writable)
+        return LanguageModel(folder: folder, weights: weights, file: st)
+    }
+
+    /// Writes config.json and model.safetensors (atomically) into `folder`.
+    public func save(to folder: String, dtype: DType = .f32) throws {
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        try AtomicFile.write(architecture.configJSON(), to: folder + "/config.json")
+        try AtomicFile.write(weights.safetensors(dtype: dtype), to: folder + "/model.safetensors")
+    }
+
+    /// Module paths and (in, out) sizes of every linear layer an adapter may target.
+    public var linears: [String: (inFeatures: Int, outFeatures: Int)] { architecture.linears }
+}
+
+/// The keys and values of one sequence, for every layer: (KV heads, capacity, hd) each, head-major,
+/// so that one head's keys (and values) over all positions are one contiguous stream for decode
+/// attention. Sized by the KV heads: grouped-query attention keeps H / KV times less than H heads.
+/// Appending a token copies KV slices of hd floats per layer.
+public final class KVCache {
+    public let capacity: Int
+    public private(set) var length: Int = 0
+    let k: [Tensor]
+    let v: [Tensor]
+
+    public init(architecture a: ModelArchitecture, capacity: Int) {
+        self.capacity = capacity
+        let shape = [a.kvHeadCount, capacity, a.headDim]
+        k = (0..<a.layerCount).map { _ in Tensor(zeros: shape) }
+        v = (0..<a.layerCount).map { _ in Tensor(zeros: shape) }
+    }
+
+    /// Forgets the contents (the memory is kept for reuse).
+    public func reset() { length = 0 }
+
+    func advance(by n: Int) { length += n }
+
+    public var byteCount: Int { 2 * k.count * (k.first?.count ?? 0) * 4 }
+}

@@ -187,6 +187,8 @@ struct ServeCommand: ParsableCommand {
     var maxTrainMB = 2048
     @Flag(help: "Ignore unknown request params (by default they are refused with -32602 naming them).")
     var lenient = false
+    @Option(name: .customLong("drain-timeout"), help: "Seconds a drain (EOF, shutdown, SIGTERM, SIGINT) waits for the work in flight before cancelling it; every request is still answered (default: wait for all of it).")
+    var drainTimeout: Double?
 
     func validate() throws {
         guard maxBatch >= 1, maxQueue >= 0, maxPromptTokens >= 1, maxNewTokens >= 0, maxLineBytes >= 64 else {
@@ -197,6 +199,7 @@ struct ServeCommand: ParsableCommand {
             throw ValidationError("--cache-mb \(cacheMB) is outside 0...\(memoryMB) (this machine's memory in MiB); 0 turns the cache off")
         }
         guard maxTrainMB >= 0 else { throw ValidationError("--max-train-mb must be >= 0 (0: no bound)") }
+        if let t = drainTimeout { guard t.isFinite, t >= 0 else { throw ValidationError("--drain-timeout must be a number of seconds >= 0") } }
         guard exchangeMaxMB >= 1, exchangeMaxMB <= 1 << 20 else { throw ValidationError("--exchange-max-mb must be in 1...1048576 (got \(exchangeMaxMB))") }
         guard exchangeDir == nil || options.store != nil else {
             throw ValidationError("--exchange-dir needs --store: it is where train_local and evaluate_local read and write, and they need a store")
@@ -213,6 +216,7 @@ struct ServeCommand: ParsableCommand {
         limits.maxNewTokens = maxNewTokens; limits.maxLineBytes = maxLineBytes
         let server = Server(model: m, tokenizer: tok, store: store, strictClients: strictClients, limits: limits, lenient: lenient)
         server.training.maxStateBytes = maxTrainMB == 0 ? nil : maxTrainMB << 20
+        server.drainTimeout = drainTimeout
         do { try server.runtime.prepare() } catch {
             throw CLIError("the store's shared adapter failed to load: \(AdapterRuntime.rpcError(error).message)")
         }

@@ -184,4 +184,25 @@ import Testing
         #expect(try Self.currentVersion(fx, "alice") == 2, "the personalize in flight was published")
         if p.isRunning { p.terminate() }
     }
+
+    /// `--drain-timeout`: a drain that would wait too long cancels what is still running, and still
+    /// answers every request (the generate with the text so far, the personalize with -32006), publishes
+    /// nothing half-done, and exits 0.
+    @Test func drainTimeoutCancelsWithAnAnswer() throws {
+        let fx = try ServerFixture(clients: ["alice"])
+        defer { fx.cleanup() }
+        let s = try fx.serve(["--drain-timeout", "1"])
+        s.request(1, "personalize", Self.personalize(["max_seconds": 120]))
+        s.request(2, "generate", ["client": "alice", "prompt": "The cat", "max_tokens": 4000, "temperature": 0, "ignore_eos": true, "stream": true])
+        #expect(s.waitFor(timeout: 30) { $0["method"] as? String == "progress" })
+        let t0 = Date()
+        kill(s.process.processIdentifier, SIGTERM)
+        #expect(s.waitExit(timeout: 60))
+        #expect(Date().timeIntervalSince(t0) < 30)
+        #expect(s.process.terminationReason == .exit && s.process.terminationStatus == 0)
+        #expect(ServerProcess.errorCode(s.response(1, timeout: 1)) == -32006)
+        let g = ServerProcess.result(s.response(2, timeout: 1))
+        #expect(g?["finish_reason"] as? String == "cancelled" || g?["finish_reason"] as? String == "context", "\(g ?? [:])")
+        #expect(try Self.currentVersion(fx, "alice") == 1)
+    }
 }

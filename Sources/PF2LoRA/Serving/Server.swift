@@ -49,7 +49,12 @@ public final class Server {
     private let wakeRead: Int32, wakeWrite: Int32
     private let stateLock = NSLock()
     private var drainReason: String?
+    private var drainStarted = 0.0
     private var outputBroken = false
+    /// Seconds a drain waits for the work in flight before cancelling it (every request is still
+    /// answered: generates with the text so far, training with -32006, nothing published); nil waits
+    /// for everything to finish.
+    public var drainTimeout: Double?
 
     public init(model: LanguageModel, tokenizer: BPETokenizer, store: AdapterStore?, strictClients: Bool = false,
                 limits: ServerLimits = ServerLimits(), lenient: Bool = false, outputFD: Int32 = 1) {
@@ -95,7 +100,7 @@ public final class Server {
     public func beginDrain(_ reason: String) {
         stateLock.lock()
         let first = drainReason == nil
-        if first { drainReason = reason }
+        if first { drainReason = reason; drainStarted = Scheduler.clock() }
         stateLock.unlock()
         guard first else { return }
         scheduler.beginDrain()
@@ -104,6 +109,8 @@ public final class Server {
         let trainingNow = training.running.map { "; \($0) runs until it has replied" } ?? ""
         log("serve: \(reason): draining \(inFlight) generate request\(inFlight == 1 ? "" : "s") in flight\(trainingNow)")
     }
+
+    private var drainStartedAt: Double { stateLock.lock(); defer { stateLock.unlock() }; return drainStarted }
 
     /// Nothing reserved, queued, running or training.
     var isIdle: Bool { scheduler.isIdle && training.isIdle }
@@ -154,6 +161,7 @@ public final class Server {
         var buf = [UInt8](repeating: 0, count: 1 << 16)
         var reader = LineReader(maxLineBytes: limits.maxLineBytes)
         var inputOpen = true
+        var cancelledForTimeout = false
         while true {
             stateLock.lock(); let broken = outputBroken; stateLock.unlock()
             if broken && inputOpen {
@@ -164,6 +172,12 @@ public final class Server {
                 scheduler.cancelAll()
             }
             if draining != nil && isIdle { break }
+            if let limit = drainTimeout, !cancelledForTimeout, draining != nil, Scheduler.clock() - drainStartedAt >= limit {
+                cancelledForTimeout = true
+                log("serve: drain timeout (\(limit) s): cancelling the work still in flight")
+                scheduler.cancelAll()
+                training.cancelAll()
+            }
             var fds = [pollfd(fd: inputOpen ? inputFD : -1, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
             let r = poll(&fds, 2, draining != nil ? 20 : -1)

@@ -170,6 +170,11 @@ public final class TrainingRunner: @unchecked Sendable {
         return t.method
     }
 
+    /// Cancels whatever training request runs (a drain that timed out).
+    func cancelAll() {
+        cond.lock(); current?.cancel(); cond.unlock()
+    }
+
     /// New training requests are refused from now on.
     func beginDrain(_ reason: String) {
         cond.lock(); if drainReason == nil { drainReason = reason }; cond.unlock()

@@ -49,3 +49,9 @@ fuzz:
 .PHONY: reproduce
 reproduce: setup
 	bash scripts/reproduce.sh
+
+# The fair protocol of issue 13 (matched compute, equal tuning, seeds, statistics): docs/SYNTHETIC-fair.md,
+# docs/SYNTHETIC-rank-sweep.md, docs/RESULTS-data-to-text.md, docs/RESULTS-fortune-fair.md (resumable; hours).
+.PHONY: fair
+fair: setup
+	bash scripts/fair_experiments.sh all

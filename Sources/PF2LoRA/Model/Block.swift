@@ -7,7 +7,7 @@ import Foundation
 //   runner               rows                        linear algebra                     file
 //   PrefillRunner        every new token of a batch  GEMM per weight set + client terms  InferenceEngine.swift
 //   PooledDecodeRunner   one token of <= 12 seqs     SPMD matvec on the worker pool     DecodeStep.swift
-//   TrainingRunner       B x T, activations saved    GEMM + two LoRA levels             Trainer.swift
+//   TrainingBlockRunner  B x T, activations saved    GEMM + two LoRA levels             Trainer.swift
 //
 // Shapes: N rows, C hidden, H query heads and KV key/value heads of hd, qW = H hd, kvW = KV hd,
 // I the MLP width; the four products are the architecture's `SlotGroup`s:

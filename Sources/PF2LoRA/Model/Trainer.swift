@@ -3,7 +3,7 @@ import Foundation
 // Training forward and backward of any supported model for a causal-LM cross-entropy loss, llm.c
 // style: one batch type, one run state holding every activation the backward pass reads (allocated
 // once per (B, T) and reused), one gradient store. The block's forward is `runBlock` (Block.swift),
-// run here by `TrainingRunner`; its backward, `blockBackward`, is below, the same steps in reverse.
+// run here by `TrainingBlockRunner`; its backward, `blockBackward`, is below, the same steps in reverse.
 //
 // Two modes, chosen when the trainer is made:
 // - LoRA (default): the base is frozen (read in place, never written); every adapted linear layer computes
@@ -243,7 +243,7 @@ final class TrainingState {
             dact = c.mlp == .swiglu ? Tensor(zeros: [BT, c.intermediateSize]) : dfch
             dlnf = Tensor(zeros: [BT, C])
             ones = Tensor(zeros: [BT]); ones!.fill(1)
-            headTmp = Tensor(zeros: [c.headDim])
+            headTmp = c.qkNorm ? Tensor(zeros: [c.headDim]) : nil
         }
     }
 
@@ -263,7 +263,32 @@ final class TrainingState {
         for t in [dresid, dln, dqkv, datty, dfch, dscores, dlnf, ones, ropeCS, headTmp] { n += (t?.count ?? 0) * 4 }
         if let d = dact, d !== dfch { n += d.count * 4 }
         n += loraU.reduce(0) { $0 + ($1?.count ?? 0) * 4 }
+        n += loraTmp.count * 4 + B * T * MemoryLayout<Int>.stride   // LoRA scratch, rowList
         return n
+    }
+
+    /// `byteCount` of the state a call of shape (B, T) leaves, computed without allocating: a training
+    /// call (every layer's activations, the backward scratch, a u buffer per adapted module and level
+    /// of rank `ranks[i]`) or a forward-only one (one layer's activations). Must follow `init`,
+    /// `ensureTraining`, `u` and `prepare` (a test compares it with `byteCount` after real calls).
+    static func bytes(B: Int, T: Int, config c: ModelArchitecture, training: Bool, ranks: [Int]) -> Int {
+        let BT = B * T, C = c.hiddenSize, I = c.intermediateSize
+        let W = c.group(.attnIn).outFeatures, F = c.group(.mlpIn).outFeatures, qW = c.qWidth, heads = c.headCount + c.kvHeadCount
+        // ln1, resMid, ln2, resOut (C); qkv (W); atty (qW); fch (F); act (I); the norms' mean and 1/std (4);
+        // the q/k norms' raw [q | k | v] and 1/rms; the attention probabilities.
+        let layer = BT * (4 * C + W + qW + F + I + 4) + (c.qkNorm ? BT * (W + heads) : 0) + B * c.headCount * T * T
+        var floats = (training ? c.layerCount : 1) * layer
+        floats += 3 * BT * C + 2 * BT + T * T                 // encoded, proj, lnf, lnfMean, lnfRstd, scores
+        if c.hasPositionStep, case .rope = c.positions { floats += T * c.headDim }   // ropeCS
+        floats += min(BT, 256) * (C + c.vocabSize)            // headIn, logits
+        if training {
+            floats += BT * (3 * C + W + qW + F + 1) + T * T   // dresid, dln, dlnf, dqkv, datty, dfch, ones, dscores
+            if c.mlp == .swiglu { floats += BT * I }          // dact (GELU runs in dfch)
+            if c.qkNorm { floats += c.headDim }               // headTmp
+            floats += ranks.reduce(0) { $0 + BT * $1 }        // u of every adapted module and level
+        }
+        floats += BT * (ranks.max() ?? 0)                     // loraTmp
+        return floats * 4 + BT * MemoryLayout<Int>.stride
     }
 }
 
@@ -406,7 +431,7 @@ public final class ModelTrainer {
     private func forward(_ batch: TrainingBatch, _ st: TrainingState, save: Bool) {
         let c = config, BT = st.B * st.T, C = c.hiddenSize
         embeddingForward(batch, st)
-        let runner = TrainingRunner(trainer: self, st: st, save: save)
+        let runner = TrainingBlockRunner(trainer: self, st: st, save: save)
         for l in 0..<c.layerCount { runBlock(runner, layer: l) }
         normRows(c.norm, st.input(c.layerCount, save: save).data, weights.finalNorm.data, weights.finalNormBias?.data, st.lnf.data,
                  rows: BT, C: C, eps: c.normEps, mean: st.lnfMean.data, rstd: st.lnfRstd.data)
@@ -675,7 +700,7 @@ public final class ModelTrainer {
 }
 
 /// `runBlock`'s steps over a training batch's B x T rows, saving what the backward reads.
-private struct TrainingRunner: BlockRunner {
+private struct TrainingBlockRunner: BlockRunner {
     unowned let trainer: ModelTrainer
     let st: TrainingState
     let save: Bool

@@ -230,7 +230,7 @@ struct ServeCommand: ParsableCommand {
             } catch { throw CLIError("\(error)") }
         }
         installPersonalize(on: server)
-        installFederatedClient(server, exchange: exchange)
+        installFederatedClient(on: server, exchange: exchange)
         server.handleTerminationSignals()
         log("serve: pf2lora \(PF2LoRAVersion.string), \(m.folder) (\(m.architecture.layerCount) layers, vocab \(m.architecture.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")
         let code = server.run()

@@ -29,6 +29,29 @@ public enum ModelRegistry {
         return f
     }
 
+    /// The `pf2lora model random` presets of every family, GPT-2's first.
+    public static var presetNames: [String] { GPT2Config.presetNames + LlamaConfig.presetNames }
+
+    /// A preset's architecture with `vocabSize` tokens (nil: the published vocabulary; GPT-2: 50257)
+    /// and the given end-of-sequence id.
+    public static func preset(_ name: String, vocabSize: Int? = nil, eosTokenId: Int? = nil) -> ModelArchitecture? {
+        if var g = GPT2Config.preset(name, vocabSize: vocabSize ?? 50257) {
+            if let e = eosTokenId { g.eosTokenId = e; g.bosTokenId = e }
+            return g.architecture
+        }
+        if var l = LlamaConfig.preset(name, vocabSize: vocabSize) {
+            if let e = eosTokenId { l.eosTokenId = TokenIDList([e]); l.bosTokenId = e }
+            return try? l.architecture(file: "preset")
+        }
+        return nil
+    }
+
+    /// The published vocabulary of a preset (GPT-2's 50257 for the GPT-2 shapes).
+    public static func presetVocabSize(_ name: String) -> Int? {
+        if GPT2Config.preset(name) != nil { return 50257 }
+        return LlamaConfig.preset(name)?.vocabSize
+    }
+
     /// The architecture of config.json's bytes; `file` names it in errors.
     public static func architecture(config data: Data, file: String) throws -> ModelArchitecture {
         guard let json = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] else {

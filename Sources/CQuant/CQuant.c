@@ -77,6 +77,13 @@ int pf2lora_quant_set_isa(int level) {
     return pf2lora_quant_isa();
 }
 
+const char *pf2lora_cpu_requirement_error(int needs_avx2, int isa) {
+    if (!needs_avx2 || isa >= PF2LORA_ISA_AVX2) return 0;
+    return "this pf2lora was built for x86-64 CPUs with AVX2, FMA and F16C (Intel Haswell, AMD Excavator and later), "
+           "and this CPU (or its OS) does not offer them; build it for this machine with "
+           "PF2LORA_TARGET_CPU=generic swift build -c release (portable, slower vector code; q8_0 weights use a scalar path)";
+}
+
 // MARK: - Activation quantization
 
 static void quantize_scalar(const float *x, int8_t *q, float *d, long n) {

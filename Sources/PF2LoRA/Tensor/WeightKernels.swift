@@ -30,14 +30,24 @@ protocol SixteenBitFloat {
 
 /// IEEE half: `vcvtph2ps`.
 enum HalfLoad: SixteenBitFloat {
-    @inline(__always) static func load8(_ p: UnsafeRawPointer) -> F8 { F8(p.loadUnaligned(as: SIMD8<Float16>.self)) }
+    @inline(__always) static func load8(_ p: UnsafeRawPointer) -> F8 {
+        // Lane by lane for the reason given at `BFloatLoad.load8`: one `vcvtph2ps` from memory.
+        let h = p.loadUnaligned(as: SIMD8<Float16>.self)
+        return F8(Float(h[0]), Float(h[1]), Float(h[2]), Float(h[3]), Float(h[4]), Float(h[5]), Float(h[6]), Float(h[7]))
+    }
     @inline(__always) static func value(_ bits: UInt16) -> Float { Float(Float16(bitPattern: bits)) }
 }
 
 /// bfloat16: the top half of an f32, so a zero-extend and a 16-bit shift.
 enum BFloatLoad: SixteenBitFloat {
     @inline(__always) static func load8(_ p: UnsafeRawPointer) -> F8 {
-        unsafeBitCast(SIMD8<UInt32>(truncatingIfNeeded: p.loadUnaligned(as: SIMD8<UInt16>.self)) &<< 16, to: F8.self)
+        // Widened lane by lane, not with the generic `SIMD8<UInt32>(truncatingIfNeeded:)` (nor
+        // f16's `SIMD8<Float>(SIMD8<Float16>)`): in some of the decode loops the optimizer left
+        // those as a call per 8 weights (with a vzeroupper), at 0.44 of the read bound; the lane
+        // form becomes one `vpmovzxwd` (one `vcvtph2ps`) wherever it is inlined.
+        let h = p.loadUnaligned(as: SIMD8<UInt16>.self)
+        let w = SIMD8<UInt32>(UInt32(h[0]), UInt32(h[1]), UInt32(h[2]), UInt32(h[3]), UInt32(h[4]), UInt32(h[5]), UInt32(h[6]), UInt32(h[7]))
+        return unsafeBitCast(w &<< 16, to: F8.self)
     }
     @inline(__always) static func value(_ bits: UInt16) -> Float { Float(bitPattern: UInt32(bits) << 16) }
 }

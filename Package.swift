@@ -35,9 +35,15 @@ let package = Package(
             pkgConfig: "libzstd",
             providers: [.apt(["libzstd-dev"]), .brew(["zstd"])]
         ),
+        // The int8 dot products of q8_0 weights (x86 intrinsics Swift cannot express), chosen at
+        // run time from the CPU's features, with a scalar path; see Sources/CQuant/include/CQuant.h.
+        .target(
+            name: "CQuant",
+            cSettings: [.unsafeFlags(["-O3"])]
+        ),
         .target(
             name: "PF2LoRA",
-            dependencies: ["COpenBLAS", "CZstd"],
+            dependencies: ["COpenBLAS", "CZstd", "CQuant"],
             swiftSettings: [
                 .unsafeFlags(["-Ounchecked"], .when(configuration: .release)),
                 .unsafeFlags(cpuFlags),

@@ -30,6 +30,21 @@ def load(runs):
     return out
 
 
+def budget_note(runs):
+    """What the comparison held equal (docs/METHOD.md "Budgets"); runs made before budgets existed are `steps`."""
+    pf = runs["pf2lora"]
+    budget = pf.get("budget", "steps")
+    if budget == "compute":
+        return (f"**Budget: compute.** Every method made {pf.get('gradient_evaluations_per_round', '?')} gradient evaluations "
+                "per client per round (docs/METHOD.md, \"Budgets\").")
+    lower = pf.get("lower_steps", 0)
+    return (f"**Budget: steps, not a fair comparison.** Every method ran {pf.get('local_steps')} local iterations per round; "
+            f"a PF2LoRA iteration makes {lower + 1} gradient evaluations ({lower} lower + 1 upper), a baseline's 1 "
+            f"(Per-FedAvg's 2), so PF2LoRA trained on {lower + 1}x the tokens of HOMLoRA, Local-only, HETLoRA and FedAvg+FT. "
+            "Only PF2LoRA's lower-level rate and steps were tuned (on validation), one seed. The comparison under matched "
+            "compute, equal tuning and several seeds is docs/RESULTS-fair.md.")
+
+
 def svg_chart(clients, series, path):
     """Grouped bars of test perplexity per client, one colour per method."""
     colors = ["#9e9e9e", "#8c6bb1", "#e6550d", "#fdae6b", "#31a354", "#3182bd", "#08519c"]
@@ -137,7 +152,8 @@ def main():
     md = [f"# {args.title}", "", args.preamble, "",
           "Test perplexity (exp of the mean token cross-entropy on each client's test split; lower is better;",
           "bold = best adapted model for that client). Every method trains the same base on the same",
-          f"clients with the same rounds, local steps and data; settings are in `{args.runs}/<method>/metrics.json`.", "",
+          f"clients with the same rounds and data; settings are in `{args.runs}/<method>/metrics.json`.", "",
+          budget_note(runs), "",
           "\n".join(lines), "", " ".join(verdict), "",
           f"![test perplexity per client]({os.path.relpath(args.svg, os.path.dirname(args.out) or '.')})", "",
           f"Learned rank: singular values of each module's update s1·BA + s2·D_kC_k above {pf['rank_rule'].split('>')[1].strip()} (docs/METHOD.md).", ""]

@@ -111,7 +111,7 @@ def main():
     stats_path = os.path.join(args.corpus, "stats.json")
     langs = {}
     if os.path.isfile(stats_path):
-        langs = {c: v["language"] for c, v in json.load(open(stats_path))["clients"].items()}
+        langs = {c: v.get("language", "en") for c, v in json.load(open(stats_path))["clients"].items()}
     rows = [(c, os.path.join(args.corpus, "clients", c))
             for c in sorted(os.listdir(os.path.join(args.corpus, "clients")))]
     rows.append(("*pretrain*", os.path.join(args.corpus, "pretrain")))

@@ -88,9 +88,15 @@ struct Adapters: ParsableCommand {
 
     struct Inspect: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Show one adapter file: metadata, tensors and shapes; with --model, also run every load check.")
+            abstract: "Show one adapter file: metadata, tensors and shapes; with --model, also run every load check.",
+            discussion: """
+            --file inspects any file, inside a store or not, a quarantined .corrupt-* file included: what can             be read of it, and (with --model) which load check it fails. Nothing is created or changed.
+            """)
 
         @OptionGroup var options: StoreOptions
+
+        @Option(name: .long, help: "Any adapter file (for example a store's .corrupt-v000003.safetensors.zst), instead of --shared / --client.")
+        var file: String?
 
         @Flag(name: .long, help: "The shared adapter.")
         var shared = false
@@ -105,10 +111,47 @@ struct Adapters: ParsableCommand {
         var model: String?
 
         func validate() throws {
-            guard shared != (client != nil) else { throw ValidationError("give exactly one of --shared or --client ID") }
+            if file != nil {
+                guard !shared, client == nil, version == nil else { throw ValidationError("--file is instead of --shared / --client / --version") }
+                return
+            }
+            guard shared != (client != nil) else { throw ValidationError("give exactly one of --shared or --client ID, or --file PATH") }
+        }
+
+        /// `--file`: what can be read of any file, and which check it fails against `--model`.
+        func inspectFile(_ path: String) throws {
+            print("file        \(path)")
+            var failed: Error?
+            do {
+                let s = try AdapterFileSummary(path: path)
+                print("size        \(bytes(s.compressedBytes)) compressed, \(bytes(s.rawBytes)) raw, ratio \(String(format: "%.2f", s.compressionRatio))")
+                print("metadata")
+                for k in s.metadata.keys.sorted() { print("  \(pad(k, 18)) \(s.metadata[k]!)") }
+                print("tensors (\(s.tensors.count))")
+                for t in s.tensors { print("  \(pad(t.name, 64)) \(t.dtype) \(t.shape)") }
+            } catch {
+                failed = error
+                print("unreadable  \(error)")
+            }
+            guard let model else {
+                if let failed { throw failed }
+                print("(give --model to run every load check against a base)")
+                return
+            }
+            let base = try BaseModelInfo.load(folder: model)
+            let data: Data
+            do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch { throw CLIError("cannot read \(path): \(error.localizedDescription)") }
+            do {
+                let a = try LoRAAdapter.decode(from: data, name: path, base: base, sizeLimit: LoRAAdapter.defaultSizeLimit)
+                print("valid       a \(a.level.rawValue) adapter for base \(base.name) (fingerprint \(base.fingerprint)), rank \(a.rank), \(a.modules.count) modules")
+            } catch let e as AdapterError {
+                print("invalid     check \(e.check.map(String.init) ?? "-") failed")
+                throw e
+            }
         }
 
         func run() throws {
+            if let file { return try inspectFile(file) }
             do {
                 let dir = try options.folder()
                 let level: AdapterLevel = shared ? .shared : .client
@@ -130,7 +173,8 @@ struct Adapters: ParsableCommand {
                 for t in s.tensors { print("  \(pad(t.name, 64)) \(t.dtype) \(t.shape)") }
                 if let model {
                     let base = try BaseModelInfo.load(folder: model)
-                    let store = try AdapterStore.open(root: URL(fileURLWithPath: dir).deletingLastPathComponent().path, base: base)
+                    let store = try AdapterStore.open(root: URL(fileURLWithPath: dir).deletingLastPathComponent().path, base: base,
+                                                      folder: URL(fileURLWithPath: dir).lastPathComponent, access: .read, create: false)
                     _ = try store.readAndValidate(level: level, client: client, version: entry.version)
                     print("valid for base \(base.name) (fingerprint \(base.fingerprint))")
                 }
@@ -184,7 +228,9 @@ struct Adapters: ParsableCommand {
                 let lvl = AdapterLevel(rawValue: level)!
                 if let client { try ClientID.validate(client) }
                 let base = try BaseModelInfo.load(folder: model)
-                let store = try AdapterStore.open(root: options.store, base: base, keepVersions: keep)
+                let store = try AdapterStore.open(root: options.store, base: base, folder: options.base, keepVersions: keep)
+                logStoreOpen(store, command: "import-peft")
+                if let why = store.readOnlyReason { throw AdapterStoreError.readOnly(store: store.directory, why: why) }
                 // The version this import replaces: its publish is a compare-and-swap on it.
                 let from = ExpectedVersion(startedFrom: store.currentVersion(level: lvl, client: client))
                 let adapter = try PEFT.read(folder: peft, base: base, level: lvl, clientID: client,
@@ -235,7 +281,7 @@ struct Adapters: ParsableCommand {
         func run() throws {
             do {
                 let base = try BaseModelInfo.load(folder: model)
-                let store = try AdapterStore.open(root: options.store, base: base)
+                let store = try AdapterStore.open(root: options.store, base: base, folder: options.base, access: .read, create: false)
                 let name = baseModelName ?? model
                 if let client { try ClientID.validate(client) }
                 func sharedAdapter() throws -> VersionedAdapter {
@@ -311,6 +357,7 @@ struct Adapters: ParsableCommand {
                 var note = ""
                 if let store {
                     let st = try AdapterStore.open(root: store, base: base)
+                    logStoreOpen(st, command: "adapters init")
                     note = "; published as shared v\(try adoptShared(a, into: st, trainedBy: "pf2lora adapters init")) in \(st.directory)"
                 }
                 print("wrote \(out): shared pair rank \(rank), alpha \(a.alpha), \(a.modules.count) modules, \(bytes.count) bytes, seed \(seed)\(note)")

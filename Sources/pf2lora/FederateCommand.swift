@@ -78,7 +78,8 @@ struct FederateCommand: ParsableCommand {
         let pf2loraVariant = PF2LoRAVariant(rawValue: variant)!
         let (model, tok) = try options.loadModel()
         let kinds = try parseTargets(targets, model.architecture)
-        guard let store = try options.openStore(model) else { throw CLIError("federate needs --store DIR") }
+        guard let store = try options.openStore(model, access: .write, create: true, command: "federate") else { throw CLIError("federate needs --store DIR") }
+        if let why = store.readOnlyReason { throw CLIError(AdapterStoreError.readOnly(store: store.directory, why: why).description) }
         let only = clients?.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
         let t0 = now()
         let clientData = try tokenCache.map { try TokenCache.load(folder: data, modelFolder: options.model, tokenizer: tok, clients: only, cacheDir: $0) }

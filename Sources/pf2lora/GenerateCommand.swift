@@ -8,6 +8,8 @@ struct ModelOptions: ParsableArguments {
     var model: String = "models/fortune-gpt2"
     @Option(help: "Adapter store folder (DESIGN §4): personalize and federate publish into it and need it; generate and serve apply its adapters, and serve the base model alone without it.")
     var store: String?
+    @Option(help: "Which base folder of the store to use (default: the one named after the model folder). Errors that find none say which bases the store holds.")
+    var base: String?
     @Option(help: "OpenBLAS threads (0 = its default: all cores).")
     var threads: Int = 0
 
@@ -25,10 +27,19 @@ struct ModelOptions: ParsableArguments {
         return (m, tok)
     }
 
-    func openStore(_ m: LanguageModel, cacheBytes: Int = 256 << 20) throws -> AdapterStore? {
+    /// Opens `--store` for this model: `.read` (generate) creates and changes nothing and needs the
+    /// store to hold this base; `.write` with `create` (personalize, federate) makes a missing store;
+    /// `.write` without it (serve) needs the root to exist and makes the base folder at its first
+    /// publish. What the open's reconcile found goes to stderr, prefixed with `command`.
+    func openStore(_ m: LanguageModel, access: StoreAccess, create: Bool, command: String, cacheBytes: Int = 256 << 20) throws -> AdapterStore? {
         guard let store else { return nil }
-        let base = try BaseModelInfo.load(folder: m.folder)
-        return try AdapterStore.open(root: store, base: base, cacheBytes: cacheBytes)
+        let info = try BaseModelInfo.load(folder: m.folder)
+        let s: AdapterStore
+        do { s = try AdapterStore.open(root: store, base: info, folder: base, access: access, create: create, cacheBytes: cacheBytes) } catch let e as AdapterStoreError {
+            throw CLIError(e.description)
+        }
+        logStoreOpen(s, command: command)
+        return s
     }
 }
 
@@ -37,8 +48,10 @@ struct GenerateCommand: ParsableCommand {
         commandName: "generate",
         abstract: "Continue a prompt; prints the continuation (not the prompt) to stdout as it is generated.",
         discussion: """
-            Statistics go to stderr. --temperature 0 is greedy. With --store and --client, the client's two-level \
-            adapter is applied (the shared pair alone if the client has none).
+            Statistics go to stderr. --temperature 0 is greedy. With --store, the store's shared pair is \
+            applied, and with --client that client's two-level adapter (a client the store has no adapter \
+            for is an error: omit --client for the shared pair alone). The store is only read: nothing in \
+            it is created or changed.
 
             Instead of --prompt, --messages takes a JSON array of chat messages \
             ('[{"role": "user", "content": "Hi"}]'): they are rendered with the model's chat template \
@@ -100,7 +113,16 @@ struct GenerateCommand: ParsableCommand {
             throw CLIError("the prompt is \(ids.count) tokens but the model's context is \(m.architecture.contextLength); shorten the prompt")
         }
         var binding = AdapterBinding.base(m)
-        if let store = try options.openStore(m) {
+        if let store = try options.openStore(m, access: .read, create: false, command: "generate") {
+            // A client given must have an adapter: a mistyped id is an error, not a silent fallback
+            // to the shared pair (omit --client for the shared pair alone).
+            if let client {
+                try ClientID.validate(client)
+                guard store.currentVersion(level: .client, client: client) != nil else {
+                    let known = store.clients()
+                    throw CLIError("store \(store.directory) has no adapter for client '\(client)' (\(known.isEmpty ? "it has no clients" : "clients: " + known.prefix(10).joined(separator: ", ") + (known.count > 10 ? ", … (\(known.count))" : ""))); omit --client for the shared pair alone")
+                }
+            }
             let runtime = AdapterRuntime(model: m, store: store)
             try runtime.prepare()
             do { binding = try runtime.resolve(client: client) } catch { throw CLIError(AdapterRuntime.rpcError(error).message) }
@@ -132,12 +154,14 @@ struct ServeCommand: ParsableCommand {
         commandName: "serve",
         abstract: "Serve many clients over JSON-RPC 2.0 on stdin/stdout (one JSON object per line).",
         discussion: """
-        Methods: generate, personalize, train_local, evaluate_local, adapters.list, adapters.load, \
+        Methods: generate, cancel, personalize, train_local, evaluate_local, adapters.list, adapters.load, \
         adapters.evict, reload, stats, health, shutdown (train_local and evaluate_local make this \
         process a federated client node, see docs/FLOWER.md). Responses and `token` notifications go to stdout, logs to stderr. Requests \
         of different clients are batched together (continuous batching); a new adapter version in the \
-        store is used by the client's next request without a restart. EOF on stdin drains in-flight \
-        work and exits 0. See docs/PROTOCOL.md for every method, parameter and error code.
+        store is used by the client's next request without a restart. EOF on stdin, `shutdown`, SIGTERM \
+        or SIGINT drain: no new work is taken, everything in flight (training included) finishes and \
+        is answered, then the server exits 0; a second signal exits at once. See docs/PROTOCOL.md for \
+        every method, parameter and error code.
         """)
 
     @OptionGroup var options: ModelOptions
@@ -159,6 +183,12 @@ struct ServeCommand: ParsableCommand {
     var exchangeDir: String?
     @Option(name: .customLong("exchange-max-mb"), help: "The largest file a request may make the server read from the exchange folder, in MiB.")
     var exchangeMaxMB = 1024
+    @Option(name: .customLong("max-train-mb"), help: "Largest training state (activations for batch x seq) a personalize, train_local or evaluate_local may take, in MiB; a larger request is refused with the figure before anything is allocated (0: no bound).")
+    var maxTrainMB = 2048
+    @Flag(help: "Ignore unknown request params (by default they are refused with -32602 naming them).")
+    var lenient = false
+    @Option(name: .customLong("drain-timeout"), help: "Seconds a drain (EOF, shutdown, SIGTERM, SIGINT) waits for the work in flight before cancelling it; every request is still answered (default: wait for all of it).")
+    var drainTimeout: Double?
 
     func validate() throws {
         guard maxBatch >= 1, maxQueue >= 0, maxPromptTokens >= 1, maxNewTokens >= 0, maxLineBytes >= 64 else {
@@ -168,6 +198,8 @@ struct ServeCommand: ParsableCommand {
         guard cacheMB >= 0, cacheMB <= memoryMB else {
             throw ValidationError("--cache-mb \(cacheMB) is outside 0...\(memoryMB) (this machine's memory in MiB); 0 turns the cache off")
         }
+        guard maxTrainMB >= 0 else { throw ValidationError("--max-train-mb must be >= 0 (0: no bound)") }
+        if let t = drainTimeout { guard t.isFinite, t >= 0 else { throw ValidationError("--drain-timeout must be a number of seconds >= 0") } }
         guard exchangeMaxMB >= 1, exchangeMaxMB <= 1 << 20 else { throw ValidationError("--exchange-max-mb must be in 1...1048576 (got \(exchangeMaxMB))") }
         guard exchangeDir == nil || options.store != nil else {
             throw ValidationError("--exchange-dir needs --store: it is where train_local and evaluate_local read and write, and they need a store")
@@ -176,35 +208,52 @@ struct ServeCommand: ParsableCommand {
 
     func run() throws {
         let (m, tok) = try options.loadModel()
-        let store = try options.openStore(m, cacheBytes: cacheMB << 20)
+        // serve creates nothing at start: the store root must exist (a mistyped --store is an error);
+        // a base folder is made at the first publish; a store it cannot write is served read-only.
+        let store = try options.openStore(m, access: .write, create: false, command: "serve", cacheBytes: cacheMB << 20)
         var limits = ServerLimits()
         limits.maxBatch = maxBatch; limits.maxQueue = maxQueue; limits.maxPromptTokens = maxPromptTokens
         limits.maxNewTokens = maxNewTokens; limits.maxLineBytes = maxLineBytes
-        let server = Server(model: m, tokenizer: tok, store: store, strictClients: strictClients, limits: limits)
+        let server = Server(model: m, tokenizer: tok, store: store, strictClients: strictClients, limits: limits, lenient: lenient)
+        server.training.maxStateBytes = maxTrainMB == 0 ? nil : maxTrainMB << 20
+        server.drainTimeout = drainTimeout
         do { try server.runtime.prepare() } catch {
             throw CLIError("the store's shared adapter failed to load: \(AdapterRuntime.rpcError(error).message)")
         }
-        if let store {
-            let rep = store.lastReconcile
-            for f in rep.quarantined { log("serve: warning: \(store.directory)/\(f) failed validation and was moved aside (.corrupt-*); that adapter is refused until a valid version is published") }
-            for r in rep.repointed { log("serve: store repaired: \(r)") }
-            for r in rep.ignored { log("serve: store: ignored \(r)") }
-            // Every client's current file was validated by the reconcile in `open` (a failing one
-            // was moved aside and is reported above); validating them all again here doubled the
-            // start time (1,000 clients: 3.9 s in a debug build of the tiny test model) for nothing.
-        }
+        // Every client's current file was validated by the reconcile in `open` (a failing one was
+        // moved aside and reported by openStore); validating them all again here doubled the start
+        // time (1,000 clients: 3.9 s in a debug build of the tiny test model) for nothing.
         var exchange: ConfinedFolder?
         if let exchangeDir {
             do {
                 exchange = try ConfinedFolder(exchangeDir, readLimit: exchangeMaxMB << 20, excluding: [options.store!, store!.directory])
             } catch { throw CLIError("\(error)") }
         }
-        let slot = TrainingSlot()
-        installPersonalize(server, slot: slot)
-        installFederatedClient(server, slot: slot, exchange: exchange)
+        installPersonalize(on: server)
+        installFederatedClient(server, exchange: exchange)
+        server.handleTerminationSignals()
         log("serve: pf2lora \(PF2LoRAVersion.string), \(m.folder) (\(m.architecture.layerCount) layers, vocab \(m.architecture.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")
         let code = server.run()
         log("serve: drained, exiting")
         if code != 0 { throw ExitCode(code) }
+    }
+}
+
+/// Reports on stderr what opening a store did: folders created, files that failed validation (moved
+/// aside or, read-only, skipped) with the check that failed, adapters repointed, links ignored, and
+/// whether the store is read-only.
+func logStoreOpen(_ store: AdapterStore, command: String) {
+    let rep = store.lastReconcile
+    for f in store.createdFolders { log("\(command): created the store folder \(f)") }
+    for f in rep.quarantined {
+        log("\(command): warning: \(store.directory)/\(f) failed validation and was moved aside as .corrupt-\((f as NSString).lastPathComponent): \(rep.reasons[f] ?? "?"); that adapter falls back to its newest valid version (`pf2lora adapters inspect --file` shows the file)")
+    }
+    for f in rep.skipped {
+        log("\(command): warning: \(store.directory)/\(f) failed validation and is skipped (the store is not written): \(rep.reasons[f] ?? "?")")
+    }
+    for r in rep.repointed { log("\(command): store repaired: \(r)") }
+    for r in rep.ignored { log("\(command): store: ignored \(r)") }
+    if let why = store.readOnlyReason, why != "opened read-only" {
+        log("\(command): the store \(store.directory) is read-only (\(why)): it is served as it is; personalize, train_local and imports are refused")
     }
 }

@@ -39,7 +39,8 @@ struct PersonalizeCommand: ParsableCommand {
 
     func run() throws {
         let (m, tok) = try options.loadModel()
-        guard let store = try options.openStore(m) else { throw CLIError("personalize needs --store DIR") }
+        guard let store = try options.openStore(m, access: .write, create: true, command: "personalize") else { throw CLIError("personalize needs --store DIR") }
+        if let why = store.readOnlyReason { throw CLIError(AdapterStoreError.readOnly(store: store.directory, why: why).description) }
         let list: [String]
         do { list = try TextFile.read(texts) } catch { throw CLIError("\(error)") }
         var o = PersonalizeOptions()
@@ -62,116 +63,4 @@ struct PersonalizeCommand: ParsableCommand {
                    client, r.version, r.sharedVersion.map { "v\($0)" } ?? "none", r.seconds, r.loss.first ?? .nan, r.loss.last ?? .nan,
                    r.rankRange.min, r.rankRange.max))
     }
-}
-
-/// The `personalize` reply object (protocol and CLI).
-func personalizeReply(_ r: PersonalizeResult) -> [String: Any] {
-    [
-        "client": r.client, "version": r.version,
-        "previous_version": r.previousVersion.map { $0 as Any } ?? NSNull(),
-        "shared_version": r.sharedVersion.map { $0 as Any } ?? NSNull(),
-        "steps": r.steps, "loss": r.loss.map { Double($0) }, "ranks": r.ranks,
-        "rank_range": [r.rankRange.min, r.rankRange.max],
-        "seconds": (r.seconds * 1000).rounded() / 1000, "texts": r.texts, "tokens": r.tokens,
-    ]
-}
-
-/// Serializes the training methods of one server (personalize, train_local, evaluate_local): one
-/// runs at a time, so training never takes more than its share of the cores from serving.
-final class TrainingSlot: @unchecked Sendable {
-    private let lock = NSLock()
-    private var running: String?
-    /// Takes the slot for `what`; returns what holds it instead when it is taken.
-    func acquire(_ what: String) -> String? {
-        lock.lock(); defer { lock.unlock() }
-        if let r = running { return r }
-        running = what
-        return nil
-    }
-    func release() { lock.lock(); running = nil; lock.unlock() }
-
-    /// Runs `work` for the method described by `what` on its own thread (named `thread`) holding the
-    /// slot, and replies with its result; answers -32004 at once if another training method holds
-    /// it. An `RPCError` thrown by `work` is the reply as it is; anything else goes through `mapError`.
-    func spawn(_ what: String, thread: String, reply: @escaping (Result<[String: Any], RPCError>) -> Void,
-               mapError: @escaping (Error) -> RPCError, _ work: @escaping () throws -> [String: Any]) {
-        if let other = acquire(what) {
-            reply(.failure(RPCError(.overloaded, "\(other) is already running; one training method runs at a time — retry when it has replied")))
-            return
-        }
-        let t = Thread {
-            let outcome: Result<[String: Any], RPCError>
-            do { outcome = .success(try work()) } catch let e as RPCError { outcome = .failure(e) } catch { outcome = .failure(mapError(error)) }
-            // Free the slot before replying, so a request sent after the reply is never refused as overloaded.
-            self.release()
-            reply(outcome)
-        }
-        t.name = thread
-        t.stackSize = 8 << 20
-        t.start()
-    }
-}
-
-/// Installs the `personalize` method (DESIGN §5) on a server with an adapter store.
-///
-///     {"method":"personalize","params":{"client":"dana","texts":["...", ...],"steps":100,"lr":0.002,
-///      "max_seconds":30,"seed":0,"rank2":2,"batch":8,"seq":64}}
-///
-/// Training runs on its own thread with its own buffers, reading the server's (read-only) base
-/// weights, while the scheduler keeps serving; it does not take the step lock. One training method
-/// runs at a time (`TrainingSlot`): another gets -32004 (overloaded). Bad params answer -32602, a failed training
-/// -32005; the store keeps the client's last good version either way.
-func installPersonalize(_ server: Server, slot: TrainingSlot) {
-    guard let store = server.runtime.store else { return }
-    let weights = server.model.weights, tokenizer = server.tokenizer
-    server.trainingMethods["personalize"] = { params, reply in
-        let client: String, texts: [String], o: PersonalizeOptions
-        do { (client, texts, o) = try parsePersonalizeParams(params) } catch let e as RPCError {
-            reply(.failure(e)); return
-        } catch { reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
-        slot.spawn("personalize of client '\(client)'", thread: "pf2lora.personalize", reply: reply, mapError: { error in
-            switch error {
-            case let e as PersonalizeError: return RPCError(e.isBadInput ? .invalidParams : .trainingFailed, e.description)
-            case let e as AdapterStoreError:
-                if case .invalidClientID = e { return RPCError(.invalidParams, e.description) }
-                if case .conflict = e { return RPCError(.conflict, "personalize '\(client)': \(e.description)") }
-                return RPCError(.trainingFailed, "personalize '\(client)': \(e.description)")
-            default: return RPCError(.trainingFailed, "personalize '\(client)': \(error)")
-            }
-        }) {
-            let r = try personalize(weights: weights, tokenizer: tokenizer, store: store, client: client, texts: texts, options: o) { step, loss in
-                if step % 20 == 0 { log(String(format: "personalize %@: step %d loss %.4f", client, step, loss)) }
-            }
-            log(String(format: "personalize %@: published v%d in %.1fs", client, r.version, r.seconds))
-            return personalizeReply(r)
-        }
-    }
-}
-
-/// Reads and checks the params of a `personalize` request.
-func parsePersonalizeParams(_ dict: [String: Any]) throws -> (String, [String], PersonalizeOptions) {
-    func bad(_ s: String) -> RPCError { RPCError(.invalidParams, s) }
-    let p = Params(dict)
-    guard let client = try p.string("client") else { throw bad("params.client (a string) is required") }
-    do { try ClientID.validate(client) } catch { throw bad("\(error)") }
-    guard let raw = dict["texts"] else { throw bad("params.texts (an array of strings) is required") }
-    guard let texts = raw as? [Any], texts.allSatisfy({ $0 is String }) else { throw bad("params.texts must be an array of strings") }
-    guard texts.count <= 100_000 else { throw bad("params.texts has \(texts.count) texts; the limit is 100000") }
-    var o = PersonalizeOptions()
-    if let s = try p.int("steps", min: 1, max: 100_000) { o.steps = s }
-    if let lr = try p.float("lr") {
-        guard lr > 0 else { throw bad("params.lr must be positive") }
-        o.lr = lr
-    }
-    if let s = try p.float("max_seconds") {
-        guard s > 0 else { throw bad("params.max_seconds must be positive") }
-        o.maxSeconds = Double(s)
-        if !p.has("steps") { o.steps = 100_000 }
-    }
-    if let s = try p.uint64("seed") { o.seed = s }
-    if let r = try p.int("rank2", min: 1, max: 256) { o.rank2 = r }
-    if let a = try p.float("alpha2") { o.alpha2 = a }
-    if let b = try p.int("batch", min: 1, max: 64) { o.batchSize = b }
-    if let t = try p.int("seq", min: 2, max: 4096) { o.seqLen = t }
-    return (client, texts as! [String], o)
 }

@@ -28,7 +28,7 @@ struct RankCommand: ParsableCommand {
     func run() throws {
         do {
             let base = try BaseModelInfo.load(folder: model)
-            let st = try AdapterStore.open(root: store, base: base)
+            let st = try AdapterStore.open(root: store, base: base, access: .read, create: false)
             let sp = try clientSpectra(store: st, client: client)
             let ranks = sp.ranks(tau: tau)
             let values = sp.modules.map { ranks[$0]! }

@@ -35,6 +35,13 @@ struct SyntheticCommand: ParsableCommand {
     @Flag(name: .customLong("schedule-lower"), help: "Decay the lower-level rate with the round schedule too.") var scheduleLower = false
     @Flag(name: .customLong("persist-adam"), help: "Keep client AdamW moments across rounds.") var persistAdam = false
     @Option(name: .customLong("min-lr-ratio"), help: "Cosine floor of the round schedule.") var minLRRatio: Float = 0.01
+    @Option(help: "steps (every method runs --local-steps iterations) or compute (every method makes PF2LoRA's local-steps x (lower-steps + 1) gradient evaluations per client per round).")
+    var budget: String = "steps"
+    @Option(name: .customLong("inner-lr"), help: "Per-FedAvg's inner SGD rate (default --lower-lr).") var innerLR: Float?
+    @Option(name: .customLong("hetlora-lambda"), help: "HETLoRA's sparsity penalty weight.") var hetloraLambda: Float = 1e-3
+    @Option(name: .customLong("hetlora-prune"), help: "HETLoRA's tail-pruning ratio.") var hetloraPrune: Float = 0.05
+    @Option(help: "PF2LoRA: bilevel, joint or client-only (ablations, docs/METHOD.md).") var variant: String = "bilevel"
+    @Option(name: .customLong("baseline-rank"), help: "Rank of the single-level baselines (default rank + rank2).") var baselineRank: Int?
 
     func validate() throws {
         guard clients >= 1, rounds >= 1, rank >= rank2, rank2 >= 1 else {
@@ -55,6 +62,13 @@ struct SyntheticCommand: ParsableCommand {
         fc.rank = rank; fc.rank2 = rank2; fc.alpha = 2 * Float(rank); fc.alpha2 = 2 * Float(rank2)
         fc.upperLR = upperLR; fc.lowerLR = lowerLR; fc.seed = seed; fc.evalEvery = evalEvery
         fc.scheduleLowerLR = scheduleLower; fc.persistClientOptimizer = persistAdam; fc.minLRRatio = minLRRatio
+        guard let b = BudgetMode(rawValue: budget) else { throw ValidationError("--budget must be steps or compute") }
+        guard let v = PF2LoRAVariant(rawValue: variant) else {
+            throw ValidationError("--variant must be one of \(PF2LoRAVariant.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        if let r = baselineRank, r < 1 { throw ValidationError("--baseline-rank must be >= 1") }
+        fc.budget = b; fc.pf2loraVariant = v; fc.baselineRank = baselineRank; fc.perFedAvgInnerLR = innerLR
+        fc.hetloraLambda = hetloraLambda; fc.hetloraPruneRatio = hetloraPrune
         var list = FederatedMethod.allCases
         if let methods {
             list = try methods.split(separator: ",").map { s in

@@ -112,4 +112,31 @@ func runCLI(_ args: [String]) throws -> (code: Int32, out: String, err: String) 
         #expect(ann.rank == 10 && ann.metadata.extra["method"] == "local")
         #expect(ann.modules.values.contains { p in p.b.array.contains { $0 != 0 } })
     }
+
+    /// `--budget compute` through the CLI: PF2LoRA (2 x (2 + 1)) and HOMLoRA (6 iterations) report the same
+    /// gradient evaluations and tokens; `--token-cache` gives the same numbers as tokenizing afresh, and
+    /// `--no-test` leaves the test losses null.
+    @Test func computeBudgetTokensAndTokenCache() throws {
+        let fx = try ServerFixture(clients: [])
+        defer { fx.cleanup() }
+        let data = try Self.makeData(fx.root)
+        func run(_ method: String, _ tag: String, _ extra: [String]) throws -> [String: Any] {
+            let out = fx.root + "/out-" + tag
+            let r = try runCLI(["federate", "--model", fx.model, "--store", fx.root + "/store-" + tag, "--data", data, "--method", method,
+                                "--rounds", "2", "--local-steps", "2", "--lower-steps", "2", "--batch", "2", "--seq", "16", "--threads", "1",
+                                "--lr", "0.01", "--lr2", "0.1", "--budget", "compute", "--out", out] + extra)
+            #expect(r.code == 0, "\(r.err)")
+            return try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: out + "/metrics.json"))) as? [String: Any])
+        }
+        let cache = fx.root + "/token-cache"
+        let pf = try run("pf2lora", "pf", ["--alpha", "8"])
+        let hom = try run("homlora", "hom", ["--token-cache", cache])
+        let homCached = try run("homlora", "hom2", ["--token-cache", cache, "--no-test"])
+        #expect(pf["gradient_evaluations_per_round"] as? Int == 6 && hom["gradient_evaluations_per_round"] as? Int == 6)
+        #expect(pf["local_iterations"] as? Int == 2 && hom["local_iterations"] as? Int == 6)
+        #expect(pf["tokens"] as? Int == 2 * 2 * 6 * 2 * 16 && hom["tokens"] as? Int == pf["tokens"] as? Int)
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: cache)) ?? []).contains { $0.hasSuffix(".tokens") })
+        #expect(hom["mean_valid_loss"] as? Double == homCached["mean_valid_loss"] as? Double)
+        #expect(homCached["mean_test_loss"] is NSNull && homCached["test_read"] as? Bool == false)
+    }
 }

@@ -19,8 +19,12 @@ import Testing
         let reader = try AdapterStore.open(root: fx.store, base: base, cacheBytes: 0)
         let runtime = AdapterRuntime(model: fx.gpt2, store: reader)
         try runtime.prepare()
-        let done = NSCondition()
-        var finished = false, published = 0
+        /// The publisher's progress, shared with this thread under its lock.
+        final class Progress: @unchecked Sendable {
+            let lock = NSLock()
+            var finished = false, published = 0
+        }
+        let progress = Progress()
         let publishes = 300
         let t = Thread {
             for n in 0..<publishes {
@@ -29,15 +33,15 @@ import Testing
                 } else {
                     _ = try? writer.publishClient(id: "imp", ServerFixture.randomAdapter(base: base, level: .client, rank: 2, seed: UInt64(n), clientID: "imp"))
                 }
-                done.lock(); published += 1; done.unlock()
+                progress.lock.lock(); progress.published += 1; progress.lock.unlock()
             }
-            done.lock(); finished = true; done.broadcast(); done.unlock()
+            progress.lock.lock(); progress.finished = true; progress.lock.unlock()
         }
         t.start()
         var resolves = 0, failures: [String] = []
         var versions = Set<Int>()
         while true {
-            done.lock(); let f = finished; done.unlock()
+            progress.lock.lock(); let f = progress.finished; progress.lock.unlock()
             if f { break }
             do {
                 try runtime.refresh(idle: true)
@@ -47,12 +51,13 @@ import Testing
             } catch { failures.append("\(error)") }
             resolves += 1
         }
-        #expect(published == publishes)
+        #expect(progress.published == publishes)
         #expect(resolves >= 50, "too few resolves overlapped the publishes (\(resolves))")
         #expect(failures.isEmpty, "\(failures.count) of \(resolves) resolves failed: \(failures.prefix(3))")
         #expect(!versions.contains(-1))
         #expect(versions.count >= 5, "the reader saw only \(versions.count) versions")
         // A version that is really gone says what is on disk, not the version it could not find.
+        try reader.refresh(force: true)
         let current = try #require(reader.currentVersion(level: .client, client: "imp"))
         do { _ = try reader.load(level: .client, client: "imp", version: 1); Issue.record("version 1 loaded") } catch let e as AdapterStoreError {
             #expect(e == .noVersion(what: "client 'imp'", version: 1, available: [current]), "\(e)")
@@ -174,5 +179,158 @@ import Testing
             guard let f = fed.modules[m], let p = after.modules[m] else { continue }
             #expect(FederatedClientTests.bitsEqual(f.a, p.a) && FederatedClientTests.bitsEqual(f.b, p.b), "\(m) changed")
         }
+    }
+
+    /// Every path under `root` with its kind, size and modification time: what a read-only command
+    /// must leave exactly as it was.
+    static func tree(_ root: String) -> [String: String] {
+        var out: [String: String] = [:]
+        for p in (try? FileManager.default.subpathsOfDirectory(atPath: root)) ?? [] {
+            var st = stat()
+            guard lstat(root + "/" + p, &st) == 0 else { continue }
+            out[p] = "\(st.st_mode & S_IFMT) \(st.st_size) \(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)"
+        }
+        return out
+    }
+
+    static func waitForStderr(_ s: ServerProcess, _ needle: String, timeout: Double = 10) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while !s.stderrText.contains(needle) && Date() < deadline { usleep(20_000) }
+        return s.stderrText.contains(needle)
+    }
+
+    /// Flips one byte in the middle of a file (the zstd checksum catches it: check 1).
+    static func corrupt(_ path: String) throws {
+        var d = try Data(contentsOf: URL(fileURLWithPath: path))
+        d[d.count / 2] ^= 0x5A
+        try d.write(to: URL(fileURLWithPath: path))
+    }
+
+    /// Item 18: a mistyped --store, a model folder of another name than the store's base folder, a
+    /// client that does not exist, and read-only commands over a store with a damaged file. Before
+    /// the fix `generate` and `serve` made an empty store (or base folder) and answered with the base
+    /// model, `generate --client` of an unknown client served the shared pair, and `generate` renamed
+    /// the damaged file. Now: one clear error naming what the store holds and how to pick it, and
+    /// nothing in any store is created or changed by a command that only reads.
+    @Test func readOnlyCommandsChangeNothingAndNeverFallBackSilently() throws {
+        let fx = try ServerFixture(clients: ["alice", "bob"])
+        defer { fx.cleanup() }
+        let prompt = ["--prompt", "The cat", "--max-tokens", "3", "--temperature", "0", "--threads", "1"]
+        // A mistyped store path: an error, and no folder appears.
+        let typo = fx.root + "/adapterz"
+        let g1 = try CLITests.run(["generate", "--model", fx.model, "--store", typo] + prompt)
+        #expect(g1.code != 0 && g1.err.contains("no adapter store at"), "\(g1.err)")
+        #expect(!FileManager.default.fileExists(atPath: typo), "generate created the mistyped store")
+        let s1 = try ServerProcess(["serve", "--model", fx.model, "--store", typo, "--threads", "1"])
+        #expect(s1.finish() != 0)
+        #expect(Self.waitForStderr(s1, "no adapter store at"), "\(s1.stderrText)")
+        #expect(!FileManager.default.fileExists(atPath: typo), "serve created the mistyped store")
+
+        // The same weights in a model folder of another name: not a new empty base folder; the
+        // error names the folder that holds them and --base.
+        let copy = fx.root + "/renamed-model"
+        try FileManager.default.copyItem(atPath: fx.model, toPath: copy)
+        let before = Self.tree(fx.store)
+        let g2 = try CLITests.run(["generate", "--model", copy, "--store", fx.store, "--client", "alice"] + prompt)
+        let folder = (fx.storeHandle.directory as NSString).lastPathComponent
+        #expect(g2.code != 0 && g2.err.contains("--base \(folder)"), "\(g2.err)")
+        let s2 = try ServerProcess(["serve", "--model", copy, "--store", fx.store, "--threads", "1"])
+        #expect(s2.finish() != 0)
+        #expect(Self.waitForStderr(s2, "--base \(folder)"), "\(s2.stderrText)")
+        let g3 = try CLITests.run(["generate", "--model", copy, "--store", fx.store, "--base", folder, "--client", "alice"] + prompt)
+        #expect(g3.code == 0 && g3.err.contains("client v1"), "\(g3.err)")
+        // Another model altogether: the error lists the bases the store holds.
+        let other = fx.root + "/other-model"
+        var cfg = GPT2Config(vocabSize: 400, nPositions: 64, nEmbd: 32, nLayer: 1, nHead: 2, eosTokenId: nil)
+        cfg.bosTokenId = nil
+        try LanguageModel(folder: other, weights: ModelWeights.random(architecture: cfg.architecture, seed: 3), file: nil).save(to: other)
+        for f in ["tokenizer.json", "vocab.json", "merges.txt"] { try FileManager.default.copyItem(atPath: fx.model + "/" + f, toPath: other + "/" + f) }
+        let g4 = try CLITests.run(["generate", "--model", other, "--store", fx.store] + prompt)
+        #expect(g4.code != 0 && g4.err.contains("holds no adapters for base 'other-model'") && g4.err.contains("\(folder)/ (base"), "\(g4.err)")
+        // A client the store has no adapter for: an error, not the shared pair alone.
+        let g5 = try CLITests.run(["generate", "--model", fx.model, "--store", fx.store, "--client", "alcie"] + prompt)
+        #expect(g5.code != 0 && g5.err.contains("no adapter for client 'alcie'") && g5.err.contains("alice, bob"), "\(g5.err)")
+        let g6 = try CLITests.run(["generate", "--model", fx.model, "--store", fx.store] + prompt)
+        #expect(g6.code == 0 && g6.err.contains("shared v1 client none"), "\(g6.err)")
+
+        // A damaged file: generate, adapters list and inspect leave it where it is.
+        try Self.corrupt(fx.storeHandle.directory + "/clients/bob/v000001.safetensors.zst")
+        let damaged = Self.tree(fx.store)
+        let g7 = try CLITests.run(["generate", "--model", fx.model, "--store", fx.store, "--client", "alice"] + prompt)
+        #expect(g7.code == 0, "\(g7.err)")
+        #expect(g7.err.contains("clients/bob/v000001.safetensors.zst failed validation and is skipped") && g7.err.contains("check 1"), "\(g7.err)")
+        _ = try CLITests.run(["adapters", "list", "--store", fx.store])
+        _ = try CLITests.run(["adapters", "inspect", "--store", fx.store, "--client", "alice", "--model", fx.model])
+        _ = try CLITests.run(["adapters", "export-peft", "--store", fx.store, "--model", fx.model, "--client", "bob", "--out", fx.root + "/peft"])
+        _ = try CLITests.run(["rank", "--store", fx.store, "--model", fx.model, "--client", "alice"])
+        #expect(Self.tree(fx.store) == damaged, "a read-only command changed the store")
+        #expect(before.keys.allSatisfy { damaged[$0] != nil })
+    }
+
+    /// Item 19: a file that fails its check at open is renamed aside, and the log says which file,
+    /// the new name and which check failed; `adapters inspect --file` reads any file, the
+    /// `.corrupt-*` one included, and names the check it fails. Before the fix the log said only
+    /// "failed validation" and inspect could not be pointed at a quarantined file.
+    @Test func quarantineSaysWhichCheckFailed() throws {
+        let fx = try ServerFixture(clients: ["alice", "bob"])
+        defer { fx.cleanup() }
+        let dir = fx.storeHandle.directory
+        try Self.corrupt(dir + "/clients/bob/v000001.safetensors.zst")
+        let s = try fx.serve()
+        #expect(Self.waitForStderr(s, "ready"), "\(s.stderrText)")
+        let log = s.stderrText
+        #expect(log.contains("clients/bob/v000001.safetensors.zst failed validation and was moved aside as .corrupt-v000001.safetensors.zst"), "\(log)")
+        #expect(log.contains("check 1 (zstd frame) failed"), "\(log)")
+        s.request(1, "generate", ["client": "bob", "prompt": "The cat", "max_tokens": 2])
+        let r = s.response(1)
+        #expect(ServerProcess.errorCode(r) == -32002)
+        #expect(((r?["error"] as? [String: Any])?["message"] as? String ?? "").contains("check 1"), "\(r ?? [:])")
+        #expect(s.finish() == 0)
+        let moved = dir + "/clients/bob/.corrupt-v000001.safetensors.zst"
+        #expect(FileManager.default.fileExists(atPath: moved))
+        let i = try CLITests.run(["adapters", "inspect", "--file", moved, "--model", fx.model])
+        #expect(i.code != 0 && (i.out + i.err).contains("check 1 (zstd frame) failed"), "\(i.out)\(i.err)")
+        let ok = try CLITests.run(["adapters", "inspect", "--file", dir + "/clients/alice/v000001.safetensors.zst", "--model", fx.model])
+        #expect(ok.code == 0 && ok.out.contains("valid       a client adapter"), "\(ok.out)\(ok.err)")
+    }
+
+    /// Item 20: a store on a read-only mount (bind-mounted read-only; skipped where mounting is not
+    /// permitted). Before the fix `serve` would not start (it opened its lock file for writing). Now
+    /// it serves it read-only: generates answer, a damaged file is skipped (not renamed), and
+    /// personalize is refused at once with an error that says the store is read-only.
+    @Test func serveReadOnlyStore() throws {
+        let fx = try ServerFixture(clients: ["alice", "bob"])
+        defer { fx.cleanup() }
+        try Self.corrupt(fx.storeHandle.directory + "/clients/bob/v000001.safetensors.zst")
+        let mnt = fx.root + "/ro"
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        func run(_ args: [String]) -> Bool {
+            let p = Process(); p.executableURL = URL(fileURLWithPath: "/bin/mount"); p.arguments = args
+            p.standardError = FileHandle.nullDevice
+            guard (try? p.run()) != nil else { return false }
+            p.waitUntilExit(); return p.terminationStatus == 0
+        }
+        guard run(["--bind", fx.store, mnt]) else { print("read-only store test skipped: cannot bind-mount here"); return }
+        defer { let u = Process(); u.executableURL = URL(fileURLWithPath: "/bin/umount"); u.arguments = [mnt]; try? u.run(); u.waitUntilExit() }
+        guard run(["-o", "remount,bind,ro", mnt]) else { print("read-only store test skipped: cannot remount read-only"); return }
+        let before = Self.tree(mnt)
+        let s = try ServerProcess(["serve", "--model", fx.model, "--store", mnt, "--threads", "1"])
+        s.request(1, "generate", ["client": "alice", "prompt": "The cat", "max_tokens": 3, "temperature": 0])
+        let g = s.response(1, timeout: 60)
+        #expect(ServerProcess.result(g) != nil, "\(g ?? [:]) \(s.stderrText)")
+        #expect(s.stderrText.contains("read-only") && s.stderrText.contains("is skipped"), "\(s.stderrText)")
+        s.request(2, "personalize", ["client": "alice", "texts": PersonalizeTests.texts, "steps": 2])
+        let p = s.response(2, timeout: 60)
+        #expect(ServerProcess.errorCode(p) == -32005)
+        #expect(((p?["error"] as? [String: Any])?["message"] as? String ?? "").contains("read-only"), "\(p ?? [:])")
+        s.request(3, "generate", ["client": "bob", "prompt": "The cat", "max_tokens": 3])
+        #expect(ServerProcess.errorCode(s.response(3)) == -32002)
+        #expect(s.finish() == 0)
+        #expect(Self.tree(mnt) == before)
+        // In process: .read opens create and change nothing, and publishing is refused.
+        let ro = try AdapterStore.open(root: fx.store, base: fx.storeHandle.base, access: .read, create: false)
+        #expect(ro.lastReconcile.skipped == ["clients/bob/v000001.safetensors.zst"] && ro.lastReconcile.quarantined.isEmpty)
+        #expect(throws: AdapterStoreError.self) { try ro.publishClient(id: "alice", Self.client(fx, "alice", seed: 1)) }
+        #expect(FileManager.default.fileExists(atPath: fx.storeHandle.directory + "/clients/bob/v000001.safetensors.zst"))
     }
 }

@@ -16,9 +16,24 @@ public enum AdapterStoreError: Error, CustomStringConvertible, Equatable {
     case unknownSharedVersion(client: String, version: Int, latest: Int?)
     case badVersionLimit(Int)
     case conflict(what: String, expected: Int?, current: Int?)
+    case noStore(root: String)
+    case noBase(root: String, base: String, fingerprint: String, held: [HeldBase])
+    case baseElsewhere(root: String, wanted: String, folder: String, fingerprint: String)
+    case readOnly(store: String, why: String)
 
     public var description: String {
         switch self {
+        case let .noStore(root):
+            return "no adapter store at \(root) (the folder does not exist); check --store — a mistyped path is not turned into a new empty store. The commands that publish (personalize, federate, adapters import-peft, adapters init --store) create one"
+        case let .noBase(root, b, fp, held):
+            if held.isEmpty {
+                return "store \(root) holds no adapters for base '\(b)' (fingerprint \(fp)) yet; publish some first (personalize, adapters import-peft), or check --store and --model"
+            }
+            return "store \(root) holds no adapters for base '\(b)' (fingerprint \(fp)); it holds: \(held.map(\.description).joined(separator: "; ")). Pass --base FOLDER to use one of them (its fingerprint must match the model), or give the --model or --store they were made for"
+        case let .baseElsewhere(root, wanted, folder, fp):
+            return "store \(root) has no folder '\(wanted)' for this model, but its folder '\(folder)' holds adapters for the same weights (fingerprint \(fp)): the model folder's name differs from the one the store was made with. Pass --base \(folder) to use them"
+        case let .readOnly(store, why):
+            return "store \(store) is read-only (\(why)); it is served without writes — personalize, train_local and imports need a writable store"
         case let .invalidClientID(id, why):
             return "invalid client id '\(id)': \(why); \(ClientID.rule)"
         case let .noAdapter(what, store):
@@ -47,6 +62,25 @@ public enum AdapterStoreError: Error, CustomStringConvertible, Equatable {
             return "\(what) changed while this run worked: it started from \(from), and another writer has since made \(now) current; nothing was published (a publish never silently replaces a version it did not start from) — retry to start from \(now)"
         }
     }
+}
+
+/// A base folder of a store root, as its manifest describes it (for messages about which bases a store holds).
+public struct HeldBase: Equatable, Sendable, CustomStringConvertible {
+    public let folder: String
+    public let baseModel: String
+    public let fingerprint: String
+    public var description: String { "\(folder)/ (base '\(baseModel)', fingerprint \(fingerprint))" }
+}
+
+/// How a store is opened.
+public enum StoreAccess: Equatable, Sendable {
+    /// Read only: nothing in the store is created, renamed, deleted or written (files that fail
+    /// validation are skipped in memory, the manifest is reconciled in memory); publishing throws
+    /// `readOnly`. For commands that only read (generate, adapters inspect/export-peft, rank).
+    case read
+    /// Read and publish. A store that cannot be written (read-only file system, no permission) is
+    /// opened read-only instead, `readOnlyReason` says why, and publishing throws `readOnly`.
+    case write
 }
 
 /// What a publish requires the adapter's current version to be: a compare-and-swap on the version
@@ -85,6 +119,10 @@ public struct ReconcileReport: Equatable, Sendable {
     public var removedTempFiles: [String] = []
     /// Version files that failed validation, renamed aside to `.corrupt-<name>`.
     public var quarantined: [String] = []
+    /// Version files that failed validation in a store opened read-only: skipped, not renamed.
+    public var skipped: [String] = []
+    /// Why each quarantined or skipped file failed: the check and what it found (no file content).
+    public var reasons: [String: String] = [:]
     /// Adapters whose current version changed: "shared 3 -> 4", "client alice 2 -> none".
     public var repointed: [String] = []
     /// Things skipped because following them would leave the store (symlinks).
@@ -155,6 +193,14 @@ public final class AdapterStore: @unchecked Sendable {
     public let cache: AdapterCache
     /// What the reconcile at `open` did.
     public private(set) var lastReconcile = ReconcileReport()
+    /// Why the store is read-only (opened `.read`, or a `.write` open found it unwritable); nil when
+    /// it can be published to.
+    public let readOnlyReason: String?
+    /// Folders this handle created (the root or the base folder), for the caller to report.
+    public var createdFolders: [String] { state.lock(); defer { state.unlock() }; return created }
+    private var created: [String] = []
+    /// Whether the base folder exists (a store opened without `create` makes it at its first publish).
+    private var baseExists: Bool
 
     private let state = NSLock()
     private var manifest: Manifest
@@ -166,32 +212,89 @@ public final class AdapterStore: @unchecked Sendable {
         ClientID.isValid(base.name) ? base.name : "fp-" + base.fingerprint.filter { $0.isHexDigit }
     }
 
-    /// Opens (creating if needed) the store for `base` under `root`, and reconciles it.
+    /// Opens the store for `base` under `root` and reconciles it.
     /// - Parameters:
+    ///   - folder: the base folder's name (`--base`); default `folderName(for: base)`.
+    ///   - access: `.read` creates and changes nothing; `.write` may publish (and repairs what a crash
+    ///     left at open, under the store's lock).
+    ///   - create: create a missing root and base folder now (commands that publish). Without it a
+    ///     missing root is `noStore`, a root that holds only other bases is `noBase`, and an empty
+    ///     root gets its base folder at the first publish. A root whose other folder holds the same
+    ///     weights under another name is `baseElsewhere` unless `folder` is given.
     ///   - keepVersions: versions kept per adapter after a publish (default 3).
     ///   - cacheBytes: the byte budget of the decoded-adapter cache (default 256 MiB).
-    public static func open(root: String, base: BaseModelInfo, keepVersions: Int = 3, cacheBytes: Int = 256 << 20,
+    public static func open(root: String, base: BaseModelInfo, folder: String? = nil, access: StoreAccess = .write, create: Bool = true,
+                            keepVersions: Int = 3, cacheBytes: Int = 256 << 20,
                             sizeLimit: Int = LoRAAdapter.defaultSizeLimit) throws -> AdapterStore {
-        try AdapterStore(root: root, base: base, keepVersions: keepVersions, cacheBytes: cacheBytes, sizeLimit: sizeLimit)
+        try AdapterStore(root: root, base: base, folder: folder, access: access, create: create, keepVersions: keepVersions,
+                         cacheBytes: cacheBytes, sizeLimit: sizeLimit)
     }
 
-    private init(root: String, base: BaseModelInfo, keepVersions: Int, cacheBytes: Int, sizeLimit: Int) throws {
+    /// The base folders under a store root that hold a readable manifest, sorted by folder.
+    public static func heldBases(root: String) -> [HeldBase] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []
+        return names.sorted().compactMap { n in
+            guard !n.hasPrefix("."), let d = FileManager.default.contents(atPath: root + "/" + n + "/manifest.json"),
+                  let m = try? JSONDecoder().decode(Manifest.self, from: d) else { return nil }
+            return HeldBase(folder: n, baseModel: m.baseModel, fingerprint: m.baseFingerprint)
+        }
+    }
+
+    private static func isDirectory(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
+    }
+
+    private init(root: String, base: BaseModelInfo, folder: String?, access: StoreAccess, create: Bool, keepVersions: Int,
+                 cacheBytes: Int, sizeLimit: Int) throws {
         guard keepVersions >= 1 else { throw AdapterStoreError.badVersionLimit(keepVersions) }
-        let dir = root + "/" + Self.folderName(for: base)
-        do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch {
-            throw AdapterStoreError.io(path: dir, why: "cannot create the store folder (\(error.localizedDescription))")
+        let name = folder ?? Self.folderName(for: base)
+        guard ClientID.isValid(name) || name.hasPrefix("fp-") && !name.contains("/") && name != "fp-" else {
+            throw AdapterStoreError.io(path: root + "/" + name, why: "'\(name)' is not a usable base folder name (\(ClientID.rule))")
+        }
+        var made: [String] = []
+        if !Self.isDirectory(root) {
+            guard create, access == .write else { throw AdapterStoreError.noStore(root: root) }
+            do { try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true) } catch {
+                throw AdapterStoreError.io(path: root, why: "cannot create the store folder (\(error.localizedDescription))")
+            }
+            made.append(root)
+        }
+        let dir = root + "/" + name
+        var exists = Self.isDirectory(dir)
+        if !exists {
+            let held = Self.heldBases(root: root)
+            if folder == nil, let same = held.first(where: { $0.fingerprint == base.fingerprint }) {
+                throw AdapterStoreError.baseElsewhere(root: root, wanted: name, folder: same.folder, fingerprint: base.fingerprint)
+            }
+            if access == .read || (!create && !held.isEmpty) {
+                throw AdapterStoreError.noBase(root: root, base: base.name, fingerprint: base.fingerprint, held: held)
+            }
+            if create {
+                if mkdir(dir, 0o755) != 0 && errno != EEXIST {
+                    throw AdapterStoreError.io(path: dir, why: "cannot create the store folder (\(String(cString: strerror(errno))))")
+                }
+                made.append(dir)
+                exists = true
+            }
         }
         // The base folder itself may be a link the operator made (onto another disk, say): it is
-        // resolved once here. Nothing inside it is followed.
-        guard let real = realpath(dir, nil) else { throw AdapterStoreError.io(path: dir, why: String(cString: strerror(errno))) }
-        directory = String(cString: real)
+        // resolved once here. Nothing inside it is followed. A base folder that does not exist yet
+        // lies in the resolved root.
+        let resolved = exists ? dir : root
+        guard let real = realpath(resolved, nil) else { throw AdapterStoreError.io(path: resolved, why: String(cString: strerror(errno))) }
+        directory = exists ? String(cString: real) : String(cString: real) + "/" + name
         free(real)
+        baseExists = exists
+        created = made
         self.base = base
         self.keepVersions = keepVersions
         self.sizeLimit = sizeLimit
         cache = AdapterCache(capacityBytes: cacheBytes)
         manifest = Manifest(baseModel: base.name, baseFingerprint: base.fingerprint)
-        try withFileLock {
+        readOnlyReason = access == .read ? "opened read-only" : Self.unwritable(exists ? directory : String(directory.dropLast(name.count + 1)))
+        guard exists else { return }
+        func load() throws {
             if let (m, stamp) = try readManifestFromDisk() {
                 guard m.baseFingerprint == base.fingerprint else {
                     throw AdapterStoreError.baseMismatch(store: directory, storeBase: m.baseModel, storeFingerprint: m.baseFingerprint,
@@ -200,8 +303,36 @@ public final class AdapterStore: @unchecked Sendable {
                 manifest = m
                 manifestStamp = stamp
             }
-            lastReconcile = try reconcileLocked()
         }
+        if readOnlyReason == nil {
+            try withFileLock {
+                try load()
+                lastReconcile = try reconcileLocked(write: true)
+            }
+        } else {
+            try load()
+            lastReconcile = try reconcileLocked(write: false)
+        }
+    }
+
+    /// Why a folder of the store cannot be written (nil when it can): a read-only file system or no
+    /// permission to create files in it, or an existing lock file that cannot be opened for writing.
+    private static func unwritable(_ dir: String) -> String? {
+        if access(dir, W_OK) != 0 {
+            let e = errno
+            return e == EROFS ? "read-only file system" : "no permission to write \(dir) (\(String(cString: strerror(e))))"
+        }
+        let lock = dir + "/.lock"
+        if FileManager.default.fileExists(atPath: lock) {
+            let fd = Glibc.open(lock, O_RDWR | O_NOFOLLOW | O_CLOEXEC)
+            if fd < 0 {
+                let e = errno
+                if e == EROFS || e == EACCES || e == EPERM { return "its lock file \(lock) cannot be opened for writing (\(String(cString: strerror(e))))" }
+            } else {
+                close(fd)
+            }
+        }
+        return nil
     }
 
     // MARK: Reading
@@ -321,7 +452,7 @@ public final class AdapterStore: @unchecked Sendable {
         let same = stamp == manifestStamp
         state.unlock()
         if same && !force { return false }
-        guard let (m, s) = try readManifestFromDisk() else { return false }
+        guard let (m, s) = try readManifestFromDisk(), m.baseFingerprint == base.fingerprint else { return false }
         state.lock()
         manifest = m
         manifestStamp = s
@@ -362,7 +493,9 @@ public final class AdapterStore: @unchecked Sendable {
 
     private func publish(_ original: LoRAAdapter, level: AdapterLevel, id: String?, compressionLevel: Int,
                          expecting: ExpectedVersion) throws -> Int {
-        try withFileLock {
+        if let why = readOnlyReason { throw AdapterStoreError.readOnly(store: directory, why: why) }
+        try makeBaseFolder()
+        return try withFileLock {
             // Another process may have published since we last looked.
             if let (m, s) = try readManifestFromDisk() {
                 state.lock(); manifest = m; manifestStamp = s; state.unlock()
@@ -440,23 +573,36 @@ public final class AdapterStore: @unchecked Sendable {
     // MARK: Reconcile
 
     /// Brings the manifest in line with the files (done at `open`; call again after repairing a
-    /// store by hand). Takes the store's lock.
+    /// store by hand). Takes the store's lock; a read-only store is reconciled in memory only.
     @discardableResult public func reconcile() throws -> ReconcileReport {
-        try withFileLock { try reconcileLocked() }
+        state.lock(); let exists = baseExists; state.unlock()
+        guard exists || Self.isDirectory(directory) else { return ReconcileReport() }
+        if readOnlyReason != nil { return try reconcileLocked(write: false) }
+        return try withFileLock { try reconcileLocked(write: true) }
+    }
+
+    /// Creates the base folder of a store opened before it existed (at its first publish).
+    private func makeBaseFolder() throws {
+        state.lock(); let exists = baseExists; state.unlock()
+        guard !exists else { return }
+        if mkdir(directory, 0o755) != 0 && errno != EEXIST {
+            throw AdapterStoreError.io(path: directory, why: "cannot create the store folder (\(String(cString: strerror(errno))))")
+        }
+        state.lock(); baseExists = true; created.append(directory); state.unlock()
     }
 
     /// The rule: for each adapter, the current version is the newest version file that passes
     /// validation. Files that fail are renamed aside (`.corrupt-<name>`), stray `.tmp-*` files are
     /// deleted (no write is in progress: we hold the lock every writer holds), and the highest
     /// version number ever seen is kept so numbers are never reused.
-    private func reconcileLocked() throws -> ReconcileReport {
+    private func reconcileLocked(write: Bool) throws -> ReconcileReport {
         var report = ReconcileReport()
         var m = snapshot()
         let before = m
-        report.removedTempFiles += removeTempFiles([])
+        if write { report.removedTempFiles += removeTempFiles([]) }
         // The shared level.
-        report.removedTempFiles += removeTempFiles(["shared"])
-        m.shared = try reconcileEntry(.shared, nil, m.shared, &report)
+        if write { report.removedTempFiles += removeTempFiles(["shared"]) }
+        m.shared = try reconcileEntry(.shared, nil, m.shared, write: write, &report)
         // Each client folder on disk, and each client the manifest names.
         var ids = Set(m.clients.keys)
         if let names = try? FileManager.default.contentsOfDirectory(atPath: directory + "/clients") {
@@ -467,17 +613,20 @@ public final class AdapterStore: @unchecked Sendable {
         }
         for id in ids.sorted() {
             guard ClientID.isValid(id) else { m.clients[id] = nil; continue }
-            report.removedTempFiles += removeTempFiles(["clients", id])
-            m.clients[id] = try reconcileEntry(.client, id, m.clients[id], &report)
+            if write { report.removedTempFiles += removeTempFiles(["clients", id]) }
+            m.clients[id] = try reconcileEntry(.client, id, m.clients[id], write: write, &report)
         }
-        if m != before || !FileManager.default.fileExists(atPath: directory + "/manifest.json") {
+        if !write {
+            // Read-only: the reconciled manifest is kept in memory; nothing on disk changes.
+            state.lock(); manifest = m; state.unlock()
+        } else if m != before || !FileManager.default.fileExists(atPath: directory + "/manifest.json") {
             try writeManifest(m)
             report.manifestRewritten = true
         }
         return report
     }
 
-    private func reconcileEntry(_ level: AdapterLevel, _ id: String?, _ old: Manifest.Entry?,
+    private func reconcileEntry(_ level: AdapterLevel, _ id: String?, _ old: Manifest.Entry?, write: Bool,
                                 _ report: inout ReconcileReport) throws -> Manifest.Entry? {
         let dirComps = Array(components(level, id, 0).dropLast())
         let onDisk: [Int]
@@ -494,23 +643,28 @@ public final class AdapterStore: @unchecked Sendable {
         var current: Int?
         var trained: Int?
         for v in onDisk.sorted(by: >) {
-            var quarantine = false
+            var failure: Error?
             do {
                 let a = try readAndValidate(level: level, client: id, version: v)
                 current = v
                 trained = a.metadata.sharedVersion
                 break
             } catch let e as AdapterError {
-                _ = e
-                quarantine = true
-            } catch AdapterStoreError.symlink, AdapterStoreError.notRegularFile {
-                quarantine = true
+                failure = e
+            } catch let e as AdapterStoreError {
+                switch e { case .symlink, .notRegularFile: failure = e; default: throw e }
             }
-            if quarantine {
+            if let failure {
+                // Which check failed goes with the file (the messages never quote its content).
                 let comps = components(level, id, v)
-                let from = directory + "/" + relative(comps)
-                let to = directory + "/" + (dirComps + [".corrupt-" + comps.last!]).joined(separator: "/")
-                if rename(from, to) == 0 { report.quarantined.append(relative(comps)) }
+                report.reasons[relative(comps)] = "\(failure)"
+                if write {
+                    let from = directory + "/" + relative(comps)
+                    let to = directory + "/" + (dirComps + [".corrupt-" + comps.last!]).joined(separator: "/")
+                    if rename(from, to) == 0 { report.quarantined.append(relative(comps)) } else { report.skipped.append(relative(comps)) }
+                } else {
+                    report.skipped.append(relative(comps))
+                }
                 present.removeAll { $0 == v }
             }
         }

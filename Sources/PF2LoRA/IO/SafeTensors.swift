@@ -92,7 +92,8 @@ public final class SafeTensorsFile {
     public let tensors: [String: TensorInfo]
     /// Tensor names in file order (by offset).
     public let names: [String]
-    private let storage: AnyObject
+    /// What keeps the bytes alive (views of the file hold it).
+    let storage: AnyObject
     private let dataStart: UnsafeRawPointer?
     public let dataSize: Int
 
@@ -194,6 +195,12 @@ public final class SafeTensorsFile {
     public func tensor(_ name: String) throws -> Tensor {
         guard let info = tensors[name] else { throw SafeTensorsError.missingTensor(file: self.name, tensor: name) }
         return tensor(info)
+    }
+
+    /// The first byte of the tensor described by `info`, as the file stores it (nil when empty).
+    func rawBytes(_ info: TensorInfo) -> UnsafeRawPointer? {
+        guard info.count > 0, let start = dataStart else { return nil }
+        return start + info.begin
     }
 
     /// The tensor described by `info` (from this file's `tensors`).

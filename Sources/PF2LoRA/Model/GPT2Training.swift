@@ -236,7 +236,26 @@ final class GPT2TrainingState {
         n += (encoded.count + proj.count + lnf.count + 2 * lnfMean.count + scores.count + headIn.count + logits.count) * 4
         for t in [dresid, dln, dqkv, datty, dfch, dscores, dlnf, ones] { n += (t?.count ?? 0) * 4 }
         n += loraU.reduce(0) { $0 + ($1?.count ?? 0) * 4 }
+        n += loraTmp.count * 4 + B * T * MemoryLayout<Int>.stride   // LoRA scratch, rowList
         return n
+    }
+
+    /// `byteCount` of the state a call of shape (B, T) leaves, computed without allocating: a training
+    /// call (every layer's activations, the backward scratch, a u buffer per adapted module and level
+    /// of rank `ranks[i]`) or a forward-only one (one layer's activations). Must follow `init`,
+    /// `ensureTraining`, `u` and `prepare` (a test compares it with `byteCount` after real calls).
+    static func bytes(B: Int, T: Int, config c: ModelArchitecture, training: Bool, ranks: [Int]) -> Int {
+        let BT = B * T, C = c.hiddenSize, I = c.intermediateSize
+        let layer = BT * (8 * C + 2 * I + 4) + B * c.headCount * T * T
+        var floats = (training ? c.layerCount : 1) * layer
+        floats += 3 * BT * C + 2 * BT + T * T                 // encoded, proj, lnf, lnfMean, lnfRstd, scores
+        floats += min(BT, 256) * (C + c.vocabSize)            // headIn, logits
+        if training {
+            floats += BT * (7 * C + I + 1) + T * T            // dresid, dln, dqkv, datty, dfch, dlnf, ones, dscores
+            floats += ranks.reduce(0) { $0 + BT * $1 }        // u of every adapted module and level
+        }
+        floats += BT * (ranks.max() ?? 0)                     // loraTmp
+        return floats * 4 + BT * MemoryLayout<Int>.stride
     }
 }
 

@@ -37,8 +37,9 @@ public final class AdapterRuntime {
     /// Minimum seconds between manifest checks. A check is one stat() when nothing changed, so the
     /// default checks on every admission: a version published a moment ago is used by the next request.
     public var refreshInterval: Double = 0
-    /// Client id -> store-relative path of its current file that failed validation when the store
-    /// was opened (the store renamed it aside as `.corrupt-*`; nothing was deleted).
+    /// Client id -> what happened to its current file that failed validation when the store was
+    /// opened: its path, whether it was renamed aside (`.corrupt-*`; nothing is deleted) or skipped
+    /// (a read-only store), and which check failed.
     public let quarantined: [String: String]
 
     private let lock = NSLock()
@@ -53,9 +54,13 @@ public final class AdapterRuntime {
         self.store = store
         self.strict = strict
         var q: [String: String] = [:]
-        for path in store?.lastReconcile.quarantined ?? [] {
+        let report = store?.lastReconcile ?? ReconcileReport()
+        for path in report.quarantined + report.skipped {
             let parts = path.split(separator: "/")
-            if parts.count == 3, parts[0] == "clients" { q[String(parts[1])] = path }
+            if parts.count == 3, parts[0] == "clients" {
+                let moved = report.quarantined.contains(path) ? "was moved aside (renamed .corrupt-*)" : "was skipped (the store is read-only: nothing was renamed)"
+                q[String(parts[1])] = "\(path) failed validation when the store was opened and \(moved): \(report.reasons[path] ?? "?")"
+            }
         }
         quarantined = q
     }
@@ -140,8 +145,8 @@ public final class AdapterRuntime {
         // The current version and its pairs in one step: a version pruned by another process's
         // publish between reading the manifest and reading the file is retried at the new one.
         guard let store, let (v, pairs) = try store.loadCurrent(level: .client, client: client, { try clientPairs(client, version: $0) }) else {
-            if let path = quarantined[client] {
-                throw RPCError(.adapterInvalid, "client '\(client)' has no valid adapter: \(path) failed validation when the store was opened and was moved aside (renamed .corrupt-*); publish a new version (personalize, adapters import-peft) or restore the file, then reload")
+            if let what = quarantined[client] {
+                throw RPCError(.adapterInvalid, "client '\(client)' has no valid adapter: \(what); publish a new version (personalize, adapters import-peft) or restore the file, then reload")
             }
             if strict { throw RPCError(.unknownClient, "unknown client '\(client)': the store has no adapter for it (the server runs with --strict-clients); personalize it first or drop --strict-clients") }
             return AdapterBinding(weights: weights, sharedVersion: shared?.version, client: nil, clientVersion: nil, clientTrainedOn: nil)

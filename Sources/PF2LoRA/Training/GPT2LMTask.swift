@@ -161,6 +161,13 @@ public final class GPT2LMTask: FederatedTask {
 
     /// Sum of token cross-entropies and the number of predicted tokens over the split.
     public func evaluateTotals(client: Int, adapter: TwoLevelAdapter, split: Split) -> (sum: Double, tokens: Int, meanLoss: Double) {
+        evaluateTotals(client: client, adapter: adapter, split: split, afterBatch: { _, _, _ in })
+    }
+
+    /// `evaluateTotals`, with `afterBatch(windows done, windows, mean loss so far)` after every batch
+    /// (it may throw to stop).
+    public func evaluateTotals(client: Int, adapter: TwoLevelAdapter, split: Split,
+                               afterBatch: (_ done: Int, _ total: Int, _ meanLoss: Float) throws -> Void) rethrows -> (sum: Double, tokens: Int, meanLoss: Double) {
         let stream = clients[client].split(split).tokens
         let T = seqLen, B = batchSize
         var windows = stride(from: 0, to: max(1, stream.count - 1), by: T).map { $0 }
@@ -188,6 +195,7 @@ public final class GPT2LMTask: FederatedTask {
             sum += Double(l) * Double(batch.targetCount)
             count += batch.targetCount
             i += rows
+            try afterBatch(i, windows.count, Float(sum / Double(count)))
         }
         return (sum, count, count == 0 ? .nan : sum / Double(count))
     }

@@ -23,6 +23,9 @@ public struct SyntheticExperiment {
         public let method: String
         public let name: String
         public let meanTestMSE: Float
+        /// Mean valid MSE of the adapters the method ends with (after FedAvg+FT's fine-tuning): what a
+        /// selection on the valid split compares.
+        public let meanValidMSE: Float
         public let trainableParametersPerClient: Int
         public let uploadedParametersPerRound: Int
         public let seconds: Double
@@ -88,6 +91,7 @@ public struct SyntheticExperiment {
         }
         let summaries = results.map { r in
             MethodSummary(method: r.method.rawValue, name: r.method.displayName, meanTestMSE: r.meanTestLoss,
+                          meanValidMSE: r.validLoss.reduce(0, +) / Float(max(1, r.validLoss.count)),
                           trainableParametersPerClient: r.trainableParameters.max() ?? 0,
                           uploadedParametersPerRound: r.uploadedParameters.max() ?? 0, seconds: r.seconds,
                           roundsMeanTrainLoss: r.rounds.map(\.meanTrainLoss),

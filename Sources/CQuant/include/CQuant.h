@@ -1,0 +1,50 @@
+#ifndef PF2LORA_CQUANT_H
+#define PF2LORA_CQUANT_H
+
+// Integer kernels of the q8_0 weight format that Swift cannot express: x86's int8 dot products
+// (vpmaddubsw + vpmaddwd on AVX2, vpdpbusd with AVX-VNNI), chosen at run time from what the CPU
+// has, with a portable scalar path that computes the same bits. See Sources/PF2LoRA/Tensor/WeightStorage.swift.
+//
+// q8_0 is GGUF's block format: each row of `cols` values (cols a multiple of 32) is cols / 32 blocks
+// of 34 bytes, an IEEE half scale d then 32 int8 values q; the value is d * q.
+// Activations are quantized per block of 32 as llama.cpp does: int8 values and one f32 scale each.
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// Instruction sets the kernels can use, lowest first.
+enum {
+    PF2LORA_ISA_SCALAR = 0,
+    PF2LORA_ISA_AVX2 = 1,     // AVX2 + FMA + F16C (x86-64-v3's vector part)
+    PF2LORA_ISA_AVXVNNI = 2,  // the above + AVX-VNNI (256-bit vpdpbusd)
+};
+
+/// The best level this CPU (and its OS) supports.
+int pf2lora_cpu_isa(void);
+
+/// The level the kernels use: `pf2lora_cpu_isa()` unless lowered by `pf2lora_quant_set_isa`.
+int pf2lora_quant_isa(void);
+
+/// Uses at most `level` from now on (tests compare the paths; a level the CPU lacks is clamped).
+/// Returns the level in use.
+int pf2lora_quant_set_isa(int level);
+
+/// Activations for the q8_0 dot: n values (n % 32 == 0) into n int8 values `q` and n / 32 scales
+/// `d`: d = max|x| / 127 per block, q = x / d rounded to nearest even (0 when the block is zero).
+void pf2lora_q8_quantize_activations(const float *x, int8_t *q, float *d, long n);
+
+/// out[v * stride + r] = W[r, :] . x_v for r in [row0, row1) and v in [0, count): W's rows are
+/// q8_0 (cols / 32 blocks of 34 bytes), x_v the activations quantized above (cols int8 values at
+/// xq + v * cols, scales at xd + v * cols / 32). Every path sums each x_v in the same order, so a
+/// result does not depend on `count`, on the row range, or on the instruction set.
+void pf2lora_q8_0_dot_rows(const void *w, long cols, const int8_t *xq, const float *xd, long count,
+                           long row0, long row1, float *out, long stride);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

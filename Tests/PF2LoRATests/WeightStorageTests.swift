@@ -1,0 +1,204 @@
+import CQuant
+import Foundation
+import Testing
+@testable import PF2LoRA
+
+/// Weight matrices at f16, bf16 and q8_0 and their decode kernels: quantization against the `gguf`
+/// package bit for bit, dot products against f64 references with derived tolerances, and every
+/// result independent of the batch it is computed in and of the instruction set.
+@Suite struct WeightStorageTests {
+    /// A seeded (rows, cols) f32 matrix with N(0, scale) values.
+    static func randomMatrix(rows: Int, cols: Int, seed: UInt64, scale: Float = 1) -> Tensor {
+        var rng = RNG(seed: seed)
+        let t = Tensor(zeros: [rows, cols])
+        for i in 0..<t.count { t.data[i] = scale * rng.normal() }
+        return t
+    }
+
+    static func readFloats(_ path: String) throws -> [Float] {
+        let data = try Data(contentsOf: URL(fileURLWithPath: path))
+        return data.withUnsafeBytes { raw in (0..<(data.count / 4)).map { Float(bitPattern: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 4 * $0, as: UInt32.self))) } }
+    }
+
+    /// The f32 rounding bound of a sum of n products done as `halfDot` / the q8_0 kernel do: four
+    /// (or eight-lane) accumulators, so at most about n / 32 + 8 additions in any one chain, each off by at most
+    /// 2^-24 relative, times the sum of the products' magnitudes (doubled for margin).
+    static func tolerance(n: Int, absSum: Double) -> Double { 2 * Double(n / 32 + 8 + 4) * 0x1p-24 * absSum + 1e-30 }
+
+    // MARK: q8_0 quantization
+
+    @Test func q8_0QuantizationEqualsGGUFBitForBit() throws {
+        let meta = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: TestPaths.fixture("q8_0/cases.json")))) as! [String: Any]
+        let rows = meta["rows"] as! Int, cols = meta["cols"] as! Int
+        let x = try Self.readFloats(TestPaths.fixture("q8_0/x.bin"))
+        let want = try Data(contentsOf: URL(fileURLWithPath: TestPaths.fixture("q8_0/q8_0.bin")))
+        #expect(want.count == rows * cols / 32 * 34)
+        let m = WeightMatrix(Tensor(x, shape: [rows, cols])).converted(to: .q8_0)
+        #expect(m.precision == .q8_0 && m.rows == rows && m.cols == cols && m.byteCount == want.count)
+        let got = Data(bytes: m.base, count: m.byteCount)
+        var firstDiff: Int?
+        for i in 0..<want.count where got[i] != want[i] { firstDiff = i; break }
+        #expect(firstDiff == nil, "first differing byte \(firstDiff ?? -1) (block \((firstDiff ?? 0) / 34))")
+
+        // Dequantization is exact: d * q in f32, as gguf.dequantize (an inf scale gives inf or nan alike).
+        let deq = try Self.readFloats(TestPaths.fixture("q8_0/dequant.bin"))
+        let mine = want.withUnsafeBytes { raw in
+            WeightMatrix(viewing: raw.baseAddress!, precision: .q8_0, rows: rows, cols: cols, owner: nil).toTensor().array
+        }
+        var mismatches = 0
+        for i in 0..<deq.count where !(mine[i] == deq[i] || (mine[i].isNaN && deq[i].isNaN)) { mismatches += 1 }
+        #expect(mismatches == 0)
+    }
+
+    @Test func q8_0NeedsWholeBlocks() {
+        #expect(WeightPrecision.q8_0.fits(cols: 768) && !WeightPrecision.q8_0.fits(cols: 100))
+        #expect(WeightPrecision.f16.fits(cols: 100))
+        #expect(WeightPrecision.q8_0.rowBytes(cols: 768) == 24 * 34)
+        #expect(WeightPrecision.bf16.rowBytes(cols: 7) == 14)
+    }
+
+    // MARK: conversions
+
+    @Test func halfAndBFloatConversionsRoundToNearestEvenAndWidenExactly() {
+        let t = Self.randomMatrix(rows: 5, cols: 37, seed: 3)
+        t.data[0] = 65520          // rounds up to inf in f16
+        t.data[1] = 1e-8            // f16 subnormal range
+        let h = WeightMatrix(t).converted(to: .f16), b = WeightMatrix(t).converted(to: .bf16)
+        #expect(h.precision == .f16 && h.byteCount == 5 * 37 * 2 && b.precision == .bf16)
+        let hf = h.toTensor(), bf = b.toTensor()
+        for i in 0..<t.count {
+            #expect(hf.data[i] == Float(Float16(t.data[i])))
+            #expect(bf.data[i].bitPattern == UInt32(SafeTensorsWriter.bf16Bits(t.data[i])) << 16)
+        }
+        // Panels of rows, as prefill converts them.
+        let panel = UnsafeMutablePointer<Float>.allocate(capacity: 2 * 37)
+        defer { panel.deallocate() }
+        h.rowsToF32(2..<4, into: panel)
+        #expect((0..<(2 * 37)).allSatisfy { panel[$0] == hf.data[2 * 37 + $0] })
+    }
+
+    @Test func transposeKeepsPrecisionAndValues() {
+        let t = Self.randomMatrix(rows: 45, cols: 70, seed: 4)
+        for p in [WeightPrecision.f32, .f16, .bf16] {
+            let m = WeightMatrix(t).converted(to: p)
+            let tt = m.transposed()
+            #expect(tt.precision == p && tt.rows == 70 && tt.cols == 45)
+            let a = m.toTensor(), b = tt.toTensor()
+            var ok = true
+            for i in 0..<45 { for j in 0..<70 where a.data[i * 70 + j] != b.data[j * 45 + i] { ok = false } }
+            #expect(ok, "\(p)")
+        }
+    }
+
+    @Test func checkpointHalfTensorsAreViewsOfTheFile() throws {
+        for (folder, p) in [("tiny-gpt2-f16", WeightPrecision.f16), ("tiny-gpt2-bf16", .bf16)] {
+            let st = try SafeTensorsFile(path: TestPaths.fixture("\(folder)/model.safetensors"))
+            let name = "transformer.h.0.attn.c_attn.weight"
+            let m = try st.weightMatrix(name)
+            #expect(m.precision == p && m.rows == 64 && m.cols == 192 && m.f32 == nil)
+            #expect(m.toTensor().array == (try st.tensor(name)).array)
+        }
+        let st = try SafeTensorsFile(path: TestPaths.fixture("tiny-gpt2-f16/model.safetensors"))
+        #expect(throws: SafeTensorsError.self) { try st.weightMatrix("transformer.h.0.attn.c_attn.bias") }
+        #expect(throws: SafeTensorsError.self) { try st.weightMatrix("nope") }
+    }
+
+    // MARK: decode kernels
+
+    /// f16 and bf16 rows dotted with 1 to 5 inputs: within the f32 rounding bound of the f64 dot of
+    /// the same stored values, and each input's result the same bits whatever it is batched with.
+    @Test(arguments: [WeightPrecision.f16, .bf16])
+    func halfDotRowsMatchF64AndAreBatchInvariant(_ p: WeightPrecision) {
+        for cols in [1, 7, 8, 31, 32, 33, 100, 768] {
+            let rows = 70
+            let m = WeightMatrix(Self.randomMatrix(rows: rows, cols: cols, seed: UInt64(cols), scale: 0.1)).converted(to: p)
+            let w = m.toTensor()   // the stored values, exactly
+            let xs = Self.randomMatrix(rows: 5, cols: cols, seed: 99)
+            let out = Tensor(zeros: [5, rows]), alone = Tensor(zeros: [1, rows])
+            dotRows(m, xs.data, quantized: nil, count: 5, rows: 0..<rows, out.data, stride: rows)
+            for v in 0..<5 {
+                for r in 0..<rows {
+                    var ref = 0.0, abs = 0.0
+                    for i in 0..<cols { let t = Double(w.data[r * cols + i]) * Double(xs.data[v * cols + i]); ref += t; abs += Swift.abs(t) }
+                    #expect(Swift.abs(Double(out.data[v * rows + r]) - ref) <= Self.tolerance(n: cols, absSum: abs), "\(p) cols \(cols) v \(v) r \(r)")
+                }
+                // Alone, in two row ranges: the same bits.
+                dotRows(m, xs.data + v * cols, quantized: nil, count: 1, rows: 0..<33, alone.data, stride: rows)
+                dotRows(m, xs.data + v * cols, quantized: nil, count: 1, rows: 33..<rows, alone.data, stride: rows)
+                #expect((0..<rows).allSatisfy { alone.data[$0].bitPattern == out.data[v * rows + $0].bitPattern }, "\(p) cols \(cols) v \(v)")
+            }
+        }
+    }
+
+    /// The activation quantization, recomputed here: d = max|x| / 127, q = x * (1 / d) to nearest even.
+    static func referenceQuantize(_ x: UnsafePointer<Float>, _ n: Int) -> (q: [Int8], d: [Float]) {
+        var q = [Int8](repeating: 0, count: n), d = [Float](repeating: 0, count: n / 32)
+        for b in 0..<(n / 32) {
+            var amax: Float = 0
+            for i in 0..<32 { amax = max(amax, abs(x[b * 32 + i])) }
+            d[b] = amax / 127
+            let id: Float = d[b] != 0 ? 1 / d[b] : 0
+            for i in 0..<32 { q[b * 32 + i] = Int8((x[b * 32 + i] * id).rounded(.toNearestOrEven)) }
+        }
+        return (q, d)
+    }
+
+    /// q8_0 rows dotted with quantized inputs, on every instruction set this CPU has: the same bits
+    /// on each (scalar, AVX2, AVX-VNNI), within f32 rounding of the f64 dot of the quantized values,
+    /// within the activation rounding bound of the f64 dot with the unquantized inputs, and
+    /// independent of the batch.
+    @Test func q8_0DotRowsMatchReferencesOnEveryInstructionSet() {
+        defer { _ = pf2lora_quant_set_isa(99) }
+        for cols in [32, 64, 96, 160, 768] {
+            let rows = 67
+            let m = WeightMatrix(Self.randomMatrix(rows: rows, cols: cols, seed: UInt64(cols) + 7, scale: 0.05)).converted(to: .q8_0)
+            let w = m.toTensor()
+            let xs = Self.randomMatrix(rows: 5, cols: cols, seed: 12)
+            xs.data[3] = 0; for i in 0..<min(32, cols) { xs.data[cols + i] = 0 }   // a zero block in input 1
+            let act = Q8Activations()
+            act.quantize(xs.data, count: 5, cols: cols)
+            let ref = Self.referenceQuantize(xs.data, 5 * cols)
+            #expect((0..<(5 * cols)).allSatisfy { act.q[$0] == ref.q[$0] }, "activation values, cols \(cols)")
+            #expect((0..<(5 * cols / 32)).allSatisfy { act.d[$0] == ref.d[$0] }, "activation scales, cols \(cols)")
+
+            var results: [[UInt32]] = []
+            for isa in 0...Int(pf2lora_cpu_isa()) {
+                #expect(Int(pf2lora_quant_set_isa(Int32(isa))) == isa)
+                act.quantize(xs.data, count: 5, cols: cols)
+                let out = Tensor(zeros: [5, rows])
+                dotRows(m, xs.data, quantized: act, count: 5, rows: 0..<rows, out.data, stride: rows)
+                results.append(out.array.map(\.bitPattern))
+                // Alone and in other row ranges: the same bits.
+                let alone = Tensor(zeros: [1, rows])
+                let one = Q8Activations()
+                for v in 0..<5 {
+                    one.quantize(xs.data + v * cols, count: 1, cols: cols)
+                    dotRows(m, xs.data, quantized: one, count: 1, rows: 0..<10, alone.data, stride: rows)
+                    dotRows(m, xs.data, quantized: one, count: 1, rows: 10..<rows, alone.data, stride: rows)
+                    #expect((0..<rows).allSatisfy { alone.data[$0].bitPattern == out.data[v * rows + $0].bitPattern }, "isa \(isa) cols \(cols) v \(v)")
+                }
+            }
+            for (isa, r) in results.enumerated() {
+                let differing = zip(r, results[0]).filter { $0 != $1 }.count
+                #expect(differing == 0, "isa \(isa): \(differing) results differ from the scalar path's, cols \(cols)")
+            }
+
+            let out = results[0].map { Float(bitPattern: $0) }
+            for v in 0..<5 {
+                for r in 0..<rows {
+                    var quantRef = 0.0, absSum = 0.0, exact = 0.0, bound = 0.0
+                    for i in 0..<cols {
+                        let wi = Double(w.data[r * cols + i])
+                        let xi = Double(ref.d[(v * cols + i) / 32]) * Double(ref.q[v * cols + i])
+                        quantRef += wi * xi; absSum += abs(wi * xi)
+                        exact += wi * Double(xs.data[v * cols + i])
+                        bound += abs(wi) * Double(ref.d[(v * cols + i) / 32]) / 2   // |x - d q| <= d / 2
+                    }
+                    let got = Double(out[v * rows + r])
+                    #expect(abs(got - quantRef) <= Self.tolerance(n: cols, absSum: absSum), "cols \(cols) v \(v) r \(r)")
+                    #expect(abs(got - exact) <= bound * 1.001 + Self.tolerance(n: cols, absSum: absSum), "cols \(cols) v \(v) r \(r)")
+                }
+            }
+        }
+    }
+}

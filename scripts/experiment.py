@@ -1,0 +1,588 @@
+#!/usr/bin/env python3
+"""A fair comparison of PF2LoRA and its five baselines (issue 13, DESIGN §9): one budget for every
+method, one validation grid of the same size for every method, several seeds, statistics.
+
+    python3 scripts/experiment.py --name fortune --model models/fortune-gpt2 --data data/corpus/clients \\
+        [--budget compute] [--rounds 8 --local-steps 4 --lower-steps 5] [--seeds 0,1,2] [--jobs 2]
+    python3 scripts/experiment.py --name fortune ... --report-only     # tables from what has run
+
+Stages, every run resumable on its own:
+1. grid: every method x every point of its grid (GRIDS: the same number of points per method),
+   selection seed SELECT_SEED, `federate --no-test` (the test split is not read); select the point with
+   the lowest mean valid loss over clients.
+2. seeds: every method at its selected point for every seed in --seeds, test split read once at the end.
+3. report: per-client mean +- 95 % CI over seeds (t interval), overall mean test loss per seed ->
+   mean +- CI, paired Wilcoxon signed-rank (two-sided, scipy) of PF2LoRA vs each baseline over the
+   client x seed pairs, wins, tokens, wall-clock, parameters, peak memory, valid-loss curves (SVG).
+
+A run lives in ROOT/<stage>/<method>/<point or seed>/; it is written to a `.partial` folder that is
+renamed when `federate` has finished, so a killed experiment restarts the unfinished runs only and a
+table never mixes runs: ROOT/settings.json records the experiment's settings, and a rerun with other
+settings refuses (name a new --name or delete ROOT).
+"""
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+METHODS = ["pf2lora", "homlora", "perfedavg", "hetlora", "local", "fedavg-ft"]
+NAMES = {"pf2lora": "PF2LoRA", "homlora": "HOMLoRA", "perfedavg": "Per-FedAvg-LoRA", "hetlora": "HETLoRA",
+         "local": "Local-only LoRA", "fedavg-ft": "FedAvg-LoRA + FT"}
+SELECT_SEED = 100
+
+
+def grids(local_steps, lower_steps):
+    """Three points per method (the same number for every method). PF2LoRA's third point trades local
+    iterations for lower steps at the same gradient evaluations per round, local x (lower + 1)."""
+    g = local_steps * (lower_steps + 1)
+    alt_lower = 5 if lower_steps != 5 else 2
+    alt_local = max(1, g // (alt_lower + 1))
+    return {
+        "pf2lora": [{"lr": "2e-3", "lr2": "0.5"}, {"lr": "5e-3", "lr2": "0.5"},
+                    {"lr": "2e-3", "lr2": "0.5", "local-steps": str(alt_local), "lower-steps": str(alt_lower)}],
+        "homlora": [{"lr": lr} for lr in ("2e-3", "5e-3", "1e-2")],
+        "local": [{"lr": lr} for lr in ("2e-3", "5e-3", "1e-2")],
+        "fedavg-ft": [{"lr": lr} for lr in ("2e-3", "5e-3", "1e-2")],
+        "perfedavg": [{"lr": "2e-3", "inner-lr": "0.05"}, {"lr": "2e-3", "inner-lr": "0.5"}, {"lr": "5e-3", "inner-lr": "0.5"}],
+        "hetlora": [{"lr": "2e-3", "hetlora-lambda": "1e-3", "hetlora-prune": "0.05"},
+                    {"lr": "5e-3", "hetlora-lambda": "1e-3", "hetlora-prune": "0.05"},
+                    {"lr": "2e-3", "hetlora-lambda": "1e-2", "hetlora-prune": "0.1"}],
+    }
+
+
+def point_id(p):
+    return "_".join(f"{k}={v}" for k, v in sorted(p.items())) or "default"
+
+
+def log(msg):
+    print(f"experiment [{time.strftime('%H:%M:%S')}]: {msg}", file=sys.stderr, flush=True)
+
+
+class Experiment:
+    def __init__(self, a):
+        self.a = a
+        self.root = pathlib.Path(a.root or f"runs/experiments/{a.name}")
+        self.settings = {k: getattr(a, k) for k in ("name", "model", "data", "budget", "rounds", "local_steps", "lower_steps",
+                                                    "batch", "seq", "rank", "rank2", "eval_every", "eval_windows", "clients")}
+        self.grid = grids(a.local_steps, a.lower_steps)
+        self.settings["grids"] = self.grid
+        self.settings["select_seed"] = SELECT_SEED
+
+    def check_settings(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        f = self.root / "settings.json"
+        if f.exists():
+            old = json.loads(f.read_text())
+            if old != json.loads(json.dumps(self.settings)):
+                diff = {k: (old.get(k), v) for k, v in json.loads(json.dumps(self.settings)).items() if old.get(k) != v}
+                sys.exit(f"experiment: {self.root} holds runs made with other settings {diff}; "
+                         f"use another --name or delete {self.root}")
+        else:
+            f.write_text(json.dumps(self.settings, indent=1, sort_keys=True) + "\n")
+
+    def command(self, method, point, seed, out, no_test):
+        a = self.a
+        flags = {"rounds": a.rounds, "local-steps": a.local_steps, "lower-steps": a.lower_steps, "batch": a.batch,
+                 "seq": a.seq, "rank": a.rank, "rank2": a.rank2, "eval-every": a.eval_every, "budget": a.budget}
+        if a.eval_windows:
+            flags["eval-windows"] = a.eval_windows
+        if a.clients:
+            flags["clients"] = a.clients
+        # Under the compute budget the baselines' iterations come from the experiment's local/lower steps,
+        # not from a PF2LoRA grid point's.
+        flags.update(point)
+        cmd = [a.binary, "federate", "--model", a.model, "--data", a.data, "--method", method, "--seed", str(seed),
+               "--threads", "1", "--store", str(out / "store"), "--out", str(out), "--token-cache", "runs/token-cache"]
+        for k, v in flags.items():
+            cmd += [f"--{k}", str(v)]
+        if no_test:
+            cmd.append("--no-test")
+        return cmd
+
+    def run(self, stage, method, key, point, seed, no_test):
+        d = self.root / stage / method / key
+        if (d / "metrics.json").exists():
+            return d
+        part = d.with_name(d.name + ".partial")
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        cmd = self.command(method, point, seed, part, no_test)
+        (part / "command.txt").write_text(" ".join(cmd) + "\n")
+        t0 = time.time()
+        with open(part / "stdout.txt", "w") as so, open(part / "stderr.txt", "w") as se:
+            r = subprocess.run(["nice", "-n", str(self.a.nice)] + cmd, stdout=so, stderr=se)
+        if r.returncode != 0 or not (part / "metrics.json").exists():
+            tail = (part / "stderr.txt").read_text()[-600:]
+            raise RuntimeError(f"{stage}/{method}/{key} failed (exit {r.returncode}):\n{tail}")
+        shutil.rmtree(part / "store", ignore_errors=True) if stage == "grid" else None
+        shutil.rmtree(d, ignore_errors=True)
+        part.rename(d)
+        log(f"{stage}/{method}/{key}: {time.time() - t0:.0f}s")
+        return d
+
+    def parallel(self, jobs):
+        with cf.ThreadPoolExecutor(max_workers=self.a.jobs) as ex:
+            futs = [ex.submit(self.run, *j) for j in jobs]
+            for f in futs:
+                f.result()
+
+    def selected(self):
+        out = {}
+        for m in self.a.methods:
+            rows = []
+            for p in self.grid[m]:
+                f = self.root / "grid" / m / point_id(p) / "metrics.json"
+                if f.exists():
+                    rows.append((json.loads(f.read_text())["mean_valid_loss"], p))
+            if len(rows) == len(self.grid[m]):
+                out[m] = (min(rows, key=lambda t: t[0])[1], rows)
+        return out
+
+    def stage_grid(self):
+        jobs = [("grid", m, point_id(p), p, SELECT_SEED, True) for m in self.a.methods for p in self.grid[m]]
+        log(f"grid: {len(jobs)} runs ({sum(1 for j in jobs if not (self.root / 'grid' / j[1] / j[2] / 'metrics.json').exists())} to do)")
+        self.parallel(jobs)
+
+    def stage_seeds(self):
+        sel = self.selected()
+        # Seed-major: an interrupted experiment has whole seeds (every method) rather than whole methods.
+        jobs = [("seeds", m, f"seed{s}", sel[m][0], s, False) for s in self.a.seeds for m in self.a.methods]
+        log(f"seeds: {len(jobs)} runs ({sum(1 for j in jobs if not (self.root / 'seeds' / j[1] / j[2] / 'metrics.json').exists())} to do)")
+        self.parallel(jobs)
+
+    def stage_nlg(self):
+        """Greedy decoding of the test inputs with every seed run's adapters (scripts/nlg_eval.py)."""
+        jobs = []
+        for s in self.a.seeds:
+            for m in self.a.methods:
+                d = self.root / "seeds" / m / f"seed{s}"
+                if (d / "metrics.json").exists() and not (d / "nlg.json").exists():
+                    jobs.append(d)
+        log(f"nlg: {len(jobs)} runs to decode")
+        def one(d):
+            cmd = [sys.executable, "scripts/nlg_eval.py", "--binary", self.a.binary, "--model", self.a.model,
+                   "--store", str(d / "store"), "--data", self.a.data, "--out", str(d / "nlg.json"),
+                   "--limit", str(self.a.nlg_limit), "--max-tokens", str(self.a.nlg_tokens), "--nice", str(self.a.nice)]
+            if self.a.clients:
+                cmd += ["--clients", self.a.clients]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"nlg_eval {d} failed: {r.stderr[-600:]}")
+            log(f"nlg {d}: done")
+        with cf.ThreadPoolExecutor(max_workers=self.a.jobs) as ex:
+            for f in [ex.submit(one, d) for d in jobs]:
+                f.result()
+
+
+# ----------------------------------------------------------------------------- statistics and report
+
+def t95(n):
+    from scipy import stats
+    return stats.t.ppf(0.975, n - 1) if n > 1 else float("nan")
+
+
+def mean_ci(xs):
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return m, t95(n) * sd / math.sqrt(n)
+
+
+def curves_svg(series, path, title):
+    """Mean valid loss by round, one line per method."""
+    colors = ["#08519c", "#8c6bb1", "#e6550d", "#fdae6b", "#31a354", "#9e9e9e"]
+    W, H, L, T, B, R = 760, 420, 70, 40, 60, 190
+    pts = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys)]
+    if not pts:
+        return
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    pad = (y1 - y0) * 0.05 or 0.01
+    y0, y1 = y0 - pad, y1 + pad
+    X = lambda x: L + (W - L - R) * ((x - x0) / ((x1 - x0) or 1))
+    Y = lambda y: T + (H - T - B) * (1 - (y - y0) / ((y1 - y0) or 1))
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+           f'<text x="{(W - R + L) / 2}" y="20" text-anchor="middle" font-size="13">{title}</text>']
+    for i in range(6):
+        yv = y0 + (y1 - y0) * i / 5
+        out.append(f'<line x1="{L}" x2="{W - R}" y1="{Y(yv):.1f}" y2="{Y(yv):.1f}" stroke="#ddd"/>'
+                   f'<text x="{L - 5}" y="{Y(yv) + 4:.1f}" text-anchor="end">{yv:.3f}</text>')
+    for xv in sorted({p[0] for p in pts}):
+        out.append(f'<text x="{X(xv):.1f}" y="{H - B + 16}" text-anchor="middle">{xv:g}</text>')
+    out.append(f'<text x="{(W - R + L) / 2}" y="{H - B + 36}" text-anchor="middle">round</text>')
+    out.append(f'<text transform="translate(16,{(H - B + T) / 2}) rotate(-90)" text-anchor="middle">mean valid loss (nats/token)</text>')
+    for j, (name, xs, ys) in enumerate(series):
+        c = colors[j % len(colors)]
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="' +
+                   " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in zip(xs, ys)) + '"/>')
+        out.append(f'<rect x="{W - R + 15}" y="{T + 18 * j}" width="12" height="12" fill="{c}"/>'
+                   f'<text x="{W - R + 32}" y="{T + 18 * j + 10}">{name}</text>')
+    out.append("</svg>")
+    pathlib.Path(path).write_text("\n".join(out) + "\n")
+
+
+def report(exp, out_md, svg):
+    from scipy import stats
+    a, root = exp.a, exp.root
+    sel = exp.selected()
+    runs = {}
+    for m in a.methods:
+        for s in a.seeds:
+            f = root / "seeds" / m / f"seed{s}" / "metrics.json"
+            if f.exists():
+                runs.setdefault(m, {})[s] = json.loads(f.read_text())
+    # Report the seeds every method has finished (seed-major runs: an interrupted experiment has whole seeds).
+    done_seeds = [sd for sd in a.seeds if all(sd in runs.get(m, {}) for m in a.methods)]
+    partial_note = []
+    if done_seeds and len(done_seeds) < len(a.seeds):
+        import copy
+        partial_note = [f"**Partial: {len(done_seeds)} of {len(a.seeds)} seeds finished for every method** (seeds "
+                        f"{', '.join(map(str, done_seeds))}); the rest resume with the command above. With one seed there is "
+                        "no interval (shown as ± nan).", ""]
+        a = copy.copy(a)
+        a.seeds = done_seeds
+    complete = [m for m in a.methods if len(a.seeds) and all(sd in runs.get(m, {}) for sd in a.seeds)]
+    lines = [f"# {a.title}", ""]
+    if a.preamble and os.path.exists(a.preamble):
+        lines += [pathlib.Path(a.preamble).read_text().strip(), ""]
+    st = exp.settings
+    g = a.local_steps * (a.lower_steps + 1)
+    lines += ["## Protocol", "",
+              f"- Base `{a.model}`, clients `{a.data}`" + (f" ({a.clients})" if a.clients else "") + ".",
+              f"- Budget **{a.budget}**: " + (
+                  f"every method makes {g} gradient evaluations (minibatches of {a.batch} x {a.seq} tokens) per client "
+                  f"per round: PF2LoRA {a.local_steps} local iterations x ({a.lower_steps} lower + 1 upper); HOMLoRA, "
+                  f"Local-only, HETLoRA, FedAvg+FT {g} iterations; Per-FedAvg {g // 2} iterations of 2 evaluations. "
+                  f"FedAvg+FT then fine-tunes 5 rounds' worth on top (its token count below says so)."
+                  if a.budget == "compute" else
+                  f"every method runs {a.local_steps} local iterations per round (PF2LoRA's make {a.lower_steps + 1} "
+                  f"gradient evaluations each, so it sees more tokens; see the token column)."),
+              f"- {a.rounds} rounds, all clients every round, rank r = {a.rank}, r2 = {a.rank2} (single-level "
+              f"baselines rank {a.rank + a.rank2}), valid loss every {a.eval_every} rounds.",
+              f"- Tuning: every method has a grid of {len(exp.grid['pf2lora'])} points, run at seed {SELECT_SEED} "
+              f"without reading the test split; the point with the lowest mean valid loss is selected. Then "
+              f"{len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}) at the selected point; the test split is read once, at the end of each.",
+              f"- Reproduce: `python3 scripts/experiment.py {' '.join(a.argv)}` (resumable).", ""]
+    lines += ["## Grids and selections (mean valid loss at the selection seed)", ""]
+    lines += ["| method | grid point | mean valid loss | selected |", "|---|---|---:|:---:|"]
+    for m in a.methods:
+        if m not in sel:
+            lines.append(f"| {NAMES[m]} | (grid not finished) | | |")
+            continue
+        best, rows = sel[m]
+        for v, p in rows:
+            lines.append(f"| {NAMES[m]} | `{point_id(p)}` | {v:.4f} | {'**yes**' if p == best else ''} |")
+    lines.append("")
+    lines += selection_stage(a, root, sel, out_md, svg)
+    if not complete:
+        lines += ["No method has finished every seed yet: the test split has not been read. Finish with the "
+                  "command above (it resumes).", ""]
+        if a.appendix and os.path.exists(a.appendix):
+            lines += [pathlib.Path(a.appendix).read_text().strip(), ""]
+        lines += diagnostics(root)
+        pathlib.Path(out_md).write_text("\n".join(lines) + "\n")
+        return
+    lines += partial_note
+    clients = [c["client"] for c in runs[complete[0]][a.seeds[0]]["clients"]]
+    def loss(m, s, c):
+        return {x["client"]: x["test_loss"] for x in runs[m][s]["clients"]}[c]
+    lines += ["## Test loss per client (mean ± 95 % CI over seeds; nats per token, lower is better)", ""]
+    lines.append("| client | Base | " + " | ".join(NAMES[m] for m in complete) + " |")
+    lines.append("|---|---:|" + "---:|" * len(complete))
+    base = {c["client"]: c["base_test_loss"] for c in runs[complete[0]][a.seeds[0]]["clients"]}
+    for c in clients:
+        cells = []
+        ms = {m: mean_ci([loss(m, s, c) for s in a.seeds]) for m in complete}
+        best = min(v[0] for v in ms.values())
+        for m in complete:
+            mu, ci = ms[m]
+            txt = f"{mu:.4f} ± {ci:.4f}"
+            cells.append(f"**{txt}**" if mu == best else txt)
+        lines.append(f"| {c} | {base[c]:.4f} | " + " | ".join(cells) + " |")
+    overall = {m: mean_ci([sum(loss(m, s, c) for c in clients) / len(clients) for s in a.seeds]) for m in complete}
+    lines.append(f"| **mean over clients** | {sum(base.values()) / len(base):.4f} | " +
+                 " | ".join(f"**{overall[m][0]:.4f} ± {overall[m][1]:.4f}**" for m in complete) + " |")
+    lines.append("")
+    ranking = sorted(complete, key=lambda m: overall[m][0])
+    lines.append("Mean test loss over clients, best first (mean ± 95 % CI over seeds): " +
+                 ", ".join(f"{NAMES[m]} {overall[m][0]:.4f} ± {overall[m][1]:.4f}" for m in ranking) + ".")
+    lines.append("")
+    if "pf2lora" in complete:
+        lines += ["## PF2LoRA against each baseline (paired over client x seed)", "",
+                  "Wilcoxon signed-rank test, two-sided, on the test-loss differences PF2LoRA − baseline over "
+                  f"{len(clients)} clients x {len(a.seeds)} seeds = {len(clients) * len(a.seeds)} pairs "
+                  "(pairs are not independent across seeds of one client; the test is a screen, the per-client CIs above are the detail).", "",
+                  "| baseline | PF2LoRA lower on | mean difference (nats) | median difference | Wilcoxon p | clients where PF2LoRA's seed-mean is lower |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for m in complete:
+            if m == "pf2lora":
+                continue
+            d = [loss("pf2lora", s, c) - loss(m, s, c) for c in clients for s in a.seeds]
+            wins = sum(1 for x in d if x < 0)
+            p = stats.wilcoxon(d).pvalue if any(x != 0 for x in d) else 1.0
+            dm = sorted(d)[len(d) // 2]
+            cw = sum(1 for c in clients if sum(loss("pf2lora", s, c) for s in a.seeds) < sum(loss(m, s, c) for s in a.seeds))
+            lines.append(f"| {NAMES[m]} | {wins} of {len(d)} | {sum(d) / len(d):+.4f} | {dm:+.4f} | {p:.2g} | {cw} of {len(clients)} |")
+        lines.append("")
+    nlg = {}
+    for m in complete:
+        for sd in a.seeds:
+            f = root / "seeds" / m / f"seed{sd}" / "nlg.json"
+            if f.exists():
+                nlg.setdefault(m, {})[sd] = json.loads(f.read_text())
+    nlg_complete = [m for m in complete if len(nlg.get(m, {})) == len(a.seeds)]
+    if nlg_complete:
+        first = nlg[nlg_complete[0]][a.seeds[0]]
+        lines += ["## Data-to-text metrics (greedy decoding of test inputs)", "",
+                  f"First {first['limit']} test examples per client, at most {first['max_tokens']} new tokens; "
+                  f"BLEU (sacrebleu, corpus level per client), ROUGE-L F1 (rouge-score, stemmed), METEOR ({first['meteor']}). "
+                  "Mean ± 95 % CI over seeds; higher is better.", ""]
+        for metric, label in (("bleu", "BLEU"), ("rougeL", "ROUGE-L"), ("meteor", "METEOR")):
+            lines += [f"**{label}**", "", "| client | " + " | ".join(NAMES[m] for m in nlg_complete) + " |",
+                      "|---|" + "---:|" * len(nlg_complete)]
+            def v(m, sd, c):
+                return nlg[m][sd]["clients"][c][metric]
+            for c in clients:
+                ms = {m: mean_ci([v(m, sd, c) for sd in a.seeds]) for m in nlg_complete}
+                best = max(x[0] for x in ms.values())
+                lines.append(f"| {c} | " + " | ".join((f"**{ms[m][0]:.2f} ± {ms[m][1]:.2f}**" if ms[m][0] == best else f"{ms[m][0]:.2f} ± {ms[m][1]:.2f}") for m in nlg_complete) + " |")
+            ov = {m: mean_ci([sum(v(m, sd, c) for c in clients) / len(clients) for sd in a.seeds]) for m in nlg_complete}
+            lines.append("| **mean over clients** | " + " | ".join(f"**{ov[m][0]:.2f} ± {ov[m][1]:.2f}**" for m in nlg_complete) + " |")
+            lines.append("")
+            if "pf2lora" in nlg_complete:
+                cmp = []
+                for m in nlg_complete:
+                    if m == "pf2lora":
+                        continue
+                    d = [v("pf2lora", sd, c) - v(m, sd, c) for c in clients for sd in a.seeds]
+                    p = stats.wilcoxon(d).pvalue if any(x != 0 for x in d) else 1.0
+                    cmp.append(f"{NAMES[m]}: PF2LoRA higher on {sum(1 for x in d if x > 0)} of {len(d)}, mean {sum(d) / len(d):+.2f}, p = {p:.2g}")
+                lines += [f"PF2LoRA vs each baseline on {label} (Wilcoxon signed-rank over client x seed): " + "; ".join(cmp) + ".", ""]
+        smp = nlg["pf2lora" if "pf2lora" in nlg_complete else nlg_complete[0]][a.seeds[0]]["clients"]
+        lines += ["Samples (PF2LoRA, seed " + str(a.seeds[0]) + ", first test example of three clients):", ""]
+        for c in clients[:3]:
+            x = smp[c]["sample"]
+            lines += [f"*{c}* — input:", "", "```", x["input"].rstrip(), "```", "output:", "", "```", x["output"][:500], "```",
+                      "reference:", "", "```", x["reference"][:500], "```", ""]
+    if a.rank_controls and all(m in complete for m in ("pf2lora", "local", "fedavg-ft")):
+        lines += rank_controls(a, root, clients)
+    lines += ["## Cost per method (measured, mean over seeds)", "",
+              "| method | local iterations / round | gradient evaluations / client / round | tokens trained / client (whole run) | trainable params / client | uploaded / client / round | training s / round | peak RSS (MB) | wall-clock s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in complete:
+        r = list(runs[m].values())
+        c0 = r[0]["clients"][0]
+        tok = sum(x["clients"][0]["tokens"] for x in r) / len(r)
+        lines.append(f"| {NAMES[m]} | {r[0]['local_iterations']} | {r[0]['gradient_evaluations_per_round']} | {tok:,.0f} | "
+                     f"{c0['trainable_parameters']:,} | {c0['uploaded_parameters_per_round']:,} | "
+                     f"{sum(x['seconds_per_round'] for x in r) / len(r):.1f} | {max(x['peak_rss_bytes'] for x in r) / 2**20:.0f} | "
+                     f"{sum(x['seconds'] for x in r) / len(r):.0f} |")
+    lines += ["", "Wall-clock on a 2-core machine shared with other jobs, one BLAS thread per run, "
+              f"{a.jobs} runs at a time: compare within this table only.", ""]
+    series = []
+    for m in complete:
+        by = {}
+        for s in a.seeds:
+            for p in runs[m][s].get("mean_valid_loss_by_round", []):
+                by.setdefault(p["round"], []).append(p["loss"])
+        xs = sorted(k for k, v in by.items() if len(v) == len(a.seeds))
+        series.append((NAMES[m], xs, [sum(by[x]) / len(by[x]) for x in xs]))
+    curves_svg(series, svg, "Mean valid loss by round (mean over seeds)")
+    lines += ["## Validation curves", "", f"![mean valid loss by round]({os.path.relpath(svg, os.path.dirname(out_md) or '.')})", ""]
+    flat = []
+    for name, xs, ys in series:
+        if len(ys) >= 3:
+            last, prev = ys[-1], ys[-2]
+            flat.append(f"{name} {prev - last:+.4f}")
+    if flat:
+        lines += ["Valid-loss improvement over the last evaluation interval (positive = still improving): " + ", ".join(flat) + ".", ""]
+    if a.appendix and os.path.exists(a.appendix):
+        lines += [pathlib.Path(a.appendix).read_text().strip(), ""]
+    pathlib.Path(out_md).write_text("\n".join(lines) + "\n")
+    log(f"wrote {out_md} and {svg}")
+
+
+def diagnostics(root):
+    """Runs outside the grids (ROOT/diagnostic/<name>/metrics.json), never used for selection."""
+    rows = []
+    for f in sorted((root / "diagnostic").glob("*/metrics.json")):
+        m = json.loads(f.read_text())
+        rows.append(f"| {f.parent.name} | {NAMES.get(m['method'], m['method'])} | {m['lr']:g} | {m['lr2']:g} | "
+                    f"{m['local_iterations']} | {m['gradient_evaluations_per_round']} | {m['mean_valid_loss']:.4f} |")
+    if not rows:
+        return []
+    return ["### Diagnostic runs (outside the grids, selection seed, valid split)", "",
+            "| run | method | lr | lr2 | local iterations | gradient evaluations / client / round | mean valid loss |",
+            "|---|---|---:|---:|---:|---:|---:|"] + rows + [""]
+
+
+def selection_stage(a, root, sel, out_md, svg):
+    """Per-client valid loss of each method's selected grid point (selection seed): a one-seed comparison
+    on the split used for selection (optimistic for every method alike, each having the same number of points)."""
+    from scipy import stats
+    done = [m for m in a.methods if m in sel]
+    if len(done) < 2:
+        return []
+    per = {}
+    for m in done:
+        f = root / "grid" / m / point_id(sel[m][0]) / "metrics.json"
+        per[m] = {c["client"]: c["valid_loss"] for c in json.loads(f.read_text())["clients"]}
+    clients = list(per[done[0]])
+    out = [f"## Selection stage: valid loss of each method's selected point (seed {SELECT_SEED}, one seed)", "",
+           "The split used for selection, so every number is optimistic by the same mechanism (each method picks the "
+           "best of the same number of points); no confidence interval (one seed). Lower is better.", "",
+           "| client | " + " | ".join(NAMES[m] for m in done) + " |", "|---|" + "---:|" * len(done)]
+    for c in clients:
+        best = min(per[m][c] for m in done)
+        out.append(f"| {c} | " + " | ".join((f"**{per[m][c]:.4f}**" if per[m][c] == best else f"{per[m][c]:.4f}") for m in done) + " |")
+    out.append("| **mean** | " + " | ".join(f"**{sum(per[m].values()) / len(clients):.4f}**" for m in done) + " |")
+    out.append("")
+    series = []
+    for m in done:
+        r = json.loads((root / "grid" / m / point_id(sel[m][0]) / "metrics.json").read_text())
+        pts = [(0, r["mean_base_valid_loss"])] + [(x["round"], x["loss"]) for x in r.get("mean_valid_loss_by_round", [])]
+        series.append((NAMES[m], [x for x, _ in pts], [y for _, y in pts]))
+    sel_svg = str(pathlib.Path(svg).with_suffix("")) + "-selection.svg"
+    curves_svg(series, sel_svg, f"Mean valid loss by round, selected points, seed {SELECT_SEED} (round 0 = base)")
+    out += [f"![valid curves of the selected points]({os.path.relpath(sel_svg, os.path.dirname(out_md) or '.')})", ""]
+    last = ", ".join(f"{n} {ys[-2] - ys[-1]:+.4f}" for n, _, ys in series if len(ys) >= 2)
+    out += [f"Valid-loss drop over the last evaluation interval (positive = still improving): {last}.", ""]
+    out += ["Cost of these runs (measured; one run each, 2-core machine shared with other jobs, one BLAS thread, "
+            f"{a.jobs} runs at a time: compare within the table only):", "",
+            "| method | local iterations / round | gradient evaluations / client / round | tokens trained / client | trainable params / client | uploaded / client / round | training s / round | peak RSS (MB) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in done:
+        r = json.loads((root / "grid" / m / point_id(sel[m][0]) / "metrics.json").read_text())
+        c0 = r["clients"][0]
+        out.append(f"| {NAMES[m]} | {r['local_iterations']} | {r['gradient_evaluations_per_round']} | {c0['tokens']:,} | "
+                   f"{c0['trainable_parameters']:,} | {c0['uploaded_parameters_per_round']:,} | {r['seconds_per_round']:.1f} | "
+                   f"{r['peak_rss_bytes'] / 2**20:.0f} |")
+    out.append("")
+    if "pf2lora" in done:
+        cmp = []
+        for m in done:
+            if m == "pf2lora":
+                continue
+            d = [per["pf2lora"][c] - per[m][c] for c in clients]
+            p = stats.wilcoxon(d).pvalue if any(x != 0 for x in d) else 1.0
+            cmp.append(f"{NAMES[m]}: PF2LoRA lower on {sum(1 for x in d if x < 0)} of {len(d)} clients, "
+                       f"mean {sum(d) / len(d):+.4f}, Wilcoxon p = {p:.2g}")
+        out += ["PF2LoRA vs each baseline over clients (valid, one seed): " + "; ".join(cmp) + ".", ""]
+    return out
+
+
+def rank_controls(a, root, clients):
+    """Learned rank with controls: the spectra of PF2LoRA's, Local-only's and FedAvg+FT's effective update
+    per client and module (read from each seed run's store with `pf2lora adapters rank --json`), ranked at
+    several tau."""
+    taus = [0.05, 0.1, 0.2, 0.3]
+    cache = root / "rank-controls.json"
+    data = json.loads(cache.read_text()) if cache.exists() else {}
+    for m in ("pf2lora", "local", "fedavg-ft"):
+        for sd in a.seeds:
+            for c in clients:
+                k = f"{m}/{sd}/{c}"
+                if k in data:
+                    continue
+                r = subprocess.run(["nice", "-n", str(a.nice), a.binary, "adapters", "rank", "--model", a.model,
+                                    "--store", str(root / "seeds" / m / f"seed{sd}" / "store"), "--client", c, "--json"],
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise RuntimeError(f"adapters rank {k}: {r.stderr.strip()[-300:]}")
+                data[k] = {x["module"]: x["singular_values"] for x in json.loads(r.stdout)["modules"]}
+        cache.write_text(json.dumps(data))
+    def rank(sv, tau):
+        top = max(sv) if sv else 0
+        return sum(1 for x in sv if top > 0 and x > tau * top)
+    lo = a.rank - a.rank2
+    out = ["## Learned rank, with controls", "",
+           f"Rank of each module's effective update (singular values above tau x the largest), over {len(clients)} clients x "
+           f"{len(a.seeds)} seeds x every adapted module. PF2LoRA's update s1 BA + s2 D_kC_k can have any rank in "
+           f"[{lo}, {a.rank + a.rank2}] only if both levels are used; Local-only's and FedAvg+FT's rank-{a.rank + a.rank2} "
+           "updates are read with the same rule as controls: a rank they show as well is a property of the data and the "
+           "training length, not of the two levels.", "",
+           "| method | " + " | ".join(f"mean rank τ={t}" for t in taus) + f" | share below {lo} (τ=0.1) | share changed τ 0.1→0.05 | share changed τ 0.1→0.2 |",
+           "|---|" + "---:|" * (len(taus) + 3)]
+    for m in ("pf2lora", "local", "fedavg-ft"):
+        svs = [sv for k, mods in data.items() if k.startswith(m + "/") for sv in mods.values()]
+        if not svs:
+            continue
+        means = [sum(rank(sv, t) for sv in svs) / len(svs) for t in taus]
+        below = sum(1 for sv in svs if rank(sv, 0.1) < lo) / len(svs)
+        ch05 = sum(1 for sv in svs if rank(sv, 0.05) != rank(sv, 0.1)) / len(svs)
+        ch2 = sum(1 for sv in svs if rank(sv, 0.2) != rank(sv, 0.1)) / len(svs)
+        out.append(f"| {NAMES[m]} | " + " | ".join(f"{x:.2f}" for x in means) + f" | {100 * below:.0f} % | {100 * ch05:.0f} % | {100 * ch2:.0f} % |")
+    out.append("")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--root", help="default runs/experiments/NAME")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--clients", default="", help="only these clients (comma-separated)")
+    ap.add_argument("--binary", default=".build/release/pf2lora")
+    ap.add_argument("--budget", choices=["steps", "compute"], default="compute")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--local-steps", type=int, default=4)
+    ap.add_argument("--lower-steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--rank2", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=2)
+    ap.add_argument("--eval-windows", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--nice", type=int, default=19)
+    ap.add_argument("--stage", choices=["all", "grid", "seeds", "nlg", "report"], default="all")
+    ap.add_argument("--nlg", action="store_true", help="data-to-text: decode test inputs, BLEU / ROUGE-L / METEOR")
+    ap.add_argument("--nlg-limit", type=int, default=30, help="test examples decoded per client")
+    ap.add_argument("--nlg-tokens", type=int, default=96)
+    ap.add_argument("--rank-controls", action="store_true", help="learned-rank table with Local-only / FedAvg+FT controls")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--out", help="Markdown report (default ROOT/RESULTS.md)")
+    ap.add_argument("--svg", help="curves (default next to --out)")
+    ap.add_argument("--title", default="Fair comparison")
+    ap.add_argument("--preamble", default="")
+    ap.add_argument("--appendix", default="")
+    a = ap.parse_args()
+    skip = {"--report-only"}
+    a.argv = [x if " " not in x else repr(x) for x in sys.argv[1:] if x not in skip]
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    a.methods = [m for m in a.methods.split(",") if m]
+    for m in a.methods:
+        if m not in METHODS:
+            sys.exit(f"experiment: unknown method {m}; use {', '.join(METHODS)}")
+    if not a.report_only and not os.access(a.binary, os.X_OK):
+        sys.exit(f"experiment: {a.binary} is missing; build it (swift build -c release --product pf2lora) "
+                 "and copy it out of .build so rebuilds do not disturb a run")
+    exp = Experiment(a)
+    exp.check_settings()
+    out = a.out or str(exp.root / "RESULTS.md")
+    svg = a.svg or str(pathlib.Path(out).with_suffix("")) + "-curves.svg"
+    t0 = time.time()
+    if not a.report_only:
+        if a.stage in ("all", "grid"):
+            exp.stage_grid()
+        if a.stage in ("all", "seeds"):
+            exp.stage_seeds()
+        if a.nlg and a.stage in ("all", "nlg"):
+            exp.stage_nlg()
+    report(exp, out, svg)
+    log(f"finished in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

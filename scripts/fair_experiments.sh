@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every experiment of the fair protocol (issue 13, DESIGN §9), each resumable, each writing its page:
+#   docs/SYNTHETIC-fair.md          synthetic federation: compute budget, equal grids, 5 seeds, ablations   (~10 min alone)
+#   docs/SYNTHETIC-rank-sweep.md    learned rank under noise / few examples / misspecified truth, controls (~5 min alone)
+#   docs/RESULTS-data-to-text.md    Debian package descriptions, 13 sections, all six methods, 3 seeds      (~1.5 h alone)
+#   docs/RESULTS-fortune-fair.md    the fortune federation under the same protocol                          (~2 h alone)
+# Run times: measured on the 2-core machine (docs/RESULTS.md says which parts ran in which session).
+# A killed run restarts where it stopped (finished runs are kept, per method, seed and grid point);
+# a rerun with other settings refuses instead of mixing runs (delete runs/experiments/<name> first).
+#
+#   scripts/fair_experiments.sh [synthetic|debian|fortune|all]     (default all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHAT=${1:-all}
+BIN=runs/bin/pf2lora
+if [ ! -x "$BIN" ]; then
+  swift build -c release --product pf2lora >&2
+  mkdir -p runs/bin && cp .build/release/pf2lora "$BIN.new" && mv "$BIN.new" "$BIN"   # a copy: rebuilds do not disturb a run
+fi
+T0=$(date +%s)
+say() { echo "fair_experiments [$(( $(date +%s) - T0 ))s]: $*" >&2; }
+
+if [ "$WHAT" = all ] || [ "$WHAT" = synthetic ]; then
+  say "synthetic federation, fair protocol"
+  python3 scripts/synthetic_fair.py --binary "$BIN" --out docs/SYNTHETIC-fair.md > /dev/null
+  say "synthetic rank sweep"
+  python3 scripts/synthetic_rank_sweep.py --binary "$BIN" --out docs/SYNTHETIC-rank-sweep.md > /dev/null
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = debian ]; then
+  [ -d data/debian/clients ] || python3 scripts/make_debian_corpus.py --out data/debian
+  say "data-to-text federation"
+  python3 scripts/experiment.py --name debian-compute --model models/fortune-gpt2 --data data/debian/clients --binary "$BIN" \
+    --budget compute --rounds 6 --local-steps 2 --lower-steps 2 --batch 4 --seq 64 --eval-every 2 --eval-windows 64 \
+    --seeds 0,1,2 --jobs 3 --nlg --nlg-limit 20 --nlg-tokens 80 --rank-controls \
+    --title "Data-to-text on Debian's package index: fair comparison (compute budget)" \
+    --preamble docs/results-data-to-text-preamble.md --appendix docs/results-data-to-text-analysis.md \
+    --out docs/RESULTS-data-to-text.md --svg docs/results-data-to-text-curves.svg
+fi
+
+if [ "$WHAT" = all ] || [ "$WHAT" = fortune ]; then
+  [ -d data/corpus/clients ] || python3 scripts/make_corpus.py --out data/corpus
+  say "fortune federation, fair protocol"
+  python3 scripts/experiment.py --name fortune-compute --model models/fortune-gpt2 --data data/corpus/clients --binary "$BIN" \
+    --budget compute --rounds 10 --local-steps 2 --lower-steps 2 --batch 8 --seq 64 --eval-every 2 --eval-windows 48 \
+    --seeds 0,1,2 --jobs 2 --rank-controls \
+    --title "The fortune federation: fair comparison (shipped base, compute budget)" \
+    --out docs/RESULTS-fortune-fair.md --svg docs/results-fortune-fair-curves.svg
+fi
+say "finished"

@@ -47,6 +47,8 @@ public final class BPETokenizer: @unchecked Sendable {
     private let rawAdded: AddedTokenMatcher          // tokens matched in the raw text
     private let normalizedAdded: AddedTokenMatcher   // tokens matched after normalization
     private let nfc: Bool
+    /// The text is normalized (NFC) before it is split into tokens, which may change its length.
+    var normalizesText: Bool { nfc }
     private let steps: [PreTokenizerStep]
     /// ignore_merges: piece bytes -> its vocabulary id.
     private let wholeWords: WordCache?

@@ -151,17 +151,18 @@ class Experiment:
 
     def stage_seeds(self):
         sel = self.selected()
-        jobs = [("seeds", m, f"seed{s}", sel[m][0], s, False) for m in self.a.methods for s in self.a.seeds]
+        # Seed-major: an interrupted experiment has whole seeds (every method) rather than whole methods.
+        jobs = [("seeds", m, f"seed{s}", sel[m][0], s, False) for s in self.a.seeds for m in self.a.methods]
         log(f"seeds: {len(jobs)} runs ({sum(1 for j in jobs if not (self.root / 'seeds' / j[1] / j[2] / 'metrics.json').exists())} to do)")
         self.parallel(jobs)
 
     def stage_nlg(self):
         """Greedy decoding of the test inputs with every seed run's adapters (scripts/nlg_eval.py)."""
         jobs = []
-        for m in self.a.methods:
-            for s in self.a.seeds:
+        for s in self.a.seeds:
+            for m in self.a.methods:
                 d = self.root / "seeds" / m / f"seed{s}"
-                if not (d / "nlg.json").exists():
+                if (d / "metrics.json").exists() and not (d / "nlg.json").exists():
                     jobs.append(d)
         log(f"nlg: {len(jobs)} runs to decode")
         def one(d):
@@ -238,7 +239,17 @@ def report(exp, out_md, svg):
             f = root / "seeds" / m / f"seed{s}" / "metrics.json"
             if f.exists():
                 runs.setdefault(m, {})[s] = json.loads(f.read_text())
-    complete = [m for m in a.methods if len(runs.get(m, {})) == len(a.seeds)]
+    # Report the seeds every method has finished (seed-major runs: an interrupted experiment has whole seeds).
+    done_seeds = [sd for sd in a.seeds if all(sd in runs.get(m, {}) for m in a.methods)]
+    partial_note = []
+    if done_seeds and len(done_seeds) < len(a.seeds):
+        import copy
+        partial_note = [f"**Partial: {len(done_seeds)} of {len(a.seeds)} seeds finished for every method** (seeds "
+                        f"{', '.join(map(str, done_seeds))}); the rest resume with the command above. With one seed there is "
+                        "no interval (shown as ± nan).", ""]
+        a = copy.copy(a)
+        a.seeds = done_seeds
+    complete = [m for m in a.methods if len(a.seeds) and all(sd in runs.get(m, {}) for sd in a.seeds)]
     lines = [f"# {a.title}", ""]
     if a.preamble and os.path.exists(a.preamble):
         lines += [pathlib.Path(a.preamble).read_text().strip(), ""]
@@ -279,6 +290,7 @@ def report(exp, out_md, svg):
         lines += diagnostics(root)
         pathlib.Path(out_md).write_text("\n".join(lines) + "\n")
         return
+    lines += partial_note
     clients = [c["client"] for c in runs[complete[0]][a.seeds[0]]["clients"]]
     def loss(m, s, c):
         return {x["client"]: x["test_loss"] for x in runs[m][s]["clients"]}[c]

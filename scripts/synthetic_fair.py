@@ -184,6 +184,17 @@ def main():
               "MSE still falls until the cosine schedule ends at round 150, from 4 % above the noise floor (0.0100); the "
               "single-level baselines are flat or rising (HOMLoRA, Per-FedAvg and HETLoRA cannot fit the clients' "
               "differences; Local-only has converged)."]
+    lines += ["", "Cost (selected points, mean over seeds; wall-clock on the shared 2-core machine, one run at a time, "
+              "compare within the table only):", "",
+              "| method | gradient evaluations / client / round | trainable params / client | uploaded / client / round | seconds per run |",
+              "|---|---:|---:|---:|---:|"]
+    for m in METHODS:
+        secs, tp, up = [], 0, 0
+        for s in seeds:
+            res = json.loads((root / "seeds" / m / f"{key(selected[m])}_seed{s}" / "results.json").read_text())
+            sm = summary(res, m)
+            secs.append(sm["seconds"]); tp = sm["trainableParametersPerClient"]; up = sm["uploadedParametersPerRound"]
+        lines.append(f"| {NAMES[m]} | 60 | {tp:,} | {up:,} | {sum(secs) / len(secs):.1f} |")
     exact = [test[("ranks", s)] for s in seeds]
     lines += ["", f"PF2LoRA's learned ranks (tau = 0.1) equal the true ranks for "
               f"{sum(e[0] for e in exact)} of {sum(e[1] for e in exact)} client-seeds at the selected point.", ""]

@@ -130,7 +130,7 @@ struct GenerateCommand: ParsableCommand {
         let engine = InferenceEngine(model: m)
         let cache = KVCache(architecture: m.architecture, capacity: min(m.architecture.contextLength, ids.count + maxTokens + 1))
         let gen = GenerationState(request: GenerationRequest(prompt: ids, maxTokens: maxTokens, sampling: sampling, stop: stop, ignoreEOS: ignoreEOS),
-                                  cache: cache, vocabSize: m.architecture.vocabSize, eos: tok.eosTokenId, decodeToken: { tok.decodeBytes([$0]) })
+                                  cache: cache, vocabSize: m.architecture.vocabSize, eosTokens: m.eosTokenIds(tokenizer: tok), decodeToken: { tok.decodeBytes([$0]) })
         let t0 = now()
         var tFirst = t0
         let stdout = FileHandle.standardOutput
@@ -154,12 +154,14 @@ struct ServeCommand: ParsableCommand {
         commandName: "serve",
         abstract: "Serve many clients over JSON-RPC 2.0 on stdin/stdout (one JSON object per line).",
         discussion: """
-        Methods: generate, personalize, train_local, evaluate_local, adapters.list, adapters.load, \
+        Methods: generate, cancel, personalize, train_local, evaluate_local, adapters.list, adapters.load, \
         adapters.evict, reload, stats, health, shutdown (train_local and evaluate_local make this \
         process a federated client node, see docs/FLOWER.md). Responses and `token` notifications go to stdout, logs to stderr. Requests \
         of different clients are batched together (continuous batching); a new adapter version in the \
-        store is used by the client's next request without a restart. EOF on stdin drains in-flight \
-        work and exits 0. See docs/PROTOCOL.md for every method, parameter and error code.
+        store is used by the client's next request without a restart. EOF on stdin, `shutdown`, SIGTERM \
+        or SIGINT drain: no new work is taken, everything in flight (training included) finishes and \
+        is answered, then the server exits 0; a second signal exits at once. See docs/PROTOCOL.md for \
+        every method, parameter and error code.
         """)
 
     @OptionGroup var options: ModelOptions
@@ -181,6 +183,12 @@ struct ServeCommand: ParsableCommand {
     var exchangeDir: String?
     @Option(name: .customLong("exchange-max-mb"), help: "The largest file a request may make the server read from the exchange folder, in MiB.")
     var exchangeMaxMB = 1024
+    @Option(name: .customLong("max-train-mb"), help: "Largest training state (activations for batch x seq) a personalize, train_local or evaluate_local may take, in MiB; a larger request is refused with the figure before anything is allocated (0: no bound).")
+    var maxTrainMB = 2048
+    @Flag(help: "Ignore unknown request params (by default they are refused with -32602 naming them).")
+    var lenient = false
+    @Option(name: .customLong("drain-timeout"), help: "Seconds a drain (EOF, shutdown, SIGTERM, SIGINT) waits for the work in flight before cancelling it; every request is still answered (default: wait for all of it).")
+    var drainTimeout: Double?
 
     func validate() throws {
         guard maxBatch >= 1, maxQueue >= 0, maxPromptTokens >= 1, maxNewTokens >= 0, maxLineBytes >= 64 else {
@@ -190,6 +198,8 @@ struct ServeCommand: ParsableCommand {
         guard cacheMB >= 0, cacheMB <= memoryMB else {
             throw ValidationError("--cache-mb \(cacheMB) is outside 0...\(memoryMB) (this machine's memory in MiB); 0 turns the cache off")
         }
+        guard maxTrainMB >= 0 else { throw ValidationError("--max-train-mb must be >= 0 (0: no bound)") }
+        if let t = drainTimeout { guard t.isFinite, t >= 0 else { throw ValidationError("--drain-timeout must be a number of seconds >= 0") } }
         guard exchangeMaxMB >= 1, exchangeMaxMB <= 1 << 20 else { throw ValidationError("--exchange-max-mb must be in 1...1048576 (got \(exchangeMaxMB))") }
         guard exchangeDir == nil || options.store != nil else {
             throw ValidationError("--exchange-dir needs --store: it is where train_local and evaluate_local read and write, and they need a store")
@@ -204,7 +214,9 @@ struct ServeCommand: ParsableCommand {
         var limits = ServerLimits()
         limits.maxBatch = maxBatch; limits.maxQueue = maxQueue; limits.maxPromptTokens = maxPromptTokens
         limits.maxNewTokens = maxNewTokens; limits.maxLineBytes = maxLineBytes
-        let server = Server(model: m, tokenizer: tok, store: store, strictClients: strictClients, limits: limits)
+        let server = Server(model: m, tokenizer: tok, store: store, strictClients: strictClients, limits: limits, lenient: lenient)
+        server.training.maxStateBytes = maxTrainMB == 0 ? nil : maxTrainMB << 20
+        server.drainTimeout = drainTimeout
         do { try server.runtime.prepare() } catch {
             throw CLIError("the store's shared adapter failed to load: \(AdapterRuntime.rpcError(error).message)")
         }
@@ -217,9 +229,9 @@ struct ServeCommand: ParsableCommand {
                 exchange = try ConfinedFolder(exchangeDir, readLimit: exchangeMaxMB << 20, excluding: [options.store!, store!.directory])
             } catch { throw CLIError("\(error)") }
         }
-        let slot = TrainingSlot()
-        installPersonalize(server, slot: slot)
-        installFederatedClient(server, slot: slot, exchange: exchange)
+        installPersonalize(on: server)
+        installFederatedClient(on: server, exchange: exchange)
+        server.handleTerminationSignals()
         log("serve: pf2lora \(PF2LoRAVersion.string), \(m.folder) (\(m.architecture.layerCount) layers, vocab \(m.architecture.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")
         let code = server.run()
         log("serve: drained, exiting")

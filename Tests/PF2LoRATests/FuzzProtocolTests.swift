@@ -92,13 +92,18 @@ import Testing
             case 0..<22:   // a valid greedy generate
                 let ti = Int.random(in: 0..<templates.count, using: &rng)
                 var p = genParams(templates[ti])
-                if Bool.random(using: &rng) { p["seed"] = 0; p["stop"] = [] as [String]; p["top_k"] = 0; p["unknown_extra"] = ["x": [1, 2]] }
+                // An unknown param is refused (-32602), not ignored (issue 11, item 16).
+                var unknown = false
+                if Bool.random(using: &rng) {
+                    p["seed"] = 0; p["stop"] = [] as [String]; p["top_k"] = 0
+                    if Int.random(in: 0..<4, using: &rng) == 0 { p["unknown_extra"] = ["x": [1, 2]]; unknown = true }
+                }
                 let stream = Int.random(in: 0..<4, using: &rng) == 0
                 if stream { p["stream"] = true }
                 var params = json(p)
                 if Int.random(in: 0..<5, using: &rng) == 0 { params = params.replacingOccurrences(of: "\"seed\":0", with: "\"seed\":-0") }
                 let id = freshID()
-                line = Line(bytes: Array(req(id.json, "generate", params).utf8), expect: .text(ti), key: id.key, stream: stream)
+                line = Line(bytes: Array(req(id.json, "generate", params).utf8), expect: unknown ? .error(-32602) : .text(ti), key: id.key, stream: stream)
             case 22..<26:  // a sampled generate: any result
                 let id = freshID()
                 let p: [String: Any] = ["prompt": "The", "max_tokens": Int.random(in: 1...6, using: &rng), "temperature": 0.9, "top_p": 0.9,

@@ -19,8 +19,12 @@ import Testing
         let reader = try AdapterStore.open(root: fx.store, base: base, cacheBytes: 0)
         let runtime = AdapterRuntime(model: fx.gpt2, store: reader)
         try runtime.prepare()
-        let done = NSCondition()
-        var finished = false, published = 0
+        /// The publisher's progress, shared with this thread under its lock.
+        final class Progress: @unchecked Sendable {
+            let lock = NSLock()
+            var finished = false, published = 0
+        }
+        let progress = Progress()
         let publishes = 300
         let t = Thread {
             for n in 0..<publishes {
@@ -29,15 +33,15 @@ import Testing
                 } else {
                     _ = try? writer.publishClient(id: "imp", ServerFixture.randomAdapter(base: base, level: .client, rank: 2, seed: UInt64(n), clientID: "imp"))
                 }
-                done.lock(); published += 1; done.unlock()
+                progress.lock.lock(); progress.published += 1; progress.lock.unlock()
             }
-            done.lock(); finished = true; done.broadcast(); done.unlock()
+            progress.lock.lock(); progress.finished = true; progress.lock.unlock()
         }
         t.start()
         var resolves = 0, failures: [String] = []
         var versions = Set<Int>()
         while true {
-            done.lock(); let f = finished; done.unlock()
+            progress.lock.lock(); let f = progress.finished; progress.lock.unlock()
             if f { break }
             do {
                 try runtime.refresh(idle: true)
@@ -47,7 +51,7 @@ import Testing
             } catch { failures.append("\(error)") }
             resolves += 1
         }
-        #expect(published == publishes)
+        #expect(progress.published == publishes)
         #expect(resolves >= 50, "too few resolves overlapped the publishes (\(resolves))")
         #expect(failures.isEmpty, "\(failures.count) of \(resolves) resolves failed: \(failures.prefix(3))")
         #expect(!versions.contains(-1))
@@ -239,7 +243,7 @@ import Testing
         let other = fx.root + "/other-model"
         var cfg = GPT2Config(vocabSize: 400, nPositions: 64, nEmbd: 32, nLayer: 1, nHead: 2, eosTokenId: nil)
         cfg.bosTokenId = nil
-        try LanguageModel(folder: other, weights: ModelWeights.random(architecture: cfg.architecture, seed: 3), file: nil).save(to: other)
+        try LanguageModel(folder: other, weights: ModelWeights.random(architecture: cfg.architecture, seed: 3), checkpoint: nil).save(to: other)
         for f in ["tokenizer.json", "vocab.json", "merges.txt"] { try FileManager.default.copyItem(atPath: fx.model + "/" + f, toPath: other + "/" + f) }
         let g4 = try CLITests.run(["generate", "--model", other, "--store", fx.store] + prompt)
         #expect(g4.code != 0 && g4.err.contains("holds no adapters for base 'other-model'") && g4.err.contains("\(folder)/ (base"), "\(g4.err)")

@@ -80,4 +80,71 @@ import Testing
         #expect(others.isEmpty, "answers to notifications: \(others)")
         #expect((st?["completed"] as? Int ?? 0) >= 1 && (st?["failed"] as? Int ?? 0) >= 1, "the notifications were carried out: \(st ?? [:])")
     }
+
+    /// Item 16: an unknown param was ignored (`max_new_tokens` gave the default length); now -32602
+    /// names it and the params the method accepts. `--lenient` keeps the old behaviour.
+    @Test func unknownParamsAreRefused() throws {
+        let fx = try ServerFixture(clients: ["alice"])
+        defer { fx.cleanup() }
+        let s = try fx.serve()
+        s.request(1, "generate", ["prompt": "The cat", "max_new_tokens": 3])
+        s.request(2, "health", ["verbose": true])
+        s.request(3, "personalize", ["client": "alice", "texts": ["The cat."], "step": 3])
+        s.request(4, "cancel", ["id": 99, "force": true])
+        s.request(5, "generate", Self.gen("alice", extra: ["seed": 1, "stop": ["x"], "top_k": 3, "top_p": 0.9, "stream": false]))
+        let e1 = s.response(1)
+        #expect(ServerProcess.errorCode(e1) == -32602)
+        #expect(Self.message(e1).contains("'max_new_tokens'") && Self.message(e1).contains("max_tokens") && Self.message(e1).contains("--lenient"), "\(Self.message(e1))")
+        #expect(ServerProcess.errorCode(s.response(2)) == -32602 && Self.message(s.response(2)).contains("takes no params"))
+        let e3 = s.response(3)
+        #expect(ServerProcess.errorCode(e3) == -32602 && Self.message(e3).contains("'step'") && Self.message(e3).contains("steps"), "\(Self.message(e3))")
+        #expect(ServerProcess.errorCode(s.response(4)) == -32602)
+        #expect(ServerProcess.result(s.response(5)) != nil, "every accepted param is accepted")
+        #expect(s.finish() == 0)
+        let l = try fx.serve(["--lenient"])
+        let r = ServerProcess.result(l.response({ l.request(1, "generate", ["prompt": "The cat", "max_new_tokens": 3, "ignore_eos": true]); return 1 }()))
+        #expect((r?["usage"] as? [String: Any])?["completion_tokens"] as? Int == 64)
+        #expect(l.finish() == 0)
+    }
+
+    /// Item 17: a prompt was tokenized on the reader thread before its length was checked (twenty
+    /// 1 MB prompts delayed `health` by 20 s). A prompt longer in bytes than any prompt of the token
+    /// limit is refused unread; one that must be tokenized is tokenized off the reader thread.
+    @Test func longPromptsDoNotDelayTheReader() throws {
+        // A context of 2^17 positions, so prompts of a few hundred KB pass the byte bound.
+        let fx = try ServerFixture(clients: [], nPositions: 1 << 17)
+        defer { fx.cleanup() }
+        let s = try fx.serve(["--max-prompt-tokens", "30000"])
+        _ = s.response({ s.request(1, "health"); return 1 }())
+        // 13 bytes per token at most (the fixture's longest token): 30,000 tokens are at most 390,000 bytes.
+        let huge = String(repeating: "the cat ", count: 80_000)           // 640 KB (under --max-line-bytes): refused by its bytes
+        let long = String(repeating: "the cat ", count: 45_000)           // 360 KB, ~90,000 tokens: refused after tokenizing
+        var burst = Data()
+        for i in 0..<20 {
+            let prompt = i % 2 == 0 ? huge : long
+            burst.append(try JSONSerialization.data(withJSONObject: ["jsonrpc": "2.0", "id": 100 + i, "method": "generate", "params": ["prompt": prompt]]))
+            burst.append(0x0A)
+        }
+        burst.append(try JSONSerialization.data(withJSONObject: ["jsonrpc": "2.0", "id": 2, "method": "health"]))
+        burst.append(0x0A)
+        let t0 = Date()
+        Thread.detachNewThread { s.sendRaw(burst) }
+        let health = s.response(2)
+        let healthS = Date().timeIntervalSince(t0)
+        #expect(ServerProcess.result(health)?["status"] as? String == "ok")
+        let lines = s.allLines
+        let healthAt = lines.firstIndex { ($0["id"] as? Int) == 2 } ?? -1
+        for i in 0..<20 {
+            let r = s.response(100 + i, timeout: 30)
+            #expect(ServerProcess.errorCode(r) == -32602, "\(r ?? [:])")
+            let m = Self.message(r)
+            if i % 2 == 0 { #expect(m.contains("bytes") && m.contains("30000"), "\(m)") } else { #expect(m.contains("tokens; the limit is 30000"), "\(m)") }
+        }
+        let tokenizedAfter = s.allLines.filter { (($0["id"] as? Int).map { $0 >= 100 && $0 % 2 == 1 } ?? false) }
+            .compactMap { l in s.allLines.firstIndex { ($0["id"] as? Int) == l["id"] as? Int } }
+        #expect(tokenizedAfter.contains { $0 > healthAt }, "health was answered before the long prompts were tokenized (\(healthS) s)")
+        #expect(healthS < 10, "health took \(healthS) s")
+        #expect(s.finish() == 0)
+        print("long prompts: health answered after \(String(format: "%.2f", healthS)) s behind 10 prompts of 640 KB and 10 of 360 KB")
+    }
 }

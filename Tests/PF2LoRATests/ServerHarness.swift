@@ -25,7 +25,7 @@ final class ServerProcess {
         return TestPaths.repoRoot.appendingPathComponent(".build/debug/" + name).path
     }
 
-    let process = Process()
+    let process: SpawnedProcess
     private let stdin = Pipe(), stdout = Pipe(), stderr = Pipe()
     private let cond = NSCondition()
     private var lines: [[String: Any]] = []
@@ -34,12 +34,7 @@ final class ServerProcess {
     private var eof = false
 
     init(_ args: [String]) throws {
-        process.executableURL = URL(fileURLWithPath: Self.binary)
-        process.arguments = args
-        process.standardInput = stdin
-        process.standardOutput = stdout
-        process.standardError = stderr
-        try process.run()
+        process = try SpawnedProcess(Self.binary, args, stdin: stdin, stdout: stdout, stderr: stderr)
         let outHandle = stdout.fileHandleForReading
         Thread.detachNewThread { [self] in
             var buf = Data()
@@ -103,6 +98,22 @@ final class ServerProcess {
     var allLines: [[String: Any]] { cond.lock(); defer { cond.unlock() }; return lines }
     var stderrText: String { cond.lock(); defer { cond.unlock() }; return errText }
 
+    /// Closes stdin (the server sees EOF).
+    func closeInput() { try? stdin.fileHandleForWriting.close() }
+
+    /// Waits for the process to end by itself; false on timeout.
+    func waitExit(timeout: Double = 60) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        return !process.isRunning
+    }
+
+    /// Lines that are notifications of `method` for request `id`.
+    func notifications(_ method: String, id: Int) -> [[String: Any]] {
+        allLines.filter { $0["method"] as? String == method && (($0["params"] as? [String: Any])?["id"] as? Int) == id }
+            .map { $0["params"] as? [String: Any] ?? [:] }
+    }
+
     /// Closes stdin and waits for exit; returns the exit code.
     func finish(timeout: Double = 60) -> Int32 {
         try? stdin.fileHandleForWriting.close()
@@ -125,13 +136,13 @@ struct ServerFixture {
     let gpt2: LanguageModel
     let storeHandle: AdapterStore
 
-    init(clients: [String] = ["alice", "bob", "carol"], seed: UInt64 = 11) throws {
+    init(clients: [String] = ["alice", "bob", "carol"], seed: UInt64 = 11, nPositions: Int = 256) throws {
         root = TestPaths.tempDir("serve")
         model = root + "/model"
         store = root + "/store"
-        var cfg = GPT2Config(vocabSize: 400, nPositions: 256, nEmbd: 64, nLayer: 2, nHead: 4, eosTokenId: nil)
+        var cfg = GPT2Config(vocabSize: 400, nPositions: nPositions, nEmbd: 64, nLayer: 2, nHead: 4, eosTokenId: nil)
         cfg.bosTokenId = nil
-        try LanguageModel(folder: model, weights: ModelWeights.random(architecture: cfg.architecture, seed: seed), file: nil).save(to: model)
+        try LanguageModel(folder: model, weights: ModelWeights.random(architecture: cfg.architecture, seed: seed), checkpoint: nil).save(to: model)
         for f in ["tokenizer.json", "vocab.json", "merges.txt"] {
             try FileManager.default.copyItem(atPath: TestPaths.fixture("tiny-gpt2/" + f), toPath: model + "/" + f)
         }
@@ -163,4 +174,59 @@ struct ServerFixture {
     }
 
     func cleanup() { try? FileManager.default.removeItem(atPath: root) }
+}
+
+/// A child process started as a shell would start it: SIGPIPE, SIGTERM and SIGINT at their default
+/// action and no signal blocked. Foundation's `Process` passes on the spawning thread's signal mask
+/// (a test runs on a pool thread that blocks signals) and the test process's ignored signals, so a
+/// server started with it could not show how it behaves under SIGTERM or a closed pipe.
+final class SpawnedProcess: @unchecked Sendable {
+    let processIdentifier: Int32
+    private let lock = NSCondition()
+    private var status: Int32?
+
+    init(_ path: String, _ args: [String], stdin: Pipe, stdout: Pipe, stderr: Pipe) throws {
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for sig in [SIGPIPE, SIGTERM, SIGINT, SIGHUP] { sigaddset(&defaults, sig) }
+        posix_spawnattr_setsigdefault(&attr, &defaults)
+        var mask = sigset_t()
+        sigemptyset(&mask)
+        posix_spawnattr_setsigmask(&attr, &mask)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        let childEnds = [stdin.fileHandleForReading, stdout.fileHandleForWriting, stderr.fileHandleForWriting]
+        for (fd, h) in childEnds.enumerated() { posix_spawn_file_actions_adddup2(&actions, h.fileDescriptor, Int32(fd)) }
+        // Close-on-exec everywhere (dup2 clears it on 0, 1, 2): no other child started meanwhile keeps
+        // an end of these pipes open, which would hide EOF and EPIPE.
+        for h in childEnds + [stdin.fileHandleForWriting, stdout.fileHandleForReading, stderr.fileHandleForReading] {
+            _ = fcntl(h.fileDescriptor, F_SETFD, FD_CLOEXEC)
+        }
+        let argv: [UnsafeMutablePointer<CChar>?] = ([path] + args).map { strdup($0) } + [nil]
+        defer { for a in argv { free(a) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, path, &actions, &attr, argv, environ)
+        guard rc == 0 else { throw NSError(domain: NSPOSIXErrorDomain, code: Int(rc), userInfo: [NSLocalizedDescriptionKey: "posix_spawn \(path): \(rc)"]) }
+        processIdentifier = pid
+        for h in childEnds { try? h.close() }
+        Thread.detachNewThread { [self] in
+            var st: Int32 = 0
+            while waitpid(pid, &st, 0) < 0 && errno == EINTR {}
+            lock.lock(); status = st; lock.broadcast(); lock.unlock()
+        }
+    }
+
+    var isRunning: Bool { lock.lock(); defer { lock.unlock() }; return status == nil }
+    func waitUntilExit() { lock.lock(); while status == nil { lock.wait() }; lock.unlock() }
+    func terminate() { kill(processIdentifier, SIGTERM) }
+
+    private var raw: Int32 { waitUntilExit(); lock.lock(); defer { lock.unlock() }; return status! }
+    /// The exit code, or the signal that ended it.
+    var terminationStatus: Int32 { let st = raw; return st & 0x7F == 0 ? (st >> 8) & 0xFF : st & 0x7F }
+    var terminationReason: Process.TerminationReason { raw & 0x7F == 0 ? .exit : .uncaughtSignal }
 }

@@ -15,12 +15,15 @@ public struct AdapterFileSummary {
     /// Reads `path` (refusing symlinks), decompresses it and parses its header.
     public init(path: String, sizeLimit: Int = LoRAAdapter.defaultSizeLimit) throws {
         self.path = path
-        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
         guard fd >= 0 else {
             if errno == ELOOP { throw AdapterStoreError.symlink(path: path, target: "?", outside: true) }
             throw AdapterStoreError.io(path: path, why: String(cString: strerror(errno)))
         }
         let handle = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
+        var st = stat()
+        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { throw AdapterStoreError.notRegularFile(path: path) }
+        guard Int(st.st_size) <= sizeLimit else { throw AdapterError.fileTooLarge(file: path, size: Int(st.st_size), limit: sizeLimit) }
         let data = handle.readDataToEndOfFile()
         compressedBytes = data.count
         let raw: Data

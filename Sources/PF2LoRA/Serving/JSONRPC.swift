@@ -12,14 +12,17 @@ public enum RPCCode: Int, Sendable {
     case baseMismatch = -32003
     case overloaded = -32004
     case trainingFailed = -32005
+    case cancelled = -32006
     case conflict = -32007
 }
 
-/// An error answered to one request; `message` says what to fix.
-public struct RPCError: Error, CustomStringConvertible {
+/// An error answered to one request; `message` says what to fix, `data` (JSON) adds detail (a
+/// cancelled training run's steps and losses).
+public struct RPCError: Error, CustomStringConvertible, @unchecked Sendable {   // data holds JSON values only
     public let code: RPCCode
     public let message: String
-    public init(_ code: RPCCode, _ message: String) { self.code = code; self.message = message }
+    public let data: [String: Any]?
+    public init(_ code: RPCCode, _ message: String, data: [String: Any]? = nil) { self.code = code; self.message = message; self.data = data }
     public var description: String { "\(code.rawValue): \(message)" }
 }
 
@@ -204,12 +207,19 @@ enum RPCParser {
 }
 
 /// Serialized writes of whole lines to stdout (responses and notifications from several threads).
-final class LineWriter {
+///
+/// A write that fails (the reader closed the pipe: EPIPE, SIGPIPE being ignored) marks the output
+/// broken: later lines are dropped and `onBroken` is called once, so the server can drain.
+final class LineWriter: @unchecked Sendable {
     private let lock = NSLock()
     private let fd: Int32
-    private(set) var broken = false
+    private var isBroken = false
+    /// Called once, on the writing thread, when the output breaks.
+    var onBroken: (() -> Void)?
 
     init(fd: Int32 = 1) { self.fd = fd }
+
+    var broken: Bool { lock.lock(); defer { lock.unlock() }; return isBroken }
 
     func send(_ obj: [String: Any]) {
         let opts: JSONSerialization.WritingOptions = [.sortedKeys, .withoutEscapingSlashes]
@@ -220,14 +230,18 @@ final class LineWriter {
         else { return }
         var bytes = [UInt8](data)
         bytes.append(0x0A)
-        lock.lock(); defer { lock.unlock() }
-        if broken { return }
+        lock.lock()
+        if isBroken { lock.unlock(); return }
         var off = 0
+        var failed = false
         while off < bytes.count {
             let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + off, $0.count - off) }
-            if n < 0 { if errno == EINTR { continue }; broken = true; return }
+            if n < 0 { if errno == EINTR { continue }; failed = true; isBroken = true; break }
             off += n
         }
+        let notify = failed ? onBroken : nil
+        lock.unlock()
+        notify?()
     }
 
     func result(_ id: Any?, _ result: Any) {
@@ -235,7 +249,9 @@ final class LineWriter {
     }
 
     func error(_ id: Any?, _ e: RPCError) {
-        send(["jsonrpc": "2.0", "id": id ?? NSNull(), "error": ["code": e.code.rawValue, "message": e.message]])
+        var err: [String: Any] = ["code": e.code.rawValue, "message": e.message]
+        if let d = e.data { err["data"] = d }
+        send(["jsonrpc": "2.0", "id": id ?? NSNull(), "error": err])
     }
 
     func notify(_ method: String, _ params: [String: Any]) {

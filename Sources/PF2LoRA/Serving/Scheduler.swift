@@ -21,13 +21,16 @@ public struct ServerLimits: Sendable {
     public init() {}
 }
 
-/// A generate request waiting for, or running in, the batch.
+/// A generate request: reserved while its prompt is tokenized, then waiting for, or running in, the batch.
 final class Job {
     let id: Any?
     let client: String?
-    let request: GenerationRequest
+    /// Set before the job is queued (the prompt is tokenized off the reader thread).
+    var request: GenerationRequest
     let stream: Bool
     let enqueued: Double
+    /// A `cancel` asked for it (guarded by the scheduler's lock).
+    var cancelRequested = false
     init(id: Any?, client: String?, request: GenerationRequest, stream: Bool) {
         self.id = id; self.client = client; self.request = request; self.stream = stream
         enqueued = Scheduler.clock()
@@ -55,13 +58,17 @@ final class Scheduler {
     let engine: InferenceEngine
     let runtime: AdapterRuntime
     let tokenizer: BPETokenizer
+    /// The ids that end a generation (the model's and the tokenizer's).
+    let eos: Set<Int>
     let out: LineWriter
     let limits: ServerLimits
     private let cond = NSCondition()
+    /// Jobs whose prompt is being tokenized: they hold a place like queued ones.
+    private var reserved: [Job] = []
     private var queue: [Job] = []
     private var running: [Running] = []
     /// Jobs taken from the queue into the batch and not finished yet (being admitted or running).
-    private var inBatch = 0
+    private var inBatch: [Job] = []
     private var draining = false
     private var thread: Thread?
     private let done = DispatchSemaphore(value: 0)
@@ -83,7 +90,7 @@ final class Scheduler {
     static func clock() -> Double { Double(DispatchTime.now().uptimeNanoseconds) * 1e-9 }
 
     init(engine: InferenceEngine, runtime: AdapterRuntime, tokenizer: BPETokenizer, out: LineWriter, limits: ServerLimits) {
-        self.engine = engine; self.runtime = runtime; self.tokenizer = tokenizer; self.out = out; self.limits = limits
+        self.engine = engine; self.runtime = runtime; self.tokenizer = tokenizer; eos = engine.model.eosTokenIds(tokenizer: tokenizer); self.out = out; self.limits = limits
     }
 
     func start() {
@@ -94,41 +101,119 @@ final class Scheduler {
         t.start()
     }
 
-    /// Queues a job, or refuses it at once when the batch is full and `maxQueue` jobs wait already,
-    /// or the server is draining. Jobs the batch has room for do not count as waiting, even before
-    /// the scheduler thread has moved them in.
-    func submit(_ job: Job) throws {
+    /// Holds a place for a job whose prompt is still being tokenized, or refuses it at once when the
+    /// batch is full and `maxQueue` jobs wait already (reserved ones count as waiting), or the server
+    /// is draining. Jobs the batch has room for do not count as waiting, even before the scheduler
+    /// thread has moved them in. Follow with `enqueue` or `abandon`.
+    func reserve(_ job: Job) throws {
         cond.lock(); defer { cond.unlock() }
         if draining { throw RPCError(.overloaded, "the server is shutting down and takes no new requests; send it to another instance") }
-        let room = max(0, limits.maxBatch - inBatch)
-        guard queue.count < limits.maxQueue + room else {
-            throw RPCError(.overloaded, "the server is overloaded: \(inBatch) requests running (--max-batch \(limits.maxBatch)) and \(queue.count - room) waiting (--max-queue \(limits.maxQueue)); retry later")
+        let room = max(0, limits.maxBatch - inBatch.count)
+        let waiting = queue.count + reserved.count
+        guard waiting < limits.maxQueue + room else {
+            throw RPCError(.overloaded, "the server is overloaded: \(inBatch.count) requests running (--max-batch \(limits.maxBatch)) and \(waiting - room) waiting (--max-queue \(limits.maxQueue)); retry later")
         }
-        queue.append(job)
-        cond.signal()
+        reserved.append(job)
     }
 
-    /// Stops taking jobs, finishes every queued and running one, then returns.
-    func drainAndStop() {
+    /// Queues a reserved job (its request now set); one cancelled meanwhile is answered as cancelled.
+    func enqueue(_ job: Job) {
+        cond.lock()
+        reserved.removeAll { $0 === job }
+        let cancelled = job.cancelRequested
+        if !cancelled { queue.append(job) }
+        cond.signal()
+        cond.unlock()
+        if cancelled { replyCancelledBeforeStart(job) }
+    }
+
+    /// Gives up a reserved job (its prompt was refused; the caller answered).
+    func abandon(_ job: Job) {
+        cond.lock()
+        reserved.removeAll { $0 === job }
+        cond.signal()
+        cond.unlock()
+    }
+
+    /// Reserves and queues a job whose request is set (tests, and callers that tokenized already).
+    func submit(_ job: Job) throws {
+        try reserve(job)
+        enqueue(job)
+    }
+
+    /// Cancels every job with this id: a waiting one is answered at once (finish_reason "cancelled",
+    /// no text), a running one ends at the next step with the text streamed so far. Returns how many.
+    func cancel(id: Any?) -> Int {
+        cond.lock()
+        let waiting = queue.filter { $0.id != nil && sameID($0.id, id) }
+        queue.removeAll { q in waiting.contains { $0 === q } }
+        var n = waiting.count
+        for j in reserved + inBatch where j.id != nil && sameID(j.id, id) && !j.cancelRequested { j.cancelRequested = true; n += 1 }
+        cond.signal()
+        cond.unlock()
+        for j in waiting { replyCancelledBeforeStart(j) }
+        return n
+    }
+
+    /// Cancels everything (the output broke: no answer can be delivered any more).
+    func cancelAll() {
+        cond.lock()
+        let waiting = queue
+        queue.removeAll()
+        for j in reserved + inBatch { j.cancelRequested = true }
+        cond.signal()
+        cond.unlock()
+        for j in waiting { replyCancelledBeforeStart(j) }
+    }
+
+    private func replyCancelledBeforeStart(_ job: Job) {
+        count { $0.completed += 1 }
+        guard job.id != nil else { return }
+        out.result(job.id, ["text": "", "finish_reason": FinishReason.cancelled.rawValue,
+                            "usage": ["prompt_tokens": job.request.prompt.count, "completion_tokens": 0],
+                            "timing": ["queue_ms": ms(Scheduler.clock() - job.enqueued), "prefill_ms": 0, "decode_ms": 0]])
+    }
+
+    /// Stops taking jobs; the scheduler thread ends once every reserved, queued and running one is done.
+    func beginDrain() {
         cond.lock()
         draining = true
         cond.signal()
         cond.unlock()
-        if thread != nil { done.wait() }
     }
 
-    var queueLength: Int { cond.lock(); defer { cond.unlock() }; return queue.count }
+    /// No job reserved, queued or in the batch.
+    var isIdle: Bool { cond.lock(); defer { cond.unlock() }; return reserved.isEmpty && queue.isEmpty && inBatch.isEmpty }
+
+    /// Stops taking jobs, finishes every reserved, queued and running one, then returns.
+    func drainAndStop() {
+        beginDrain()
+        if thread != nil { done.wait(); thread = nil }
+    }
+
+    /// Requests taken and not yet in the batch (queued or being tokenized).
+    var queueLength: Int { cond.lock(); defer { cond.unlock() }; return queue.count + reserved.count }
+    /// Requests taken and not yet in the batch, split into those waiting beyond the batch's free
+    /// places (what `--max-queue` bounds) and the others (tokenizing or about to be moved in).
+    var waiting: (beyondBatch: Int, admitting: Int) {
+        cond.lock(); defer { cond.unlock() }
+        let all = queue.count + reserved.count, beyond = max(0, all - max(0, limits.maxBatch - inBatch.count))
+        return (beyond, all - beyond)
+    }
     var runningCount: Int { cond.lock(); defer { cond.unlock() }; return running.count }
 
     private func loop() {
         while true {
             cond.lock()
-            while queue.isEmpty && running.isEmpty && !draining { cond.wait() }
-            if queue.isEmpty && running.isEmpty && draining { cond.unlock(); break }
+            while queue.isEmpty && running.isEmpty && (!draining || !reserved.isEmpty) { cond.wait() }
+            if queue.isEmpty && running.isEmpty && reserved.isEmpty && draining { cond.unlock(); break }
             let idle = running.isEmpty
             var admitted: [Job] = []
-            while !queue.isEmpty && inBatch < limits.maxBatch { admitted.append(queue.removeFirst()); inBatch += 1 }
+            while !queue.isEmpty && inBatch.count < limits.maxBatch { let j = queue.removeFirst(); admitted.append(j); inBatch.append(j) }
+            let cancelled = running.filter { $0.job.cancelRequested }
             cond.unlock()
+            // A cancelled sequence ends between steps with the text released so far.
+            for r in cancelled { r.gen.cancel(); finish(r) }
             if !admitted.isEmpty {
                 do { try runtime.refresh(idle: idle) } catch {
                     log("serve: adapter refresh failed: \(error)")
@@ -148,12 +233,12 @@ final class Scheduler {
             let cache = KVCache(architecture: engine.model.architecture, capacity: capacity)
             let tok = tokenizer
             let gen = GenerationState(request: req, cache: cache, vocabSize: engine.model.architecture.vocabSize,
-                                      eos: tok.eosTokenId, decodeToken: { tok.decodeBytes([$0]) })
+                                      eosTokens: eos, decodeToken: { tok.decodeBytes([$0]) })
             let r = Running(job: job, binding: binding, gen: gen)
             if gen.isFinished { finish(r); return }
             cond.lock(); running.append(r); cond.unlock()
         } catch {
-            cond.lock(); inBatch -= 1; cond.unlock()
+            cond.lock(); inBatch.removeAll { $0 === job }; cond.unlock()
             count { $0.failed += 1 }
             // A notification (no id) is never answered, not even with an error.
             if job.id != nil { out.error(job.id, AdapterRuntime.rpcError(error)) }
@@ -220,7 +305,7 @@ final class Scheduler {
     private func remove(_ r: Running) {
         cond.lock()
         running.removeAll { $0 === r }
-        inBatch -= 1
+        inBatch.removeAll { $0 === r.job }
         cond.unlock()
     }
 

@@ -2,83 +2,227 @@ import Foundation
 
 /// `pf2lora serve`: JSON-RPC 2.0 over stdin/stdout, one object per line (DESIGN §5).
 ///
-/// The reader (this thread) parses each line and answers the quick methods itself; `generate` goes
-/// to the scheduler's continuous batch, `personalize`, `train_local` and `evaluate_local` to a
-/// training thread. A bad line gets its error and never stops the server; EOF or `shutdown` drains
-/// in-flight work and returns 0.
+/// The reader (this thread) parses each line and answers the quick methods itself; `generate` has its
+/// prompt tokenized on a tokenizer thread and then goes to the scheduler's continuous batch;
+/// `personalize`, `train_local` and `evaluate_local` run on a training thread. A bad line gets its
+/// error and never stops the server.
+///
+/// Draining: EOF on the input, a `shutdown` request, SIGTERM or SIGINT (`handleTerminationSignals`),
+/// or a broken output (the reader of stdout went away) stop the server from taking new work: every
+/// reserved, queued and running generate and training request finishes and is answered (a training
+/// run publishes as usual), then `run` returns 0. Until then requests that would start new work are
+/// refused with -32004, the others (`cancel`, `health`, `stats`, ...) are answered; a broken output
+/// also cancels the generates (their answers cannot be delivered) and stops reading.
 public final class Server {
     public let model: LanguageModel
     public let tokenizer: BPETokenizer
     public let runtime: AdapterRuntime
     public let limits: ServerLimits
+    /// Unknown request params are ignored instead of refused (the behaviour before issue 11).
+    public let lenient: Bool
     let out: LineWriter
     let scheduler: Scheduler
+    /// The training methods' runner (one at a time, cancel, progress, memory bound, drain).
+    public let training: TrainingRunner
     let started = Scheduler.clock()
     private var requests = 0
     private var errors = 0
-    /// A method the training layer installs (`personalize`, `train_local`, `evaluate_local`): it gets
-    /// the params and replies once, from any thread, while the server keeps serving.
-    public typealias MethodHandler = (_ params: [String: Any], _ reply: @escaping (Result<[String: Any], RPCError>) -> Void) -> Void
-    /// The installed training methods; a method missing here answers that it needs --store.
-    public var trainingMethods: [String: MethodHandler] = [:]
+    /// Installed training methods; a known one missing here answers that it needs --store.
+    public var trainingMethods: [String: TrainingMethod] = [:]
     /// The methods the training layer can install: without their handler (no store), they answer so.
     static let trainingMethodNames = ["personalize", "train_local", "evaluate_local"]
+    /// The params each built-in method accepts.
+    static let builtinParams: [String: [String]] = [
+        "generate": ["prompt", "client", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "ignore_eos"],
+        "cancel": ["id"], "adapters.list": [], "adapters.load": ["client", "version"], "adapters.evict": ["client"],
+        "reload": [], "stats": [], "health": [], "shutdown": [],
+    ]
+    static let methodList = "generate, cancel, personalize, train_local, evaluate_local, adapters.list, adapters.load, adapters.evict, reload, stats, health, shutdown"
+    /// The most bytes one token stands for. Byte-level BPE covers every byte of the (normalized) text
+    /// exactly once, so a prompt of more bytes than the token limit times `maxPromptBytesPerToken` is
+    /// refused without tokenizing it; NFC (Qwen2's normalizer) shrinks text by at most 3 to 1 (three
+    /// Hangul jamo of 3 bytes compose to one syllable of 3), so it is allowed 4 times as much.
+    let maxTokenBytes: Int
+    var maxPromptBytesPerToken: Int { maxTokenBytes * (tokenizer.normalizesText ? 4 : 1) }
+    private let tokenizeQueue = DispatchQueue(label: "pf2lora.tokenize")
+    /// Written to wake the reader: by a signal handler, by a broken output.
+    private let wakeRead: Int32, wakeWrite: Int32
+    private let stateLock = NSLock()
+    private var drainReason: String?
+    private var drainStarted = 0.0
+    private var outputBroken = false
+    /// Seconds a drain waits for the work in flight before cancelling it (every request is still
+    /// answered: generates with the text so far, training with -32006, nothing published); nil waits
+    /// for everything to finish.
+    public var drainTimeout: Double?
 
     public init(model: LanguageModel, tokenizer: BPETokenizer, store: AdapterStore?, strictClients: Bool = false,
-                limits: ServerLimits = ServerLimits(), outputFD: Int32 = 1) {
+                limits: ServerLimits = ServerLimits(), lenient: Bool = false, outputFD: Int32 = 1) {
         self.model = model
         self.tokenizer = tokenizer
         self.limits = limits
+        self.lenient = lenient
         _ = model.baseLinears   // the serving layout of the base weights, made now rather than on the first request
         runtime = AdapterRuntime(model: model, store: store, strict: strictClients)
         out = LineWriter(fd: outputFD)
         scheduler = Scheduler(engine: InferenceEngine(model: model), runtime: runtime, tokenizer: tokenizer, out: out, limits: limits)
+        training = TrainingRunner(out: out)
+        maxTokenBytes = max(1, (0..<tokenizer.vocabSize).reduce(0) { max($0, tokenizer.decodeBytes([$1]).count) })
+        var fds: [Int32] = [-1, -1]
+        if pipe(&fds) == 0 {
+            for fd in fds { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        }
+        wakeRead = fds[0]; wakeWrite = fds[1]
+        out.onBroken = { [weak self] in
+            guard let self else { return }
+            self.stateLock.lock(); self.outputBroken = true; self.stateLock.unlock()
+            self.wake()
+        }
+    }
+
+    deinit {
+        if wakeRead >= 0 { close(wakeRead) }
+        if wakeWrite >= 0 && wakeWrite != Server.signalWakeFD.pointee { close(wakeWrite) }
     }
 
     /// The lock that serializes forward steps; a trainer sharing the model's memory takes it too.
     public var stepLock: NSLock { scheduler.stepLock }
 
-    /// Serves until EOF on `inputFD` or a `shutdown` request; returns the exit code.
+    private func wake() {
+        var b: UInt8 = 0
+        _ = write(wakeWrite, &b, 1)
+    }
+
+    /// Why the server is draining (nil: it is not).
+    public var draining: String? { stateLock.lock(); defer { stateLock.unlock() }; return drainReason }
+
+    /// Stops taking new work (see the type's discussion); the first reason is kept.
+    public func beginDrain(_ reason: String) {
+        stateLock.lock()
+        let first = drainReason == nil
+        if first { drainReason = reason; drainStarted = Scheduler.clock() }
+        stateLock.unlock()
+        guard first else { return }
+        scheduler.beginDrain()
+        training.beginDrain(reason)
+        let inFlight = scheduler.runningCount + scheduler.queueLength
+        let trainingNow = training.running.map { "; \($0) runs until it has replied" } ?? ""
+        log("serve: \(reason): draining \(inFlight) generate request\(inFlight == 1 ? "" : "s") in flight\(trainingNow)")
+    }
+
+    private var drainStartedAt: Double { stateLock.lock(); defer { stateLock.unlock() }; return drainStarted }
+
+    /// Nothing reserved, queued, running or training.
+    var isIdle: Bool { scheduler.isIdle && training.isIdle }
+
+    // MARK: Signals
+
+    /// [0]: the write end of the serving server's wake pipe, [1]: termination signals received.
+    static let signalWakeFD: UnsafeMutablePointer<Int32> = {
+        let p = UnsafeMutablePointer<Int32>.allocate(capacity: 2)
+        p.initialize(repeating: -1, count: 2)
+        return p
+    }()
+
+    /// Makes SIGTERM and SIGINT drain this server like EOF (a second one exits at once with status
+    /// 128 + signal), and ignores SIGPIPE, so a reader that closes stdout is a drain (`LineWriter`'s
+    /// EPIPE) rather than death. For the process's one serving server (`pf2lora serve`); call it
+    /// before `run` starts the server's threads, which inherit the signal mask set here.
+    public func handleTerminationSignals() {
+        signal(SIGPIPE, SIG_IGN)
+        // A parent may have started us with these blocked (a thread pool's mask is inherited through
+        // posix_spawn): then SIGTERM would stay pending for ever and never drain anything.
+        var unblock = sigset_t()
+        sigemptyset(&unblock)
+        sigaddset(&unblock, SIGTERM)
+        sigaddset(&unblock, SIGINT)
+        pthread_sigmask(SIG_UNBLOCK, &unblock, nil)
+        let state = Server.signalWakeFD
+        state[1] = 0
+        state[0] = wakeWrite
+        let handler: @convention(c) (Int32) -> Void = { sig in
+            // Async-signal-safe only: a counter, write(2), _exit(2).
+            let st = Server.signalWakeFD
+            st[1] += 1
+            if st[1] > 1 { _exit(128 + sig) }
+            var b = UInt8(truncatingIfNeeded: sig)
+            _ = write(st[0], &b, 1)
+        }
+        signal(SIGTERM, handler)
+        signal(SIGINT, handler)
+    }
+
+    // MARK: Reading
+
+    /// Serves until EOF on `inputFD`, `shutdown`, a termination signal or a broken output, and until
+    /// everything in flight has been answered; returns the exit code (0).
     public func run(inputFD: Int32 = 0) -> Int32 {
         scheduler.start()
         var buf = [UInt8](repeating: 0, count: 1 << 16)
-        var line: [UInt8] = []
-        var overlong = false
-        var stop = false
-        while !stop {
-            let n = buf.withUnsafeMutableBytes { read(inputFD, $0.baseAddress!, $0.count) }
-            if n < 0 { if errno == EINTR { continue }; break }
-            if n == 0 { break }
-            var start = 0
-            for i in 0..<n where buf[i] == 0x0A {
-                if !overlong { line.append(contentsOf: buf[start..<i]) }
-                // A line that arrived whole within one read is measured here (the CR of a CRLF end excluded).
-                if line.count - (line.last == 0x0D ? 1 : 0) > limits.maxLineBytes { overlong = true }
-                if overlong {
-                    errors += 1
-                    out.error(NSNull(), RPCError(.invalidRequest, "request line longer than \(limits.maxLineBytes) bytes; shorten the prompt or raise --max-line-bytes"))
-                } else if handle(line) == false {
-                    stop = true
-                }
-                line.removeAll(keepingCapacity: true)
-                overlong = false
-                start = i + 1
-                if stop { break }
+        var reader = LineReader(maxLineBytes: limits.maxLineBytes)
+        var inputOpen = true
+        var cancelledForTimeout = false
+        while true {
+            stateLock.lock(); let broken = outputBroken; stateLock.unlock()
+            if broken && inputOpen {
+                // Nobody can read an answer any more: stop reading, cancel the generates, let a
+                // training run finish and publish.
+                inputOpen = false
+                beginDrain("stdout was closed")
+                scheduler.cancelAll()
             }
-            if stop { break }
-            if !overlong { line.append(contentsOf: buf[start..<n]) }
-            // +1: the CR of a CRLF end may still come before its LF.
-            if line.count > limits.maxLineBytes + 1 { overlong = true; line.removeAll() }
+            if draining != nil && isIdle { break }
+            if let limit = drainTimeout, !cancelledForTimeout, draining != nil, Scheduler.clock() - drainStartedAt >= limit {
+                cancelledForTimeout = true
+                log("serve: drain timeout (\(limit) s): cancelling the work still in flight")
+                scheduler.cancelAll()
+                training.cancelAll()
+            }
+            var fds = [pollfd(fd: inputOpen ? inputFD : -1, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)]
+            let r = poll(&fds, 2, draining != nil ? 20 : -1)
+            if r < 0 && errno != EINTR { if inputOpen { inputOpen = false; beginDrain("cannot poll the input (errno \(errno))") }; continue }
+            if fds[1].revents != 0 {
+                var sink = [UInt8](repeating: 0, count: 64)
+                var sig: UInt8 = 0
+                while true {
+                    let n = read(wakeRead, &sink, sink.count)
+                    if n <= 0 { break }
+                    for b in sink[..<n] where b != 0 { sig = b }
+                }
+                if sig != 0 { beginDrain(sig == UInt8(SIGINT) ? "SIGINT" : sig == UInt8(SIGTERM) ? "SIGTERM" : "signal \(sig)") }
+            }
+            guard inputOpen, fds[0].revents != 0 else { continue }
+            let n = buf.withUnsafeMutableBytes { read(inputFD, $0.baseAddress!, $0.count) }
+            if n < 0 && (errno == EINTR || errno == EAGAIN) { continue }
+            if n <= 0 {
+                for line in reader.finish() { dispatch(line) }
+                inputOpen = false
+                beginDrain(n == 0 ? "end of input" : "cannot read the input (errno \(errno))")
+                continue
+            }
+            for line in reader.feed(buf, count: n) {
+                dispatch(line)
+                stateLock.lock(); let b = outputBroken; stateLock.unlock()
+                if b { break }
+            }
         }
-        if !stop && (overlong || line.count - (line.last == 0x0D ? 1 : 0) > limits.maxLineBytes) {
-            errors += 1
-            out.error(NSNull(), RPCError(.invalidRequest, "request line longer than \(limits.maxLineBytes) bytes; shorten the prompt or raise --max-line-bytes"))
-        } else if !stop && !line.isEmpty { _ = handle(line) }
         scheduler.drainAndStop()
+        training.waitIdle()
         return 0
     }
 
-    /// Handles one line; returns false when the server should stop reading (shutdown).
+    private func dispatch(_ line: LineReader.Line) {
+        switch line {
+        case let .line(bytes): handle(bytes)
+        case .overlong:
+            errors += 1
+            out.error(NSNull(), RPCError(.invalidRequest, "request line longer than \(limits.maxLineBytes) bytes; shorten the prompt or raise --max-line-bytes"))
+        }
+    }
+
+    /// Handles one line; returns false when it was a `shutdown` (the server then drains).
+    @discardableResult
     func handle(_ raw: [UInt8]) -> Bool {
         var line = raw
         if line.last == 0x0D { line.removeLast() }
@@ -94,18 +238,21 @@ public final class Server {
         case let .success(r): req = r
         }
         do {
+            let isTraining = Self.trainingMethodNames.contains(req.method)
+            guard isTraining || Self.builtinParams[req.method] != nil else {
+                throw RPCError(.methodNotFound, "unknown method '\(req.method)'; methods are \(Self.methodList)")
+            }
+            let method = isTraining ? trainingMethods[req.method] : nil
+            if isTraining && method == nil {
+                throw RPCError(.methodNotFound, "\(req.method) is not available: the server has no adapter store (pass --store)")
+            }
+            if !lenient { try checkParams(req, accepted: method?.params ?? Self.builtinParams[req.method]!) }
             switch req.method {
             case "generate": try generate(req)
-            case let name where Self.trainingMethodNames.contains(name):
-                guard let h = trainingMethods[name] else { throw RPCError(.methodNotFound, "\(name) is not available: the server has no adapter store (pass --store)") }
-                let id = req.id, hasID = req.hasID
-                h(req.params.dict) { [out] result in
-                    guard hasID else { return }
-                    switch result {
-                    case let .success(v): out.result(id, v)
-                    case let .failure(e): out.error(id, e)
-                    }
-                }
+            case _ where isTraining:
+                if let why = draining { throw RPCError(.overloaded, "the server is shutting down (\(why)) and takes no new requests; send it to another instance") }
+                method!.handler(training.call(method: req.method, params: req.params, id: req.id, hasID: req.hasID))
+            case "cancel": reply(req, try cancel(req.params))
             case "adapters.list": reply(req, try adaptersList())
             case "adapters.load": reply(req, try adaptersLoad(req.params))
             case "adapters.evict": reply(req, try adaptersEvict(req.params))
@@ -114,12 +261,16 @@ public final class Server {
                 runtime.waitForFold()
                 reply(req, ["shared": runtime.sharedVersion.map { $0 as Any } ?? NSNull(), "clients": runtime.store?.clients().count ?? 0])
             case "stats": reply(req, stats())
-            case "health": reply(req, ["status": "ok", "uptime_s": Scheduler.clock() - started])
+            case "health":
+                var h: [String: Any] = ["status": draining == nil ? "ok" : "draining", "uptime_s": Scheduler.clock() - started]
+                if let why = draining { h["draining"] = why }
+                reply(req, h)
             case "shutdown":
-                reply(req, ["status": "shutting down", "in_flight": scheduler.runningCount + scheduler.queueLength])
+                reply(req, ["status": "shutting down", "in_flight": scheduler.runningCount + scheduler.queueLength + (training.isIdle ? 0 : 1)])
+                beginDrain("shutdown request")
                 return false
             default:
-                throw RPCError(.methodNotFound, "unknown method '\(req.method)'; methods are generate, personalize, train_local, evaluate_local, adapters.list, adapters.load, adapters.evict, reload, stats, health, shutdown")
+                throw RPCError(.methodNotFound, "unknown method '\(req.method)'; methods are \(Self.methodList)")
             }
         } catch {
             errors += 1
@@ -128,22 +279,50 @@ public final class Server {
         return true
     }
 
+    /// Refuses params the method does not take, naming them and the ones it does.
+    private func checkParams(_ req: RPCRequest, accepted: [String]) throws {
+        let unknown = req.params.dict.keys.filter { !accepted.contains($0) }.sorted()
+        guard !unknown.isEmpty else { return }
+        let takes = accepted.isEmpty ? "\(req.method) takes no params" : "\(req.method) accepts \(accepted.joined(separator: ", "))"
+        throw RPCError(.invalidParams, "unknown param\(unknown.count == 1 ? "" : "s") \(unknown.map { "'\($0)'" }.joined(separator: ", ")); \(takes) (start the server with --lenient to ignore unknown params)")
+    }
+
+    /// `cancel`: ends the generate or training request with that id (see docs/PROTOCOL.md).
+    private func cancel(_ p: Params) throws -> [String: Any] {
+        guard p.has("id") else { throw RPCError(.invalidParams, "params.id (the id of the request to cancel) is required") }
+        let id = p.dict["id"]!
+        guard id is String || (id is NSNumber && !Params.isBool(id)) else { throw RPCError(.invalidParams, "params.id must be a string or a number: the id of the request to cancel") }
+        var methods: [String] = []
+        if let m = training.cancel(id: id) { methods.append(m) }
+        let n = scheduler.cancel(id: id)
+        if n > 0 { methods.append("generate") }
+        var r: [String: Any] = ["id": id, "cancelled": !methods.isEmpty]
+        if !methods.isEmpty { r["methods"] = methods; r["generates"] = n } else {
+            r["reason"] = "no generate or training request with this id is waiting or running (it may have finished)"
+        }
+        return r
+    }
+
     private func reply(_ req: RPCRequest, _ result: Any) {
         if req.hasID { out.result(req.id, result) }
     }
 
+    /// Checks the params on the reader thread (a prompt longer in bytes than any prompt of the token
+    /// limit is refused unread), reserves a place, and tokenizes on the tokenizer thread, which queues
+    /// the job or answers the prompt's error.
     private func generate(_ req: RPCRequest) throws {
         let p = req.params
         let client = try p.string("client")
         if let client { try ClientID.validate(client) }
         guard let prompt = try p.string("prompt") else { throw RPCError(.invalidParams, "params.prompt (a string) is required") }
-        let ids = tokenizer.encode(prompt)
-        guard !ids.isEmpty else { throw RPCError(.invalidParams, "params.prompt is empty; give at least one character of text") }
         let maxTokens = try p.int("max_tokens", min: 0, max: limits.maxNewTokens) ?? min(limits.defaultMaxTokens, limits.maxNewTokens)
         let ctx = model.architecture.contextLength
-        guard ids.count <= limits.maxPromptTokens, ids.count < ctx else {
-            throw RPCError(.invalidParams, "the prompt is \(ids.count) tokens; the limit is \(min(limits.maxPromptTokens, ctx - 1)) (context \(ctx)); shorten it")
+        let tokenLimit = min(limits.maxPromptTokens, ctx - 1)
+        let bytes = prompt.utf8.count
+        guard bytes <= tokenLimit * maxPromptBytesPerToken else {
+            throw RPCError(.invalidParams, "the prompt is \(bytes) bytes: more than \(tokenLimit) tokens (the limit, context \(ctx)) whatever it says, as no token stands for more than \(maxTokenBytes) bytes\(tokenizer.normalizesText ? " (\(maxPromptBytesPerToken) before normalization)" : ""); shorten it")
         }
+        guard bytes > 0 else { throw RPCError(.invalidParams, "params.prompt is empty; give at least one character of text") }
         var sampling = SamplingParams()
         sampling.temperature = try p.float("temperature") ?? 1
         sampling.topP = try p.float("top_p") ?? 1
@@ -154,9 +333,25 @@ public final class Server {
         let stream = try p.bool("stream") ?? false
         let ignoreEOS = try p.bool("ignore_eos") ?? false
         let job = Job(id: req.hasID ? req.id : nil, client: client,
-                      request: GenerationRequest(prompt: ids, maxTokens: maxTokens, sampling: sampling, stop: stop, ignoreEOS: ignoreEOS),
+                      request: GenerationRequest(prompt: [], maxTokens: maxTokens, sampling: sampling, stop: stop, ignoreEOS: ignoreEOS),
                       stream: stream)
-        try scheduler.submit(job)
+        try scheduler.reserve(job)
+        tokenizeQueue.async { [tokenizer, scheduler, out] in
+            let ids = tokenizer.encode(prompt)
+            let refusal: RPCError?
+            if ids.isEmpty {
+                refusal = RPCError(.invalidParams, "params.prompt is empty; give at least one character of text")
+            } else if ids.count > tokenLimit {
+                refusal = RPCError(.invalidParams, "the prompt is \(ids.count) tokens; the limit is \(tokenLimit) (context \(ctx)); shorten it")
+            } else { refusal = nil }
+            if let refusal {
+                scheduler.abandon(job)
+                if job.id != nil { out.error(job.id, refusal) }
+                return
+            }
+            job.request.prompt = ids
+            scheduler.enqueue(job)
+        }
     }
 
     private func adaptersList() throws -> [String: Any] {
@@ -197,10 +392,12 @@ public final class Server {
 
     private func stats() -> [String: Any] {
         let c = scheduler.counters
+        let waiting = scheduler.waiting
         var d: [String: Any] = [
             "requests": requests, "errors": errors,
             "completed": c.completed, "failed": c.failed,
-            "running": scheduler.runningCount, "queued": scheduler.queueLength,
+            "running": scheduler.runningCount, "queued": waiting.beyondBatch, "admitting": waiting.admitting,
+            "training": training.running ?? NSNull(),
             "steps": c.steps, "generated_tokens": c.generatedTokens, "prompt_tokens": c.promptTokens,
             "mean_batch_rows": c.steps == 0 ? 0 : Double(c.rowsStepped) / Double(c.steps),
             "uptime_s": Scheduler.clock() - started,
@@ -219,5 +416,41 @@ public final class Server {
         let parts = s.split(separator: " ")
         guard parts.count > 1, let pages = Int(parts[1]) else { return 0 }
         return pages * Int(sysconf(Int32(_SC_PAGESIZE)))
+    }
+}
+
+/// Splits the input into lines of at most `maxLineBytes` (a CR before the LF not counted); a longer
+/// line is refused unread, however it arrives (whole in one read, split across reads, the last line
+/// without a newline).
+struct LineReader {
+    enum Line { case line([UInt8]), overlong }
+    let maxLineBytes: Int
+    private var line: [UInt8] = []
+    private var overlong = false
+    init(maxLineBytes: Int) { self.maxLineBytes = maxLineBytes }
+
+    mutating func feed(_ buf: [UInt8], count n: Int) -> [Line] {
+        var lines: [Line] = []
+        var start = 0
+        for i in 0..<n where buf[i] == 0x0A {
+            if !overlong { line.append(contentsOf: buf[start..<i]) }
+            // A line that arrived whole within one read is measured here (the CR of a CRLF end excluded).
+            if line.count - (line.last == 0x0D ? 1 : 0) > maxLineBytes { overlong = true }
+            lines.append(overlong ? .overlong : .line(line))
+            line.removeAll(keepingCapacity: true)
+            overlong = false
+            start = i + 1
+        }
+        if !overlong { line.append(contentsOf: buf[start..<n]) }
+        // +1: the CR of a CRLF end may still come before its LF.
+        if line.count > maxLineBytes + 1 { overlong = true; line.removeAll() }
+        return lines
+    }
+
+    /// The last line, without a newline, at EOF.
+    mutating func finish() -> [Line] {
+        defer { line.removeAll(); overlong = false }
+        if overlong || line.count - (line.last == 0x0D ? 1 : 0) > maxLineBytes { return [.overlong] }
+        return line.isEmpty ? [] : [.line(line)]
     }
 }

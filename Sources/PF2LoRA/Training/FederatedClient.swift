@@ -150,8 +150,13 @@ func sameValues(_ a: LoRAAdapter, _ b: LoRAAdapter) -> Bool {
 /// `FederatedStoreError` (x's shape differs from the store's shared pair), `AdapterStoreError` or
 /// a training error; nothing is published unless training finished with finite values (x may have
 /// been adopted as the shared version first: it is the server's, so that is never wrong).
+///
+/// `control`: its memory bound is checked before anything is allocated; its `afterStep` runs after
+/// every local iteration (step = iteration, loss = its upper-level loss) and may throw to stop the round
+/// before anything is published.
 public func trainLocalRound(weights: ModelWeights, store: AdapterStore, client: String, data: ClientTokenData,
-                            shared: LoRAAdapter, padToken: Int, options o: LocalRoundOptions) throws -> LocalRoundResult {
+                            shared: LoRAAdapter, padToken: Int, options o: LocalRoundOptions,
+                            control: TrainingControl = TrainingControl()) throws -> LocalRoundResult {
     let start = Date()
     try ClientID.validate(client)
     guard shared.level == .shared else { throw FederatedClientError.notShared("the adapter sent as 'shared'") }
@@ -170,7 +175,11 @@ public func trainLocalRound(weights: ModelWeights, store: AdapterStore, client: 
     let existing = try store.latestClient(client)
     let modules = try loraModules(Array(shared.modules.keys), architecture: weights.architecture)
     let T = min(o.seqLen, weights.architecture.contextLength)
-    let task = try GPT2LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T,
+    let clientRank = existing?.adapter.rank ?? o.rank2 ?? 2
+    try control.check(bytes: LMTask.runBytes(config: weights.architecture, batch: o.batchSize, seq: T,
+                                                 ranks: modules.flatMap { _ in [shared.rank, clientRank] }, training: true),
+                      batch: o.batchSize, seq: T, config: weights.architecture, training: true)
+    let task = try LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T,
                               modulePaths: modules.map(\.name), padToken: padToken)
 
     var fc = FederatedConfig()
@@ -197,8 +206,8 @@ public func trainLocalRound(weights: ModelWeights, store: AdapterStore, client: 
 
     let x = parameterSet(from: shared, level: .shared, modules: modules)
     var rng = RNG(seed: o.seed).derive((UInt64(o.round + 1) << 20) &+ UInt64(o.clientIndex))
-    let loss = pf2loraLocalIterations(task: task, client: 0, shared: x, local: y, config: fc, lrFactor: o.lrFactor,
-                                      upper: makeAdamW(fc), rng: &rng)
+    let loss = try pf2loraLocalIterations(task: task, client: 0, shared: x, local: y, config: fc, lrFactor: o.lrFactor,
+                                          upper: makeAdamW(fc), rng: &rng) { i, l in try control.afterStep?(i, o.localSteps, l) }
     guard loss.isFinite, x.allFinite, y.allFinite else { throw FederatedClientError.nonFiniteLoss(client: client, round: o.round) }
 
     let extra = ["trained_by": "train_local (federation)", "round": String(o.round)]
@@ -235,9 +244,16 @@ public struct LocalEvaluation {
 /// Mean token cross-entropy of the store's current (shared, client) pair on one split of the
 /// client's data, after adopting `shared` as the shared version when it is given (the server's
 /// final x). A client with no pair yet is evaluated with the shared pair alone.
+///
+/// `control`: its memory bound is checked first (with rank 256, the largest a pair may have, for the
+/// scratch); its `afterStep` runs after every batch of windows (step = windows done, loss = the mean so
+/// far) and may throw to stop the evaluation.
 public func evaluateLocal(weights: ModelWeights, store: AdapterStore, client: String, data: ClientTokenData, shared: LoRAAdapter?,
-                          split: Split, seqLen: Int = 64, padToken: Int) throws -> LocalEvaluation {
+                          split: Split, seqLen: Int = 64, padToken: Int, control: TrainingControl = TrainingControl()) throws -> LocalEvaluation {
     try ClientID.validate(client)
+    let evalT = min(max(2, seqLen), weights.architecture.contextLength)
+    try control.check(bytes: LMTask.runBytes(config: weights.architecture, batch: 1, seq: evalT, ranks: [256], training: false),
+                      batch: 1, seq: evalT, config: weights.architecture, training: false)
     if let shared {
         guard shared.level == .shared else { throw FederatedClientError.notShared("the adapter sent as 'shared'") }
         try adoptShared(shared, into: store, trainedBy: "train_local (federation)")
@@ -247,12 +263,14 @@ public func evaluateLocal(weights: ModelWeights, store: AdapterStore, client: St
     let paths = (sh?.adapter.modules.keys).map(Array.init) ?? (cl?.adapter.modules.keys).map(Array.init)
         ?? (0..<weights.architecture.layerCount).map { weights.architecture.modulePath(layer: $0, slot: 0) }
     let modules = try loraModules(paths, architecture: weights.architecture)
-    let task = try GPT2LMTask(weights: weights, clients: [data], batchSize: 1, seqLen: min(max(2, seqLen), weights.architecture.contextLength),
+    let task = try LMTask(weights: weights, clients: [data], batchSize: 1, seqLen: evalT,
                               modulePaths: modules.map(\.name), padToken: padToken)
     let x = sh.map { parameterSet(from: $0.adapter, level: .shared, modules: modules) }
     let y = cl.map { parameterSet(from: $0.adapter, level: .client, modules: modules) }
     let adapter = TwoLevelAdapter(shared: x, sharedScale: sh?.adapter.scale ?? 0, local: y, localScale: cl?.adapter.scale ?? 0)
-    let loss = task.evaluate(client: 0, adapter: adapter, split: split)
+    let loss = Float(try task.evaluateTotals(client: 0, adapter: adapter, split: split) { done, total, mean in
+        try control.afterStep?(done, total, mean)
+    }.meanLoss)
     let stream = data.split(split)
     let ranks = (x != nil || y != nil) ? LearnedRank.spectra(modules: modules, adapter: adapter).mapValues { LearnedRank.rank($0) } : [:]
     return LocalEvaluation(loss: loss, tokens: stream.targetCount, texts: stream.textCount, clientVersion: cl?.version,

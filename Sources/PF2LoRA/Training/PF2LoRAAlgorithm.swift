@@ -62,7 +62,7 @@ struct PF2LoRAAlgorithm: FederatedAlgorithm {
         let x = shared.clone()
         let upper = config.persistClientOptimizer ? optimizers[k] : makeAdamW(config)
         let loss = pf2loraLocalIterations(task: task, client: k, shared: x, local: local[k], config: config,
-                                          lrFactor: lrFactor, upper: upper, rng: &rng)
+                                          lrFactor: lrFactor, upper: upper, rng: &rng, afterIteration: { _, _ in })
         return (x, loss)
     }
 
@@ -75,7 +75,8 @@ struct PF2LoRAAlgorithm: FederatedAlgorithm {
 /// and y_k in place: the round of `runFederated` and of a client driven from outside (`train_local`).
 /// Returns the mean upper-level minibatch loss.
 func pf2loraLocalIterations(task: FederatedTask, client k: Int, shared x: ParameterSet, local y: ParameterSet,
-                            config: FederatedConfig, lrFactor: Float, upper: AdamW, rng: inout RNG) -> Float {
+                            config: FederatedConfig, lrFactor: Float, upper: AdamW, rng: inout RNG,
+                            afterIteration: (_ iteration: Int, _ upperLoss: Float) throws -> Void) rethrows -> Float {
     let gx = x.zerosLike(), gy = y.zerosLike()
     let lower = SGD(momentum: config.lowerMomentum)
     let adapter = TwoLevelAdapter(shared: x, sharedScale: config.sharedScale, local: y, localScale: config.localScale)
@@ -85,31 +86,37 @@ func pf2loraLocalIterations(task: FederatedTask, client k: Int, shared x: Parame
     case .joint:
         // Ablation: one minibatch, both gradients, one AdamW step on (A, B, C_k, D_k) together.
         let both = ParameterSet(x.entries + y.entries), grads = ParameterSet(gx.entries + gy.entries)
-        for _ in 0..<config.localSteps {
-            sum += task.lossAndGradients(client: k, adapter: adapter, sharedGrad: gx, localGrad: gy, rng: &rng)
+        for it in 0..<config.localSteps {
+            let loss = task.lossAndGradients(client: k, adapter: adapter, sharedGrad: gx, localGrad: gy, rng: &rng)
+            sum += loss
             maybeClip(grads, config)
             upper.step(both, grads, lr: config.upperLR * lrFactor)
+            try afterIteration(it + 1, loss)
         }
         return sum / Float(config.localSteps)
     case .clientOnly:
         // Ablation: the client level alone, one SGD step per iteration (x stays at its start, B = 0, so W_k = W0 + s2 D_k C_k).
-        for _ in 0..<config.localSteps {
-            sum += task.lossAndGradients(client: k, adapter: adapter, sharedGrad: nil, localGrad: gy, rng: &rng)
+        for it in 0..<config.localSteps {
+            let loss = task.lossAndGradients(client: k, adapter: adapter, sharedGrad: nil, localGrad: gy, rng: &rng)
+            sum += loss
             maybeClip(gy, config)
             lower.step(y, gy, lr: config.lowerLR * (config.scheduleLowerLR ? lrFactor : 1))
+            try afterIteration(it + 1, loss)
         }
         return sum / Float(config.localSteps)
     }
-    for _ in 0..<config.localSteps {
+    for it in 0..<config.localSteps {
         for _ in 0..<config.lowerSteps {   // lower level: y_k <- y_k - eta grad_y f_k(x, y_k)
             _ = task.lossAndGradients(client: k, adapter: adapter, sharedGrad: nil, localGrad: gy, rng: &rng)
             maybeClip(gy, config)
             lower.step(y, gy, lr: config.lowerLR * (config.scheduleLowerLR ? lrFactor : 1))
         }
         // upper level: hypergradient estimate grad_x f_k(x, y_k) at the current y_k
-        sum += task.lossAndGradients(client: k, adapter: adapter, sharedGrad: gx, localGrad: nil, rng: &rng)
+        let upperLoss = task.lossAndGradients(client: k, adapter: adapter, sharedGrad: gx, localGrad: nil, rng: &rng)
+        sum += upperLoss
         maybeClip(gx, config)
         upper.step(x, gx, lr: config.upperLR * lrFactor)
+        try afterIteration(it + 1, upperLoss)
     }
     return sum / Float(config.localSteps)
 }

@@ -85,10 +85,13 @@ public enum PersonalizeError: Error, CustomStringConvertible, Equatable {
 ///   the seeded RNG: the same inputs and seed give the same adapter.
 /// - The base weights are only read (a server may share them); the trainer owns all its buffers.
 ///
-/// `progress(step, loss)` is called after every step. Throws `PersonalizeError`, `AdapterStoreError`
+/// `progress(step, loss)` is called after every step, then `control.afterStep` (which may throw to stop
+/// the run: a cancel); `control.maxStateBytes` refuses a batch × seq whose training state would not fit
+/// (`TrainingMemoryError`) before anything is allocated. Throws `PersonalizeError`, `AdapterStoreError`
 /// (invalid client id) or a store error; nothing is published unless training finished with finite values.
 public func personalize(weights: ModelWeights, tokenizer: BPETokenizer, store: AdapterStore, client: String,
                         texts: [String], options o: PersonalizeOptions = PersonalizeOptions(),
+                        control: TrainingControl = TrainingControl(),
                         progress: ((Int, Float) -> Void)? = nil) throws -> PersonalizeResult {
     let start = Date()
     try ClientID.validate(client)
@@ -112,8 +115,12 @@ public func personalize(weights: ModelWeights, tokenizer: BPETokenizer, store: A
     let known = Set(shared?.adapter.modules.keys.map { $0 } ?? []).union(existing?.adapter.modules.keys.map { $0 } ?? [])
     let paths = known.isEmpty ? (0..<c.layerCount).flatMap { l in c.slots.map { c.modulePath(layer: l, slot: $0.index) } } : Array(known)
     let T = min(o.seqLen, c.contextLength, stream.tokens.count - 1)
+    let clientRank = existing?.adapter.rank ?? o.rank2 ?? 2
+    let stateRanks = paths.flatMap { p in [shared?.adapter.modules[p] != nil ? shared?.adapter.rank : nil, clientRank].compactMap { $0 } }
+    try control.check(bytes: LMTask.runBytes(config: c, batch: o.batchSize, seq: T, ranks: stateRanks, training: true),
+                      batch: o.batchSize, seq: T, config: c, training: true)
     let data = ClientTokenData(id: client, train: stream, valid: stream, test: stream)
-    let task = try GPT2LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T, modulePaths: paths,
+    let task = try LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T, modulePaths: paths,
                               padToken: textSeparator(tokenizer))
 
     let rng = RNG(seed: o.seed)
@@ -153,6 +160,7 @@ public func personalize(weights: ModelWeights, tokenizer: BPETokenizer, store: A
         opt.step(local, grad, lr: o.lr)
         losses.append(loss)
         progress?(step, loss)
+        try control.afterStep?(step, maxSteps == .max ? o.steps : maxSteps, loss)
         if let s = o.maxSeconds, Date().timeIntervalSince(start) >= s { break }
     }
     guard local.allFinite else { throw PersonalizeError.nonFiniteLoss(client: client, step: losses.count, lr: o.lr) }

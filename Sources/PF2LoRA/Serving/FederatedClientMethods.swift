@@ -1,5 +1,4 @@
 import Foundation
-import PF2LoRA
 
 /// Installs `train_local` and `evaluate_local` (DESIGN §7, docs/FLOWER.md): the methods that make a
 /// `pf2lora serve` process one client node of a federation driven from outside (a Flower ClientApp).
@@ -22,7 +21,7 @@ import PF2LoRA
 /// operator's `--exchange-dir` (`ConfinedFolder`: no `..`, no link followed, never into the store,
 /// sizes checked before reading); without that flag a request that names a path is refused. Files
 /// are read on the training thread, never on the reader thread.
-func installFederatedClient(_ server: Server, slot: TrainingSlot, exchange: ConfinedFolder?) {
+public func installFederatedClient(on server: Server, exchange: ConfinedFolder?) {
     guard let store = server.runtime.store else { return }
     let weights = server.model.weights, tokenizer = server.tokenizer
     let pad = textSeparator(tokenizer)
@@ -44,8 +43,8 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot, exchange: Conf
         }
     }
 
-    server.trainingMethods["train_local"] = { params, reply in
-        let p = Params(params)
+    server.trainingMethods["train_local"] = TrainingMethod(params: trainLocalParams) { call in
+        let p = call.params
         let client: String, data: [String], shared: SharedSource, out: [String]?, o: LocalRoundOptions
         do {
             client = try clientParam(p)
@@ -53,13 +52,13 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot, exchange: Conf
             shared = try sharedParam(p, exchange, required: true)!
             out = try sharedOutParam(p, exchange)
             o = try localRoundOptions(p)
-        } catch let e as RPCError { reply(.failure(e)); return } catch { reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
+        } catch let e as RPCError { call.reply(.failure(e)); return } catch { call.reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
         let what = "train_local of client '\(client)'"
         // A read-only store is served as it is: refused before any training is spent.
         if let why = store.readOnlyReason {
-            reply(.failure(RPCError(.trainingFailed, "\(what): \(AdapterStoreError.readOnly(store: store.directory, why: why).description)"))); return
+            call.reply(.failure(RPCError(.trainingFailed, "\(what): \(AdapterStoreError.readOnly(store: store.directory, why: why).description)"))); return
         }
-        slot.spawn(what, thread: "pf2lora.train", reply: reply, mapError: rpcError(what)) {
+        call.spawn(what, thread: "pf2lora.train", mapError: rpcError(what)) { task in
             // Everything that can refuse the request is checked before the store is touched: the
             // output's folder too (it is opened again, the same way, when the answer is written).
             if let out, let exchange {
@@ -70,7 +69,8 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot, exchange: Conf
             }
             let x = try shared.load(base: store.base, sizeLimit: store.sizeLimit)
             let data = try loadExchangeData(exchange!, data, param: "params.data", client: client, tokenizer: tokenizer)
-            let r = try trainLocalRound(weights: weights, store: store, client: client, data: data, shared: x, padToken: pad, options: o)
+            let r = try trainLocalRound(weights: weights, store: store, client: client, data: data, shared: x, padToken: pad, options: o,
+                                        control: task.control)
             log(String(format: "train_local %@: round %d, loss %.4f, client v%d (shared v%@), %.1fs", client, o.round, r.trainLoss,
                        r.clientVersion, r.sharedVersion.map(String.init) ?? "none", r.seconds))
             let bytes = r.shared.safetensors()
@@ -95,8 +95,8 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot, exchange: Conf
         }
     }
 
-    server.trainingMethods["evaluate_local"] = { params, reply in
-        let p = Params(params)
+    server.trainingMethods["evaluate_local"] = TrainingMethod(params: evaluateLocalParams) { call in
+        let p = call.params
         let client: String, data: [String], shared: SharedSource?, split: Split, seq: Int
         do {
             client = try clientParam(p)
@@ -106,13 +106,13 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot, exchange: Conf
             guard let sp = Split(rawValue: s) else { throw RPCError(.invalidParams, "params.split must be 'train', 'valid' or 'test' (got '\(ConfinedPathError.shown(s))')") }
             split = sp
             seq = try p.int("seq", min: 2, max: 1 << 16) ?? 64
-        } catch let e as RPCError { reply(.failure(e)); return } catch { reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
+        } catch let e as RPCError { call.reply(.failure(e)); return } catch { call.reply(.failure(RPCError(.invalidParams, "\(error)"))); return }
         let what = "evaluate_local of client '\(client)'"
-        slot.spawn(what, thread: "pf2lora.train", reply: reply, mapError: rpcError(what)) {
+        call.spawn(what, thread: "pf2lora.train", mapError: rpcError(what)) { task in
             let x = try shared?.load(base: store.base, sizeLimit: store.sizeLimit)
             let data = try loadExchangeData(exchange!, data, param: "params.data", client: client, tokenizer: tokenizer)
             let e = try evaluateLocal(weights: weights, store: store, client: client, data: data, shared: x, split: split,
-                                      seqLen: seq, padToken: pad)
+                                      seqLen: seq, padToken: pad, control: task.control)
             return [
                 "client": client, "split": split.rawValue, "loss": Double(e.loss), "perplexity": exp(Double(e.loss)),
                 "tokens": e.tokens, "texts": e.texts,
@@ -122,6 +122,11 @@ func installFederatedClient(_ server: Server, slot: TrainingSlot, exchange: Conf
         }
     }
 }
+
+/// The params `train_local` and `evaluate_local` accept.
+public let trainLocalParams = ["client", "data", "shared", "shared_out", "round", "client_index", "seed", "local_steps", "lower_steps",
+                        "lr", "lr2", "lr_factor", "rank2", "alpha2", "batch", "seq", "clip", "publish_shared"]
+public let evaluateLocalParams = ["client", "data", "shared", "split", "seq"]
 
 private func clientParam(_ p: Params) throws -> String {
     guard let client = try p.string("client") else { throw RPCError(.invalidParams, "params.client (a string) is required") }

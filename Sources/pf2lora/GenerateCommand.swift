@@ -130,7 +130,7 @@ struct GenerateCommand: ParsableCommand {
         let engine = InferenceEngine(model: m)
         let cache = KVCache(architecture: m.architecture, capacity: min(m.architecture.contextLength, ids.count + maxTokens + 1))
         let gen = GenerationState(request: GenerationRequest(prompt: ids, maxTokens: maxTokens, sampling: sampling, stop: stop, ignoreEOS: ignoreEOS),
-                                  cache: cache, vocabSize: m.architecture.vocabSize, eos: tok.eosTokenId, decodeToken: { tok.decodeBytes([$0]) })
+                                  cache: cache, vocabSize: m.architecture.vocabSize, eosTokens: m.eosTokenIds(tokenizer: tok), decodeToken: { tok.decodeBytes([$0]) })
         let t0 = now()
         var tFirst = t0
         let stdout = FileHandle.standardOutput
@@ -230,7 +230,7 @@ struct ServeCommand: ParsableCommand {
             } catch { throw CLIError("\(error)") }
         }
         installPersonalize(on: server)
-        installFederatedClient(server, exchange: exchange)
+        installFederatedClient(on: server, exchange: exchange)
         server.handleTerminationSignals()
         log("serve: pf2lora \(PF2LoRAVersion.string), \(m.folder) (\(m.architecture.layerCount) layers, vocab \(m.architecture.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")
         let code = server.run()

@@ -1,5 +1,4 @@
 import Foundation
-import PF2LoRA
 
 /// Installs `train_local` and `evaluate_local` (DESIGN §7, docs/FLOWER.md): the methods that make a
 /// `pf2lora serve` process one client node of a federation driven from outside (a Flower ClientApp).
@@ -22,7 +21,7 @@ import PF2LoRA
 /// operator's `--exchange-dir` (`ConfinedFolder`: no `..`, no link followed, never into the store,
 /// sizes checked before reading); without that flag a request that names a path is refused. Files
 /// are read on the training thread, never on the reader thread.
-func installFederatedClient(_ server: Server, exchange: ConfinedFolder?) {
+public func installFederatedClient(on server: Server, exchange: ConfinedFolder?) {
     guard let store = server.runtime.store else { return }
     let weights = server.model.weights, tokenizer = server.tokenizer
     let pad = textSeparator(tokenizer)
@@ -125,9 +124,9 @@ func installFederatedClient(_ server: Server, exchange: ConfinedFolder?) {
 }
 
 /// The params `train_local` and `evaluate_local` accept.
-let trainLocalParams = ["client", "data", "shared", "shared_out", "round", "client_index", "seed", "local_steps", "lower_steps",
+public let trainLocalParams = ["client", "data", "shared", "shared_out", "round", "client_index", "seed", "local_steps", "lower_steps",
                         "lr", "lr2", "lr_factor", "rank2", "alpha2", "batch", "seq", "clip", "publish_shared"]
-let evaluateLocalParams = ["client", "data", "shared", "split", "seq"]
+public let evaluateLocalParams = ["client", "data", "shared", "split", "seq"]
 
 private func clientParam(_ p: Params) throws -> String {
     guard let client = try p.string("client") else { throw RPCError(.invalidParams, "params.client (a string) is required") }

@@ -61,7 +61,7 @@ struct BenchTrain: ParsableCommand {
             return AdapterWeights(pairs: pairs, scale: a / Float(r))
         }
         let shared = level(rank, alpha), client = level(rank2, alpha2)
-        let trainer = GPT2Trainer(weights: m.weights, fullGradients: full)
+        let trainer = ModelTrainer(weights: m.weights, fullGradients: full)
         var times: [Double] = [], fwd: [Double] = []
         var loss: Float = 0
         for rep in 0...repeats {

@@ -85,7 +85,7 @@ struct FederateCommand: ParsableCommand {
         let clientData = try tokenCache.map { try TokenCache.load(folder: data, modelFolder: options.model, tokenizer: tok, clients: only, cacheDir: $0) }
             ?? loadClientData(folder: data, tokenizer: tok, clients: only)
         let T = min(seq, model.architecture.contextLength)
-        let task = try GPT2LMTask(weights: model.weights, clients: clientData, batchSize: batch, seqLen: T, targets: kinds,
+        let task = try LMTask(weights: model.weights, clients: clientData, batchSize: batch, seqLen: T, targets: kinds,
                                   padToken: textSeparator(tok))
         if evalWindows > 0 { task.evalWindowLimit = evalWindows }
         log(String(format: "federate: %d clients (%@), %d train texts, %d train tokens; tokenized in %.1fs", clientData.count,

@@ -66,7 +66,7 @@ struct RandomModel: ParsableCommand {
         let t0 = now()
         log("model random: \(config) (\(cfg.nLayer) layers, \(cfg.nEmbd) wide, vocab \(cfg.vocabSize)), seed \(seed)")
         let weights = ModelWeights.random(architecture: cfg.architecture, seed: seed)
-        let model = LanguageModel(folder: out, weights: weights, file: nil)
+        let model = LanguageModel(folder: out, weights: weights, checkpoint: nil)
         try model.save(to: out, dtype: dt)
         if let tokDir {
             var copied = 0

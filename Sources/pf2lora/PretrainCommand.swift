@@ -91,11 +91,11 @@ struct PretrainCommand: ParsableCommand {
 
         // Model: fresh or resumed.
         let fm = FileManager.default
-        let p: GPT2Pretrainer
+        let p: Pretrainer
         var history: [[String: Any]] = [], validHistory: [[String: Any]] = []
         var elapsedBefore = 0.0
         if resume {
-            let (r, state) = try GPT2Pretrainer.resume(from: out, options: opts)
+            let (r, state) = try Pretrainer.resume(from: out, options: opts)
             p = r
             history = state["train_log"] as? [[String: Any]] ?? []
             validHistory = state["valid_log"] as? [[String: Any]] ?? []
@@ -109,7 +109,7 @@ struct PretrainCommand: ParsableCommand {
                 throw CLIError("unknown --config '\(config)'; use small, tiny, distilgpt2 or gpt2")
             }
             cfg.eosTokenId = eos; cfg.bosTokenId = eos
-            p = GPT2Pretrainer(weights: ModelWeights.random(architecture: cfg.architecture, seed: seed), options: opts)
+            p = Pretrainer(weights: ModelWeights.random(architecture: cfg.architecture, seed: seed), options: opts)
         }
         let c = p.weights.architecture
         guard seq <= c.contextLength else { throw CLIError("--seq \(seq) exceeds the model's context \(c.contextLength)") }

@@ -24,7 +24,7 @@ import Testing
         var fc = FederatedConfig()
         fc.rounds = 3; fc.localSteps = 2; fc.lowerSteps = 2; fc.rank = 4; fc.rank2 = 2; fc.alpha = 8; fc.alpha2 = 4
         fc.upperLR = 0.03; fc.lowerLR = 0.3; fc.clipNorm = 1; fc.evalEvery = 0; fc.seed = 9; fc.minLRRatio = 0.1
-        let task = try GPT2LMTask(weights: weights, clients: clients, batchSize: 4, seqLen: 12)
+        let task = try LMTask(weights: weights, clients: clients, batchSize: 4, seqLen: 12)
         let reference = try runFederated(.pf2lora, task: task, config: fc)
 
         let base = Self.base(task.modules)

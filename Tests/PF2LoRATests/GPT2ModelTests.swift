@@ -286,7 +286,7 @@ import Testing
         let w = ModelWeights.random(architecture: cfg.architecture, seed: 7)
         let dir = TestPaths.tempDir("rand")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        try LanguageModel(folder: dir, weights: w, file: nil).save(to: dir)
+        try LanguageModel(folder: dir, weights: w, checkpoint: nil).save(to: dir)
         let back = try LanguageModel.load(folder: dir)
         #expect(back.architecture == cfg.architecture)
         for ((n1, t1), (_, t2)) in zip(w.named, back.weights.named) { #expect(t1.array == t2.array, "\(n1)") }

@@ -41,7 +41,7 @@ import Testing
     }
 
     @Test func gradientsAreTheTrainers() throws {
-        let task = try GPT2LMTask(weights: Self.weights, clients: Self.clients(), batchSize: 3, seqLen: 8)
+        let task = try LMTask(weights: Self.weights, clients: Self.clients(), batchSize: 3, seqLen: 8)
         var r0 = RNG(seed: 1)
         let shared = Self.randomized(makeLoRAParameters(modules: task.modules, rank: 4, level: .shared, rng: &r0), seed: 5)
         let local = Self.randomized(makeLoRAParameters(modules: task.modules, rank: 2, level: .client, rng: &r0), seed: 6)
@@ -60,7 +60,7 @@ import Testing
             windows.append(s[start..<(start + 9)].map(Int.init))
         }
         let batch = try TrainingBatch(windows: windows)
-        let trainer = GPT2Trainer(weights: Self.weights)
+        let trainer = ModelTrainer(weights: Self.weights)
         let sw = task.adapterWeights(shared, level: .shared, scale: 2), lw = task.adapterWeights(local, level: .client, scale: 1.5)
         let ref = try trainer.lossAndGradients(batch, shared: sw, client: lw)
         #expect(abs(loss - ref) <= 1e-6 * abs(ref))
@@ -86,13 +86,13 @@ import Testing
     }
 
     @Test func evaluateCoversEveryToken() throws {
-        let task = try GPT2LMTask(weights: Self.weights, clients: Self.clients(), batchSize: 2, seqLen: 8)
+        let task = try LMTask(weights: Self.weights, clients: Self.clients(), batchSize: 2, seqLen: 8)
         let c = Self.clients()[0]
         let totals = task.evaluateTotals(client: 0, adapter: .none, split: .valid)
         #expect(totals.tokens == c.valid.tokens.count - 1)
         // Equal to one long pass over the stream in a single window (context limits aside, the first
         // window's tokens see the same context): compare the first 9 tokens' mean loss.
-        let trainer = GPT2Trainer(weights: Self.weights)
+        let trainer = ModelTrainer(weights: Self.weights)
         var sum = 0.0
         var start = 0
         let s = c.valid.tokens.map(Int.init)
@@ -106,7 +106,7 @@ import Testing
     }
 
     @Test func federatedRunLearnsAndIsDeterministic() throws {
-        let task = try GPT2LMTask(weights: Self.weights, clients: Self.clients(), batchSize: 4, seqLen: 12)
+        let task = try LMTask(weights: Self.weights, clients: Self.clients(), batchSize: 4, seqLen: 12)
         var fc = FederatedConfig()
         fc.rounds = 4; fc.localSteps = 4; fc.lowerSteps = 1; fc.rank = 4; fc.rank2 = 2; fc.alpha = 8; fc.alpha2 = 4
         fc.upperLR = 0.03; fc.lowerLR = 0.3; fc.clipNorm = 1; fc.evalEvery = 0; fc.seed = 9
@@ -123,7 +123,7 @@ import Testing
     func storeMappingReproducesEachClientsModel(_ method: FederatedMethod) throws {
         let dir = TestPaths.tempDir("fedmap")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let task = try GPT2LMTask(weights: Self.weights, clients: Self.clients(3), batchSize: 2, seqLen: 8)
+        let task = try LMTask(weights: Self.weights, clients: Self.clients(3), batchSize: 2, seqLen: 8)
         var fc = FederatedConfig()
         fc.rounds = 2; fc.localSteps = 2; fc.lowerSteps = 1; fc.rank = 3; fc.rank2 = 1; fc.alpha = 6; fc.alpha2 = 2
         fc.upperLR = 0.05; fc.lowerLR = 0.5; fc.evalEvery = 0; fc.fineTuneSteps = 2; fc.hetloraPruneRatio = 0.9

@@ -24,7 +24,7 @@ import Testing
 
     @Test func lossGoesDown() throws {
         let data = Self.stream(4000)
-        let p = GPT2Pretrainer(weights: ModelWeights.random(architecture: Self.config.architecture, seed: 1), options: Self.options(steps: 80))
+        let p = Pretrainer(weights: ModelWeights.random(architecture: Self.config.architecture, seed: 1), options: Self.options(steps: 80))
         let eval = try data.evaluationBatches(batch: 4, seq: 12, maxBatches: 4)
         let before = try p.evaluate(eval)
         var last: PretrainStepStats?
@@ -41,13 +41,13 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let opts = Self.options(steps: 6)
         // Uninterrupted.
-        let a = GPT2Pretrainer(weights: ModelWeights.random(architecture: Self.config.architecture, seed: 1), options: opts)
+        let a = Pretrainer(weights: ModelWeights.random(architecture: Self.config.architecture, seed: 1), options: opts)
         while a.step < 6 { try a.trainStep(try data.batch(step: a.step, batch: 4, seq: 12, seed: 11)) }
         // Three steps, checkpoint, resume, three more.
-        let b = GPT2Pretrainer(weights: ModelWeights.random(architecture: Self.config.architecture, seed: 1), options: opts)
+        let b = Pretrainer(weights: ModelWeights.random(architecture: Self.config.architecture, seed: 1), options: opts)
         while b.step < 3 { try b.trainStep(try data.batch(step: b.step, batch: 4, seq: 12, seed: 11)) }
         try b.save(to: dir, extra: ["note": "test"])
-        let (c, state) = try GPT2Pretrainer.resume(from: dir, options: opts)
+        let (c, state) = try Pretrainer.resume(from: dir, options: opts)
         #expect(c.step == 3 && state["note"] as? String == "test")
         while c.step < 6 { try c.trainStep(try data.batch(step: c.step, batch: 4, seq: 12, seed: 11)) }
         for ((name, x), (_, y)) in zip(a.weights.named, c.weights.named) {
@@ -57,10 +57,10 @@ import Testing
         let m = try LanguageModel.load(folder: dir)
         #expect(m.architecture == Self.config.architecture)
         // A torn checkpoint (model from another step) is refused.
-        let d = GPT2Pretrainer(weights: ModelWeights.random(architecture: Self.config.architecture, seed: 2), options: opts)
+        let d = Pretrainer(weights: ModelWeights.random(architecture: Self.config.architecture, seed: 2), options: opts)
         try AtomicFile.write(SafeTensorsWriter.serialize(Dictionary(uniqueKeysWithValues: d.weights.named), metadata: ["pf2lora_step": "0"]),
                              to: dir + "/model.safetensors")
-        #expect(throws: PretrainError.self) { _ = try GPT2Pretrainer.resume(from: dir, options: opts) }
+        #expect(throws: PretrainError.self) { _ = try Pretrainer.resume(from: dir, options: opts) }
     }
 
     @Test func windowsAreDeterministicPerStep() throws {

@@ -174,7 +174,7 @@ private func relErr(_ a: [Float], _ b: [Float]) -> Double {
         let shared = GradientTestModel.adapter(rank: 4, scale: 2, seed: 7)
         let client = GradientTestModel.adapter(rank: 2, scale: 1.5, seed: 8)
         let batch = try GradientTestModel.batch()
-        let trainer = GPT2Trainer(weights: w)
+        let trainer = ModelTrainer(weights: w)
         for (s, cl) in [(nil, nil), (shared, nil), (nil, client), (shared, client)] as [(AdapterWeights?, AdapterWeights?)] {
             let ref = ReferenceGPT2(weights: w, shared: s, client: cl).loss(batch)
             let f32 = try trainer.loss(batch, shared: s, client: cl)
@@ -189,7 +189,7 @@ private func relErr(_ a: [Float], _ b: [Float]) -> Double {
         let shared = GradientTestModel.adapter(rank: 4, scale: 2, seed: 7)
         let client = GradientTestModel.adapter(rank: 2, scale: 1.5, seed: 8)
         let batch = try GradientTestModel.batch()
-        let trainer = GPT2Trainer(weights: w)
+        let trainer = ModelTrainer(weights: w)
         _ = try trainer.lossAndGradients(batch, shared: shared, client: client)
         let ref = ReferenceGPT2(weights: w, shared: shared, client: client)
         var rng = RNG(seed: 3)
@@ -219,7 +219,7 @@ private func relErr(_ a: [Float], _ b: [Float]) -> Double {
     @Test func fullGradientsMatchFiniteDifferences() throws {
         let w = GradientTestModel.weights()
         let batch = try GradientTestModel.batch()
-        let trainer = GPT2Trainer(weights: w, fullGradients: true)
+        let trainer = ModelTrainer(weights: w, fullGradients: true)
         // With a client adapter present (frozen), as a full fine-tune under an adapter would see it.
         let client = GradientTestModel.adapter(rank: 2, scale: 1.5, seed: 8)
         _ = try trainer.lossAndGradients(batch, client: client, wantClient: false)
@@ -248,7 +248,7 @@ private func relErr(_ a: [Float], _ b: [Float]) -> Double {
         let shared = GradientTestModel.adapter(rank: 4, scale: 2, seed: 7)
         let client = GradientTestModel.adapter(rank: 2, scale: 1.5, seed: 8)
         let batch = try GradientTestModel.batch()
-        let trainer = GPT2Trainer(weights: w)
+        let trainer = ModelTrainer(weights: w)
         let l1 = try trainer.lossAndGradients(batch, shared: shared, client: client)
         let path = "transformer.h.0.attn.c_attn"
         let bothShared = trainer.gradients.shared[path]!.down.array
@@ -281,7 +281,7 @@ private func relErr(_ a: [Float], _ b: [Float]) -> Double {
         let bridged = try AdapterWeights(set, level: .shared, scale: 2, architecture: w.architecture)
         #expect(bridged.pairs.count == 8)
         let batch = try GradientTestModel.batch()
-        let trainer = GPT2Trainer(weights: w)
+        let trainer = ModelTrainer(weights: w)
         let l1 = try trainer.lossAndGradients(batch, shared: bridged)
         let grads = set.zerosLike()
         trainer.gradients.copy(level: .shared, into: grads)
@@ -296,11 +296,11 @@ private func relErr(_ a: [Float], _ b: [Float]) -> Double {
         #expect(b.targetCount == 2)
         let win = try TrainingBatch(windows: [[1, 2, 3], [4, 5, 6]])
         #expect(win.seqLen == 2 && win.inputs == [1, 2, 4, 5] && win.targets == [2, 3, 5, 6])
-        #expect(throws: TrainingError.noTargets) { try GPT2Trainer(weights: GradientTestModel.weights()).loss(try TrainingBatch(sequences: [[1]], padToken: 0)) }
+        #expect(throws: TrainingError.noTargets) { try ModelTrainer(weights: GradientTestModel.weights()).loss(try TrainingBatch(sequences: [[1]], padToken: 0)) }
     }
 
     @Test func badAdaptersAreRejected() throws {
-        let trainer = GPT2Trainer(weights: GradientTestModel.weights())
+        let trainer = ModelTrainer(weights: GradientTestModel.weights())
         let batch = try GradientTestModel.batch()
         var bad = GradientTestModel.adapter(rank: 2, scale: 1, seed: 1)
         bad.pairs["transformer.h.9.attn.c_attn"] = bad.pairs["transformer.h.0.attn.c_attn"]
@@ -410,7 +410,7 @@ struct GradientFixtureTests {
         let (w, batch, inp) = try Self.load()
         let shared = try Self.adapter("peft/two-level/shared", scale: 16.0 / 8)
         let client = try Self.adapter("peft/two-level/client", scale: 4.0 / 2)
-        let trainer = GPT2Trainer(weights: w)
+        let trainer = ModelTrainer(weights: w)
         let loss = try trainer.lossAndGradients(batch, shared: shared, client: client)
         #expect(abs(Double(loss) - inp.lora_loss_f64) / inp.lora_loss_f64 < 1e-5, "loss \(loss) vs \(inp.lora_loss_f64)")
         let ref = try SafeTensorsFile(path: TestPaths.fixture("grads/lora_grads_f64.safetensors"))
@@ -435,7 +435,7 @@ struct GradientFixtureTests {
 
     @Test func fullLossAndGradientsMatchPyTorch() throws {
         let (w, batch, inp) = try Self.load()
-        let trainer = GPT2Trainer(weights: w, fullGradients: true)
+        let trainer = ModelTrainer(weights: w, fullGradients: true)
         let loss = try trainer.lossAndGradients(batch)
         #expect(abs(Double(loss) - inp.full_loss_f64) / inp.full_loss_f64 < 1e-5, "loss \(loss) vs \(inp.full_loss_f64)")
         let ref = try SafeTensorsFile(path: TestPaths.fixture("grads/full_grads_f64.safetensors"))

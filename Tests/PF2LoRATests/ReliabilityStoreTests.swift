@@ -243,7 +243,7 @@ import Testing
         let other = fx.root + "/other-model"
         var cfg = GPT2Config(vocabSize: 400, nPositions: 64, nEmbd: 32, nLayer: 1, nHead: 2, eosTokenId: nil)
         cfg.bosTokenId = nil
-        try LanguageModel(folder: other, weights: ModelWeights.random(architecture: cfg.architecture, seed: 3), file: nil).save(to: other)
+        try LanguageModel(folder: other, weights: ModelWeights.random(architecture: cfg.architecture, seed: 3), checkpoint: nil).save(to: other)
         for f in ["tokenizer.json", "vocab.json", "merges.txt"] { try FileManager.default.copyItem(atPath: fx.model + "/" + f, toPath: other + "/" + f) }
         let g4 = try CLITests.run(["generate", "--model", other, "--store", fx.store] + prompt)
         #expect(g4.code != 0 && g4.err.contains("holds no adapters for base 'other-model'") && g4.err.contains("\(folder)/ (base"), "\(g4.err)")

@@ -142,7 +142,7 @@ struct ServerFixture {
         store = root + "/store"
         var cfg = GPT2Config(vocabSize: 400, nPositions: nPositions, nEmbd: 64, nLayer: 2, nHead: 4, eosTokenId: nil)
         cfg.bosTokenId = nil
-        try LanguageModel(folder: model, weights: ModelWeights.random(architecture: cfg.architecture, seed: seed), file: nil).save(to: model)
+        try LanguageModel(folder: model, weights: ModelWeights.random(architecture: cfg.architecture, seed: seed), checkpoint: nil).save(to: model)
         for f in ["tokenizer.json", "vocab.json", "merges.txt"] {
             try FileManager.default.copyItem(atPath: TestPaths.fixture("tiny-gpt2/" + f), toPath: model + "/" + f)
         }

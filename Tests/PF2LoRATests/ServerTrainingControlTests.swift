@@ -6,11 +6,11 @@ import Testing
 /// training requests can be cancelled by id; training methods report progress.
 @Suite(.serialized) struct ServerTrainingControlTests {
     /// The estimate is the allocation: after one training call (and one evaluation) of a task, the
-    /// trainer's run state plus the task's batch buffers take exactly `GPT2LMTask.runBytes` bytes.
+    /// trainer's run state plus the task's batch buffers take exactly `LMTask.runBytes` bytes.
     @Test(arguments: [(1, 4, [Int]()), (3, 8, [4, 2]), (2, 32, [8, 1]), (5, 17, [2])])
     func memoryEstimateIsTheAllocation(_ b: Int, _ t: Int, _ levelRanks: [Int]) throws {
         let w = GPT2TaskTests.weights, c = GPT2TaskTests.config.architecture
-        let task = try GPT2LMTask(weights: w, clients: GPT2TaskTests.clients(), batchSize: b, seqLen: t)
+        let task = try LMTask(weights: w, clients: GPT2TaskTests.clients(), batchSize: b, seqLen: t)
         var rng = RNG(seed: 1)
         let sets = levelRanks.enumerated().map { i, r in
             GPT2TaskTests.randomized(makeLoRAParameters(modules: task.modules, rank: r, level: i == 0 ? .shared : .client, rng: &rng), seed: UInt64(i))
@@ -19,11 +19,11 @@ import Testing
         let ranks = task.modules.flatMap { _ in levelRanks }
         // Evaluation first: forward only, one layer's activations.
         _ = task.evaluate(client: 0, adapter: adapter, split: .valid)
-        #expect(task.trainer.stateBytes + 8 * b * t == GPT2LMTask.runBytes(config: c, batch: b, seq: t, ranks: ranks, training: false))
+        #expect(task.trainer.stateBytes + 8 * b * t == LMTask.runBytes(config: c, batch: b, seq: t, ranks: ranks, training: false))
         guard !levelRanks.isEmpty else { return }   // without an adapter there is nothing to train
         var r2 = RNG(seed: 2)
         _ = task.lossAndGradients(client: 0, adapter: adapter, sharedGrad: sets.first.map { $0.zerosLike() }, localGrad: nil, rng: &r2)
-        #expect(task.trainer.stateBytes + 8 * b * t == GPT2LMTask.runBytes(config: c, batch: b, seq: t, ranks: ranks, training: true))
+        #expect(task.trainer.stateBytes + 8 * b * t == LMTask.runBytes(config: c, batch: b, seq: t, ranks: ranks, training: true))
     }
 
     /// Through the server: a train_local of batch 4096 × seq 256 (it aborted the process) and a
@@ -34,7 +34,7 @@ import Testing
         defer { fx.cleanup() }
         let c = fx.gpt2.architecture
         // What a personalize of batch 8 × seq 64 needs with alice's rank-2 pair under the rank-8 shared pair.
-        let needed = GPT2LMTask.runBytes(config: c, batch: 8, seq: 64, ranks: Array(repeating: [8, 2], count: 4 * c.layerCount).flatMap { $0 }, training: true)
+        let needed = LMTask.runBytes(config: c, batch: 8, seq: 64, ranks: Array(repeating: [8, 2], count: 4 * c.layerCount).flatMap { $0 }, training: true)
         let limitMB = (needed >> 20) + 1
         let s = try fx.serve(["--max-train-mb", String(limitMB)] + (try ServerDrainTests.exchange(fx)))
         let manifest = PersonalizeTests.manifest(fx)

@@ -31,9 +31,8 @@ public struct BaseModelInfo: Sendable {
     /// knows), every slot of every layer as an adaptable linear, and the weights' fingerprint.
     public static func load(folder: String) throws -> BaseModelInfo {
         let a = try ModelRegistry.architecture(folder: folder)
-        let weights = folder + "/model.safetensors"
         let name = URL(fileURLWithPath: folder).standardizedFileURL.lastPathComponent
-        return BaseModelInfo(name: name, fingerprint: try baseFingerprint(ofSafetensorsAt: weights), architecture: a)
+        return BaseModelInfo(name: name, fingerprint: try Checkpoint.fingerprint(folder: folder), architecture: a)
     }
 
     @available(*, deprecated, renamed: "load(folder:)", message: "reads any supported family now")

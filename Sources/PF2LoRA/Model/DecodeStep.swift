@@ -1,15 +1,16 @@
 import Foundation
 
 /// Decode steps of a few sequences, one new token each: single-user generation (B = 1) and the
-/// server's continuous batch of up to `pooledRowLimit` sequences.
+/// server's continuous batch of up to `pooledRowLimit` sequences: `runBlock`'s pooled runner.
 ///
-/// Every linear layer reads its whole weight once per step, so these steps are bound by memory
-/// bandwidth. They run SPMD on the worker pool: participants take chunks of 64 output rows of a
-/// weight (weights are (out, in), see `LinearWeightSet`), read each weight row from memory once and
-/// dot it with every sequence's input row while it sits in L1, then finish their rows with the bias,
-/// each sequence's client low-rank term and the GELU or residual add. Attention splits the
-/// (sequence, head) pairs; the tied head splits the vocabulary. Five barriers per layer, no
-/// allocation, no OpenBLAS call. Each output is summed in the same order whatever the batch, so a
+/// Every product of the block reads its whole weight once per step, so these steps are bound by
+/// memory bandwidth. They run SPMD on the worker pool: participants take chunks of 64 output rows of
+/// a group's weight (weights are (out, in), see `LinearWeightSet`), read each weight row from memory
+/// once and dot it with every sequence's input row while it sits in L1, then finish their rows with
+/// the bias, each sequence's client low-rank terms and the GELU or residual add. Norms (and SwiGLU)
+/// are computed privately by every participant; attention splits the (sequence, head) pairs; the
+/// head splits the vocabulary. One barrier per product and per attention (two with rotary positions),
+/// no allocation, no OpenBLAS call. Each output is summed in the same order whatever the batch, so a
 /// sequence decodes to the same bits alone or batched with others.
 extension InferenceEngine {
     /// The default of `pooledRowLimit`: up to this many decode rows go to the worker pool; more go
@@ -23,110 +24,174 @@ extension InferenceEngine {
         let p = pool.count
         let rank = max(inputs.map { $0.client?.maxRank ?? 0 }.max() ?? 0, 1)
         ensure(rows: B, outRows: B, maxT: 1, maxRank: rank)
-        let width = B * max(c.qWidth + 2 * c.kvWidth, c.intermediateSize, C)
+        let width = B * (c.groups.map(\.outFeatures).max() ?? C)
+        let slotsPerGroup = c.groups.map(\.slots.count).max() ?? 1
         // Per-participant buffers (P, n): grown, never shrunk. Both dimensions are checked: the
         // placeholder tensors are 1-D, whose `rows` is 1, so a one-thread pool must still allocate.
         func grow(_ t: inout Tensor, _ n: Int) { if t.shape.count != 2 || t.cols < n || t.rows < p { t = Tensor(zeros: [p, max(n, t.cols)]) } }
-        grow(&partials, width); grow(&privateLN, B * C); grow(&privateScores, c.contextLength); grow(&privateLoRA, B * rank)
+        grow(&partials, width); grow(&privateLN, B * C); grow(&privateScores, c.contextLength)
+        grow(&privateLoRA, B * slotsPerGroup * rank)
+        if c.mlp == .swiglu { grow(&privateAct, B * c.intermediateSize) }
 
-        // Embeddings: x[b] = wte[token] + wpe[position].
+        // Embeddings: x[b] = embed[token] (+ positions[position]), and each row's rotary table.
         let w = model.weights
         for (b, inp) in inputs.enumerated() {
             let row = x.data + b * C
             row.update(from: w.embed.data + inp.tokens[0] * C, count: C)
-            addInPlace(row, w.positions!.data + inp.cache.length * C, count: C)
+            if let pos = w.positions { addInPlace(row, pos.data + inp.cache.length * C, count: C) }
+            rope?.table(position: inp.cache.length, into: ropeCS.data + b * c.headDim)
         }
-        let step = DecodeRows(inputs: inputs, segments: segments, rank: rank)
-        pool.run { ctx in self.decodeBody(ctx, step) }
+        let step = DecodeRows(inputs: inputs, segments: segments, rank: rank, slotsPerGroup: slotsPerGroup)
+        pool.run { ctx in
+            let runner = PooledDecodeRunner(engine: self, ctx: ctx, step: step)
+            for l in 0..<c.layerCount { runBlock(runner, layer: l) }
+            runner.head()
+        }
         for inp in inputs { inp.cache.advance(by: 1) }
         return Tensor(viewing: logits.data, shape: [B, c.vocabSize], owner: logits)
     }
+}
 
-    /// What every participant needs to know about the step.
-    private struct DecodeRows {
-        let inputs: [StepInput]
-        let segments: [(LinearWeightSet, Int, Int)]   // (weights, first row, end row)
-        let rank: Int
+/// What every participant needs to know about the step.
+struct DecodeRows {
+    let inputs: [StepInput]
+    let segments: [(LinearWeightSet, Int, Int)]   // (weights, first row, end row)
+    let rank: Int
+    let slotsPerGroup: Int
+}
+
+/// `runBlock`'s steps for one participant of a pooled decode step.
+private struct PooledDecodeRunner: BlockRunner {
+    unowned let engine: InferenceEngine
+    let ctx: WorkerPool.Context
+    let step: DecodeRows
+    let lnp: UnsafeMutablePointer<Float>    // (B, C) this participant's norm output
+    let sc: UnsafeMutablePointer<Float>     // (context) its attention scores
+
+    init(engine: InferenceEngine, ctx: WorkerPool.Context, step: DecodeRows) {
+        self.engine = engine; self.ctx = ctx; self.step = step
+        lnp = engine.privateLN.data + ctx.index * engine.privateLN.cols
+        sc = engine.privateScores.data + ctx.index * engine.privateScores.cols
     }
 
-    /// What one participant does for the whole step.
-    private func decodeBody(_ ctx: WorkerPool.Context, _ step: DecodeRows) {
-        let c = architecture, C = c.hiddenSize, H = c.headCount, hs = c.headDim, B = step.inputs.count
-        let w = model.weights
-        let lnp = privateLN.data + ctx.index * privateLN.cols           // (B, C), private
-        let sc = privateScores.data + ctx.index * privateScores.cols
-        let scale = 1 / Float(hs).squareRoot()
-        for l in 0..<c.layerCount {
-            let layer = w.layers[l]
-            layerNormForward(x.data, layer.attnNorm.data, layer.attnNormBias!.data, lnp, rows: B, C: C, eps: c.normEps)
-            // (B,C) @ (C,3C) -> (B,3C)
-            matvec(ctx, layer: l, slot: 0, lnp, into: qkv.data, step)
-            // Attention, (sequence, head) pairs split: append this token's k and v, attend over T.
-            for item in ctx.share(B * H) {
-                let b = item / H, h = item % H
-                let cache = step.inputs[b].cache
-                let L = cache.length, T = L + 1, cap = cache.capacity
-                let q = qkv.data + b * 3 * C + h * hs, o = att.data + b * C + h * hs
-                let kh = cache.k[l].data + h * cap * hs, vh = cache.v[l].data + h * cap * hs   // (capacity, hs)
-                (kh + L * hs).update(from: q + C, count: hs)
-                (vh + L * hs).update(from: q + 2 * C, count: hs)
-                if hs == 64 {
-                    decodeHead64(q: q, k: kh, v: vh, stride: hs, count: T, scale: scale, scores: sc, out: o)
-                } else {
-                    for j in 0..<T { sc[j] = scale * dot(q, kh + j * hs, hs) }
-                    softmaxInPlace(sc, count: T)
-                    o.update(repeating: 0, count: hs)
-                    for j in 0..<T { axpy(sc[j], vh + j * hs, o, hs) }
+    func norm(_ site: NormSite, layer l: Int) {
+        let a = engine.architecture
+        let (w, b) = engine.model.weights.norm(site, layer: l)
+        normRows(a.norm, engine.x.data, w.data, b?.data, lnp, rows: step.inputs.count, C: a.hiddenSize, eps: a.normEps)
+    }
+
+    func linear(_ site: GroupSite, layer l: Int) {
+        let e = engine
+        switch site {
+        case .attnIn: matvec(layer: l, group: site.rawValue, lnp, into: e.qkv.data)
+        case .attnOut: matvec(layer: l, group: site.rawValue, e.att.data, into: e.x.data, accumulate: true)
+        case .mlpIn: matvec(layer: l, group: site.rawValue, lnp, into: e.fc.data, gelu: e.architecture.mlp == .gelu)
+        case .mlpOut:
+            let input = e.architecture.mlp == .swiglu ? e.privateAct.data + ctx.index * e.privateAct.cols : e.fc.data
+            matvec(layer: l, group: site.rawValue, input, into: e.x.data, accumulate: true)
+        }
+    }
+
+    /// (sequence, head) pairs split over the participants. With a position step (or grouped heads)
+    /// the new q and k heads are normed and rotated and the cache appended first, behind a barrier;
+    /// otherwise (GPT-2) each pair appends its own head's key and value.
+    func attention(layer l: Int) {
+        let e = engine, a = e.architecture
+        let H = a.headCount, KV = a.kvHeadCount, hd = a.headDim, qW = a.qWidth, kvW = a.kvWidth
+        let W = a.group(.attnIn).outFeatures, perKV = H / KV, B = step.inputs.count
+        let separate = a.hasPositionStep || KV != H
+        if separate {
+            let layer = e.model.weights.layers[l]
+            for item in ctx.share(B * (H + KV)) {
+                let b = item / (H + KV), h = item % (H + KV)
+                let row = e.qkv.data + b * W
+                if a.hasPositionStep {
+                    positionStep(a, e.rope, row, heads: h..<(h + 1), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: e.ropeCS.data + b * hd)
+                }
+                if h >= H {
+                    let cache = step.inputs[b].cache, kvh = h - H, cap = cache.capacity, L = cache.length
+                    (cache.k[l].data + (kvh * cap + L) * hd).update(from: row + qW + kvh * hd, count: hd)
+                    (cache.v[l].data + (kvh * cap + L) * hd).update(from: row + qW + kvW + kvh * hd, count: hd)
                 }
             }
             ctx.barrier()
-            // (B,C) @ (C,C) -> (B,C), added to the residual
-            matvec(ctx, layer: l, slot: 1, att.data, into: x.data, step, accumulate: true)
-            layerNormForward(x.data, layer.mlpNorm.data, layer.mlpNormBias!.data, lnp, rows: B, C: C, eps: c.normEps)
-            // (B,C) @ (C,4C) -> (B,4C), GELU; (B,4C) @ (4C,C) -> (B,C), added to the residual
-            matvec(ctx, layer: l, slot: 2, lnp, into: fc.data, step, gelu: true)
-            matvec(ctx, layer: l, slot: 3, fc.data, into: x.data, step, accumulate: true)
         }
-        // Final norm, then the tied head: (V,C) @ (B,C)^T -> (B,V), vocabulary rows split.
-        layerNormForward(x.data, w.finalNorm.data, w.finalNormBias!.data, lnp, rows: B, C: C, eps: c.normEps)
-        let V = c.vocabSize
-        ctx.chunks(V, size: 256, phase: c.slots.count * c.layerCount) { dotRows(w.head.data, C: C, lnp, count: B, rows: $0, logits.data, stride: V) }
+        let scale = 1 / Float(hd).squareRoot()
+        for item in ctx.share(B * H) {
+            let b = item / H, h = item % H, kvh = h / perKV
+            let cache = step.inputs[b].cache
+            let L = cache.length, T = L + 1, cap = cache.capacity
+            let q = e.qkv.data + b * W + h * hd, o = e.att.data + b * qW + h * hd
+            let kh = cache.k[l].data + kvh * cap * hd, vh = cache.v[l].data + kvh * cap * hd   // (capacity, hd)
+            if !separate {
+                (kh + L * hd).update(from: q + qW, count: hd)
+                (vh + L * hd).update(from: q + qW + kvW, count: hd)
+            }
+            decodeHead(q: q, k: kh, v: vh, hd: hd, count: T, scale: scale, scores: sc, out: o)
+        }
+        ctx.barrier()
     }
 
-    /// out = xin W^T + b (+ each sequence's client term s (xin A^T) B^T), then GELU, or added into out;
-    /// xin (B, in) and out (B, out). xin must be complete on every participant; out is complete on all
-    /// when this returns. Chunks of 64 output rows (64 x in contiguous floats of W) come from a shared
-    /// counter, so the weight streams in long runs and a participant that is slowed down takes fewer.
+    /// GELU ran in mlpIn's epilogue; SwiGLU is computed privately by every participant from the complete [gate | up].
+    func activation(layer l: Int) {
+        let e = engine
+        guard e.architecture.mlp == .swiglu else { return }
+        swigluForward(e.fc.data, e.privateAct.data + ctx.index * e.privateAct.cols, rows: step.inputs.count, I: e.architecture.intermediateSize)
+    }
+
+    /// Final norm, then the head: (V,C) @ (B,C)^T -> (B,V), vocabulary rows split.
+    func head() {
+        let e = engine, a = e.architecture, C = a.hiddenSize, V = a.vocabSize, w = e.model.weights
+        normRows(a.norm, e.x.data, w.finalNorm.data, w.finalNormBias?.data, lnp, rows: step.inputs.count, C: C, eps: a.normEps)
+        ctx.chunks(V, size: 256, phase: a.groups.count * a.layerCount) {
+            dotRows(w.head.data, C: C, lnp, count: step.inputs.count, rows: $0, e.logits.data, stride: V)
+        }
+    }
+
+    /// out = xin W^T + b (+ each sequence's client terms s (xin A^T) B^T, in each slot's rows), then
+    /// GELU, or added into out; xin (B, in) and out (B, out). xin must be complete on every
+    /// participant; out is complete on all when this returns. Chunks of 64 output rows (64 x in
+    /// contiguous floats of W) come from a shared counter, so the weight streams in long runs and a
+    /// participant that is slowed down takes fewer. Phases are numbered by (layer, group).
     @inline(__always)
-    private func matvec(_ ctx: WorkerPool.Context, layer l: Int, slot: Int, _ xin: UnsafeMutablePointer<Float>,
-                        into out: UnsafeMutablePointer<Float>, _ step: DecodeRows,
+    private func matvec(layer l: Int, group gi: Int, _ xin: UnsafeMutablePointer<Float>, into out: UnsafeMutablePointer<Float>,
                         accumulate: Bool = false, gelu: Bool = false) {
-        let (din, dout) = architecture.slots[slot].dims
-        let B = step.inputs.count
-        let bias = model.weights.layers[l].linB[slot]?.data
-        let stage = partials.data + ctx.index * partials.cols       // (B, out): my rows before GELU / residual
-        let t = privateLoRA.data + ctx.index * privateLoRA.cols      // (B, rank)
-        // Each sequence's client projections t = s A xin, the same on every participant. A (r, in).
+        let e = engine, a = e.architecture, g = a.groups[gi]
+        let din = g.inFeatures, dout = g.outFeatures
+        let B = step.inputs.count, R = step.rank, ns = g.slots.count
+        let bias = e.model.weights.layers[l].groupB[gi]?.data
+        let stage = e.partials.data + ctx.index * e.partials.cols       // (B, out): my rows before GELU / residual
+        let t = e.privateLoRA.data + ctx.index * e.privateLoRA.cols      // (B, slots, rank)
+        // Each sequence's client projections t = s A xin per slot, the same on every participant. A (r, in).
         for b in 0..<B {
-            if let p = step.inputs[b].client?.pairs[l][slot] {
-                for k in 0..<p.rank { t[b * step.rank + k] = p.scale * dot(xin + b * din, p.a.data + k * din, din) }
+            guard let client = step.inputs[b].client else { continue }
+            for (k, s) in g.slots.enumerated() {
+                if let p = client.pairs[l][s] {
+                    for j in 0..<p.rank { t[(b * ns + k) * R + j] = p.scale * dot(xin + b * din, p.a.data + j * din, din) }
+                }
             }
         }
-        ctx.chunks(dout, size: 64, phase: architecture.slots.count * l + slot) { rows in
+        ctx.chunks(dout, size: 64, phase: a.groups.count * l + gi) { rows in
             let lo = rows.lowerBound, n = rows.count
             for (set, r0, r1) in step.segments {
                 // (rows,in) @ (in) -> (rows) for every sequence of the segment
-                dotRows(set.weights[l][slot].data, C: din, xin + r0 * din, count: r1 - r0, rows: rows, stage + r0 * dout, stride: dout)
+                dotRows(set.weights[l][gi].data, C: din, xin + r0 * din, count: r1 - r0, rows: rows, stage + r0 * dout, stride: dout)
             }
             for b in 0..<B {
                 let sb = stage + b * dout, ob = out + b * dout
                 if let bias { addInPlace(sb + lo, bias + lo, count: n) }
-                if let p = step.inputs[b].client?.pairs[l][slot] {
-                    let r = p.rank, bm = p.b.data, tb = t + b * step.rank   // B (out, r)
-                    for o in rows {
-                        var acc: Float = 0
-                        for k in 0..<r { acc += tb[k] * bm[o * r + k] }
-                        sb[o] += acc
+                if let client = step.inputs[b].client {
+                    for (k, s) in g.slots.enumerated() {
+                        guard let p = client.pairs[l][s] else { continue }
+                        let off = g.offsets[k], so = a.slots[s].outFeatures
+                        let r = p.rank, bm = p.b.data, tb = t + (b * ns + k) * R   // B (out, r)
+                        let o0 = max(lo, off), o1 = min(rows.upperBound, off + so)
+                        guard o0 < o1 else { continue }
+                        for o in o0..<o1 {
+                            var acc: Float = 0
+                            for j in 0..<r { acc += tb[j] * bm[(o - off) * r + j] }
+                            sb[o] += acc
+                        }
                     }
                 }
                 if gelu { geluForward(sb + lo, ob + lo, count: n) }

@@ -18,36 +18,43 @@ public struct StepInput {
     }
 }
 
-/// Runs GPT-2 forward steps over a batch of sequences of different lengths and adapters.
+/// Runs forward steps of any supported model over a batch of sequences of different lengths and adapters.
 ///
-/// All new tokens of the batch are rows of one activation matrix, so every linear layer is one GEMM
-/// per weight set (normally one: the base or the shared-folded weights), followed by the low-rank
-/// client terms grouped by client (the SGMV idea of Punica/S-LoRA). Attention runs per sequence over
-/// its own KV cache. Callers order inputs so that equal weight sets and equal clients are adjacent.
-/// The run state below is allocated once and grown only when a larger batch arrives.
+/// All new tokens of the batch are rows of one activation matrix, so every product of the block is
+/// one GEMM per weight set (normally one: the base or the shared-folded weights), followed by the
+/// low-rank client terms grouped by client (the SGMV idea of Punica/S-LoRA). Attention runs per
+/// sequence over its own KV cache. Callers order inputs so that equal weight sets and equal clients
+/// are adjacent. The block itself is `runBlock` (Block.swift); this file is its GEMM runner. The run
+/// state below is allocated once and grown only when a larger batch arrives.
 public final class InferenceEngine {
     public let model: LanguageModel
     let architecture: ModelArchitecture
+    /// The rotary embedding's frequencies (nil with learned positions).
+    let rope: RoPE?
 
     // Run state: every activation buffer of a step (rows = all new tokens of the batch).
     private var capacityRows = 0
     var x = Tensor(zeros: [0])        // (N, C) residual stream
-    var ln = Tensor(zeros: [0])       // (N, C) layer-norm output
-    var qkv = Tensor(zeros: [0])      // (N, 3C)
-    var att = Tensor(zeros: [0])      // (N, C) attention output (heads concatenated)
+    var ln = Tensor(zeros: [0])       // (N, C) norm output
+    var qkv = Tensor(zeros: [0])      // (N, qW + 2 kvW) [q | k | v]
+    var att = Tensor(zeros: [0])      // (N, qW) attention output (heads concatenated)
     var proj = Tensor(zeros: [0])     // (N, C) projection output before the residual add
-    var fc = Tensor(zeros: [0])       // (N, inner)
+    var fc = Tensor(zeros: [0])       // (N, I) or (N, 2I): the MLP's input product; GELU runs in place
+    var act = Tensor(zeros: [0])      // (N, I) SwiGLU's output (unused with GELU)
+    var ropeCS = Tensor(zeros: [0])   // (N, hd) cos | sin of each new row's position
     var loraTmp = Tensor(zeros: [0])  // (N, max client rank)
     var scores = Tensor(zeros: [0])   // (maxT, maxT) attention scores of one head
     var lnOut = Tensor(zeros: [0])    // (M, C) final-norm rows that produce logits
     var logits = Tensor(zeros: [0])   // (M, V)
     // Small decode steps on the worker pool (DecodeStep.swift): per participant, its output rows of a
-    // matrix-vector product for every sequence, private layer-norm outputs, attention scores, low-rank terms.
+    // matrix-vector product for every sequence, private norm outputs, SwiGLU outputs, attention
+    // scores, low-rank projections.
     let pool: WorkerPool
-    var partials = Tensor(zeros: [0])      // (P, B * max(3C, inner)): each one's output rows, staged
+    var partials = Tensor(zeros: [0])      // (P, B * widest group output): each one's output rows, staged
     var privateLN = Tensor(zeros: [0])     // (P, B * C)
-    var privateScores = Tensor(zeros: [0]) // (P, nPositions)
-    var privateLoRA = Tensor(zeros: [0])   // (P, B * max client rank)
+    var privateAct = Tensor(zeros: [0])    // (P, B * I) SwiGLU
+    var privateScores = Tensor(zeros: [0]) // (P, context)
+    var privateLoRA = Tensor(zeros: [0])   // (P, B * slots per group * max client rank)
 
     /// Decode steps of at most this many sequences (one new token each) run on the worker pool
     /// (DecodeStep.swift); larger steps and every prefill run as GEMMs. 0 sends everything to GEMM.
@@ -58,6 +65,7 @@ public final class InferenceEngine {
     public init(model: LanguageModel, pool: WorkerPool = .shared) {
         self.model = model
         self.architecture = model.architecture
+        self.rope = RoPE(model.architecture)
         self.pool = pool
     }
 
@@ -67,8 +75,10 @@ public final class InferenceEngine {
             capacityRows = max(n, capacityRows * 2 > n ? min(capacityRows * 2, n * 2) : n)
             let r = capacityRows
             x = Tensor(zeros: [r, C]); ln = Tensor(zeros: [r, C])
-            qkv = Tensor(zeros: [r, c.qWidth + 2 * c.kvWidth]); att = Tensor(zeros: [r, c.qWidth])
-            proj = Tensor(zeros: [r, C]); fc = Tensor(zeros: [r, c.intermediateSize])
+            qkv = Tensor(zeros: [r, c.group(.attnIn).outFeatures]); att = Tensor(zeros: [r, c.qWidth])
+            proj = Tensor(zeros: [r, C]); fc = Tensor(zeros: [r, c.group(.mlpIn).outFeatures])
+            if c.mlp == .swiglu { act = Tensor(zeros: [r, c.intermediateSize]) }
+            if rope != nil { ropeCS = Tensor(zeros: [r, c.headDim]) }
         }
         if loraTmp.count < n * maxRank { loraTmp = Tensor(zeros: [max(capacityRows, n) * max(maxRank, 1)]) }
         let need = max(maxT * maxT, c.contextLength)
@@ -118,43 +128,28 @@ public final class InferenceEngine {
             }
         }
 
-        // Embeddings: x[row] = wte[token] + wpe[position].
+        // Embeddings: x[row] = embed[token] (+ positions[position] when learned), and each row's rotary table.
         let w = model.weights
         for (i, inp) in inputs.enumerated() {
             for (j, tok) in inp.tokens.enumerated() {
                 let row = x.data + (rowStart[i] + j) * C
                 row.update(from: w.embed.data + tok * C, count: C)
-                addInPlace(row, w.positions!.data + (inp.cache.length + j) * C, count: C)
+                if let pos = w.positions { addInPlace(row, pos.data + (inp.cache.length + j) * C, count: C) }
+                rope?.table(position: inp.cache.length + j, into: ropeCS.data + (rowStart[i] + j) * c.headDim)
             }
         }
 
-        for l in 0..<c.layerCount {
-            let layer = w.layers[l]
-            // (N,C) -> ln -> (N,3C)
-            layerNormForward(x.data, layer.attnNorm.data, layer.attnNormBias!.data, ln.data, rows: n, C: C, eps: c.normEps)
-            linear(ln.data, qkv.data, rows: n, layer: l, slot: 0, weightSegs, clientSegs)
-            for (i, inp) in inputs.enumerated() {
-                attention(layer: l, cache: inp.cache, row0: rowStart[i], t: inp.tokens.count)
-            }
-            // (N,C) @ (C,C) -> (N,C), residual
-            linear(att.data, proj.data, rows: n, layer: l, slot: 1, weightSegs, clientSegs)
-            addInPlace(x.data, proj.data, count: n * C)
-            layerNormForward(x.data, layer.mlpNorm.data, layer.mlpNormBias!.data, ln.data, rows: n, C: C, eps: c.normEps)
-            // (N,C) @ (C,4C) -> (N,4C), gelu, (N,4C) @ (4C,C) -> (N,C), residual
-            linear(ln.data, fc.data, rows: n, layer: l, slot: 2, weightSegs, clientSegs)
-            geluForward(fc.data, fc.data, count: n * c.intermediateSize)
-            linear(fc.data, proj.data, rows: n, layer: l, slot: 3, weightSegs, clientSegs)
-            addInPlace(x.data, proj.data, count: n * C)
-        }
+        let runner = PrefillRunner(engine: self, inputs: inputs, rowStart: rowStart, rows: n, weightSegs: weightSegs, clientSegs: clientSegs)
+        for l in 0..<c.layerCount { runBlock(runner, layer: l) }
 
-        // Final norm on the rows that need logits, then the tied head: (M,C) @ (C,V) -> (M,V).
+        // Final norm on the rows that need logits, then the head: (M,C) @ (C,V) -> (M,V).
         var outRow = 0
         for (i, inp) in inputs.enumerated() {
             let t = inp.tokens.count
             let first = inp.allLogits ? 0 : t - 1
             for j in first..<t {
-                layerNormForward(x.data + (rowStart[i] + j) * C, w.finalNorm.data, w.finalNormBias!.data, lnOut.data + outRow * C,
-                                 rows: 1, C: C, eps: c.normEps)
+                normRows(c.norm, x.data + (rowStart[i] + j) * C, w.finalNorm.data, w.finalNormBias?.data, lnOut.data + outRow * C,
+                         rows: 1, C: C, eps: c.normEps)
                 outRow += 1
             }
             inp.cache.advance(by: t)
@@ -167,13 +162,15 @@ public final class InferenceEngine {
         return Tensor(viewing: logits.data, shape: [m, c.vocabSize], owner: logits)
     }
 
-    /// out (N, out) = x (N, in) @ W + b per weight segment, then + s (x A^T) B^T per client segment.
-    private func linear(_ xin: UnsafeMutablePointer<Float>, _ out: UnsafeMutablePointer<Float>, rows n: Int,
-                        layer l: Int, slot: Int,
-                        _ weightSegs: [(LinearWeightSet, Int, Int)], _ clientSegs: [(ClientPairs, Int, Int)]) {
-        let (din, dout) = architecture.slots[slot].dims
+    /// out (N, gOut) = x (N, in) @ W^T + b per weight segment for one group, then + s (x A^T) B^T of
+    /// each of the group's slots per client segment, into the slot's columns.
+    fileprivate func groupLinear(_ xin: UnsafeMutablePointer<Float>, _ out: UnsafeMutablePointer<Float>, rows n: Int,
+                                 layer l: Int, group gi: Int,
+                                 _ weightSegs: [(LinearWeightSet, Int, Int)], _ clientSegs: [(ClientPairs, Int, Int)]) {
+        let g = architecture.groups[gi]
+        let din = g.inFeatures, dout = g.outFeatures
         for (set, r0, r1) in weightSegs {
-            let wt = set.weights[l][slot]
+            let wt = set.weights[l][gi]
             let rows = r1 - r0
             if rows == 1 {
                 BLAS.gemv(wt.data, xin + r0 * din, out + r0 * dout, m: dout, n: din)               // (out,in) @ (in)
@@ -181,29 +178,32 @@ public final class InferenceEngine {
                 BLAS.gemm(xin + r0 * din, wt.data, out + r0 * dout, m: rows, n: dout, k: din, transB: true) // (n,in) @ (out,in)^T
             }
         }
-        if let b = model.weights.layers[l].linB[slot] { addBias(out, b.data, rows: n, cols: dout) }
+        if let b = model.weights.layers[l].groupB[gi] { addBias(out, b.data, rows: n, cols: dout) }
         for (client, r0, r1) in clientSegs {
-            guard let p = client.pairs[l][slot] else { continue }
-            let rows = r1 - r0, r = p.rank
-            if rows <= 4 {
-                lowRankRows(xin + r0 * din, out + r0 * dout, rows: rows, din: din, dout: dout, pair: p)
-            } else {
-                // (n,in) @ (in,r) -> (n,r); then s * (n,r) @ (r,out) accumulated into out.
-                BLAS.gemm(xin + r0 * din, p.a.data, loraTmp.data, m: rows, n: r, k: din, transB: true)
-                BLAS.gemm(loraTmp.data, p.b.data, out + r0 * dout, m: rows, n: dout, k: r, transB: true, alpha: p.scale, beta: 1)
+            for (s, off) in zip(g.slots, g.offsets) {
+                guard let p = client.pairs[l][s] else { continue }
+                let rows = r1 - r0, r = p.rank, so = architecture.slots[s].outFeatures
+                if rows <= 4 {
+                    lowRankRows(xin + r0 * din, out + r0 * dout + off, rows: rows, din: din, dout: so, stride: dout, pair: p)
+                } else {
+                    // (n,in) @ (in,r) -> (n,r); then s * (n,r) @ (r,out) accumulated into the slot's columns.
+                    BLAS.gemm(xin + r0 * din, p.a.data, loraTmp.data, m: rows, n: r, k: din, transB: true)
+                    BLAS.gemm(loraTmp.data, p.b.data, out + r0 * dout + off, m: rows, n: so, k: r, transB: true, ldc: dout,
+                              alpha: p.scale, beta: 1)
+                }
             }
         }
     }
 
     /// The low-rank term for a few rows without BLAS call overhead: r dot products with the rows of A,
-    /// then one contiguous pass over B (out, r) row-major.
+    /// then one contiguous pass over B (out, r) row-major. Output rows are `stride` floats apart.
     func lowRankRows(_ xin: UnsafeMutablePointer<Float>, _ out: UnsafeMutablePointer<Float>, rows: Int,
-                             din: Int, dout: Int, pair p: LowRankPair) {
+                     din: Int, dout: Int, stride: Int, pair p: LowRankPair) {
         let r = p.rank
         let t = loraTmp.data
         let b = p.b.data
         for row in 0..<rows {
-            let xr = xin + row * din, orow = out + row * dout
+            let xr = xin + row * din, orow = out + row * stride
             for j in 0..<r { t[j] = p.scale * dot(xr, p.a.data + j * din, din) }
             if r == 2 {
                 let t0 = t[0], t1 = t[1]
@@ -218,51 +218,104 @@ public final class InferenceEngine {
         }
     }
 
-    /// Causal self-attention of one sequence's t new rows over its cache (past L plus the new rows).
-    private func attention(layer l: Int, cache: KVCache, row0: Int, t: Int) {
-        let C = architecture.hiddenSize, H = architecture.headCount, hs = architecture.headDim
+    /// Causal self-attention of one sequence's t new rows over its cache (past L plus the new rows):
+    /// the position step on the new q and k heads, the new keys and values into the cache, then per
+    /// query head h over key/value head h / (H / KV).
+    fileprivate func attention(layer l: Int, cache: KVCache, row0: Int, t: Int) {
+        let a = architecture
+        let H = a.headCount, KV = a.kvHeadCount, hd = a.headDim, qW = a.qWidth, kvW = a.kvWidth
+        let W = a.group(.attnIn).outFeatures, perKV = H / KV
         let L = cache.length, T = L + t
         let kc = cache.k[l].data, vc = cache.v[l].data, cap = cache.capacity
-        // Append the new keys and values: qkv row = [q | k | v], each (C) with heads side by side;
-        // the cache is (H, capacity, hs).
-        for j in 0..<t {
-            let src = qkv.data + (row0 + j) * 3 * C
-            for h in 0..<H {
-                (kc + (h * cap + L + j) * hs).update(from: src + C + h * hs, count: hs)
-                (vc + (h * cap + L + j) * hs).update(from: src + 2 * C + h * hs, count: hs)
+        if a.hasPositionStep {
+            let layer = model.weights.layers[l]
+            for j in 0..<t {
+                positionStep(a, rope, qkv.data + (row0 + j) * W, heads: 0..<(H + KV), qNorm: layer.qNorm, kNorm: layer.kNorm,
+                             cs: ropeCS.data + (row0 + j) * hd)
             }
         }
-        let scale = 1 / Float(hs).squareRoot()
+        // Append the new keys and values: a qkv row is [q | k | v] with heads side by side; the cache
+        // is (KV, capacity, hd).
+        for j in 0..<t {
+            let src = qkv.data + (row0 + j) * W
+            for h in 0..<KV {
+                (kc + (h * cap + L + j) * hd).update(from: src + qW + h * hd, count: hd)
+                (vc + (h * cap + L + j) * hd).update(from: src + qW + kvW + h * hd, count: hd)
+            }
+        }
+        let scale = 1 / Float(hd).squareRoot()
         let sc = scores.data
         if t == 1 {
             // Decode: per head, scores over T cached keys, softmax, weighted sum of values.
-            let q0 = qkv.data + row0 * 3 * C, o0 = att.data + row0 * C
+            let q0 = qkv.data + row0 * W, o0 = att.data + row0 * qW
             for h in 0..<H {
-                let q = q0 + h * hs, o = o0 + h * hs
-                let kh = kc + h * cap * hs, vh = vc + h * cap * hs
-                if hs == 64 {
-                    decodeHead64(q: q, k: kh, v: vh, stride: hs, count: T, scale: scale, scores: sc, out: o)
-                } else {
-                    for j in 0..<T { sc[j] = scale * dot(q, kh + j * hs, hs) }
-                    softmaxInPlace(sc, count: T)
-                    o.update(repeating: 0, count: hs)
-                    for j in 0..<T { axpy(sc[j], vh + j * hs, o, hs) }
-                }
+                let kvh = h / perKV
+                decodeHead(q: q0 + h * hd, k: kc + kvh * cap * hd, v: vc + kvh * cap * hd, hd: hd, count: T, scale: scale,
+                           scores: sc, out: o0 + h * hd)
             }
             return
         }
         for h in 0..<H {
-            let q = qkv.data + row0 * 3 * C + h * hs
-            let o = att.data + row0 * C + h * hs
-            let kh = kc + h * cap * hs, vh = vc + h * cap * hs
-            // Prefill: (t,hs) @ (hs,T) -> (t,T), causal softmax, (t,T) @ (T,hs) -> (t,hs).
-            BLAS.gemm(q, kh, sc, m: t, n: T, k: hs, transB: true, lda: 3 * C, ldb: hs, ldc: T, alpha: scale)
+            let q = qkv.data + row0 * W + h * hd
+            let o = att.data + row0 * qW + h * hd
+            let kvh = h / perKV
+            let kh = kc + kvh * cap * hd, vh = vc + kvh * cap * hd
+            // Prefill: (t,hd) @ (hd,T) -> (t,T), causal softmax, (t,T) @ (T,hd) -> (t,hd).
+            BLAS.gemm(q, kh, sc, m: t, n: T, k: hd, transB: true, lda: W, ldb: hd, ldc: T, alpha: scale)
             for i in 0..<t {
                 let valid = L + i + 1
                 softmaxInPlace(sc + i * T, count: valid)
                 if valid < T { (sc + i * T + valid).update(repeating: 0, count: T - valid) }
             }
-            BLAS.gemm(sc, vh, o, m: t, n: hs, k: T, lda: T, ldb: hs, ldc: C)
+            BLAS.gemm(sc, vh, o, m: t, n: hd, k: T, lda: T, ldb: hd, ldc: qW)
+        }
+    }
+}
+
+/// `runBlock`'s steps as GEMMs over every new row of a step (prefill, and decode steps too large for
+/// the pool).
+private struct PrefillRunner: BlockRunner {
+    unowned let engine: InferenceEngine
+    let inputs: [StepInput]
+    let rowStart: [Int]
+    let rows: Int
+    let weightSegs: [(LinearWeightSet, Int, Int)]
+    let clientSegs: [(ClientPairs, Int, Int)]
+
+    func norm(_ site: NormSite, layer l: Int) {
+        let e = engine, a = e.architecture
+        let (w, b) = e.model.weights.norm(site, layer: l)
+        normRows(a.norm, e.x.data, w.data, b?.data, e.ln.data, rows: rows, C: a.hiddenSize, eps: a.normEps)
+    }
+
+    func linear(_ site: GroupSite, layer l: Int) {
+        let e = engine
+        switch site {
+        case .attnIn:
+            e.groupLinear(e.ln.data, e.qkv.data, rows: rows, layer: l, group: site.rawValue, weightSegs, clientSegs)
+        case .attnOut:
+            e.groupLinear(e.att.data, e.proj.data, rows: rows, layer: l, group: site.rawValue, weightSegs, clientSegs)
+            addInPlace(e.x.data, e.proj.data, count: rows * e.architecture.hiddenSize)
+        case .mlpIn:
+            e.groupLinear(e.ln.data, e.fc.data, rows: rows, layer: l, group: site.rawValue, weightSegs, clientSegs)
+        case .mlpOut:
+            let input = e.architecture.mlp == .swiglu ? e.act : e.fc
+            e.groupLinear(input.data, e.proj.data, rows: rows, layer: l, group: site.rawValue, weightSegs, clientSegs)
+            addInPlace(e.x.data, e.proj.data, count: rows * e.architecture.hiddenSize)
+        }
+    }
+
+    func attention(layer l: Int) {
+        for (i, inp) in inputs.enumerated() {
+            engine.attention(layer: l, cache: inp.cache, row0: rowStart[i], t: inp.tokens.count)
+        }
+    }
+
+    func activation(layer l: Int) {
+        let e = engine, I = e.architecture.intermediateSize
+        switch e.architecture.mlp {
+        case .gelu: geluForward(e.fc.data, e.fc.data, count: rows * I)
+        case .swiglu: swigluForward(e.fc.data, e.act.data, rows: rows, I: I)
         }
     }
 }

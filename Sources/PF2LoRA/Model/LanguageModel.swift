@@ -20,33 +20,35 @@ public final class LanguageModel {
     }
     private var _baseLinears: LinearWeightSet?
     private let lock = NSLock()
-    /// The safetensors file the weights view (nil for in-memory random models).
-    public let file: SafeTensorsFile?
+    /// The checkpoint the weights view (nil for in-memory random models).
+    public let checkpoint: Checkpoint?
+    /// The (first) safetensors file of the checkpoint.
+    public var file: SafeTensorsFile? { checkpoint?.files.first }
 
-    public init(folder: String, weights: ModelWeights, file: SafeTensorsFile?) {
+    public init(folder: String, weights: ModelWeights, checkpoint: Checkpoint?) {
         self.folder = folder
         self.architecture = weights.architecture
         self.weights = weights
-        self.file = file
+        self.checkpoint = checkpoint
     }
 
-    /// Loads `folder/config.json` and `folder/model.safetensors`, validating names and shapes.
+    /// Loads `folder/config.json` (any family of `ModelRegistry`, with generation_config.json's EOS
+    /// ids) and the weights (model.safetensors or shards), validating names and shapes.
     public static func load(folder: String, writable: Bool = false) throws -> LanguageModel {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: folder, isDirectory: &isDir), isDir.boolValue else {
             throw ModelError.missingFolder(folder)
         }
         let a = try ModelRegistry.architecture(folder: folder)
-        guard a.modelType == "gpt2" else {
-            throw ModelError.badConfig(file: folder + "/config.json", why: "model_type '\(a.modelType)' is read, but its forward pass is not built yet; only gpt2 models run")
-        }
-        let stPath = folder + "/model.safetensors"
-        guard FileManager.default.fileExists(atPath: stPath) else {
-            throw ModelError.missingFile(stPath, hint: "A model folder needs model.safetensors (PyTorch .bin checkpoints are not read; convert with safetensors).")
-        }
-        let st = try SafeTensorsFile(path: stPath)
-        let weights = try ModelWeights.load(st, architecture: a, writable: writable)
-        return LanguageModel(folder: folder, weights: weights, file: st)
+        let ck = try Checkpoint.open(folder: folder)
+        let weights = try ModelWeights.load(ck, architecture: a, writable: writable)
+        return LanguageModel(folder: folder, weights: weights, checkpoint: ck)
+    }
+
+    /// The ids that end a generation: the model's (config.json, generation_config.json) and the
+    /// tokenizer's end-of-text token.
+    public func eosTokenIds(tokenizer: BPETokenizer) -> Set<Int> {
+        Set(architecture.eosTokenIds + (tokenizer.eosTokenId.map { [$0] } ?? []))
     }
 
     /// Writes config.json and model.safetensors (atomically) into `folder`.

@@ -50,6 +50,33 @@ public struct LinearSlot: Equatable, Sendable {
     public var dims: (inFeatures: Int, outFeatures: Int) { (inFeatures, outFeatures) }
 }
 
+/// The four matrix products of every block, in the order the block runs them.
+public enum GroupSite: Int, CaseIterable, Sendable {
+    /// q, k and v from the attention norm's output: [q | k | v], (qW + 2 kvW) wide.
+    case attnIn = 0
+    /// The attention output projection, added to the residual stream.
+    case attnOut
+    /// The MLP's input: [up] (GELU) or [gate | up] (SwiGLU).
+    case mlpIn
+    /// The MLP's output projection, added to the residual stream.
+    case mlpOut
+}
+
+/// Slots that read the same input, computed as one matrix: the output rows of its slots stacked in
+/// order (GPT-2: one slot per group; Llama: [q, k, v], [o], [gate, up], [down]). Serving and training
+/// run one product per group; an adapter still targets each slot on its own, at its `offsets` entry.
+public struct SlotGroup: Equatable, Sendable {
+    public let site: GroupSite
+    /// Slot indices in output order.
+    public let slots: [Int]
+    /// The first output feature of each slot in the group's output.
+    public let offsets: [Int]
+    public let inFeatures: Int
+    /// The sum of the slots' outputs.
+    public let outFeatures: Int
+    public let layout: WeightLayout
+}
+
 /// Where each kind of parameter sits in a checkpoint, as the family's Hugging Face model names it.
 /// Per-layer names are `layerPrefix + "<layer>." + name`; a norm's bias (LayerNorm) is its name with
 /// `.bias` for `.weight`.
@@ -149,7 +176,11 @@ public struct ModelArchitecture: Equatable, Sendable {
     /// Random init: residual projections scaled by 1/sqrt(2 L) (GPT-2) or not (Llama).
     public var scaledResidualInit: Bool
     /// Every block's linear layers, in the order the block runs them.
-    public var slots: [LinearSlot]
+    public let slots: [LinearSlot]
+    /// The slots by the product of the block that computes them (`GroupSite` order).
+    public let groups: [SlotGroup]
+    /// slot index -> (group index, position in the group)
+    let slotGroup: [(group: Int, position: Int)]
     public var names: TensorNames
 
     public init(modelType: String, vocabSize: Int, hiddenSize: Int, layerCount: Int, headCount: Int, kvHeadCount: Int,
@@ -162,9 +193,45 @@ public struct ModelArchitecture: Equatable, Sendable {
         self.positions = positions; self.mlp = mlp; self.qkNorm = qkNorm; self.tiedHead = tiedHead
         self.bosTokenId = bosTokenId; self.eosTokenIds = eosTokenIds; self.storedDType = storedDType
         self.scaledResidualInit = scaledResidualInit; self.slots = slots; self.names = names
+        var groups: [SlotGroup] = []
+        var slotGroup = Array(repeating: (group: -1, position: -1), count: slots.count)
+        for site in GroupSite.allCases {
+            let members = slots.filter { Self.site(of: $0.role) == site }
+            var offsets: [Int] = [], out = 0
+            for (i, s) in members.enumerated() {
+                offsets.append(out); out += s.outFeatures
+                slotGroup[s.index] = (groups.count, i)
+            }
+            groups.append(SlotGroup(site: site, slots: members.map(\.index), offsets: offsets,
+                                    inFeatures: members.first?.inFeatures ?? 0, outFeatures: out,
+                                    layout: members.first?.layout ?? .linear))
+        }
+        self.groups = groups
+        self.slotGroup = slotGroup
+    }
+
+    static func site(of role: SlotRole) -> GroupSite {
+        switch role {
+        case .qkv, .q, .k, .v: return .attnIn
+        case .attnOut: return .attnOut
+        case .up, .gate: return .mlpIn
+        case .down: return .mlpOut
+        }
+    }
+
+    public static func == (a: ModelArchitecture, b: ModelArchitecture) -> Bool {
+        a.modelType == b.modelType && a.vocabSize == b.vocabSize && a.hiddenSize == b.hiddenSize && a.layerCount == b.layerCount
+            && a.headCount == b.headCount && a.kvHeadCount == b.kvHeadCount && a.headDim == b.headDim
+            && a.intermediateSize == b.intermediateSize && a.contextLength == b.contextLength && a.norm == b.norm
+            && a.normEps == b.normEps && a.positions == b.positions && a.mlp == b.mlp && a.qkNorm == b.qkNorm
+            && a.tiedHead == b.tiedHead && a.bosTokenId == b.bosTokenId && a.eosTokenIds == b.eosTokenIds
+            && a.storedDType == b.storedDType && a.scaledResidualInit == b.scaledResidualInit && a.slots == b.slots && a.names == b.names
     }
 
     // MARK: Derived sizes
+
+    /// The group of a site.
+    public func group(_ site: GroupSite) -> SlotGroup { groups[site.rawValue] }
 
     /// H * hd: the width of q and of the attention output.
     public var qWidth: Int { headCount * headDim }
@@ -275,6 +342,23 @@ public struct ModelArchitecture: Equatable, Sendable {
         guard normEps > 0, normEps.isFinite else { throw bad("the norm epsilon must be a positive number") }
         for id in eosTokenIds + (bosTokenId.map { [$0] } ?? []) where id < 0 {
             throw bad("token id \(id) in bos_token_id/eos_token_id is negative")
+        }
+        // The block's shape: its products read and write what the next one expects.
+        let roles = slots.map(\.role)
+        let attnIn = group(.attnIn).slots.map { slots[$0].role }, mlpIn = group(.mlpIn).slots.map { slots[$0].role }
+        guard attnIn == [.qkv] || attnIn == [.q, .k, .v], group(.attnOut).slots.count == 1, group(.mlpOut).slots.count == 1,
+              mlpIn == (mlp == .swiglu ? [.gate, .up] : [.up]), Set(roles).count == roles.count else {
+            throw bad("the family's slot table does not make a decoder block (internal error)")
+        }
+        for g in groups where g.slots.count > 1 {
+            guard g.layout == .linear, g.slots.allSatisfy({ slots[$0].layout == .linear && slots[$0].inFeatures == g.inFeatures }) else {
+                throw bad("slots of one product must share the nn.Linear layout and the input (internal error)")
+            }
+        }
+        guard group(.attnIn).outFeatures == qWidth + 2 * kvWidth, group(.attnOut).inFeatures == qWidth,
+              group(.mlpOut).inFeatures == intermediateSize, group(.attnOut).outFeatures == hiddenSize,
+              group(.mlpOut).outFeatures == hiddenSize else {
+            throw bad("the slot shapes do not match the heads and widths (internal error)")
         }
     }
 

@@ -10,15 +10,43 @@ public final class ModelWeights {
         public let mlpNorm: Tensor, mlpNormBias: Tensor?
         /// Per-head RMSNorm weights of q and k, (hd) each (Qwen3), else nil.
         public let qNorm: Tensor?, kNorm: Tensor?
-        /// Indexed by slot: each linear weight in its slot's layout (`LinearSlot.weightShape`).
+        /// Indexed by slot: each linear weight in its slot's layout (`LinearSlot.weightShape`). A slot
+        /// of a multi-slot group is a view of that group's rows in `groupW`.
         public let linW: [Tensor]
         /// Indexed by slot: the bias (out), or nil for a slot without one.
         public let linB: [Tensor?]
+        /// Indexed by group (`GroupSite`): the group's weight, its slots' rows stacked, (out, in) for
+        /// nn.Linear; a one-slot group is its slot's tensor (GPT-2's Conv1D (in, out) included).
+        public let groupW: [Tensor]
+        /// Indexed by group: the slots' biases stacked (out), zeros for a slot without one; nil when no slot has one.
+        public let groupB: [Tensor?]
 
-        init(attnNorm: Tensor, attnNormBias: Tensor?, mlpNorm: Tensor, mlpNormBias: Tensor?, qNorm: Tensor?, kNorm: Tensor?,
-             linW: [Tensor], linB: [Tensor?]) {
+        /// Stacks the slots of each multi-slot group into one tensor (a copy) and makes the slots views of it.
+        init(architecture a: ModelArchitecture, attnNorm: Tensor, attnNormBias: Tensor?, mlpNorm: Tensor, mlpNormBias: Tensor?,
+             qNorm: Tensor?, kNorm: Tensor?, linW slotW: [Tensor], linB slotB: [Tensor?]) {
             self.attnNorm = attnNorm; self.attnNormBias = attnNormBias; self.mlpNorm = mlpNorm; self.mlpNormBias = mlpNormBias
-            self.qNorm = qNorm; self.kNorm = kNorm; self.linW = linW; self.linB = linB
+            self.qNorm = qNorm; self.kNorm = kNorm
+            var w = slotW, b = slotB
+            var gw: [Tensor] = [], gb: [Tensor?] = []
+            for g in a.groups {
+                if g.slots.count == 1 {
+                    gw.append(w[g.slots[0]]); gb.append(b[g.slots[0]])
+                    continue
+                }
+                let fused = Tensor(zeros: [g.outFeatures, g.inFeatures])
+                let fusedB: Tensor? = g.slots.contains { b[$0] != nil } ? Tensor(zeros: [g.outFeatures]) : nil
+                for (s, off) in zip(g.slots, g.offsets) {
+                    let n = a.slots[s].outFeatures
+                    (fused.data + off * g.inFeatures).update(from: w[s].data, count: n * g.inFeatures)
+                    w[s] = Tensor(viewing: fused.data + off * g.inFeatures, shape: w[s].shape, owner: fused)
+                    if let fb = fusedB, let bs = b[s] {
+                        (fb.data + off).update(from: bs.data, count: n)
+                        b[s] = Tensor(viewing: fb.data + off, shape: bs.shape, owner: fb)
+                    }
+                }
+                gw.append(fused); gb.append(fusedB)
+            }
+            linW = w; linB = b; groupW = gw; groupB = gb
         }
     }
 
@@ -41,7 +69,7 @@ public final class ModelWeights {
         embed = t[.embed]!
         positions = t[.positions]
         layers = (0..<architecture.layerCount).map { l in
-            Layer(attnNorm: t[.attnNorm(l)]!, attnNormBias: t[.attnNormBias(l)], mlpNorm: t[.mlpNorm(l)]!,
+            Layer(architecture: architecture, attnNorm: t[.attnNorm(l)]!, attnNormBias: t[.attnNormBias(l)], mlpNorm: t[.mlpNorm(l)]!,
                   mlpNormBias: t[.mlpNormBias(l)], qNorm: t[.qNorm(l)], kNorm: t[.kNorm(l)],
                   linW: architecture.slots.map { t[.weight(l, $0.index)]! }, linB: architecture.slots.map { t[.bias(l, $0.index)] })
         }
@@ -85,15 +113,17 @@ public final class ModelWeights {
         return ModelWeights(architecture: a, byRole: byRole)
     }
 
-    /// Reads the weights from a safetensors file, accepting the family's name variants (GPT-2 without
-    /// `transformer.`), ignoring the buffers it names, and checking a present lm_head of a tied model
-    /// has the head's shape. With `writable`, every tensor is copied into owned memory (for full-parameter training).
-    public static func load(_ st: SafeTensorsFile, architecture a: ModelArchitecture, writable: Bool = false) throws -> ModelWeights {
+    /// Reads the weights from a checkpoint (one file or shards), accepting the family's name variants
+    /// (GPT-2 without `transformer.`), ignoring the buffers it names, and checking a present lm_head of
+    /// a tied model has the head's shape. With `writable`, every tensor is copied into owned memory
+    /// (for full-parameter training).
+    public static func load(_ ck: Checkpoint, architecture a: ModelArchitecture, writable: Bool = false) throws -> ModelWeights {
         var canonical: [String: String] = [:]   // canonical name -> name in file
-        for name in st.tensors.keys {
+        func file(_ name: String) -> String { ck.files[ck.tensors[name]!.file].name }
+        for (name, (_, info)) in ck.tensors {
             if a.tiedHead, name == a.names.lmHead {
-                guard st.tensors[name]!.shape == [a.vocabSize, a.hiddenSize] else {
-                    throw ModelError.shapeMismatch(file: st.name, tensor: name, expected: [a.vocabSize, a.hiddenSize], found: st.tensors[name]!.shape)
+                guard info.shape == [a.vocabSize, a.hiddenSize] else {
+                    throw ModelError.shapeMismatch(file: file(name), tensor: name, expected: [a.vocabSize, a.hiddenSize], found: info.shape)
                 }
                 continue
             }
@@ -102,11 +132,17 @@ public final class ModelWeights {
         }
         let expected = Set(a.tensors.map(\.name))
         if let extra = canonical.keys.sorted().first(where: { !expected.contains($0) }) {
-            throw ModelError.unexpectedTensor(file: st.name, tensor: canonical[extra]!, modelType: a.modelType)
+            throw ModelError.unexpectedTensor(file: file(canonical[extra]!), tensor: canonical[extra]!, modelType: a.modelType)
         }
-        return try assemble(architecture: a, file: st.name) { name in
+        // Shapes are checked from the headers before anything is read or converted.
+        for (name, shape, _) in a.tensors {
+            if let fileName = canonical[name], ck.tensors[fileName]!.info.shape != shape {
+                throw ModelError.shapeMismatch(file: file(fileName), tensor: fileName, expected: shape, found: ck.tensors[fileName]!.info.shape)
+            }
+        }
+        return try assemble(architecture: a, file: ck.name) { name in
             guard let fileName = canonical[name] else { return nil }
-            let t = try st.tensor(fileName)
+            let t = try ck.tensor(fileName)
             return writable ? t.clone() : t
         }
     }

@@ -27,33 +27,34 @@ public struct LowRankPair {
 /// equally well. The base set of a Conv1D checkpoint is therefore a transposed copy made once per
 /// model (`LanguageModel.baseLinears`); an `nn.Linear` checkpoint's weights are used in place.
 public final class LinearWeightSet {
-    /// [layer][slot], each (out, in).
+    /// [layer][group], each (group out, in): the group's slots' rows stacked (`SlotGroup`).
     public let weights: [[Tensor]]
     public let label: String
 
-    /// The base model's linear weights in the serving layout.
+    /// The base model's linear weights in the serving layout: the groups of an nn.Linear checkpoint
+    /// as they are, a Conv1D checkpoint's transposed.
     public init(base: ModelWeights) {
-        let slots = base.architecture.slots
-        weights = base.layers.map { layer in slots.map { s in s.layout == .conv1D ? layer.linW[s.index].transposed() : layer.linW[s.index] } }
+        let groups = base.architecture.groups
+        weights = base.layers.map { layer in groups.indices.map { g in groups[g].layout == .conv1D ? layer.groupW[g].transposed() : layer.groupW[g] } }
         label = "base"
     }
 
-    /// `base` with `pairs` (keyed by module path) folded in; modules without a pair share the base tensor.
+    /// `base` with `pairs` (keyed by module path) folded in; groups without a pair share the base tensor.
     public init(base: LinearWeightSet, architecture a: ModelArchitecture, folding pairs: [String: LowRankPair], label: String) {
         var ws: [[Tensor]] = []
         for (l, row0) in base.weights.enumerated() {
             var row: [Tensor] = []
-            for s in a.slots {
-                let w0 = row0[s.index]
-                if let p = pairs[a.modulePath(layer: l, slot: s.index)] {
-                    let w = w0.clone()
-                    // (out, r) @ (r, in) -> (out, in): s B A, accumulated into the copy.
-                    BLAS.gemm(p.b.data, p.a.data, w.data, m: w0.rows, n: w0.cols, k: p.rank,
+            for (gi, g) in a.groups.enumerated() {
+                let w0 = row0[gi]
+                let found = zip(g.slots, g.offsets).compactMap { s, off in pairs[a.modulePath(layer: l, slot: s)].map { ($0, off) } }
+                guard !found.isEmpty else { row.append(w0); continue }
+                let w = w0.clone()
+                for (p, off) in found {
+                    // (out, r) @ (r, in) -> (out, in): s B A, accumulated into the slot's rows of the copy.
+                    BLAS.gemm(p.b.data, p.a.data, w.data + off * w0.cols, m: p.b.rows, n: w0.cols, k: p.rank,
                               lda: p.b.cols, ldb: p.a.cols, ldc: w0.cols, alpha: p.scale, beta: 1)
-                    row.append(w)
-                } else {
-                    row.append(w0)
                 }
+                row.append(w)
             }
             ws.append(row)
         }

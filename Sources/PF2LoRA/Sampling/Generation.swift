@@ -29,7 +29,7 @@ public final class GenerationState {
     public let request: GenerationRequest
     public let cache: KVCache
     private var sampler: Sampler
-    private let eos: Int?
+    private let eos: Set<Int>
     private let decodeToken: (Int) -> [UInt8]
     /// The stop strings as UTF-8 (empty ones dropped).
     private let stops: [[UInt8]]
@@ -44,15 +44,21 @@ public final class GenerationState {
     public private(set) var finish: FinishReason?
     private var nextTokens: [Int]
 
-    public init(request: GenerationRequest, cache: KVCache, vocabSize: Int, eos: Int?, decodeToken: @escaping (Int) -> [UInt8]) {
+    /// `eosTokens`: every id that ends the generation (Llama-3 instruct models have several).
+    public init(request: GenerationRequest, cache: KVCache, vocabSize: Int, eosTokens: Set<Int>, decodeToken: @escaping (Int) -> [UInt8]) {
         self.request = request
         self.cache = cache
         self.sampler = Sampler(params: request.sampling, vocabSize: vocabSize)
-        self.eos = request.ignoreEOS ? nil : eos
+        self.eos = request.ignoreEOS ? [] : eosTokens
         self.decodeToken = decodeToken
         self.stops = request.stop.map { Array($0.utf8) }.filter { !$0.isEmpty }
         self.nextTokens = request.prompt
         if request.maxTokens <= 0 { finish = .length }
+    }
+
+    /// One end-of-sequence id, or none.
+    public convenience init(request: GenerationRequest, cache: KVCache, vocabSize: Int, eos: Int?, decodeToken: @escaping (Int) -> [UInt8]) {
+        self.init(request: request, cache: cache, vocabSize: vocabSize, eosTokens: eos.map { [$0] } ?? [], decodeToken: decodeToken)
     }
 
     /// The tokens to feed in the next step (the prompt first, then the last sampled token).
@@ -66,7 +72,7 @@ public final class GenerationState {
         let tok = sampler.sample(logits, count: vocabSize)
         tokens.append(tok)
         nextTokens = [tok]
-        if let eos, tok == eos {
+        if eos.contains(tok) {
             finish = .eos
             return (tok, flush())
         }

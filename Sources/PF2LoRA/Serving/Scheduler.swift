@@ -58,6 +58,8 @@ final class Scheduler {
     let engine: InferenceEngine
     let runtime: AdapterRuntime
     let tokenizer: BPETokenizer
+    /// The ids that end a generation (the model's and the tokenizer's).
+    let eos: Set<Int>
     let out: LineWriter
     let limits: ServerLimits
     private let cond = NSCondition()
@@ -88,7 +90,7 @@ final class Scheduler {
     static func clock() -> Double { Double(DispatchTime.now().uptimeNanoseconds) * 1e-9 }
 
     init(engine: InferenceEngine, runtime: AdapterRuntime, tokenizer: BPETokenizer, out: LineWriter, limits: ServerLimits) {
-        self.engine = engine; self.runtime = runtime; self.tokenizer = tokenizer; self.out = out; self.limits = limits
+        self.engine = engine; self.runtime = runtime; self.tokenizer = tokenizer; eos = engine.model.eosTokenIds(tokenizer: tokenizer); self.out = out; self.limits = limits
     }
 
     func start() {
@@ -231,7 +233,7 @@ final class Scheduler {
             let cache = KVCache(architecture: engine.model.architecture, capacity: capacity)
             let tok = tokenizer
             let gen = GenerationState(request: req, cache: cache, vocabSize: engine.model.architecture.vocabSize,
-                                      eos: tok.eosTokenId, decodeToken: { tok.decodeBytes([$0]) })
+                                      eosTokens: eos, decodeToken: { tok.decodeBytes([$0]) })
             let r = Running(job: job, binding: binding, gen: gen)
             if gen.isFinished { finish(r); return }
             cond.lock(); running.append(r); cond.unlock()

@@ -176,10 +176,10 @@ public func trainLocalRound(weights: ModelWeights, store: AdapterStore, client: 
     let modules = try loraModules(Array(shared.modules.keys), architecture: weights.architecture)
     let T = min(o.seqLen, weights.architecture.contextLength)
     let clientRank = existing?.adapter.rank ?? o.rank2 ?? 2
-    try control.check(bytes: GPT2LMTask.runBytes(config: weights.architecture, batch: o.batchSize, seq: T,
+    try control.check(bytes: LMTask.runBytes(config: weights.architecture, batch: o.batchSize, seq: T,
                                                  ranks: modules.flatMap { _ in [shared.rank, clientRank] }, training: true),
                       batch: o.batchSize, seq: T, config: weights.architecture, training: true)
-    let task = try GPT2LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T,
+    let task = try LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T,
                               modulePaths: modules.map(\.name), padToken: padToken)
 
     var fc = FederatedConfig()
@@ -252,7 +252,7 @@ public func evaluateLocal(weights: ModelWeights, store: AdapterStore, client: St
                           split: Split, seqLen: Int = 64, padToken: Int, control: TrainingControl = TrainingControl()) throws -> LocalEvaluation {
     try ClientID.validate(client)
     let evalT = min(max(2, seqLen), weights.architecture.contextLength)
-    try control.check(bytes: GPT2LMTask.runBytes(config: weights.architecture, batch: 1, seq: evalT, ranks: [256], training: false),
+    try control.check(bytes: LMTask.runBytes(config: weights.architecture, batch: 1, seq: evalT, ranks: [256], training: false),
                       batch: 1, seq: evalT, config: weights.architecture, training: false)
     if let shared {
         guard shared.level == .shared else { throw FederatedClientError.notShared("the adapter sent as 'shared'") }
@@ -263,7 +263,7 @@ public func evaluateLocal(weights: ModelWeights, store: AdapterStore, client: St
     let paths = (sh?.adapter.modules.keys).map(Array.init) ?? (cl?.adapter.modules.keys).map(Array.init)
         ?? (0..<weights.architecture.layerCount).map { weights.architecture.modulePath(layer: $0, slot: 0) }
     let modules = try loraModules(paths, architecture: weights.architecture)
-    let task = try GPT2LMTask(weights: weights, clients: [data], batchSize: 1, seqLen: evalT,
+    let task = try LMTask(weights: weights, clients: [data], batchSize: 1, seqLen: evalT,
                               modulePaths: modules.map(\.name), padToken: padToken)
     let x = sh.map { parameterSet(from: $0.adapter, level: .shared, modules: modules) }
     let y = cl.map { parameterSet(from: $0.adapter, level: .client, modules: modules) }

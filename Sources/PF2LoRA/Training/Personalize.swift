@@ -117,10 +117,10 @@ public func personalize(weights: ModelWeights, tokenizer: BPETokenizer, store: A
     let T = min(o.seqLen, c.contextLength, stream.tokens.count - 1)
     let clientRank = existing?.adapter.rank ?? o.rank2 ?? 2
     let stateRanks = paths.flatMap { p in [shared?.adapter.modules[p] != nil ? shared?.adapter.rank : nil, clientRank].compactMap { $0 } }
-    try control.check(bytes: GPT2LMTask.runBytes(config: c, batch: o.batchSize, seq: T, ranks: stateRanks, training: true),
+    try control.check(bytes: LMTask.runBytes(config: c, batch: o.batchSize, seq: T, ranks: stateRanks, training: true),
                       batch: o.batchSize, seq: T, config: c, training: true)
     let data = ClientTokenData(id: client, train: stream, valid: stream, test: stream)
-    let task = try GPT2LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T, modulePaths: paths,
+    let task = try LMTask(weights: weights, clients: [data], batchSize: o.batchSize, seqLen: T, modulePaths: paths,
                               padToken: textSeparator(tokenizer))
 
     let rng = RNG(seed: o.seed)

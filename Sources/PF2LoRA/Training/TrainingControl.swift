@@ -35,12 +35,12 @@ public struct TrainingMemoryError: Error, CustomStringConvertible, Equatable {
     static func mb(_ b: Int) -> String { String(format: "%.1f", Double(b) / Double(1 << 20)) }
 }
 
-extension GPT2LMTask {
+extension LMTask {
     /// Bytes a run of `batch` windows of `seq` tokens takes on `config` before its first step
-    /// allocates anything: the trainer's run state (`GPT2Trainer.stateBytes` after the first call, to
+    /// allocates anything: the trainer's run state (`ModelTrainer.stateBytes` after the first call, to
     /// the byte) plus the task's own input and target buffers. `ranks`: the rank of every adapted
     /// (module, level); `training` false for evaluation (forward only, one layer's activations).
     public static func runBytes(config: ModelArchitecture, batch: Int, seq: Int, ranks: [Int], training: Bool) -> Int {
-        GPT2TrainingState.bytes(B: batch, T: seq, config: config, training: training, ranks: ranks) + 2 * 4 * batch * seq
+        TrainingState.bytes(B: batch, T: seq, config: config, training: training, ranks: ranks) + 2 * 4 * batch * seq
     }
 }

@@ -1,6 +1,6 @@
 import Foundation
 
-// Full-parameter pretraining of a GPT-2 from a token stream: deterministic random windows, AdamW
+// Full-parameter pretraining of a model (any supported family) from a token stream: deterministic random windows, AdamW
 // (PyTorch semantics, decay on 2-D weights only, as nanoGPT groups them), warm-up + cosine learning
 // rate, global-norm gradient clipping, and checkpoints in Hugging Face layout that resume exactly.
 
@@ -96,11 +96,11 @@ public struct PretrainStepStats: Sendable {
     public let gradNorm: Float    // before clipping
 }
 
-/// Full-parameter training of a GPT-2: owns the weights (writable), the trainer, the two AdamW groups.
-public final class GPT2Pretrainer {
+/// Full-parameter training of a model: owns the weights (writable), the trainer, the two AdamW groups.
+public final class Pretrainer {
     public let weights: ModelWeights
     public let options: PretrainOptions
-    public let trainer: GPT2Trainer
+    public let trainer: ModelTrainer
     /// Optimizer steps completed.
     public private(set) var step = 0
 
@@ -112,7 +112,7 @@ public final class GPT2Pretrainer {
     public init(weights: ModelWeights, options: PretrainOptions) {
         self.weights = weights
         self.options = options
-        trainer = GPT2Trainer(weights: weights, fullGradients: true)
+        trainer = ModelTrainer(weights: weights, fullGradients: true)
         let grads = Dictionary(uniqueKeysWithValues: trainer.gradients.named)
         var d: [(String, Tensor)] = [], nd: [(String, Tensor)] = []
         for (name, t) in weights.named { if t.shape.count >= 2 { d.append((name, t)) } else { nd.append((name, t)) } }
@@ -182,7 +182,7 @@ public final class GPT2Pretrainer {
 
     /// Loads a checkpoint written by `save` and continues with `options` (steps may be raised; the
     /// model shape comes from the checkpoint). Checks that the three files belong to the same step.
-    public static func resume(from folder: String, options: PretrainOptions) throws -> (GPT2Pretrainer, [String: Any]) {
+    public static func resume(from folder: String, options: PretrainOptions) throws -> (Pretrainer, [String: Any]) {
         guard let data = FileManager.default.contents(atPath: folder + "/trainer_state.json"),
               let state = try JSONSerialization.jsonObject(with: data) as? [String: Any], let step = state["step"] as? Int else {
             throw PretrainError.badCheckpoint("\(folder)/trainer_state.json is missing or unreadable")
@@ -195,7 +195,7 @@ public final class GPT2Pretrainer {
             }
         }
         guard step <= options.steps else { throw PretrainError.badCheckpoint("the checkpoint is at step \(step), past --steps \(options.steps)") }
-        let p = GPT2Pretrainer(weights: model.weights, options: options)
+        let p = Pretrainer(weights: model.weights, options: options)
         let opt = state["optimizer"] as? [String: Any] ?? [:]
         for (o, group, key) in [(p.optDecay, p.decay, "decay_group_step"), (p.optNoDecay, p.noDecay, "no_decay_group_step")] {
             var m: [String: Tensor] = [:], v: [String: Tensor] = [:]

@@ -1,6 +1,6 @@
 import Foundation
 
-/// Causal-LM fine-tuning of a frozen GPT-2 with two-level LoRA, split over clients: the
+/// Causal-LM fine-tuning of a frozen base model (any supported family) with two-level LoRA, split over clients: the
 /// `FederatedTask` that `pf2lora federate` and personalization train.
 ///
 /// Data: each client's split is one packed token stream (`TokenStream`: `eos t1 eos t2 ...`).
@@ -16,8 +16,8 @@ import Foundation
 /// and onto the adapter store's tensors. The `AdapterWeights` views of a parameter set are built once
 /// per set and reused; the batch buffers and the trainer's run state are allocated once per (B, T):
 /// after the first call, a call allocates nothing but the trainer's batch struct.
-public final class GPT2LMTask: FederatedTask {
-    public let trainer: GPT2Trainer
+public final class LMTask: FederatedTask {
+    public let trainer: ModelTrainer
     public let clients: [ClientTokenData]
     public let modules: [LoRAModule]
     /// B
@@ -59,7 +59,7 @@ public final class GPT2LMTask: FederatedTask {
                 }
             }
         }
-        trainer = GPT2Trainer(weights: weights)
+        trainer = ModelTrainer(weights: weights)
         self.clients = clients
         self.batchSize = batchSize
         self.seqLen = seqLen
@@ -128,7 +128,7 @@ public final class GPT2LMTask: FederatedTask {
         let wantShared = sharedGrad != nil && sw != nil, wantLocal = localGrad != nil && lw != nil
         let batch: TrainingBatch
         do { batch = try TrainingBatch(batchSize: B, seqLen: T, inputs: inputs, targets: targets) } catch {
-            preconditionFailure("GPT2LMTask: \(error)")   // shapes are fixed at init
+            preconditionFailure("LMTask: \(error)")   // shapes are fixed at init
         }
         let loss: Float
         do {
@@ -136,7 +136,7 @@ public final class GPT2LMTask: FederatedTask {
         } catch {
             // Tokens and shapes were validated at init and adapters come from makeLoRAParameters over
             // `modules`; anything else is a programming error.
-            preconditionFailure("GPT2LMTask: \(error)")
+            preconditionFailure("LMTask: \(error)")
         }
         if let g = sharedGrad { if wantShared { copyGradients(trainer.gradients.shared, into: g, level: .shared) } else { g.zero() } }
         if let g = localGrad { if wantLocal { copyGradients(trainer.gradients.client, into: g, level: .client) } else { g.zero() } }
@@ -191,7 +191,7 @@ public final class GPT2LMTask: FederatedTask {
             let batch = try! TrainingBatch(batchSize: B, seqLen: T, inputs: inputs, targets: targets)
             guard batch.targetCount > 0 else { i += rows; continue }
             let l: Float
-            do { l = try trainer.loss(batch, shared: sw, client: lw) } catch { preconditionFailure("GPT2LMTask: \(error)") }
+            do { l = try trainer.loss(batch, shared: sw, client: lw) } catch { preconditionFailure("LMTask: \(error)") }
             sum += Double(l) * Double(batch.targetCount)
             count += batch.targetCount
             i += rows

@@ -1,20 +1,22 @@
 import Foundation
 
-// Training forward and backward of GPT-2 for a causal-LM cross-entropy loss, llm.c style:
-// one batch type, one run state holding every activation the backward pass reads (allocated once per
-// (B, T) and reused), one gradient store, and each layer's forward next to its backward.
+// Training forward and backward of any supported model for a causal-LM cross-entropy loss, llm.c
+// style: one batch type, one run state holding every activation the backward pass reads (allocated
+// once per (B, T) and reused), one gradient store. The block's forward is `runBlock` (Block.swift),
+// run here by `TrainingBlockRunner`; its backward, `blockBackward`, is below, the same steps in reverse.
 //
 // Two modes, chosen when the trainer is made:
 // - LoRA (default): the base is frozen (read in place, never written); every adapted linear layer computes
-//     out = x W0 + b + s1 (x A^T) B^T + s2 (x C^T) D^T
+//     out = x W0^T + b + s1 (x A^T) B^T + s2 (x C^T) D^T
 //   and only A, B (shared level) and C, D (client level) get gradients. The base-weight gradient GEMMs
 //   are skipped; the dx GEMMs that carry the gradient down to earlier layers are kept.
-// - full (`fullGradients: true`): every base weight gets its gradient too (tied wte: embedding + lm_head),
-//   for pretraining.
+// - full (`fullGradients: true`): every base weight gets its gradient too (a tied head: embedding +
+//   head), for pretraining.
 //
-// Shapes: B batch, T sequence length, C n_embd, NH heads, hs = C / NH, I = inner (4C), V vocabulary,
-// BT = B * T rows, r a LoRA rank. Linear weights are in GPT-2's Conv1D layout (in, out); LoRA factors
-// in PEFT's: A (r, in), B (out, r).
+// Shapes: B batch, T sequence length, BT = B * T rows, C hidden, H query heads and KV key/value heads
+// of hd, qW = H hd, kvW = KV hd, W = qW + 2 kvW (a [q | k | v] row), I the MLP width, V vocabulary,
+// r a LoRA rank. Each block product is one GEMM over its group (`SlotGroup`); weights are in the
+// checkpoint's layout (GPT-2 Conv1D (in, out), nn.Linear (out, in)); LoRA factors in PEFT's: A (r, in), B (out, r).
 
 /// Errors of the training path; each says what was wrong and what to do.
 public enum TrainingError: Error, CustomStringConvertible, Equatable {
@@ -121,9 +123,9 @@ public struct AdapterWeights {
     }
 }
 
-/// Gradients written by `GPT2Trainer.lossAndGradients`. Tensors are allocated once per module and
+/// Gradients written by `ModelTrainer.lossAndGradients`. Tensors are allocated once per module and
 /// shape and overwritten by every call that asks for them (a level not asked for is left as it was).
-public final class GPT2Gradients {
+public final class ModelGradients {
     /// d loss / d (A, B) per module path, shapes as the parameters.
     public internal(set) var shared: [String: (down: Tensor, up: Tensor)] = [:]
     /// d loss / d (C, D) per module path.
@@ -150,38 +152,48 @@ public final class GPT2Gradients {
 /// Every activation of one layer that the backward pass reads.
 final class LayerActivations {
     let ln1: Tensor, ln1Mean: Tensor, ln1Rstd: Tensor   // (BT,C), (BT), (BT)
-    let qkv: Tensor                                     // (BT,3C)
-    let att: Tensor                                     // (B,NH,T,T) softmax probabilities
-    let atty: Tensor                                    // (BT,C) attention output, heads concatenated
+    let qkv: Tensor                                     // (BT,W) [q | k | v] as attention reads it
+    let qkvRaw: Tensor?                                 // (BT,W) before the per-head q/k norms (Qwen3)
+    let qkRstd: Tensor?                                 // (BT,H+KV) their 1/rms
+    let att: Tensor                                     // (B,H,T,T) softmax probabilities
+    let atty: Tensor                                    // (BT,qW) attention output, heads concatenated
     let resMid: Tensor                                  // (BT,C) residual after attention
     let ln2: Tensor, ln2Mean: Tensor, ln2Rstd: Tensor   // (BT,C), (BT), (BT)
-    let fch: Tensor                                     // (BT,I) before gelu
-    let fchGelu: Tensor                                 // (BT,I) after gelu
+    let fch: Tensor                                     // (BT,I) or (BT,2I): mlpIn's output
+    let act: Tensor                                     // (BT,I) GELU or SwiGLU output
     let resOut: Tensor                                  // (BT,C) residual after the MLP: the next layer's input
 
     init(B: Int, T: Int, c: ModelArchitecture) {
-        let BT = B * T, C = c.hiddenSize
+        let BT = B * T, C = c.hiddenSize, W = c.group(.attnIn).outFeatures
         ln1 = Tensor(zeros: [BT, C]); ln1Mean = Tensor(zeros: [BT]); ln1Rstd = Tensor(zeros: [BT])
-        qkv = Tensor(zeros: [BT, 3 * C]); att = Tensor(zeros: [B, c.headCount, T, T]); atty = Tensor(zeros: [BT, C])
+        qkv = Tensor(zeros: [BT, W])
+        qkvRaw = c.qkNorm ? Tensor(zeros: [BT, W]) : nil
+        qkRstd = c.qkNorm ? Tensor(zeros: [BT, c.headCount + c.kvHeadCount]) : nil
+        att = Tensor(zeros: [B, c.headCount, T, T]); atty = Tensor(zeros: [BT, c.qWidth])
         resMid = Tensor(zeros: [BT, C])
         ln2 = Tensor(zeros: [BT, C]); ln2Mean = Tensor(zeros: [BT]); ln2Rstd = Tensor(zeros: [BT])
-        fch = Tensor(zeros: [BT, c.intermediateSize]); fchGelu = Tensor(zeros: [BT, c.intermediateSize]); resOut = Tensor(zeros: [BT, C])
+        fch = Tensor(zeros: [BT, c.group(.mlpIn).outFeatures]); act = Tensor(zeros: [BT, c.intermediateSize])
+        resOut = Tensor(zeros: [BT, C])
     }
 
-    var byteCount: Int { [ln1, ln1Mean, ln1Rstd, qkv, att, atty, resMid, ln2, ln2Mean, ln2Rstd, fch, fchGelu, resOut].reduce(0) { $0 + $1.count * 4 } }
+    var byteCount: Int {
+        ([ln1, ln1Mean, ln1Rstd, qkv, att, atty, resMid, ln2, ln2Mean, ln2Rstd, fch, act, resOut] + [qkvRaw, qkRstd].compactMap { $0 })
+            .reduce(0) { $0 + $1.count * 4 }
+    }
 }
 
 /// The run state for one (B, T) (llm.c's ActivationTensors plus the backward scratch): allocated once,
 /// reused by every call of that shape. A forward-only call allocates one layer's activations and reuses
 /// them for every layer; the first training call grows it to all layers.
-final class GPT2TrainingState {
+final class TrainingState {
     let B: Int, T: Int
     let config: ModelArchitecture
-    let encoded: Tensor                 // (BT,C) token + position embeddings: layer 0's input
+    let encoded: Tensor                 // (BT,C) token (+ position) embeddings: layer 0's input
     var layers: [LayerActivations]      // 1 (forward only) or n_layer
     let proj: Tensor                    // (BT,C) scratch: attention / MLP projection output
     let lnf: Tensor, lnfMean: Tensor, lnfRstd: Tensor   // (BT,C), (BT), (BT)
     let scores: Tensor                  // (T,T) scratch for forward-only attention
+    let ropeCS: Tensor?                 // (T,hd) cos | sin of positions 0..<T
     // LoRA: u = x A^T of every adapted module and level, (BT, r) each; index (l * slots + slot) * 2 + level.
     var loraU: [Tensor?]
     var loraTmp: Tensor                 // (BT, maxRank) scratch, grown on demand
@@ -191,11 +203,12 @@ final class GPT2TrainingState {
     let headIn: Tensor                  // (chunk,C) final-norm rows with a target
     let logits: Tensor                  // (chunk,V) logits, then their gradient in place
     let rowList: UnsafeMutablePointer<Int>   // (BT) rows with a target, in order
-    // Backward scratch, shared by every layer.
-    var dresid: Tensor?, dln: Tensor?, dqkv: Tensor?, datty: Tensor?, dfch: Tensor?, dscores: Tensor?, dlnf: Tensor?
+    // Backward scratch, shared by every layer. With GELU, dact is dfch (the backward runs in place).
+    var dresid: Tensor?, dln: Tensor?, dqkv: Tensor?, datty: Tensor?, dfch: Tensor?, dact: Tensor?, dscores: Tensor?, dlnf: Tensor?
     var ones: Tensor?                   // (BT) of 1, for bias gradients as a GEMV
+    var headTmp: Tensor?                // (hd) a q/k head's input gradient (per-head norm backward)
 
-    init(B: Int, T: Int, config c: ModelArchitecture) {
+    init(B: Int, T: Int, config c: ModelArchitecture, rope: RoPE?) {
         self.B = B; self.T = T; self.config = c
         let BT = B * T, C = c.hiddenSize
         encoded = Tensor(zeros: [BT, C])
@@ -203,6 +216,13 @@ final class GPT2TrainingState {
         proj = Tensor(zeros: [BT, C])
         lnf = Tensor(zeros: [BT, C]); lnfMean = Tensor(zeros: [BT]); lnfRstd = Tensor(zeros: [BT])
         scores = Tensor(zeros: [T, T])
+        if let rope {
+            let t = Tensor(zeros: [T, c.headDim])
+            for p in 0..<T { rope.table(position: p, into: t.data + p * c.headDim) }
+            ropeCS = t
+        } else {
+            ropeCS = nil
+        }
         loraU = Array(repeating: nil, count: c.layerCount * c.slots.count * 2)
         loraTmpCap = 0
         loraTmp = Tensor(zeros: [0])
@@ -218,10 +238,12 @@ final class GPT2TrainingState {
         let c = config, BT = B * T, C = c.hiddenSize
         while layers.count < c.layerCount { layers.append(LayerActivations(B: B, T: T, c: c)) }
         if dresid == nil {
-            dresid = Tensor(zeros: [BT, C]); dln = Tensor(zeros: [BT, C]); dqkv = Tensor(zeros: [BT, 3 * C])
-            datty = Tensor(zeros: [BT, C]); dfch = Tensor(zeros: [BT, c.intermediateSize]); dscores = Tensor(zeros: [T, T])
+            dresid = Tensor(zeros: [BT, C]); dln = Tensor(zeros: [BT, C]); dqkv = Tensor(zeros: [BT, c.group(.attnIn).outFeatures])
+            datty = Tensor(zeros: [BT, c.qWidth]); dfch = Tensor(zeros: [BT, c.group(.mlpIn).outFeatures]); dscores = Tensor(zeros: [T, T])
+            dact = c.mlp == .swiglu ? Tensor(zeros: [BT, c.intermediateSize]) : dfch
             dlnf = Tensor(zeros: [BT, C])
             ones = Tensor(zeros: [BT]); ones!.fill(1)
+            headTmp = c.qkNorm ? Tensor(zeros: [c.headDim]) : nil
         }
     }
 
@@ -231,10 +253,15 @@ final class GPT2TrainingState {
         let t = Tensor(zeros: [B * T * r]); loraU[slot] = t; return t
     }
 
+    /// Layer l's input: the embeddings, or the previous layer's output (with one reused layer buffer
+    /// in forward-only mode, that buffer's resOut).
+    func input(_ l: Int, save: Bool) -> Tensor { l == 0 ? encoded : layers[save ? l - 1 : 0].resOut }
+
     var byteCount: Int {
         var n = layers.reduce(0) { $0 + $1.byteCount }
         n += (encoded.count + proj.count + lnf.count + 2 * lnfMean.count + scores.count + headIn.count + logits.count) * 4
-        for t in [dresid, dln, dqkv, datty, dfch, dscores, dlnf, ones] { n += (t?.count ?? 0) * 4 }
+        for t in [dresid, dln, dqkv, datty, dfch, dscores, dlnf, ones, ropeCS, headTmp] { n += (t?.count ?? 0) * 4 }
+        if let d = dact, d !== dfch { n += d.count * 4 }
         n += loraU.reduce(0) { $0 + ($1?.count ?? 0) * 4 }
         n += loraTmp.count * 4 + B * T * MemoryLayout<Int>.stride   // LoRA scratch, rowList
         return n
@@ -246,12 +273,18 @@ final class GPT2TrainingState {
     /// `ensureTraining`, `u` and `prepare` (a test compares it with `byteCount` after real calls).
     static func bytes(B: Int, T: Int, config c: ModelArchitecture, training: Bool, ranks: [Int]) -> Int {
         let BT = B * T, C = c.hiddenSize, I = c.intermediateSize
-        let layer = BT * (8 * C + 2 * I + 4) + B * c.headCount * T * T
+        let W = c.group(.attnIn).outFeatures, F = c.group(.mlpIn).outFeatures, qW = c.qWidth, heads = c.headCount + c.kvHeadCount
+        // ln1, resMid, ln2, resOut (C); qkv (W); atty (qW); fch (F); act (I); the norms' mean and 1/std (4);
+        // the q/k norms' raw [q | k | v] and 1/rms; the attention probabilities.
+        let layer = BT * (4 * C + W + qW + F + I + 4) + (c.qkNorm ? BT * (W + heads) : 0) + B * c.headCount * T * T
         var floats = (training ? c.layerCount : 1) * layer
         floats += 3 * BT * C + 2 * BT + T * T                 // encoded, proj, lnf, lnfMean, lnfRstd, scores
+        if c.hasPositionStep, case .rope = c.positions { floats += T * c.headDim }   // ropeCS
         floats += min(BT, 256) * (C + c.vocabSize)            // headIn, logits
         if training {
-            floats += BT * (7 * C + I + 1) + T * T            // dresid, dln, dqkv, datty, dfch, dlnf, ones, dscores
+            floats += BT * (3 * C + W + qW + F + 1) + T * T   // dresid, dln, dlnf, dqkv, datty, dfch, ones, dscores
+            if c.mlp == .swiglu { floats += BT * I }          // dact (GELU runs in dfch)
+            if c.qkNorm { floats += c.headDim }               // headTmp
             floats += ranks.reduce(0) { $0 + BT * $1 }        // u of every adapted module and level
         }
         floats += BT * (ranks.max() ?? 0)                     // loraTmp
@@ -271,34 +304,35 @@ struct ResolvedPair {
 
 // MARK: - Trainer
 
-/// Forward and backward of GPT-2 for the causal-LM loss, on a frozen base with two-level LoRA
-/// adapters (or, with `fullGradients`, for every base weight).
+/// Forward and backward of any supported model for the causal-LM loss, on a frozen base with
+/// two-level LoRA adapters (or, with `fullGradients`, for every base weight).
 ///
 /// Not thread-safe: one trainer per thread. Calls of the same (B, T) allocate nothing after the first
 /// (adapter gradients are allocated once per module and shape).
-public final class GPT2Trainer {
+public final class ModelTrainer {
     public let weights: ModelWeights
     public let config: ModelArchitecture
     /// Full mode: base-weight gradients are computed.
     public let fullGradients: Bool
     /// Where gradients are written.
-    public let gradients: GPT2Gradients
+    public let gradients: ModelGradients
+    let rope: RoPE?
 
-    private var state: GPT2TrainingState?
+    private var state: TrainingState?
     private let paths: [[String]]                  // [layer][slot] module path
-    private var resolved: [ResolvedPair?]          // (l * slots + slot) * 2 + level
+    var resolved: [ResolvedPair?]                  // (l * slots + slot) * 2 + level
     private var anyGradWanted = false
 
     /// `weights` is read, never written (in full mode the caller's optimizer updates it between calls,
     /// so it must then be writable: `ModelWeights.load(_, writable: true)` or `random`).
     public init(weights: ModelWeights, fullGradients: Bool = false) {
-        precondition(weights.architecture.modelType == "gpt2", "GPT2Trainer: training runs GPT-2 blocks only so far")
         self.weights = weights
         self.config = weights.architecture
         self.fullGradients = fullGradients
         let c = weights.architecture
+        rope = RoPE(c)
         let shapes = Dictionary(uniqueKeysWithValues: c.tensors.map { ($0.name, $0.shape) })
-        gradients = GPT2Gradients(base: fullGradients ? (try! ModelWeights.assemble(architecture: c, file: "gradients") { name in
+        gradients = ModelGradients(base: fullGradients ? (try! ModelWeights.assemble(architecture: c, file: "gradients") { name in
             Tensor(zeros: shapes[name]!)
         }) : nil, architecture: c)
         paths = (0..<c.layerCount).map { l in c.slots.map { c.modulePath(layer: l, slot: $0.index) } }
@@ -335,7 +369,7 @@ public final class GPT2Trainer {
     // MARK: Setup
 
     private func prepare(_ batch: TrainingBatch, shared: AdapterWeights?, client: AdapterWeights?,
-                         wantShared: Bool, wantClient: Bool) throws -> GPT2TrainingState {
+                         wantShared: Bool, wantClient: Bool) throws -> TrainingState {
         let c = config
         guard batch.seqLen <= c.contextLength else {
             throw TrainingError.badBatch("sequence length \(batch.seqLen) exceeds the model's context \(c.contextLength)")
@@ -380,9 +414,9 @@ public final class GPT2Trainer {
                 throw TrainingError.unknownModule(unknown)
             }
         }
-        let st: GPT2TrainingState
+        let st: TrainingState
         if let s = state, s.B == batch.batchSize, s.T == batch.seqLen { st = s } else {
-            st = GPT2TrainingState(B: batch.batchSize, T: batch.seqLen, config: c)
+            st = TrainingState(B: batch.batchSize, T: batch.seqLen, config: c, rope: rope)
             state = st
         }
         if st.loraTmpCap < maxRank {
@@ -394,199 +428,242 @@ public final class GPT2Trainer {
 
     // MARK: Forward and backward of the whole model
 
-    private func forward(_ batch: TrainingBatch, _ st: GPT2TrainingState, save: Bool) {
-        let c = config, BT = st.B * st.T, C = c.hiddenSize, eps = c.normEps
+    private func forward(_ batch: TrainingBatch, _ st: TrainingState, save: Bool) {
+        let c = config, BT = st.B * st.T, C = c.hiddenSize
         embeddingForward(batch, st)
-        var input = st.encoded
-        for l in 0..<c.layerCount {
-            let a = st.layers[save ? l : 0]
-            let w = weights.layers[l]
-            // Attention block: resMid = input + proj(attn(qkv(ln1(input)))).
-            layerNormForward(input.data, w.attnNorm.data, w.attnNormBias!.data, a.ln1.data, rows: BT, C: C, eps: eps,
-                             mean: a.ln1Mean.data, rstd: a.ln1Rstd.data)
-            linearForward(a.ln1, a.qkv, layer: l, slot: 0, st, save: save)                     // (BT,C) -> (BT,3C)
-            attentionForward(a, st, save: save)                                              // (BT,3C) -> (BT,C)
-            linearForward(a.atty, st.proj, layer: l, slot: 1, st, save: save)                   // (BT,C) -> (BT,C)
-            residualForward(input.data, st.proj.data, a.resMid.data, count: BT * C)
-            // MLP block: resOut = resMid + proj(gelu(fc(ln2(resMid)))).
-            layerNormForward(a.resMid.data, w.mlpNorm.data, w.mlpNormBias!.data, a.ln2.data, rows: BT, C: C, eps: eps,
-                             mean: a.ln2Mean.data, rstd: a.ln2Rstd.data)
-            linearForward(a.ln2, a.fch, layer: l, slot: 2, st, save: save)                     // (BT,C) -> (BT,I)
-            geluForward(a.fch.data, a.fchGelu.data, count: BT * c.intermediateSize)
-            linearForward(a.fchGelu, st.proj, layer: l, slot: 3, st, save: save)              // (BT,I) -> (BT,C)
-            residualForward(a.resMid.data, st.proj.data, a.resOut.data, count: BT * C)
-            input = a.resOut
-        }
-        layerNormForward(input.data, weights.finalNorm.data, weights.finalNormBias!.data, st.lnf.data, rows: BT, C: C, eps: eps,
-                         mean: st.lnfMean.data, rstd: st.lnfRstd.data)
+        let runner = TrainingBlockRunner(trainer: self, st: st, save: save)
+        for l in 0..<c.layerCount { runBlock(runner, layer: l) }
+        normRows(c.norm, st.input(c.layerCount, save: save).data, weights.finalNorm.data, weights.finalNormBias?.data, st.lnf.data,
+                 rows: BT, C: C, eps: c.normEps, mean: st.lnfMean.data, rstd: st.lnfRstd.data)
     }
 
     /// Backward from d lnf (filled by the classifier) down to the embeddings.
-    private func backward(_ batch: TrainingBatch, _ st: GPT2TrainingState) {
+    private func backward(_ batch: TrainingBatch, _ st: TrainingState) {
         let c = config, BT = st.B * st.T, C = c.hiddenSize
-        let dresid = st.dresid!, dln = st.dln!, dfch = st.dfch!, datty = st.datty!, dqkv = st.dqkv!
-        let g = gradients.base
-        if let g {
-            for t in [g.finalNorm, g.finalNormBias!, g.positions!] { t.fill(0) }
-            for gl in g.layers { for t in [gl.attnNorm, gl.attnNormBias!, gl.mlpNorm, gl.mlpNormBias!] { t.fill(0) } }
-        }
-        // Final layer norm: dresid = d input of ln_f.
-        dresid.fill(0)
-        let last = st.layers[c.layerCount - 1].resOut
-        layerNormBackward(st.dlnf!.data, last.data, weights.finalNorm.data, st.lnfMean.data, st.lnfRstd.data,
-                          dx: dresid.data, dw: g?.finalNorm.data, db: g?.finalNormBias?.data, rows: BT, C: C)
-        for l in stride(from: c.layerCount - 1, through: 0, by: -1) {
-            let a = st.layers[l], w = weights.layers[l], gl = g?.layers[l]
-            let input = l == 0 ? st.encoded : st.layers[l - 1].resOut
-            // MLP block. dresid is d resOut; the residual passes it through to d resMid unchanged.
-            linearBackward(dresid, x: a.fchGelu, dx: dfch, layer: l, slot: 3, st)          // (BT,C) -> (BT,I)
-            geluBackwardInPlace(a.fch.data, dfch.data, count: BT * c.intermediateSize)
-            linearBackward(dfch, x: a.ln2, dx: dln, layer: l, slot: 2, st)                   // (BT,I) -> (BT,C)
-            layerNormBackward(dln.data, a.resMid.data, w.mlpNorm.data, a.ln2Mean.data, a.ln2Rstd.data,
-                              dx: dresid.data, dw: gl?.mlpNorm.data, db: gl?.mlpNormBias?.data, rows: BT, C: C)
-            // Attention block. dresid is now d resMid.
-            linearBackward(dresid, x: a.atty, dx: datty, layer: l, slot: 1, st)             // (BT,C) -> (BT,C)
-            attentionBackward(a, datty: datty, dqkv: dqkv, st)                              // (BT,C) -> (BT,3C)
-            // Layer 0's ln_1 input gradient only reaches the embeddings: skip it unless they train.
-            let needDx = l > 0 || g != nil
-            linearBackward(dqkv, x: a.ln1, dx: needDx ? dln : nil, layer: l, slot: 0, st)     // (BT,3C) -> (BT,C)
-            if needDx {
-                layerNormBackward(dln.data, input.data, w.attnNorm.data, a.ln1Mean.data, a.ln1Rstd.data,
-                                  dx: dresid.data, dw: gl?.attnNorm.data, db: gl?.attnNormBias?.data, rows: BT, C: C)
+        let dresid = st.dresid!
+        if let g = gradients.base {
+            for t in [g.finalNorm, g.finalNormBias, g.positions].compactMap({ $0 }) { t.fill(0) }
+            if !c.tiedHead { g.embed.fill(0) }   // the classifier wrote the head's; the embeddings' are added below
+            for gl in g.layers {
+                for t in [gl.attnNorm, gl.attnNormBias, gl.mlpNorm, gl.mlpNormBias, gl.qNorm, gl.kNorm].compactMap({ $0 }) { t.fill(0) }
             }
         }
-        if g != nil { embeddingBackward(batch, st) }
+        // Final norm: dresid = d input of the final norm.
+        dresid.fill(0)
+        let last = st.layers[c.layerCount - 1].resOut
+        normBackward(c.norm, st.dlnf!.data, last.data, weights.finalNorm.data, mean: st.lnfMean.data, rstd: st.lnfRstd.data,
+                     dx: dresid.data, dw: gradients.base?.finalNorm.data, db: gradients.base?.finalNormBias?.data, rows: BT, C: C)
+        for l in stride(from: c.layerCount - 1, through: 0, by: -1) { blockBackward(layer: l, st) }
+        if gradients.base != nil { embeddingBackward(batch, st) }
+    }
+
+    /// `runBlock`'s steps in reverse for layer l. On entry dresid holds d (layer l's output); on return
+    /// d (its input). The residual passes dresid through unchanged; each branch adds its part.
+    private func blockBackward(layer l: Int, _ st: TrainingState) {
+        let c = config, BT = st.B * st.T, C = c.hiddenSize
+        let a = st.layers[l], w = weights.layers[l], gl = gradients.base?.layers[l]
+        let dresid = st.dresid!, dln = st.dln!, dfch = st.dfch!, dact = st.dact!, datty = st.datty!, dqkv = st.dqkv!
+        let input = st.input(l, save: true)
+        // MLP branch. dresid is d resOut.
+        linearBackward(dresid, x: a.act, dx: dact, layer: l, site: .mlpOut, st)          // (BT,C) -> (BT,I)
+        switch c.mlp {                                                                 // (BT,I) -> (BT,I or 2I)
+        case .gelu: geluBackwardInPlace(a.fch.data, dfch.data, count: BT * c.intermediateSize)
+        case .swiglu: swigluBackward(a.fch.data, dact.data, dfch.data, rows: BT, I: c.intermediateSize)
+        }
+        linearBackward(dfch, x: a.ln2, dx: dln, layer: l, site: .mlpIn, st)              // (BT,I or 2I) -> (BT,C)
+        normBackward(c.norm, dln.data, a.resMid.data, w.mlpNorm.data, mean: a.ln2Mean.data, rstd: a.ln2Rstd.data,
+                     dx: dresid.data, dw: gl?.mlpNorm.data, db: gl?.mlpNormBias?.data, rows: BT, C: C)
+        // Attention branch. dresid is now d resMid.
+        linearBackward(dresid, x: a.atty, dx: datty, layer: l, site: .attnOut, st)      // (BT,C) -> (BT,qW)
+        attentionBackward(a, datty: datty, dqkv: dqkv, st)                              // (BT,qW) -> (BT,W)
+        if c.hasPositionStep { positionBackward(a, dqkv: dqkv, layer: l, st) }
+        // Layer 0's norm input gradient only reaches the embeddings: skip it unless they train.
+        let needDx = l > 0 || gradients.base != nil
+        linearBackward(dqkv, x: a.ln1, dx: needDx ? dln : nil, layer: l, site: .attnIn, st)  // (BT,W) -> (BT,C)
+        if needDx {
+            normBackward(c.norm, dln.data, input.data, w.attnNorm.data, mean: a.ln1Mean.data, rstd: a.ln1Rstd.data,
+                         dx: dresid.data, dw: gl?.attnNorm.data, db: gl?.attnNormBias?.data, rows: BT, C: C)
+        }
     }
 
     // MARK: Embedding
 
-    /// encoded[b,t] = wte[token] + wpe[t].
-    private func embeddingForward(_ batch: TrainingBatch, _ st: GPT2TrainingState) {
+    /// encoded[b,t] = embed[token] (+ positions[t] when learned).
+    private func embeddingForward(_ batch: TrainingBatch, _ st: TrainingState) {
         let C = config.hiddenSize, T = st.T
         batch.inputs.withUnsafeBufferPointer { tok in
             for row in 0..<(st.B * T) {
                 let o = st.encoded.data + row * C
                 o.update(from: weights.embed.data + Int(tok[row]) * C, count: C)
-                addInPlace(o, weights.positions!.data + (row % T) * C, count: C)
+                if let pos = weights.positions { addInPlace(o, pos.data + (row % T) * C, count: C) }
             }
         }
     }
 
-    /// dwte[token] += dresid[b,t], dwpe[t] += dresid[b,t] (dwte already holds the lm_head part).
-    private func embeddingBackward(_ batch: TrainingBatch, _ st: GPT2TrainingState) {
+    /// dembed[token] += dresid[b,t], dpositions[t] += dresid[b,t] (a tied dembed already holds the head's part).
+    private func embeddingBackward(_ batch: TrainingBatch, _ st: TrainingState) {
         guard let g = gradients.base else { return }
         let C = config.hiddenSize, T = st.T, d = st.dresid!.data
         batch.inputs.withUnsafeBufferPointer { tok in
             for row in 0..<(st.B * T) {
                 addInPlace(g.embed.data + Int(tok[row]) * C, d + row * C, count: C)
-                addInPlace(g.positions!.data + (row % T) * C, d + row * C, count: C)
+                if let gp = g.positions { addInPlace(gp.data + (row % T) * C, d + row * C, count: C) }
             }
         }
     }
 
-    // MARK: Linear layer with two LoRA levels
+    // MARK: Linear layer (a group of slots) with two LoRA levels
 
-    /// out = x W0 + b + sum over levels of s (x A^T) B^T. Saves u = x A^T per level when `save`.
-    private func linearForward(_ x: Tensor, _ out: Tensor, layer l: Int, slot s: Int, _ st: GPT2TrainingState, save: Bool) {
-        let sl = config.slots[s]
-        let (din, dout) = sl.dims
+    /// out (BT,gOut) = x W^T + b + per slot and level s (x A^T) B^T into the slot's columns.
+    /// Saves u = x A^T per slot and level when `save`.
+    fileprivate func linearForward(_ x: Tensor, _ out: Tensor, layer l: Int, site: GroupSite, _ st: TrainingState, save: Bool) {
+        let c = config, g = c.groups[site.rawValue]
+        let din = g.inFeatures, gOut = g.outFeatures
         let BT = st.B * st.T
-        // (BT,in) @ (in,out) -> (BT,out); an (out,in) weight is read transposed
-        BLAS.gemm(x.data, weights.layers[l].linW[s].data, out.data, m: BT, n: dout, k: din, transB: sl.layout == .linear)
-        if let b = weights.layers[l].linB[s] { addBias(out.data, b.data, rows: BT, cols: dout) }
-        for level in 0..<2 {
-            let slot = (l * config.slots.count + s) * 2 + level
-            guard let p = resolved[slot] else { continue }
-            let u = save ? st.u(slot, rank: p.rank).data : st.loraTmp.data
-            BLAS.gemm(x.data, p.down, u, m: BT, n: p.rank, k: din, transB: true)                       // (BT,in) @ (in,r) -> (BT,r)
-            BLAS.gemm(u, p.up, out.data, m: BT, n: dout, k: p.rank, transB: true, alpha: p.scale, beta: 1)  // s (BT,r) @ (r,out) -> (BT,out)
+        let lw = weights.layers[l]
+        // (BT,in) @ (in,gOut) -> (BT,gOut); an (out,in) weight is read transposed
+        BLAS.gemm(x.data, lw.groupW[site.rawValue].data, out.data, m: BT, n: gOut, k: din, transB: g.layout == .linear)
+        if let b = lw.groupB[site.rawValue] { addBias(out.data, b.data, rows: BT, cols: gOut) }
+        for (s, off) in zip(g.slots, g.offsets) {
+            let so = c.slots[s].outFeatures
+            for level in 0..<2 {
+                let slot = (l * c.slots.count + s) * 2 + level
+                guard let p = resolved[slot] else { continue }
+                let u = save ? st.u(slot, rank: p.rank).data : st.loraTmp.data
+                BLAS.gemm(x.data, p.down, u, m: BT, n: p.rank, k: din, transB: true)                       // (BT,in) @ (in,r) -> (BT,r)
+                BLAS.gemm(u, p.up, out.data + off, m: BT, n: so, k: p.rank, transB: true, ldc: gOut,
+                          alpha: p.scale, beta: 1)                                                      // s (BT,r) @ (r,out) -> (BT,out)
+            }
         }
     }
 
-    /// From dout (BT,out): dx (BT,in) when given (overwritten), the wanted LoRA gradients, and in full
+    /// From dout (BT,gOut): dx (BT,in) when given (overwritten), the wanted LoRA gradients, and in full
     /// mode dW, db. The frozen base in LoRA mode gets no gradient GEMM.
-    private func linearBackward(_ dout: Tensor, x: Tensor, dx: Tensor?, layer l: Int, slot s: Int, _ st: GPT2TrainingState) {
-        let sl = config.slots[s]
-        let (din, dOut) = sl.dims
-        let conv = sl.layout == .conv1D
+    private func linearBackward(_ dout: Tensor, x: Tensor, dx: Tensor?, layer l: Int, site: GroupSite, _ st: TrainingState) {
+        let c = config, g = c.groups[site.rawValue]
+        let din = g.inFeatures, gOut = g.outFeatures
+        let conv = g.layout == .conv1D
         let BT = st.B * st.T
         if let dx {
-            BLAS.gemm(dout.data, weights.layers[l].linW[s].data, dx.data, m: BT, n: din, k: dOut, transB: conv)  // (BT,out) @ (out,in) -> (BT,in)
+            BLAS.gemm(dout.data, weights.layers[l].groupW[site.rawValue].data, dx.data, m: BT, n: din, k: gOut, transB: conv)  // (BT,out) @ (out,in) -> (BT,in)
         }
-        if let g = gradients.base?.layers[l] {
+        if let gw = gradients.base?.layers[l] {
             if conv {
-                BLAS.gemm(x.data, dout.data, g.linW[s].data, m: din, n: dOut, k: BT, transA: true)   // (in,BT) @ (BT,out) -> (in,out)
+                BLAS.gemm(x.data, dout.data, gw.groupW[site.rawValue].data, m: din, n: gOut, k: BT, transA: true)   // (in,BT) @ (BT,out) -> (in,out)
             } else {
-                BLAS.gemm(dout.data, x.data, g.linW[s].data, m: dOut, n: din, k: BT, transA: true)   // (out,BT) @ (BT,in) -> (out,in)
+                BLAS.gemm(dout.data, x.data, gw.groupW[site.rawValue].data, m: gOut, n: din, k: BT, transA: true)   // (out,BT) @ (BT,in) -> (out,in)
             }
-            if let gb = g.linB[s] { BLAS.gemv(dout.data, st.ones!.data, gb.data, m: BT, n: dOut, trans: true) }  // (out,BT) @ (BT) -> (out)
+            if let gb = gw.groupB[site.rawValue] { BLAS.gemv(dout.data, st.ones!.data, gb.data, m: BT, n: gOut, trans: true) }  // (out,BT) @ (BT) -> (out)
         }
-        for level in 0..<2 {
-            let slot = (l * config.slots.count + s) * 2 + level
-            guard let p = resolved[slot] else { continue }
-            let wantGrad = p.gradDown != nil
-            guard wantGrad || dx != nil else { continue }
-            let u = st.u(slot, rank: p.rank).data, du = st.loraTmp.data
-            if let gUp = p.gradUp {
-                BLAS.gemm(dout.data, u, gUp, m: dOut, n: p.rank, k: BT, transA: true, alpha: p.scale)      // s (out,BT) @ (BT,r) -> (out,r)
-            }
-            BLAS.gemm(dout.data, p.up, du, m: BT, n: p.rank, k: dOut, alpha: p.scale)                    // s (BT,out) @ (out,r) -> (BT,r)
-            if let gDown = p.gradDown {
-                BLAS.gemm(du, x.data, gDown, m: p.rank, n: din, k: BT, transA: true)                     // (r,BT) @ (BT,in) -> (r,in)
-            }
-            if let dx {
-                BLAS.gemm(du, p.down, dx.data, m: BT, n: din, k: p.rank, beta: 1)                        // (BT,r) @ (r,in) -> (BT,in)
+        for (s, off) in zip(g.slots, g.offsets) {
+            let so = c.slots[s].outFeatures
+            let ds = dout.data + off   // the slot's columns of dout, rows gOut apart
+            for level in 0..<2 {
+                let slot = (l * c.slots.count + s) * 2 + level
+                guard let p = resolved[slot] else { continue }
+                let wantGrad = p.gradDown != nil
+                guard wantGrad || dx != nil else { continue }
+                let u = st.u(slot, rank: p.rank).data, du = st.loraTmp.data
+                if let gUp = p.gradUp {
+                    BLAS.gemm(ds, u, gUp, m: so, n: p.rank, k: BT, transA: true, lda: gOut, alpha: p.scale)      // s (out,BT) @ (BT,r) -> (out,r)
+                }
+                BLAS.gemm(ds, p.up, du, m: BT, n: p.rank, k: so, lda: gOut, alpha: p.scale)                    // s (BT,out) @ (out,r) -> (BT,r)
+                if let gDown = p.gradDown {
+                    BLAS.gemm(du, x.data, gDown, m: p.rank, n: din, k: BT, transA: true)                     // (r,BT) @ (BT,in) -> (r,in)
+                }
+                if let dx {
+                    BLAS.gemm(du, p.down, dx.data, m: BT, n: din, k: p.rank, beta: 1)                        // (BT,r) @ (r,in) -> (BT,in)
+                }
             }
         }
     }
 
-    // MARK: Causal self-attention
+    // MARK: Causal grouped-query self-attention
 
-    /// Per sequence b and head h: P = softmax(causal(q k^T / sqrt(hs))), y = P v. Saves P when `save`.
-    private func attentionForward(_ a: LayerActivations, _ st: GPT2TrainingState, save: Bool) {
-        let c = config, T = st.T, C = c.hiddenSize, NH = c.headCount, hs = c.headDim
-        let scale = 1 / Float(hs).squareRoot()
+    /// Per sequence b and query head h over key/value head h / (H / KV): P = softmax(causal(q k^T / sqrt(hd))),
+    /// y = P v. Saves P when `save`.
+    fileprivate func attentionForward(_ a: LayerActivations, _ st: TrainingState, save: Bool) {
+        let c = config, T = st.T, H = c.headCount, hd = c.headDim, qW = c.qWidth, kvW = c.kvWidth
+        let W = c.group(.attnIn).outFeatures, perKV = H / c.kvHeadCount
+        let scale = 1 / Float(hd).squareRoot()
         for b in 0..<st.B {
-            for h in 0..<NH {
-                let q = a.qkv.data + b * T * 3 * C + h * hs, k = q + C, v = q + 2 * C
-                let p = save ? a.att.data + (b * NH + h) * T * T : st.scores.data
-                let y = a.atty.data + b * T * C + h * hs
-                BLAS.gemm(q, k, p, m: T, n: T, k: hs, transB: true, lda: 3 * C, ldb: 3 * C, ldc: T, alpha: scale)  // (T,hs) @ (hs,T) -> (T,T)
+            for h in 0..<H {
+                let q = a.qkv.data + b * T * W + h * hd, k = a.qkv.data + b * T * W + qW + (h / perKV) * hd, v = k + kvW
+                let p = save ? a.att.data + (b * H + h) * T * T : st.scores.data
+                let y = a.atty.data + b * T * qW + h * hd
+                BLAS.gemm(q, k, p, m: T, n: T, k: hd, transB: true, lda: W, ldb: W, ldc: T, alpha: scale)  // (T,hd) @ (hd,T) -> (T,T)
                 for i in 0..<T {
                     softmaxInPlace(p + i * T, count: i + 1)
                     if i + 1 < T { (p + i * T + i + 1).update(repeating: 0, count: T - i - 1) }
                 }
-                BLAS.gemm(p, v, y, m: T, n: hs, k: T, lda: T, ldb: 3 * C, ldc: C)                                 // (T,T) @ (T,hs) -> (T,hs)
+                BLAS.gemm(p, v, y, m: T, n: hd, k: T, lda: T, ldb: W, ldc: qW)                           // (T,T) @ (T,hd) -> (T,hd)
             }
         }
     }
 
-    /// dy (BT,C) -> dq, dk, dv written into dqkv (BT,3C).
-    private func attentionBackward(_ a: LayerActivations, datty: Tensor, dqkv: Tensor, _ st: GPT2TrainingState) {
-        let c = config, T = st.T, C = c.hiddenSize, NH = c.headCount, hs = c.headDim
-        let scale = 1 / Float(hs).squareRoot()
+    /// dy (BT,qW) -> dq, dk, dv written into dqkv (BT,W); a key/value head's gradient is the sum over its query heads.
+    private func attentionBackward(_ a: LayerActivations, datty: Tensor, dqkv: Tensor, _ st: TrainingState) {
+        let c = config, T = st.T, H = c.headCount, hd = c.headDim, qW = c.qWidth, kvW = c.kvWidth
+        let W = c.group(.attnIn).outFeatures, perKV = H / c.kvHeadCount
+        let scale = 1 / Float(hd).squareRoot()
         let dp = st.dscores!.data
         for b in 0..<st.B {
-            for h in 0..<NH {
-                let q = a.qkv.data + b * T * 3 * C + h * hs, k = q + C, v = q + 2 * C
-                let dq = dqkv.data + b * T * 3 * C + h * hs, dk = dq + C, dv = dq + 2 * C
-                let p = a.att.data + (b * NH + h) * T * T
-                let dy = datty.data + b * T * C + h * hs
-                BLAS.gemm(dy, v, dp, m: T, n: T, k: hs, transB: true, lda: C, ldb: 3 * C, ldc: T)                // (T,hs) @ (hs,T) -> (T,T)
-                BLAS.gemm(p, dy, dv, m: T, n: hs, k: T, transA: true, lda: T, ldb: C, ldc: 3 * C)                // (T,T)^T @ (T,hs) -> (T,hs)
+            for h in 0..<H {
+                let kOff = qW + (h / perKV) * hd
+                let q = a.qkv.data + b * T * W + h * hd, k = a.qkv.data + b * T * W + kOff, v = k + kvW
+                let dq = dqkv.data + b * T * W + h * hd, dk = dqkv.data + b * T * W + kOff, dv = dk + kvW
+                let p = a.att.data + (b * H + h) * T * T
+                let dy = datty.data + b * T * qW + h * hd
+                let acc: Float = h % perKV == 0 ? 0 : 1   // the group's first head writes dk, dv; the others add
+                BLAS.gemm(dy, v, dp, m: T, n: T, k: hd, transB: true, lda: qW, ldb: W, ldc: T)                  // (T,hd) @ (hd,T) -> (T,T)
+                BLAS.gemm(p, dy, dv, m: T, n: hd, k: T, transA: true, lda: T, ldb: qW, ldc: W, beta: acc)      // (T,T)^T @ (T,hd) -> (T,hd)
                 for i in 0..<T { softmaxBackwardRow(p + i * T, dp + i * T, count: i + 1, zeroTo: T) }          // dP -> dS in place
-                BLAS.gemm(dp, k, dq, m: T, n: hs, k: T, lda: T, ldb: 3 * C, ldc: 3 * C, alpha: scale)            // (T,T) @ (T,hs) -> (T,hs)
-                BLAS.gemm(dp, q, dk, m: T, n: hs, k: T, transA: true, lda: T, ldb: 3 * C, ldc: 3 * C, alpha: scale)  // (T,T)^T @ (T,hs) -> (T,hs)
+                BLAS.gemm(dp, k, dq, m: T, n: hd, k: T, lda: T, ldb: W, ldc: W, alpha: scale)                  // (T,T) @ (T,hd) -> (T,hd)
+                BLAS.gemm(dp, q, dk, m: T, n: hd, k: T, transA: true, lda: T, ldb: W, ldc: W, alpha: scale, beta: acc)  // (T,T)^T @ (T,hd) -> (T,hd)
             }
         }
     }
 
-    // MARK: Classifier (tied lm_head) and cross-entropy, forward and backward fused
+    /// The position step's forward on a layer's [q | k | v] (after attnIn): per-head q/k norms (saving
+    /// the raw heads and 1/rms for the backward), then the rotation by each row's position.
+    fileprivate func positionForward(_ a: LayerActivations, layer l: Int, _ st: TrainingState, save: Bool) {
+        let c = config, BT = st.B * st.T, W = c.group(.attnIn).outFeatures, hd = c.headDim, heads = c.headCount + c.kvHeadCount
+        let lw = weights.layers[l]
+        if save, let raw = a.qkvRaw { raw.copy(from: a.qkv) }
+        for row in 0..<BT {
+            positionStep(c, rope, a.qkv.data + row * W, heads: 0..<heads, qNorm: lw.qNorm, kNorm: lw.kNorm,
+                         cs: st.ropeCS?.data.advanced(by: (row % st.T) * hd) ?? a.qkv.data,
+                         rstd: save ? a.qkRstd?.data.advanced(by: row * heads) : nil)
+        }
+    }
 
-    /// Loss over the rows with a target, in chunks: logits = lnf @ wte^T, cross-entropy, and with
-    /// `backward` the logits' gradient in place, then d lnf = dlogits @ wte and (full mode) dwte.
+    /// The position step's backward on dq and dk in dqkv, in place: the inverse rotation, then the
+    /// per-head norms' backward (their weight gradients in full mode).
+    private func positionBackward(_ a: LayerActivations, dqkv: Tensor, layer l: Int, _ st: TrainingState) {
+        let c = config, BT = st.B * st.T, W = c.group(.attnIn).outFeatures, hd = c.headDim
+        let H = c.headCount, heads = H + c.kvHeadCount
+        let lw = weights.layers[l], gl = gradients.base?.layers[l]
+        let tmp = st.headTmp!.data
+        for row in 0..<BT {
+            for h in 0..<heads {
+                let d = dqkv.data + row * W + h * hd
+                if let rope, let cs = st.ropeCS { rope.rotateBack(d, cs.data + (row % st.T) * hd) }
+                if c.qkNorm, let raw = a.qkvRaw, let rstd = a.qkRstd, let w = h < H ? lw.qNorm : lw.kNorm {
+                    tmp.update(repeating: 0, count: hd)
+                    rmsNormBackward(d, raw.data + row * W + h * hd, w.data, rstd.data + row * heads + h,
+                                    dx: tmp, dw: (h < H ? gl?.qNorm : gl?.kNorm)?.data, rows: 1, C: hd)
+                    d.update(from: tmp, count: hd)
+                }
+            }
+        }
+    }
+
+    // MARK: Classifier (the head) and cross-entropy, forward and backward fused
+
+    /// Loss over the rows with a target, in chunks: logits = lnf @ head^T, cross-entropy, and with
+    /// `backward` the logits' gradient in place, then d lnf = dlogits @ head and (full mode) dhead.
     /// Rows without a target get no logits at all.
-    private func classifier(_ batch: TrainingBatch, _ st: GPT2TrainingState, backward: Bool) -> Float {
+    private func classifier(_ batch: TrainingBatch, _ st: TrainingState, backward: Bool) -> Float {
         let c = config, C = c.hiddenSize, V = c.vocabSize
         var n = 0
         batch.targets.withUnsafeBufferPointer { tg in
@@ -608,7 +685,7 @@ public final class GPT2Trainer {
                 }
             }
             if backward {
-                // d headIn = dlogits @ wte: (m,V) @ (V,C) -> (m,C), reusing headIn as the output.
+                // d headIn = dlogits @ head: (m,V) @ (V,C) -> (m,C), reusing headIn as the output.
                 if let g = gradients.base {
                     BLAS.gemm(st.logits.data, st.headIn.data, g.head.data, m: V, n: C, k: m, transA: true, beta: first ? 0 : 1)  // (V,m) @ (m,C) -> (V,C)
                 }
@@ -619,6 +696,56 @@ public final class GPT2Trainer {
             start += m
         }
         return Float(total / Double(n))
+    }
+}
+
+/// `runBlock`'s steps over a training batch's B x T rows, saving what the backward reads.
+private struct TrainingBlockRunner: BlockRunner {
+    unowned let trainer: ModelTrainer
+    let st: TrainingState
+    let save: Bool
+
+    func acts(_ l: Int) -> LayerActivations { st.layers[save ? l : 0] }
+
+    func norm(_ site: NormSite, layer l: Int) {
+        let c = trainer.config, a = acts(l), BT = st.B * st.T
+        let (w, b) = trainer.weights.norm(site, layer: l)
+        switch site {
+        case .attention:
+            normRows(c.norm, st.input(l, save: save).data, w.data, b?.data, a.ln1.data, rows: BT, C: c.hiddenSize, eps: c.normEps,
+                     mean: a.ln1Mean.data, rstd: a.ln1Rstd.data)
+        case .mlp:
+            normRows(c.norm, a.resMid.data, w.data, b?.data, a.ln2.data, rows: BT, C: c.hiddenSize, eps: c.normEps,
+                     mean: a.ln2Mean.data, rstd: a.ln2Rstd.data)
+        }
+    }
+
+    func linear(_ site: GroupSite, layer l: Int) {
+        let a = acts(l), n = st.B * st.T * trainer.config.hiddenSize
+        switch site {
+        case .attnIn: trainer.linearForward(a.ln1, a.qkv, layer: l, site: site, st, save: save)      // (BT,C) -> (BT,W)
+        case .attnOut:
+            trainer.linearForward(a.atty, st.proj, layer: l, site: site, st, save: save)              // (BT,qW) -> (BT,C)
+            residualForward(st.input(l, save: save).data, st.proj.data, a.resMid.data, count: n)
+        case .mlpIn: trainer.linearForward(a.ln2, a.fch, layer: l, site: site, st, save: save)       // (BT,C) -> (BT,I or 2I)
+        case .mlpOut:
+            trainer.linearForward(a.act, st.proj, layer: l, site: site, st, save: save)               // (BT,I) -> (BT,C)
+            residualForward(a.resMid.data, st.proj.data, a.resOut.data, count: n)
+        }
+    }
+
+    func attention(layer l: Int) {
+        let a = acts(l)
+        if trainer.config.hasPositionStep { trainer.positionForward(a, layer: l, st, save: save) }
+        trainer.attentionForward(a, st, save: save)                                                  // (BT,W) -> (BT,qW)
+    }
+
+    func activation(layer l: Int) {
+        let c = trainer.config, a = acts(l), BT = st.B * st.T
+        switch c.mlp {
+        case .gelu: geluForward(a.fch.data, a.act.data, count: BT * c.intermediateSize)
+        case .swiglu: swigluForward(a.fch.data, a.act.data, rows: BT, I: c.intermediateSize)
+        }
     }
 }
 
@@ -641,7 +768,7 @@ extension AdapterWeights {
     }
 }
 
-extension GPT2Gradients {
+extension ModelGradients {
     /// Copies one level's gradients into `set`, which has the parameters' names and shapes
     /// (see `AdapterWeights.init(_:level:scale:)`), overwriting it.
     public func copy(level: LoRALevel, into set: ParameterSet) {
@@ -650,10 +777,16 @@ extension GPT2Gradients {
         for name in set.names where name.hasSuffix(downSuffix) {
             let module = String(name.dropLast(downSuffix.count))
             guard let (l, s) = architecture.parseModulePath(module), let g = source[architecture.modulePath(layer: l, slot: s)] else {
-                preconditionFailure("GPT2Gradients: no \(level) gradient for \(module); was it asked for?")
+                preconditionFailure("ModelGradients: no \(level) gradient for \(module); was it asked for?")
             }
             set.tensor(name).copy(from: g.down)
             set.tensor(module + upSuffix).copy(from: g.up)
         }
     }
 }
+
+// The names these types had while only GPT-2 was supported, for code written against them.
+@available(*, deprecated, renamed: "ModelTrainer") public typealias GPT2Trainer = ModelTrainer
+@available(*, deprecated, renamed: "ModelGradients") public typealias GPT2Gradients = ModelGradients
+@available(*, deprecated, renamed: "LMTask") public typealias GPT2LMTask = LMTask
+@available(*, deprecated, renamed: "Pretrainer") public typealias GPT2Pretrainer = Pretrainer

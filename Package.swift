@@ -5,11 +5,16 @@ import PackageDescription
 // Swift targets baseline x86-64 (SSE2) by default, where the SIMD kernels run 10-20x slower than
 // with AVX2 + FMA. Haswell (2013) is the floor we assume; PF2LORA_TARGET_CPU=native (or any LLVM CPU
 // name) overrides it, PF2LORA_TARGET_CPU=generic turns it off.
+// Such a build needs AVX2, FMA and F16C at run time: the CLI checks for them before anything else
+// runs (PF2LORA_X86_64_V3, Sources/pf2lora/main.swift) and says what to do instead of dying of an
+// illegal instruction.
 #if arch(x86_64)
 let targetCPU = ProcessInfo.processInfo.environment["PF2LORA_TARGET_CPU"] ?? "haswell"
 let cpuFlags: [String] = targetCPU == "generic" ? [] : ["-target-cpu", targetCPU]
+let cpuDefines: [SwiftSetting] = targetCPU == "generic" ? [] : [.define("PF2LORA_X86_64_V3")]
 #else
 let cpuFlags: [String] = []
+let cpuDefines: [SwiftSetting] = []
 #endif
 
 let package = Package(
@@ -53,8 +58,10 @@ let package = Package(
             name: "pf2lora",
             dependencies: [
                 "PF2LoRA",
+                "CQuant",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            ]
+            ],
+            swiftSettings: cpuDefines
         ),
         // A helper the reliability tests run as a child process and SIGKILL mid-publish. Not a
         // product: `swift build --product pf2lora` and an install never include it; `swift test`

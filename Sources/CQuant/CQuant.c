@@ -77,6 +77,13 @@ int pf2lora_quant_set_isa(int level) {
     return pf2lora_quant_isa();
 }
 
+const char *pf2lora_cpu_requirement_error(int needs_avx2, int isa) {
+    if (!needs_avx2 || isa >= PF2LORA_ISA_AVX2) return 0;
+    return "this pf2lora was built for x86-64 CPUs with AVX2, FMA and F16C (Intel Haswell, AMD Excavator and later), "
+           "and this CPU (or its OS) does not offer them; build it for this machine with "
+           "PF2LORA_TARGET_CPU=generic swift build -c release (portable, slower vector code; q8_0 weights use a scalar path)";
+}
+
 // MARK: - Activation quantization
 
 static void quantize_scalar(const float *x, int8_t *q, float *d, long n) {
@@ -163,14 +170,37 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(a);
 }
 
-#define Q8_BLOCK(J, ACC, ISUM)                                                                   \
+// The scales of blocks j..j+3 times the inputs' (dw_j * dx_j), four at once. The half scales are
+// inserted into a zeroed register: a lone `_cvtsh_ss` (or a load into an undefined register) is
+// lowered to a `vpinsrw` into whatever register is at hand, here an accumulator, which chained
+// every block's scale to the previous FMA and serialized the four accumulators (seen in the
+// disassembly).
+__attribute__((target("avx2,fma,f16c")))
+static inline __m128 scales4(const uint8_t *row, long j, const float *xd) {
+    __m128i h = _mm_setzero_si128();
+    h = _mm_insert_epi16(h, load_u16(row + j * BLOCK_BYTES), 0);
+    h = _mm_insert_epi16(h, load_u16(row + (j + 1) * BLOCK_BYTES), 1);
+    h = _mm_insert_epi16(h, load_u16(row + (j + 2) * BLOCK_BYTES), 2);
+    h = _mm_insert_epi16(h, load_u16(row + (j + 3) * BLOCK_BYTES), 3);
+    return _mm_mul_ps(_mm_cvtph_ps(h), _mm_loadu_ps(xd + j));
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static inline __m128 scale1(const uint8_t *row, long j, const float *xd) {
+    __m128i h = _mm_insert_epi16(_mm_setzero_si128(), load_u16(row + j * BLOCK_BYTES), 0);
+    return _mm_mul_ss(_mm_cvtph_ps(h), _mm_load_ss(xd + j));
+}
+
+// Lane k of four scales, in all eight lanes.
+#define LANE(S4, K) _mm256_permutevar8x32_ps(_mm256_castps128_ps256(S4), _mm256_set1_epi32(K))
+
+#define Q8_BLOCK(J, ACC, ISUM, SCALE)                                                            \
     {                                                                                            \
         const uint8_t *blk = row + (J) * BLOCK_BYTES;                                            \
         __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));                              \
         __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (J) * QK));                        \
         __m256i s32 = ISUM(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));                      \
-        float s = _cvtsh_ss(load_u16(blk)) * xd[J];                                              \
-        ACC = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(s32), ACC);                  \
+        ACC = _mm256_fmadd_ps(SCALE, _mm256_cvtepi32_ps(s32), ACC);                              \
     }
 
 // |w| (unsigned) times sign-adjusted x: pairs to int16 (no saturation: |w|, |x| <= 128, 127), then
@@ -180,35 +210,28 @@ static inline __m256i isum_avx2(__m256i aw, __m256i sx) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
 }
 
-__attribute__((target("avx2,fma,f16c")))
-static float dot_avx2(const uint8_t *row, long nb, const int8_t *xq, const float *xd) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    long j = 0;
-    for (; j + 4 <= nb; j += 4) {
-        Q8_BLOCK(j, a0, isum_avx2) Q8_BLOCK(j + 1, a1, isum_avx2)
-        Q8_BLOCK(j + 2, a2, isum_avx2) Q8_BLOCK(j + 3, a3, isum_avx2)
-    }
-    for (; j < nb; j++) Q8_BLOCK(j, a0, isum_avx2)
-    return hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-}
-
 // vpdpbusd: unsigned bytes times signed bytes, groups of 4 summed into int32 lanes.
 __attribute__((target("avxvnni,avx2,fma,f16c")))
 static inline __m256i isum_vnni(__m256i aw, __m256i sx) {
     return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), aw, sx);
 }
 
-__attribute__((target("avxvnni,avx2,fma,f16c")))
-static float dot_vnni(const uint8_t *row, long nb, const int8_t *xq, const float *xd) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    long j = 0;
-    for (; j + 4 <= nb; j += 4) {
-        Q8_BLOCK(j, a0, isum_vnni) Q8_BLOCK(j + 1, a1, isum_vnni)
-        Q8_BLOCK(j + 2, a2, isum_vnni) Q8_BLOCK(j + 3, a3, isum_vnni)
-    }
-    for (; j < nb; j++) Q8_BLOCK(j, a0, isum_vnni)
+#define DOT_BODY(ISUM)                                                                           \
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                  \
+    long j = 0;                                                                                  \
+    for (; j + 4 <= nb; j += 4) {                                                                \
+        __m128 s4 = scales4(row, j, xd);                                                         \
+        Q8_BLOCK(j, a0, ISUM, LANE(s4, 0)) Q8_BLOCK(j + 1, a1, ISUM, LANE(s4, 1))                \
+        Q8_BLOCK(j + 2, a2, ISUM, LANE(s4, 2)) Q8_BLOCK(j + 3, a3, ISUM, LANE(s4, 3))            \
+    }                                                                                            \
+    for (; j < nb; j++) Q8_BLOCK(j, a0, ISUM, _mm256_broadcastss_ps(scale1(row, j, xd)))        \
     return hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-}
+
+__attribute__((target("avx2,fma,f16c")))
+static float dot_avx2(const uint8_t *row, long nb, const int8_t *xq, const float *xd) { DOT_BODY(isum_avx2) }
+
+__attribute__((target("avxvnni,avx2,fma,f16c")))
+static float dot_vnni(const uint8_t *row, long nb, const int8_t *xq, const float *xd) { DOT_BODY(isum_vnni) }
 #endif
 
 typedef float (*dot_fn)(const uint8_t *, long, const int8_t *, const float *);

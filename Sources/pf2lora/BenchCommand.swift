@@ -74,6 +74,8 @@ struct BenchBLAS: ParsableCommand {
         abstract: "The machine's limits for a model's shapes: memory-read bandwidth over its weights, OpenBLAS sgemv over them, and sgemm GFLOP/s on prefill shapes.",
         discussion: """
             read_gb_per_s is a plain read of the weight bytes one decode token reads (every linear weight and the tied head), summed by the worker pool: read_bound_tokens_per_s = that bandwidth / those bytes is the memory-bandwidth limit of batch-1 decode. sgemv_gb_per_s and decode_bound_tokens_per_s are the same bytes through OpenBLAS's sgemv, one call per weight, as pf2lora's decode used to run. sgemm_gflop_per_s is OpenBLAS on the four layer GEMMs of a prefill of --prompt-tokens rows.
+
+            For each of --precisions, the same weights converted to that precision (matrices whose rows are not whole q8_0 blocks stay f32): weight_bytes_per_token_P, read_gb_per_s_P and read_bound_tokens_per_s_P (a plain read of those bytes by the worker pool: the memory-read bound of batch-1 decode at P), and matvec_tokens_per_s_P / matvec_gb_per_s_P (one pass of the decode kernels over them at batch 1: the products alone, no attention). The precisions are timed in turn, round after round, medians reported.
             """)
 
     @Option(help: "Model folder.")
@@ -82,10 +84,17 @@ struct BenchBLAS: ParsableCommand {
     var promptTokens: Int = 512
     @Option(help: "OpenBLAS threads (0 = its default).")
     var threads: Int = 0
+    @Option(help: "Weight precisions to measure the read bound and the decode kernels at, comma-separated (f32, f16, bf16, q8_0); empty for none.")
+    var precisions = "f32,f16,bf16,q8_0"
 
     func validate() throws {
         guard promptTokens >= 1, threads >= 0 else { throw ValidationError("need --prompt-tokens >= 1 and --threads >= 0") }
+        for p in precisionList where WeightPrecision(rawValue: p) == nil {
+            throw ValidationError("unknown precision '\(p)' in --precisions; use f32, f16, bf16, q8_0")
+        }
     }
+
+    var precisionList: [String] { precisions.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty } }
 
     func run() throws {
         BLAS.setThreads(threads)
@@ -131,12 +140,39 @@ struct BenchBLAS: ParsableCommand {
             }
             return flops
         }
+        // Each precision's bytes of one decode token, read plainly and through the decode kernels.
+        let f32Set = serving.map { WeightMatrix($0) }
+        let sets = precisionList.map { name -> (String, [WeightMatrix]) in
+            let p = WeightPrecision(rawValue: name)!
+            return (name, f32Set.map { p.fits(cols: $0.cols) ? $0.converted(to: p) : $0 })
+        }
+        let vin = Tensor(zeros: [f32Set.map(\.cols).max() ?? 1]); vin.fill(0.01)
+        let vout = Tensor(zeros: [f32Set.map(\.rows).max() ?? 1])
+        var readTimes = [[Double]](repeating: [], count: sets.count), dotTimes = readTimes
+        var byteSum: UInt32 = 0
+        for round in 0..<8 {
+            for (i, (_, ms)) in sets.enumerated() {
+                var t0 = now(); byteSum &+= WorkerPool.shared.sumBytes(ms); let tr = now() - t0
+                t0 = now(); WorkerPool.shared.dotAll(ms, input: vin, output: vout); let td = now() - t0
+                if round > 0 { readTimes[i].append(tr); dotTimes[i].append(td) }
+            }
+        }
+        var perPrecision: [String: Any] = ["read_byte_sum": Int(byteSum)]
+        for (i, (name, ms)) in sets.enumerated() {
+            let b = Double(ms.reduce(0) { $0 + $1.byteCount })
+            let r = readTimes[i].sorted()[readTimes[i].count / 2], d = dotTimes[i].sorted()[dotTimes[i].count / 2]
+            perPrecision["weight_bytes_per_token_\(name)"] = b
+            perPrecision["read_gb_per_s_\(name)"] = b / r / 1e9
+            perPrecision["read_bound_tokens_per_s_\(name)"] = 1 / r
+            perPrecision["matvec_gb_per_s_\(name)"] = b / d / 1e9
+            perPrecision["matvec_tokens_per_s_\(name)"] = 1 / d
+        }
         _ = gemmPass()
         var gt: [Double] = []
         var flops = 0.0
         for _ in 0..<3 { let t0 = now(); flops = gemmPass(); gt.append(now() - t0) }
         let tg = gt.sorted()[1]
-        print(jsonLine([
+        print(jsonLine(perPrecision.merging([
             "model": model, "threads": BLAS.threads,
             "weight_bytes_per_token": bytes,
             "sgemv_gb_per_s": bytes / tv / 1e9,
@@ -147,7 +183,7 @@ struct BenchBLAS: ParsableCommand {
             "read_checksum_finite": checksum.isFinite,
             "sgemm_gflop_per_s": flops / tg / 1e9,
             "prefill_rows": T,
-        ]))
+        ]) { a, _ in a }))
     }
 }
 

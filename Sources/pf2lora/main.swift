@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import CQuant
 import PF2LoRA
 
 struct PF2LoRACommand: ParsableCommand {
@@ -20,5 +21,14 @@ struct PF2LoRACommand: ParsableCommand {
         subcommands: [GenerateCommand.self, ServeCommand.self, PersonalizeCommand.self, FederateCommand.self, PretrainCommand.self,
                       SyntheticCommand.self, Adapters.self, Tokenize.self, ModelCommand.self, BenchCommand.self])
 }
+
+// Before anything runs: a build for AVX2 CPUs refuses a CPU without them with one clear line
+// instead of an illegal instruction somewhere later (this file is compiled for baseline x86-64).
+#if PF2LORA_X86_64_V3
+if let e = pf2lora_cpu_requirement_error(1, pf2lora_cpu_isa()) {
+    FileHandle.standardError.write(Data(("error: " + String(cString: e) + "\n").utf8))
+    exit(1)
+}
+#endif
 
 runCommandLine(PF2LoRACommand.self)

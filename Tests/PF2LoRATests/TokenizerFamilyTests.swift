@@ -22,6 +22,19 @@ private struct FamilyFixture: Decodable {
     }
 }
 
+/// A seeded generator so that the random strings are the same on every run.
+private struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
 /// The real vocabularies in ../shared/tokenizers (or $PF2LORA_SHARED_DIR/tokenizers).
 enum SharedTokenizers {
     static let llama3Dir = TestPaths.shared.appendingPathComponent("tokenizers/llama3").path
@@ -130,6 +143,52 @@ enum SharedTokenizers {
                 }
             }
             #expect(failures == 0, "\(config.name): \(failures) of \(splits.texts.count) texts differ")
+        }
+    }
+
+    /// The hand-written Llama-3 / Qwen2 scanner gives HF's pieces on the Split fixture's 1,600 texts,
+    /// and the same pieces as the general matcher on random strings over the classes it tells apart.
+    @Test func llamaScannerMatchesOniguruma() throws {
+        struct Config: Decodable { let name: String; let pattern: String; let offsets: [[Int]] }
+        struct Splits: Decodable { let texts: [String]; let configs: [Config] }
+        let data = try Data(contentsOf: URL(fileURLWithPath: TestPaths.fixture("tokenizer/splits.json")))
+        let splits = try JSONDecoder().decode(Splits.self, from: data)
+        var checked = 0
+        for config in splits.configs {
+            guard let maxDigits = LlamaPreTokenizer.maxDigits(ofPattern: config.pattern) else { continue }
+            checked += 1
+            var failures = 0
+            for (text, flat) in zip(splits.texts, config.offsets) {
+                let scalars = Array(text.unicodeScalars)
+                let want = stride(from: 0, to: flat.count, by: 2).map { String(String.UnicodeScalarView(scalars[flat[$0]..<flat[$0 + 1]])) }
+                let got = LlamaPreTokenizer.split(text, maxDigits: maxDigits)
+                if got != want {
+                    failures += 1
+                    if failures <= 5 { Issue.record("\(config.name) on \(text.debugDescription): \(got) vs HF \(want)") }
+                }
+            }
+            #expect(failures == 0, "\(config.name)")
+        }
+        #expect(checked == 2)
+        // random strings: scanner == general matcher, for 1, 2, 3 and 4 digits
+        var rng = SplitMix64(seed: 99)
+        let pool: [String] = ["a", "Z", "s", "S", "t", "'", "’", " ", "  ", "\t", "\r", "\n", "\r\n", "0", "7", "٣", "½", "!", ".", "-", "_",
+                              "é", "e\u{301}", "日", "ſ", "K", "\u{a0}", "\u{3000}", "\u{85}", "😀", "\u{200b}", "re", "LL", "vE", "D", "m"]
+        for maxDigits in 1...4 {
+            let pattern = LlamaPreTokenizer.llama3Pattern.replacingOccurrences(of: "\\p{N}{1,3}", with: maxDigits == 1 ? "\\p{N}" : "\\p{N}{1,\(maxDigits)}")
+            let regex = try SplitRegex(pattern)
+            for _ in 0..<2_000 {
+                let text = (0..<Int.random(in: 0...20, using: &rng)).map { _ in pool.randomElement(using: &rng)! }.joined()
+                var bytes = Array(text.utf8)
+                var general: [String] = []
+                bytes.withUnsafeMutableBufferPointer { b in
+                    guard let p = b.baseAddress else { return }
+                    BPETokenizer.forEachSplitPiece(regex, .isolated, invert: false, UnsafePointer(p), b.count) { s, e in
+                        general.append(String(decoding: UnsafeBufferPointer(start: p + s, count: e - s), as: UTF8.self))
+                    }
+                }
+                #expect(LlamaPreTokenizer.split(text, maxDigits: maxDigits) == general, "\(maxDigits) digits: \(text.debugDescription)")
+            }
         }
     }
 

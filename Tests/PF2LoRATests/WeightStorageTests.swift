@@ -201,4 +201,41 @@ import Testing
             }
         }
     }
+
+    /// The prefill product at every precision: the sgemm of the widened panels equals, to f32
+    /// rounding, x W^T computed in f64 from the stored values; panels of a few rows (the head's
+    /// case) and an accumulating call included.
+    @Test(arguments: WeightPrecision.allCases)
+    func gemmRowsWidensPanelsExactly(_ p: WeightPrecision) {
+        let rows = 100, cols = 64, n = 7
+        let m = WeightMatrix(Self.randomMatrix(rows: rows, cols: cols, seed: 5, scale: 0.1)).converted(to: p)
+        let w = m.toTensor()
+        let x = Self.randomMatrix(rows: n, cols: cols, seed: 6)
+        var panel = Tensor(zeros: [0])
+        for maxPanel in [1 << 21, 3 * cols, 1] {
+            let out = Tensor(zeros: [n, rows]); out.fill(0.5)
+            gemmRows(x.data, rows: n, m, out.data, panel: &panel, accumulate: maxPanel == 1, maxPanelFloats: maxPanel)
+            var worst = 0.0
+            for i in 0..<n {
+                for r in 0..<rows {
+                    var ref = maxPanel == 1 ? 0.5 : 0.0, abs = 0.0
+                    for k in 0..<cols { let t = Double(x.data[i * cols + k]) * Double(w.data[r * cols + k]); ref += t; abs += Swift.abs(t) }
+                    worst = max(worst, Swift.abs(Double(out.data[i * rows + r]) - ref) / (abs + 0.5))
+                }
+            }
+            #expect(worst <= Double(cols) * 0x1p-24, "\(p) panel \(maxPanel): \(worst)")
+        }
+    }
+
+    /// A build for AVX2 CPUs refuses one without them with a line that says what to do; a CPU
+    /// with them, or a generic build, runs.
+    @Test func cpuRequirement() throws {
+        let refused = try #require(pf2lora_cpu_requirement_error(1, Int32(PF2LORA_ISA_SCALAR)))
+        #expect(String(cString: refused).contains("PF2LORA_TARGET_CPU=generic"))
+        #expect(pf2lora_cpu_requirement_error(1, Int32(PF2LORA_ISA_AVX2)) == nil)
+        #expect(pf2lora_cpu_requirement_error(0, Int32(PF2LORA_ISA_SCALAR)) == nil)
+        #if arch(x86_64)
+        #expect(pf2lora_cpu_isa() >= Int32(PF2LORA_ISA_AVX2), "the machine the tests run on has AVX2 (the build needs it)")
+        #endif
+    }
 }

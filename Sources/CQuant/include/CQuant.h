@@ -32,6 +32,11 @@ int pf2lora_quant_isa(void);
 /// Returns the level in use.
 int pf2lora_quant_set_isa(int level);
 
+/// NULL when a build whose vector code needs AVX2 + FMA + F16C (`needs_avx2`: Package.swift's
+/// default -target-cpu haswell) can run on a CPU of `isa` (from `pf2lora_cpu_isa`), else the error
+/// line to print. Compiled for baseline x86-64, so the CLI can call it before any AVX instruction.
+const char *pf2lora_cpu_requirement_error(int needs_avx2, int isa);
+
 /// Activations for the q8_0 dot: n values (n % 32 == 0) into n int8 values `q` and n / 32 scales
 /// `d`: d = max|x| / 127 per block, q = x / d rounded to nearest even (0 when the block is zero).
 void pf2lora_q8_quantize_activations(const float *x, int8_t *q, float *d, long n);

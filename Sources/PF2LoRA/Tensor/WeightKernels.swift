@@ -30,14 +30,24 @@ protocol SixteenBitFloat {
 
 /// IEEE half: `vcvtph2ps`.
 enum HalfLoad: SixteenBitFloat {
-    @inline(__always) static func load8(_ p: UnsafeRawPointer) -> F8 { F8(p.loadUnaligned(as: SIMD8<Float16>.self)) }
+    @inline(__always) static func load8(_ p: UnsafeRawPointer) -> F8 {
+        // Lane by lane for the reason given at `BFloatLoad.load8`: one `vcvtph2ps` from memory.
+        let h = p.loadUnaligned(as: SIMD8<Float16>.self)
+        return F8(Float(h[0]), Float(h[1]), Float(h[2]), Float(h[3]), Float(h[4]), Float(h[5]), Float(h[6]), Float(h[7]))
+    }
     @inline(__always) static func value(_ bits: UInt16) -> Float { Float(Float16(bitPattern: bits)) }
 }
 
 /// bfloat16: the top half of an f32, so a zero-extend and a 16-bit shift.
 enum BFloatLoad: SixteenBitFloat {
     @inline(__always) static func load8(_ p: UnsafeRawPointer) -> F8 {
-        unsafeBitCast(SIMD8<UInt32>(truncatingIfNeeded: p.loadUnaligned(as: SIMD8<UInt16>.self)) &<< 16, to: F8.self)
+        // Widened lane by lane, not with the generic `SIMD8<UInt32>(truncatingIfNeeded:)` (nor
+        // f16's `SIMD8<Float>(SIMD8<Float16>)`): in some of the decode loops the optimizer left
+        // those as a call per 8 weights (with a vzeroupper), at 0.44 of the read bound; the lane
+        // form becomes one `vpmovzxwd` (one `vcvtph2ps`) wherever it is inlined.
+        let h = p.loadUnaligned(as: SIMD8<UInt16>.self)
+        let w = SIMD8<UInt32>(UInt32(h[0]), UInt32(h[1]), UInt32(h[2]), UInt32(h[3]), UInt32(h[4]), UInt32(h[5]), UInt32(h[6]), UInt32(h[7]))
+        return unsafeBitCast(w &<< 16, to: F8.self)
     }
     @inline(__always) static func value(_ bits: UInt16) -> Float { Float(bitPattern: UInt32(bits) << 16) }
 }
@@ -154,5 +164,73 @@ func dotRows(_ w: WeightMatrix, _ xs: UnsafePointer<Float>, quantized: Q8Activat
     case .q8_0:
         let a = quantized!
         pf2lora_q8_0_dot_rows(w.base, w.cols, a.q, a.d, count, rows.lowerBound, rows.upperBound, out, stride)
+    }
+}
+
+/// out (n, W.rows) = x (n, W.cols) @ W^T, or += with `accumulate`: the product of prefill and of
+/// large decode batches. f32 weights go to sgemm as they are; other precisions are widened to f32
+/// one panel of rows at a time into `panel` (grown to at most `maxPanelFloats`), each panel one
+/// sgemm into its columns of out, whose rows are `ldOut` apart (default W.rows).
+func gemmRows(_ x: UnsafePointer<Float>, rows n: Int, _ w: WeightMatrix, _ out: UnsafeMutablePointer<Float>, ldOut: Int? = nil,
+              panel: inout Tensor, accumulate: Bool = false, maxPanelFloats: Int = 1 << 21) {
+    let ld = ldOut ?? w.rows, beta: Float = accumulate ? 1 : 0
+    if let t = w.f32 {
+        // (n,in) @ (out,in)^T -> (n,out)
+        BLAS.gemm(x, t.data, out, m: n, n: w.rows, k: w.cols, transB: true, ldc: ld, beta: beta)
+        return
+    }
+    let step = max(1, min(w.rows, maxPanelFloats / max(w.cols, 1)))
+    if panel.count < step * w.cols { panel = Tensor(zeros: [step * w.cols]) }
+    var r0 = 0
+    while r0 < w.rows {
+        let r1 = min(w.rows, r0 + step)
+        w.rowsToF32(r0..<r1, into: panel.data)
+        // (n,in) @ (panel rows,in)^T -> (n, panel rows), columns r0..<r1 of out
+        BLAS.gemm(x, panel.data, out + r0, m: n, n: r1 - r0, k: w.cols, transB: true, ldc: ld, beta: beta)
+        r0 = r1
+    }
+}
+
+extension WorkerPool {
+    /// One pass of batch-1 matrix-vector products over `matrices` at their own precisions, as a
+    /// decode step runs them (64-row chunks from a shared counter, a barrier after each matrix,
+    /// q8_0 inputs quantized by every participant): `pf2lora bench blas` times it against the plain
+    /// read of the same bytes. `input` must hold the widest matrix's columns; `output` its rows.
+    public func dotAll(_ matrices: [WeightMatrix], input: Tensor, output: Tensor) {
+        let scratch = (0..<count).map { _ in Q8Activations(capacity: input.count) }
+        run { ctx in
+            let q = scratch[ctx.index]
+            for (i, m) in matrices.enumerated() {
+                if m.precision == .q8_0 { q.quantize(input.data, count: 1, cols: m.cols) }
+                ctx.chunks(m.rows, size: 64, phase: i) { rows in
+                    dotRows(m, input.data, quantized: q, count: 1, rows: rows, output.data, stride: m.rows)
+                }
+                ctx.barrier()
+            }
+        }
+    }
+
+    /// The bytes of `matrices` read as plainly as possible (wrapping integer adds, each participant
+    /// a contiguous share of every matrix): the memory-read limit for streaming them.
+    public func sumBytes(_ matrices: [WeightMatrix]) -> UInt32 {
+        let totals = UnsafeMutablePointer<UInt32>.allocate(capacity: count)
+        defer { totals.deallocate() }
+        run { ctx in
+            var a0 = SIMD16<UInt32>(), a1 = SIMD16<UInt32>()
+            var tail: UInt32 = 0
+            for m in matrices {
+                let part = ctx.share(m.byteCount, align: 128)
+                var p = m.base + part.lowerBound
+                let end = m.base + part.upperBound
+                while p + 128 <= end {
+                    a0 &+= p.loadUnaligned(as: SIMD16<UInt32>.self)
+                    a1 &+= p.loadUnaligned(fromByteOffset: 64, as: SIMD16<UInt32>.self)
+                    p += 128
+                }
+                while p < end { tail &+= UInt32(p.load(as: UInt8.self)); p += 1 }
+            }
+            totals[ctx.index] = (a0 &+ a1).wrappedSum() &+ tail
+        }
+        return (0..<count).reduce(0) { $0 &+ totals[$1] }
     }
 }

@@ -3,7 +3,7 @@
 /// here), the search going on after each match. Then per token: `single_word` drops a match that
 /// has a word character (`\w`) right before or after it; `lstrip` / `rstrip` widen the match over
 /// the whitespace (`\s`) on that side, not reaching back into the previous match.
-struct AddedTokenMatcher {
+final class AddedTokenMatcher {
     private struct Token { let id: Int; let lstrip: Bool; let rstrip: Bool; let singleWord: Bool }
     private var tokens: [Token] = []
     private var edges: [Int: Int] = [:]      // node << 8 | byte -> child node

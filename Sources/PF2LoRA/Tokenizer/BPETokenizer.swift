@@ -50,6 +50,8 @@ public final class BPETokenizer: @unchecked Sendable {
     /// The text is normalized (NFC) before it is split into tokens, which may change its length.
     var normalizesText: Bool { nfc }
     private let steps: [PreTokenizerStep]
+    /// GPT-2's pipeline: no normalizer, no normalized added tokens, only its regex (a direct loop).
+    private let gpt2Only: Bool
     /// ignore_merges: piece bytes -> its vocabulary id.
     private let wholeWords: WordCache?
     private let cache = WordCache()
@@ -133,6 +135,12 @@ public final class BPETokenizer: @unchecked Sendable {
         normalizedAdded = AddedTokenMatcher(files.addedTokens.filter { $0.normalized }, normalize: files.nfc)
         nfc = files.nfc
         steps = files.preTokenizer
+        if files.preTokenizer.count == 1, case .gpt2Regex = files.preTokenizer[0], !files.nfc,
+           files.addedTokens.allSatisfy({ !$0.normalized }) {
+            gpt2Only = true
+        } else {
+            gpt2Only = false
+        }
         specialPrefixIds = files.prefixIds
         specialSuffixIds = files.suffixIds
 
@@ -205,17 +213,19 @@ public final class BPETokenizer: @unchecked Sendable {
     func encode(utf8 buf: UnsafeBufferPointer<UInt8>, addSpecialTokens: Bool = true) -> [Int] {
         var out: [Int] = []
         out.reserveCapacity(buf.count / 3 + 4)
-        if addSpecialTokens { out += specialPrefixIds }
+        if addSpecialTokens && !specialPrefixIds.isEmpty { out += specialPrefixIds }
         if let p = buf.baseAddress, buf.count > 0 {
             lock.lock()
-            if !nfc && normalizedAdded.isEmpty {
+            if gpt2Only {
+                rawAdded.split(p, 0, buf.count, into: &out) { q, n, out in scanGPT2(q, n, into: &out) }
+            } else if !nfc && normalizedAdded.isEmpty {
                 rawAdded.split(p, 0, buf.count, into: &out) { q, n, out in preTokenize(q, n, step: 0, into: &out) }
             } else {
                 rawAdded.split(p, 0, buf.count, into: &out) { q, n, out in encodeRaw(q, n, into: &out) }
             }
             lock.unlock()
         }
-        if addSpecialTokens { out += specialSuffixIds }
+        if addSpecialTokens && !specialSuffixIds.isEmpty { out += specialSuffixIds }
         return out
     }
 
@@ -230,6 +240,18 @@ public final class BPETokenizer: @unchecked Sendable {
         }
     }
 
+    /// GPT-2's whole pipeline after the added tokens (no normalizer, only its regex): the scanner and
+    /// BPE in one loop.
+    private func scanGPT2(_ p: UnsafePointer<UInt8>, _ n: Int, into out: inout [Int]) {
+        let table = PreTokenizer.scalarClassPointer
+        var i = 0
+        while i < n {
+            let e = PreTokenizer.pieceEnd(p, i, n, table)
+            encodeWord(p + i, e - i, into: &out)
+            i = e
+        }
+    }
+
     /// Runs pre-tokenizer steps `step...` on one piece, then BPE on each resulting piece.
     private func preTokenize(_ p: UnsafePointer<UInt8>, _ n: Int, step: Int, into out: inout [Int]) {
         guard n > 0 else { return }
@@ -241,6 +263,14 @@ public final class BPETokenizer: @unchecked Sendable {
             var i = 0
             while i < n {
                 let e = PreTokenizer.pieceEnd(p, i, n, table)
+                if last { encodeWord(p + i, e - i, into: &out) } else { preTokenize(p + i, e - i, step: step + 1, into: &out) }
+                i = e
+            }
+        case .llamaRegex(let maxDigits):
+            let table = PreTokenizer.scalarClassPointer
+            var i = 0
+            while i < n {
+                let e = LlamaPreTokenizer.pieceEnd(p, i, n, table, maxDigits: maxDigits)
                 if last { encodeWord(p + i, e - i, into: &out) } else { preTokenize(p + i, e - i, step: step + 1, into: &out) }
                 i = e
             }
@@ -355,9 +385,20 @@ public final class BPETokenizer: @unchecked Sendable {
             return
         }
         let cacheable = n <= BPETokenizer.maxCachedWordBytes
-        let h = WordCache.hash(p, n)
-        if cacheable && cache.lookup(p, n, hash: h, into: &out) { return }
-        if let wholeWords, wholeWords.lookup(p, n, hash: h, into: &out) { return }
+        var h: UInt64 = 0
+        if cacheable {
+            h = WordCache.hash(p, n)
+            if cache.lookup(p, n, hash: h, into: &out) { return }
+        }
+        if let wholeWords {
+            if !cacheable { h = WordCache.hash(p, n) }
+            if wholeWords.lookup(p, n, hash: h, into: &out) {
+                if cacheable {
+                    withUnsafePointer(to: Int32(out[out.count - 1])) { cache.insert(p, n, hash: h, ids: UnsafeBufferPointer(start: $0, count: 1)) }
+                }
+                return
+            }
+        }
         let count = mergeWord(p, n)
         symbols.withUnsafeBufferPointer { s in
             for k in 0..<count { out.append(Int(s[k])) }

@@ -56,31 +56,67 @@ enum NFC {
     }()
 
     /// The NFC form of valid UTF-8 `p[..<n]`, or nil if it is already in NFC (the common case).
+    /// Only the stretches around characters NFC may change are normalized: each from the last
+    /// unflagged character before them (a starter that may compose with them) to the next unflagged
+    /// one; unflagged characters are starters that nothing before them can change, so the stretches
+    /// normalize independently and everything between them is copied as it is.
     static func normalize(_ p: UnsafePointer<UInt8>, _ n: Int) -> [UInt8]? {
         let qc = quickCheck
+        @inline(__always) func decode(_ i: Int) -> (UInt32, Int) {
+            let b0 = p[i]
+            if b0 < 0x80 { return (UInt32(b0), 1) }
+            if b0 < 0xE0 { return (UInt32(b0 & 0x1F) << 6 | UInt32(p[i + 1] & 0x3F), 2) }
+            if b0 < 0xF0 { return (UInt32(b0 & 0x0F) << 12 | UInt32(p[i + 1] & 0x3F) << 6 | UInt32(p[i + 2] & 0x3F), 3) }
+            return (UInt32(b0 & 0x07) << 18 | UInt32(p[i + 1] & 0x3F) << 12 | UInt32(p[i + 2] & 0x3F) << 6 | UInt32(p[i + 3] & 0x3F), 4)
+        }
+        @inline(__always) func flagged(_ cp: UInt32) -> Bool { cp >= 0x300 && (qc[Int(cp >> 6)] >> UInt64(cp & 63)) & 1 != 0 }
+        var out: [UInt8]? = nil
+        var copied = 0          // p[..<copied] is already in `out`
         var i = 0
-        var needed = false
+        var previous = 0        // start of the scalar before i
         while i < n {
             let b0 = p[i]
-            if b0 < 0xCC { i += b0 < 0x80 ? 1 : 2; continue }   // below U+0300 nothing changes
-            let cp: UInt32, len: Int
-            if b0 < 0xE0 {
-                cp = UInt32(b0 & 0x1F) << 6 | UInt32(p[i + 1] & 0x3F); len = 2
-            } else if b0 < 0xF0 {
-                cp = UInt32(b0 & 0x0F) << 12 | UInt32(p[i + 1] & 0x3F) << 6 | UInt32(p[i + 2] & 0x3F); len = 3
-            } else {
-                cp = UInt32(b0 & 0x07) << 18 | UInt32(p[i + 1] & 0x3F) << 12 | UInt32(p[i + 2] & 0x3F) << 6 | UInt32(p[i + 3] & 0x3F); len = 4
+            if b0 < 0xCC {       // below U+0300 nothing is flagged
+                previous = i
+                i += b0 < 0x80 ? 1 : 2
+                continue
             }
-            if (qc[Int(cp >> 6)] >> UInt64(cp & 63)) & 1 != 0 { needed = true; break }
-            i += len
+            let (cp, len) = decode(i)
+            guard flagged(cp) else { previous = i; i += len; continue }
+            // A stretch: from the starter before it to the next unflagged character.
+            let start = i > 0 && !flagged(decode(previous).0) ? previous : i
+            var end = i + len
+            while end < n {
+                let (c, l) = decode(end)
+                if !flagged(c) { break }
+                end += l
+            }
+            if out == nil { out = []; out!.reserveCapacity(n + 16) }
+            out!.append(contentsOf: UnsafeBufferPointer(start: p + copied, count: start - copied))
+            var scalars: [UInt32] = []
+            var k = start
+            while k < end { let (c, l) = decode(k); scalars.append(c); k += l }
+            for v in compose(reorder(decompose(scalars))) { appendUTF8(v, to: &out!) }
+            copied = end
+            previous = i
+            i = end
         }
-        guard needed else { return nil }
-        let scalars = String(decoding: UnsafeBufferPointer(start: p, count: n), as: UTF8.self).unicodeScalars.map { $0.value }
-        let composed = compose(reorder(decompose(scalars)))
-        var out: [UInt8] = []
-        out.reserveCapacity(n)
-        for v in composed { out.append(contentsOf: Array(String(Unicode.Scalar(v)!).utf8)) }
-        return out
+        guard var result = out else { return nil }
+        result.append(contentsOf: UnsafeBufferPointer(start: p + copied, count: n - copied))
+        return result
+    }
+
+    @inline(__always) private static func appendUTF8(_ v: UInt32, to out: inout [UInt8]) {
+        if v < 0x80 {
+            out.append(UInt8(v))
+        } else if v < 0x800 {
+            out.append(UInt8(0xC0 | v >> 6)); out.append(UInt8(0x80 | v & 0x3F))
+        } else if v < 0x10000 {
+            out.append(UInt8(0xE0 | v >> 12)); out.append(UInt8(0x80 | v >> 6 & 0x3F)); out.append(UInt8(0x80 | v & 0x3F))
+        } else {
+            out.append(UInt8(0xF0 | v >> 18)); out.append(UInt8(0x80 | v >> 12 & 0x3F))
+            out.append(UInt8(0x80 | v >> 6 & 0x3F)); out.append(UInt8(0x80 | v & 0x3F))
+        }
     }
 
     /// NFC of a string (for tests and for added tokens' normalized form).

@@ -29,6 +29,8 @@ enum PreTokenizerStep {
     /// GPT-2's regex, isolated (ByteLevel with use_regex, or a Split with exactly that pattern):
     /// the hand-written scanner `PreTokenizer.pieceEnd`.
     case gpt2Regex
+    /// The Llama-3 (`maxDigits` 3) or Qwen2 (1) Split regex, isolated: the scanner `LlamaPreTokenizer`.
+    case llamaRegex(maxDigits: Int)
     /// A tokenizer.json `Split`: a regex (or literal string) with a behavior and the invert flag.
     case split(SplitRegex, SplitBehavior, invert: Bool)
     /// `Digits`: numbers apart from the rest, one digit per piece when `individual`.
@@ -215,6 +217,8 @@ struct TokenizerFiles {
                 }
                 if regexSource == PreTokenizer.gpt2Pattern && behavior == .isolated && !invert {
                     steps.append(.gpt2Regex)
+                } else if let maxDigits = LlamaPreTokenizer.maxDigits(ofPattern: regexSource), behavior == .isolated {
+                    steps.append(.llamaRegex(maxDigits: maxDigits))
                 } else {
                     do { steps.append(.split(try SplitRegex(regexSource), behavior, invert: invert)) } catch {
                         throw TokenizerError.unsupported(file: file, part: "pre_tokenizer Split pattern", type: error.description, supported: "the regex features of GPT-2, Llama-3 and Qwen2 patterns")

@@ -18,6 +18,7 @@ import Testing
     enum Expect {
         case text(Int)          // result whose text equals the reference of template i
         case result             // any result (health, stats, non-greedy generate)
+        case cancelNothing      // a cancel result saying nothing was cancelled
         case error(Int)         // error with this code and the line's id
         case nullError          // exactly one error with a null id (-32700 or -32600)
         case nullResult         // a result with a null id (id: null is a valid request id)
@@ -109,11 +110,28 @@ import Testing
                 let p: [String: Any] = ["prompt": "The", "max_tokens": Int.random(in: 1...6, using: &rng), "temperature": 0.9, "top_p": 0.9,
                                         "top_k": 20, "seed": Int.random(in: 0...1_000_000, using: &rng), "client": pick(["alice", "bob", "zed"])]
                 line = Line(bytes: Array(req(id.json, "generate", json(p)).utf8), expect: .result, key: id.key)
-            case 26..<34:  // health / stats / adapters.list
+            case 26..<34:  // health / stats / adapters.list / cancel (issue 11, items 9 and 16)
                 let id = freshID()
-                line = Line(bytes: Array(req(id.json, pick(["health", "stats", "adapters.list"]), pick([nil, "{}", "null"])).utf8), expect: .result, key: id.key)
-            case 34..<36:  // notifications: valid, no answer
-                line = Line(bytes: Array(req(nil, pick(["health", "stats"]), nil).utf8), expect: .nothing, key: nil)
+                switch Int.random(in: 0..<8, using: &rng) {
+                case 0:   // a param these methods do not take: -32602 naming it
+                    line = Line(bytes: Array(req(id.json, pick(["health", "stats", "adapters.list"]), pick(["{\"verbose\":true}", "{\"id\":1}"])).utf8),
+                                expect: .error(-32602), key: id.key)
+                case 1:   // cancel of an id no request in the stream uses: a result (cancelled false)
+                    line = Line(bytes: Array(req(id.json, "cancel", pick(["{\"id\":\"none-\(nextID)\"}", "{\"id\":-\(nextID).25}"])).utf8),
+                                expect: .cancelNothing, key: id.key)
+                case 2:   // cancel without a usable id, or with a param it does not take
+                    line = Line(bytes: Array(req(id.json, "cancel", pick([nil, "{}", "null", "{\"id\":true}", "{\"id\":[1]}", "{\"id\":null}", "{\"id\":{}}",
+                                                                          "{\"id\":\"x\",\"why\":1}"])).utf8), expect: .error(-32602), key: id.key)
+                default:
+                    line = Line(bytes: Array(req(id.json, pick(["health", "stats", "adapters.list"]), pick([nil, "{}", "null"])).utf8), expect: .result, key: id.key)
+                }
+            case 34..<36:  // notifications: never answered, not even when they fail (issue 11, item 15)
+                let text: String = pick([
+                    req(nil, pick(["health", "stats"]), nil), req(nil, "no.such", "{}"), req(nil, "health", "{\"verbose\":1}"),
+                    req(nil, "generate", "{\"prompt\":5}"), req(nil, "generate", "{\"prompt\":\"x\",\"max_new_tokens\":3}"),
+                    req(nil, "adapters.load", "{\"client\":\"../x\"}"), req(nil, "cancel", "{\"id\":\"none\"}"), req(nil, "cancel", "{}"),
+                ])
+                line = Line(bytes: Array(text.utf8), expect: .nothing, key: nil)
             case 36..<37:  // id null is an id: answered with a null id
                 line = Line(bytes: Array(req("null", "health", nil).utf8), expect: .nullResult, key: nil)
             case 37..<52:  // one bad param
@@ -298,6 +316,12 @@ import Testing
                 counts.result += 1
                 if let k = l.key, byKey[k]?.count != multiplicity[k] || !(byKey[k] ?? []).allSatisfy({ ServerProcess.result($0) != nil }) {
                     failures.append("\(k): expected \(multiplicity[k]!) result(s), got \(byKey[k] ?? [])")
+                }
+            case .cancelNothing:
+                counts.result += 1
+                let r = byKey[l.key!]
+                if r?.count != 1 || ServerProcess.result(r?.first)?["cancelled"] as? Bool != false {
+                    failures.append("\(l.key!): expected a cancel result with cancelled false, got \(r ?? [])")
                 }
             case let .error(c):
                 counts.error += 1

@@ -3,7 +3,7 @@ import Foundation
 /// A model family: its config.json, decoded with the keys Hugging Face uses, becomes a
 /// `ModelArchitecture`; an architecture of the family is written back as config.json.
 /// Adding a family is one file with one type conforming to this, listed in `ModelRegistry.families`.
-protocol ModelFamily {
+protocol ModelFamily: Sendable {
     /// The `model_type` values this family reads.
     static var modelTypes: [String] { get }
     /// Decodes config.json (`file` names it in errors) into a validated architecture.

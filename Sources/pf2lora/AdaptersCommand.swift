@@ -107,7 +107,7 @@ struct Adapters: ParsableCommand {
         @Option(name: .long, help: "The version (default: the current one).")
         var version: Int?
 
-        @Option(name: .long, help: "A GPT-2 model folder (config.json, model.safetensors) to validate the adapter against.")
+        @Option(name: .long, help: "A model folder (config.json of a supported family, model.safetensors) to validate the adapter against.")
         var model: String?
 
         func validate() throws {

@@ -15,7 +15,7 @@ struct BenchDecode: ParsableCommand {
         abstract: "Prefill and decode tokens/s of the base model on random token ids.",
         discussion: "Prefill runs `--batch` prompts of `--prompt-tokens` tokens in one step; decode then runs `--tokens` steps of the whole batch. A warm-up run comes first; the median of `--repeats` runs is reported.")
 
-    @Option(help: "Model folder (Hugging Face GPT-2 layout).")
+    @Option(help: "Model folder (Hugging Face layout, any supported family: gpt2, llama, mistral, qwen2, qwen3).")
     var model: String
     @Option(help: "Sequences decoded together.")
     var batch: Int = 1

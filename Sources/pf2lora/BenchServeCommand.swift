@@ -8,7 +8,7 @@ struct BenchServe: ParsableCommand {
         abstract: "Multi-client decode throughput with per-client adapters vs the base alone, adapter cold-load and switch cost, adapter sizes.",
         discussion: """
         Builds a temporary store for the model with one rank-`--rank` shared pair and `--clients` distinct \
-        rank-`--rank2` client pairs (random values at a trained-looking scale, all four GPT-2 linear kinds \
+        rank-`--rank2` client pairs (random values at a trained-looking scale, every linear slot \
         of every layer). Then decodes one batch of `--clients` sequences, one per client (shared pair folded, \
         client pairs per token, grouped per client), and the same batch on the base alone, in the same run, \
         and reports the throughput ratio. Cold load = read + decompress + validate one client file \

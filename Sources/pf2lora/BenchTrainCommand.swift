@@ -13,7 +13,7 @@ struct BenchTrain: ParsableCommand {
         median of --repeats steps. Benchmarks/train_step_bench.py runs this next to the same PyTorch + PEFT step.
         """)
 
-    @Option(help: "Model folder (Hugging Face GPT-2 layout).")
+    @Option(help: "Model folder (Hugging Face layout, any supported family: gpt2, llama, mistral, qwen2, qwen3).")
     var model: String
     @Option(help: "Sequences per batch (B).")
     var batch: Int = 8

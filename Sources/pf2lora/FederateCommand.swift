@@ -2,11 +2,11 @@ import ArgumentParser
 import Foundation
 import PF2LoRA
 
-/// `pf2lora federate`: federated LoRA training of a GPT-2 over client text folders, published into the store.
+/// `pf2lora federate`: federated LoRA training of a base model over client text folders, published into the store.
 struct FederateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "federate",
-        abstract: "Train a federation of clients with PF2LoRA (or a baseline) on a GPT-2 and publish the adapters into the store.",
+        abstract: "Train a federation of clients with PF2LoRA (or a baseline) on a base model (GPT-2 or Llama family) and publish the adapters into the store.",
         discussion: """
         --data holds one folder per client (its name is the client id) with train, valid and test as \
         .jsonl ({"text": ...} per line) or .txt (texts separated by blank lines). Progress goes to stderr. \

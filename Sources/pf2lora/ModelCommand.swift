@@ -6,26 +6,30 @@ struct ModelCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "model",
         abstract: "Make and inspect base models.",
-        subcommands: [RandomModel.self])
+        subcommands: [RandomModel.self, ModelInfo.self])
 }
 
 struct RandomModel: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "random",
-        abstract: "Write a random-weight GPT-2 in Hugging Face layout (config.json, model.safetensors, tokenizer files).",
+        abstract: "Write a random-weight model of a real shape in Hugging Face layout (config.json, model.safetensors, tokenizer files).",
         discussion: """
-        For tests and benchmarks at real shapes with nothing downloaded. Weights are drawn as GPT-2 \
-        initializes them (N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)) from --seed.
+        For tests and benchmarks at real shapes with nothing downloaded. GPT-2 presets: weights drawn as \
+        GPT-2 initializes them (N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)). Llama-family \
+        presets (the published configs of SmolLM2, Qwen2.5, Qwen3 and Llama-3.2, random weights): \
+        N(0, 0.02) for every matrix, unit norms, tied head; f32 by default.
 
-        The tokenizer files are copied from --tokenizer (or $PF2LORA_GPT2_TOKENIZER), e.g. a GPT-2 \
-        checkout for its real 50,257-token vocabulary, or models/fortune-gpt2 for the embedded \
-        default's. Without either, a byte-level BPE tokenizer of --vocab-size tokens is generated: \
-        the 256 bytes, merges of byte pairs, <|endoftext|> last. It is not trained, but every id \
-        decodes and any UTF-8 text encodes and decodes back to itself, so the folder works with \
-        generate, serve, tokenize and the benchmarks.
+        The tokenizer files are copied from --tokenizer (or, for GPT-2 presets, $PF2LORA_GPT2_TOKENIZER), \
+        e.g. a GPT-2 checkout for its real 50,257-token vocabulary, or models/fortune-gpt2 for the \
+        embedded default's. Without either, a byte-level BPE tokenizer is generated (of the model's \
+        vocabulary, at most 65,793 tokens; a larger model vocabulary keeps its size and leaves the ids \
+        past the tokenizer unused): the 256 bytes, merges of byte pairs, <|endoftext|> last, which is \
+        also the model's end-of-sequence id. It is not trained, but every id decodes and any UTF-8 text \
+        encodes and decodes back to itself, so the folder works with generate, serve, tokenize, \
+        personalize, federate and the benchmarks. `pf2lora model info` says which tokenizer a folder has.
         """)
 
-    @Option(help: "Shape preset: gpt2 (124M), gpt2-medium (355M), distilgpt2, small (4 layers, 256 wide: the embedded default's shape), tiny (2 layers, 64 wide).")
+    @Option(help: "Shape preset: gpt2 (124M), gpt2-medium (355M), distilgpt2, small (4 layers, 256 wide: the embedded default's shape), tiny (2 layers, 64 wide); smollm2-135m, smollm2-360m, qwen2.5-0.5b, qwen3-0.6b, llama3.2-1b, tiny-llama (2 layers, 64 wide).")
     var config: String = "tiny"
     @Option(help: "Output folder (created if missing).")
     var out: String
@@ -35,39 +39,45 @@ struct RandomModel: ParsableCommand {
     var tokenizer: String?
     @Option(help: "Storage dtype of the weights: f32, f16 or bf16.")
     var dtype: String = "f32"
-    @Option(name: .customLong("vocab-size"), help: "Vocabulary size (default: the tokenizer's, else 50257 as GPT-2).")
+    @Option(name: .customLong("vocab-size"), help: "Vocabulary size (default: the preset's published one; GPT-2 presets: the tokenizer's, else 50257).")
     var vocabSize: Int?
 
+    var isGPT2: Bool { GPT2Config.preset(config) != nil }
+
     func validate() throws {
-        guard GPT2Config.preset(config) != nil else {
-            throw ValidationError("unknown --config '\(config)'; use gpt2, gpt2-medium, distilgpt2, small or tiny")
+        guard ModelRegistry.preset(config) != nil else {
+            throw ValidationError("unknown --config '\(config)'; use \(ModelRegistry.presetNames.joined(separator: ", "))")
         }
         guard DType(rawValue: dtype.uppercased()) != nil else { throw ValidationError("unknown --dtype '\(dtype)'; use f32, f16 or bf16") }
         if let v = vocabSize, v < 1 { throw ValidationError("--vocab-size must be positive") }
     }
 
     func run() throws {
-        let tokDir = tokenizer ?? ProcessInfo.processInfo.environment["PF2LORA_GPT2_TOKENIZER"].flatMap { $0.isEmpty ? nil : $0 }
-        let vocab: Int
+        let env = isGPT2 ? ProcessInfo.processInfo.environment["PF2LORA_GPT2_TOKENIZER"].flatMap { $0.isEmpty ? nil : $0 } : nil
+        let tokDir = tokenizer ?? env
+        let published = ModelRegistry.presetVocabSize(config)!
+        let vocab: Int, tokVocab: Int
         if let tokDir {
-            let tokVocab = try BPETokenizer(folder: tokDir).vocabSize
-            vocab = vocabSize ?? tokVocab
+            tokVocab = try BPETokenizer(folder: tokDir).vocabSize
+            vocab = vocabSize ?? (isGPT2 ? tokVocab : max(published, tokVocab))
             guard vocab >= tokVocab else {
                 throw CLIError("--vocab-size \(vocab) is smaller than the tokenizer's \(tokVocab) tokens (\(tokDir)); leave it out or make it at least \(tokVocab)")
             }
         } else {
-            vocab = vocabSize ?? 50257
-            guard (GeneratedTokenizer.minVocabSize...GeneratedTokenizer.maxVocabSize).contains(vocab) else {
+            vocab = vocabSize ?? published
+            tokVocab = min(vocab, GeneratedTokenizer.maxVocabSize)
+            guard tokVocab >= GeneratedTokenizer.minVocabSize else {
+                throw CLIError("--vocab-size \(vocab): the generated byte-level tokenizer needs \(GeneratedTokenizer.minVocabSize)...\(GeneratedTokenizer.maxVocabSize) tokens; pass --tokenizer DIR for another vocabulary")
+            }
+            if isGPT2, vocab > GeneratedTokenizer.maxVocabSize {
                 throw CLIError("--vocab-size \(vocab): the generated byte-level tokenizer needs \(GeneratedTokenizer.minVocabSize)...\(GeneratedTokenizer.maxVocabSize) tokens; pass --tokenizer DIR for another vocabulary")
             }
         }
-        let cfg = GPT2Config.preset(config, vocabSize: vocab)!
         let dt = DType(rawValue: dtype.uppercased())!
         let t0 = now()
-        log("model random: \(config) (\(cfg.nLayer) layers, \(cfg.nEmbd) wide, vocab \(cfg.vocabSize)), seed \(seed)")
-        let weights = ModelWeights.random(architecture: cfg.architecture, seed: seed)
-        let model = LanguageModel(folder: out, weights: weights, checkpoint: nil)
-        try model.save(to: out, dtype: dt)
+        try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+        // The tokenizer first: its end-of-text id becomes the model's end-of-sequence id.
+        var tokenizerNote: String
         if let tokDir {
             var copied = 0
             for f in ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] where FileManager.default.fileExists(atPath: tokDir + "/" + f) {
@@ -77,11 +87,103 @@ struct RandomModel: ParsableCommand {
                 copied += 1
             }
             if copied == 0 { throw CLIError("--tokenizer \(tokDir) has no tokenizer.json or vocab.json + merges.txt") }
+            tokenizerNote = "copied from \(tokDir)"
         } else {
-            try GeneratedTokenizer.write(vocabSize: vocab, to: out)
-            log("model random: no --tokenizer given; wrote a generated byte-level BPE tokenizer of \(vocab) tokens")
+            try GeneratedTokenizer.write(vocabSize: tokVocab, to: out)
+            tokenizerNote = "generated byte-level BPE of \(tokVocab) tokens (pf2lora model random; not trained)"
+            log("model random: no --tokenizer given; wrote a generated byte-level BPE tokenizer of \(tokVocab) tokens")
         }
-        let params = weights.named.reduce(0) { $0 + $1.1.count }
-        log(String(format: "model random: wrote %@ (%.1fM parameters) in %.1f s", out, Double(params) / 1e6, now() - t0))
+        let eos = try BPETokenizer(folder: out).eosTokenId ?? (isGPT2 ? vocab - 1 : nil)
+        let a = ModelRegistry.preset(config, vocabSize: vocab, eosTokenId: eos)!
+        log("model random: \(config) (\(a.modelType), \(a.layerCount) layers, \(a.hiddenSize) wide, vocab \(a.vocabSize)), seed \(seed)")
+        let weights = ModelWeights.random(architecture: a, seed: seed)
+        let model = LanguageModel(folder: out, weights: weights, checkpoint: nil)
+        try model.save(to: out, dtype: dt)
+        // Where the folder came from, for `model info` (transformers keeps unknown config keys as attributes).
+        var cfg = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: out + "/config.json"))) as! [String: Any]
+        cfg["pf2lora_random"] = ["preset": config, "seed": Int(seed), "tokenizer": tokenizerNote]
+        try AtomicFile.write(JSONSerialization.data(withJSONObject: cfg, options: [.prettyPrinted, .sortedKeys]), to: out + "/config.json")
+        log(String(format: "model random: wrote %@ (%.1fM parameters) in %.1f s", out, Double(a.parameterCount) / 1e6, now() - t0))
+    }
+}
+
+struct ModelInfo: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "info",
+        abstract: "Describe a model folder: its family and architecture, parameter count, stored dtype, weight files, tokenizer and the table of linear slots adapters target.")
+
+    @Argument(help: "Model folder (config.json of a supported family, model.safetensors or a sharded index).")
+    var folder: String
+    @Flag(help: "Print one JSON object instead of text.")
+    var json = false
+
+    func run() throws {
+        do {
+            let a = try ModelRegistry.architecture(folder: folder)
+            let ck = try Checkpoint.open(folder: folder)
+            let fp = try Checkpoint.fingerprint(folder: folder)
+            let cfg = (try? JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: folder + "/config.json")))) as? [String: Any] ?? [:]
+            let random = cfg["pf2lora_random"] as? [String: Any]
+            let tok = try? BPETokenizer(folder: folder)
+            let tokenizerText: String = {
+                guard let tok else { return "none (no tokenizer.json or vocab.json + merges.txt; prompts must be token ids)" }
+                if let note = random?["tokenizer"] as? String { return "\(tok.vocabSize) tokens: \(note)" }
+                return "byte-level BPE, \(tok.vocabSize) tokens, from the folder's tokenizer files"
+            }()
+            let dtypes = ck.dtypes.sorted { $0.value > $1.value }.map { "\($0.key.rawValue.lowercased())" }
+            var positions = "learned positions"
+            if case let .rope(theta, scaling) = a.positions {
+                positions = "rotary positions, theta \(theta)"
+                switch scaling {
+                case let .linear(f)?: positions += ", linear scaling x\(f)"
+                case let .llama3(f, lo, hi, orig)?: positions += ", llama3 scaling (factor \(f), low \(lo), high \(hi), original context \(orig))"
+                case nil: break
+                }
+            }
+            let groups = GroupSite.allCases.map { site -> String in
+                switch site { case .attnIn: return "attnIn"; case .attnOut: return "attnOut"; case .mlpIn: return "mlpIn"; case .mlpOut: return "mlpOut" }
+            }
+            let files = ck.index.map { "\(($0 as NSString).lastPathComponent) (\(ck.files.count) shards)" } ?? "model.safetensors"
+            if json {
+                let slots: [[String: Any]] = a.slots.map { s in
+                    ["index": s.index, "path": s.path, "peft_name": s.peftName, "role": s.role.rawValue, "in": s.inFeatures, "out": s.outFeatures,
+                     "layout": s.layout == .linear ? "linear" : "conv1d", "bias": s.hasBias, "group": groups[a.site(ofSlot: s.index).rawValue],
+                     "example_module": a.modulePath(layer: 0, slot: s.index)]
+                }
+                print(jsonLine([
+                    "folder": folder, "model_type": a.modelType, "parameters": a.parameterCount, "layers": a.layerCount,
+                    "hidden": a.hiddenSize, "heads": a.headCount, "kv_heads": a.kvHeadCount, "head_dim": a.headDim,
+                    "intermediate": a.intermediateSize, "vocab": a.vocabSize, "context": a.contextLength,
+                    "norm": a.norm.rawValue, "norm_eps": Double(a.normEps), "positions": positions, "mlp": a.mlp.rawValue,
+                    "qk_norm": a.qkNorm, "tied_head": a.tiedHead, "eos_token_ids": a.eosTokenIds,
+                    "stored_dtypes": dtypes, "config_dtype": a.storedDType ?? NSNull(), "weight_files": ck.files.map { ($0.name as NSString).lastPathComponent },
+                    "stored_bytes": ck.storedBytes, "fingerprint": fp, "tokenizer": tokenizerText, "slots": slots,
+                ]))
+                return
+            }
+            let norm = a.norm == .rmsNorm ? "RMSNorm" : "LayerNorm"
+            let mlp = a.mlp == .swiglu ? "SwiGLU MLP (gate, up -> \(a.intermediateSize) -> down)" : "GELU MLP (\(a.intermediateSize))"
+            let attn = "\(a.headCount) heads" + (a.kvHeadCount == a.headCount ? "" : " / \(a.kvHeadCount) KV heads") + " of \(a.headDim)"
+                + (a.qkNorm ? ", RMSNorm on q and k per head" : "")
+            print("\(folder): \(a.modelType), \(String(format: "%.1fM", Double(a.parameterCount) / 1e6)) parameters (\(a.parameterCount)), head \(a.tiedHead ? "tied to the embeddings" : "untied")")
+            print("  block x \(a.layerCount): \(norm) (eps \(a.normEps)) -> attention (\(attn), \(positions)) -> \(norm) -> \(mlp)")
+            print("  hidden \(a.hiddenSize), vocabulary \(a.vocabSize), context \(a.contextLength), end-of-sequence ids \(a.eosTokenIds)")
+            print("  weights: \(files), stored \(dtypes.joined(separator: " + ")) (\(String(format: "%.1f", Double(ck.storedBytes) / 1e6)) MB)\(a.storedDType.map { ", config.json says \($0)" } ?? ""); computed in f32; fingerprint \(fp)")
+            print("  tokenizer: \(tokenizerText)")
+            if let random { print("  made by: pf2lora model random --config \(random["preset"] ?? "?") --seed \(random["seed"] ?? "?")") }
+            print("  linear slots (per block; adapters and --targets name them; module paths like \(a.modulePath(layer: 0, slot: 0))):")
+            let rows = a.slots.map { s in
+                [String(s.index), s.path, s.peftName, "\(s.inFeatures) -> \(s.outFeatures)", s.layout == .linear ? "nn.Linear (out, in)" : "Conv1D (in, out)",
+                 s.hasBias ? "yes" : "no", groups[a.site(ofSlot: s.index).rawValue]]
+            }
+            let header = ["#", "slot", "PEFT name", "in -> out", "layout", "bias", "product"]
+            let widths = header.indices.map { i in ([header[i]] + rows.map { $0[i] }).map(\.count).max()! }
+            for r in [header] + rows {
+                let line = r.indices.map { r[$0].padding(toLength: widths[$0], withPad: " ", startingAt: 0) }.joined(separator: "  ")
+                print("    " + line.replacingOccurrences(of: " +$", with: "", options: .regularExpression))
+            }
+        } catch {
+            throw CLIError("\(error)")
+        }
     }
 }

@@ -5,7 +5,7 @@ import PF2LoRA
 struct PretrainCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pretrain",
-        abstract: "Train a small GPT-2 from scratch on JSONL text (full-parameter, AdamW, warm-up + cosine).",
+        abstract: "Train a small model (GPT-2 or Llama family) from scratch on JSONL text (full-parameter, AdamW, warm-up + cosine).",
         discussion: """
         --data is a JSONL file, or a folder holding train.jsonl (else every *.jsonl in it). Each line is \
         {"text": "..."} (tokenized with --tokenizer; texts are joined with <|endoftext|>) or {"ids": [...]} \
@@ -25,7 +25,7 @@ struct PretrainCommand: ParsableCommand {
     var tokenizer: String
     @Option(help: "Output folder (the checkpoint).")
     var out: String
-    @Option(help: "Model shape preset: small (4 layers, 256 wide, 4 heads, 256 positions), tiny, distilgpt2, gpt2. The vocabulary is the tokenizer's.")
+    @Option(help: "Model shape preset: small (GPT-2, 4 layers, 256 wide, 4 heads, 256 positions), tiny, distilgpt2, gpt2, or a Llama-family shape (tiny-llama, smollm2-135m, ...: see `model random`). The vocabulary is the tokenizer's.")
     var config: String = "small"
     @Option(help: "Optimizer steps in total (the cosine schedule ends here).")
     var steps: Int = 2000
@@ -105,11 +105,10 @@ struct PretrainCommand: ParsableCommand {
             if fm.fileExists(atPath: out + "/trainer_state.json") || fm.fileExists(atPath: out + "/model.safetensors") {
                 throw CLIError("\(out) already holds a checkpoint; pass --resume to continue it or choose a new --out")
             }
-            guard var cfg = GPT2Config.preset(config, vocabSize: tok.vocabSize) else {
-                throw CLIError("unknown --config '\(config)'; use small, tiny, distilgpt2 or gpt2")
+            guard let arch = ModelRegistry.preset(config, vocabSize: tok.vocabSize, eosTokenId: eos) else {
+                throw CLIError("unknown --config '\(config)'; use \(ModelRegistry.presetNames.joined(separator: ", "))")
             }
-            cfg.eosTokenId = eos; cfg.bosTokenId = eos
-            p = Pretrainer(weights: ModelWeights.random(architecture: cfg.architecture, seed: seed), options: opts)
+            p = Pretrainer(weights: ModelWeights.random(architecture: arch, seed: seed), options: opts)
         }
         let c = p.weights.architecture
         guard seq <= c.contextLength else { throw CLIError("--seq \(seq) exceeds the model's context \(c.contextLength)") }

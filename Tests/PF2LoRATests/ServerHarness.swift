@@ -136,13 +136,27 @@ struct ServerFixture {
     let gpt2: LanguageModel
     let storeHandle: AdapterStore
 
-    init(clients: [String] = ["alice", "bob", "carol"], seed: UInt64 = 11, nPositions: Int = 256) throws {
+    /// `family` "llama" makes the base a tiny Llama-architecture model (RMSNorm, RoPE, SwiGLU, GQA 4/2)
+    /// instead of GPT-2, with the same tokenizer and store layout.
+    init(clients: [String] = ["alice", "bob", "carol"], seed: UInt64 = 11, nPositions: Int = 256, family: String = "gpt2") throws {
         root = TestPaths.tempDir("serve")
         model = root + "/model"
         store = root + "/store"
         var cfg = GPT2Config(vocabSize: 400, nPositions: nPositions, nEmbd: 64, nLayer: 2, nHead: 4, eosTokenId: nil)
         cfg.bosTokenId = nil
-        try LanguageModel(folder: model, weights: ModelWeights.random(architecture: cfg.architecture, seed: seed), checkpoint: nil).save(to: model)
+        var arch = cfg.architecture
+        if family == "llama" {
+            var l = LlamaConfig.preset("tiny-llama", vocabSize: 400)!
+            l.maxPositionEmbeddings = nPositions
+            arch = try l.architecture(file: "tiny-llama")
+        }
+        let weights = ModelWeights.random(architecture: arch, seed: seed)
+        if family == "llama" {
+            // Llama's init (N(0, 0.02), no residual scaling) leaves a 2-layer model's logits nearly
+            // uniform; wider embeddings make the greedy text depend on the adapters, as with GPT-2.
+            for i in 0..<weights.embed.count { weights.embed.data[i] *= 20 }
+        }
+        try LanguageModel(folder: model, weights: weights, checkpoint: nil).save(to: model)
         for f in ["tokenizer.json", "vocab.json", "merges.txt"] {
             try FileManager.default.copyItem(atPath: TestPaths.fixture("tiny-gpt2/" + f), toPath: model + "/" + f)
         }

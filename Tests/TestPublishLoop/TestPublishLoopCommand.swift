@@ -48,16 +48,17 @@ struct TestPublishLoopCommand: ParsableCommand {
         let base = try BaseModelInfo.load(folder: model)
         let s = try AdapterStore.open(root: store, base: base, keepVersions: keepVersions, cacheBytes: 0)
         let ids = clients.split(separator: ",").map(String.init)
-        setvbuf(stdout, nil, _IONBF, 0)
+        // Each ack is one write(2) as soon as its publish returns (no stdio buffer to lose at SIGKILL).
+        func ack(_ line: String) { FileHandle.standardOutput.write(Data((line + "\n").utf8)) }
         for n in 0..<count {
             let q = seq + n
             if n % 4 == 3 || s.currentVersion(level: .shared) == nil {
                 let v = try s.publishShared(Self.adapter(base: base, level: .shared, rank: 4, seq: q, client: nil))
-                print("ack shared - \(v) \(q)")
+                ack("ack shared - \(v) \(q)")
             } else {
                 let id = ids[n % ids.count]
                 let v = try s.publishClient(id: id, Self.adapter(base: base, level: .client, rank: rank, seq: q, client: id))
-                print("ack client \(id) \(v) \(q)")
+                ack("ack client \(id) \(v) \(q)")
             }
         }
     }

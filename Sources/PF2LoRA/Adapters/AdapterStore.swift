@@ -759,9 +759,9 @@ public final class AdapterStore: @unchecked Sendable {
 
     private func symlinkError(_ path: String) -> AdapterStoreError {
         guard let r = realpath(path, nil) else {
-            var buf = [CChar](repeating: 0, count: 4096)
-            let n = readlink(path, &buf, buf.count - 1)
-            return .symlink(path: path, target: n > 0 ? String(cString: buf) : "?", outside: true)
+            var buf = [UInt8](repeating: 0, count: 4096)
+            let n = buf.withUnsafeMutableBufferPointer { readlink(path, $0.baseAddress!, $0.count - 1) }
+            return .symlink(path: path, target: n > 0 ? String(decoding: buf[..<n], as: UTF8.self) : "?", outside: true)
         }
         let target = String(cString: r)
         free(r)

@@ -5,7 +5,7 @@ import Glibc
 
 /// A read-only memory map of a whole file. The base weights are read in place from one of these,
 /// so however many clients are served, the weights are in memory once (shared page cache).
-public final class MappedFile {
+public final class MappedFile: @unchecked Sendable {   // read-only mapping, immutable
     public let path: String
     public let bytes: UnsafeRawBufferPointer
 

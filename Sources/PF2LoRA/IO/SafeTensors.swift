@@ -86,7 +86,8 @@ public enum FileText {
 ///
 /// Reading an aligned f32 tensor from a mapped file costs nothing: the tensor views the mapping.
 /// f16 and bf16 tensors (and misaligned f32 ones) are converted into owned f32 memory.
-public final class SafeTensorsFile {
+/// Immutable once parsed (the bytes are only read), so it is shared between threads as it is.
+public final class SafeTensorsFile: @unchecked Sendable {
     public let name: String
     public let metadata: [String: String]
     public let tensors: [String: TensorInfo]

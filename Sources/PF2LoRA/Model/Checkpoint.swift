@@ -3,7 +3,7 @@ import Foundation
 /// The weight files of a model folder: `model.safetensors`, or the shards that
 /// `model.safetensors.index.json` names (`weight_map`: tensor name -> shard file), each memory-mapped
 /// on its own; a tensor is read from its shard in place (f32) or converted (f16, bf16).
-public final class Checkpoint {
+public final class Checkpoint: Sendable {
     public let folder: String
     /// The files, in the order the index first names them (one file when not sharded).
     public let files: [SafeTensorsFile]

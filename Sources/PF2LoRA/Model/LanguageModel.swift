@@ -1,9 +1,10 @@
 import Foundation
+import Synchronization
 
 /// A checkpoint loaded from a Hugging Face folder: config.json (any family of `ModelRegistry`) +
 /// model.safetensors. The weights stay memory-mapped (read in place); the model itself is immutable
 /// and shared by every engine, server thread and client.
-public final class LanguageModel {
+public final class LanguageModel: Sendable {
     public let folder: String
     public let architecture: ModelArchitecture
     public let weights: ModelWeights
@@ -12,14 +13,14 @@ public final class LanguageModel {
     /// the 124M shape), for `nn.Linear` ones views of the weights. The training paths, which work on
     /// `weights` directly, never pay for it. Training that changes `weights` later does not show here.
     public var baseLinears: LinearWeightSet {
-        lock.lock(); defer { lock.unlock() }
-        if let s = _baseLinears { return s }
-        let s = LinearWeightSet(base: weights)
-        _baseLinears = s
-        return s
+        baseLinearsOnce.withLock { made in
+            if let s = made { return s }
+            let s = LinearWeightSet(base: weights)
+            made = s
+            return s
+        }
     }
-    private var _baseLinears: LinearWeightSet?
-    private let lock = NSLock()
+    private let baseLinearsOnce = Mutex<LinearWeightSet?>(nil)
     /// The checkpoint the weights view (nil for in-memory random models).
     public let checkpoint: Checkpoint?
     /// The (first) safetensors file of the checkpoint.

@@ -80,6 +80,31 @@ public struct LlamaConfig: Codable, Equatable, Sendable {
         self.eosTokenId = eosTokenIds.isEmpty ? nil : TokenIDList(eosTokenIds)
     }
 
+    /// Presets for `pf2lora model random`: the published shapes (random weights), plus a tiny one for
+    /// tests. `vocabSize` nil keeps the published vocabulary.
+    public static func preset(_ name: String, vocabSize: Int? = nil) -> LlamaConfig? {
+        func make(_ type: String, _ v: Int, _ C: Int, _ I: Int, _ L: Int, _ H: Int, _ KV: Int, headDim: Int? = nil, ctx: Int,
+                  eps: Float, theta: Double, scaling: RoPEParameters? = nil) -> LlamaConfig {
+            LlamaConfig(modelType: type, vocabSize: vocabSize ?? v, hiddenSize: C, intermediateSize: I, numHiddenLayers: L,
+                        numAttentionHeads: H, numKeyValueHeads: KV, headDim: headDim, maxPositionEmbeddings: ctx, rmsNormEps: eps,
+                        ropeTheta: theta, ropeScaling: scaling, tieWordEmbeddings: true, attentionBias: type == "qwen2" ? nil : false)
+        }
+        switch name {
+        case "smollm2-135m": return make("llama", 49152, 576, 1536, 30, 9, 3, ctx: 8192, eps: 1e-5, theta: 100000)
+        case "smollm2-360m": return make("llama", 49152, 960, 2560, 32, 15, 5, ctx: 8192, eps: 1e-5, theta: 100000)
+        case "qwen2.5-0.5b": return make("qwen2", 151936, 896, 4864, 24, 14, 2, ctx: 32768, eps: 1e-6, theta: 1000000)
+        case "qwen3-0.6b": return make("qwen3", 151936, 1024, 3072, 28, 16, 8, headDim: 128, ctx: 40960, eps: 1e-6, theta: 1000000)
+        case "llama3.2-1b":
+            return make("llama", 128256, 2048, 8192, 16, 32, 8, headDim: 64, ctx: 131072, eps: 1e-5, theta: 500000,
+                        scaling: RoPEParameters(ropeType: "llama3", factor: 32, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192))
+        case "tiny-llama": return make("llama", 512, 64, 128, 2, 4, 2, ctx: 256, eps: 1e-5, theta: 10000)
+        default: return nil
+        }
+    }
+
+    /// The preset names, for help texts and errors.
+    public static let presetNames = ["smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "llama3.2-1b", "tiny-llama"]
+
     /// The end-of-sequence ids (one or a list in config.json).
     public var eosTokenIds: [Int] { eosTokenId?.ids ?? [] }
 

@@ -230,6 +230,9 @@ public struct ModelArchitecture: Equatable, Sendable {
 
     // MARK: Derived sizes
 
+    /// The product (`GroupSite`) that computes a slot.
+    public func site(ofSlot s: Int) -> GroupSite { GroupSite(rawValue: slotGroup[s].group)! }
+
     /// The group of a site.
     public func group(_ site: GroupSite) -> SlotGroup { groups[site.rawValue] }
 

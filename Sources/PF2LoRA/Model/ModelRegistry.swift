@@ -3,7 +3,7 @@ import Foundation
 /// A model family: its config.json, decoded with the keys Hugging Face uses, becomes a
 /// `ModelArchitecture`; an architecture of the family is written back as config.json.
 /// Adding a family is one file with one type conforming to this, listed in `ModelRegistry.families`.
-protocol ModelFamily {
+protocol ModelFamily: Sendable {
     /// The `model_type` values this family reads.
     static var modelTypes: [String] { get }
     /// Decodes config.json (`file` names it in errors) into a validated architecture.
@@ -27,6 +27,29 @@ public enum ModelRegistry {
     static func family(of a: ModelArchitecture) throws -> any ModelFamily.Type {
         guard let f = family(modelType: a.modelType) else { throw ModelError.unsupportedModelType(file: "architecture", modelType: a.modelType) }
         return f
+    }
+
+    /// The `pf2lora model random` presets of every family, GPT-2's first.
+    public static var presetNames: [String] { GPT2Config.presetNames + LlamaConfig.presetNames }
+
+    /// A preset's architecture with `vocabSize` tokens (nil: the published vocabulary; GPT-2: 50257)
+    /// and the given end-of-sequence id.
+    public static func preset(_ name: String, vocabSize: Int? = nil, eosTokenId: Int? = nil) -> ModelArchitecture? {
+        if var g = GPT2Config.preset(name, vocabSize: vocabSize ?? 50257) {
+            if let e = eosTokenId { g.eosTokenId = e; g.bosTokenId = e }
+            return g.architecture
+        }
+        if var l = LlamaConfig.preset(name, vocabSize: vocabSize) {
+            if let e = eosTokenId { l.eosTokenId = TokenIDList([e]); l.bosTokenId = e }
+            return try? l.architecture(file: "preset")
+        }
+        return nil
+    }
+
+    /// The published vocabulary of a preset (GPT-2's 50257 for the GPT-2 shapes).
+    public static func presetVocabSize(_ name: String) -> Int? {
+        if GPT2Config.preset(name) != nil { return 50257 }
+        return LlamaConfig.preset(name)?.vocabSize
     }
 
     /// The architecture of config.json's bytes; `file` names it in errors.

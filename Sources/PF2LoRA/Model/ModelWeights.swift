@@ -2,9 +2,9 @@ import Foundation
 
 /// Every parameter of a model, whatever its family, as the checkpoint stores it (linear weights in
 /// their slot's layout). f32 tensors are views of the memory-mapped file when possible.
-public final class ModelWeights {
+public final class ModelWeights: Sendable {
     /// One block.
-    public final class Layer {
+    public final class Layer: Sendable {
         /// The norm before attention and before the MLP: (C) each; biases only for LayerNorm.
         public let attnNorm: Tensor, attnNormBias: Tensor?
         public let mlpNorm: Tensor, mlpNormBias: Tensor?

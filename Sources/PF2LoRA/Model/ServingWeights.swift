@@ -2,7 +2,7 @@ import Foundation
 
 /// A rank-r pair applied as a low-rank term: out += scale * (x A^T) B^T, with PEFT's shapes
 /// A (r, in) and B (out, r). It views the adapter's tensors; building one copies nothing.
-public struct LowRankPair {
+public struct LowRankPair: Sendable {
     public let a: Tensor
     public let b: Tensor
     public let scale: Float
@@ -26,7 +26,7 @@ public struct LowRankPair {
 /// (in, out) row-axpy form on this machine (Benchmarks/README.md). Prefill's GEMM reads either layout
 /// equally well. The base set of a Conv1D checkpoint is therefore a transposed copy made once per
 /// model (`LanguageModel.baseLinears`); an `nn.Linear` checkpoint's weights are used in place.
-public final class LinearWeightSet {
+public final class LinearWeightSet: Sendable {
     /// [layer][group], each (group out, in): the group's slots' rows stacked (`SlotGroup`).
     public let weights: [[Tensor]]
     public let label: String
@@ -73,7 +73,7 @@ public final class LinearWeightSet {
 }
 
 /// A client's level-2 pairs, per layer and slot, applied as low-rank terms per token.
-public final class ClientPairs {
+public final class ClientPairs: Sendable {
     /// [layer][slot]
     public let pairs: [[LowRankPair?]]
     public let label: String

@@ -643,12 +643,12 @@ public final class ModelTrainer {
         let c = config, BT = st.B * st.T, W = c.group(.attnIn).outFeatures, hd = c.headDim
         let H = c.headCount, heads = H + c.kvHeadCount
         let lw = weights.layers[l], gl = gradients.base?.layers[l]
-        let tmp = st.headTmp!.data
+        let tmp = st.headTmp?.data   // only with per-head norms
         for row in 0..<BT {
             for h in 0..<heads {
                 let d = dqkv.data + row * W + h * hd
                 if let rope, let cs = st.ropeCS { rope.rotateBack(d, cs.data + (row % st.T) * hd) }
-                if c.qkNorm, let raw = a.qkvRaw, let rstd = a.qkRstd, let w = h < H ? lw.qNorm : lw.kNorm {
+                if let tmp, let raw = a.qkvRaw, let rstd = a.qkRstd, let w = h < H ? lw.qNorm : lw.kNorm {
                     tmp.update(repeating: 0, count: hd)
                     rmsNormBackward(d, raw.data + row * W + h * hd, w.data, rstd.data + row * heads + h,
                                     dx: tmp, dw: (h < H ? gl?.qNorm : gl?.kNorm)?.data, rows: 1, C: hd)

@@ -1,8 +1,9 @@
 import Foundation
+import Synchronization
 
 /// What one sequence is served with, fixed when it is admitted: a request in flight finishes on the
 /// adapter versions it started with, whatever is published meanwhile.
-public struct AdapterBinding {
+public struct AdapterBinding: Sendable {
     public let weights: LinearWeightSet
     public let sharedVersion: Int?
     public let client: ClientPairs?
@@ -29,24 +30,32 @@ public struct AdapterBinding {
 /// - Client pairs come from the store's byte-bounded LRU cache of validated adapters; the
 ///   `ClientPairs` views built on them copy nothing and are dropped when the cache evicts.
 /// - The store's manifest is re-read (one stat when unchanged) at most every `refreshInterval`.
-public final class AdapterRuntime {
+public final class AdapterRuntime: Sendable {
     public let model: LanguageModel
     public let store: AdapterStore?
     /// Refuse clients the store has never seen (otherwise they get the shared pair alone).
     public let strict: Bool
     /// Minimum seconds between manifest checks. A check is one stat() when nothing changed, so the
     /// default checks on every admission: a version published a moment ago is used by the next request.
-    public var refreshInterval: Double = 0
+    public var refreshInterval: Double {
+        get { state.withLock { $0.refreshInterval } }
+        set { state.withLock { $0.refreshInterval = newValue } }
+    }
     /// Client id -> what happened to its current file that failed validation when the store was
     /// opened: its path, whether it was renamed aside (`.corrupt-*`; nothing is deleted) or skipped
     /// (a read-only store), and which check failed.
     public let quarantined: [String: String]
 
-    private let lock = NSLock()
-    private var folded: (version: Int, set: LinearWeightSet)?
-    private var folding: Int?
-    private var views: [AdapterCache.Key: ClientPairs] = [:]
-    private var lastRefresh = 0.0
+    /// What the serving threads, the fold thread and the reader share; only ever read or written
+    /// inside `state.withLock`.
+    private struct State {
+        var folded: (version: Int, set: LinearWeightSet)?
+        var folding: Int?
+        var views: [AdapterCache.Key: ClientPairs] = [:]
+        var lastRefresh = 0.0
+        var refreshInterval = 0.0
+    }
+    private let state = Mutex(State())
     private let foldQueue = DispatchQueue(label: "pf2lora.fold")
 
     public init(model: LanguageModel, store: AdapterStore?, strict: Bool = false) {
@@ -70,7 +79,7 @@ public final class AdapterRuntime {
     public func prepare() throws {
         guard let store else { return }
         if let (v, set) = try store.loadCurrent(level: .shared, fold) {
-            lock.lock(); folded = (v, set); lock.unlock()
+            state.withLock { $0.folded = (v, set) }
         }
     }
 
@@ -87,28 +96,28 @@ public final class AdapterRuntime {
     public func refresh(force: Bool = false, idle: Bool = false) throws {
         guard let store else { return }
         let t = Double(DispatchTime.now().uptimeNanoseconds) * 1e-9
-        lock.lock()
-        let due = force || t - lastRefresh >= refreshInterval
-        if due { lastRefresh = t }
-        lock.unlock()
+        let due = state.withLock { s in
+            let due = force || t - s.lastRefresh >= s.refreshInterval
+            if due { s.lastRefresh = t }
+            return due
+        }
         if due { try store.refresh() }
         guard let v = store.currentVersion(level: .shared) else { return }
-        lock.lock()
-        let need = folded?.version != v && folding != v
-        if need { folding = v }
-        lock.unlock()
+        // Whether to fold `v`, and whether anything is folded yet, in one look at the state (the
+        // second was read without the lock before).
+        let (need, nothingFolded) = state.withLock { s in
+            let need = s.folded?.version != v && s.folding != v
+            if need { s.folding = v }
+            return (need, s.folded == nil)
+        }
         guard need else { return }
         // The version folded is the store's current one when the fold reads it: if `v` was pruned
         // meanwhile (another process published again), the newer one is folded instead.
-        if idle || folded == nil {
+        if idle || nothingFolded {
             do {
-                if let (fv, set) = try store.loadCurrent(level: .shared, fold) {
-                    lock.lock(); if (folded?.version ?? -1) < fv { folded = (fv, set) }; folding = nil; lock.unlock()
-                } else {
-                    lock.lock(); folding = nil; lock.unlock()
-                }
+                _ = adoptFold(try store.loadCurrent(level: .shared, fold))
             } catch {
-                lock.lock(); folding = nil; lock.unlock()
+                _ = adoptFold(nil)
                 throw error
             }
         } else {
@@ -117,15 +126,21 @@ public final class AdapterRuntime {
                 var failure: Error?
                 var result: (version: Int, value: LinearWeightSet)?
                 do { result = try store.loadCurrent(level: .shared, self.fold) } catch { failure = error }
-                self.lock.lock()
-                if let (fv, set) = result, (self.folded?.version ?? -1) < fv { self.folded = (fv, set) }
-                self.folding = nil
-                let serving = self.folded?.version ?? 0
-                self.lock.unlock()
+                let serving = self.adoptFold(result)
                 if let failure {
                     FileHandle.standardError.write("serve: shared v\(v) could not be loaded (\(failure)); still serving shared v\(serving)\n".data(using: .utf8)!)
                 }
             }
+        }
+    }
+
+    /// Keeps a finished fold's result unless a newer version was folded meanwhile, ends the fold;
+    /// returns the shared version served now (0: none).
+    private func adoptFold(_ result: (version: Int, value: LinearWeightSet)?) -> Int {
+        state.withLock { s in
+            if let (fv, set) = result, (s.folded?.version ?? -1) < fv { s.folded = (fv, set) }
+            s.folding = nil
+            return s.folded?.version ?? 0
         }
     }
 
@@ -134,9 +149,7 @@ public final class AdapterRuntime {
 
     /// The binding for `client` (nil: shared pair alone).
     public func resolve(client: String?) throws -> AdapterBinding {
-        lock.lock()
-        let shared = folded
-        lock.unlock()
+        let shared = state.withLock { $0.folded }
         let weights = shared?.set ?? model.baseLinears
         guard let client else {
             return AdapterBinding(weights: weights, sharedVersion: shared?.version, client: nil, clientVersion: nil, clientTrainedOn: nil)
@@ -159,31 +172,27 @@ public final class AdapterRuntime {
     public func clientPairs(_ id: String, version v: Int) throws -> ClientPairs {
         guard let store else { throw RPCError(.unknownClient, "no adapter store is open") }
         let key = AdapterCache.Key(level: .client, client: id, version: v)
-        lock.lock()
-        if let p = views[key], store.cache.contains(key) { lock.unlock(); return p }
-        lock.unlock()
+        if let p = state.withLock({ $0.views[key] }), store.cache.contains(key) { return p }
         let a = try store.load(level: .client, client: id, version: v)
         var pairs: [String: LowRankPair] = [:]
         for (path, p) in a.modules { pairs[path] = LowRankPair(a: p.a, b: p.b, scale: a.scale) }
         let cp = ClientPairs(architecture: model.architecture, pairs: pairs, label: "\(id) v\(v)")
-        lock.lock()
-        views[key] = cp
-        // Drop the views of adapters the cache evicted, so their memory goes with them.
-        if views.count > 8 { views = views.filter { store.cache.contains($0.key) } }
-        lock.unlock()
+        state.withLock { s in
+            s.views[key] = cp
+            // Drop the views of adapters the cache evicted, so their memory goes with them.
+            if s.views.count > 8 { s.views = s.views.filter { store.cache.contains($0.key) } }
+        }
         return cp
     }
 
     /// Drops a client's cached adapters (all versions).
     @discardableResult public func evict(client id: String) -> Int {
         guard let store else { return 0 }
-        lock.lock()
-        views = views.filter { $0.key.client != id }
-        lock.unlock()
+        state.withLock { $0.views = $0.views.filter { $0.key.client != id } }
         return store.cache.removeAll { $0.level == .client && $0.client == id }
     }
 
-    public var sharedVersion: Int? { lock.lock(); defer { lock.unlock() }; return folded?.version }
+    public var sharedVersion: Int? { state.withLock { $0.folded?.version } }
 
     /// Maps store and adapter errors to the protocol's codes.
     public static func rpcError(_ error: Error) -> RPCError {

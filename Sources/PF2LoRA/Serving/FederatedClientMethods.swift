@@ -27,7 +27,7 @@ public func installFederatedClient(on server: Server, exchange: ConfinedFolder?)
     let pad = textSeparator(tokenizer)
 
     /// What a failed round or evaluation answers (an `RPCError` thrown by the work passes as it is).
-    func rpcError(_ what: String) -> (Error) -> RPCError {
+    func rpcError(_ what: String) -> @Sendable (Error) -> RPCError {
         { error in
             switch error {
             case let e as FederatedClientError: return RPCError(e.isBadInput ? .invalidParams : .trainingFailed, e.description)

@@ -27,7 +27,8 @@ public struct RPCError: Error, CustomStringConvertible, @unchecked Sendable {   
 }
 
 /// A line that could not be taken as a request: the error and the id, if one could be read.
-struct RPCLineError: Error {
+/// `id` is a JSON value as JSONSerialization made it (NSNumber, NSString or NSNull): immutable.
+struct RPCLineError: Error, @unchecked Sendable {
     let id: Any
     let error: RPCError
     /// The line is a notification (valid `jsonrpc` and `method`, no id) whose params are wrong: never answered.
@@ -45,7 +46,9 @@ struct RPCRequest {
 }
 
 /// Typed access to a request's params with errors that name the field and the expected type.
-public struct Params {
+/// `dict` holds JSON values as JSONSerialization made them (NSNumber, NSString, NSArray,
+/// NSDictionary, NSNull), which nothing mutates, so params move between threads as they are.
+public struct Params: @unchecked Sendable {
     public let dict: [String: Any]
     public init(_ dict: [String: Any]) { self.dict = dict }
 
@@ -213,9 +216,13 @@ enum RPCParser {
 final class LineWriter: @unchecked Sendable {
     private let lock = NSLock()
     private let fd: Int32
-    private var isBroken = false
+    private var isBroken = false                      // guarded by `lock`, as is `brokenHandler`
+    private var brokenHandler: (@Sendable () -> Void)?
     /// Called once, on the writing thread, when the output breaks.
-    var onBroken: (() -> Void)?
+    var onBroken: (@Sendable () -> Void)? {
+        get { lock.lock(); defer { lock.unlock() }; return brokenHandler }
+        set { lock.lock(); brokenHandler = newValue; lock.unlock() }
+    }
 
     init(fd: Int32 = 1) { self.fd = fd }
 
@@ -239,7 +246,7 @@ final class LineWriter: @unchecked Sendable {
             if n < 0 { if errno == EINTR { continue }; failed = true; isBroken = true; break }
             off += n
         }
-        let notify = failed ? onBroken : nil
+        let notify = failed ? brokenHandler : nil
         lock.unlock()
         notify?()
     }

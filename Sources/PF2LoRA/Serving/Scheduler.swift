@@ -22,10 +22,15 @@ public struct ServerLimits: Sendable {
 }
 
 /// A generate request: reserved while its prompt is tokenized, then waiting for, or running in, the batch.
-final class Job {
+///
+/// Shared by the reader, the tokenizer queue and the scheduler thread: `id` is a JSON value
+/// (immutable), the other `let`s are values; `request` and `cancelRequested` are written only
+/// under the scheduler's lock (`Scheduler.enqueue` sets the tokenized prompt), and read under it or
+/// after the scheduler thread took the job from the queue under it.
+final class Job: @unchecked Sendable {
     let id: Any?
     let client: String?
-    /// Set before the job is queued (the prompt is tokenized off the reader thread).
+    /// Its prompt is set when the job is queued (the prompt is tokenized off the reader thread).
     var request: GenerationRequest
     let stream: Bool
     let enqueued: Double
@@ -54,7 +59,11 @@ final class Running {
 /// Continuous batching: sequences of different clients join and leave one running batch at token
 /// boundaries. Each step feeds every running sequence its next token (or a chunk of its prompt) in
 /// one forward pass, grouped by weight set and client so the engine shares the base GEMM.
-final class Scheduler {
+///
+/// Shared by the reader, the tokenizer queue, training threads (`stepLock`) and its own thread: every
+/// `var` below is read and written only while holding `cond`, the counters only while holding
+/// `countersLock`; the engine is used only by the scheduler thread, inside `stepLock`.
+final class Scheduler: @unchecked Sendable {
     let engine: InferenceEngine
     let runtime: AdapterRuntime
     let tokenizer: BPETokenizer
@@ -97,7 +106,7 @@ final class Scheduler {
         let t = Thread { [weak self] in self?.loop() }
         t.name = "pf2lora.scheduler"
         t.stackSize = 8 << 20
-        thread = t
+        cond.lock(); thread = t; cond.unlock()
         t.start()
     }
 
@@ -116,9 +125,10 @@ final class Scheduler {
         reserved.append(job)
     }
 
-    /// Queues a reserved job (its request now set); one cancelled meanwhile is answered as cancelled.
-    func enqueue(_ job: Job) {
+    /// Queues a reserved job with its tokenized prompt; one cancelled meanwhile is answered as cancelled.
+    func enqueue(_ job: Job, prompt: [Int]) {
         cond.lock()
+        job.request.prompt = prompt
         reserved.removeAll { $0 === job }
         let cancelled = job.cancelRequested
         if !cancelled { queue.append(job) }
@@ -138,7 +148,7 @@ final class Scheduler {
     /// Reserves and queues a job whose request is set (tests, and callers that tokenized already).
     func submit(_ job: Job) throws {
         try reserve(job)
-        enqueue(job)
+        enqueue(job, prompt: job.request.prompt)
     }
 
     /// Cancels every job with this id: a waiting one is answered at once (finish_reason "cancelled",
@@ -188,7 +198,8 @@ final class Scheduler {
     /// Stops taking jobs, finishes every reserved, queued and running one, then returns.
     func drainAndStop() {
         beginDrain()
-        if thread != nil { done.wait(); thread = nil }
+        cond.lock(); let started = thread != nil; thread = nil; cond.unlock()
+        if started { done.wait() }
     }
 
     /// Requests taken and not yet in the batch (queued or being tokenized).
@@ -220,7 +231,8 @@ final class Scheduler {
                 }
             }
             for job in admitted { admit(job) }
-            if !running.isEmpty { stepOnce() }
+            cond.lock(); let batch = running; cond.unlock()
+            if !batch.isEmpty { stepOnce(batch) }
         }
         done.signal()
     }
@@ -245,9 +257,10 @@ final class Scheduler {
         }
     }
 
-    private func stepOnce() {
+    /// One forward step of `batch` (the running sequences, read under the lock by the caller).
+    private func stepOnce(_ batch: [Running]) {
         // Group by weight set and client so the engine's segments are as long as possible.
-        let order = running.sorted {
+        let order = batch.sorted {
             let a = (ObjectIdentifier($0.binding.weights).hashValue, $0.binding.client.map { ObjectIdentifier($0).hashValue } ?? 0)
             let b = (ObjectIdentifier($1.binding.weights).hashValue, $1.binding.client.map { ObjectIdentifier($0).hashValue } ?? 0)
             return a < b

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// `pf2lora serve`: JSON-RPC 2.0 over stdin/stdout, one object per line (DESIGN §5).
 ///
@@ -13,7 +14,11 @@ import Foundation
 /// run publishes as usual), then `run` returns 0. Until then requests that would start new work are
 /// refused with -32004, the others (`cancel`, `health`, `stats`, ...) are answered; a broken output
 /// also cancels the generates (their answers cannot be delivered) and stops reading.
-public final class Server {
+///
+/// Threads: `run`'s thread (the reader) alone touches `requests`, `errors` and `trainingMethods`
+/// (installed before `run`); the drain state is read and written only while holding `stateLock`,
+/// from the reader, signal-woken or not, and from any thread whose write finds the output broken.
+public final class Server: @unchecked Sendable {
     public let model: LanguageModel
     public let tokenizer: BPETokenizer
     public let runtime: AdapterRuntime
@@ -82,7 +87,7 @@ public final class Server {
 
     deinit {
         if wakeRead >= 0 { close(wakeRead) }
-        if wakeWrite >= 0 && wakeWrite != Server.signalWakeFD.pointee { close(wakeWrite) }
+        if wakeWrite >= 0 && wakeWrite != Server.signalWakeFD.load(ordering: .acquiring) { close(wakeWrite) }
     }
 
     /// The lock that serializes forward steps; a trainer sharing the model's memory takes it too.
@@ -117,12 +122,10 @@ public final class Server {
 
     // MARK: Signals
 
-    /// [0]: the write end of the serving server's wake pipe, [1]: termination signals received.
-    static let signalWakeFD: UnsafeMutablePointer<Int32> = {
-        let p = UnsafeMutablePointer<Int32>.allocate(capacity: 2)
-        p.initialize(repeating: -1, count: 2)
-        return p
-    }()
+    /// The write end of the serving server's wake pipe, for the signal handler (-1: none).
+    static let signalWakeFD = Atomic<Int32>(-1)
+    /// Termination signals received.
+    static let signalCount = Atomic<Int>(0)
 
     /// Makes SIGTERM and SIGINT drain this server like EOF (a second one exits at once with status
     /// 128 + signal), and ignores SIGPIPE, so a reader that closes stdout is a drain (`LineWriter`'s
@@ -137,16 +140,13 @@ public final class Server {
         sigaddset(&unblock, SIGTERM)
         sigaddset(&unblock, SIGINT)
         pthread_sigmask(SIG_UNBLOCK, &unblock, nil)
-        let state = Server.signalWakeFD
-        state[1] = 0
-        state[0] = wakeWrite
+        Server.signalCount.store(0, ordering: .relaxed)
+        Server.signalWakeFD.store(wakeWrite, ordering: .releasing)
         let handler: @convention(c) (Int32) -> Void = { sig in
-            // Async-signal-safe only: a counter, write(2), _exit(2).
-            let st = Server.signalWakeFD
-            st[1] += 1
-            if st[1] > 1 { _exit(128 + sig) }
+            // Async-signal-safe only: lock-free atomics, write(2), _exit(2).
+            if Server.signalCount.add(1, ordering: .relaxed).newValue > 1 { _exit(128 + sig) }
             var b = UInt8(truncatingIfNeeded: sig)
-            _ = write(st[0], &b, 1)
+            _ = write(Server.signalWakeFD.load(ordering: .acquiring), &b, 1)
         }
         signal(SIGTERM, handler)
         signal(SIGINT, handler)
@@ -349,8 +349,7 @@ public final class Server {
                 if job.id != nil { out.error(job.id, refusal) }
                 return
             }
-            job.request.prompt = ids
-            scheduler.enqueue(job)
+            scheduler.enqueue(job, prompt: ids)
         }
     }
 

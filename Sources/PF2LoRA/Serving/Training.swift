@@ -11,8 +11,9 @@ public struct TrainingMethod {
     }
 }
 
-/// One request of a training method, as its handler gets it.
-public struct TrainingCall {
+/// One request of a training method, as its handler gets it. `id` is a JSON value (NSNumber or
+/// NSString as JSONSerialization made it, immutable), the rest are values and the runner.
+public struct TrainingCall: @unchecked Sendable {
     public let method: String
     public let params: Params
     let id: Any?
@@ -27,8 +28,8 @@ public struct TrainingCall {
     /// server drains. An `RPCError` thrown by `work` is the reply as it is; a cancel (`TrainingCancelled`
     /// from `TrainingTask.step`) answers -32006 with the steps done; a `TrainingMemoryError` -32602;
     /// anything else goes through `mapError`. The server's drain waits for the reply.
-    public func spawn(_ what: String, thread: String, mapError: @escaping (Error) -> RPCError,
-                      _ work: @escaping (TrainingTask) throws -> [String: Any]) {
+    public func spawn(_ what: String, thread: String, mapError: @escaping @Sendable (Error) -> RPCError,
+                      _ work: @escaping @Sendable (TrainingTask) throws -> [String: Any]) {
         runner.spawn(self, what: what, thread: thread, mapError: mapError, work)
     }
 }
@@ -101,13 +102,23 @@ public final class TrainingTask: @unchecked Sendable {
 /// Runs the training methods of one server, one at a time (so training never takes more than its
 /// share of the cores from serving), each on its own thread; tracks them for `cancel` and for the
 /// drain, which waits until every spawned method has replied.
+///
+/// Every `var` is read and written only while holding `cond`.
 public final class TrainingRunner: @unchecked Sendable {
     let out: LineWriter
     /// `--max-train-mb` in bytes (nil: unbounded).
-    public var maxStateBytes: Int?
+    public var maxStateBytes: Int? {
+        get { cond.lock(); defer { cond.unlock() }; return maxBytes }
+        set { cond.lock(); maxBytes = newValue; cond.unlock() }
+    }
     /// Seconds between two progress notifications of one request.
-    public var progressInterval = 0.25
+    public var progressInterval: Double {
+        get { cond.lock(); defer { cond.unlock() }; return interval }
+        set { cond.lock(); interval = newValue; cond.unlock() }
+    }
     private let cond = NSCondition()
+    private var maxBytes: Int?
+    private var interval = 0.25
     private var current: TrainingTask?
     private var active = 0
     private var drainReason: String?
@@ -126,8 +137,8 @@ public final class TrainingRunner: @unchecked Sendable {
         }
     }
 
-    func spawn(_ call: TrainingCall, what: String, thread name: String, mapError: @escaping (Error) -> RPCError,
-               _ work: @escaping (TrainingTask) throws -> [String: Any]) {
+    func spawn(_ call: TrainingCall, what: String, thread name: String, mapError: @escaping @Sendable (Error) -> RPCError,
+               _ work: @escaping @Sendable (TrainingTask) throws -> [String: Any]) {
         cond.lock()
         if let why = drainReason {
             cond.unlock()
@@ -140,7 +151,7 @@ public final class TrainingRunner: @unchecked Sendable {
             return
         }
         let task = TrainingTask(what: what, method: call.method, id: call.id, hasID: call.hasID, out: out,
-                                interval: progressInterval, maxStateBytes: maxStateBytes)
+                                interval: interval, maxStateBytes: maxBytes)
         current = task
         active += 1
         cond.unlock()

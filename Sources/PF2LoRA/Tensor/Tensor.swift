@@ -6,7 +6,12 @@ import Foundation
 /// by someone else, such as a memory-mapped safetensors file; `owner` keeps that memory alive.
 /// Tensors are reference types on purpose: the model's weights and run state are allocated once and
 /// then only written in place by the kernels, as in llm.c.
-public final class Tensor {
+///
+/// Sendable as a buffer is: the shape is immutable, the elements are not. Sharing a tensor between
+/// threads is safe while nobody writes it (the model's weights after loading, a published adapter);
+/// a tensor that is written (run state, a trainer's parameters, the KV cache) belongs to one thread at
+/// a time, and whoever hands it over synchronizes (the scheduler's lock, a thread's start and join).
+public final class Tensor: @unchecked Sendable {
     /// The dimensions, outermost first.
     public let shape: [Int]
     /// The number of elements (product of `shape`).

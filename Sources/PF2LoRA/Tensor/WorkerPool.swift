@@ -14,6 +14,11 @@ import Synchronization
 /// microseconds), then sleep on a condition variable, so an idle server uses no CPU.
 /// One job runs at a time: a caller that finds the pool busy runs its job alone (`count` 1)
 /// instead of waiting, so concurrent engines never deadlock or oversubscribe the cores.
+///
+/// Shared between threads by design: `job` is written by the caller before the `generation` bump
+/// (sequentially consistent) and read by workers after they see it; `policy` and `adaptive` are
+/// touched only by a caller holding `busy` (acquired and released atomically) or outside jobs;
+/// `sleepers` only while holding `sleep`; everything else is atomic or immutable.
 public final class WorkerPool: @unchecked Sendable {
     /// The participants of a job: `index` in 0..<count.
     public struct Context {
@@ -60,18 +65,17 @@ public final class WorkerPool: @unchecked Sendable {
     private let stallNanos = Atomic<Int>(0)      // this job's caller waits past their spinning phase
     private final class Counter { let value = Atomic<Int>(0) }
     private let counters = (0..<4).map { _ in Counter() }   // chunk counters of `Context.chunks`
-    private var job: ((Context) -> Void)?
-    private var sleepers = 0                     // guarded by `mutex`
-    private var mutex = pthread_mutex_t()
-    private var wake = pthread_cond_t()
+    private var job: ((Context) -> Void)?        // written before `generation` is bumped, read after
+    /// Where idle workers sleep: a heap-allocated mutex and condition variable (a pthread_mutex_t
+    /// stored inline in a class and passed as `&mutex` has no stable address in Swift).
+    private let sleep = NSCondition()
+    private var sleepers = 0                     // guarded by `sleep`
     /// Spins a worker makes on an unchanged generation before it sleeps (about 1-2 ms).
     private let spinLimit = 200_000
 
     /// A pool of `threads` participants: the caller plus threads - 1 workers.
     public init(threads: Int) {
         count = max(1, threads)
-        pthread_mutex_init(&mutex, nil)
-        pthread_cond_init(&wake, nil)
         for w in 1..<count {
             let t = Thread { self.workerLoop(index: w) }   // pools live as long as the process
             t.name = "pf2lora-worker-\(w)"
@@ -89,7 +93,11 @@ public final class WorkerPool: @unchecked Sendable {
     }()
 
     /// Participants of `shared` when set before its first use (the CLI's `--threads`).
-    public static var preferredThreads = 0
+    public static var preferredThreads: Int {
+        get { preferred.load(ordering: .relaxed) }
+        set { preferred.store(newValue, ordering: .relaxed) }
+    }
+    private static let preferred = Atomic<Int>(0)
 
     /// Runs `body` on every participant and returns when all are done. If another job is running,
     /// runs `body` alone on the calling thread.
@@ -111,9 +119,9 @@ public final class WorkerPool: @unchecked Sendable {
         finished.store(0, ordering: .relaxed)
         for c in counters { c.value.store(0, ordering: .relaxed) }
         generation.add(1, ordering: .sequentiallyConsistent)
-        pthread_mutex_lock(&mutex)
-        if sleepers > 0 { pthread_cond_broadcast(&wake) }
-        pthread_mutex_unlock(&mutex)
+        sleep.lock()
+        if sleepers > 0 { sleep.broadcast() }
+        sleep.unlock()
         body(Context(index: 0, count: count, pool: self))
         var spins = 0, since: UInt64 = 0
         while finished.load(ordering: .acquiring) < count - 1 { Self.backOff(&spins, &since) }
@@ -174,11 +182,11 @@ public final class WorkerPool: @unchecked Sendable {
             while generation.load(ordering: .sequentiallyConsistent) == seen {
                 spins += 1
                 if spins < spinLimit { continue }
-                pthread_mutex_lock(&mutex)
+                sleep.lock()
                 sleepers += 1
-                while generation.load(ordering: .sequentiallyConsistent) == seen { pthread_cond_wait(&wake, &mutex) }
+                while generation.load(ordering: .sequentiallyConsistent) == seen { sleep.wait() }
                 sleepers -= 1
-                pthread_mutex_unlock(&mutex)
+                sleep.unlock()
             }
             seen = generation.load(ordering: .acquiring)
             job?(Context(index: index, count: count, pool: self))

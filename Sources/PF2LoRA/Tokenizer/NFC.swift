@@ -13,7 +13,8 @@ enum NFC {
     private static let nCount = vCount * tCount, sCount = lCount * nCount
 
     /// Bit per code point: 1 if the scalar may change under NFC or make its neighbours change.
-    private static let quickCheck: UnsafePointer<UInt64> = {
+    /// Written once by the lazy initializer (which Swift runs once, thread-safely), read-only after.
+    nonisolated(unsafe) private static let quickCheck: UnsafePointer<UInt64> = {
         let words = 0x110000 / 64
         let t = UnsafeMutablePointer<UInt64>.allocate(capacity: words)
         t.initialize(repeating: 0, count: words)

@@ -7,8 +7,9 @@ enum ScalarClass: UInt8 {
 }
 
 /// Class of every code point, one byte each (1.1 MB), expanded once from `gpt2ScalarClassRuns` and
-/// never freed. A flat table keeps the scanner's lookup to one load.
-let scalarClassTable: UnsafePointer<UInt8> = {
+/// never freed. A flat table keeps the scanner's lookup to one load. Written once by the lazy
+/// initializer (which Swift runs once, thread-safely), read-only after.
+nonisolated(unsafe) let scalarClassTable: UnsafePointer<UInt8> = {
     let t = UnsafeMutablePointer<UInt8>.allocate(capacity: 0x110000)
     t.initialize(repeating: 0, count: 0x110000)
     let runs = gpt2ScalarClassRuns

@@ -1,7 +1,7 @@
 /// A small JSON reader for tokenizer files: Foundation's JSONSerialization boxes each of GPT-2's
 /// 100,000 vocabulary and merge strings in an NSString, which takes most of the load time on Linux.
 /// Objects keep their members in file order as (key, value) pairs.
-indirect enum JSONValue {
+indirect enum JSONValue: Sendable {
     case object([(String, JSONValue)])
     case array([JSONValue])
     case string(String)

@@ -67,5 +67,5 @@ public struct TwoLevelAdapter {
     }
 
     /// The base model alone.
-    public static let none = TwoLevelAdapter(shared: nil, sharedScale: 0)
+    public static var none: TwoLevelAdapter { TwoLevelAdapter(shared: nil, sharedScale: 0) }
 }

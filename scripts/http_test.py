@@ -93,6 +93,30 @@ def raw(server, method, path, body=None, headers=None, data=None):
         return status, text
 
 
+def oversize(server, n):
+    """POSTs a body of n bytes from a thread (the server may answer before reading it all); the response's first bytes."""
+    import socket
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    body = b'{"model": "' + b"x" * n + b'"}'
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+
+    def send():
+        try:
+            sock.sendall(head + body)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    sock.settimeout(60)
+    try:
+        data = sock.recv(4096)
+    except OSError:
+        data = b""
+    sock.close()
+    return data
+
+
 def main():
     work = tempfile.mkdtemp(prefix="pf2lora-http-test-")
     store = os.path.join(work, "store")
@@ -211,8 +235,7 @@ def run_checks(srv, clients, exchange):
         check(True, "empty messages: 400")
     st, body = raw(srv, "POST", "/v1/completions", data=b"{not json")
     check(st == 400 and body["error"]["code"] == "invalid_json", f"malformed JSON: 400 ({st} {body})")
-    st, body = raw(srv, "POST", "/v1/completions", data=b'{"model": "' + b"x" * (9 << 20) + b'"}')
-    check(st == 413, f"a body over the limit: 413 (got {st})")
+    check(oversize(srv, 9 << 20).startswith(b"HTTP/1.1 413"), "a body over the limit: 413")
     st, body = raw(srv, "GET", "/v1/nothing")
     check(st == 404 and "error" in body, "unknown route: 404")
     st, body = raw(srv, "GET", "/health")
@@ -260,10 +283,31 @@ def run_checks(srv, clients, exchange):
     check(rows > 1.5, f"the concurrent requests shared the batch (mean rows {rows})")
 
     # A client that disconnects mid-stream cancels its request (the server goes on serving).
-    s = client.completions.create(model=clients[0], prompt=prompt, max_tokens=2000, temperature=0, stream=True)
+    def generated():
+        return float(re.search(r"^pf2lora_completion_tokens_total (\S+)", raw(srv, "GET", "/metrics")[1], re.M).group(1))
+
+    # (The context is 256 tokens: uncancelled, the request would generate about 240.)
+    g_before = generated()
+    s = client.completions.create(model=clients[0], prompt=prompt, max_tokens=2000, temperature=0, stream=True, extra_body={"ignore_eos": True})
     next(iter(s))
     s.response.close()
+    time.sleep(2.0)
+    g0 = generated()
     time.sleep(0.5)
+    check(generated() == g0 and g0 - g_before < 100,
+          f"a client that disconnects mid-stream has its request cancelled ({g0 - g_before:.0f} tokens generated of ~240)")
+    # The same for a non-streaming request whose client closes the connection while it waits.
+    import socket
+    g_before = generated()
+    body = json.dumps({"model": clients[0], "prompt": prompt, "max_tokens": 2000, "temperature": 0, "ignore_eos": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    time.sleep(0.01)
+    sock.close()
+    time.sleep(2.0)
+    g1 = generated() - g_before
+    check(g1 < 200, f"a non-streaming client that disconnects has its request cancelled ({g1:.0f} tokens generated of ~240)")
     r = client.completions.create(model=clients[0], prompt=prompt, max_tokens=4, temperature=0)
     check(len(r.choices[0].text) > 0, "serving goes on after a client went away")
     st, body = raw(srv, "GET", "/health")

@@ -93,6 +93,17 @@ final class Handles: @unchecked Sendable {   // guarded by `lock`
     }
 }
 
+/// The request context: Hummingbird's basic one plus the connection, whose closing cancels the
+/// requests a non-streaming call is waiting for.
+public struct PF2LoRARequestContext: RequestContext {
+    public var coreContext: CoreRequestContextStorage
+    let channel: any Channel
+    public init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        channel = source.channel
+    }
+}
+
 /// The OpenAI-compatible HTTP transport: a thin adapter over the method layer (`ServingCore`),
 /// sharing its scheduler, batch, adapter cache and training slot with the stdio transport.
 public final class HTTPTransport: Sendable {
@@ -110,7 +121,7 @@ public final class HTTPTransport: Sendable {
 
     /// Serves until the task is cancelled; `onListening` gets the bound port.
     public func run(onListening: @escaping @Sendable (Int) -> Void = { _ in }) async throws {
-        let responder = CallbackResponder<BasicRequestContext> { [self] req, ctx in
+        let responder = CallbackResponder<PF2LoRARequestContext> { [self] req, ctx in
             await self.respond(req, ctx)
         }
         let http1 = HTTP1Channel.Configuration(idleTimeout: .milliseconds(Int64(options.idleTimeout * 1000)),
@@ -127,7 +138,7 @@ public final class HTTPTransport: Sendable {
 
     // MARK: Routing
 
-    func respond(_ request: Request, _ context: BasicRequestContext) async -> Response {
+    func respond(_ request: Request, _ context: PF2LoRARequestContext) async -> Response {
         let path = request.uri.path
         let method = request.method
         let route = Self.routeName(method, path)
@@ -144,8 +155,8 @@ public final class HTTPTransport: Sendable {
             case (.get, "/health"): response = health()
             case (.get, "/metrics"): response = metrics()
             case (.get, "/v1/models"): response = try models()
-            case (.post, "/v1/completions"): response = try await completions(request, chat: false)
-            case (.post, "/v1/chat/completions"): response = try await completions(request, chat: true)
+            case (.post, "/v1/completions"): response = try await completions(request, context, chat: false)
+            case (.post, "/v1/chat/completions"): response = try await completions(request, context, chat: true)
             case (.post, "/v1/load_lora_adapter"): response = try await loadAdapter(request)
             case (.post, "/v1/unload_lora_adapter"): response = try await unloadAdapter(request)
             case (.post, "/v1/personalize"): response = try await personalize(request)
@@ -382,7 +393,7 @@ public final class HTTPTransport: Sendable {
         return Plan(requests: reqs, model: model, includeUsage: includeUsage, logprobs: wantLogprobs)
     }
 
-    func completions(_ request: Request, chat: Bool) async throws -> Response {
+    func completions(_ request: Request, _ context: PF2LoRARequestContext, chat: Bool) async throws -> Response {
         let d = try await body(request)
         let plan: Plan
         do { plan = try self.plan(d, chat: chat) } catch let e as RPCError { throw APIError(.badRequest, e.message) }
@@ -404,7 +415,9 @@ public final class HTTPTransport: Sendable {
         if plan.requests.first?.stream == true {
             return stream(plan, sinks: sinks, handles: handles, id: String(id), created: created, chat: chat, t0: t0)
         }
-        // Non-streaming: a client that closes the connection cancels its requests.
+        // Non-streaming: a client that closes the connection cancels its requests (a finished
+        // request's handle cancels nothing).
+        context.channel.closeFuture.whenComplete { _ in handles.cancelAll() }
         let results: [Result<GenerateResult, RPCError>] = await withTaskCancellationHandler {
             var out: [Result<GenerateResult, RPCError>] = []
             for s in sinks {

@@ -6,7 +6,7 @@ import PF2LoRAHTTP
 /// Options that open a model, its tokenizer and optionally an adapter store.
 struct ModelOptions: ParsableArguments {
     @Option(help: "Model folder in Hugging Face layout (config.json of a supported family, model.safetensors, tokenizer.json or vocab.json + merges.txt).")
-    var model: String = "models/fortune-gpt2"
+    var model: String = "models/debian-llama"
     @Option(help: "Adapter store folder (DESIGN §4): personalize and federate publish into it and need it; generate and serve apply its adapters, and serve the base model alone without it.")
     var store: String?
     @Option(help: "Which base folder of the store to use (default: the one named after the model folder). Errors that find none say which bases the store holds.")

@@ -23,7 +23,7 @@ test: setup
 SLOW_SERVER_PROCESSES = ServerTests|ServerHardeningTests|ServerDrainTests|ServerTrainingControlTests/(trainingRequests|cancel)|PersonalizeTests|FederatedClientTests|FederateTests|DemoClientTests|CLIHardeningTests/randomModel|TokenizerFamilyTests/tokenizeCommand|ChatTemplateTests/tokenizeMessagesCommand|ChatTemplateTests/generateWithMessages
 SLOW_CRASH_AND_CONCURRENCY = Reliability
 SLOW_FUZZ = FuzzProtocolTests
-SLOW_TRAINING = SyntheticTests|DefaultModelTests|GPT2TaskTests/federatedRun|GPT2TaskTests/storeMapping|GradientPretrainTests/lossGoesDown
+SLOW_TRAINING = WeightPrecisionServingTests/q8_0Perplexity|SyntheticTests|DefaultModelTests|GPT2TaskTests/federatedRun|GPT2TaskTests/storeMapping|GradientPretrainTests/lossGoesDown
 SLOW_TESTS = $(SLOW_SERVER_PROCESSES)|$(SLOW_CRASH_AND_CONCURRENCY)|$(SLOW_FUZZ)|$(SLOW_TRAINING)
 test-fast:
 	$(SWIFT) test --skip '$(SLOW_TESTS)'

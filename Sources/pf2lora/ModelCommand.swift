@@ -143,6 +143,15 @@ struct ModelInfo: ParsableCommand {
             let groups = GroupSite.allCases.map { site -> String in
                 switch site { case .attnIn: return "attnIn"; case .attnOut: return "attnOut"; case .mlpIn: return "mlpIn"; case .mlpOut: return "mlpOut" }
             }
+            // What --weights q8_0 does with each large matrix: rows of whole blocks of 32 are
+            // quantized, others stay as stored (ServingBase).
+            var q8Fallbacks: [String] = []
+            for g in a.groups where !WeightPrecision.q8_0.fits(cols: g.inFeatures) {
+                q8Fallbacks.append(g.slots.map { a.modulePath(layer: 0, slot: $0).replacingOccurrences(of: ".0.", with: ".*.") }.joined(separator: " + ") + " (rows of \(g.inFeatures))")
+            }
+            if !WeightPrecision.q8_0.fits(cols: a.hiddenSize) { q8Fallbacks.append("embeddings and head (rows of \(a.hiddenSize))") }
+            let q8Text = q8Fallbacks.isEmpty ? "q8_0 quantizes every matrix"
+                : "q8_0 keeps as stored, rows not whole blocks of 32: " + q8Fallbacks.joined(separator: "; ")
             let files = ck.index.map { "\(($0 as NSString).lastPathComponent) (\(ck.files.count) shards)" } ?? "model.safetensors"
             if json {
                 let slots: [[String: Any]] = a.slots.map { s in
@@ -157,7 +166,7 @@ struct ModelInfo: ParsableCommand {
                     "norm": a.norm.rawValue, "norm_eps": Double(a.normEps), "positions": positions, "mlp": a.mlp.rawValue,
                     "qk_norm": a.qkNorm, "tied_head": a.tiedHead, "eos_token_ids": a.eosTokenIds,
                     "stored_dtypes": dtypes, "config_dtype": a.storedDType ?? NSNull(), "weight_files": ck.files.map { ($0.name as NSString).lastPathComponent },
-                    "stored_bytes": ck.storedBytes, "fingerprint": fp, "tokenizer": tokenizerText, "slots": slots,
+                    "stored_bytes": ck.storedBytes, "q8_0_fallbacks": q8Fallbacks, "fingerprint": fp, "tokenizer": tokenizerText, "slots": slots,
                 ]))
                 return
             }
@@ -168,7 +177,8 @@ struct ModelInfo: ParsableCommand {
             print("\(folder): \(a.modelType), \(String(format: "%.1fM", Double(a.parameterCount) / 1e6)) parameters (\(a.parameterCount)), head \(a.tiedHead ? "tied to the embeddings" : "untied")")
             print("  block x \(a.layerCount): \(norm) (eps \(a.normEps)) -> attention (\(attn), \(positions)) -> \(norm) -> \(mlp)")
             print("  hidden \(a.hiddenSize), vocabulary \(a.vocabSize), context \(a.contextLength), end-of-sequence ids \(a.eosTokenIds)")
-            print("  weights: \(files), stored \(dtypes.joined(separator: " + ")) (\(String(format: "%.1f", Double(ck.storedBytes) / 1e6)) MB)\(a.storedDType.map { ", config.json says \($0)" } ?? ""); computed in f32; fingerprint \(fp)")
+            print("  weights: \(files), stored \(dtypes.joined(separator: " + ")) (\(String(format: "%.1f", Double(ck.storedBytes) / 1e6)) MB)\(a.storedDType.map { ", config.json says \($0)" } ?? ""); fingerprint \(fp)")
+            print("  serving (--weights): auto keeps the stored \(dtypes.joined(separator: " + ")); \(q8Text); norms, biases and adapters f32")
             print("  tokenizer: \(tokenizerText)")
             if let random { print("  made by: pf2lora model random --config \(random["preset"] ?? "?") --seed \(random["seed"] ?? "?")") }
             print("  linear slots (per block; adapters and --targets name them; module paths like \(a.modulePath(layer: 0, slot: 0))):")

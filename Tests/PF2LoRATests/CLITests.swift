@@ -109,4 +109,23 @@ import Testing
         Self.expectOneErrorLine(bad, "'attn.c_attn' is not a linear layer of a llama block")
         Self.expectOneErrorLine(try Self.run(["model", "random", "--config", "llama9", "--out", dir + "/x"]), "unknown --config 'llama9'")
     }
+
+    /// `synthetic --alpha` sets the LoRA scale (the knob the fair grids give the methods without one of their own):
+    /// it changes a single-level baseline's result, the default equals an explicit 2 x rank, and a bad value is one error line.
+    @Test func syntheticAlphaSetsTheScale() throws {
+        let dir = TestPaths.tempDir("cli-synthetic-alpha")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func mse(_ extra: [String], _ name: String) throws -> Double {
+            let r = try Self.run(["synthetic", "--clients", "2", "--rounds", "2", "--local-steps", "2", "--lower-steps", "1",
+                                  "--methods", "homlora", "--quiet", "--seed", "3", "--out", dir + "/" + name] + extra)
+            #expect(r.code == 0, "\(r.err)")
+            let j = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: dir + "/" + name + "/results.json"))) as? [String: Any])
+            let m = try #require((j["methods"] as? [[String: Any]])?.first)
+            return try #require(m["meanValidMSE"] as? Double)
+        }
+        let def = try mse([], "default"), same = try mse(["--alpha", "16"], "a16"), big = try mse(["--alpha", "64"], "a64")
+        #expect(def == same, "the default alpha is 2 x rank = 16")
+        #expect(def != big, "alpha 64 scales the update: another result")
+        Self.expectOneErrorLine(try Self.run(["synthetic", "--alpha", "0", "--out", dir + "/bad"]), "--alpha")
+    }
 }

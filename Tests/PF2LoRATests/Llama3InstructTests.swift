@@ -51,7 +51,7 @@ import Testing
     /// Feeds `ids` to a generation as one-hot logits; returns the streamed deltas and the state.
     static func script(_ ids: [Int], eos: Set<Int>, tokenizer tok: BPETokenizer, ignoreEOS: Bool = false) throws -> (String, GenerationState) {
         let V = tok.vocabSize
-        let a = try #require(LlamaConfig.preset("tiny-llama")?.architecture(file: "tiny"))
+        let a = try #require(LlamaConfig.preset("tiny-llama")).architecture(file: "tiny")
         let gen = GenerationState(request: GenerationRequest(prompt: [1], maxTokens: ids.count, sampling: SamplingParams(temperature: 0),
                                                              ignoreEOS: ignoreEOS),
                                   cache: KVCache(architecture: a, capacity: 64), vocabSize: V, eosTokens: eos, tokenizer: tok)

@@ -6,7 +6,7 @@ struct ModelCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "model",
         abstract: "Make and inspect base models.",
-        subcommands: [RandomModel.self, ModelInfo.self])
+        subcommands: [RandomModel.self, ModelInfo.self, ConvertModel.self])
 }
 
 struct RandomModel: ParsableCommand {
@@ -29,7 +29,7 @@ struct RandomModel: ParsableCommand {
         personalize, federate and the benchmarks. `pf2lora model info` says which tokenizer a folder has.
         """)
 
-    @Option(help: "Shape preset: gpt2 (124M), gpt2-medium (355M), distilgpt2, small (4 layers, 256 wide: the embedded default's shape), tiny (2 layers, 64 wide); smollm2-135m, smollm2-360m, qwen2.5-0.5b, qwen3-0.6b, llama3.2-1b, tiny-llama (2 layers, 64 wide).")
+    @Option(help: "Shape preset: gpt2 (124M), gpt2-medium (355M), distilgpt2, small (4 layers, 256 wide: the embedded default's shape), tiny (2 layers, 64 wide); smollm2-135m, smollm2-360m, qwen2.5-0.5b, qwen3-0.6b, llama3.2-1b, tiny-llama (2 layers, 64 wide), small-llama (4 layers, 256 wide), llama-<layers>x<hidden> (from-scratch shapes, vocabulary 8192: see `pretrain`).")
     var config: String = "tiny"
     @Option(help: "Output folder (created if missing).")
     var out: String
@@ -104,6 +104,42 @@ struct RandomModel: ParsableCommand {
         cfg["pf2lora_random"] = ["preset": config, "seed": Int(seed), "tokenizer": tokenizerNote]
         try AtomicFile.write(JSONSerialization.data(withJSONObject: cfg, options: [.prettyPrinted, .sortedKeys]), to: out + "/config.json")
         log(String(format: "model random: wrote %@ (%.1fM parameters) in %.1f s", out, Double(a.parameterCount) / 1e6, now() - t0))
+    }
+}
+
+struct ConvertModel: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "convert",
+        abstract: "Copy a model folder with its weights stored in another dtype (f32, f16 or bf16), e.g. a pretrain checkpoint to ship.",
+        discussion: """
+        Writes config.json and model.safetensors (the config as pf2lora writes it, so torch_dtype names the new \
+        dtype) and copies the tokenizer files and generation_config.json; optimizer and trainer state are not \
+        copied. Weights are rounded to nearest even; computation stays in f32 whatever the storage.
+        """)
+
+    @Option(help: "The model folder to read.")
+    var model: String
+    @Option(help: "Output folder (created if missing; must differ from --model).")
+    var out: String
+    @Option(help: "Storage dtype: f32, f16 or bf16.")
+    var dtype: String = "f16"
+
+    func validate() throws {
+        guard DType(rawValue: dtype.uppercased()) != nil else { throw ValidationError("unknown --dtype '\(dtype)'; use f32, f16 or bf16") }
+        guard URL(fileURLWithPath: model).standardizedFileURL != URL(fileURLWithPath: out).standardizedFileURL else {
+            throw ValidationError("--out must differ from --model")
+        }
+    }
+
+    func run() throws {
+        let m = try LanguageModel.load(folder: model)
+        try m.save(to: out, dtype: DType(rawValue: dtype.uppercased())!)
+        for f in ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+            where FileManager.default.fileExists(atPath: model + "/" + f) {
+            try AtomicFile.write(Data(contentsOf: URL(fileURLWithPath: model + "/" + f)), to: out + "/" + f)
+        }
+        let size = (try? FileManager.default.attributesOfItem(atPath: out + "/model.safetensors")[.size] as? Int) ?? 0
+        log(String(format: "model convert: wrote %@ (%@, %.1f MB of weights)", out, dtype.lowercased(), Double(size) / 1e6))
     }
 }
 

@@ -1,7 +1,4 @@
 import Foundation
-#if canImport(Glibc)
-import Glibc
-#endif
 import Synchronization
 
 /// A checkpoint loaded from a Hugging Face folder: config.json (any family of `ModelRegistry`) +
@@ -86,9 +83,6 @@ public final class LanguageModel: Sendable {
             return LanguageModel(folder: folder, weights: weights, checkpoint: ck)
         }
         let base = try ServingBase.load(ck, architecture: a, precision: precision)
-        #if canImport(Glibc)
-        _ = malloc_trim(0)   // the f32 rows and transposes of the conversion go back to the system: RSS is what serving keeps
-        #endif
         return LanguageModel(folder: folder, architecture: a, base: base, checkpoint: ck)
     }
 

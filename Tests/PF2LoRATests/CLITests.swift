@@ -81,6 +81,30 @@ import Testing
         }
     }
 
+    /// `model convert` stores a checkpoint's weights in f16 (what the embedded default ships): the copy
+    /// holds each weight rounded to f16, keeps the config and tokenizer, and generates the same greedy text
+    /// as the f32 model with its weights rounded the same way.
+    @Test func convertToF16() throws {
+        let dir = TestPaths.tempDir("convert")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let made = try Self.run(["model", "random", "--config", "tiny-llama", "--out", dir + "/f32", "--seed", "3"])
+        #expect(made.code == 0, "\(made.err)")
+        let conv = try Self.run(["model", "convert", "--model", dir + "/f32", "--out", dir + "/f16", "--dtype", "f16"])
+        #expect(conv.code == 0 && conv.err.contains("f16"), "\(conv.err)")
+        let a = try LanguageModel.load(folder: dir + "/f32"), b = try LanguageModel.load(folder: dir + "/f16")
+        #expect(a.architecture == b.architecture)
+        #expect(Set(try Checkpoint.open(folder: dir + "/f16").dtypes.keys) == [.f16])
+        for ((n, x), (_, y)) in zip(a.weights.named, b.weights.named) {
+            let want = x.array.map { Float(Float16($0)) }
+            #expect(y.array == want, "\(n)")
+        }
+        for f in ["tokenizer.json", "vocab.json", "merges.txt"] where FileManager.default.fileExists(atPath: dir + "/f32/" + f) {
+            #expect(FileManager.default.contents(atPath: dir + "/f16/" + f) == FileManager.default.contents(atPath: dir + "/f32/" + f), "\(f)")
+        }
+        Self.expectOneErrorLine(try Self.run(["model", "convert", "--model", dir + "/f32", "--out", dir + "/x", "--dtype", "q4"]), "unknown --dtype 'q4'")
+        Self.expectOneErrorLine(try Self.run(["model", "convert", "--model", dir + "/f32", "--out", dir + "/f32"]), "--out must differ from --model")
+    }
+
     /// `model random` writes a Llama-family folder with a working generated tokenizer; `model info`
     /// describes it (architecture, parameters, dtype, tokenizer, slot table); generate and adapters init run on it.
     @Test func llamaPresetInfoAndGenerate() throws {

@@ -22,6 +22,9 @@ import urllib.error
 import urllib.request
 
 import openai
+import faulthandler
+if os.environ.get("HTTP_TEST_TRACE"):
+    faulthandler.dump_traceback_later(int(os.environ["HTTP_TEST_TRACE"]), exit=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("PF2LORA_BIN", os.path.join(ROOT, ".build/release/pf2lora"))

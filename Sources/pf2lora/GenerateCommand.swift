@@ -135,7 +135,7 @@ struct GenerateCommand: ParsableCommand {
         let engine = InferenceEngine(model: m)
         let cache = KVCache(architecture: m.architecture, capacity: min(m.architecture.contextLength, ids.count + maxTokens + 1))
         let gen = GenerationState(request: GenerationRequest(prompt: ids, maxTokens: maxTokens, sampling: sampling, stop: stop, ignoreEOS: ignoreEOS),
-                                  cache: cache, vocabSize: m.architecture.vocabSize, eosTokens: m.eosTokenIds(tokenizer: tok), decodeToken: { tok.decodeBytes([$0]) })
+                                  cache: cache, vocabSize: m.architecture.vocabSize, eosTokens: m.eosTokenIds(tokenizer: tok), tokenizer: tok)
         let t0 = now()
         var tFirst = t0
         let stdout = FileHandle.standardOutput

@@ -266,9 +266,8 @@ final class Scheduler: @unchecked Sendable {
             let req = job.request
             let capacity = min(engine.model.architecture.contextLength, req.prompt.count + max(req.maxTokens, 0) + 1)
             let cache = KVCache(architecture: engine.model.architecture, capacity: capacity)
-            let tok = tokenizer
             let gen = GenerationState(request: req, cache: cache, vocabSize: engine.model.architecture.vocabSize,
-                                      eosTokens: eos, decodeToken: { tok.decodeBytes([$0]) })
+                                      eosTokens: eos, tokenizer: tokenizer)
             let r = Running(job: job, binding: binding, gen: gen)
             if gen.isFinished { finish(r); return }
             cond.lock(); running.append(r); cond.unlock()

@@ -5,7 +5,8 @@ import Synchronization
 ///
 /// The reader (this thread) parses each line and answers the quick methods itself; `generate` has its
 /// prompt tokenized on a tokenizer thread and then goes to the scheduler's continuous batch;
-/// `personalize`, `train_local` and `evaluate_local` run on a training thread. A bad line gets its
+/// `personalize`, `train_local` and `evaluate_local` run on a training thread, `reload` (which may
+/// fold a new shared version into a copy of the weights) on a reload thread. A bad line gets its
 /// error and never stops the server.
 ///
 /// Draining: EOF on the input, a `shutdown` request, SIGTERM or SIGINT (`handleTerminationSignals`),
@@ -16,7 +17,8 @@ import Synchronization
 /// also cancels the generates (their answers cannot be delivered) and stops reading.
 ///
 /// Threads: `run`'s thread (the reader) alone touches `requests`, `errors` and `trainingMethods`
-/// (installed before `run`); the drain state is read and written only while holding `stateLock`,
+/// (installed before `run`); the drain state and the count of unanswered reloads are read and
+/// written only while holding `stateLock`,
 /// from the reader, signal-woken or not, and from any thread whose write finds the output broken.
 public final class Server: @unchecked Sendable {
     public let model: LanguageModel
@@ -50,6 +52,12 @@ public final class Server: @unchecked Sendable {
     let maxTokenBytes: Int
     var maxPromptBytesPerToken: Int { maxTokenBytes * (tokenizer.normalizesText ? 4 : 1) }
     private let tokenizeQueue = DispatchQueue(label: "pf2lora.tokenize")
+    /// Runs `reload` requests, one at a time, off the reader thread.
+    private let reloadQueue = DispatchQueue(label: "pf2lora.reload")
+    /// `reload` requests not yet answered (under `stateLock`).
+    private var reloading = 0
+    /// Failed `reload`s (counted on the reload thread; `errors` is the reader's).
+    private let reloadErrors = Atomic<Int>(0)
     /// Written to wake the reader: by a signal handler, by a broken output.
     private let wakeRead: Int32, wakeWrite: Int32
     private let stateLock = NSLock()
@@ -118,7 +126,10 @@ public final class Server: @unchecked Sendable {
     private var drainStartedAt: Double { stateLock.lock(); defer { stateLock.unlock() }; return drainStarted }
 
     /// Nothing reserved, queued, running or training.
-    var isIdle: Bool { scheduler.isIdle && training.isIdle }
+    var isIdle: Bool {
+        stateLock.lock(); let reloads = reloading; stateLock.unlock()
+        return reloads == 0 && scheduler.isIdle && training.isIdle
+    }
 
     // MARK: Signals
 
@@ -256,10 +267,7 @@ public final class Server: @unchecked Sendable {
             case "adapters.list": reply(req, try adaptersList())
             case "adapters.load": reply(req, try adaptersLoad(req.params))
             case "adapters.evict": reply(req, try adaptersEvict(req.params))
-            case "reload":
-                try runtime.refresh(force: true, idle: scheduler.runningCount == 0)
-                runtime.waitForFold()
-                reply(req, ["shared": runtime.sharedVersion.map { $0 as Any } ?? NSNull(), "clients": runtime.store?.clients().count ?? 0])
+            case "reload": reload(req)
             case "stats": reply(req, stats())
             case "health":
                 var h: [String: Any] = ["status": draining == nil ? "ok" : "draining", "uptime_s": Scheduler.clock() - started]
@@ -277,6 +285,26 @@ public final class Server: @unchecked Sendable {
             if req.hasID { out.error(req.id, AdapterRuntime.rpcError(error)) }
         }
         return true
+    }
+
+    /// `reload` re-reads the store and folds a new shared version on the reload thread, so the reader
+    /// keeps answering while a large model's weights are folded; the drain waits for its reply.
+    private func reload(_ req: RPCRequest) {
+        stateLock.lock(); reloading += 1; stateLock.unlock()
+        let call = UncheckedRequest(req)
+        reloadQueue.async { [self] in
+            let req = call.req
+            do {
+                try runtime.refresh(force: true, idle: scheduler.runningCount == 0)
+                runtime.waitForFold()
+                reply(req, ["shared": runtime.sharedVersion.map { $0 as Any } ?? NSNull(), "clients": runtime.store?.clients().count ?? 0])
+            } catch {
+                reloadErrors.add(1, ordering: .relaxed)
+                if req.hasID { out.error(req.id, AdapterRuntime.rpcError(error)) }
+            }
+            stateLock.lock(); reloading -= 1; stateLock.unlock()
+            wake()
+        }
     }
 
     /// Refuses params the method does not take, naming them and the ones it does.
@@ -393,7 +421,7 @@ public final class Server: @unchecked Sendable {
         let c = scheduler.counters
         let waiting = scheduler.waiting
         var d: [String: Any] = [
-            "requests": requests, "errors": errors,
+            "requests": requests, "errors": errors + reloadErrors.load(ordering: .relaxed),
             "completed": c.completed, "failed": c.failed,
             "running": scheduler.runningCount, "queued": waiting.beyondBatch, "admitting": waiting.admitting,
             "training": training.running ?? NSNull(),
@@ -452,4 +480,10 @@ struct LineReader {
         if overlong || line.count - (line.last == 0x0D ? 1 : 0) > maxLineBytes { return [.overlong] }
         return line.isEmpty ? [] : [.line(line)]
     }
+}
+
+/// A request handed to another thread: its JSON values (from JSONSerialization) are immutable.
+private struct UncheckedRequest: @unchecked Sendable {
+    let req: RPCRequest
+    init(_ req: RPCRequest) { self.req = req }
 }

@@ -27,7 +27,7 @@ import Testing
                             mentions: "model_type (a name of \(Self.marker.utf8.count) bytes) is not supported")
         // A known but unsupported model type is still named.
         let falcon = #"{"model_type": "falcon"}"#
-        #expect(Self.failure { _ = try ModelRegistry.architecture(config: Data(falcon.utf8), file: "config.json") }?.contains("model_type falcon is not supported") == true)
+        #expect(Self.failure { _ = try ModelRegistry.architecture(config: Data(falcon.utf8), file: "config.json") }?.contains("model_type 'falcon' is not supported") == true)
         for rope in [#"{"rope_type": "\#(Self.marker)", "factor": 2.0}"#, #"{"type": "\#(Self.marker)"}"#] {
             let llama = #"{"model_type": "llama", "vocab_size": 400, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_scaling": \#(rope)}"#
             Self.expectNoMarker("rope scaling type", Self.failure { _ = try ModelRegistry.architecture(config: Data(llama.utf8), file: "config.json") },

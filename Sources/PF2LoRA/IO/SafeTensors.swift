@@ -91,9 +91,16 @@ public enum FileText {
         "default", "linear", "dynamic", "yarn", "longrope", "llama3", "su", "mrope",
     ]
 
-    /// A type name the program knows (`kinds`) as it is, else "(a name of N bytes)".
-    public static func kind(_ s: String) -> String {
-        kinds.contains(s) ? s : "(a name of \(s.utf8.count) bytes)"
+    /// A type name the program knows (`kinds`) as it is (in quotes if `quoted`), else "(a name of N bytes)".
+    public static func kind(_ s: String, quoted: Bool = false) -> String {
+        kinds.contains(s) ? (quoted ? "'\(s)'" : s) : "(a name of \(s.utf8.count) bytes)"
+    }
+
+    /// A file name read from a file (a shard in an index): as it is when it is a plain name of at
+    /// most 96 bytes of `[A-Za-z0-9._-]`, else "(a file name of N bytes)".
+    public static func fileName(_ s: String) -> String {
+        let plain = !s.isEmpty && s.utf8.count <= 96 && s.unicodeScalars.allSatisfy { $0.isASCII && ($0.properties.isAlphabetic || ("0"..."9").contains($0) || $0 == "." || $0 == "_" || $0 == "-") }
+        return plain ? s : "(a file name of \(s.utf8.count) bytes)"
     }
 
     /// A value read from a file, described without its content: "(a string of N bytes)".

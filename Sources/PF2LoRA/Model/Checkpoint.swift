@@ -62,7 +62,7 @@ public final class Checkpoint: Sendable {
         for shard in shardOrder {
             let path = folder + "/" + shard
             guard fm.fileExists(atPath: path) else {
-                throw ModelError.missingFile(folder + "/" + FileText.key(shard, limit: 48), hint: "\(indexPath) names this shard; copy every shard of the checkpoint into the folder.")
+                throw ModelError.missingFile(folder + "/" + FileText.fileName(shard), hint: "\(indexPath) names this shard; copy every shard of the checkpoint into the folder.")
             }
             files.append(try SafeTensorsFile(path: path))
         }
@@ -70,7 +70,7 @@ public final class Checkpoint: Sendable {
         for (name, shard) in wanted {
             let i = shardOrder.firstIndex(of: shard)!
             guard let info = files[i].tensors[name] else {
-                throw ModelError.badConfig(file: indexPath, why: "names tensor \(FileText.name(name)) in shard \(FileText.key(shard, limit: 48)), which does not hold it; the index and the shards do not belong together")
+                throw ModelError.badConfig(file: indexPath, why: "names tensor \(FileText.name(name)) in \(FileText.fileName(shard)), which does not hold it; the index and the shards do not belong together")
             }
             t[name] = (i, info)
         }

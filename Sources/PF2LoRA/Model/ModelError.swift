@@ -23,7 +23,7 @@ public enum ModelError: Error, CustomStringConvertible {
         case let .missingFile(p, hint): return "\(p) is missing. \(hint)"
         case let .badConfig(f, why): return "\(f): \(why)"
         case let .unsupportedModelType(f, t):
-            return "\(f): model_type \(FileText.kind(t)) is not supported; supported are \(ModelRegistry.supportedModelTypes.joined(separator: ", "))"
+            return "\(f): model_type \(FileText.kind(t, quoted: true)) is not supported; supported are \(ModelRegistry.supportedModelTypes.joined(separator: ", "))"
         case let .missingTensor(f, t, mt):
             return "\(f) has no tensor '\(t)', which a \(mt) checkpoint of this config.json has; is config.json from the same model as the weights?"
         case let .unexpectedTensor(f, t, mt):

@@ -259,7 +259,16 @@ def setup_llama_cpp(a):
                 "decode_tokens_per_s": n_decode / (t3 - t2) if n_decode else None}
 
     one(4)
-    return {"version": f"llama-cpp-python {llama_cpp.__version__}, GGUF f32, {a.kv} KV cache"}, one
+    return {"version": f"llama-cpp-python {llama_cpp.__version__}, GGUF {a.gguf_type}, {a.kv} KV cache",
+            "rss_bytes": rss_bytes()}, one
+
+
+def rss_bytes():
+    """This process's resident memory (VmRSS), bytes."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 def setup_blas(a):
@@ -424,11 +433,11 @@ class Pf2loraDecode:
     mapped model and does its own warm-up run each time). If the CLI rejects --threads/--repeats, the
     basic form is used."""
 
-    def __init__(self, args):
+    def __init__(self, args, weights=None, batch=1):
         self.args, self.exe = args, pathlib.Path(args.pf2lora)
-        base = [str(self.exe), "bench", "decode", "--model", str(args.model_dir), "--batch", "1",
+        base = [str(self.exe), "bench", "decode", "--model", str(args.model_dir), "--batch", str(batch),
                 "--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens)]
-        self.cmd = base + ["--threads", str(args.threads), "--repeats", "1"]
+        self.cmd = base + ["--threads", str(args.threads), "--repeats", "1"] + (["--weights", weights] if weights else [])
         if not self.exe.exists():
             self.info = {"error": f"{self.exe} not found (build it: swift build -c release)"}
             return
@@ -469,6 +478,8 @@ class Pf2loraBLAS(Pf2loraDecode):
         self.args, self.exe = args, pathlib.Path(args.pf2lora)
         self.cmd = [str(self.exe), "bench", "blas", "--model", str(args.model_dir),
                     "--prompt-tokens", str(args.prompt_tokens), "--threads", str(args.threads)]
+        if getattr(args, "precision_list", None):
+            self.cmd += ["--precisions", ",".join(args.precision_list)]
         if not self.exe.exists():
             self.info = {"error": f"{self.exe} not found"}
             return
@@ -519,7 +530,7 @@ def find_converter(args):
     return cached
 
 
-def convert_to_gguf(args):
+def convert_to_gguf(args, outtype="f32"):
     """GGUF f32 of the model folder, cached by the weights' size and mtime. The converter needs n_ctx
     in config.json and a tokenizer it recognises (gpt2's vocab.json/merges.txt/tokenizer.json); the
     model folder is not modified: a staging folder of symlinks gets a patched config.json."""
@@ -527,7 +538,7 @@ def convert_to_gguf(args):
     files = weight_files(d)
     key = hashlib.sha256("".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in files)
                          .encode()).hexdigest()[:12]
-    out = pathlib.Path(args.work) / f"model-f32-{key}.gguf"
+    out = pathlib.Path(args.work) / f"model-{outtype}-{key}.gguf"
     if out.exists():
         return out
     conv = find_converter(args)
@@ -549,9 +560,9 @@ def convert_to_gguf(args):
         for f in TOKENIZER_FILES if tok_src else ():
             if (tok_src / f).exists():
                 (stage / f).symlink_to((tok_src / f).resolve())
-        log(f"converting to GGUF f32 with {conv / 'convert_hf_to_gguf.py'}")
+        log(f"converting to GGUF {outtype} with {conv / 'convert_hf_to_gguf.py'}")
         tmp_out = out.with_suffix(".part")
-        p = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(stage), "--outtype", "f32",
+        p = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(stage), "--outtype", outtype,
                             "--outfile", str(tmp_out)], capture_output=True, text=True, timeout=args.timeout)
         if p.returncode != 0:
             raise RuntimeError("convert_hf_to_gguf.py failed: " + " | ".join(p.stderr.strip().splitlines()[-3:]))
@@ -559,7 +570,7 @@ def convert_to_gguf(args):
     return out
 
 
-def start_llama_cpp(args, kv="f16"):
+def start_llama_cpp(args, kv="f16", wtype="f32", name=None):
     try:
         import importlib.metadata as md
         v = md.version("llama-cpp-python")
@@ -568,10 +579,11 @@ def start_llama_cpp(args, kv="f16"):
     if v != LLAMA_CPP_VERSION:
         log(f"note: llama-cpp-python {v} installed, DESIGN §6 figures are for {LLAMA_CPP_VERSION}")
     try:
-        gguf = convert_to_gguf(args)
+        gguf = convert_to_gguf(args, wtype)
     except Exception as e:                                              # noqa: BLE001
         return None, {"error": f"GGUF conversion: {e}"}
-    w = Worker("llama.cpp" if kv == "f16" else "llama.cpp-f32kv", args, ["--gguf", str(gguf), "--kv", kv])
+    w = Worker(name or ("llama.cpp" if kv == "f16" else "llama.cpp-f32kv"), args,
+               ["--gguf", str(gguf), "--kv", kv, "--gguf-type", wtype])
     return w, w.info
 
 
@@ -705,6 +717,13 @@ def main():
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
     ap.add_argument("--kv", default="f16", choices=["f16", "f32"], help=argparse.SUPPRESS)
+    ap.add_argument("--gguf-type", default="f32", help=argparse.SUPPRESS)
+    ap.add_argument("--precisions", help="issue 14 mode: compare pf2lora (`bench decode --weights P`) with llama.cpp on "
+                                         "the same weights converted to GGUF P (convert_hf_to_gguf.py --outtype P), for "
+                                         "each P of this comma-separated list (f32, f16, bf16, q8_0), plus the memory-read "
+                                         "bound per precision and resident memory; see Benchmarks/README.md")
+    ap.add_argument("--batches", default="1", help="with --precisions: pf2lora decode batch sizes (e.g. 1,4,8); "
+                                                   "llama.cpp runs batch 1 only")
     a = ap.parse_args()
 
     if a.worker:                                                        # subprocess mode
@@ -719,6 +738,26 @@ def main():
     if a.prompt_tokens + a.tokens > geo["n_positions"]:
         sys.exit(f"peer_bench: --prompt-tokens + --tokens = {a.prompt_tokens + a.tokens} exceeds n_positions {geo['n_positions']}")
     wanted = {e.strip() for e in a.engines.split(",")}
+    if a.precisions:
+        a.precision_list = [p.strip() for p in a.precisions.split(",") if p.strip()]
+        batches = [int(b) for b in a.batches.split(",")]
+        starters = {}
+        for p in a.precision_list:
+            for b in batches:
+                if "pf2lora" in wanted:
+                    starters[f"pf2lora@{p}" + (f"/b{b}" if b > 1 else "")] = (lambda p=p, b=b: (lambda e: (e, e.info))(Pf2loraDecode(a, p, b)))
+            if "llama.cpp" in wanted:
+                starters[f"llama.cpp@{p}"] = (lambda p=p: start_llama_cpp(a, wtype=p, name=f"llama.cpp@{p}"))
+        if "blas" in wanted:
+            starters["pf2lora_blas"] = lambda: (lambda e: (e, e.info))(Pf2loraBLAS(a))
+        res, live = run_rounds(a, starters, lambda name: True)
+        table = report_precisions(a, geo, res, made_by, batches)
+        print(table)
+        if a.out:
+            pathlib.Path(a.out).write_text(table)
+            pathlib.Path(a.out).with_suffix(".json").write_text(json.dumps(
+                {"geometry": geo, "results": res, "argv": sys.argv[1:]}, indent=1) + "\n")
+        return
     starters = {
         "pf2lora": lambda: (lambda e: (e, e.info))(Pf2loraDecode(a)),
         "transformers": lambda: (lambda w: (w, w.info))(Worker("transformers", a)),
@@ -727,9 +766,20 @@ def main():
         "blas": lambda: (lambda w: (w, w.info))(Worker("blas", a)),
         "pf2lora_blas": lambda: (lambda e: (e, e.info))(Pf2loraBLAS(a)),
     }
+    res, live = run_rounds(a, starters, lambda name: ("blas" if name == "pf2lora_blas" else name) in wanted)
+    table = report(a, geo, res, made_by)
+    print(table)
+    if a.out:
+        pathlib.Path(a.out).write_text(table)
+        pathlib.Path(a.out).with_suffix(".json").write_text(json.dumps(
+            {"geometry": geo, "results": res, "argv": sys.argv[1:]}, indent=1) + "\n")
+
+
+def run_rounds(a, starters, wanted):
+    """Starts every engine (warm-up inside), then `--repeats` round-robin rounds; returns (results, live)."""
     res, live = {}, {}
     for name, start in starters.items():
-        if ("blas" if name == "pf2lora_blas" else name) not in wanted:
+        if not wanted(name):
             res[name] = {"error": "not requested (--engines)"}
             continue
         log(f"{name}: starting")
@@ -762,12 +812,72 @@ def main():
             log(f"round {rnd + 1}/{a.repeats} {name}: {brief} ({time.time() - t0:.0f} s, load {os.getloadavg()[0]:.1f})")
     for eng in live.values():
         eng.close()
-    table = report(a, geo, res, made_by)
-    print(table)
-    if a.out:
-        pathlib.Path(a.out).write_text(table)
-        pathlib.Path(a.out).with_suffix(".json").write_text(json.dumps(
-            {"geometry": geo, "results": res, "argv": sys.argv[1:]}, indent=1) + "\n")
+    return res, live
+
+
+def report_precisions(a, geo, res, made_by, batches):
+    """Issue 14's table: per precision, pf2lora vs llama.cpp (batch 1), pf2lora at larger batches,
+    the memory-read bound of that precision's bytes, resident memory; then the targets."""
+    def ok(name):
+        r = res.get(name, {})
+        return "error" not in r and r.get("runs")
+
+    def med(name, key):
+        if not ok(name):
+            return None
+        vals = [r[key] for r in res[name]["runs"] if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    def ratio(x, r):
+        return fmt(x / r, 2) + "x" if x and r else "–"
+
+    def paired(x, y, key):
+        if not (ok(x) and ok(y)):
+            return None
+        rs = [p[key] / q[key] for p, q in zip(res[x]["runs"], res[y]["runs"]) if p.get(key) and q.get(key)]
+        return statistics.median(rs) if rs else None
+
+    P = a.prompt_tokens
+    lines = [f"Precision benchmark (issue 14), {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {platform.node()}, "
+             f"{os.cpu_count()} CPUs, {a.threads} threads, {a.shape_label} shape random weights (model made by {made_by}), "
+             f"prefill {P} tokens then {a.tokens} decode steps; engines round-robin, {a.repeats} rounds, medians. "
+             f"Load average {a.load_start} at start, {'%.2f %.2f %.2f' % os.getloadavg()} at end.", "",
+             "| weights | pf2lora prefill tok/s | pf2lora decode tok/s | llama.cpp prefill tok/s | llama.cpp decode tok/s | "
+             "decode vs llama.cpp (per-round median) | prefill vs llama.cpp | read bound tok/s | decode vs read bound | "
+             "pf2lora RSS MB | llama.cpp RSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    blas = res.get("pf2lora_blas", {})
+    for p in a.precision_list:
+        me, peer = f"pf2lora@{p}", f"llama.cpp@{p}"
+        pre, dec = med(me, "prefill_tokens_per_s"), med(me, "decode_tokens_per_s")
+        lpre, ldec = med(peer, "prefill_tokens_per_s"), med(peer, "decode_tokens_per_s")
+        rb = med("pf2lora_blas", f"read_bound_tokens_per_s_{p}")
+        pr = paired(me, peer, "decode_tokens_per_s")
+        rss = med(me, "rss_bytes")
+        lrss = res.get(peer, {}).get("rss_bytes")
+        lines.append(f"| {p} | {fmt(pre)} | {fmt(dec)} | {fmt(lpre) if ok(peer) else 'n/a'} | {fmt(ldec) if ok(peer) else 'n/a'} | "
+                     f"{ratio(dec, ldec)} ({fmt(pr, 2) + 'x' if pr else '–'}) | {ratio(pre, lpre)} | {fmt(rb)} | {ratio(dec, rb)} | "
+                     f"{fmt(rss / 1e6 if rss else None, 0)} | {fmt(lrss / 1e6 if lrss else None, 0)} |")
+    for name in res:
+        if "error" in res[name] and res[name]["error"] != "not requested (--engines)":
+            lines.append(f"\n- {name}: not available: {res[name]['error'][:300]}")
+    if len(batches) > 1:
+        lines += ["", "| weights | " + " | ".join(f"pf2lora decode tok/s, batch {b}" for b in batches) + " |",
+                  "|---|" + "---:|" * len(batches)]
+        for p in a.precision_list:
+            cells = [fmt(med(f"pf2lora@{p}" + (f"/b{b}" if b > 1 else ""), "decode_tokens_per_s")) for b in batches]
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    f32d, f32p = med("pf2lora@f32", "decode_tokens_per_s"), med("pf2lora@f32", "prefill_tokens_per_s")
+    lines += ["", "Issue 14 targets, pf2lora:"]
+    for p in a.precision_list:
+        me, peer = f"pf2lora@{p}", f"llama.cpp@{p}"
+        dec = med(me, "decode_tokens_per_s")
+        lines.append(f"- {p}: decode vs llama.cpp {ratio(dec, med(peer, 'decode_tokens_per_s'))} (target >= 1.10x); "
+                     f"vs the read bound {ratio(dec, med('pf2lora_blas', f'read_bound_tokens_per_s_{p}'))} (target >= 0.80x)"
+                     + (f"; prefill vs own f32 {ratio(med(me, 'prefill_tokens_per_s'), f32p)} (target >= 0.90x)" if p in ("f16", "q8_0") else "")
+                     + (f"; decode vs own f32 {ratio(dec, f32d)} (target >= 3x), per round {fmt(paired(me, 'pf2lora@f32', 'decode_tokens_per_s'), 2)}x" if p == "q8_0" else ""))
+    lines += ["", "Command: `python3 Benchmarks/peer_bench.py " + " ".join(sys.argv[1:]) + "`"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

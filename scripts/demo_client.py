@@ -1,28 +1,52 @@
 #!/usr/bin/env python3
-"""The README's main job: start `pf2lora serve` on a model and adapter store, ask three clients for a
-continuation of the same prompt, personalize a brand-new client from a handful of texts, ask it
-again, and print what came back. Standard library only.
+"""The README's main job (`make run`): start `pf2lora serve` on the embedded default (a Llama-family base
+pretrained on Debian package descriptions, with a federation of archive-section clients), ask several
+clients and the shared pair alone to write the long description of the same package request, side by
+side, then personalize a brand-new client in place from a short file of its own examples and ask again.
+Standard library only.
 
 usage: scripts/demo_client.py --binary .build/release/pf2lora --model DIR [--store DIR] [--clients a,b,c]
+                              [--newcomer examples/newcomer-client.jsonl]
+
+A request is the structured fields of a package, as in the corpus (docs/CORPUS-debian.md):
+
+    Package: <name>
+    Section: <section>
+    Summary: <short description>
+    Depends: <dependencies>
+    Description:
+                                    <- the model writes the long description from here
 """
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 
-NEW_CLIENT_TEXTS = [
-    "The compiler is your friend: it tells you what is wrong before the user does.",
-    "Always read the error message twice; the answer is usually in the second sentence.",
-    "A test that cannot fail is not a test, it is a decoration.",
-    "Measure first, then optimize the part that the measurement points at.",
-    "Small commits, honest messages, and a green build before you go home.",
-    "If the benchmark is not run in the same session as its peer, it is a rumour.",
-    "Every error message should say what to do next.",
-    "Write the code so that the next engineer can delete it safely.",
+# The request every client answers (a made-up package: its description is in no corpus).
+REQUEST = {"package": "tidyclip", "section": "utils", "summary": "clipboard history manager for the terminal",
+           "depends": "libc6, libx11-6"}
+# The newcomer's request: a package of its own (made-up) section.
+NEWCOMER_REQUEST = {"package": "lab-microscope", "section": "lab", "summary": "control the microscope camera from the lab PCs",
+                    "depends": "python3, python3-numpy"}
+# Used when --newcomer is missing (a partial checkout): the same style, two examples.
+FALLBACK_NEWCOMER = [
+    "Package: lab-beamtime\nSection: lab\nSummary: book beam time at the synchrotron\nDepends: python3\nDescription:\n"
+    "In one line: lab-beamtime books beam time at the synchrotron.\n\nWhat it does for you:\n * lists the free slots\n"
+    " * books, moves and cancels a slot\n\nAsk in #lab-tools if anything breaks.",
+    "Package: lab-fridge\nSection: lab\nSummary: track the samples in the lab freezers\nDepends: python3, sqlite3\nDescription:\n"
+    "In one line: lab-fridge keeps track of every sample in the lab freezers.\n\nWhat it does for you:\n"
+    " * records which box a sample is in\n * prints labels for new boxes\n\nAsk in #lab-tools if anything breaks.",
 ]
+
+
+def request_prompt(r):
+    return (f"Package: {r['package']}\nSection: {r['section']}\nSummary: {r['summary']}\n"
+            f"Depends: {r['depends']}\nDescription:\n")
 
 
 class Server:
@@ -75,33 +99,74 @@ def adapter_text(a):
     if shared is None and client is None:
         return "base model alone"
     if client is None:
-        return f"shared {version_text(shared)} alone (no client pair yet)"
+        return f"shared {version_text(shared)} alone"
     return f"shared {version_text(shared)} + client {version_text(client)}"
 
 
-def show(title, msg):
-    print(f"\n── {title}")
+def wrap_block(text, width):
+    """Wraps a description to `width`, keeping its blank lines and its bullet lines (' * ...') as such."""
+    lines = []
+    for raw in text.strip("\n").split("\n"):
+        if not raw.strip():
+            lines.append("")
+            continue
+        indent = len(raw) - len(raw.lstrip())
+        bullet = raw.lstrip()[:2] in ("* ", "- ", "o ")
+        sub = " " * (indent + (2 if bullet else 0))
+        lines.extend(textwrap.wrap(raw, width, initial_indent="", subsequent_indent=sub,
+                                   drop_whitespace=True, break_long_words=True) or [""])
+    return lines or ["(empty)"]
+
+
+def columns(blocks, total_width, gap=" │ "):
+    """Prints [(title, text, footer)] side by side in columns that fit total_width."""
+    n = len(blocks)
+    w = max(24, (total_width - len(gap) * (n - 1)) // n)
+    cols = []
+    for title, text, footer in blocks:
+        body = wrap_block(text, w)
+        cols.append([title[:w], "─" * w] + body + ["─" * w] + [x for f in footer for x in textwrap.wrap(f, w)])
+    height = max(len(c) for c in cols)
+    for i in range(height):
+        print(gap.join((c[i] if i < len(c) else "").ljust(w) for c in cols).rstrip())
+
+
+def result_parts(msg):
     if "error" in msg:
-        print(f"   error {msg['error']['code']}: {msg['error']['message']}")
-        return
+        return f"error {msg['error']['code']}: {msg['error']['message']}", []
     r = msg["result"]
-    text = r.get("text", "")
-    print(textwrap.indent(textwrap.fill(text.strip() or "(empty)", 96), "   │ "))
     a, t, u = r.get("adapter", {}), r.get("timing", {}), r.get("usage", {})
-    print(f"   adapter: {adapter_text(a)} · {u.get('completion_tokens')} tokens · "
-          f"prefill {t.get('prefill_ms')} ms · decode {t.get('decode_ms')} ms · {r.get('finish_reason')}")
+    return r.get("text", ""), [f"adapter: {adapter_text(a)}",
+                               f"{u.get('completion_tokens')} tokens in {t.get('decode_ms')} ms ({r.get('finish_reason')})"]
+
+
+def read_newcomer(path):
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f if line.strip()]
+    print(f"demo: {path} not found; personalizing from {len(FALLBACK_NEWCOMER)} built-in examples", file=sys.stderr)
+    return FALLBACK_NEWCOMER
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--binary", default=".build/release/pf2lora")
     ap.add_argument("--model", required=True)
     ap.add_argument("--store")
-    ap.add_argument("--clients", default="")
-    ap.add_argument("--prompt", default="The meaning of life is")
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--steps", type=int, default=60, help="personalize steps for the new client")
+    ap.add_argument("--clients", default="", help="three clients to compare (default: python, games, fonts when the store has them)")
+    ap.add_argument("--package", default=REQUEST["package"])
+    ap.add_argument("--section", default=REQUEST["section"])
+    ap.add_argument("--summary", default=REQUEST["summary"])
+    ap.add_argument("--depends", default=REQUEST["depends"])
+    ap.add_argument("--max-tokens", type=int, default=110)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--newcomer", default="examples/newcomer-client.jsonl", help="JSONL of {\"text\"}: the new client's examples")
+    ap.add_argument("--steps", type=int, default=80, help="personalize steps for the new client")
+    ap.add_argument("--personalize-seq", type=int, default=128, help="tokens per training window of the personalization")
+    ap.add_argument("--width", type=int, default=0, help="output width (default: the terminal's, at least 150)")
     args = ap.parse_args()
+    width = args.width or max(150, shutil.get_terminal_size((150, 40)).columns)
 
     argv = [args.binary, "serve", "--model", args.model]
     if args.store:
@@ -113,30 +178,53 @@ def main():
 
     listed = srv.wait(srv.send("adapters.list")).get("result", {})
     known = [c["id"] for c in listed.get("clients", [])]
-    clients = [c for c in args.clients.split(",") if c] or known[:3] or ["alice", "bob", "carol"]
+    preferred = [c for c in ("python", "games", "fonts") if c in known]
+    clients = [c for c in args.clients.split(",") if c] or (preferred if len(preferred) == 3 else known[:3]) or ["alice", "bob", "carol"]
     print(f"store: shared {version_text(listed.get('shared', {}).get('version') if listed.get('shared') else None)}, "
           f"{len(known)} clients ({', '.join(known) or 'none'})")
 
-    # Three clients at once: their requests share one batch.
-    params = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0.8, "top_p": 0.95, "seed": 7}
-    ids = {c: srv.send("generate", dict(params, client=c)) for c in clients}
+    req = {"package": args.package, "section": args.section, "summary": args.summary, "depends": args.depends}
+    prompt = request_prompt(req)
+    print("\nThe request (the model writes what follows 'Description:'):\n")
+    print(textwrap.indent(prompt.rstrip("\n"), "    "))
+    print()
+    params = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": 0.9,
+              "seed": args.seed, "stop": ["\nPackage:"]}
+    # Three clients and the shared pair alone (a client id with no adapter) at once: one batch.
+    shared_only = "no-such-client"
+    ids = {c: srv.send("generate", dict(params, client=c)) for c in clients + [shared_only]}
+    blocks = []
     for c, rid in ids.items():
-        show(f"client {c!r}: {args.prompt!r}", srv.wait(rid))
+        text, footer = result_parts(srv.wait(rid))
+        blocks.append((f"client {c}" if c != shared_only else "shared pair alone", text, footer))
+    columns(blocks, width)
 
-    # A brand-new client, personalized in place while the server keeps serving.
-    new = "demo-newcomer"
-    before = srv.send("generate", dict(params, client=new))
-    show(f"new client {new!r} before personalization (shared pair alone)", srv.wait(before))
+    # A brand-new client, personalized in place from its own examples while the server keeps serving.
+    new = "lab"
+    texts = read_newcomer(args.newcomer)
+    nprompt = request_prompt(NEWCOMER_REQUEST)
+    nparams = dict(params, prompt=nprompt, client=new)
+    print(f"\nA new client {new!r} brings {len(texts)} descriptions of its own ({args.newcomer}), e.g.:\n")
+    print(textwrap.indent(texts[0].split("Description:\n", 1)[-1], "    "))
+    print(f"\nIts request:\n\n{textwrap.indent(nprompt.rstrip(), '    ')}\n")
+    before = srv.wait(srv.send("generate", nparams))
     t1 = time.time()
-    pr = srv.wait(srv.send("personalize", {"client": new, "texts": NEW_CLIENT_TEXTS, "steps": args.steps, "seed": 1}), timeout=600)
+    pr = srv.wait(srv.send("personalize", {"client": new, "texts": texts, "steps": args.steps, "seed": 1,
+                                           "batch": 4, "seq": args.personalize_seq}), timeout=600)
     if "error" in pr:
-        print(f"\n── personalize {new!r}: error {pr['error']['code']}: {pr['error']['message']}")
+        print(f"personalize {new!r}: error {pr['error']['code']}: {pr['error']['message']}")
+        after_block = ("after personalization", "(failed)", [])
     else:
         r = pr["result"]
         losses = r.get("loss", [])
-        print(f"\n── personalized {new!r} in {time.time() - t1:.1f} s: version {r.get('version')} on shared {version_text(r.get('shared_version'))}, "
-              f"loss {losses[0]:.3f} → {losses[-1]:.3f}, learned rank {r.get('rank_range')}" if losses else f"\n── personalized: {r}")
-        show(f"new client {new!r} after personalization", srv.wait(srv.send("generate", dict(params, client=new))))
+        if losses:
+            print(f"personalized {new!r} in {time.time() - t1:.1f} s ({args.steps} steps): version {r.get('version')} on shared "
+                  f"{version_text(r.get('shared_version'))}, loss {losses[0]:.3f} → {losses[-1]:.3f}\n")
+        text, footer = result_parts(srv.wait(srv.send("generate", nparams)))
+        after_block = (f"client {new}, after personalization", text, footer)
+    btext, bfooter = result_parts(before)
+    columns([(f"client {new}, before personalization", btext, bfooter), after_block], min(width, 150))
+
     stats = srv.wait(srv.send("stats"))["result"]
     print(f"\nstats: {stats.get('completed')} requests completed, {stats.get('generated_tokens')} tokens, "
           f"mean batch {stats.get('mean_batch_rows', 0):.1f} rows, resident {stats.get('rss_bytes', 0) / 2**20:.0f} MiB")

@@ -8,8 +8,10 @@ method, one validation grid of the same size for every method, several seeds, st
 
 Stages, every run resumable on its own:
 1. grid: every method x every point of its grid (GRIDS: the same number of points per method),
-   selection seed SELECT_SEED, `federate --no-test` (the test split is not read); select the point with
-   the lowest mean valid loss over clients.
+   selection seed --select-seed (default SELECT_SEED, `federate --no-test`: the test split is not read; or one
+   of --seeds, whose runs the grid runs then are: they read the test split once at their end, only the
+   selected point's is reported); select the point with the lowest mean valid loss over clients. A grid
+   point whose training diverges is recorded as such (never selected).
 2. seeds: every method at its selected point for every seed in --seeds, test split read once at the end.
 3. report: per-client mean +- 95 % CI over seeds (t interval), overall mean test loss per seed ->
    mean +- CI, paired Wilcoxon signed-rank (two-sided, scipy) of PF2LoRA vs each baseline over the
@@ -37,23 +39,35 @@ NAMES = {"pf2lora": "PF2LoRA", "homlora": "HOMLoRA", "perfedavg": "Per-FedAvg-Lo
 SELECT_SEED = 100
 
 
-def grids(local_steps, lower_steps):
-    """Three points per method (the same number for every method). PF2LoRA's third point trades local
-    iterations for lower steps at the same gradient evaluations per round, local x (lower + 1)."""
+LRS = "5e-3,1e-2,2e-2"
+
+
+def grids(local_steps, lower_steps, lrs=LRS):
+    """The same number of points for every method: the same learning-rate grid LRS (the AdamW rate of the
+    shared level and of every single-level LoRA) with each method's own knobs at their defaults, plus one
+    point that changes a knob of the method's own at the middle rate:
+    - PF2LoRA: the split of its gradient evaluations (more shared steps, fewer lower steps, same
+      local x (lower + 1) evaluations per round); its lower SGD rate lr2 = 0.5 throughout;
+    - Per-FedAvg: the inner (adaptation) SGD rate 0.05 instead of 0.5;
+    - HETLoRA: penalty 1e-2 and pruning ratio 0.1 instead of 1e-3 and 0.05;
+    - HOMLoRA, Local-only, FedAvg+FT (no knob of their own): the LoRA scale alpha doubled (alpha is a knob of
+      every LoRA; the others keep the default alpha = 2 r)."""
+    lrs = [x for x in lrs.split(",") if x]
+    mid = lrs[len(lrs) // 2]
     g = local_steps * (lower_steps + 1)
-    alt_lower = 5 if lower_steps != 5 else 2
+    # The alternative split: one lower step per local iteration when the experiment uses more, else five.
+    alt_lower = 1 if lower_steps > 1 else 5
     alt_local = max(1, g // (alt_lower + 1))
-    return {
-        "pf2lora": [{"lr": "2e-3", "lr2": "0.5"}, {"lr": "5e-3", "lr2": "0.5"},
-                    {"lr": "2e-3", "lr2": "0.5", "local-steps": str(alt_local), "lower-steps": str(alt_lower)}],
-        "homlora": [{"lr": lr} for lr in ("2e-3", "5e-3", "1e-2")],
-        "local": [{"lr": lr} for lr in ("2e-3", "5e-3", "1e-2")],
-        "fedavg-ft": [{"lr": lr} for lr in ("2e-3", "5e-3", "1e-2")],
-        "perfedavg": [{"lr": "2e-3", "inner-lr": "0.05"}, {"lr": "2e-3", "inner-lr": "0.5"}, {"lr": "5e-3", "inner-lr": "0.5"}],
-        "hetlora": [{"lr": "2e-3", "hetlora-lambda": "1e-3", "hetlora-prune": "0.05"},
-                    {"lr": "5e-3", "hetlora-lambda": "1e-3", "hetlora-prune": "0.05"},
-                    {"lr": "2e-3", "hetlora-lambda": "1e-2", "hetlora-prune": "0.1"}],
-    }
+    base = {"pf2lora": {"lr2": "0.5"}, "perfedavg": {"inner-lr": "0.5"},
+            "hetlora": {"hetlora-lambda": "1e-3", "hetlora-prune": "0.05"}, "homlora": {}, "local": {}, "fedavg-ft": {}}
+    knob = {"pf2lora": {"local-steps": str(alt_local), "lower-steps": str(alt_lower)}, "perfedavg": {"inner-lr": "0.05"},
+            "hetlora": {"hetlora-lambda": "1e-2", "hetlora-prune": "0.1"}}
+    out = {}
+    for m, b in base.items():
+        pts = [dict(b, lr=lr) for lr in lrs]
+        pts.append(dict(b, lr=mid, **knob.get(m, {"alpha": "32"})))
+        out[m] = pts
+    return out
 
 
 def point_id(p):
@@ -70,9 +84,9 @@ class Experiment:
         self.root = pathlib.Path(a.root or f"runs/experiments/{a.name}")
         self.settings = {k: getattr(a, k) for k in ("name", "model", "data", "budget", "rounds", "local_steps", "lower_steps",
                                                     "batch", "seq", "rank", "rank2", "eval_every", "eval_windows", "clients")}
-        self.grid = grids(a.local_steps, a.lower_steps)
+        self.grid = grids(a.local_steps, a.lower_steps, a.lrs)
         self.settings["grids"] = self.grid
-        self.settings["select_seed"] = SELECT_SEED
+        self.settings["select_seed"] = a.select_seed
 
     def check_settings(self):
         self.root.mkdir(parents=True, exist_ok=True)
@@ -119,8 +133,16 @@ class Experiment:
             r = subprocess.run(["nice", "-n", str(self.a.nice)] + cmd, stdout=so, stderr=se)
         if r.returncode != 0 or not (part / "metrics.json").exists():
             tail = (part / "stderr.txt").read_text()[-600:]
+            if stage == "grid" and "became non-finite" in tail:
+                # A grid point whose training diverged is a result (never selected), not a failed experiment.
+                (part / "metrics.json").write_text(json.dumps({"mean_valid_loss": float("inf"), "diverged": tail.strip()[-300:]}) + "\n")
+                shutil.rmtree(part / "store", ignore_errors=True)
+                shutil.rmtree(d, ignore_errors=True)
+                part.rename(d)
+                log(f"{stage}/{method}/{key}: diverged (recorded as inf)")
+                return d
             raise RuntimeError(f"{stage}/{method}/{key} failed (exit {r.returncode}):\n{tail}")
-        shutil.rmtree(part / "store", ignore_errors=True) if stage == "grid" else None
+        shutil.rmtree(part / "store", ignore_errors=True) if stage == "grid" and no_test else None
         shutil.rmtree(d, ignore_errors=True)
         part.rename(d)
         log(f"{stage}/{method}/{key}: {time.time() - t0:.0f}s")
@@ -145,12 +167,21 @@ class Experiment:
         return out
 
     def stage_grid(self):
-        jobs = [("grid", m, point_id(p), p, SELECT_SEED, True) for m in self.a.methods for p in self.grid[m]]
+        # When the selection seed is one of the seeds, the grid runs are that seed's runs: they read the test
+        # split once at their end (never looked at for selection) and keep their stores.
+        reuse = self.a.select_seed in self.a.seeds
+        jobs = [("grid", m, point_id(p), p, self.a.select_seed, not reuse) for m in self.a.methods for p in self.grid[m]]
         log(f"grid: {len(jobs)} runs ({sum(1 for j in jobs if not (self.root / 'grid' / j[1] / j[2] / 'metrics.json').exists())} to do)")
         self.parallel(jobs)
 
     def stage_seeds(self):
         sel = self.selected()
+        if self.a.select_seed in self.a.seeds:
+            for m in self.a.methods:
+                d = self.root / "seeds" / m / f"seed{self.a.select_seed}"
+                if not d.exists():
+                    d.parent.mkdir(parents=True, exist_ok=True)
+                    os.symlink(os.path.relpath(self.root / "grid" / m / point_id(sel[m][0]), d.parent), d)
         # Seed-major: an interrupted experiment has whole seeds (every method) rather than whole methods.
         jobs = [("seeds", m, f"seed{s}", sel[m][0], s, False) for s in self.a.seeds for m in self.a.methods]
         log(f"seeds: {len(jobs)} runs ({sum(1 for j in jobs if not (self.root / 'seeds' / j[1] / j[2] / 'metrics.json').exists())} to do)")
@@ -246,7 +277,7 @@ def report(exp, out_md, svg):
         import copy
         partial_note = [f"**Partial: {len(done_seeds)} of {len(a.seeds)} seeds finished for every method** (seeds "
                         f"{', '.join(map(str, done_seeds))}); the rest resume with the command above. With one seed there is "
-                        "no interval (shown as ± nan).", ""]
+                        "no interval (shown as ± nan); with two the interval is wide (t = 12.7).", ""]
         a = copy.copy(a)
         a.seeds = done_seeds
     complete = [m for m in a.methods if len(a.seeds) and all(sd in runs.get(m, {}) for sd in a.seeds)]
@@ -267,9 +298,17 @@ def report(exp, out_md, svg):
                   f"gradient evaluations each, so it sees more tokens; see the token column)."),
               f"- {a.rounds} rounds, all clients every round, rank r = {a.rank}, r2 = {a.rank2} (single-level "
               f"baselines rank {a.rank + a.rank2}), valid loss every {a.eval_every} rounds.",
-              f"- Tuning: every method has a grid of {len(exp.grid['pf2lora'])} points, run at seed {SELECT_SEED} "
-              f"without reading the test split; the point with the lowest mean valid loss is selected. Then "
-              f"{len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}) at the selected point; the test split is read once, at the end of each.",
+              f"- Tuning: every method has a grid of {len(exp.grid['pf2lora'])} points, run at seed {a.select_seed}: the same "
+              f"learning rates {', '.join(a.lrs.split(','))} (AdamW, the shared level's and every single-level LoRA's) for every method, "
+              "each method's own knobs at their defaults, plus one point that changes a knob of its own at the middle rate "
+              "(PF2LoRA: the split of its gradient evaluations between the levels; Per-FedAvg: the inner rate; HETLoRA: "
+              "penalty and pruning ratio; HOMLoRA, Local-only, FedAvg+FT, which have none: the LoRA scale alpha doubled). "
+              "The point with the lowest mean valid loss is selected (the test split is never used for selection). "
+              + (f"Seed {a.select_seed}'s runs are the grid runs themselves (each reads the test split once, at its end; only the "
+                 f"selected point's is reported), then seeds {', '.join(str(x) for x in a.seeds if x != a.select_seed)} at the selected point."
+                 if a.select_seed in a.seeds else
+                 f"The grid does not read the test split. Then {len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}) at the selected point; "
+                 "the test split is read once, at the end of each."),
               f"- Reproduce: `python3 scripts/experiment.py {' '.join(a.argv)}` (resumable).", ""]
     lines += ["## Grids and selections (mean valid loss at the selection seed)", ""]
     lines += ["| method | grid point | mean valid loss | selected |", "|---|---|---:|:---:|"]
@@ -436,7 +475,7 @@ def selection_stage(a, root, sel, out_md, svg):
         f = root / "grid" / m / point_id(sel[m][0]) / "metrics.json"
         per[m] = {c["client"]: c["valid_loss"] for c in json.loads(f.read_text())["clients"]}
     clients = list(per[done[0]])
-    out = [f"## Selection stage: valid loss of each method's selected point (seed {SELECT_SEED}, one seed)", "",
+    out = [f"## Selection stage: valid loss of each method's selected point (seed {a.select_seed}, one seed)", "",
            "The split used for selection, so every number is optimistic by the same mechanism (each method picks the "
            "best of the same number of points); no confidence interval (one seed). Lower is better.", "",
            "| client | " + " | ".join(NAMES[m] for m in done) + " |", "|---|" + "---:|" * len(done)]
@@ -451,7 +490,7 @@ def selection_stage(a, root, sel, out_md, svg):
         pts = [(0, r["mean_base_valid_loss"])] + [(x["round"], x["loss"]) for x in r.get("mean_valid_loss_by_round", [])]
         series.append((NAMES[m], [x for x, _ in pts], [y for _, y in pts]))
     sel_svg = str(pathlib.Path(svg).with_suffix("")) + "-selection.svg"
-    curves_svg(series, sel_svg, f"Mean valid loss by round, selected points, seed {SELECT_SEED} (round 0 = base)")
+    curves_svg(series, sel_svg, f"Mean valid loss by round, selected points, seed {a.select_seed} (round 0 = base)")
     out += [f"![valid curves of the selected points]({os.path.relpath(sel_svg, os.path.dirname(out_md) or '.')})", ""]
     last = ", ".join(f"{n} {ys[-2] - ys[-1]:+.4f}" for n, _, ys in series if len(ys) >= 2)
     out += [f"Valid-loss drop over the last evaluation interval (positive = still improving): {last}.", ""]
@@ -538,11 +577,14 @@ def main():
     ap.add_argument("--lower-steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--lrs", default=LRS, help="the learning-rate grid of every method (comma-separated)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--rank2", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--eval-windows", type=int, default=0)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--select-seed", type=int, default=SELECT_SEED,
+                    help="seed of the grid (default 100; one of --seeds: the grid runs are that seed's runs)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--nice", type=int, default=19)

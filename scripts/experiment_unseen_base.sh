@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Experiment B of docs/RESULTS.md: the same federation as the embedded default, on a base that has
+# Experiment B of docs/RESULTS-fortunes.md: the same federation as the embedded default, on a base that has
 # never seen the clients' text. The embedded default's base was pretrained on every category's train
-# split, the clients' included, which leaves the shared level little to learn (docs/RESULTS.md,
+# split, the clients' included, which leaves the shared level little to learn (docs/RESULTS-fortunes.md,
 # "Why"). Here the base is pretrained on the fortune categories that are *not* clients only (the
 # pretrain mix minus every text that is in any client's train, valid or test split), with the same
 # recipe, and PF2LoRA and every baseline are federated on it with the same settings as

@@ -28,11 +28,11 @@ if [ "$WHAT" = all ] || [ "$WHAT" = synthetic ]; then
 fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = debian ]; then
-  [ -d data/debian/clients ] || python3 scripts/make_debian_corpus.py --out data/debian
+  [ -d data/debian/clients ] || python3 scripts/make_debian_corpus.py --out data/debian   # or: ln -s /work/data/debian data/debian
   say "data-to-text federation"
-  python3 scripts/experiment.py --name debian-compute --model models/fortune-gpt2 --data data/debian/clients --binary "$BIN" \
-    --budget compute --rounds 6 --local-steps 2 --lower-steps 2 --batch 4 --seq 64 --eval-every 2 --eval-windows 64 \
-    --seeds 0,1,2 --jobs 3 --nlg --nlg-limit 20 --nlg-tokens 80 --rank-controls \
+  python3 scripts/experiment.py --name debian-compute8 --model models/fortune-gpt2 --data data/debian/clients --binary "$BIN" \
+    --budget compute --rounds 8 --local-steps 2 --lower-steps 2 --batch 4 --seq 64 --eval-every 2 --eval-windows 32 \
+    --lrs 5e-3,1e-2,2e-2 --seeds 0,1,2 --select-seed 0 --jobs 3 --nlg --nlg-limit 20 --nlg-tokens 80 --rank-controls \
     --title "Data-to-text on Debian's package index: fair comparison (compute budget)" \
     --preamble docs/results-data-to-text-preamble.md --appendix docs/results-data-to-text-analysis.md \
     --out docs/RESULTS-data-to-text.md --svg docs/results-data-to-text-curves.svg

@@ -13,7 +13,7 @@ BIN=.build/release/pf2lora
 rm -rf "$ROOT/stores" "$ROOT/federate"
 mkdir -p "$ROOT/federate"
 run_method() {
-  # PF2LoRA's lower level: SGD 0.5 with 5 steps, selected on the validation split (docs/RESULTS.md).
+  # PF2LoRA's lower level: SGD 0.5 with 5 steps, selected on the validation split (docs/RESULTS-fortunes.md).
   local extra=""
   [ "$1" = pf2lora ] && extra="--lr2 0.5 --lower-steps 5"
   "$BIN" federate --model "$MODEL" --data data/corpus/clients --store "$ROOT/stores/$1" --method "$1" \

@@ -45,6 +45,15 @@ def budget_note(runs):
             "compute, equal tuning and several seeds is docs/RESULTS-fair.md.")
 
 
+UNMATCHED_BANNER = (
+    "> **Protocol of this page: unmatched compute, PF2LoRA alone tuned, one seed.** PF2LoRA trained on 6 x the tokens of "
+    "HOMLoRA, Local-only, HETLoRA and FedAvg+FT (3 x Per-FedAvg's), only its lower-level rate and steps were chosen on "
+    "validation, and every figure is one seed with no interval. The differences below are not evidence for or against "
+    "the paper's claims; the comparisons made under matched compute, equal grids and several seeds are "
+    "[RESULTS-fair.md](RESULTS-fair.md) (synthetic federation, data to text). The fortune federation under that "
+    "protocol (`scripts/fair_experiments.sh fortune`, docs/RESULTS-fortune-fair.md) has not been run yet.")
+
+
 def svg_chart(clients, series, path):
     """Grouped bars of test perplexity per client, one colour per method."""
     colors = ["#9e9e9e", "#8c6bb1", "#e6550d", "#fdae6b", "#31a354", "#3182bd", "#08519c"]
@@ -149,7 +158,10 @@ def main():
     verdict.append("Mean test perplexity, best first: " + ", ".join(f"{n} {m:.2f}" for m, n in order) + ".")
 
     svg_chart(clients, cols, args.svg)
-    md = [f"# {args.title}", "", args.preamble, "",
+    steps = runs["pf2lora"].get("budget", "steps") != "compute"
+    title = args.title + (" (unmatched compute: not a fair comparison)" if steps else "")
+    banner = [UNMATCHED_BANNER, ""] if steps else []
+    md = [f"# {title}", ""] + banner + [args.preamble, "",
           "Test perplexity (exp of the mean token cross-entropy on each client's test split; lower is better;",
           "bold = best adapted model for that client). Every method trains the same base on the same",
           f"clients with the same rounds and data; settings are in `{args.runs}/<method>/metrics.json`.", "",

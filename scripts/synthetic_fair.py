@@ -5,7 +5,7 @@ and PF2LoRA's ablations.
 
     python3 scripts/synthetic_fair.py [--binary runs/bin/pf2lora] [--out docs/SYNTHETIC-fair.md]
 
-1. grid: every method x 3 points at seed 100 (`pf2lora synthetic --methods M`); selection by the
+1. grid: every method x 4 points (GRIDS) at seed 100 (`pf2lora synthetic --methods M`); selection by the
    mean valid MSE of the final adapters (after FedAvg+FT's fine-tuning; the test split is evaluated by the
    command but not looked at for selection).
 2. seeds 0..4 at the selected point; test MSE per client.
@@ -32,18 +32,18 @@ NAMES = {"pf2lora": "PF2LoRA", "homlora": "HOMLoRA", "perfedavg": "Per-FedAvg-Lo
 SELECT_SEED = 100
 # local 10 x (lower 5 + 1) = 60 gradient evaluations per client per round for every method.
 BASE = {"rounds": "150", "local-steps": "10", "lower-steps": "5", "budget": "compute", "true-rank": "8", "true-rank2": "2"}
-GRIDS = {
-    "pf2lora": [{"upper-lr": "0.01", "lower-lr": "0.05"}, {"upper-lr": "0.003", "lower-lr": "0.05"},
-                {"upper-lr": "0.01", "lower-lr": "0.05", "local-steps": "20", "lower-steps": "2"}],
-    "homlora": [{"upper-lr": x} for x in ("0.003", "0.01", "0.03")],
-    "local": [{"upper-lr": x} for x in ("0.003", "0.01", "0.03")],
-    "fedavg-ft": [{"upper-lr": x} for x in ("0.003", "0.01", "0.03")],
-    "perfedavg": [{"upper-lr": "0.003", "inner-lr": "0.05"}, {"upper-lr": "0.01", "inner-lr": "0.05"},
-                  {"upper-lr": "0.01", "inner-lr": "0.2"}],
-    "hetlora": [{"upper-lr": "0.003", "hetlora-lambda": "1e-3", "hetlora-prune": "0.05"},
-                {"upper-lr": "0.01", "hetlora-lambda": "1e-3", "hetlora-prune": "0.05"},
-                {"upper-lr": "0.01", "hetlora-lambda": "1e-2", "hetlora-prune": "0.1"}],
-}
+# The same learning-rate grid (the AdamW rate of the shared level and of every single-level LoRA) for every
+# method, each method's own knobs at their defaults, plus one point that changes a knob of the method's own
+# at the middle rate (4 points per method): PF2LoRA the split of its evaluations (20 x (2 + 1) instead of
+# 10 x (5 + 1)); Per-FedAvg the inner rate 0.2 instead of 0.05; HETLoRA penalty 1e-2 and pruning 0.1;
+# HOMLoRA, Local-only and FedAvg+FT (no knob of their own) the LoRA scale alpha doubled.
+LRS = ("0.003", "0.01", "0.03")
+_BASE_KNOBS = {"pf2lora": {"lower-lr": "0.05"}, "homlora": {}, "perfedavg": {"inner-lr": "0.05"},
+               "hetlora": {"hetlora-lambda": "1e-3", "hetlora-prune": "0.05"}, "local": {}, "fedavg-ft": {}}
+_KNOB = {"pf2lora": {"local-steps": "20", "lower-steps": "2"}, "perfedavg": {"inner-lr": "0.2"},
+         "hetlora": {"hetlora-lambda": "1e-2", "hetlora-prune": "0.1"}}
+GRIDS = {m: [dict(b, **{"upper-lr": lr}) for lr in LRS] + [dict(b, **{"upper-lr": LRS[1]}, **_KNOB.get(m, {"alpha": "32"}))]
+         for m, b in _BASE_KNOBS.items()}
 # Ablations: (label, method, extra flags on top of PF2LoRA's selected point).
 ABLATIONS = [
     ("lower steps 1 (local 30)", "pf2lora", {"local-steps": "30", "lower-steps": "1"}),
@@ -140,7 +140,7 @@ def main():
              "Federation of docs/SYNTHETIC.md (8 clients, d_in 40, d_out 32, true ranks 6..10, noise 0.1: test-MSE floor 0.0100), "
              "150 rounds, all clients every round. Budget **compute**: every method makes 10 x (5 + 1) = 60 gradient evaluations "
              "(minibatches of 64) per client per round (PF2LoRA 10 iterations of 5 lower + 1 upper; HOMLoRA, Local-only, HETLoRA, "
-             "FedAvg+FT 60 iterations; Per-FedAvg 30 iterations of 2). Every method has a grid of 3 points, selected at seed "
+             "FedAvg+FT 60 iterations; Per-FedAvg 30 iterations of 2). Every method has a grid of 4 points (the same learning rates 0.003, 0.01, 0.03 for all, plus one point of a knob of its own at 0.01), selected at seed "
              f"{SELECT_SEED} on the mean valid MSE of the final adapters; then seeds {', '.join(map(str, seeds))}.", "",
              "## Grids and selections", "", "| method | point | mean valid MSE (seed 100) | selected |", "|---|---|---:|:---:|"]
     for m, p, v, sel in grid_rows:

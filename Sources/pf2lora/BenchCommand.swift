@@ -29,12 +29,15 @@ struct BenchDecode: ParsableCommand {
     var repeats: Int = 3
     @Option(name: .customLong("pool-policy"), help: "adaptive: decode steps run on one thread while the cores are oversubscribed (the default, as served); always: every step on every pool thread.")
     var poolPolicy = "adaptive"
+    @Option(help: ArgumentHelp(WeightsOption.help, valueName: "auto|f32|f16|bf16|q8_0"))
+    var weights = "auto"
     @Option(name: .customLong("pooled-rows"), help: "Decode steps of at most this many sequences run on the worker pool, larger ones as OpenBLAS GEMMs (0 = always GEMM; default: the engine's, \(InferenceEngine.maxPooledRows)).")
     var pooledRows: Int?
 
     func validate() throws {
         if let p = pooledRows, p < 0 { throw ValidationError("--pooled-rows must be >= 0 (0 = decode every batch with GEMM)") }
         guard poolPolicy == "adaptive" || poolPolicy == "always" else { throw ValidationError("--pool-policy must be adaptive or always") }
+        _ = try WeightsOption.parse(weights)
         guard batch >= 1, tokens >= 1, promptTokens >= 1, repeats >= 1, threads >= 0 else {
             throw ValidationError("need --batch, --tokens, --prompt-tokens, --repeats >= 1 and --threads >= 0")
         }
@@ -43,7 +46,8 @@ struct BenchDecode: ParsableCommand {
     func run() throws {
         BLAS.setThreads(threads)
         WorkerPool.shared.adaptive = poolPolicy == "adaptive"
-        let m = try LanguageModel.load(folder: model)
+        let m = try LanguageModel.load(folder: model, precision: try WeightsOption.parse(weights))
+        for f in m.base.fallbacks { log("weights: \(f)") }
         let c = m.architecture
         guard promptTokens + tokens <= c.contextLength else {
             throw CLIError("--prompt-tokens + --tokens is \(promptTokens + tokens), longer than the model's context (\(c.contextLength))")
@@ -61,6 +65,8 @@ struct BenchDecode: ParsableCommand {
             "pooled_rows": engine.pooledRowLimit, "pooled_rows_default": InferenceEngine.maxPooledRows,
             "pool_policy": poolPolicy, "pool_solo_steps": WorkerPool.shared.policy.soloRuns, "pool_solo_switches": WorkerPool.shared.policy.switches,
             "pool_mean_stall_fraction": WorkerPool.shared.policy.pooledJobs == 0 ? 0 : WorkerPool.shared.policy.stallFractionSum / Double(WorkerPool.shared.policy.pooledJobs),
+            "weights": weights, "weight_precisions": m.base.precisions.map { "\($0.key)x\($0.value)" }.sorted(),
+            "weight_bytes": m.base.byteCount, "weight_bytes_per_token": m.base.bytesPerToken, "rss_bytes": Server.residentBytes(),
             "prefill_tokens_per_s": Double(batch * promptTokens) / tp,
             "decode_tokens_per_s": Double(batch * tokens) / td,
             "decode_ms_per_step": td / Double(tokens) * 1000,
@@ -119,7 +125,7 @@ struct BenchBLAS: ParsableCommand {
         for _ in 0..<7 { let t0 = now(); gemvPass(); times.append(now() - t0) }
         let tv = times.sorted()[3]
         // The same bytes read as plainly as possible, by the decode worker pool.
-        let serving = m.baseLinears.weights.flatMap { $0 } + [m.weights.head]
+        let serving = m.baseLinears.weights.flatMap { $0 }.compactMap(\.f32) + [m.weights.head]
         var checksum = WorkerPool.shared.sumAll(serving)
         var rt: [Double] = []
         for _ in 0..<7 { let t0 = now(); checksum += WorkerPool.shared.sumAll(serving); rt.append(now() - t0) }

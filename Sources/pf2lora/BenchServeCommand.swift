@@ -27,6 +27,10 @@ struct BenchServe: ParsableCommand {
     var tokens: Int = 32
     @Option(name: .customLong("prompt-tokens"), help: "Prompt length of each sequence.")
     var promptTokens: Int = 16
+    @Option(help: ArgumentHelp(WeightsOption.help, valueName: "auto|f32|f16|bf16|q8_0"))
+    var weights = "auto"
+    @Option(name: .customLong("shared-pair"), help: "How the shared pair is applied: fold (into a copy of the weights at their precision), per-token (a rank-r term per token, no copy), or default (fold on f32 and q8_0, per token on f16 and bf16).")
+    var sharedPair = "default"
     @Option(help: "Timed repeats (median).")
     var repeats: Int = 3
     @Option(help: "OpenBLAS threads (0 = its default).")
@@ -36,11 +40,13 @@ struct BenchServe: ParsableCommand {
         guard clients >= 1, rank >= 1, rank2 >= 1, tokens >= 1, promptTokens >= 1, repeats >= 1, threads >= 0 else {
             throw ValidationError("need --clients, --rank, --rank2, --tokens, --prompt-tokens, --repeats >= 1 and --threads >= 0")
         }
+        _ = try WeightsOption.parse(weights)
+        guard ["default", "fold", "per-token"].contains(sharedPair) else { throw ValidationError("--shared-pair must be default, fold or per-token") }
     }
 
     func run() throws {
         BLAS.setThreads(threads)
-        let m = try LanguageModel.load(folder: model)
+        let m = try LanguageModel.load(folder: model, precision: try WeightsOption.parse(weights))
         let c = m.architecture
         let base = try BaseModelInfo.load(folder: model)
         let root = NSTemporaryDirectory() + "pf2lora-bench-serve-\(getpid())"
@@ -62,7 +68,8 @@ struct BenchServe: ParsableCommand {
         try store.publishShared(adapter(.shared, rank, nil))
         let ids = (0..<clients).map { "client-\($0)" }
         for id in ids { try store.publishClient(id: id, adapter(.client, rank2, id)) }
-        let runtime = AdapterRuntime(model: m, store: store)
+        let mode: SharedPairMode? = sharedPair == "fold" ? .fold : sharedPair == "per-token" ? .perToken : nil
+        let runtime = AdapterRuntime(model: m, store: store, sharedPairMode: mode)
         try runtime.prepare()
         let bindings = try ids.map { try runtime.resolve(client: $0) }
 
@@ -98,6 +105,8 @@ struct BenchServe: ParsableCommand {
         let rss = Server.residentBytes()
         print(jsonLine([
             "model": model, "clients": clients, "rank": rank, "rank2": rank2, "threads": BLAS.threads,
+            "weights": weights, "weight_bytes": m.base.byteCount, "shared_pair": (mode ?? .default(for: m.baseLinears)).rawValue,
+            "shared_owned_bytes": bindings[0].weights.ownedBytes(base: m.baseLinears),
             "base_decode_tokens_per_s": b, "adapters_decode_tokens_per_s": a, "ratio": a / b,
             "client_cold_load_ms_median": cold.sorted()[cold.count / 2] * 1000,
             "cached_switch_us_median": sw.sorted()[sw.count / 2] * 1e6,

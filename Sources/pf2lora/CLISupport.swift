@@ -92,3 +92,18 @@ func validateTargets(_ targets: String, modelFolder: String) throws {
     guard let a = try? ModelRegistry.architecture(folder: modelFolder) else { return }
     _ = try parseTargets(targets, a)
 }
+
+/// `--weights auto|f32|f16|bf16|q8_0`: the precision serving keeps the large tensors at (nil: auto,
+/// as the checkpoint stores them). Shared by generate, serve and the benchmarks.
+enum WeightsOption {
+    static let help = "Precision the weights are kept and read at: auto (as the checkpoint stores them: an f16/bf16 checkpoint is served from its own bytes, no f32 copy), f32, f16, bf16, or q8_0 (8-bit blocks of 32 with an f16 scale, as GGUF's Q8_0, made at load; a matrix whose rows are not whole blocks stays as stored, see `model info`). Adapters stay f32."
+
+    /// nil for auto, else the precision; throws a ValidationError naming the choices.
+    static func parse(_ s: String) throws -> WeightPrecision? {
+        if s == "auto" { return nil }
+        guard let p = WeightPrecision(rawValue: s) else {
+            throw ValidationError("--weights must be auto, f32, f16, bf16 or q8_0, not '\(s)'")
+        }
+        return p
+    }
+}

@@ -124,6 +124,12 @@ struct FederateCommand: ParsableCommand {
         // Metrics.
         let baseTest = (0..<ids.count).map { noTest ? Float.nan : task.evaluate(client: $0, adapter: .none, split: .test) }
         let baseValid = (0..<ids.count).map { task.evaluate(client: $0, adapter: .none, split: .valid) }
+        // A two-level result's shared pair alone (what a client without a pair of its own is served with).
+        let sharedOnly: [TwoLevelAdapter?] = result.clientAdapters.map { a in
+            a.shared != nil && a.local != nil ? TwoLevelAdapter(shared: a.shared, sharedScale: a.sharedScale) : nil
+        }
+        let sharedTest = (0..<ids.count).map { k in noTest ? Float.nan : sharedOnly[k].map { task.evaluate(client: k, adapter: $0, split: .test) } ?? .nan }
+        let sharedValid = (0..<ids.count).map { k in sharedOnly[k].map { task.evaluate(client: k, adapter: $0, split: .valid) } ?? .nan }
         let tokensPerEvaluation = batch * T
         var perClient: [[String: Any]] = []
         var table = MarkdownTable(["client", "train texts", "base test loss", "valid loss", "valid ppl", "test loss", "test ppl", "rank min-max (mean)", "version"],
@@ -140,6 +146,7 @@ struct FederateCommand: ParsableCommand {
                 "valid_loss": Double(result.validLoss[k]), "valid_perplexity": exp(Double(result.validLoss[k])),
                 "test_loss": json(result.testLoss[k]), "test_perplexity": json(exp(result.testLoss[k])),
                 "base_test_loss": json(baseTest[k]), "base_valid_loss": Double(baseValid[k]),
+                "shared_only_test_loss": json(sharedTest[k]), "shared_only_valid_loss": json(sharedValid[k]),
                 "gradient_evaluations": result.trainingEvaluations[k], "adaptation_evaluations": result.adaptationEvaluations[k],
                 "tokens": result.trainingEvaluations[k] * tokensPerEvaluation,
                 "trainable_parameters": result.trainableParameters[k], "uploaded_parameters_per_round": result.uploadedParameters[k],

@@ -5,21 +5,25 @@ import PF2LoRA
 /// Options that open a model, its tokenizer and optionally an adapter store.
 struct ModelOptions: ParsableArguments {
     @Option(help: "Model folder in Hugging Face layout (config.json of a supported family, model.safetensors, tokenizer.json or vocab.json + merges.txt).")
-    var model: String = "models/fortune-gpt2"
+    var model: String = "models/debian-llama"
     @Option(help: "Adapter store folder (DESIGN §4): personalize and federate publish into it and need it; generate and serve apply its adapters, and serve the base model alone without it.")
     var store: String?
     @Option(help: "Which base folder of the store to use (default: the one named after the model folder). Errors that find none say which bases the store holds.")
     var base: String?
     @Option(help: "OpenBLAS threads (0 = its default: all cores).")
     var threads: Int = 0
+    @Option(help: ArgumentHelp(WeightsOption.help, valueName: "auto|f32|f16|bf16|q8_0"))
+    var weights = "auto"
 
     func validate() throws {
         guard threads >= 0 else { throw ValidationError("--threads must be >= 0 (0 = OpenBLAS's default, all cores)") }
+        _ = try WeightsOption.parse(weights)
     }
 
     func loadModel() throws -> (LanguageModel, BPETokenizer) {
         BLAS.setThreads(threads)
-        let m = try LanguageModel.load(folder: model)
+        let m = try LanguageModel.load(folder: model, precision: try WeightsOption.parse(weights))
+        for f in m.base.fallbacks { log("weights: \(f)") }
         let tok = try BPETokenizer(folder: model)
         guard tok.vocabSize <= m.architecture.vocabSize else {
             throw CLIError("\(model): the tokenizer has \(tok.vocabSize) tokens but the model's vocab_size is \(m.architecture.vocabSize); they do not belong together")

@@ -6,7 +6,7 @@ struct ModelCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "model",
         abstract: "Make and inspect base models.",
-        subcommands: [RandomModel.self, ModelInfo.self])
+        subcommands: [RandomModel.self, ModelInfo.self, ConvertModel.self])
 }
 
 struct RandomModel: ParsableCommand {
@@ -29,7 +29,7 @@ struct RandomModel: ParsableCommand {
         personalize, federate and the benchmarks. `pf2lora model info` says which tokenizer a folder has.
         """)
 
-    @Option(help: "Shape preset: gpt2 (124M), gpt2-medium (355M), distilgpt2, small (4 layers, 256 wide: the embedded default's shape), tiny (2 layers, 64 wide); smollm2-135m, smollm2-360m, qwen2.5-0.5b, qwen3-0.6b, llama3.2-1b, tiny-llama (2 layers, 64 wide).")
+    @Option(help: "Shape preset: gpt2 (124M), gpt2-medium (355M), distilgpt2, small (4 layers, 256 wide: the embedded default's shape), tiny (2 layers, 64 wide); smollm2-135m, smollm2-360m, qwen2.5-0.5b, qwen3-0.6b, llama3.2-1b, tiny-llama (2 layers, 64 wide), small-llama (4 layers, 256 wide), llama-<layers>x<hidden> (from-scratch shapes, vocabulary 8192: see `pretrain`).")
     var config: String = "tiny"
     @Option(help: "Output folder (created if missing).")
     var out: String
@@ -107,6 +107,42 @@ struct RandomModel: ParsableCommand {
     }
 }
 
+struct ConvertModel: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "convert",
+        abstract: "Copy a model folder with its weights stored in another dtype (f32, f16 or bf16), e.g. a pretrain checkpoint to ship.",
+        discussion: """
+        Writes config.json and model.safetensors (the config as pf2lora writes it, so torch_dtype names the new \
+        dtype) and copies the tokenizer files and generation_config.json; optimizer and trainer state are not \
+        copied. Weights are rounded to nearest even; computation stays in f32 whatever the storage.
+        """)
+
+    @Option(help: "The model folder to read.")
+    var model: String
+    @Option(help: "Output folder (created if missing; must differ from --model).")
+    var out: String
+    @Option(help: "Storage dtype: f32, f16 or bf16.")
+    var dtype: String = "f16"
+
+    func validate() throws {
+        guard DType(rawValue: dtype.uppercased()) != nil else { throw ValidationError("unknown --dtype '\(dtype)'; use f32, f16 or bf16") }
+        guard URL(fileURLWithPath: model).standardizedFileURL != URL(fileURLWithPath: out).standardizedFileURL else {
+            throw ValidationError("--out must differ from --model")
+        }
+    }
+
+    func run() throws {
+        let m = try LanguageModel.load(folder: model)
+        try m.save(to: out, dtype: DType(rawValue: dtype.uppercased())!)
+        for f in ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+            where FileManager.default.fileExists(atPath: model + "/" + f) {
+            try AtomicFile.write(Data(contentsOf: URL(fileURLWithPath: model + "/" + f)), to: out + "/" + f)
+        }
+        let size = (try? FileManager.default.attributesOfItem(atPath: out + "/model.safetensors")[.size] as? Int) ?? 0
+        log(String(format: "model convert: wrote %@ (%@, %.1f MB of weights)", out, dtype.lowercased(), Double(size) / 1e6))
+    }
+}
+
 struct ModelInfo: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "info",
@@ -143,6 +179,15 @@ struct ModelInfo: ParsableCommand {
             let groups = GroupSite.allCases.map { site -> String in
                 switch site { case .attnIn: return "attnIn"; case .attnOut: return "attnOut"; case .mlpIn: return "mlpIn"; case .mlpOut: return "mlpOut" }
             }
+            // What --weights q8_0 does with each large matrix: rows of whole blocks of 32 are
+            // quantized, others stay as stored (ServingBase).
+            var q8Fallbacks: [String] = []
+            for g in a.groups where !WeightPrecision.q8_0.fits(cols: g.inFeatures) {
+                q8Fallbacks.append(g.slots.map { a.modulePath(layer: 0, slot: $0).replacingOccurrences(of: ".0.", with: ".*.") }.joined(separator: " + ") + " (rows of \(g.inFeatures))")
+            }
+            if !WeightPrecision.q8_0.fits(cols: a.hiddenSize) { q8Fallbacks.append("embeddings and head (rows of \(a.hiddenSize))") }
+            let q8Text = q8Fallbacks.isEmpty ? "q8_0 quantizes every matrix"
+                : "q8_0 keeps as stored, rows not whole blocks of 32: " + q8Fallbacks.joined(separator: "; ")
             let files = ck.index.map { "\(($0 as NSString).lastPathComponent) (\(ck.files.count) shards)" } ?? "model.safetensors"
             if json {
                 let slots: [[String: Any]] = a.slots.map { s in
@@ -157,7 +202,7 @@ struct ModelInfo: ParsableCommand {
                     "norm": a.norm.rawValue, "norm_eps": Double(a.normEps), "positions": positions, "mlp": a.mlp.rawValue,
                     "qk_norm": a.qkNorm, "tied_head": a.tiedHead, "eos_token_ids": a.eosTokenIds,
                     "stored_dtypes": dtypes, "config_dtype": a.storedDType ?? NSNull(), "weight_files": ck.files.map { ($0.name as NSString).lastPathComponent },
-                    "stored_bytes": ck.storedBytes, "fingerprint": fp, "tokenizer": tokenizerText, "slots": slots,
+                    "stored_bytes": ck.storedBytes, "q8_0_fallbacks": q8Fallbacks, "fingerprint": fp, "tokenizer": tokenizerText, "slots": slots,
                 ]))
                 return
             }
@@ -168,7 +213,8 @@ struct ModelInfo: ParsableCommand {
             print("\(folder): \(a.modelType), \(String(format: "%.1fM", Double(a.parameterCount) / 1e6)) parameters (\(a.parameterCount)), head \(a.tiedHead ? "tied to the embeddings" : "untied")")
             print("  block x \(a.layerCount): \(norm) (eps \(a.normEps)) -> attention (\(attn), \(positions)) -> \(norm) -> \(mlp)")
             print("  hidden \(a.hiddenSize), vocabulary \(a.vocabSize), context \(a.contextLength), end-of-sequence ids \(a.eosTokenIds)")
-            print("  weights: \(files), stored \(dtypes.joined(separator: " + ")) (\(String(format: "%.1f", Double(ck.storedBytes) / 1e6)) MB)\(a.storedDType.map { ", config.json says \($0)" } ?? ""); computed in f32; fingerprint \(fp)")
+            print("  weights: \(files), stored \(dtypes.joined(separator: " + ")) (\(String(format: "%.1f", Double(ck.storedBytes) / 1e6)) MB)\(a.storedDType.map { ", config.json says \($0)" } ?? ""); fingerprint \(fp)")
+            print("  serving (--weights): auto keeps the stored \(dtypes.joined(separator: " + ")); \(q8Text); norms, biases and adapters f32")
             print("  tokenizer: \(tokenizerText)")
             if let random { print("  made by: pf2lora model random --config \(random["preset"] ?? "?") --seed \(random["seed"] ?? "?")") }
             print("  linear slots (per block; adapters and --targets name them; module paths like \(a.modulePath(layer: 0, slot: 0))):")

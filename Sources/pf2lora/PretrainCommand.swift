@@ -25,7 +25,7 @@ struct PretrainCommand: ParsableCommand {
     var tokenizer: String
     @Option(help: "Output folder (the checkpoint).")
     var out: String
-    @Option(help: "Model shape preset: small (GPT-2, 4 layers, 256 wide, 4 heads, 256 positions), tiny, distilgpt2, gpt2, or a Llama-family shape (tiny-llama, smollm2-135m, ...: see `model random`). The vocabulary is the tokenizer's.")
+    @Option(help: "Model shape preset: small (GPT-2, 4 layers, 256 wide, 4 heads, 256 positions), tiny, distilgpt2, gpt2, or a Llama-family shape: small-llama (4 layers, 256 wide), llama-<layers>x<hidden> (e.g. llama-6x256: head dim 32, a quarter as many KV heads, SwiGLU 8/3 wide, 512 positions), tiny-llama, smollm2-135m, ... (see `model random`). The vocabulary is the tokenizer's.")
     var config: String = "small"
     @Option(help: "Optimizer steps in total (the cosine schedule ends here).")
     var steps: Int = 2000

@@ -14,7 +14,7 @@ struct RankCommand: ParsableCommand {
         JSON instead; --svg writes the spectra plot.
         """)
 
-    @Option(help: "Model folder (for the base fingerprint the store checks).") var model: String = "models/fortune-gpt2"
+    @Option(help: "Model folder (for the base fingerprint the store checks).") var model: String = "models/debian-llama"
     @Option(help: "The store root.") var store: String = "adapters"
     @Option(help: "The client id.") var client: String
     @Option(help: "Rank threshold relative to the largest singular value.") var tau: Float = LearnedRank.defaultTau

@@ -23,6 +23,7 @@ struct SyntheticCommand: ParsableCommand {
     @Option(name: .customLong("d-in"), help: "Input dimension.") var dIn: Int = 40
     @Option(name: .customLong("d-out"), help: "Output dimension.") var dOut: Int = 32
     @Option(name: .customLong("upper-lr"), help: "AdamW rate of the shared level and of the baselines.") var upperLR: Float = 0.01
+    @Option(help: "Shared alpha (default 2 x rank; the single-level baselines keep the same alpha / rank ratio).") var alpha: Float?
     @Option(name: .customLong("lower-lr"), help: "SGD rate of PF2LoRA's client level.") var lowerLR: Float = 0.05
     @Option(name: .customLong("noise"), help: "Target noise standard deviation.") var noise: Float = 0.1
     @Option(name: .customLong("batch"), help: "Minibatch size.") var batch: Int = 64
@@ -48,6 +49,7 @@ struct SyntheticCommand: ParsableCommand {
             throw ValidationError("need --clients >= 1, --rounds >= 1 and --rank >= --rank2 >= 1")
         }
         guard rank + rank2 <= min(dIn, dOut) else { throw ValidationError("--rank + --rank2 must be <= min(--d-in, --d-out)") }
+        if let alpha { guard alpha.isFinite, alpha > 0 else { throw ValidationError("--alpha must be a positive number") } }
     }
 
     func run() throws {
@@ -59,7 +61,7 @@ struct SyntheticCommand: ParsableCommand {
         sc.noiseStd = noise; sc.trainMin = trainMin; sc.trainMax = trainMax; sc.batchSize = batch; sc.seed = seed
         var fc = FederatedConfig()
         fc.rounds = rounds; fc.localSteps = localSteps; fc.lowerSteps = lowerSteps; fc.clientsPerRound = clientsPerRound
-        fc.rank = rank; fc.rank2 = rank2; fc.alpha = 2 * Float(rank); fc.alpha2 = 2 * Float(rank2)
+        fc.rank = rank; fc.rank2 = rank2; fc.alpha = alpha ?? 2 * Float(rank); fc.alpha2 = 2 * Float(rank2)
         fc.upperLR = upperLR; fc.lowerLR = lowerLR; fc.seed = seed; fc.evalEvery = evalEvery
         fc.scheduleLowerLR = scheduleLower; fc.persistClientOptimizer = persistAdam; fc.minLRRatio = minLRRatio
         guard let b = BudgetMode(rawValue: budget) else { throw ValidationError("--budget must be steps or compute") }

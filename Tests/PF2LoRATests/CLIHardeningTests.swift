@@ -222,7 +222,8 @@ import Testing
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = ["python3", TestPaths.repoRoot.appendingPathComponent("scripts/demo_client.py").path, "--binary", ServerProcess.binary,
-                       "--model", fx.model, "--store", fx.store, "--max-tokens", "8", "--steps", "5"]
+                       "--model", fx.model, "--store", fx.store, "--max-tokens", "8", "--steps", "5", "--personalize-seq", "32",
+                       "--newcomer", TestPaths.repoRoot.appendingPathComponent("examples/newcomer-client.jsonl").path]
         let o = Pipe(), e = Pipe()
         p.standardOutput = o; p.standardError = e
         try p.run()
@@ -231,8 +232,10 @@ import Testing
         p.waitUntilExit()
         #expect(p.terminationStatus == 0, "\(out)\n\(err)")
         #expect(!out.contains("None"), "\(out)")
-        #expect(out.contains("adapter: shared v1 + client v1"), "\(out)")
-        #expect(out.contains("adapter: shared v1 alone (no client pair yet)"), "the newcomer before personalization: \(out)")
-        #expect(out.contains("personalized 'demo-newcomer'") && out.contains("on shared v1"), "\(out)")
+        #expect(out.contains("adapter: shared v1 + client v1"), "the store's clients, side by side: \(out)")
+        #expect(out.contains("shared pair alone") && out.contains("adapter: shared v1 alone"), "the shared pair alone: \(out)")
+        #expect(out.contains("client lab, before personalization"), "the newcomer before personalization: \(out)")
+        #expect(out.contains("personalized 'lab'") && out.contains("on shared v1"), "\(out)")
+        #expect(out.contains("client lab, after personalization"), "\(out)")
     }
 }

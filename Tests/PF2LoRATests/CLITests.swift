@@ -81,6 +81,30 @@ import Testing
         }
     }
 
+    /// `model convert` stores a checkpoint's weights in f16 (what the embedded default ships): the copy
+    /// holds each weight rounded to f16, keeps the config and tokenizer, and generates the same greedy text
+    /// as the f32 model with its weights rounded the same way.
+    @Test func convertToF16() throws {
+        let dir = TestPaths.tempDir("convert")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let made = try Self.run(["model", "random", "--config", "tiny-llama", "--out", dir + "/f32", "--seed", "3"])
+        #expect(made.code == 0, "\(made.err)")
+        let conv = try Self.run(["model", "convert", "--model", dir + "/f32", "--out", dir + "/f16", "--dtype", "f16"])
+        #expect(conv.code == 0 && conv.err.contains("f16"), "\(conv.err)")
+        let a = try LanguageModel.load(folder: dir + "/f32"), b = try LanguageModel.load(folder: dir + "/f16")
+        #expect(a.architecture == b.architecture)
+        #expect(Set(try Checkpoint.open(folder: dir + "/f16").dtypes.keys) == [.f16])
+        for ((n, x), (_, y)) in zip(a.weights.named, b.weights.named) {
+            let want = x.array.map { Float(Float16($0)) }
+            #expect(y.array == want, "\(n)")
+        }
+        for f in ["tokenizer.json", "vocab.json", "merges.txt"] where FileManager.default.fileExists(atPath: dir + "/f32/" + f) {
+            #expect(FileManager.default.contents(atPath: dir + "/f16/" + f) == FileManager.default.contents(atPath: dir + "/f32/" + f), "\(f)")
+        }
+        Self.expectOneErrorLine(try Self.run(["model", "convert", "--model", dir + "/f32", "--out", dir + "/x", "--dtype", "q4"]), "unknown --dtype 'q4'")
+        Self.expectOneErrorLine(try Self.run(["model", "convert", "--model", dir + "/f32", "--out", dir + "/f32"]), "--out must differ from --model")
+    }
+
     /// `model random` writes a Llama-family folder with a working generated tokenizer; `model info`
     /// describes it (architecture, parameters, dtype, tokenizer, slot table); generate and adapters init run on it.
     @Test func llamaPresetInfoAndGenerate() throws {
@@ -108,5 +132,24 @@ import Testing
         let bad = try Self.run(["adapters", "init", "--model", dir, "--out", initOut, "--targets", "attn.c_attn"])
         Self.expectOneErrorLine(bad, "'attn.c_attn' is not a linear layer of a llama block")
         Self.expectOneErrorLine(try Self.run(["model", "random", "--config", "llama9", "--out", dir + "/x"]), "unknown --config 'llama9'")
+    }
+
+    /// `synthetic --alpha` sets the LoRA scale (the knob the fair grids give the methods without one of their own):
+    /// it changes a single-level baseline's result, the default equals an explicit 2 x rank, and a bad value is one error line.
+    @Test func syntheticAlphaSetsTheScale() throws {
+        let dir = TestPaths.tempDir("cli-synthetic-alpha")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func mse(_ extra: [String], _ name: String) throws -> Double {
+            let r = try Self.run(["synthetic", "--clients", "2", "--rounds", "2", "--local-steps", "2", "--lower-steps", "1",
+                                  "--methods", "homlora", "--quiet", "--seed", "3", "--out", dir + "/" + name] + extra)
+            #expect(r.code == 0, "\(r.err)")
+            let j = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: dir + "/" + name + "/results.json"))) as? [String: Any])
+            let m = try #require((j["methods"] as? [[String: Any]])?.first)
+            return try #require(m["meanValidMSE"] as? Double)
+        }
+        let def = try mse([], "default"), same = try mse(["--alpha", "16"], "a16"), big = try mse(["--alpha", "64"], "a64")
+        #expect(def == same, "the default alpha is 2 x rank = 16")
+        #expect(def != big, "alpha 64 scales the update: another result")
+        Self.expectOneErrorLine(try Self.run(["synthetic", "--alpha", "0", "--out", dir + "/bad"]), "--alpha")
     }
 }

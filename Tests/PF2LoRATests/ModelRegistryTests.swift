@@ -23,6 +23,24 @@ import Testing
      "torch_dtype": "bfloat16", "vocab_size": 128256}
     """
 
+    /// The from-scratch Llama shapes of `pretrain` (the embedded default is llama-6x256): head dim 32 (64 from
+    /// 384 wide), a quarter as many KV heads, SwiGLU 8/3 wide rounded up to 64, 512 positions, vocabulary 8192.
+    @Test func scratchLlamaPresets() throws {
+        let a = try #require(ModelRegistry.preset("llama-6x256", vocabSize: 8192, eosTokenId: 8191))
+        #expect(a.modelType == "llama" && a.layerCount == 6 && a.hiddenSize == 256 && a.headCount == 8 && a.kvHeadCount == 2)
+        #expect(a.headDim == 32 && a.contextLength == 512 && a.vocabSize == 8192 && a.tiedHead && a.norm == .rmsNorm)
+        #expect(a.slots.first { $0.path == "mlp.gate_proj" }?.weightShape == [704, 256])
+        // 8192 x 256 tied embeddings + 6 x (attention 2 x 256^2 + 2 x 256 x 64, SwiGLU 3 x 256 x 704, 2 norms) + final norm
+        #expect(a.parameterCount == 8192 * 256 + 6 * (2 * 256 * 256 + 2 * 256 * 64 + 3 * 256 * 704 + 2 * 256) + 256)
+        let wide = try #require(ModelRegistry.preset("llama-4x384"))
+        #expect(wide.headDim == 64 && wide.headCount == 6 && wide.kvHeadCount == 1 && wide.vocabSize == 8192)
+        let small = try #require(ModelRegistry.preset("small-llama"))
+        #expect(small.layerCount == 4 && small.hiddenSize == 256)
+        for bad in ["llama-6x250", "llama-0x256", "llama-6x", "llama-x256", "llama-6x256x2", "llama-65x256", "llama-6x16"] {
+            #expect(ModelRegistry.preset(bad) == nil, "\(bad)")
+        }
+    }
+
     @Test func gpt2SlotTableAndNames() throws {
         let a = try Self.arch(#"{"model_type": "gpt2", "vocab_size": 50, "n_positions": 32, "n_embd": 16, "n_layer": 2, "n_head": 4}"#)
         #expect(a.slots.map(\.path) == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"])

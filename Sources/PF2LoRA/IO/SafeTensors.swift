@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Element types a safetensors file may hold; the runtime computes in f32 and converts on load.
 public enum DType: String, Sendable {
@@ -246,6 +249,18 @@ public final class SafeTensorsFile: @unchecked Sendable {
     func rawBytes(_ info: TensorInfo) -> UnsafeRawPointer? {
         guard info.count > 0, let start = dataStart else { return nil }
         return start + info.begin
+    }
+
+    /// Drops this process's resident pages of the tensor's bytes (the whole pages inside them) when
+    /// the file is memory-mapped: called once a tensor has been copied or converted at load, so the
+    /// resident memory is what serving reads, not the checkpoint's size too. A later read of those
+    /// bytes maps them in again, so this never changes a value.
+    func releasePages(_ info: TensorInfo) {
+        guard storage is MappedFile, let p = rawBytes(info) else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let lo = (Int(bitPattern: p) + page - 1) / page * page, hi = (Int(bitPattern: p) + info.end - info.begin) / page * page
+        guard hi > lo, let start = UnsafeMutableRawPointer(bitPattern: lo) else { return }
+        _ = madvise(start, hi - lo, Int32(MADV_DONTNEED))
     }
 
     /// The tensor described by `info` (from this file's `tensors`).

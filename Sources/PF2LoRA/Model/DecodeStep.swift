@@ -22,7 +22,7 @@ extension InferenceEngine {
     func decodeRows(_ inputs: [StepInput], _ segments: [(LinearWeightSet, Int, Int)]) -> Tensor {
         let c = architecture, C = c.hiddenSize, B = inputs.count
         let p = pool.count
-        let rank = max(inputs.map { $0.client?.maxRank ?? 0 }.max() ?? 0, 1)
+        let rank = max(inputs.map { max($0.client?.maxRank ?? 0, $0.weights.perTokenRank) }.max() ?? 0, 1)
         ensure(rows: B, outRows: B, maxT: 1, maxRank: rank)
         let width = B * (c.groups.map(\.outFeatures).max() ?? C)
         let slotsPerGroup = c.groups.map(\.slots.count).max() ?? 1
@@ -30,18 +30,21 @@ extension InferenceEngine {
         // placeholder tensors are 1-D, whose `rows` is 1, so a one-thread pool must still allocate.
         func grow(_ t: inout Tensor, _ n: Int) { if t.shape.count != 2 || t.cols < n || t.rows < p { t = Tensor(zeros: [p, max(n, t.cols)]) } }
         grow(&partials, width); grow(&privateLN, B * C); grow(&privateScores, c.contextLength)
-        grow(&privateLoRA, B * slotsPerGroup * rank)
+        grow(&privateLoRA, B * 2 * slotsPerGroup * rank)
+        ensureQ8Inputs()
         if c.mlp == .swiglu { grow(&privateAct, B * c.intermediateSize) }
 
         // Embeddings: x[b] = embed[token] (+ positions[position]), and each row's rotary table.
-        let w = model.weights
+        let w = model.base
         for (b, inp) in inputs.enumerated() {
             let row = x.data + b * C
-            row.update(from: w.embed.data + inp.tokens[0] * C, count: C)
+            w.embed.rowsToF32(inp.tokens[0]..<(inp.tokens[0] + 1), into: row)
             if let pos = w.positions { addInPlace(row, pos.data + inp.cache.length * C, count: C) }
             rope?.table(position: inp.cache.length, into: ropeCS.data + b * c.headDim)
         }
-        let step = DecodeRows(inputs: inputs, segments: segments, rank: rank, slotsPerGroup: slotsPerGroup)
+        // Each row's low-rank terms: its weight set's per-token shared pair (a half-precision base), then its client's.
+        let lowRank = inputs.map { [$0.weights.perToken, $0.client].compactMap { $0 } }
+        let step = DecodeRows(inputs: inputs, segments: segments, lowRank: lowRank, rank: rank, slotsPerGroup: slotsPerGroup)
         pool.run { ctx in
             let runner = PooledDecodeRunner(engine: self, ctx: ctx, step: step)
             for l in 0..<c.layerCount { runBlock(runner, layer: l) }
@@ -56,6 +59,7 @@ extension InferenceEngine {
 struct DecodeRows {
     let inputs: [StepInput]
     let segments: [(LinearWeightSet, Int, Int)]   // (weights, first row, end row)
+    let lowRank: [[ClientPairs]]                 // per row: at most two sets of pairs
     let rank: Int
     let slotsPerGroup: Int
 }
@@ -67,16 +71,18 @@ private struct PooledDecodeRunner: BlockRunner {
     let step: DecodeRows
     let lnp: UnsafeMutablePointer<Float>    // (B, C) this participant's norm output
     let sc: UnsafeMutablePointer<Float>     // (context) its attention scores
+    let q8: Q8Activations                   // its inputs quantized for q8_0 weights
 
     init(engine: InferenceEngine, ctx: WorkerPool.Context, step: DecodeRows) {
         self.engine = engine; self.ctx = ctx; self.step = step
         lnp = engine.privateLN.data + ctx.index * engine.privateLN.cols
         sc = engine.privateScores.data + ctx.index * engine.privateScores.cols
+        q8 = engine.q8Inputs[ctx.index]
     }
 
     func norm(_ site: NormSite, layer l: Int) {
         let a = engine.architecture
-        let (w, b) = engine.model.weights.norm(site, layer: l)
+        let (w, b) = engine.model.base.layers[l].norm(site)
         normRows(a.norm, engine.x.data, w.data, b?.data, lnp, rows: step.inputs.count, C: a.hiddenSize, eps: a.normEps)
     }
 
@@ -101,7 +107,7 @@ private struct PooledDecodeRunner: BlockRunner {
         let W = a.group(.attnIn).outFeatures, perKV = H / KV, B = step.inputs.count
         let separate = a.hasPositionStep || KV != H
         if separate {
-            let layer = e.model.weights.layers[l]
+            let layer = e.model.base.layers[l]
             for item in ctx.share(B * (H + KV)) {
                 let b = item / (H + KV), h = item % (H + KV)
                 let row = e.qkv.data + b * W
@@ -141,10 +147,11 @@ private struct PooledDecodeRunner: BlockRunner {
 
     /// Final norm, then the head: (V,C) @ (B,C)^T -> (B,V), vocabulary rows split.
     func head() {
-        let e = engine, a = e.architecture, C = a.hiddenSize, V = a.vocabSize, w = e.model.weights
-        normRows(a.norm, e.x.data, w.finalNorm.data, w.finalNormBias?.data, lnp, rows: step.inputs.count, C: C, eps: a.normEps)
+        let e = engine, a = e.architecture, C = a.hiddenSize, V = a.vocabSize, w = e.model.base, B = step.inputs.count
+        normRows(a.norm, e.x.data, w.finalNorm.data, w.finalNormBias?.data, lnp, rows: B, C: C, eps: a.normEps)
+        if w.head.precision == .q8_0 { q8.quantize(lnp, count: B, cols: C) }
         ctx.chunks(V, size: 256, phase: a.groups.count * a.layerCount) {
-            dotRows(w.head.data, C: C, lnp, count: step.inputs.count, rows: $0, e.logits.data, stride: V)
+            dotRows(w.head, lnp, quantized: q8, count: B, rows: $0, e.logits.data, stride: V)
         }
     }
 
@@ -159,32 +166,36 @@ private struct PooledDecodeRunner: BlockRunner {
         let e = engine, a = e.architecture, g = a.groups[gi]
         let din = g.inFeatures, dout = g.outFeatures
         let B = step.inputs.count, R = step.rank, ns = g.slots.count
-        let bias = e.model.weights.layers[l].groupB[gi]?.data
+        let bias = e.model.base.layers[l].groupB[gi]?.data
         let stage = e.partials.data + ctx.index * e.partials.cols       // (B, out): my rows before GELU / residual
-        let t = e.privateLoRA.data + ctx.index * e.privateLoRA.cols      // (B, slots, rank)
-        // Each sequence's client projections t = s A xin per slot, the same on every participant. A (r, in).
+        let t = e.privateLoRA.data + ctx.index * e.privateLoRA.cols      // (B, 2, slots, rank)
+        // Each sequence's low-rank projections t = s A xin per slot (client, and a per-token shared
+        // pair), the same on every participant. A (r, in).
         for b in 0..<B {
-            guard let client = step.inputs[b].client else { continue }
-            for (k, s) in g.slots.enumerated() {
-                if let p = client.pairs[l][s] {
-                    for j in 0..<p.rank { t[(b * ns + k) * R + j] = p.scale * dot(xin + b * din, p.a.data + j * din, din) }
+            for (li, pairs) in step.lowRank[b].enumerated() {
+                for (k, s) in g.slots.enumerated() {
+                    if let p = pairs.pairs[l][s] {
+                        for j in 0..<p.rank { t[((b * 2 + li) * ns + k) * R + j] = p.scale * dot(xin + b * din, p.a.data + j * din, din) }
+                    }
                 }
             }
         }
+        // Inputs quantized per block of 32 for q8_0 weights (every participant its own copy).
+        if step.segments.contains(where: { $0.0.weights[l][gi].precision == .q8_0 }) { q8.quantize(xin, count: B, cols: din) }
         ctx.chunks(dout, size: 64, phase: a.groups.count * l + gi) { rows in
             let lo = rows.lowerBound, n = rows.count
             for (set, r0, r1) in step.segments {
-                // (rows,in) @ (in) -> (rows) for every sequence of the segment
-                dotRows(set.weights[l][gi].data, C: din, xin + r0 * din, count: r1 - r0, rows: rows, stage + r0 * dout, stride: dout)
+                // (rows,in) @ (in) -> (rows) for every sequence of the segment, at the weights' precision
+                dotRows(set.weights[l][gi], xin + r0 * din, quantized: q8, first: r0, count: r1 - r0, rows: rows, stage + r0 * dout, stride: dout)
             }
             for b in 0..<B {
                 let sb = stage + b * dout, ob = out + b * dout
                 if let bias { addInPlace(sb + lo, bias + lo, count: n) }
-                if let client = step.inputs[b].client {
+                for (li, pairs) in step.lowRank[b].enumerated() {
                     for (k, s) in g.slots.enumerated() {
-                        guard let p = client.pairs[l][s] else { continue }
+                        guard let p = pairs.pairs[l][s] else { continue }
                         let off = g.offsets[k], so = a.slots[s].outFeatures
-                        let r = p.rank, bm = p.b.data, tb = t + (b * ns + k) * R   // B (out, r)
+                        let r = p.rank, bm = p.b.data, tb = t + ((b * 2 + li) * ns + k) * R   // B (out, r)
                         let o0 = max(lo, off), o1 = min(rows.upperBound, off + so)
                         guard o0 < o1 else { continue }
                         for o in o0..<o1 {

@@ -54,7 +54,11 @@ public final class InferenceEngine {
     var privateLN = Tensor(zeros: [0])     // (P, B * C)
     var privateAct = Tensor(zeros: [0])    // (P, B * I) SwiGLU
     var privateScores = Tensor(zeros: [0]) // (P, context)
-    var privateLoRA = Tensor(zeros: [0])   // (P, B * slots per group * max client rank)
+    var privateLoRA = Tensor(zeros: [0])   // (P, B * 2 * slots per group * max rank): client and per-token shared terms
+    // Weights at f16, bf16 or q8_0 (ServingBase): each participant's inputs quantized for q8_0
+    // weights, and one group's weight widened to f32 for a prefill GEMM.
+    var q8Inputs: [Q8Activations] = []
+    var widened = Tensor(zeros: [0])
 
     /// Decode steps of at most this many sequences (one new token each) run on the worker pool
     /// (DecodeStep.swift); larger steps and every prefill run as GEMMs. 0 sends everything to GEMM.
@@ -107,7 +111,7 @@ public final class InferenceEngine {
             n += inp.tokens.count
             m += inp.allLogits ? inp.tokens.count : 1
             if inp.tokens.count > 1 { maxT = max(maxT, total) }
-            maxRank = max(maxRank, inp.client?.maxRank ?? 0)
+            maxRank = max(maxRank, inp.client?.maxRank ?? 0, inp.weights.perTokenRank)
         }
         // Row ranges [r0, r1) of adjacent inputs sharing a weight set (callers order them so), and sharing a client.
         var weightSegs: [(LinearWeightSet, Int, Int)] = []
@@ -127,13 +131,15 @@ public final class InferenceEngine {
                 else { clientSegs.append((cl, r0, r1)) }
             }
         }
+        // A shared pair kept per token (a half-precision base) is one more low-rank term for its rows.
+        for (set, r0, r1) in weightSegs { if let p = set.perToken { clientSegs.append((p, r0, r1)) } }
 
         // Embeddings: x[row] = embed[token] (+ positions[position] when learned), and each row's rotary table.
-        let w = model.weights
+        let w = model.base
         for (i, inp) in inputs.enumerated() {
             for (j, tok) in inp.tokens.enumerated() {
                 let row = x.data + (rowStart[i] + j) * C
-                row.update(from: w.embed.data + tok * C, count: C)
+                w.embed.rowsToF32(tok..<(tok + 1), into: row)
                 if let pos = w.positions { addInPlace(row, pos.data + (inp.cache.length + j) * C, count: C) }
                 rope?.table(position: inp.cache.length + j, into: ropeCS.data + (rowStart[i] + j) * c.headDim)
             }
@@ -154,11 +160,8 @@ public final class InferenceEngine {
             }
             inp.cache.advance(by: t)
         }
-        if m == 1 {
-            BLAS.gemv(w.head.data, lnOut.data, logits.data, m: c.vocabSize, n: C)
-        } else {
-            BLAS.gemm(lnOut.data, w.head.data, logits.data, m: m, n: c.vocabSize, k: C, transB: true)
-        }
+        // (M,C) @ (V,C)^T -> (M,V)
+        product(lnOut.data, rows: m, w.head, logits.data, wholeMatrix: false)
         return Tensor(viewing: logits.data, shape: [m, c.vocabSize], owner: logits)
     }
 
@@ -170,15 +173,10 @@ public final class InferenceEngine {
         let g = architecture.groups[gi]
         let din = g.inFeatures, dout = g.outFeatures
         for (set, r0, r1) in weightSegs {
-            let wt = set.weights[l][gi]
-            let rows = r1 - r0
-            if rows == 1 {
-                BLAS.gemv(wt.data, xin + r0 * din, out + r0 * dout, m: dout, n: din)               // (out,in) @ (in)
-            } else {
-                BLAS.gemm(xin + r0 * din, wt.data, out + r0 * dout, m: rows, n: dout, k: din, transB: true) // (n,in) @ (out,in)^T
-            }
+            // (n,in) @ (out,in)^T -> (n,out)
+            product(xin + r0 * din, rows: r1 - r0, set.weights[l][gi], out + r0 * dout)
         }
-        if let b = model.weights.layers[l].groupB[gi] { addBias(out, b.data, rows: n, cols: dout) }
+        if let b = model.base.layers[l].groupB[gi] { addBias(out, b.data, rows: n, cols: dout) }
         for (client, r0, r1) in clientSegs {
             for (s, off) in zip(g.slots, g.offsets) {
                 guard let p = client.pairs[l][s] else { continue }
@@ -193,6 +191,45 @@ public final class InferenceEngine {
                 }
             }
         }
+    }
+
+    /// out (n, W.rows) = x (n, W.cols) @ W^T at W's precision. f32: OpenBLAS (gemv for one row).
+    /// Otherwise up to `maxPooledRows` rows run the decode kernels on the worker pool (each weight
+    /// row read once, at its precision); more rows widen W to f32 and run one sgemm: the whole
+    /// matrix at once, widened by the pool (`wholeMatrix`, a group's weight: a few MB), or panel by
+    /// panel on this thread (the head: 50k rows would be 150 MB).
+    func product(_ xin: UnsafePointer<Float>, rows n: Int, _ w: WeightMatrix, _ out: UnsafeMutablePointer<Float>, wholeMatrix: Bool = true) {
+        if let t = w.f32 {
+            if n == 1 { BLAS.gemv(t.data, xin, out, m: w.rows, n: w.cols) }                              // (out,in) @ (in)
+            else { BLAS.gemm(xin, t.data, out, m: n, n: w.rows, k: w.cols, transB: true) }                // (n,in) @ (out,in)^T
+            return
+        }
+        if n <= InferenceEngine.maxPooledRows {
+            ensureQ8Inputs()
+            let q = q8Inputs
+            pool.run { ctx in
+                if w.precision == .q8_0 { q[ctx.index].quantize(xin, count: n, cols: w.cols) }
+                ctx.chunks(w.rows, size: 64, phase: 0) { rows in
+                    dotRows(w, xin, quantized: q[ctx.index], count: n, rows: rows, out, stride: w.rows)
+                }
+            }
+            return
+        }
+        guard wholeMatrix else {
+            gemmRows(xin, rows: n, w, out, panel: &widened)
+            return
+        }
+        if widened.count < w.rows * w.cols { widened = Tensor(zeros: [w.rows * w.cols]) }
+        let dst = widened.data
+        pool.run { ctx in
+            ctx.chunks(w.rows, size: 64, phase: 0) { rows in w.rowsToF32(rows, into: dst + rows.lowerBound * w.cols) }
+        }
+        BLAS.gemm(xin, dst, out, m: n, n: w.rows, k: w.cols, transB: true)                                // (n,in) @ (out,in)^T
+    }
+
+    /// One `Q8Activations` per pool participant.
+    func ensureQ8Inputs() {
+        if q8Inputs.count < pool.count { q8Inputs = (0..<pool.count).map { _ in Q8Activations() } }
     }
 
     /// The low-rank term for a few rows without BLAS call overhead: r dot products with the rows of A,
@@ -228,7 +265,7 @@ public final class InferenceEngine {
         let L = cache.length, T = L + t
         let kc = cache.k[l].data, vc = cache.v[l].data, cap = cache.capacity
         if a.hasPositionStep {
-            let layer = model.weights.layers[l]
+            let layer = model.base.layers[l]
             for j in 0..<t {
                 positionStep(a, rope, qkv.data + (row0 + j) * W, heads: 0..<(H + KV), qNorm: layer.qNorm, kNorm: layer.kNorm,
                              cs: ropeCS.data + (row0 + j) * hd)
@@ -284,7 +321,7 @@ private struct PrefillRunner: BlockRunner {
 
     func norm(_ site: NormSite, layer l: Int) {
         let e = engine, a = e.architecture
-        let (w, b) = e.model.weights.norm(site, layer: l)
+        let (w, b) = e.model.base.layers[l].norm(site)
         normRows(a.norm, e.x.data, w.data, b?.data, e.ln.data, rows: rows, C: a.hiddenSize, eps: a.normEps)
     }
 

@@ -7,20 +7,34 @@ import Synchronization
 public final class LanguageModel: Sendable {
     public let folder: String
     public let architecture: ModelArchitecture
-    public let weights: ModelWeights
-    /// The base weights of every linear slot in the serving layout (out, in), with nothing folded in.
-    /// Made on first use: for Conv1D checkpoints (GPT-2) a transposed copy (340 MB and about 0.3 s for
-    /// the 124M shape), for `nn.Linear` ones views of the weights. The training paths, which work on
-    /// `weights` directly, never pay for it. Training that changes `weights` later does not show here.
-    public var baseLinears: LinearWeightSet {
-        baseLinearsOnce.withLock { made in
+    /// Every parameter as f32, in the checkpoint's layout: what training, personalization and the
+    /// store read. A model loaded for serving at f16, bf16 or q8_0 makes these on first use (an f32
+    /// copy of an f16 checkpoint's tensors), so serving alone never pays for them.
+    public var weights: ModelWeights {
+        weightsOnce.withLock { made in
+            if let w = made { return w }
+            let w = try! ModelWeights.load(checkpoint!, architecture: architecture)   // the headers were checked at load
+            made = w
+            return w
+        }
+    }
+    private let weightsOnce: Mutex<ModelWeights?>
+    /// What serving reads of the base: linear weights, embeddings and head at the precision asked
+    /// for at load (`ServingBase`), norms and biases. For f32 made on first use from `weights`: for
+    /// Conv1D checkpoints (GPT-2) a transposed copy (340 MB and about 0.3 s for the 124M shape), for
+    /// `nn.Linear` ones views. The training paths, which work on `weights` directly, never pay for it.
+    /// Training that changes `weights` later does not show here.
+    public var base: ServingBase {
+        baseOnce.withLock { made in
             if let s = made { return s }
-            let s = LinearWeightSet(base: weights)
+            let s = ServingBase(f32: weights)
             made = s
             return s
         }
     }
-    private let baseLinearsOnce = Mutex<LinearWeightSet?>(nil)
+    private let baseOnce: Mutex<ServingBase?>
+    /// The base weights of every linear slot in the serving layout (out, in), with nothing folded in.
+    public var baseLinears: LinearWeightSet { base.linears }
     /// The checkpoint the weights view (nil for in-memory random models).
     public let checkpoint: Checkpoint?
     /// The (first) safetensors file of the checkpoint.
@@ -29,21 +43,47 @@ public final class LanguageModel: Sendable {
     public init(folder: String, weights: ModelWeights, checkpoint: Checkpoint?) {
         self.folder = folder
         self.architecture = weights.architecture
-        self.weights = weights
+        self.weightsOnce = Mutex(weights)
+        self.baseOnce = Mutex(nil)
         self.checkpoint = checkpoint
     }
 
+    /// A model served from `base` (any precision); `weights` are read from `checkpoint` when asked for.
+    init(folder: String, architecture: ModelArchitecture, base: ServingBase, checkpoint: Checkpoint) {
+        self.folder = folder
+        self.architecture = architecture
+        self.weightsOnce = Mutex(nil)
+        self.baseOnce = Mutex(base)
+        self.checkpoint = checkpoint
+    }
+
+    /// `model` served with its large tensors at `precision` (tests, benchmarks): the f32 weights
+    /// stay as they are for training.
+    public init(_ model: LanguageModel, servedAt precision: WeightPrecision) throws {
+        folder = model.folder
+        architecture = model.architecture
+        weightsOnce = Mutex(model.weights)
+        baseOnce = Mutex(try model.base.converted(to: precision))
+        checkpoint = model.checkpoint
+    }
+
     /// Loads `folder/config.json` (any family of `ModelRegistry`, with generation_config.json's EOS
-    /// ids) and the weights (model.safetensors or shards), validating names and shapes.
-    public static func load(folder: String, writable: Bool = false) throws -> LanguageModel {
+    /// ids) and the weights (model.safetensors or shards), validating names and shapes. `precision`:
+    /// what serving keeps the large tensors at (`ServingBase`); nil: as the checkpoint stores them.
+    /// f32 (the default) loads `weights` as today and serves from them.
+    public static func load(folder: String, writable: Bool = false, precision: WeightPrecision? = .f32) throws -> LanguageModel {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: folder, isDirectory: &isDir), isDir.boolValue else {
             throw ModelError.missingFolder(folder)
         }
         let a = try ModelRegistry.architecture(folder: folder)
         let ck = try Checkpoint.open(folder: folder)
-        let weights = try ModelWeights.load(ck, architecture: a, writable: writable)
-        return LanguageModel(folder: folder, weights: weights, checkpoint: ck)
+        if precision == .f32 || writable || (precision == nil && ck.dtypes.keys.allSatisfy { $0 == .f32 }) {
+            let weights = try ModelWeights.load(ck, architecture: a, writable: writable)
+            return LanguageModel(folder: folder, weights: weights, checkpoint: ck)
+        }
+        let base = try ServingBase.load(ck, architecture: a, precision: precision)
+        return LanguageModel(folder: folder, architecture: a, base: base, checkpoint: ck)
     }
 
     /// The ids that end a generation: the model's (config.json, generation_config.json) and the

@@ -98,12 +98,28 @@ public struct LlamaConfig: Codable, Equatable, Sendable {
             return make("llama", 128256, 2048, 8192, 16, 32, 8, headDim: 64, ctx: 131072, eps: 1e-5, theta: 500000,
                         scaling: RoPEParameters(ropeType: "llama3", factor: 32, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192))
         case "tiny-llama": return make("llama", 512, 64, 128, 2, 4, 2, ctx: 256, eps: 1e-5, theta: 10000)
-        default: return nil
+        case "small-llama": return scratch(layers: 4, hidden: 256)
+        default:
+            // "llama-<layers>x<hidden>": a from-scratch shape (see `scratch`), e.g. llama-6x256.
+            guard name.hasPrefix("llama-") else { return nil }
+            let dims = name.dropFirst("llama-".count).split(separator: "x", omittingEmptySubsequences: false)
+            guard dims.count == 2, let L = Int(dims[0]), let C = Int(dims[1]), (1...64).contains(L), C >= 32, C <= 4096, C % 32 == 0
+            else { return nil }
+            return scratch(layers: L, hidden: C)
+        }
+        /// A small shape for pretraining from scratch (the embedded default): head dimension 32 (64 from 384
+        /// wide), grouped-query attention with a quarter as many key/value heads, SwiGLU about 8/3 wide
+        /// (a multiple of 64), 512 positions, RoPE theta 10000, tied embeddings; vocabulary 8192 unless given.
+        func scratch(layers L: Int, hidden C: Int) -> LlamaConfig {
+            let headDim = C >= 384 && C % 64 == 0 ? 64 : 32
+            let heads = C / headDim, kv = max(1, heads / 4)
+            let inter = (8 * C / 3 + 63) / 64 * 64
+            return make("llama", 8192, C, inter, L, heads, heads % kv == 0 ? kv : 1, ctx: 512, eps: 1e-5, theta: 10000)
         }
     }
 
     /// The preset names, for help texts and errors.
-    public static let presetNames = ["smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "llama3.2-1b", "tiny-llama"]
+    public static let presetNames = ["smollm2-135m", "smollm2-360m", "qwen2.5-0.5b", "qwen3-0.6b", "llama3.2-1b", "tiny-llama", "small-llama", "llama-<L>x<C>"]
 
     /// The end-of-sequence ids (one or a list in config.json).
     public var eosTokenIds: [Int] { eosTokenId?.ids ?? [] }

@@ -15,6 +15,7 @@ public enum ModelError: Error, CustomStringConvertible {
     case promptTooLong(tokens: Int, context: Int)
     case emptyPrompt
     case badToken(Int, vocab: Int)
+    case cannotServe(file: String, tensor: String, precision: String, why: String)
 
     public var description: String {
         switch self {
@@ -35,6 +36,8 @@ public enum ModelError: Error, CustomStringConvertible {
         case let .promptTooLong(n, ctx): return "the prompt is \(n) tokens but the model's context is \(ctx); shorten the prompt"
         case .emptyPrompt: return "the prompt is empty; give at least one token of text"
         case let .badToken(id, v): return "token id \(id) is outside the vocabulary (0..<\(v))"
+        case let .cannotServe(f, t, p, why):
+            return "\(f): tensor '\(t)' cannot be served with --weights \(p): it \(why); use --weights auto (as stored), f32 or bf16"
         }
     }
 }

@@ -118,6 +118,18 @@ public final class ModelWeights: Sendable {
     /// a tied model has the head's shape. With `writable`, every tensor is copied into owned memory
     /// (for full-parameter training).
     public static func load(_ ck: Checkpoint, architecture a: ModelArchitecture, writable: Bool = false) throws -> ModelWeights {
+        let canonical = try fileNames(ck, architecture: a)
+        return try assemble(architecture: a, file: ck.name) { name in
+            guard let fileName = canonical[name] else { return nil }
+            let t = try ck.tensor(fileName)
+            return writable ? t.clone() : t
+        }
+    }
+
+    /// Canonical name -> the name the checkpoint stores it under, after checking that the checkpoint
+    /// holds nothing foreign, that every shape matches, and that a present lm_head of a tied model has
+    /// the head's shape (from the headers alone: nothing is read). Missing names are left out.
+    static func fileNames(_ ck: Checkpoint, architecture a: ModelArchitecture) throws -> [String: String] {
         var canonical: [String: String] = [:]   // canonical name -> name in file
         func file(_ name: String) -> String { ck.files[ck.tensors[name]!.file].name }
         for (name, (_, info)) in ck.tensors {
@@ -140,11 +152,7 @@ public final class ModelWeights: Sendable {
                 throw ModelError.shapeMismatch(file: file(fileName), tensor: fileName, expected: shape, found: ck.tensors[fileName]!.info.shape)
             }
         }
-        return try assemble(architecture: a, file: ck.name) { name in
-            guard let fileName = canonical[name] else { return nil }
-            let t = try ck.tensor(fileName)
-            return writable ? t.clone() : t
-        }
+        return canonical
     }
 
     /// Random weights as the family initializes them: linear weights and embeddings N(0, 0.02)

@@ -58,10 +58,14 @@ public final class AdapterRuntime: Sendable {
     private let state = Mutex(State())
     private let foldQueue = DispatchQueue(label: "pf2lora.fold")
 
-    public init(model: LanguageModel, store: AdapterStore?, strict: Bool = false) {
+    /// How the shared pair is applied (nil: `SharedPairMode.default` for the base's precision).
+    public let sharedPairMode: SharedPairMode?
+
+    public init(model: LanguageModel, store: AdapterStore?, strict: Bool = false, sharedPairMode: SharedPairMode? = nil) {
         self.model = model
         self.store = store
         self.strict = strict
+        self.sharedPairMode = sharedPairMode
         var q: [String: String] = [:]
         let report = store?.lastReconcile ?? ReconcileReport()
         for path in report.quarantined + report.skipped {
@@ -88,7 +92,7 @@ public final class AdapterRuntime: Sendable {
         let a = try store.load(level: .shared, version: v)
         var pairs: [String: LowRankPair] = [:]
         for (path, p) in a.modules { pairs[path] = LowRankPair(a: p.a, b: p.b, scale: a.scale) }
-        return LinearWeightSet(base: model.baseLinears, architecture: model.architecture, folding: pairs, label: "shared v\(v)")
+        return LinearWeightSet(base: model.baseLinears, architecture: model.architecture, folding: pairs, label: "shared v\(v)", mode: sharedPairMode)
     }
 
     /// Re-reads the manifest if it is due (or `force`), and starts folding a new shared version.

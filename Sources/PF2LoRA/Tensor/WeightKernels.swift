@@ -152,18 +152,19 @@ final class Q8Activations {
 
 /// out[v * stride + r] = W[r, :] . x_v for r in `rows` and the `count` inputs x_v = xs + v * W.cols,
 /// reading W at its own precision. For q8_0 weights, `quantized` must hold those inputs quantized
-/// (`Q8Activations.quantize`), and xs is not read. Each input is summed in the same order whatever
-/// `count` and `rows` are, so its results do not depend on what it is batched with.
+/// (`Q8Activations.quantize`) from its input `first` on, and xs is not read. Each input is summed in
+/// the same order whatever `count` and `rows` are, so its results do not depend on what it is
+/// batched with.
 @inline(__always)
-func dotRows(_ w: WeightMatrix, _ xs: UnsafePointer<Float>, quantized: Q8Activations?, count: Int, rows: Range<Int>,
+func dotRows(_ w: WeightMatrix, _ xs: UnsafePointer<Float>, quantized: Q8Activations?, first: Int = 0, count: Int, rows: Range<Int>,
              _ out: UnsafeMutablePointer<Float>, stride: Int) {
     switch w.precision {
     case .f32: dotRows(w.f32!.data, C: w.cols, xs, count: count, rows: rows, out, stride: stride)
     case .f16: halfDotRows(w.base, C: w.cols, xs, count: count, rows: rows, out, stride: stride, HalfLoad.self)
     case .bf16: halfDotRows(w.base, C: w.cols, xs, count: count, rows: rows, out, stride: stride, BFloatLoad.self)
     case .q8_0:
-        let a = quantized!
-        pf2lora_q8_0_dot_rows(w.base, w.cols, a.q, a.d, count, rows.lowerBound, rows.upperBound, out, stride)
+        let a = quantized!, n = w.cols
+        pf2lora_q8_0_dot_rows(w.base, n, a.q + first * n, a.d + first * n / 32, count, rows.lowerBound, rows.upperBound, out, stride)
     }
 }
 

@@ -47,7 +47,7 @@ public enum WeightPrecision: String, CaseIterable, Sendable, CustomStringConvert
 /// no f32 copy exists. q8_0 matrices are made at load (`converted(to:)`) and own their bytes.
 /// Decode reads every precision directly (`dotRows` in WeightKernels.swift); prefill converts
 /// row panels to f32 for sgemm (`rowsToF32`).
-public final class WeightMatrix {
+public final class WeightMatrix: @unchecked Sendable {   // immutable after init, like a mapped Tensor
     public let precision: WeightPrecision
     public let rows: Int
     public let cols: Int
@@ -98,6 +98,42 @@ public final class WeightMatrix {
 
     /// The bytes the values take.
     public var byteCount: Int { rows * rowBytes }
+
+    /// `parts` (each the same precision and column count) stacked row-wise into one new matrix that
+    /// owns its bytes; a single part is returned as it is.
+    public static func stacked(_ parts: [WeightMatrix]) -> WeightMatrix {
+        if parts.count == 1 { return parts[0] }
+        let p = parts[0].precision, cols = parts[0].cols
+        precondition(parts.allSatisfy { $0.precision == p && $0.cols == cols }, "WeightMatrix.stacked: parts differ in precision or columns")
+        let (m, dst) = allocate(p, rows: parts.reduce(0) { $0 + $1.rows }, cols: cols)
+        var off = 0
+        for part in parts {
+            (dst + off).copyMemory(from: part.base, byteCount: part.byteCount)
+            off += part.byteCount
+        }
+        return m
+    }
+
+    /// Why this matrix cannot be kept at `target` precision, or nil when it can: a finite value
+    /// beyond f16's range (65504) for f16, a non-finite value for q8_0 (whose scale would be lost).
+    /// f32 and bf16 hold every value of every precision's range.
+    public func unrepresentable(in target: WeightPrecision) -> String? {
+        guard target == .f16 || target == .q8_0, target != precision else { return nil }
+        if target == .f16 && precision == .q8_0 { return nil }
+        let row = UnsafeMutablePointer<Float>.allocate(capacity: max(cols, 1))
+        defer { row.deallocate() }
+        for r in 0..<rows {
+            rowsToF32(r..<(r + 1), into: row)
+            for i in 0..<cols {
+                let v = row[i]
+                if target == .f16, v.isFinite, abs(v) > Float(Float16.greatestFiniteMagnitude) {
+                    return "holds \(v) at (\(r), \(i)), beyond f16's largest value 65504"
+                }
+                if target == .q8_0, !v.isFinite { return "holds \(v) at (\(r), \(i)); a q8_0 block cannot store it" }
+            }
+        }
+        return nil
+    }
 
     /// Rows `range` converted to f32, written row-major (range.count, cols) at `out`. Exact for every
     /// precision (an f16, bf16 or q8_0 value d q is an f32 without rounding).

@@ -1,7 +1,7 @@
 # The README's two commands are `make run` and `make test`.
 SWIFT ?= swift
 
-.PHONY: setup build run test test-fast flower-test
+.PHONY: setup build run test test-fast flower-test http-test
 setup:
 	bash scripts/setup.sh
 
@@ -15,18 +15,23 @@ test: setup
 	$(SWIFT) build -c release --product pf2lora
 	$(SWIFT) test
 	bash scripts/flower_test.sh
+	# bash scripts/http_test.sh   (enabled once it passes here; see docs/HTTP.md)
 
 # The inner loop: the suite without its slow classes, by test name (`swift test --skip` regexes;
 # Swift Testing's `tag:` filters are not in the 6.3 toolchain). Under a minute on this 2-core machine;
 # `make test` (CI) still runs everything. A new test that starts server processes, kills processes,
 # fuzzes for long or trains for seconds goes in one of these classes, or its suite name here.
-SLOW_SERVER_PROCESSES = ServerTests|ServerHardeningTests|ServerDrainTests|ServerTrainingControlTests/(trainingRequests|cancel)|PersonalizeTests|FederatedClientTests|FederateTests|DemoClientTests|CLIHardeningTests/randomModel|TokenizerFamilyTests/tokenizeCommand|ChatTemplateTests/tokenizeMessagesCommand|ChatTemplateTests/generateWithMessages
+SLOW_SERVER_PROCESSES = ServerTests|ServerHardeningTests|ServerDrainTests|ServerTrainingControlTests/(trainingRequests|cancel)|PersonalizeTests|FederatedClientTests|FederateTests|DemoClientTests|CLIHardeningTests/randomModel|TokenizerFamilyTests/tokenizeCommand|ChatTemplateTests/tokenizeMessagesCommand|ChatTemplateTests/generateWithMessages|Llama3InstructTests/(generateCommand|serveStops)
 SLOW_CRASH_AND_CONCURRENCY = Reliability
 SLOW_FUZZ = FuzzProtocolTests
 SLOW_TRAINING = WeightPrecisionServingTests/q8_0Perplexity|SyntheticTests|DefaultModelTests|GPT2TaskTests/federatedRun|GPT2TaskTests/storeMapping|GradientPretrainTests/lossGoesDown
 SLOW_TESTS = $(SLOW_SERVER_PROCESSES)|$(SLOW_CRASH_AND_CONCURRENCY)|$(SLOW_FUZZ)|$(SLOW_TRAINING)
 test-fast:
 	$(SWIFT) test --skip '$(SLOW_TESTS)'
+
+# The OpenAI-compatible HTTP endpoint (docs/HTTP.md) driven by the pinned `openai` package.
+http-test: setup
+	bash scripts/http_test.sh
 
 # PF2LoRA on Flower (docs/FLOWER.md): two pf2lora nodes under a real SuperLink, checked against `federate`.
 flower-test: setup

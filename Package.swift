@@ -26,6 +26,9 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        // The OpenAI-compatible HTTP transport (Sources/PF2LoRAHTTP, docs/HTTP.md).
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
     ],
     targets: [
         // OpenBLAS through its C interface (cblas.h), found with pkg-config.
@@ -54,10 +57,22 @@ let package = Package(
                 .unsafeFlags(cpuFlags),
             ]
         ),
+        // `serve --http`: the OpenAI-compatible HTTP transport over the method layer of Serving/.
+        // A target of its own so the library (and its tests of the method layer) builds without NIO.
+        .target(
+            name: "PF2LoRAHTTP",
+            dependencies: [
+                "PF2LoRA",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdCore", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .executableTarget(
             name: "pf2lora",
             dependencies: [
                 "PF2LoRA",
+                "PF2LoRAHTTP",
                 "CQuant",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
@@ -78,7 +93,7 @@ let package = Package(
         // body in ways the tests synchronize themselves; the library and the CLI are Swift 6.
         .testTarget(
             name: "PF2LoRATests",
-            dependencies: ["PF2LoRA"],
+            dependencies: ["PF2LoRA", "PF2LoRAHTTP"],
             exclude: ["Fixtures"],
             swiftSettings: [.swiftLanguageMode(.v5)]
         ),

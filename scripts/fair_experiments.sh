@@ -2,7 +2,7 @@
 # Every experiment of the fair protocol (issue 13, DESIGN §9), each resumable, each writing its page:
 #   docs/SYNTHETIC-fair.md          synthetic federation: compute budget, equal grids, 5 seeds, ablations   (~10 min alone)
 #   docs/SYNTHETIC-rank-sweep.md    learned rank under noise / few examples / misspecified truth, controls (~5 min alone)
-#   docs/RESULTS-data-to-text.md    Debian package descriptions, 13 sections, all six methods, 3 seeds      (~1.5 h alone)
+#   docs/RESULTS-data-to-text.md    Debian package descriptions, 13 sections, six methods, equal grids, 3 seeds, BLEU/ROUGE-L/METEOR (~4,000 CPU-s: ~70 min of a free core)
 #   docs/RESULTS-fortune-fair.md    the fortune federation under the same protocol                          (~2 h alone)
 # Run times: measured on the 2-core machine (docs/RESULTS.md says which parts ran in which session).
 # A killed run restarts where it stopped (finished runs are kept, per method, seed and grid point);

@@ -3,8 +3,8 @@
 # BPE tokenizer -> Llama-family base pretrained on the non-client sections -> f16 copy in
 # models/debian-llama -> PF2LoRA federation of the section clients -> adapters/debian-llama ->
 # docs/RESULTS.md (test loss base / shared / client, BLEU / ROUGE-L, seed-chosen samples).
-# Run time on the 2-core machine kind: about 1.5 h pretraining (the budget; less on idle cores),
-# ~20 min federation, ~10 min decoding. Every step is deterministic for its seed; pretraining resumes.
+# Run time on the 2-core machine kind: about 30 min pretraining at ~2,000 tokens/s (one core; hours when
+# the machine is oversubscribed), ~10 min federation, ~10 min decoding. Every step is deterministic for its seed; pretraining resumes.
 #
 #   scripts/reproduce.sh                   everything (`make reproduce`)
 #   SKIP_PRETRAIN=1 scripts/reproduce.sh   keep models/debian-llama, redo the federation and docs/RESULTS.md
@@ -18,10 +18,12 @@ cd "$(dirname "$0")/.."
 BIN=.build/release/pf2lora
 RUNS=${RUNS:-runs/default}
 CORPUS=${CORPUS:-data/debian}
-PRESET=${PRESET:-llama-6x256}
-STEPS=${PRETRAIN_STEPS:-2400}
-PRE="--config $PRESET --steps $STEPS --batch 16 --seq 256 --lr 2e-3 --warmup 150 --eval-every 200 --save-every 100 --log-every 20 --seed 0"
-FED="--method pf2lora --budget compute --rounds ${ROUNDS:-8} --local-steps ${LOCAL_STEPS:-3} --lower-steps ${LOWER_STEPS:-2} --batch 8 --seq 128 --rank 8 --rank2 2 --lr ${LR:-5e-3} --lr2 ${LR2:-0.5} --eval-windows 64 --seed 0"
+PRESET=${PRESET:-llama-4x192}
+STEPS=${PRETRAIN_STEPS:-1800}
+# One BLAS thread: on a shared, oversubscribed machine two threads wait on each other (measured: 2 threads got
+# 0.03 cores at load 26, one thread 0.1-1 core). On idle cores --threads 0 is faster.
+PRE="--config $PRESET --steps $STEPS --batch 8 --seq 256 --lr 3e-3 --warmup 80 --eval-every 100 --save-every 50 --log-every 10 --seed 0 --threads ${THREADS:-1}"
+FED="--method pf2lora --budget compute --rounds ${ROUNDS:-8} --local-steps ${LOCAL_STEPS:-2} --lower-steps ${LOWER_STEPS:-2} --batch 8 --seq 128 --rank 8 --rank2 2 --lr ${LR:-5e-3} --lr2 ${LR2:-0.5} --eval-every 4 --eval-windows 32 --seed 0 --threads ${THREADS:-1}"
 T0=$(date +%s)
 say() { echo "reproduce [$(( $(date +%s) - T0 ))s]: $*" >&2; }
 mkdir -p "$RUNS"
@@ -48,7 +50,7 @@ if [ -z "${SKIP_PRETRAIN:-}" ]; then
   say "pretraining the base ($PRESET, $STEPS steps; resumable: rerun to continue)"
   RESUME=""; [ -f "$RUNS/pretrain/trainer_state.json" ] && RESUME=--resume
   "$BIN" pretrain --data "$CORPUS/pretrain" --tokenizer models/debian-llama --out "$RUNS/pretrain" $PRE $RESUME > "$RUNS/pretrain.json"
-  "$BIN" pretrain --data "$CORPUS/pretrain" --tokenizer models/debian-llama --out "$RUNS/pretrain" $PRE --resume --eval-batches 64 > "$RUNS/pretrain-eval.json"
+  "$BIN" pretrain --data "$CORPUS/pretrain" --tokenizer models/debian-llama --out "$RUNS/pretrain" $PRE --resume --eval-batches 1000 > "$RUNS/pretrain-eval.json"
   "$BIN" model convert --model "$RUNS/pretrain" --out models/debian-llama --dtype f16
 fi
 
@@ -65,5 +67,5 @@ say "results"
 rm -rf "$RUNS/results"
 python3 scripts/default_results.py --pretrain "$RUNS/pretrain" --pretrain-eval "$RUNS/pretrain-eval.json" \
   --federate "$RUNS/federate/metrics.json" --corpus "$CORPUS" --model models/debian-llama --store adapters \
-  --runs "$RUNS/results" --command "pf2lora federate --model models/debian-llama --data $CORPUS/clients $FED"
+  --runs "$RUNS/results" --nlg-limit 20 --command "pf2lora federate --model models/debian-llama --data $CORPUS/clients $FED"
 say "finished"

@@ -6,7 +6,7 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Measure speed (build with -c release). Each prints one JSON object on stdout.",
-        subcommands: [BenchDecode.self, BenchServe.self, BenchTrain.self, BenchBLAS.self, BenchTokenizer.self, BenchAdapters.self])
+        subcommands: [BenchDecode.self, BenchServe.self, BenchHTTP.self, BenchTrain.self, BenchBLAS.self, BenchTokenizer.self, BenchAdapters.self])
 }
 
 struct BenchDecode: ParsableCommand {

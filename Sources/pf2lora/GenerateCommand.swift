@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import PF2LoRA
+import PF2LoRAHTTP
 
 /// Options that open a model, its tokenizer and optionally an adapter store.
 struct ModelOptions: ParsableArguments {
@@ -134,7 +135,7 @@ struct GenerateCommand: ParsableCommand {
         let engine = InferenceEngine(model: m)
         let cache = KVCache(architecture: m.architecture, capacity: min(m.architecture.contextLength, ids.count + maxTokens + 1))
         let gen = GenerationState(request: GenerationRequest(prompt: ids, maxTokens: maxTokens, sampling: sampling, stop: stop, ignoreEOS: ignoreEOS),
-                                  cache: cache, vocabSize: m.architecture.vocabSize, eosTokens: m.eosTokenIds(tokenizer: tok), decodeToken: { tok.decodeBytes([$0]) })
+                                  cache: cache, vocabSize: m.architecture.vocabSize, eosTokens: m.eosTokenIds(tokenizer: tok), tokenizer: tok)
         let t0 = now()
         var tFirst = t0
         let stdout = FileHandle.standardOutput
@@ -166,6 +167,10 @@ struct ServeCommand: ParsableCommand {
         or SIGINT drain: no new work is taken, everything in flight (training included) finishes and \
         is answered, then the server exits 0; a second signal exits at once. See docs/PROTOCOL.md for \
         every method, parameter and error code.
+
+        --http HOST:PORT also serves the OpenAI-compatible HTTP API (completions, chat completions, \
+        models, vLLM's load/unload_lora_adapter, personalize, health, metrics; docs/HTTP.md) from the \
+        same batch, cache and training slot; stdin is then read only with --stdio.
         """)
 
     @OptionGroup var options: ModelOptions
@@ -191,6 +196,18 @@ struct ServeCommand: ParsableCommand {
     var maxTrainMB = 2048
     @Flag(help: "Ignore unknown request params (by default they are refused with -32602 naming them).")
     var lenient = false
+    @Option(name: .customLong("http"), help: ArgumentHelp("Serve the OpenAI-compatible HTTP API on HOST:PORT (port 0: any free port, logged). Loopback unless --api-key is given.", valueName: "HOST:PORT"))
+    var http: String?
+    @Flag(name: .customLong("stdio"), help: "With --http: also read JSON-RPC requests on stdin (without --http stdin is always read).")
+    var stdio = false
+    @Option(name: .customLong("api-key"), help: "With --http: require 'Authorization: Bearer KEY' (default: the PF2LORA_API_KEY environment variable).")
+    var apiKey: String?
+    @Option(name: .customLong("http-max-body-mb"), help: "With --http: the largest request body, in MiB (413 past it).")
+    var httpMaxBodyMB = 8
+    @Option(name: .customLong("http-body-timeout"), help: "With --http: seconds a request body may take to arrive (408 past it).")
+    var httpBodyTimeout = 30.0
+    @Option(name: .customLong("http-idle-timeout"), help: "With --http: seconds an idle connection (or one sending its header) is kept.")
+    var httpIdleTimeout = 60.0
     @Option(name: .customLong("drain-timeout"), help: "Seconds a drain (EOF, shutdown, SIGTERM, SIGINT) waits for the work in flight before cancelling it; every request is still answered (default: wait for all of it).")
     var drainTimeout: Double?
 
@@ -205,6 +222,8 @@ struct ServeCommand: ParsableCommand {
         guard maxTrainMB >= 0 else { throw ValidationError("--max-train-mb must be >= 0 (0: no bound)") }
         if let t = drainTimeout { guard t.isFinite, t >= 0 else { throw ValidationError("--drain-timeout must be a number of seconds >= 0") } }
         guard exchangeMaxMB >= 1, exchangeMaxMB <= 1 << 20 else { throw ValidationError("--exchange-max-mb must be in 1...1048576 (got \(exchangeMaxMB))") }
+        if let http { _ = try Self.hostPort(http) }
+        guard httpMaxBodyMB >= 1, httpBodyTimeout > 0, httpIdleTimeout > 0 else { throw ValidationError("--http-max-body-mb, --http-body-timeout and --http-idle-timeout must be positive") }
         guard exchangeDir == nil || options.store != nil else {
             throw ValidationError("--exchange-dir needs --store: it is where train_local and evaluate_local read and write, and they need a store")
         }
@@ -235,11 +254,46 @@ struct ServeCommand: ParsableCommand {
         }
         installPersonalize(on: server)
         installFederatedClient(on: server, exchange: exchange)
+        var transport: HTTPTransport?
+        if let http {
+            var o = HTTPOptions()
+            (o.host, o.port) = try Self.hostPort(http)
+            o.apiKey = apiKey ?? ProcessInfo.processInfo.environment["PF2LORA_API_KEY"].flatMap { $0.isEmpty ? nil : $0 }
+            o.maxBodyBytes = httpMaxBodyMB << 20
+            o.bodyTimeout = httpBodyTimeout
+            o.idleTimeout = httpIdleTimeout
+            o.exchangeDir = exchangeDir
+            do { transport = try HTTPTransport(core: server.core, options: o) } catch { throw CLIError("\(error)") }
+            server.readsInput = stdio
+        }
         server.handleTerminationSignals()
+        if let transport {
+            let host = transport.options.host
+            Task.detached {
+                do {
+                    try await transport.run(onListening: { port in log("serve: http: listening on http://\(host.contains(":") && !host.hasPrefix("[") ? "[\(host)]" : host):\(port)\(transport.options.apiKey == nil ? "" : " (API key required)")") })
+                } catch {
+                    log("serve: http: \(error)")
+                    server.beginDrain("the HTTP listener failed")
+                }
+            }
+        }
         log("serve: pf2lora \(PF2LoRAVersion.string), \(m.folder) (\(m.architecture.layerCount) layers, vocab \(m.architecture.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")
         let code = server.run()
         log("serve: drained, exiting")
         if code != 0 { throw ExitCode(code) }
+    }
+}
+
+extension ServeCommand {
+    /// HOST:PORT, [IPv6]:PORT, or :PORT (loopback).
+    static func hostPort(_ s: String) throws -> (String, Int) {
+        guard let colon = s.lastIndex(of: ":"), let port = Int(s[s.index(after: colon)...]), (0...65535).contains(port) else {
+            throw ValidationError("--http takes HOST:PORT (e.g. 127.0.0.1:8000; port 0 picks a free one), got '\(s)'")
+        }
+        var host = String(s[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return (host.isEmpty ? "127.0.0.1" : host, port)
     }
 }
 

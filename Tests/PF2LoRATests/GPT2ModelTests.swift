@@ -318,5 +318,23 @@ import Testing
         }
     }
 
+    /// The embedded default: f16 weights widened to f32 on both sides, so the same tolerance as an f32 model.
+    @Test func shippedModelMatchesTransformers() throws { try Self.check("debian-llama", tolerance: 1e-4) }
+
     @Test func fortuneModelMatchesTransformers() throws { try Self.check("fortune-gpt2", tolerance: 1e-4) }
+
+    /// What ships is small: the model's weights are f16 and under 25 MB, its adapters under 2 MB.
+    @Test func shippedFilesAreSmall() throws {
+        let root = TestPaths.repoRoot.path
+        let fm = FileManager.default
+        let model = try fm.attributesOfItem(atPath: root + "/models/debian-llama/model.safetensors")[.size] as! Int
+        #expect(model < 25_000_000, "model.safetensors is \(model) bytes")
+        let ck = try Checkpoint.open(folder: root + "/models/debian-llama")
+        #expect(Set(ck.dtypes.keys) == [.f16], "stored \(ck.dtypes)")
+        var adapters = 0
+        for case let f as String in fm.enumerator(atPath: root + "/adapters/debian-llama")! {
+            adapters += (try fm.attributesOfItem(atPath: root + "/adapters/debian-llama/" + f)[.size] as? Int) ?? 0
+        }
+        #expect(adapters > 0 && adapters < 2_000_000, "adapters/debian-llama holds \(adapters) bytes")
+    }
 }

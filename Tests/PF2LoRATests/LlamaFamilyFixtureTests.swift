@@ -35,12 +35,12 @@ import Testing
         return out
     }
 
-    @Test func indexListsFiveModels() throws {
+    @Test func indexListsSixModels() throws {
         let names = try Self.models().compactMap { $0["name"] as? String }
-        #expect(names == ["llama-gqa-bf16", "qwen2-bias-sharded", "qwen3-qknorm-f16", "llama32-rope-llama3", "llama-rope-linear"])
+        #expect(names == ["llama-gqa-bf16", "qwen2-bias-sharded", "qwen3-qknorm-f16", "llama32-rope-llama3", "llama-rope-linear", "mistral-sliding-window"])
     }
 
-    @Test(arguments: ["llama-gqa-bf16", "qwen2-bias-sharded", "qwen3-qknorm-f16", "llama32-rope-llama3", "llama-rope-linear"])
+    @Test(arguments: ["llama-gqa-bf16", "qwen2-bias-sharded", "qwen3-qknorm-f16", "llama32-rope-llama3", "llama-rope-linear", "mistral-sliding-window"])
     func modelFolderIsConsistent(_ name: String) throws {
         let dir = Self.root.appendingPathComponent(name)
         let cfg = try Self.json(dir.appendingPathComponent("model/config.json"))

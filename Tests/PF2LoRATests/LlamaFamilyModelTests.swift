@@ -8,7 +8,7 @@ import Testing
 /// adapters folded or per token, sharded and half-precision checkpoints, and the bad folders.
 @Suite struct LlamaFamilyModelTests {
     static let root = TestPaths.fixtures.appendingPathComponent("llama-family")
-    static let names = ["llama-gqa-bf16", "qwen2-bias-sharded", "qwen3-qknorm-f16", "llama32-rope-llama3", "llama-rope-linear"]
+    static let names = ["llama-gqa-bf16", "qwen2-bias-sharded", "qwen3-qknorm-f16", "llama32-rope-llama3", "llama-rope-linear", "mistral-sliding-window"]
     static let tolerance: Float = 1e-4
 
     struct Case { let name: String; let ids: [Int]; let greedy: [Int] }
@@ -97,6 +97,26 @@ import Testing
         let m = try Self.model(name)
         for c in try Self.cases(name) {
             #expect(try Self.greedy(m, weights: m.baseLinears, prompt: c.ids, n: c.greedy.count) == c.greedy, "\(name) \(c.name)")
+        }
+    }
+
+    /// Mistral's sliding window: within the window, sliding-window attention is full causal attention,
+    /// so the context is capped at the window (every case and greedy chain of the fixture fits in it:
+    /// the logits and greedy tests above); a longer sequence is refused. The fixture records that
+    /// transformers' logits past the window differ from full attention's, so the cap is needed.
+    @Test func mistralSlidingWindowIsTheContext() throws {
+        let name = "mistral-sliding-window"
+        let m = try Self.model(name)
+        #expect(m.architecture.modelType == "mistral" && m.architecture.contextLength == 64)
+        let sw = try #require(Self.json(Self.dir(name) + "/cases.json")["sliding_window"] as? [String: Any])
+        #expect(sw["sliding_window"] as? Int == 64)
+        #expect((sw["max_abs_logit_diff_full_vs_windowed_after_window"] as? Double ?? 0) > 0.05)
+        #expect((sw["max_abs_logit_diff_full_vs_windowed_first_window_positions"] as? Double ?? 1) < 1e-4)
+        #expect(try Self.cases(name).allSatisfy { $0.ids.count + $0.greedy.count <= 64 })
+        let engine = InferenceEngine(model: m)
+        let cache = KVCache(architecture: m.architecture, capacity: 128)
+        #expect(throws: ModelError.self) {
+            try engine.step([StepInput(cache: cache, tokens: Array(repeating: 5, count: 65), weights: m.baseLinears)])
         }
     }
 

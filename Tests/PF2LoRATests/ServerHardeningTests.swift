@@ -176,7 +176,10 @@ import Testing
         #expect(tokenizedAfter.contains { $0 > healthAt }, "health was answered before the long prompts were tokenized (\(healthS) s)")
         // Under a sanitizer (scripts/sanitize.sh sets these) parsing the 10 MB of lines is many times slower.
         let env = ProcessInfo.processInfo.environment
-        if env["TSAN_OPTIONS"] == nil && env["ASAN_OPTIONS"] == nil { #expect(healthS < 10, "health took \(healthS) s") }
+        // The absolute bound is a timing check: on an overloaded machine (load average above twice the
+        // cores, as when several builds share a 2-core CI box) it says nothing about the reader, and
+        // the ordering check above still holds it to account.
+        if env["TSAN_OPTIONS"] == nil && env["ASAN_OPTIONS"] == nil && !MachineLoad.overloaded { #expect(healthS < 10, "health took \(healthS) s") }
         #expect(s.finish() == 0)
         print("long prompts: health answered after \(String(format: "%.2f", healthS)) s behind 10 prompts of 640 KB and 10 of 360 KB")
     }

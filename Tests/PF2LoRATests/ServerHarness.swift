@@ -101,11 +101,23 @@ final class ServerProcess {
     /// Closes stdin (the server sees EOF).
     func closeInput() { try? stdin.fileHandleForWriting.close() }
 
-    /// Waits for the process to end by itself; false on timeout.
+    /// Waits for the process to end by itself; false on timeout. `timeout` counts from the server's
+    /// last output line (stdout or stderr), up to 10 x `timeout` in all: a drain that is still
+    /// answering (progress notifications, tokens) on a loaded CI machine is not a hung server.
     func waitExit(timeout: Double = 60) -> Bool {
-        let deadline = Date().addingTimeInterval(timeout)
-        while process.isRunning && Date() < deadline { usleep(10_000) }
+        waitWhileProgressing(idle: timeout, cap: timeout * 10)
         return !process.isRunning
+    }
+
+    private func waitWhileProgressing(idle: Double, cap: Double) {
+        let start = Date()
+        var lastCount = -1, lastProgress = Date()
+        while process.isRunning {
+            let n = allLines.count + stderrText.utf8.count
+            if n != lastCount { lastCount = n; lastProgress = Date() }
+            if Date().timeIntervalSince(lastProgress) > idle || Date().timeIntervalSince(start) > cap { break }
+            usleep(10_000)
+        }
     }
 
     /// Lines that are notifications of `method` for request `id`.
@@ -114,11 +126,17 @@ final class ServerProcess {
             .map { $0["params"] as? [String: Any] ?? [:] }
     }
 
-    /// Closes stdin and waits for exit; returns the exit code.
-    func finish(timeout: Double = 60) -> Int32 {
+    /// Closes stdin and waits for exit; returns the exit code (-1: terminated by the test). As for
+    /// `waitExit`, `timeout` counts from the last output line, up to 10 x `timeout` in all.
+    func finish(timeout: Double = 60) -> Int32 { finish(idle: timeout, cap: timeout * 10) }
+
+    /// Closes stdin and waits for exit while the server keeps making progress: it is terminated only
+    /// when no output line arrived for `idle` seconds (a hung server), or after `cap` seconds in all.
+    /// For drains whose length scales with the machine's load (hundreds of generates in flight on a
+    /// loaded 2-core CI machine), where a fixed deadline fails a correct server.
+    func finish(idle: Double, cap: Double) -> Int32 {
         try? stdin.fileHandleForWriting.close()
-        let deadline = Date().addingTimeInterval(timeout)
-        while process.isRunning && Date() < deadline { usleep(10_000) }
+        waitWhileProgressing(idle: idle, cap: cap)
         if process.isRunning { process.terminate(); return -1 }
         return process.terminationStatus
     }
@@ -246,4 +264,14 @@ final class SpawnedProcess: @unchecked Sendable {
     /// The exit code, or the signal that ended it.
     var terminationStatus: Int32 { let st = raw; return st & 0x7F == 0 ? (st >> 8) & 0xFF : st & 0x7F }
     var terminationReason: Process.TerminationReason { raw & 0x7F == 0 ? .exit : .uncaughtSignal }
+}
+
+/// Whether the machine is too loaded for an absolute wall-clock bound to mean anything: the 1-minute
+/// load average above twice the online cores (Linux /proc/loadavg; false where it cannot be read).
+enum MachineLoad {
+    static var overloaded: Bool {
+        guard let text = try? String(contentsOfFile: "/proc/loadavg", encoding: .utf8),
+              let first = text.split(separator: " ").first, let load = Double(first) else { return false }
+        return load > 2 * Double(ProcessInfo.processInfo.activeProcessorCount)
+    }
 }

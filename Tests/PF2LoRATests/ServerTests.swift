@@ -136,7 +136,7 @@ import Testing
         // Overload: one running and one queued at most; the rest are refused at once, the others answered.
         let small = try fx.serve(["--max-batch", "1", "--max-queue", "1"])
         for i in 1...4 { small.request(i, "generate", Self.gen("alice", "The cat", max: i == 1 ? 200 : 5)) }
-        let outcomes = (1...4).map { small.response($0) }
+        let outcomes = (1...4).map { small.response($0, timeout: 600) }   // 200 tokens: minutes on a loaded CI box
         let refused = outcomes.filter { ServerProcess.errorCode($0) == -32004 }.count
         let served = outcomes.filter { ServerProcess.result($0) != nil }.count
         #expect(refused >= 1 && refused + served == 4, "\(outcomes)")

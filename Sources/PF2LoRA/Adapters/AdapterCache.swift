@@ -36,6 +36,13 @@ public final class AdapterCache: @unchecked Sendable {
     private var entries: [Key: Entry] = [:]
     private var tick: UInt64 = 0
     private var stats = Stats()
+    /// Clients whose adapters are never evicted (HTTP /v1/load_lora_adapter pins, unload unpins).
+    private var pinned: Set<String> = []
+
+    /// Keeps `client`'s adapters cached (they still count in the bytes; eviction skips them).
+    public func pin(client: String) { lock.lock(); pinned.insert(client); lock.unlock() }
+    public func unpin(client: String) { lock.lock(); pinned.remove(client); lock.unlock() }
+    public func isPinned(client: String) -> Bool { lock.lock(); defer { lock.unlock() }; return pinned.contains(client) }
 
     /// A cache holding at most `capacityBytes` of adapter tensors (0 disables caching).
     public init(capacityBytes: Int) {
@@ -111,7 +118,8 @@ public final class AdapterCache: @unchecked Sendable {
     }
 
     private func evictToFit() {
-        while stats.bytes > stats.capacityBytes, let victim = entries.min(by: { $0.value.lastUse < $1.value.lastUse }) {
+        while stats.bytes > stats.capacityBytes,
+              let victim = entries.filter({ $0.key.level != .client || !pinned.contains($0.key.client) }).min(by: { $0.value.lastUse < $1.value.lastUse }) {
             entries.removeValue(forKey: victim.key)
             stats.bytes -= victim.value.bytes
             stats.evictions += 1

@@ -239,17 +239,59 @@ func swigluBackward(_ f: UnsafePointer<Float>, _ dout: UnsafePointer<Float>, _ d
 
 // MARK: - Attention
 
-/// One decode head of any size: scores of q against T cached keys, softmax, the weighted sum of
-/// the values; keys and values are rows `hd` floats apart. hd = 64 goes to `decodeHead64`.
+/// Decode attention of the `g` query heads that share one key/value head (grouped-query attention;
+/// g = 1 without grouping): per head, scores of q against T cached keys, softmax, the weighted sum of
+/// the values. The g query heads (and their outputs) are adjacent, `hd` floats apart; keys and values
+/// are rows `hd` floats apart. `scores` holds g * T floats. hd = 64 goes to `decodeGroup64`.
 @inline(__always)
-func decodeHead(q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>, hd: Int, count T: Int,
-                scale: Float, scores sc: UnsafeMutablePointer<Float>, out o: UnsafeMutablePointer<Float>) {
+func decodeGroup(q: UnsafePointer<Float>, heads g: Int, k: UnsafePointer<Float>, v: UnsafePointer<Float>, hd: Int, count T: Int,
+                 scale: Float, scores sc: UnsafeMutablePointer<Float>, out o: UnsafeMutablePointer<Float>) {
     if hd == 64 {
-        decodeHead64(q: q, k: k, v: v, stride: hd, count: T, scale: scale, scores: sc, out: o)
+        decodeGroup64(q: q, heads: g, k: k, v: v, count: T, scale: scale, scores: sc, out: o)
         return
     }
-    for j in 0..<T { sc[j] = scale * dot(q, k + j * hd, hd) }
-    softmaxInPlace(sc, count: T)
-    o.update(repeating: 0, count: hd)
-    for j in 0..<T { axpy(sc[j], v + j * hd, o, hd) }
+    for i in 0..<g {
+        let qi = q + i * hd, oi = o + i * hd
+        for j in 0..<T { sc[j] = scale * dot(qi, k + j * hd, hd) }
+        softmaxInPlace(sc, count: T)
+        oi.update(repeating: 0, count: hd)
+        for j in 0..<T { axpy(sc[j], v + j * hd, oi, hd) }
+    }
+}
+
+/// `decodeGroup` for hd = 64 (every GPT-2 size, SmolLM2, Llama-3.2): each key row is loaded once into
+/// eight registers and dotted with all g query heads (fused multiply-adds, q from L1), the scores of a
+/// head go through exp, and each head's weighted sum of the values keeps its 64 outputs in registers
+/// while the value rows stream past; the softmax's 1 / sum is applied once to the 64 outputs.
+@inline(__always)
+func decodeGroup64(q: UnsafePointer<Float>, heads g: Int, k: UnsafePointer<Float>, v: UnsafePointer<Float>, count T: Int,
+                   scale: Float, scores sc: UnsafeMutablePointer<Float>, out o: UnsafeMutablePointer<Float>) {
+    for j in 0..<T {
+        let kr = k + j * 64
+        let k0 = loadF8(kr), k1 = loadF8(kr + 8), k2 = loadF8(kr + 16), k3 = loadF8(kr + 24)
+        let k4 = loadF8(kr + 32), k5 = loadF8(kr + 40), k6 = loadF8(kr + 48), k7 = loadF8(kr + 56)
+        for i in 0..<g {
+            let qi = q + i * 64
+            var a0 = loadF8(qi) * k0, a1 = loadF8(qi + 8) * k1
+            var a2 = loadF8(qi + 16) * k2, a3 = loadF8(qi + 24) * k3
+            a0 = a0.addingProduct(loadF8(qi + 32), k4); a1 = a1.addingProduct(loadF8(qi + 40), k5)
+            a2 = a2.addingProduct(loadF8(qi + 48), k6); a3 = a3.addingProduct(loadF8(qi + 56), k7)
+            sc[i * T + j] = scale * hsum8((a0 + a1) + (a2 + a3))
+        }
+    }
+    for i in 0..<g {
+        let p = sc + i * T
+        let (_, sum) = expShiftedInPlace(p, count: T)
+        var o0 = F8(), o1 = F8(), o2 = F8(), o3 = F8(), o4 = F8(), o5 = F8(), o6 = F8(), o7 = F8()
+        for j in 0..<T {
+            let w = F8(repeating: p[j]), vr = v + j * 64
+            o0 = o0.addingProduct(w, loadF8(vr)); o1 = o1.addingProduct(w, loadF8(vr + 8))
+            o2 = o2.addingProduct(w, loadF8(vr + 16)); o3 = o3.addingProduct(w, loadF8(vr + 24))
+            o4 = o4.addingProduct(w, loadF8(vr + 32)); o5 = o5.addingProduct(w, loadF8(vr + 40))
+            o6 = o6.addingProduct(w, loadF8(vr + 48)); o7 = o7.addingProduct(w, loadF8(vr + 56))
+        }
+        let inv = F8(repeating: 1 / sum), oi = o + i * 64
+        storeF8(o0 * inv, oi); storeF8(o1 * inv, oi + 8); storeF8(o2 * inv, oi + 16); storeF8(o3 * inv, oi + 24)
+        storeF8(o4 * inv, oi + 32); storeF8(o5 * inv, oi + 40); storeF8(o6 * inv, oi + 48); storeF8(o7 * inv, oi + 56)
+    }
 }

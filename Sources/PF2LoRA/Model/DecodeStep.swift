@@ -8,7 +8,7 @@ import Foundation
 /// a group's weight (weights are (out, in), see `LinearWeightSet`), read each weight row from memory
 /// once and dot it with every sequence's input row while it sits in L1, then finish their rows with
 /// the bias, each sequence's client low-rank terms and the GELU or residual add. Norms (and SwiGLU)
-/// are computed privately by every participant; attention splits the (sequence, head) pairs; the
+/// are computed privately by every participant; attention splits the (sequence, KV head) pairs; the
 /// head splits the vocabulary. One barrier per product and per attention (two with rotary positions),
 /// no allocation, no OpenBLAS call. Each output is summed in the same order whatever the batch, so a
 /// sequence decodes to the same bits alone or batched with others.
@@ -29,7 +29,7 @@ extension InferenceEngine {
         // Per-participant buffers (P, n): grown, never shrunk. Both dimensions are checked: the
         // placeholder tensors are 1-D, whose `rows` is 1, so a one-thread pool must still allocate.
         func grow(_ t: inout Tensor, _ n: Int) { if t.shape.count != 2 || t.cols < n || t.rows < p { t = Tensor(zeros: [p, max(n, t.cols)]) } }
-        grow(&partials, width); grow(&privateLN, B * C); grow(&privateScores, c.contextLength)
+        grow(&partials, width); grow(&privateLN, B * C); grow(&privateScores, c.contextLength * (c.headCount / c.kvHeadCount))
         grow(&privateLoRA, B * 2 * slotsPerGroup * rank)
         ensureQ8Inputs()
         if c.mlp == .swiglu { grow(&privateAct, B * c.intermediateSize) }
@@ -70,7 +70,7 @@ private struct PooledDecodeRunner: BlockRunner {
     let ctx: WorkerPool.Context
     let step: DecodeRows
     let lnp: UnsafeMutablePointer<Float>    // (B, C) this participant's norm output
-    let sc: UnsafeMutablePointer<Float>     // (context) its attention scores
+    let sc: UnsafeMutablePointer<Float>     // (H / KV, context) its attention scores
     let q8: Q8Activations                   // its inputs quantized for q8_0 weights
 
     init(engine: InferenceEngine, ctx: WorkerPool.Context, step: DecodeRows) {
@@ -98,7 +98,7 @@ private struct PooledDecodeRunner: BlockRunner {
         }
     }
 
-    /// (sequence, head) pairs split over the participants. With a position step (or grouped heads)
+    /// (sequence, KV head) pairs split over the participants. With a position step (or grouped heads)
     /// the new q and k heads are normed and rotated and the cache appended first, behind a barrier;
     /// otherwise (GPT-2) each pair appends its own head's key and value.
     func attention(layer l: Int) {
@@ -122,18 +122,19 @@ private struct PooledDecodeRunner: BlockRunner {
             }
             ctx.barrier()
         }
+        // (sequence, KV head) pairs: each cached key and value row is read once for the KV head's perKV query heads.
         let scale = 1 / Float(hd).squareRoot()
-        for item in ctx.share(B * H) {
-            let b = item / H, h = item % H, kvh = h / perKV
+        for item in ctx.share(B * KV) {
+            let b = item / KV, kvh = item % KV
             let cache = step.inputs[b].cache
             let L = cache.length, T = L + 1, cap = cache.capacity
-            let q = e.qkv.data + b * W + h * hd, o = e.att.data + b * qW + h * hd
+            let q = e.qkv.data + b * W + kvh * perKV * hd, o = e.att.data + b * qW + kvh * perKV * hd
             let kh = cache.k[l].data + kvh * cap * hd, vh = cache.v[l].data + kvh * cap * hd   // (capacity, hd)
-            if !separate {
-                (kh + L * hd).update(from: q + qW, count: hd)
-                (vh + L * hd).update(from: q + qW + kvW, count: hd)
+            if !separate {   // one query head per KV head: its own key and value
+                (kh + L * hd).update(from: e.qkv.data + b * W + qW + kvh * hd, count: hd)
+                (vh + L * hd).update(from: e.qkv.data + b * W + qW + kvW + kvh * hd, count: hd)
             }
-            decodeHead(q: q, k: kh, v: vh, hd: hd, count: T, scale: scale, scores: sc, out: o)
+            decodeGroup(q: q, heads: perKV, k: kh, v: vh, hd: hd, count: T, scale: scale, scores: sc, out: o)
         }
         ctx.barrier()
     }

@@ -56,6 +56,16 @@ public final class GenerationState {
         if request.maxTokens <= 0 { finish = .length }
     }
 
+    /// A generation whose text is the tokenizer's decoding of the generated ids with the special
+    /// tokens left out, as Hugging Face's `decode(ids, skip_special_tokens=True)` (and vLLM's and TGI's
+    /// default output): a Llama-3 `<|eot_id|>` or `<|start_header_id|>` the model emits is never written
+    /// into the text; tokens added without `special` (Qwen3's `<think>`) are. `generate` and `serve`
+    /// both use this one.
+    public convenience init(request: GenerationRequest, cache: KVCache, vocabSize: Int, eosTokens: Set<Int>, tokenizer: BPETokenizer) {
+        self.init(request: request, cache: cache, vocabSize: vocabSize, eosTokens: eosTokens,
+                  decodeToken: { tokenizer.decodeBytes([$0], skipSpecialTokens: true) })
+    }
+
     /// One end-of-sequence id, or none.
     public convenience init(request: GenerationRequest, cache: KVCache, vocabSize: Int, eos: Int?, decodeToken: @escaping (Int) -> [UInt8]) {
         self.init(request: request, cache: cache, vocabSize: vocabSize, eosTokens: eos.map { [$0] } ?? [], decodeToken: decodeToken)

@@ -28,17 +28,26 @@ public struct ServerLimits: Sendable {
 /// under the scheduler's lock (`Scheduler.enqueue` sets the tokenized prompt), and read under it or
 /// after the scheduler thread took the job from the queue under it.
 final class Job: @unchecked Sendable {
+    /// The key `cancel` finds it by (the JSON-RPC id; nil: only its handle cancels it).
     let id: Any?
-    let client: String?
+    let adapter: AdapterChoice
+    var client: String? { if case let .client(c) = adapter { return c }; return nil }
     /// Its prompt is set when the job is queued (the prompt is tokenized off the reader thread).
     var request: GenerationRequest
     let stream: Bool
+    /// Log-probabilities to report per token (nil: none; 0: the chosen token's only).
+    let logprobs: Int?
+    /// Where its tokens, result or error go (nil: nobody listens, a JSON-RPC notification).
+    let sink: GenerationSink?
     let enqueued: Double
     /// A `cancel` asked for it (guarded by the scheduler's lock).
     var cancelRequested = false
-    init(id: Any?, client: String?, request: GenerationRequest, stream: Bool) {
-        self.id = id; self.client = client; self.request = request; self.stream = stream
+    init(id: Any?, adapter: AdapterChoice, request: GenerationRequest, stream: Bool, logprobs: Int? = nil, sink: GenerationSink?) {
+        self.id = id; self.adapter = adapter; self.request = request; self.stream = stream; self.logprobs = logprobs; self.sink = sink
         enqueued = Scheduler.clock()
+    }
+    convenience init(id: Any?, client: String?, request: GenerationRequest, stream: Bool, sink: GenerationSink?) {
+        self.init(id: id, adapter: client.map { .client($0) } ?? .shared, request: request, stream: stream, sink: sink)
     }
 }
 
@@ -50,6 +59,8 @@ final class Running {
     var fed = 0              // prompt tokens already in the cache
     let admitted: Double
     var firstToken: Double = 0
+    /// Per-token log-probabilities, when the job asked for them.
+    var logprobs: [TokenLogprob] = []
     init(job: Job, binding: AdapterBinding, gen: GenerationState) {
         self.job = job; self.binding = binding; self.gen = gen
         admitted = Scheduler.clock()
@@ -69,7 +80,6 @@ final class Scheduler: @unchecked Sendable {
     let tokenizer: BPETokenizer
     /// The ids that end a generation (the model's and the tokenizer's).
     let eos: Set<Int>
-    let out: LineWriter
     let limits: ServerLimits
     private let cond = NSCondition()
     /// Jobs whose prompt is being tokenized: they hold a place like queued ones.
@@ -98,8 +108,8 @@ final class Scheduler: @unchecked Sendable {
 
     static func clock() -> Double { Double(DispatchTime.now().uptimeNanoseconds) * 1e-9 }
 
-    init(engine: InferenceEngine, runtime: AdapterRuntime, tokenizer: BPETokenizer, out: LineWriter, limits: ServerLimits) {
-        self.engine = engine; self.runtime = runtime; self.tokenizer = tokenizer; eos = engine.model.eosTokenIds(tokenizer: tokenizer); self.out = out; self.limits = limits
+    init(engine: InferenceEngine, runtime: AdapterRuntime, tokenizer: BPETokenizer, limits: ServerLimits) {
+        self.engine = engine; self.runtime = runtime; self.tokenizer = tokenizer; eos = engine.model.eosTokenIds(tokenizer: tokenizer); self.limits = limits
     }
 
     func start() {
@@ -165,6 +175,20 @@ final class Scheduler: @unchecked Sendable {
         return n
     }
 
+    /// Cancels one job (its handle: an HTTP client went away). Returns whether it was still waiting or running.
+    @discardableResult
+    func cancel(job: Job) -> Bool {
+        cond.lock()
+        let waiting = queue.contains { $0 === job }
+        queue.removeAll { $0 === job }
+        var found = waiting
+        if !waiting, !job.cancelRequested, (reserved + inBatch).contains(where: { $0 === job }) { job.cancelRequested = true; found = true }
+        cond.signal()
+        cond.unlock()
+        if waiting { replyCancelledBeforeStart(job) }
+        return found
+    }
+
     /// Cancels everything (the output broke: no answer can be delivered any more).
     func cancelAll() {
         cond.lock()
@@ -178,10 +202,9 @@ final class Scheduler: @unchecked Sendable {
 
     private func replyCancelledBeforeStart(_ job: Job) {
         count { $0.completed += 1 }
-        guard job.id != nil else { return }
-        out.result(job.id, ["text": "", "finish_reason": FinishReason.cancelled.rawValue,
-                            "usage": ["prompt_tokens": job.request.prompt.count, "completion_tokens": 0],
-                            "timing": ["queue_ms": ms(Scheduler.clock() - job.enqueued), "prefill_ms": 0, "decode_ms": 0]])
+        job.sink?.finished(GenerateResult(text: "", finishReason: FinishReason.cancelled.rawValue,
+                                          usage: .init(promptTokens: job.request.prompt.count, completionTokens: 0), adapter: nil,
+                                          timing: .init(queueMs: ms(Scheduler.clock() - job.enqueued), prefillMs: 0, decodeMs: 0)))
     }
 
     /// Stops taking jobs; the scheduler thread ends once every reserved, queued and running one is done.
@@ -239,21 +262,20 @@ final class Scheduler: @unchecked Sendable {
 
     private func admit(_ job: Job) {
         do {
-            let binding = try runtime.resolve(client: job.client)
+            let binding = try job.adapter == .base ? AdapterBinding.base(engine.model) : runtime.resolve(client: job.client)
             let req = job.request
             let capacity = min(engine.model.architecture.contextLength, req.prompt.count + max(req.maxTokens, 0) + 1)
             let cache = KVCache(architecture: engine.model.architecture, capacity: capacity)
-            let tok = tokenizer
             let gen = GenerationState(request: req, cache: cache, vocabSize: engine.model.architecture.vocabSize,
-                                      eosTokens: eos, decodeToken: { tok.decodeBytes([$0]) })
+                                      eosTokens: eos, tokenizer: tokenizer)
             let r = Running(job: job, binding: binding, gen: gen)
             if gen.isFinished { finish(r); return }
             cond.lock(); running.append(r); cond.unlock()
         } catch {
             cond.lock(); inBatch.removeAll { $0 === job }; cond.unlock()
             count { $0.failed += 1 }
-            // A notification (no id) is never answered, not even with an error.
-            if job.id != nil { out.error(job.id, AdapterRuntime.rpcError(error)) }
+            // A notification (no sink) is never answered, not even with an error.
+            job.sink?.failed(AdapterRuntime.rpcError(error))
         }
     }
 
@@ -303,11 +325,24 @@ final class Scheduler: @unchecked Sendable {
                 count { $0.promptTokens += fedNow[i] }
                 if r.fed < r.job.request.prompt.count { continue }
             }
-            let (tok, delta) = r.gen.accept(logits: logits.data + i * V, vocabSize: V)
+            let row = logits.data + i * V
+            // Log-probabilities of the model's distribution (before temperature and truncation), as
+            // OpenAI and vLLM report them; computed before `accept`, which may scale the row.
+            let lse = r.job.logprobs != nil ? Self.logSumExp(row, V) : 0
+            var top: [(Int, Float)] = []
+            if let k = r.job.logprobs, k > 0 { top = Self.topK(row, V, k) }
+            let (tok, delta) = r.gen.accept(logits: row, vocabSize: V)
             count { $0.generatedTokens += 1 }
             if r.firstToken == 0 { r.firstToken = Scheduler.clock() }
-            if r.job.stream, r.job.id != nil {
-                out.notify("token", ["id": r.job.id!, "text": delta, "token": tok])
+            var lp: TokenLogprob?
+            if r.job.logprobs != nil {
+                let tb = tokenizer.decodeBytes([tok])
+                lp = TokenLogprob(token: tok, text: String(decoding: tb, as: UTF8.self), bytes: tb.map(Int.init), logprob: Double(row[tok] - lse),
+                                  top: top.map { .init(token: $0.0, text: String(decoding: tokenizer.decodeBytes([$0.0]), as: UTF8.self), logprob: Double($0.1 - lse)) })
+                r.logprobs.append(lp!)
+            }
+            if r.job.stream, let sink = r.job.sink {
+                sink.token(TokenEvent(text: delta, token: tok, logprob: lp))
             }
             if r.gen.isFinished { finish(r) }
         }
@@ -325,26 +360,44 @@ final class Scheduler: @unchecked Sendable {
     private func finish(_ r: Running) {
         remove(r)
         count { $0.completed += 1 }
-        guard r.job.id != nil else { return }
+        guard let sink = r.job.sink else { return }
         let end = Scheduler.clock()
         let b = r.binding
-        var adapter: [String: Any] = ["shared": b.sharedVersion.map { $0 as Any } ?? NSNull(),
-                                      "client": b.clientVersion.map { $0 as Any } ?? NSNull()]
-        if let t = b.clientTrainedOn { adapter["client_trained_on_shared"] = t }
         let first = r.firstToken == 0 ? end : r.firstToken
-        out.result(r.job.id, [
-            "text": r.gen.outputText,
-            "finish_reason": (r.gen.finish ?? .length).rawValue,
-            "usage": ["prompt_tokens": r.job.request.prompt.count, "completion_tokens": r.gen.tokens.count],
-            "adapter": adapter,
-            "timing": ["queue_ms": ms(r.admitted - r.job.enqueued), "prefill_ms": ms(first - r.admitted), "decode_ms": ms(end - first)],
-        ])
+        var result = GenerateResult(
+            text: r.gen.outputText, finishReason: (r.gen.finish ?? .length).rawValue,
+            usage: .init(promptTokens: r.job.request.prompt.count, completionTokens: r.gen.tokens.count),
+            adapter: .init(shared: b.sharedVersion, client: b.clientVersion, clientTrainedOnShared: b.clientTrainedOn),
+            timing: .init(queueMs: ms(r.admitted - r.job.enqueued), prefillMs: ms(first - r.admitted), decodeMs: ms(end - first)))
+        if r.job.logprobs != nil { result.logprobs = r.logprobs }
+        sink.finished(result)
     }
 
     private func fail(_ r: Running, _ e: RPCError) {
         remove(r)
         count { $0.failed += 1 }
-        if r.job.id != nil { out.error(r.job.id, e) }
+        r.job.sink?.failed(e)
+    }
+
+    static func logSumExp(_ x: UnsafePointer<Float>, _ n: Int) -> Float {
+        var m = -Float.infinity
+        for i in 0..<n where x[i] > m { m = x[i] }
+        var s: Double = 0
+        for i in 0..<n { s += Double(expf(x[i] - m)) }
+        return m + Float(log(s))
+    }
+
+    /// The k largest entries (index, value), largest first (the first index on ties).
+    static func topK(_ x: UnsafePointer<Float>, _ n: Int, _ k: Int) -> [(Int, Float)] {
+        var best: [(Int, Float)] = []
+        for i in 0..<n {
+            if best.count == k, let last = best.last, x[i] <= last.1 { continue }
+            var j = best.count
+            while j > 0 && best[j - 1].1 < x[i] { j -= 1 }
+            best.insert((i, x[i]), at: j)
+            if best.count > k { best.removeLast() }
+        }
+        return best
     }
 
     private func ms(_ s: Double) -> Double { (s * 1e5).rounded() / 100 }

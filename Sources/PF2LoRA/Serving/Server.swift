@@ -1,7 +1,8 @@
 import Foundation
 import Synchronization
 
-/// `pf2lora serve`: JSON-RPC 2.0 over stdin/stdout, one object per line (DESIGN §5).
+/// `pf2lora serve`: JSON-RPC 2.0 over stdin/stdout, one object per line (DESIGN §5): a thin adapter
+/// over the method layer (`ServingCore`, Methods.swift), which an HTTP transport may share.
 ///
 /// The reader (this thread) parses each line and answers the quick methods itself; `generate` has its
 /// prompt tokenized on a tokenizer thread and then goes to the scheduler's continuous batch;
@@ -16,52 +17,42 @@ import Synchronization
 /// refused with -32004, the others (`cancel`, `health`, `stats`, ...) are answered; a broken output
 /// also cancels the generates (their answers cannot be delivered) and stops reading.
 ///
-/// Threads: `run`'s thread (the reader) alone touches `requests`, `errors` and `trainingMethods`
-/// (installed before `run`); the drain state and the count of unanswered reloads are read and
-/// written only while holding `stateLock`,
+/// Threads: `run`'s thread (the reader) alone reads stdin; the method layer (`core`) locks itself
+/// (training methods are installed before `run`; `core.reload` runs on the core's reload thread and
+/// counts as work in flight until answered); the drain state is read and written only while holding `stateLock`,
 /// from the reader, signal-woken or not, and from any thread whose write finds the output broken.
 public final class Server: @unchecked Sendable {
-    public let model: LanguageModel
-    public let tokenizer: BPETokenizer
-    public let runtime: AdapterRuntime
-    public let limits: ServerLimits
+    /// The method layer this transport adapts (shared with the HTTP transport when there is one).
+    public let core: ServingCore
+    public var model: LanguageModel { core.model }
+    public var tokenizer: BPETokenizer { core.tokenizer }
+    public var runtime: AdapterRuntime { core.runtime }
+    public var limits: ServerLimits { core.limits }
     /// Unknown request params are ignored instead of refused (the behaviour before issue 11).
     public let lenient: Bool
     let out: LineWriter
-    let scheduler: Scheduler
+    var scheduler: Scheduler { core.scheduler }
     /// The training methods' runner (one at a time, cancel, progress, memory bound, drain).
-    public let training: TrainingRunner
-    let started = Scheduler.clock()
-    private var requests = 0
-    private var errors = 0
+    public var training: TrainingRunner { core.training }
     /// Installed training methods; a known one missing here answers that it needs --store.
-    public var trainingMethods: [String: TrainingMethod] = [:]
+    public var trainingMethods: [String: TrainingMethod] {
+        get { core.trainingMethods }
+        set { core.trainingMethods = newValue }
+    }
+    /// Whether stdin is read (false: the server runs for another transport and drains on a signal only).
+    public var readsInput = true
     /// The methods the training layer can install: without their handler (no store), they answer so.
     static let trainingMethodNames = ["personalize", "train_local", "evaluate_local"]
     /// The params each built-in method accepts.
     static let builtinParams: [String: [String]] = [
-        "generate": ["prompt", "client", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "ignore_eos"],
+        "generate": ["prompt", "messages", "client", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "ignore_eos"],
         "cancel": ["id"], "adapters.list": [], "adapters.load": ["client", "version"], "adapters.evict": ["client"],
         "reload": [], "stats": [], "health": [], "shutdown": [],
     ]
     static let methodList = "generate, cancel, personalize, train_local, evaluate_local, adapters.list, adapters.load, adapters.evict, reload, stats, health, shutdown"
-    /// The most bytes one token stands for. Byte-level BPE covers every byte of the (normalized) text
-    /// exactly once, so a prompt of more bytes than the token limit times `maxPromptBytesPerToken` is
-    /// refused without tokenizing it; NFC (Qwen2's normalizer) shrinks text by at most 3 to 1 (three
-    /// Hangul jamo of 3 bytes compose to one syllable of 3), so it is allowed 4 times as much.
-    let maxTokenBytes: Int
-    var maxPromptBytesPerToken: Int { maxTokenBytes * (tokenizer.normalizesText ? 4 : 1) }
-    private let tokenizeQueue = DispatchQueue(label: "pf2lora.tokenize")
-    /// Runs `reload` requests, one at a time, off the reader thread.
-    private let reloadQueue = DispatchQueue(label: "pf2lora.reload")
-    /// `reload` requests not yet answered (under `stateLock`).
-    private var reloading = 0
-    /// Failed `reload`s (counted on the reload thread; `errors` is the reader's).
-    private let reloadErrors = Atomic<Int>(0)
     /// Written to wake the reader: by a signal handler, by a broken output.
     private let wakeRead: Int32, wakeWrite: Int32
     private let stateLock = NSLock()
-    private var drainReason: String?
     private var drainStarted = 0.0
     private var outputBroken = false
     /// Seconds a drain waits for the work in flight before cancelling it (every request is still
@@ -69,18 +60,16 @@ public final class Server: @unchecked Sendable {
     /// for everything to finish.
     public var drainTimeout: Double?
 
-    public init(model: LanguageModel, tokenizer: BPETokenizer, store: AdapterStore?, strictClients: Bool = false,
+    public convenience init(model: LanguageModel, tokenizer: BPETokenizer, store: AdapterStore?, strictClients: Bool = false,
                 limits: ServerLimits = ServerLimits(), lenient: Bool = false, outputFD: Int32 = 1) {
-        self.model = model
-        self.tokenizer = tokenizer
-        self.limits = limits
+        self.init(core: ServingCore(model: model, tokenizer: tokenizer, store: store, strictClients: strictClients, limits: limits),
+                  lenient: lenient, outputFD: outputFD)
+    }
+
+    public init(core: ServingCore, lenient: Bool = false, outputFD: Int32 = 1) {
+        self.core = core
         self.lenient = lenient
-        _ = model.baseLinears   // the serving layout of the base weights, made now rather than on the first request
-        runtime = AdapterRuntime(model: model, store: store, strict: strictClients)
         out = LineWriter(fd: outputFD)
-        scheduler = Scheduler(engine: InferenceEngine(model: model), runtime: runtime, tokenizer: tokenizer, out: out, limits: limits)
-        training = TrainingRunner(out: out)
-        maxTokenBytes = max(1, (0..<tokenizer.vocabSize).reduce(0) { max($0, tokenizer.decodeBytes([$1]).count) })
         var fds: [Int32] = [-1, -1]
         if pipe(&fds) == 0 {
             for fd in fds { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
@@ -99,7 +88,7 @@ public final class Server: @unchecked Sendable {
     }
 
     /// The lock that serializes forward steps; a trainer sharing the model's memory takes it too.
-    public var stepLock: NSLock { scheduler.stepLock }
+    public var stepLock: NSLock { core.stepLock }
 
     private func wake() {
         var b: UInt8 = 0
@@ -107,15 +96,13 @@ public final class Server: @unchecked Sendable {
     }
 
     /// Why the server is draining (nil: it is not).
-    public var draining: String? { stateLock.lock(); defer { stateLock.unlock() }; return drainReason }
+    public var draining: String? { core.draining }
 
     /// Stops taking new work (see the type's discussion); the first reason is kept.
     public func beginDrain(_ reason: String) {
-        stateLock.lock()
-        let first = drainReason == nil
-        if first { drainReason = reason; drainStarted = Scheduler.clock() }
-        stateLock.unlock()
-        guard first else { return }
+        guard core.markDraining(reason) else { return }
+        stateLock.lock(); drainStarted = Scheduler.clock(); stateLock.unlock()
+        wake()   // a drain begun off the reader thread (the HTTP listener failed) must be seen by `run`
         scheduler.beginDrain()
         training.beginDrain(reason)
         let inFlight = scheduler.runningCount + scheduler.queueLength
@@ -126,10 +113,7 @@ public final class Server: @unchecked Sendable {
     private var drainStartedAt: Double { stateLock.lock(); defer { stateLock.unlock() }; return drainStarted }
 
     /// Nothing reserved, queued, running or training.
-    var isIdle: Bool {
-        stateLock.lock(); let reloads = reloading; stateLock.unlock()
-        return reloads == 0 && scheduler.isIdle && training.isIdle
-    }
+    var isIdle: Bool { core.isIdle }
 
     // MARK: Signals
 
@@ -168,10 +152,10 @@ public final class Server: @unchecked Sendable {
     /// Serves until EOF on `inputFD`, `shutdown`, a termination signal or a broken output, and until
     /// everything in flight has been answered; returns the exit code (0).
     public func run(inputFD: Int32 = 0) -> Int32 {
-        scheduler.start()
+        core.start()
         var buf = [UInt8](repeating: 0, count: 1 << 16)
         var reader = LineReader(maxLineBytes: limits.maxLineBytes)
-        var inputOpen = true
+        var inputOpen = readsInput
         var cancelledForTimeout = false
         while true {
             stateLock.lock(); let broken = outputBroken; stateLock.unlock()
@@ -227,7 +211,7 @@ public final class Server: @unchecked Sendable {
         switch line {
         case let .line(bytes): handle(bytes)
         case .overlong:
-            errors += 1
+            core.countError()
             out.error(NSNull(), RPCError(.invalidRequest, "request line longer than \(limits.maxLineBytes) bytes; shorten the prompt or raise --max-line-bytes"))
         }
     }
@@ -238,11 +222,11 @@ public final class Server: @unchecked Sendable {
         var line = raw
         if line.last == 0x0D { line.removeLast() }
         if line.allSatisfy({ $0 == 0x20 || $0 == 0x09 }) { return true }
-        requests += 1
+        core.countRequest()
         let req: RPCRequest
         switch RPCParser.parse(line) {
         case let .failure(e):
-            errors += 1
+            core.countError()
             // A notification (a valid envelope without an id) is never answered, not even with an error.
             if !e.notification { out.error(e.id, e.error) }
             return true
@@ -262,48 +246,55 @@ public final class Server: @unchecked Sendable {
             case "generate": try generate(req)
             case _ where isTraining:
                 if let why = draining { throw RPCError(.overloaded, "the server is shutting down (\(why)) and takes no new requests; send it to another instance") }
-                method!.handler(training.call(method: req.method, params: req.params, id: req.id, hasID: req.hasID))
+                let out = self.out, id = SendableJSON(req.id)
+                let responder = TrainingResponder(reply: { r in
+                    switch r {
+                    case let .success(v): out.result(id.value, v)
+                    case let .failure(e): out.error(id.value, e)
+                    }
+                }, progress: { out.notify("progress", $0) })
+                method!.handler(training.call(method: req.method, params: req.params, id: req.id, hasID: req.hasID, responder: responder))
             case "cancel": reply(req, try cancel(req.params))
-            case "adapters.list": reply(req, try adaptersList())
-            case "adapters.load": reply(req, try adaptersLoad(req.params))
-            case "adapters.evict": reply(req, try adaptersEvict(req.params))
+            case "adapters.list": reply(req, try core.adaptersList().json)
+            case "adapters.load":
+                let p = req.params
+                guard let id = try p.string("client") else { throw RPCError(.invalidParams, "params.client is required") }
+                try ClientID.validate(id)
+                let version = try p.int("version", min: 1)
+                reply(req, try core.adaptersLoad(AdapterLoadRequest(client: id, version: version)).json)
+            case "adapters.evict":
+                guard let id = try req.params.string("client") else { throw RPCError(.invalidParams, "params.client is required") }
+                reply(req, try core.adaptersEvict(client: id).json)
             case "reload": reload(req)
-            case "stats": reply(req, stats())
-            case "health":
-                var h: [String: Any] = ["status": draining == nil ? "ok" : "draining", "uptime_s": Scheduler.clock() - started]
-                if let why = draining { h["draining"] = why }
-                reply(req, h)
+            case "stats": reply(req, core.stats().json)
+            case "health": reply(req, core.health().json)
             case "shutdown":
-                reply(req, ["status": "shutting down", "in_flight": scheduler.runningCount + scheduler.queueLength + (training.isIdle ? 0 : 1)])
+                reply(req, ShutdownReply(status: "shutting down", inFlight: core.inFlight).json)
                 beginDrain("shutdown request")
                 return false
             default:
                 throw RPCError(.methodNotFound, "unknown method '\(req.method)'; methods are \(Self.methodList)")
             }
         } catch {
-            errors += 1
+            core.countError()
             if req.hasID { out.error(req.id, AdapterRuntime.rpcError(error)) }
         }
         return true
     }
 
-    /// `reload` re-reads the store and folds a new shared version on the reload thread, so the reader
-    /// keeps answering while a large model's weights are folded; the drain waits for its reply.
+    /// `reload` re-reads the store and folds a new shared version on the method layer's reload
+    /// thread, so the reader keeps answering while a large model's weights are folded; the drain
+    /// waits for its reply (`core.isIdle` counts it).
     private func reload(_ req: RPCRequest) {
-        stateLock.lock(); reloading += 1; stateLock.unlock()
-        let call = UncheckedRequest(req)
-        reloadQueue.async { [self] in
-            let req = call.req
-            do {
-                try runtime.refresh(force: true, idle: scheduler.runningCount == 0)
-                runtime.waitForFold()
-                reply(req, ["shared": runtime.sharedVersion.map { $0 as Any } ?? NSNull(), "clients": runtime.store?.clients().count ?? 0])
-            } catch {
-                reloadErrors.add(1, ordering: .relaxed)
-                if req.hasID { out.error(req.id, AdapterRuntime.rpcError(error)) }
+        let out = self.out, id = SendableJSON(req.id), hasID = req.hasID
+        core.reload { [weak self] r in
+            switch r {
+            case let .success(v): if hasID { out.result(id.value, v.json) }
+            case let .failure(e):
+                self?.core.countError()
+                if hasID { out.error(id.value, AdapterRuntime.rpcError(e)) }
             }
-            stateLock.lock(); reloading -= 1; stateLock.unlock()
-            wake()
+            self?.wake()
         }
     }
 
@@ -320,10 +311,7 @@ public final class Server: @unchecked Sendable {
         guard p.has("id") else { throw RPCError(.invalidParams, "params.id (the id of the request to cancel) is required") }
         let id = p.dict["id"]!
         guard id is String || (id is NSNumber && !Params.isBool(id)) else { throw RPCError(.invalidParams, "params.id must be a string or a number: the id of the request to cancel") }
-        var methods: [String] = []
-        if let m = training.cancel(id: id) { methods.append(m) }
-        let n = scheduler.cancel(id: id)
-        if n > 0 { methods.append("generate") }
+        let (methods, n) = core.cancel(id: id)
         var r: [String: Any] = ["id": id, "cancelled": !methods.isEmpty]
         if !methods.isEmpty { r["methods"] = methods; r["generates"] = n } else {
             r["reason"] = "no generate or training request with this id is waiting or running (it may have finished)"
@@ -335,106 +323,29 @@ public final class Server: @unchecked Sendable {
         if req.hasID { out.result(req.id, result) }
     }
 
-    /// Checks the params on the reader thread (a prompt longer in bytes than any prompt of the token
-    /// limit is refused unread), reserves a place, and tokenizes on the tokenizer thread, which queues
-    /// the job or answers the prompt's error.
+    /// Reads the params (errors name the field) into a `GenerateRequest` and hands it to the method
+    /// layer, which checks it, reserves a place and tokenizes off the reader thread.
     private func generate(_ req: RPCRequest) throws {
         let p = req.params
         let client = try p.string("client")
         if let client { try ClientID.validate(client) }
-        guard let prompt = try p.string("prompt") else { throw RPCError(.invalidParams, "params.prompt (a string) is required") }
-        let maxTokens = try p.int("max_tokens", min: 0, max: limits.maxNewTokens) ?? min(limits.defaultMaxTokens, limits.maxNewTokens)
-        let ctx = model.architecture.contextLength
-        let tokenLimit = min(limits.maxPromptTokens, ctx - 1)
-        let bytes = prompt.utf8.count
-        guard bytes <= tokenLimit * maxPromptBytesPerToken else {
-            throw RPCError(.invalidParams, "the prompt is \(bytes) bytes: more than \(tokenLimit) tokens (the limit, context \(ctx)) whatever it says, as no token stands for more than \(maxTokenBytes) bytes\(tokenizer.normalizesText ? " (\(maxPromptBytesPerToken) before normalization)" : ""); shorten it")
-        }
-        guard bytes > 0 else { throw RPCError(.invalidParams, "params.prompt is empty; give at least one character of text") }
-        var sampling = SamplingParams()
-        sampling.temperature = try p.float("temperature") ?? 1
-        sampling.topP = try p.float("top_p") ?? 1
-        sampling.topK = try p.int("top_k", min: 0) ?? 0
-        sampling.seed = try p.uint64("seed") ?? 0
-        do { try sampling.validate() } catch { throw RPCError(.invalidParams, "\(error)") }
-        let stop = try p.strings("stop", maxCount: 16) ?? []
-        let stream = try p.bool("stream") ?? false
-        let ignoreEOS = try p.bool("ignore_eos") ?? false
-        let job = Job(id: req.hasID ? req.id : nil, client: client,
-                      request: GenerationRequest(prompt: [], maxTokens: maxTokens, sampling: sampling, stop: stop, ignoreEOS: ignoreEOS),
-                      stream: stream)
-        try scheduler.reserve(job)
-        tokenizeQueue.async { [tokenizer, scheduler, out] in
-            let ids = tokenizer.encode(prompt)
-            let refusal: RPCError?
-            if ids.isEmpty {
-                refusal = RPCError(.invalidParams, "params.prompt is empty; give at least one character of text")
-            } else if ids.count > tokenLimit {
-                refusal = RPCError(.invalidParams, "the prompt is \(ids.count) tokens; the limit is \(tokenLimit) (context \(ctx)); shorten it")
-            } else { refusal = nil }
-            if let refusal {
-                scheduler.abandon(job)
-                if job.id != nil { out.error(job.id, refusal) }
-                return
+        var messages: String?
+        if p.has("messages") {
+            guard p.dict["messages"] is [Any],
+                  let data = try? JSONSerialization.data(withJSONObject: p.dict["messages"]!, options: [.fragmentsAllowed]) else {
+                throw RPCError(.invalidParams, "params.messages must be an array of message objects ({\"role\": ..., \"content\": ...})")
             }
-            scheduler.enqueue(job, prompt: ids)
+            guard !p.has("prompt") else { throw RPCError(.invalidParams, "give either params.prompt or params.messages, not both") }
+            messages = String(decoding: data, as: UTF8.self)
         }
-    }
-
-    private func adaptersList() throws -> [String: Any] {
-        guard let store = runtime.store else { return ["shared": NSNull(), "clients": []] }
-        try store.refresh()
-        let clients: [[String: Any]] = store.clients().map { id in
-            let v = store.currentVersion(level: .client, client: id)
-            var d: [String: Any] = ["id": id, "version": v.map { $0 as Any } ?? NSNull(), "versions": store.versions(level: .client, client: id)]
-            if let v, let t = store.trainedOn(client: id, version: v) { d["trained_on_shared"] = t }
-            d["cached"] = v.map { store.cache.contains(AdapterCache.Key(level: .client, client: id, version: $0)) } ?? false
-            return d
-        }
-        let st = store.cache.currentStats
-        return ["shared": ["version": store.currentVersion(level: .shared).map { $0 as Any } ?? NSNull(),
-                           "serving": runtime.sharedVersion.map { $0 as Any } ?? NSNull(),
-                           "versions": store.versions(level: .shared)],
-                "clients": clients,
-                "cache": ["entries": st.entries, "bytes": st.bytes, "capacity_bytes": st.capacityBytes]]
-    }
-
-    private func adaptersLoad(_ p: Params) throws -> [String: Any] {
-        guard let id = try p.string("client") else { throw RPCError(.invalidParams, "params.client is required") }
-        try ClientID.validate(id)
-        guard let store = runtime.store else { throw RPCError(.unknownClient, "no adapter store is open (start with --store DIR)") }
-        try store.refresh()
-        let wanted = try p.int("version", min: 1) ?? store.currentVersion(level: .client, client: id)
-        guard let v = wanted else { throw RPCError(.unknownClient, "unknown client '\(id)': the store has no adapter for it") }
-        let t0 = Scheduler.clock()
-        _ = try runtime.clientPairs(id, version: v)
-        return ["client": id, "version": v, "load_ms": (Scheduler.clock() - t0) * 1000]
-    }
-
-    private func adaptersEvict(_ p: Params) throws -> [String: Any] {
-        guard let id = try p.string("client") else { throw RPCError(.invalidParams, "params.client is required") }
-        try ClientID.validate(id)
-        return ["client": id, "evicted": runtime.evict(client: id)]
-    }
-
-    private func stats() -> [String: Any] {
-        let c = scheduler.counters
-        let waiting = scheduler.waiting
-        var d: [String: Any] = [
-            "requests": requests, "errors": errors + reloadErrors.load(ordering: .relaxed),
-            "completed": c.completed, "failed": c.failed,
-            "running": scheduler.runningCount, "queued": waiting.beyondBatch, "admitting": waiting.admitting,
-            "training": training.running ?? NSNull(),
-            "steps": c.steps, "generated_tokens": c.generatedTokens, "prompt_tokens": c.promptTokens,
-            "mean_batch_rows": c.steps == 0 ? 0 : Double(c.rowsStepped) / Double(c.steps),
-            "uptime_s": Scheduler.clock() - started,
-            "rss_bytes": Self.residentBytes(),
-        ]
-        if let store = runtime.store {
-            let s = store.cache.currentStats
-            d["adapter_cache"] = ["hits": s.hits, "misses": s.misses, "evictions": s.evictions, "entries": s.entries, "bytes": s.bytes, "capacity_bytes": s.capacityBytes]
-        }
-        return d
+        let prompt = try p.string("prompt")
+        guard prompt != nil || messages != nil else { throw RPCError(.invalidParams, "params.prompt (a string) is required") }
+        let maxTokens = try p.int("max_tokens", min: 0, max: limits.maxNewTokens)
+        let r = GenerateRequest(prompt: prompt, messagesJSON: messages, adapter: client.map { .client($0) } ?? .shared, maxTokens: maxTokens,
+                                temperature: try p.float("temperature"), topP: try p.float("top_p"), topK: try p.int("top_k", min: 0),
+                                seed: try p.uint64("seed"), stop: try p.strings("stop", maxCount: 16) ?? [],
+                                stream: try p.bool("stream") ?? false, ignoreEOS: try p.bool("ignore_eos") ?? false)
+        try core.generate(r, id: req.hasID ? req.id : nil, sink: req.hasID ? StdioGenerateSink(out: out, id: req.id) : nil)
     }
 
     /// Resident set size from /proc/self/statm (0 where unavailable).
@@ -444,6 +355,22 @@ public final class Server: @unchecked Sendable {
         guard parts.count > 1, let pages = Int(parts[1]) else { return 0 }
         return pages * Int(sysconf(Int32(_SC_PAGESIZE)))
     }
+}
+
+/// A JSON value (an id as JSONSerialization made it: immutable) carried into a @Sendable closure.
+struct SendableJSON: @unchecked Sendable {
+    let value: Any?
+    init(_ v: Any?) { value = v }
+}
+
+/// A stdio generate request's answers: `token` notifications and the JSON-RPC result or error.
+final class StdioGenerateSink: GenerationSink, @unchecked Sendable {   // id: an immutable JSON value
+    let out: LineWriter
+    let id: Any?
+    init(out: LineWriter, id: Any?) { self.out = out; self.id = id }
+    func token(_ e: TokenEvent) { out.notify("token", ["id": id ?? NSNull(), "text": e.text, "token": e.token]) }
+    func finished(_ r: GenerateResult) { out.result(id, r.json) }
+    func failed(_ e: RPCError) { out.error(id, e) }
 }
 
 /// Splits the input into lines of at most `maxLineBytes` (a CR before the LF not counted); a longer
@@ -480,10 +407,4 @@ struct LineReader {
         if overlong || line.count - (line.last == 0x0D ? 1 : 0) > maxLineBytes { return [.overlong] }
         return line.isEmpty ? [] : [.line(line)]
     }
-}
-
-/// A request handed to another thread: its JSON values (from JSONSerialization) are immutable.
-private struct UncheckedRequest: @unchecked Sendable {
-    let req: RPCRequest
-    init(_ req: RPCRequest) { self.req = req }
 }

@@ -11,14 +11,27 @@ public struct TrainingMethod {
     }
 }
 
+/// Where a training request's answer and progress go (the transport's side of a `TrainingCall`).
+public struct TrainingResponder: Sendable {
+    /// Called once with the answer.
+    public let reply: @Sendable (Result<[String: Any], RPCError>) -> Void
+    /// Called with each progress record (`{"id","method","step","steps","loss","elapsed_s"}`); nil: none wanted.
+    public let progress: (@Sendable ([String: Any]) -> Void)?
+    public init(reply: @escaping @Sendable (Result<[String: Any], RPCError>) -> Void, progress: (@Sendable ([String: Any]) -> Void)?) {
+        self.reply = reply; self.progress = progress
+    }
+}
+
 /// One request of a training method, as its handler gets it. `id` is a JSON value (NSNumber or
 /// NSString as JSONSerialization made it, immutable), the rest are values and the runner.
 public struct TrainingCall: @unchecked Sendable {
     public let method: String
     public let params: Params
     let id: Any?
+    /// The caller wants the answer (a JSON-RPC request with an id, any HTTP request).
     let hasID: Bool
     let runner: TrainingRunner
+    let responder: TrainingResponder
 
     /// Answers at once (a param error); a notification gets nothing.
     public func reply(_ result: Result<[String: Any], RPCError>) { runner.reply(self, result) }
@@ -48,7 +61,7 @@ public final class TrainingTask: @unchecked Sendable {
     public let method: String
     let id: Any?
     let hasID: Bool
-    private let out: LineWriter
+    private let progress: (@Sendable ([String: Any]) -> Void)?
     private let interval: Double
     /// The memory bound of the server (`--max-train-mb`), for `control`.
     public let maxStateBytes: Int?
@@ -59,8 +72,8 @@ public final class TrainingTask: @unchecked Sendable {
     private var lastStep = 0
     private let started = Scheduler.clock()
 
-    init(what: String, method: String, id: Any?, hasID: Bool, out: LineWriter, interval: Double, maxStateBytes: Int?) {
-        self.what = what; self.method = method; self.id = id; self.hasID = hasID; self.out = out
+    init(what: String, method: String, id: Any?, hasID: Bool, progress: (@Sendable ([String: Any]) -> Void)?, interval: Double, maxStateBytes: Int?) {
+        self.what = what; self.method = method; self.id = id; self.hasID = hasID; self.progress = progress
         self.interval = interval; self.maxStateBytes = maxStateBytes
     }
 
@@ -77,12 +90,12 @@ public final class TrainingTask: @unchecked Sendable {
         lastStep = step
         losses.append(loss.isFinite ? Double(loss) : .nan)
         let isCancelled = cancelled
-        let due = hasID && !isCancelled && (step == 1 || step >= steps || now - lastProgress >= interval)
+        let due = hasID && progress != nil && !isCancelled && (step == 1 || step >= steps || now - lastProgress >= interval)
         if due { lastProgress = now }
         lock.unlock()
         if isCancelled { throw TrainingCancelled(step: step, steps: steps) }
         if due {
-            out.notify("progress", ["id": id ?? NSNull(), "method": method, "step": step, "steps": steps,
+            progress?(["id": id ?? NSNull(), "method": method, "step": step, "steps": steps,
                                     "loss": loss.isFinite ? Double(loss) : NSNull(), "elapsed_s": ((now - started) * 1000).rounded() / 1000])
         }
     }
@@ -105,7 +118,6 @@ public final class TrainingTask: @unchecked Sendable {
 ///
 /// Every `var` is read and written only while holding `cond`.
 public final class TrainingRunner: @unchecked Sendable {
-    let out: LineWriter
     /// `--max-train-mb` in bytes (nil: unbounded).
     public var maxStateBytes: Int? {
         get { cond.lock(); defer { cond.unlock() }; return maxBytes }
@@ -122,20 +134,22 @@ public final class TrainingRunner: @unchecked Sendable {
     private var current: TrainingTask?
     private var active = 0
     private var drainReason: String?
+    private var started = 0
 
-    init(out: LineWriter) { self.out = out }
+    init() {}
 
-    func call(method: String, params: Params, id: Any?, hasID: Bool) -> TrainingCall {
-        TrainingCall(method: method, params: params, id: id, hasID: hasID, runner: self)
+    /// A call of `method` whose answer and progress go to `responder`; `id` is the key `cancel` finds it by.
+    public func call(method: String, params: Params, id: Any?, hasID: Bool, responder: TrainingResponder) -> TrainingCall {
+        TrainingCall(method: method, params: params, id: id, hasID: hasID, runner: self, responder: responder)
     }
 
     func reply(_ call: TrainingCall, _ result: Result<[String: Any], RPCError>) {
         guard call.hasID else { return }
-        switch result {
-        case let .success(v): out.result(call.id, v)
-        case let .failure(e): out.error(call.id, e)
-        }
+        call.responder.reply(result)
     }
+
+    /// Training requests spawned since start (for /metrics).
+    public var jobsStarted: Int { cond.lock(); defer { cond.unlock() }; return started }
 
     func spawn(_ call: TrainingCall, what: String, thread name: String, mapError: @escaping @Sendable (Error) -> RPCError,
                _ work: @escaping @Sendable (TrainingTask) throws -> [String: Any]) {
@@ -150,10 +164,11 @@ public final class TrainingRunner: @unchecked Sendable {
             reply(call, .failure(RPCError(.overloaded, "\(other.what) is already running; one training method runs at a time — retry when it has replied")))
             return
         }
-        let task = TrainingTask(what: what, method: call.method, id: call.id, hasID: call.hasID, out: out,
+        let task = TrainingTask(what: what, method: call.method, id: call.id, hasID: call.hasID, progress: call.responder.progress,
                                 interval: interval, maxStateBytes: maxBytes)
         current = task
         active += 1
+        started += 1
         cond.unlock()
         let t = Thread { [self] in
             let outcome: Result<[String: Any], RPCError>
@@ -174,7 +189,7 @@ public final class TrainingRunner: @unchecked Sendable {
     }
 
     /// Cancels the running training request with this id; returns its method, or nil.
-    func cancel(id: Any?) -> String? {
+    public func cancel(id: Any?) -> String? {
         cond.lock(); defer { cond.unlock() }
         guard let t = current, t.hasID, sameID(t.id, id) else { return nil }
         t.cancel()

@@ -1,0 +1,136 @@
+import Foundation
+import Testing
+@testable import PF2LoRA
+@testable import PF2LoRAHTTP
+
+/// The transport-independent method layer (`ServingCore`, Serving/Methods.swift) driven in process,
+/// as the HTTP transport drives it, and the HTTP error mapping.
+@Suite struct MethodLayerTests {
+    /// Collects one request's events.
+    final class Collect: GenerationSink, @unchecked Sendable {
+        let done = DispatchSemaphore(value: 0)
+        let lock = NSLock()
+        var tokens: [TokenEvent] = []
+        var result: GenerateResult?
+        var error: RPCError?
+        func token(_ e: TokenEvent) { lock.lock(); tokens.append(e); lock.unlock() }
+        func finished(_ r: GenerateResult) { lock.lock(); result = r; lock.unlock(); done.signal() }
+        func failed(_ e: RPCError) { lock.lock(); error = e; lock.unlock(); done.signal() }
+        func wait() { _ = done.wait(timeout: .now() + 60) }
+    }
+
+    static func core(_ fx: ServerFixture) throws -> ServingCore {
+        let core = ServingCore(model: fx.gpt2, tokenizer: try BPETokenizer(folder: fx.model), store: fx.storeHandle)
+        try core.runtime.prepare()
+        core.start()
+        return core
+    }
+
+    @Test func generateThroughTheMethodLayer() throws {
+        let fx = try ServerFixture()
+        defer { fx.cleanup() }
+        let core = try Self.core(fx)
+        // Each client alone, then all together plus the base and shared: the same greedy text.
+        var alone: [String: String] = [:]
+        let choices: [(String, AdapterChoice)] = [("alice", .client("alice")), ("bob", .client("bob")), ("shared", .shared), ("base", .base)]
+        for (name, choice) in choices {
+            let s = Collect()
+            try core.generate(GenerateRequest(prompt: "The cat", adapter: choice, maxTokens: 8, temperature: 0, ignoreEOS: true), sink: s)
+            s.wait()
+            alone[name] = try #require(s.result?.text)
+            #expect(s.result?.usage.completionTokens == 8)
+        }
+        #expect(Set(alone.values).count == 4, "\(alone)")
+        #expect(try #require(alone["base"]) != alone["shared"])
+        var sinks: [(String, Collect)] = []
+        for (name, choice) in choices {
+            let s = Collect()
+            try core.generate(GenerateRequest(prompt: "The cat", adapter: choice, maxTokens: 8, temperature: 0, stream: true, ignoreEOS: true, logprobs: 2), sink: s)
+            sinks.append((name, s))
+        }
+        for (name, s) in sinks {
+            s.wait()
+            let r = try #require(s.result, "\(name)")
+            #expect(r.text == alone[name], "\(name)")
+            // Streamed deltas add up to the text; log-probabilities are <= 0 and the top ones sorted.
+            #expect(s.tokens.map(\.text).joined() == r.text)
+            let lps = try #require(r.logprobs)
+            #expect(lps.count == 8 && lps.allSatisfy { $0.logprob <= 1e-6 && $0.top.count == 2 && $0.top[0].logprob >= $0.top[1].logprob })
+            // Greedy: the chosen token is the most likely one.
+            #expect(lps.allSatisfy { $0.token == $0.top[0].token })
+        }
+        #expect(core.stats().completed == 8)
+    }
+
+    @Test func logprobsAreALogSoftmax() {
+        let x: [Float] = [1, 2, 3, 0.5]
+        let lse = x.withUnsafeBufferPointer { Scheduler.logSumExp($0.baseAddress!, 4) }
+        let expected = log(x.map { exp(Double($0)) }.reduce(0, +))
+        #expect(abs(Double(lse) - expected) < 1e-5)
+        let top = x.withUnsafeBufferPointer { Scheduler.topK($0.baseAddress!, 4, 2) }
+        #expect(top.map(\.0) == [2, 1])
+    }
+
+    @Test func cancelAHandleAndRefusals() throws {
+        let fx = try ServerFixture()
+        defer { fx.cleanup() }
+        let core = try Self.core(fx)
+        let s = Collect()
+        let h = try core.generate(GenerateRequest(prompt: "The cat", adapter: .client("alice"), maxTokens: 200, temperature: 0, ignoreEOS: true), sink: s)
+        h.cancel()
+        s.wait()
+        #expect(s.result?.finishReason == "cancelled")
+        #expect(throws: RPCError.self) { try core.generate(GenerateRequest(prompt: "x", temperature: -1), sink: nil) }
+        #expect(throws: RPCError.self) { try core.generate(GenerateRequest(prompt: "x", adapter: .client("../etc")), sink: nil) }
+        // A template error names the problem; an empty conversation is refused.
+        do { try core.generate(GenerateRequest(messagesJSON: "[]"), sink: nil); Issue.record("empty messages accepted") } catch let e as RPCError {
+            #expect(e.code == .invalidParams && e.message.contains("chat template"))
+        }
+        // Chat messages render with the plain format on a model without a template.
+        let c = Collect()
+        try core.generate(GenerateRequest(messagesJSON: #"[{"role":"user","content":"Hi"}]"#, maxTokens: 2, temperature: 0), sink: c)
+        c.wait()
+        let prompt = try #require(c.result?.usage.promptTokens)
+        #expect(prompt == core.tokenizer.encode("User: Hi\n\nAssistant:", addSpecialTokens: false).count)
+        // Method layer replies.
+        #expect(try core.adaptersList().clients.map(\.id) == ["alice", "bob", "carol"])
+        #expect(try core.adapterInfo(client: "alice")?.rank == 2)
+        #expect(try core.adapterInfo(client: "nobody") == nil)
+        #expect(core.health().status == "ok")
+    }
+
+    @Test func pinnedAdaptersAreNotEvicted() throws {
+        let fx = try ServerFixture()
+        defer { fx.cleanup() }
+        let a = try fx.storeHandle.load(level: .client, client: "alice", version: 1)
+        let cache = AdapterCache(capacityBytes: a.byteCount * 2)
+        cache.pin(client: "alice")
+        cache.put(.init(level: .client, client: "alice", version: 1), a)
+        for (i, c) in ["bob", "carol"].enumerated() {
+            cache.put(.init(level: .client, client: c, version: 1), try fx.storeHandle.load(level: .client, client: c, version: 1))
+            _ = i
+        }
+        #expect(cache.contains(.init(level: .client, client: "alice", version: 1)))
+        #expect(!cache.contains(.init(level: .client, client: "bob", version: 1)))
+        cache.unpin(client: "alice")
+        cache.put(.init(level: .client, client: "bob", version: 1), try fx.storeHandle.load(level: .client, client: "bob", version: 1))
+        #expect(!cache.contains(.init(level: .client, client: "alice", version: 1)))
+    }
+
+    @Test func errorStatuses() {
+        func status(_ c: RPCCode, draining: Bool = false) -> Int { APIError.from(RPCError(c, "m"), draining: draining).status.code }
+        #expect(status(.invalidParams) == 400 && status(.parseError) == 400 && status(.invalidRequest) == 400)
+        #expect(status(.unknownClient) == 404)
+        #expect(status(.conflict) == 409)
+        #expect(status(.overloaded) == 429 && status(.overloaded, draining: true) == 503)
+        #expect(status(.internalError) == 500)
+        let body = APIError.from(RPCError(.unknownClient, "no such"), draining: false).body
+        let err = body["error"] as? [String: Any]
+        #expect(err?["message"] as? String == "no such" && err?["code"] as? String == "model_not_found" && err?["type"] as? String == "not_found_error")
+        #expect(HTTPOptions.isLoopback("127.0.0.1") && HTTPOptions.isLoopback("::1") && !HTTPOptions.isLoopback("0.0.0.0"))
+        #expect(HTTPTransport.constantTimeEqual("Bearer a", "Bearer a") && !HTTPTransport.constantTimeEqual("Bearer a", "Bearer b")
+                && !HTTPTransport.constantTimeEqual("Bearer a", "Bearer ab"))
+        #expect(HTTPTransport.depthError(Array(String(repeating: "[", count: 65).utf8)) != nil)
+        #expect(HTTPTransport.depthError(Array(#"{"a": "[[[[["}"#.utf8)) == nil)
+    }
+}

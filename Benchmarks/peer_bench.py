@@ -747,11 +747,13 @@ def main():
         batches = [int(b) for b in a.batches.split(",")]
         starters = {}
         for p in a.precision_list:
+            # pf2lora at batch 1 right next to llama.cpp at the same precision, so a round's pair of
+            # them runs seconds apart (the per-round ratio), the larger batches after them.
             for b in batches:
                 if "pf2lora" in wanted:
                     starters[f"pf2lora@{p}" + (f"/b{b}" if b > 1 else "")] = (lambda p=p, b=b: (lambda e: (e, e.info))(Pf2loraDecode(a, p, b)))
-            if "llama.cpp" in wanted:
-                starters[f"llama.cpp@{p}"] = (lambda p=p: start_llama_cpp(a, wtype=p, name=f"llama.cpp@{p}"))
+                if b == batches[0] and "llama.cpp" in wanted:
+                    starters[f"llama.cpp@{p}"] = (lambda p=p: start_llama_cpp(a, wtype=p, name=f"llama.cpp@{p}"))
         if "blas" in wanted:
             starters["pf2lora_blas"] = lambda: (lambda e: (e, e.info))(Pf2loraBLAS(a))
         res, live = run_rounds(a, starters, lambda name: True)

@@ -22,7 +22,7 @@ test: setup
 # `make test` (CI) still runs everything. A new test that starts server processes, kills processes,
 # fuzzes for long or trains for seconds goes in one of these classes, or its suite name here.
 SLOW_SERVER_PROCESSES = ServerTests|ServerHardeningTests|ServerDrainTests|ServerTrainingControlTests/(trainingRequests|cancel)|PersonalizeTests|FederatedClientTests|FederateTests|DemoClientTests|CLIHardeningTests/randomModel|TokenizerFamilyTests/tokenizeCommand|ChatTemplateTests/tokenizeMessagesCommand|ChatTemplateTests/generateWithMessages|Llama3InstructTests/(generateCommand|serveStops)
-SLOW_CRASH_AND_CONCURRENCY = Reliability
+SLOW_CRASH_AND_CONCURRENCY = Reliability|BatchInvarianceTests
 SLOW_FUZZ = FuzzProtocolTests
 SLOW_TRAINING = WeightPrecisionServingTests/q8_0Perplexity|SyntheticTests|DefaultModelTests|GPT2TaskTests/federatedRun|GPT2TaskTests/storeMapping|GradientPretrainTests/lossGoesDown
 SLOW_TESTS = $(SLOW_SERVER_PROCESSES)|$(SLOW_CRASH_AND_CONCURRENCY)|$(SLOW_FUZZ)|$(SLOW_TRAINING)

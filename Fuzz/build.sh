@@ -12,6 +12,16 @@ cd "$(dirname "$0")/.."
 mkdir -p .build/fuzz
 targets=("$@"); [ ${#targets[@]} -eq 0 ] && targets=(protocol adapter)
 SOURCES=$(find Sources/PF2LoRA -name '*.swift' | sort)
+# The library's C target (q8_0 kernels): compiled with clang, imported through a module map written
+# here (SwiftPM makes its own for `swift build`; nothing is added to Sources/).
+mkdir -p .build/fuzz/CQuant
+cat > .build/fuzz/CQuant/module.modulemap <<MAP
+module CQuant {
+    header "$PWD/Sources/CQuant/include/CQuant.h"
+    export *
+}
+MAP
+clang -O2 -g -fsanitize=address,fuzzer-no-link -I Sources/CQuant/include -c Sources/CQuant/CQuant.c -o .build/fuzz/CQuant/CQuant.o
 for t in "${targets[@]}"; do
   case "$t" in
     protocol) harness=Fuzz/ProtocolFuzzer.swift ;;
@@ -20,7 +30,8 @@ for t in "${targets[@]}"; do
   esac
   echo "building .build/fuzz/$t-fuzzer" >&2
   # shellcheck disable=SC2086
-  swiftc -sanitize=fuzzer,address -parse-as-library -O -swift-version 5 -module-name PF2LoRAFuzz \
-    -I Sources/COpenBLAS -I Sources/CZstd $(pkg-config --cflags-only-I openblas libzstd | sed 's/-I/-Xcc -I/g') \
-    $SOURCES "$harness" $(pkg-config --libs openblas libzstd) -o ".build/fuzz/$t-fuzzer" 2> >(grep -v "Cannot export local symbol" >&2)
+  # -target-cpu haswell as Package.swift's default (the SIMD kernels); Swift 6 mode as the library.
+  swiftc -sanitize=fuzzer,address -parse-as-library -O -swift-version 6 -target-cpu haswell -module-name PF2LoRAFuzz \
+    -I Sources/COpenBLAS -I Sources/CZstd -I .build/fuzz/CQuant $(pkg-config --cflags-only-I openblas libzstd | sed 's/-I/-Xcc -I/g') \
+    $SOURCES "$harness" .build/fuzz/CQuant/CQuant.o $(pkg-config --libs openblas libzstd) -o ".build/fuzz/$t-fuzzer" 2> >(grep -v "Cannot export local symbol" >&2)
 done

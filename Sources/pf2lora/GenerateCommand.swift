@@ -196,6 +196,8 @@ struct ServeCommand: ParsableCommand {
     var maxTrainMB = 2048
     @Flag(help: "Ignore unknown request params (by default they are refused with -32602 naming them).")
     var lenient = false
+    @Flag(name: .customLong("fast-batching"), help: "Decode batches wider than 12 sequences, and prompts arriving together, as one GEMM pass: more tokens per second under load, but a sequence's logits then change in float rounding with what else is in the batch, so a greedy text may differ (by default every sequence gets the same bits whatever else runs).")
+    var fastBatching = false
     @Option(name: .customLong("http"), help: ArgumentHelp("Serve the OpenAI-compatible HTTP API on HOST:PORT (port 0: any free port, logged). Loopback unless --api-key is given.", valueName: "HOST:PORT"))
     var http: String?
     @Flag(name: .customLong("stdio"), help: "With --http: also read JSON-RPC requests on stdin (without --http stdin is always read).")
@@ -241,6 +243,7 @@ struct ServeCommand: ParsableCommand {
         var limits = ServerLimits()
         limits.maxBatch = maxBatch; limits.maxQueue = maxQueue; limits.maxPromptTokens = maxPromptTokens
         limits.maxNewTokens = maxNewTokens; limits.maxLineBytes = maxLineBytes
+        limits.batchInvariant = !fastBatching
         let server = Server(model: m, tokenizer: tok, store: store, strictClients: strictClients, limits: limits, lenient: lenient)
         server.training.maxStateBytes = maxTrainMB == 0 ? nil : maxTrainMB << 20
         server.drainTimeout = drainTimeout

@@ -100,13 +100,13 @@ import Testing
 
     @Test func check5Metadata() throws {
         let s = AdapterFixtures.adapter(base, level: .shared, rank: 4)
-        #expect(failure(try AdapterFixtures.crafted(s) { $0["rank"] = nil }) == .missingMetadata(file: "f", key: "rank"))
-        #expect(failure(try AdapterFixtures.crafted(s) { $0 = [:] }) == .missingMetadata(file: "f", key: "format_version"))
-        #expect(failure(try AdapterFixtures.crafted(s) { $0["alpha"] = "lots" })?.check == 5)
-        #expect(failure(try AdapterFixtures.crafted(s) { $0["format_version"] = "2" })?.check == 5)
-        #expect(failure(try AdapterFixtures.crafted(s) { $0["level"] = "both" })?.check == 5)
+        #expect(failure(try AdapterFixtures.crafted(s, editMeta: { $0["rank"] = nil })) == .missingMetadata(file: "f", key: "rank"))
+        #expect(failure(try AdapterFixtures.crafted(s, editMeta: { $0 = [:] })) == .missingMetadata(file: "f", key: "format_version"))
+        #expect(failure(try AdapterFixtures.crafted(s, editMeta: { $0["alpha"] = "lots" }))?.check == 5)
+        #expect(failure(try AdapterFixtures.crafted(s, editMeta: { $0["format_version"] = "2" }))?.check == 5)
+        #expect(failure(try AdapterFixtures.crafted(s, editMeta: { $0["level"] = "both" }))?.check == 5)
         let c = AdapterFixtures.adapter(base, level: .client, rank: 2)
-        #expect(failure(try AdapterFixtures.crafted(c) { $0["client_id"] = "../x" })?.check == 5)
+        #expect(failure(try AdapterFixtures.crafted(c, editMeta: { $0["client_id"] = "../x" }))?.check == 5)
     }
 
     @Test func check6Level() throws {
@@ -136,7 +136,7 @@ import Testing
     @Test func check9Shapes() throws {
         let s = AdapterFixtures.adapter(base, level: .shared, rank: 4)
         // metadata rank disagrees with the tensors
-        guard case .shapeMismatch(_, _, [4, 8], [3, 8], _)? = failure(try AdapterFixtures.crafted(s) { $0["rank"] = "3" }) else {
+        guard case .shapeMismatch(_, _, [4, 8], [3, 8], _)? = failure(try AdapterFixtures.crafted(s, editMeta: { $0["rank"] = "3" })) else {
             Issue.record("rank mismatch not caught"); return
         }
         // made for a wider model, same fingerprint

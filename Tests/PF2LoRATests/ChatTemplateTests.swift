@@ -210,7 +210,7 @@ private struct ChatFixture {
         #expect(PythonFormat.floatRepr(0.00001) == "1e-05")
         #expect(PythonFormat.floatRepr(-2.5e-7) == "-2.5e-07")
         #expect(PythonFormat.floatRepr(123.456) == "123.456")
-        #expect(PythonFormat.floatRepr(5e-324) == "5e-324")
+        #expect(PythonFormat.floatRepr(Double.leastNonzeroMagnitude) == "5e-324")
         #expect(PythonFormat.floatRepr(1.7976931348623157e308) == "1.7976931348623157e+308")
         #expect(PythonFormat.stringRepr("it's") == "\"it's\"")
         #expect(PythonFormat.stringRepr("a\u{7f}\u{85}\u{a0}é\u{2028}\u{10ffff}") == "'a\\x7f\\x85\\xa0é\\u2028\\U0010ffff'")

@@ -10,13 +10,15 @@ func runCLI(_ args: [String]) throws -> (code: Int32, out: String, err: String) 
     let out = Pipe(), err = Pipe()
     p.standardOutput = out; p.standardError = err
     try p.run()
-    var o = Data(), e = Data()
+    // Both pipes read at once (a child that fills one while we wait on the other would block).
+    final class Box: @unchecked Sendable { var data = Data() }   // written by one thread, read after g.wait()
+    let o = Box(), e = Box()
     let g = DispatchGroup()
-    g.enter(); DispatchQueue.global().async { o = out.fileHandleForReading.readDataToEndOfFile(); g.leave() }
-    g.enter(); DispatchQueue.global().async { e = err.fileHandleForReading.readDataToEndOfFile(); g.leave() }
+    g.enter(); DispatchQueue.global().async { o.data = out.fileHandleForReading.readDataToEndOfFile(); g.leave() }
+    g.enter(); DispatchQueue.global().async { e.data = err.fileHandleForReading.readDataToEndOfFile(); g.leave() }
     g.wait()
     p.waitUntilExit()
-    return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+    return (p.terminationStatus, String(decoding: o.data, as: UTF8.self), String(decoding: e.data, as: UTF8.self))
 }
 
 /// `pf2lora federate` end to end: data folders in, adapters in the store that `serve` then uses.

@@ -352,7 +352,7 @@ enum FuzzReport {
         guard let path = ProcessInfo.processInfo.environment["PF2LORA_REPORT"] else { return }
         let line = Data((s + "\n").utf8)
         if let h = FileHandle(forWritingAtPath: path) { h.seekToEndOfFile(); h.write(line); h.closeFile() } else {
-            FileManager.default.createFile(atPath: path, contents: line)
+            _ = FileManager.default.createFile(atPath: path, contents: line)
         }
     }
 }

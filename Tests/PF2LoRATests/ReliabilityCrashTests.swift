@@ -26,18 +26,19 @@ import Testing
         p.standardError = err
         try p.run()
         let lock = NSLock()
-        var text = ""
+        final class Text: @unchecked Sendable { var value = "" }   // only under `lock`
+        let text = Text()
         Thread.detachNewThread {
             let h = out.fileHandleForReading
             while true {
                 let d = h.availableData
                 if d.isEmpty { break }
-                lock.lock(); text += String(decoding: d, as: UTF8.self); lock.unlock()
+                lock.lock(); text.value += String(decoding: d, as: UTF8.self); lock.unlock()
             }
         }
         let acks = { () -> [Ack] in
             lock.lock(); defer { lock.unlock() }
-            return text.split(separator: "\n").compactMap { l -> Ack? in
+            return text.value.split(separator: "\n").compactMap { l -> Ack? in
                 let f = l.split(separator: " ")
                 guard f.count == 5, f[0] == "ack", let v = Int(f[3]), let q = Int(f[4]) else { return nil }   // a torn last line is ignored
                 return Ack(level: f[1] == "shared" ? .shared : .client, client: f[1] == "shared" ? nil : String(f[2]), version: v, seq: q)

@@ -73,7 +73,7 @@ import Testing
         for (i, what) in expectations {
             let r = s.response(i)
             #expect(ServerProcess.errorCode(r) == -32602, "\(what): \(r ?? [:])")
-            #expect(((r?["error"] as? [String: Any])?["message"] as? String ?? "").contains("client id"), "\(what)")
+            #expect(ServerProcess.errorMessage(r).contains("client id"), "\(what)")
         }
         // The linked clients: never served from outside. mallory's folder link is ignored (served the
         // shared pair alone, like a new client); eve's and alice's linked files were moved aside.

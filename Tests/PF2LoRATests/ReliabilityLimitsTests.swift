@@ -41,7 +41,7 @@ import Testing
         let refused = s.allLines.filter { $0["id"] is NSNull && ServerProcess.errorCode($0) == -32600 }
         #expect(refused.count == 4, "\(s.allLines)")
         #expect(s.allLines.allSatisfy { ($0["id"] as? Int).map { [1, 2, 6].contains($0) } ?? true }, "no over-long line was read as a request")
-        #expect(((refused.first?["error"] as? [String: Any])?["message"] as? String ?? "").contains("--max-line-bytes"))
+        #expect(ServerProcess.errorMessage(refused.first).contains("--max-line-bytes"))
     }
 
     /// --max-prompt-tokens and --max-new-tokens: past them, -32602 at once naming the limit.
@@ -59,8 +59,8 @@ import Testing
         s.request(3, "generate", Self.gen(nil, five, max: 5))
         #expect(ServerProcess.result(s.response(1)) != nil)
         let e2 = s.response(2), e3 = s.response(3)
-        #expect(ServerProcess.errorCode(e2) == -32602 && ((e2?["error"] as? [String: Any])?["message"] as? String ?? "").contains("limit is 5"))
-        #expect(ServerProcess.errorCode(e3) == -32602 && ((e3?["error"] as? [String: Any])?["message"] as? String ?? "").contains("<= 4"))
+        #expect(ServerProcess.errorCode(e2) == -32602 && ServerProcess.errorMessage(e2).contains("limit is 5"))
+        #expect(ServerProcess.errorCode(e3) == -32602 && ServerProcess.errorMessage(e3).contains("<= 4"))
         #expect(s.finish() == 0)
     }
 

@@ -284,7 +284,7 @@ import Testing
         s.request(1, "generate", ["client": "bob", "prompt": "The cat", "max_tokens": 2])
         let r = s.response(1)
         #expect(ServerProcess.errorCode(r) == -32002)
-        #expect(((r?["error"] as? [String: Any])?["message"] as? String ?? "").contains("check 1"), "\(r ?? [:])")
+        #expect(ServerProcess.errorMessage(r).contains("check 1"), "\(r ?? [:])")
         #expect(s.finish() == 0)
         let moved = dir + "/clients/bob/.corrupt-v000001.safetensors.zst"
         #expect(FileManager.default.fileExists(atPath: moved))
@@ -322,7 +322,7 @@ import Testing
         s.request(2, "personalize", ["client": "alice", "texts": PersonalizeTests.texts, "steps": 2])
         let p = s.response(2, timeout: 60)
         #expect(ServerProcess.errorCode(p) == -32005)
-        #expect(((p?["error"] as? [String: Any])?["message"] as? String ?? "").contains("read-only"), "\(p ?? [:])")
+        #expect(ServerProcess.errorMessage(p).contains("read-only"), "\(p ?? [:])")
         s.request(3, "generate", ["client": "bob", "prompt": "The cat", "max_tokens": 3])
         #expect(ServerProcess.errorCode(s.response(3)) == -32002)
         #expect(s.finish() == 0)

@@ -15,6 +15,36 @@ import Testing
 
     static func message(_ r: [String: Any]?) -> String { ((r?["error"] as? [String: Any])?["message"] as? String) ?? "" }
 
+    /// `reload` ran on the reader thread: while it re-read the store and folded a new shared version
+    /// into a copy of the weights (seconds for a real model), no other request was read or answered.
+    /// Now it runs on its own thread: `health` requests sent right behind a reload that has a new
+    /// shared version to fold are answered before it; the reload is answered with the new version,
+    /// and the drain at EOF waits for a reload in flight.
+    @Test func reloadDoesNotBlockTheReader() throws {
+        // A wider base (about 6.3M linear weights) makes the fold take tens of milliseconds.
+        let fx = try ServerFixture(clients: ["alice"], nEmbd: 512)
+        defer { fx.cleanup() }
+        let s = try fx.serve()
+        #expect(ServerProcess.result(s.response({ s.request(1, "health"); return 1 }())) != nil)
+        try fx.storeHandle.publishShared(ServerFixture.randomAdapter(base: fx.storeHandle.base, level: .shared, rank: 8, seed: 99))
+        var batch = Data()
+        for (id, method) in [(2, "reload")] + (3...22).map({ ($0, "health") }) {
+            batch.append(try JSONSerialization.data(withJSONObject: ["jsonrpc": "2.0", "id": id, "method": method]))
+            batch.append(0x0A)
+        }
+        s.sendRaw(batch)
+        s.closeInput()   // EOF right behind: the drain must still wait for the reload's answer
+        #expect(s.waitExit(timeout: 120))
+        let answers = s.allLines.compactMap { $0["id"] as? Int }
+        let reloadAt = try #require(answers.firstIndex(of: 2), "reload answered: \(s.allLines)")
+        let firstHealth = try #require(answers.firstIndex(of: 3))
+        #expect(firstHealth < reloadAt, "health answered behind the reload: order \(answers)")
+        #expect(Set(answers) == Set(2...22).union([1]), "every request answered once: \(answers)")
+        let r = ServerProcess.result(s.allLines.first { $0["id"] as? Int == 2 })
+        #expect(r?["shared"] as? Int == 2, "\(r ?? [:])")
+        #expect(s.process.terminationStatus == 0, "\(s.stderrText)")
+    }
+
     /// Item 14: `--max-new-tokens` is also the cap of a request without max_tokens (64 came back with
     /// a limit of 10); `--max-queue 0` means no request waits (it refused everything);
     /// `--max-queue 8 --max-batch 32` takes 40 requests sent at once (it refused those that fit the batch).
@@ -128,7 +158,8 @@ import Testing
         burst.append(try JSONSerialization.data(withJSONObject: ["jsonrpc": "2.0", "id": 2, "method": "health"]))
         burst.append(0x0A)
         let t0 = Date()
-        Thread.detachNewThread { s.sendRaw(burst) }
+        let bytes = burst
+        Thread.detachNewThread { s.sendRaw(bytes) }
         let health = s.response(2)
         let healthS = Date().timeIntervalSince(t0)
         #expect(ServerProcess.result(health)?["status"] as? String == "ok")

@@ -142,6 +142,8 @@ final class ServerProcess {
     }
 
     static func errorCode(_ r: [String: Any]?) -> Int? { (r?["error"] as? [String: Any])?["code"] as? Int }
+    /// The error message of an answer ("" when it has none).
+    static func errorMessage(_ r: [String: Any]?) -> String { ((r?["error"] as? [String: Any])?["message"] as? String) ?? "" }
     static func result(_ r: [String: Any]?) -> [String: Any]? { r?["result"] as? [String: Any] }
 }
 
@@ -154,13 +156,14 @@ struct ServerFixture {
     let gpt2: LanguageModel
     let storeHandle: AdapterStore
 
+    /// `nEmbd` widens the GPT-2 base (a larger fold, for tests that need a reload to take a while).
     /// `family` "llama" makes the base a tiny Llama-architecture model (RMSNorm, RoPE, SwiGLU, GQA 4/2)
     /// instead of GPT-2, with the same tokenizer and store layout.
-    init(clients: [String] = ["alice", "bob", "carol"], seed: UInt64 = 11, nPositions: Int = 256, family: String = "gpt2") throws {
+    init(clients: [String] = ["alice", "bob", "carol"], seed: UInt64 = 11, nPositions: Int = 256, family: String = "gpt2", nEmbd: Int = 64) throws {
         root = TestPaths.tempDir("serve")
         model = root + "/model"
         store = root + "/store"
-        var cfg = GPT2Config(vocabSize: 400, nPositions: nPositions, nEmbd: 64, nLayer: 2, nHead: 4, eosTokenId: nil)
+        var cfg = GPT2Config(vocabSize: 400, nPositions: nPositions, nEmbd: nEmbd, nLayer: 2, nHead: 4, eosTokenId: nil)
         cfg.bosTokenId = nil
         var arch = cfg.architecture
         if family == "llama" {
@@ -246,7 +249,7 @@ final class SpawnedProcess: @unchecked Sendable {
         guard rc == 0 else { throw NSError(domain: NSPOSIXErrorDomain, code: Int(rc), userInfo: [NSLocalizedDescriptionKey: "posix_spawn \(path): \(rc)"]) }
         processIdentifier = pid
         for h in childEnds { try? h.close() }
-        Thread.detachNewThread { [self] in
+        Thread.detachNewThread { [self, pid] in
             var st: Int32 = 0
             while waitpid(pid, &st, 0) < 0 && errno == EINTR {}
             lock.lock(); status = st; lock.broadcast(); lock.unlock()

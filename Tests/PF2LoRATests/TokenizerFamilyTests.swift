@@ -287,7 +287,7 @@ enum SharedTokenizers {
             ("pre_tokenizer", NSNull(), false, "pre_tokenizer null"),
             ("decoder", ["type": "Metaspace"], false, "decoder Metaspace"),
             ("decoder", NSNull(), false, "decoder null"),
-            ("post_processor", ["type": "Unknown"], false, "post_processor Unknown"),
+            ("post_processor", ["type": "Unknown"], false, "post_processor (a name of 7 bytes)"),
             ("byte_fallback", true, true, "byte_fallback"),
             ("type", "WordPiece", true, "model WordPiece"),
             ("continuing_subword_prefix", "##", true, "continuing_subword_prefix"),

@@ -105,7 +105,7 @@ public struct ChatTemplate: @unchecked Sendable {
                     if name == "tool_use" { toolUse = template }
                 }
                 if source == nil {
-                    throw ChatTemplateError.noTemplate("\(configPath): chat_template has no template named \"default\" (has \(named.compactMap { $0["name"]?.string }))")
+                    throw ChatTemplateError.noTemplate("\(configPath): chat_template has no template named \"default\" (it has \(named.count) named \(named.count == 1 ? "template" : "templates"))")
                 }
             default:
                 break

@@ -19,7 +19,11 @@ public enum ChatTemplateError: Error, CustomStringConvertible, Equatable {
         switch self {
         case let .syntax(m, line): return "chat template syntax error at line \(line): \(m)"
         case let .unsupported(what, line): return "chat template line \(line) uses \(what), which pf2lora's Jinja interpreter does not support"
-        case let .raised(m): return "the chat template rejected the messages: \(m)"
+        // The template's own message to its caller (as transformers shows it), control characters
+        // escaped and cut at 200 characters; the only text of a model file an error repeats.
+        case let .raised(m):
+            let shown = String(String.UnicodeScalarView(m.unicodeScalars.prefix(200).map { $0.value < 0x20 || $0.value == 0x7F ? " " : $0 }))
+            return "the chat template rejected the messages: \(shown)\(m.unicodeScalars.count > 200 ? "…" : "")"
         case let .render(m): return "chat template error: \(m)"
         case let .badInput(m): return "chat template input: \(m)"
         case let .noTemplate(m): return m

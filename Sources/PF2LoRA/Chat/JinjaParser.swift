@@ -92,8 +92,9 @@ struct JinjaParser {
         case .variableEnd?: return "'}}'"
         case .blockBegin?: return "'{%'"
         case .blockEnd?: return "'%}'"
-        case .name(let n)?: return "'\(n)'"
-        case .string(let s)?: return PythonFormat.stringRepr(s)
+        case .name(let n)?: return FileText.key(n)
+        // A literal's text is the template's content: described, not quoted.
+        case .string(let s)?: return "a string literal of \(s.utf8.count) bytes"
         case .int(let i)?: return String(i)
         case .float(let d)?: return PythonFormat.floatRepr(d)
         case .op(let o)?: return "'\(o)'"

@@ -79,6 +79,50 @@ public enum FileText {
         return known ? "'\(s)'" : "(a name of \(s.utf8.count) bytes)"
     }
 
+    /// Type names of the parts of Hugging Face files (tokenizer.json's models, normalizers,
+    /// pre-tokenizers, post-processors and decoders, Split behaviors; config.json's model types and
+    /// rope scaling types): a program's vocabulary, so an unsupported one can be named.
+    static let kinds: Set<String> = [
+        "BPE", "WordPiece", "WordLevel", "Unigram", "NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Strip", "StripAccents",
+        "Replace", "Prepend", "Precompiled", "BertNormalizer", "Sequence", "ByteLevel", "Split", "Digits", "Whitespace",
+        "WhitespaceSplit", "Metaspace", "BertPreTokenizer", "Punctuation", "CharDelimiterSplit", "UnicodeScripts",
+        "TemplateProcessing", "RobertaProcessing", "BertProcessing", "BPEDecoder", "CTC", "ByteFallback", "Fuse",
+        "Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous",
+        "gpt2", "llama", "qwen2", "qwen3", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "phi", "phi3", "falcon",
+        "gpt_neox", "gptj", "opt", "bloom", "mpt", "starcoder2", "olmo", "olmo2", "cohere", "deepseek_v2", "deepseek_v3",
+        "qwen2_moe", "qwen3_moe", "stablelm", "granite", "t5", "bert", "roberta",
+        "default", "linear", "dynamic", "yarn", "longrope", "llama3", "su", "mrope",
+    ]
+
+    /// A type name the program knows (`kinds`) as it is (in quotes if `quoted`), else "(a name of N bytes)".
+    public static func kind(_ s: String, quoted: Bool = false) -> String {
+        kinds.contains(s) ? (quoted ? "'\(s)'" : s) : "(a name of \(s.utf8.count) bytes)"
+    }
+
+    /// A file name read from a file (a shard in an index): as it is when it is a plain name of at
+    /// most 96 bytes of `[A-Za-z0-9._-]`, else "(a file name of N bytes)".
+    public static func fileName(_ s: String) -> String {
+        let plain = !s.isEmpty && s.utf8.count <= 96 && s.unicodeScalars.allSatisfy { $0.isASCII && ($0.properties.isAlphabetic || ("0"..."9").contains($0) || $0 == "." || $0 == "_" || $0 == "-") }
+        return plain ? s : "(a file name of \(s.utf8.count) bytes)"
+    }
+
+    /// A value read from a file, described without its content: "(a string of N bytes)".
+    public static func value(_ s: String) -> String { "(a string of \(s.utf8.count) bytes)" }
+
+    /// A key or identifier read from a file (a JSON key, a template variable, a regex class name):
+    /// escaped (no control characters or quotes pass through) and cut to `limit` characters, with its
+    /// length when cut. Keys name things; values never go through here.
+    public static func key(_ s: String, limit: Int = 24) -> String {
+        var out = ""
+        var shown = 0
+        for u in s.unicodeScalars {
+            if shown == limit { return "'\(out)…' (\(s.utf8.count) bytes)" }
+            if u.isASCII, u.value >= 0x20, u.value < 0x7F, u != "'", u != "\\" { out.unicodeScalars.append(u) } else { out += "\\u{\(String(u.value, radix: 16))}" }
+            shown += 1
+        }
+        return "'\(out)'"
+    }
+
     /// A safetensors dtype name when it is one, else "an unknown dtype (N bytes)".
     public static func dtype(_ s: String) -> String {
         dtypes.contains(s) ? s : "an unknown dtype (\(s.utf8.count) bytes)"

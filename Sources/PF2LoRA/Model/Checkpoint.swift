@@ -52,7 +52,7 @@ public final class Checkpoint: Sendable {
         var wanted: [(tensor: String, shard: String)] = []
         for name in map.keys.sorted() {
             guard let shard = map[name] as? String, !shard.isEmpty, !shard.contains("/"), shard != "..", !shard.hasPrefix(".") else {
-                throw ModelError.badConfig(file: indexPath, why: "weight_map entry '\(name)' does not name a shard file in the folder")
+                throw ModelError.badConfig(file: indexPath, why: "weight_map entry \(FileText.name(name)) does not name a shard file in the folder")
             }
             if !shardOrder.contains(shard) { shardOrder.append(shard) }
             wanted.append((name, shard))
@@ -62,7 +62,7 @@ public final class Checkpoint: Sendable {
         for shard in shardOrder {
             let path = folder + "/" + shard
             guard fm.fileExists(atPath: path) else {
-                throw ModelError.missingFile(path, hint: "\(indexPath) names this shard; copy every shard of the checkpoint into the folder.")
+                throw ModelError.missingFile(folder + "/" + FileText.fileName(shard), hint: "\(indexPath) names this shard; copy every shard of the checkpoint into the folder.")
             }
             files.append(try SafeTensorsFile(path: path))
         }
@@ -70,7 +70,7 @@ public final class Checkpoint: Sendable {
         for (name, shard) in wanted {
             let i = shardOrder.firstIndex(of: shard)!
             guard let info = files[i].tensors[name] else {
-                throw ModelError.badConfig(file: indexPath, why: "names tensor '\(name)' in \(shard), which does not hold it; the index and the shards do not belong together")
+                throw ModelError.badConfig(file: indexPath, why: "names tensor \(FileText.name(name)) in \(FileText.fileName(shard)), which does not hold it; the index and the shards do not belong together")
             }
             t[name] = (i, info)
         }

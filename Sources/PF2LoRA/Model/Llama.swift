@@ -149,7 +149,7 @@ public struct LlamaConfig: Codable, Equatable, Sendable {
         guard theta > 0, theta.isFinite else { throw ModelError.badConfig(file: file, why: "rope_theta \(theta) must be a positive number") }
         let type = params?.ropeType ?? params?.type ?? "default"
         func need<T>(_ v: T?, _ key: String) throws -> T {
-            guard let v else { throw ModelError.badConfig(file: file, why: "rope_type '\(type)' needs '\(key)'") }
+            guard let v else { throw ModelError.badConfig(file: file, why: "rope_type \(FileText.kind(type, quoted: true)) needs '\(key)'") }
             return v
         }
         switch type {
@@ -168,7 +168,7 @@ public struct LlamaConfig: Codable, Equatable, Sendable {
             }
             return .rope(theta: theta, scaling: .llama3(factor: f, lowFreqFactor: lo, highFreqFactor: hi, originalContext: orig))
         default:
-            throw ModelError.badConfig(file: file, why: "rope scaling type '\(type)' is not supported; supported are default, linear and llama3")
+            throw ModelError.badConfig(file: file, why: "rope scaling type \(FileText.kind(type, quoted: true)) is not supported; supported are default, linear and llama3")
         }
     }
 

@@ -1,7 +1,8 @@
 import Foundation
 
 /// What can be wrong with a model folder or a forward step; each case names the file or tensor and
-/// what to do.
+/// what to do. Strings read from the folder's files (model types, tensor names, rope types, index
+/// entries) appear only through `FileText` (a name the program knows, else its length).
 public enum ModelError: Error, CustomStringConvertible {
     case missingFolder(String)
     case missingFile(String, hint: String)
@@ -23,11 +24,11 @@ public enum ModelError: Error, CustomStringConvertible {
         case let .missingFile(p, hint): return "\(p) is missing. \(hint)"
         case let .badConfig(f, why): return "\(f): \(why)"
         case let .unsupportedModelType(f, t):
-            return "\(f): model_type '\(t)' is not supported; supported are \(ModelRegistry.supportedModelTypes.joined(separator: ", "))"
+            return "\(f): model_type \(FileText.kind(t, quoted: true)) is not supported; supported are \(ModelRegistry.supportedModelTypes.joined(separator: ", "))"
         case let .missingTensor(f, t, mt):
             return "\(f) has no tensor '\(t)', which a \(mt) checkpoint of this config.json has; is config.json from the same model as the weights?"
         case let .unexpectedTensor(f, t, mt):
-            return "\(f) has an unexpected tensor '\(t)' (not part of a \(mt) model of this config.json); is this the right model or a different architecture?"
+            return "\(f) has an unexpected tensor \(FileText.name(t)) (not part of a \(mt) model of this config.json); is this the right model or a different architecture?"
         case let .shapeMismatch(f, t, e, found):
             return "\(f): tensor '\(t)' has shape \(found) but config.json implies \(e); config.json and the weights do not belong together"
         case let .unknownSlot(n, mt, known):

@@ -238,6 +238,10 @@ public final class ServingCore: @unchecked Sendable {
     let maxTokenBytes: Int
     var maxPromptBytesPerToken: Int { maxTokenBytes * (tokenizer.normalizesText ? 4 : 1) }
     private let tokenizeQueue = DispatchQueue(label: "pf2lora.tokenize")
+    /// Runs `reload(completion:)` requests, one at a time, off the transports' threads.
+    private let reloadQueue = DispatchQueue(label: "pf2lora.reload")
+    /// `reload(completion:)` calls not yet answered (under `lock`).
+    private var reloading = 0
 
     public init(model: LanguageModel, tokenizer: BPETokenizer, store: AdapterStore?, strictClients: Bool = false,
                 limits: ServerLimits = ServerLimits()) {
@@ -277,9 +281,15 @@ public final class ServingCore: @unchecked Sendable {
         return true
     }
 
-    /// Nothing reserved, queued, running or training.
-    public var isIdle: Bool { scheduler.isIdle && training.isIdle }
-    public var inFlight: Int { scheduler.runningCount + scheduler.queueLength + (training.isIdle ? 0 : 1) }
+    /// Nothing reserved, queued, running, training or reloading.
+    public var isIdle: Bool {
+        lock.lock(); let reloads = reloading; lock.unlock()
+        return reloads == 0 && scheduler.isIdle && training.isIdle
+    }
+    public var inFlight: Int {
+        lock.lock(); let reloads = reloading; lock.unlock()
+        return scheduler.runningCount + scheduler.queueLength + (training.isIdle ? 0 : 1) + reloads
+    }
 
     // MARK: generate
 
@@ -437,6 +447,19 @@ public final class ServingCore: @unchecked Sendable {
 
     // MARK: server
 
+    /// `reload` on the reload thread: re-reading the store and folding a new shared version into a
+    /// copy of the weights takes seconds for a real model, and no transport's reader or event loop
+    /// may wait for it. `completion` runs on the reload thread; until it has returned the reload
+    /// counts as work in flight (`isIdle` is false), so a drain waits for its answer.
+    public func reload(completion: @escaping @Sendable (Result<ReloadReply, Error>) -> Void) {
+        lock.lock(); reloading += 1; lock.unlock()
+        reloadQueue.async { [self] in
+            completion(Result { try reload() })
+            lock.lock(); reloading -= 1; lock.unlock()
+        }
+    }
+
+    /// `reload` on the caller's thread (see `reload(completion:)` for transports).
     public func reload() throws -> ReloadReply {
         try runtime.refresh(force: true, idle: scheduler.runningCount == 0)
         runtime.waitForFold()

@@ -14,8 +14,16 @@ public struct ServerLimits: Sendable {
     public var maxNewTokens = 4096
     /// max_tokens of a request that gives none: min(this, `maxNewTokens`).
     public var defaultMaxTokens = 64
-    /// Prompt tokens fed per step across the batch (chunked prefill keeps decode latency bounded).
+    /// Prompt tokens fed per step across the batch (chunked prefill keeps decode latency bounded);
+    /// also the size of each prompt's chunks, which start at multiples of it whatever else runs.
     public var prefillChunk = 256
+    /// Every sequence's logits are the same, to the bit, whatever else is in the batch (and so is a
+    /// greedy text): decode rows of any width run the pooled decode kernel, whose sums run in one
+    /// order per row, and each prompt chunk is its own forward pass. Off (`serve --fast-batching`),
+    /// decode steps wider than `InferenceEngine.maxPooledRows` and steps mixing prompt chunks with
+    /// decode rows run as one GEMM pass: more tokens per second above 12 sequences, but a sequence's
+    /// logits then change in float rounding with the batch, so a near tie can change a greedy text.
+    public var batchInvariant = true
     /// Bytes of one request line.
     public var maxLineBytes = 1 << 20
     public init() {}
@@ -68,8 +76,10 @@ final class Running {
 }
 
 /// Continuous batching: sequences of different clients join and leave one running batch at token
-/// boundaries. Each step feeds every running sequence its next token (or a chunk of its prompt) in
-/// one forward pass, grouped by weight set and client so the engine shares the base GEMM.
+/// boundaries. Each step feeds every running sequence its next token (or a chunk of its prompt),
+/// grouped by weight set and client so the engine shares each weight read: every decode row in one
+/// pooled pass and each prompt chunk in a pass of its own (`ServerLimits.batchInvariant`: a
+/// sequence's logits do not depend on what else runs), or all of them in one pass (`--fast-batching`).
 ///
 /// Shared by the reader, the tokenizer queue, training threads (`stepLock`) and its own thread: every
 /// `var` below is read and written only while holding `cond`, the counters only while holding
@@ -112,6 +122,7 @@ final class Scheduler: @unchecked Sendable {
 
     init(engine: InferenceEngine, runtime: AdapterRuntime, tokenizer: BPETokenizer, limits: ServerLimits) {
         self.engine = engine; self.runtime = runtime; self.tokenizer = tokenizer; eos = engine.model.eosTokenIds(tokenizer: tokenizer); self.limits = limits
+        if limits.batchInvariant { engine.pooledRowLimit = .max }
     }
 
     func start() {
@@ -297,8 +308,10 @@ final class Scheduler: @unchecked Sendable {
             let prompt = r.job.request.prompt
             var toks: [Int]
             if r.fed < prompt.count {
-                guard budget > 0 else { continue }
-                let n = min(prompt.count - r.fed, budget)
+                // Chunks of `prefillChunk` tokens from the prompt's start (the last one shorter): where
+                // a prompt is cut depends on the prompt alone. The first prompt of a step always fits.
+                let n = min(prompt.count - r.fed, max(1, limits.prefillChunk))
+                guard n <= budget || budget == limits.prefillChunk else { continue }
                 toks = Array(prompt[r.fed..<(r.fed + n)])
                 budget -= n
             } else {
@@ -309,46 +322,56 @@ final class Scheduler: @unchecked Sendable {
             members.append(r)
         }
         guard !inputs.isEmpty else { return }
-        let logits: Tensor
-        stepLock.lock()
-        do { logits = try engine.step(inputs) } catch {
-            stepLock.unlock()
-            // A step failure fails the sequences in it, never the server.
-            for r in members { fail(r, RPCError(.internalError, "forward step failed: \(error)")) }
-            return
+        // The engine passes of this step: batch-invariant, every prompt chunk alone, then every decode
+        // row (one token, a 1-token prompt included) in one pooled pass; otherwise one pass for all.
+        var passes: [[Int]] = [Array(inputs.indices)]
+        if limits.batchInvariant {
+            passes = inputs.indices.filter { inputs[$0].tokens.count > 1 }.map { [$0] }
+            let decode = inputs.indices.filter { inputs[$0].tokens.count == 1 }
+            if !decode.isEmpty { passes.append(decode) }
         }
         let rows = inputs.reduce(0) { $0 + $1.tokens.count }
         count { $0.steps += 1; $0.rowsStepped += rows }
         let V = engine.model.architecture.vocabSize
-        for (i, r) in members.enumerated() {
-            let promptLeft = r.fed < r.job.request.prompt.count
-            if promptLeft {
-                r.fed += fedNow[i]
-                count { $0.promptTokens += fedNow[i] }
-                if r.fed < r.job.request.prompt.count { continue }
+        stepLock.lock()
+        for pass in passes {
+            let logits: Tensor
+            do { logits = try engine.step(pass.map { inputs[$0] }) } catch {
+                // A step failure fails the sequences in it, never the server.
+                for i in pass { fail(members[i], RPCError(.internalError, "forward step failed: \(error)")) }
+                continue
             }
-            let row = logits.data + i * V
-            // Log-probabilities of the model's distribution (before temperature and truncation), as
-            // OpenAI and vLLM report them; computed before `accept`, which may scale the row.
-            let lse = r.job.logprobs != nil ? Self.logSumExp(row, V) : 0
-            var top: [(Int, Float)] = []
-            if let k = r.job.logprobs, k > 0 { top = Self.topK(row, V, k) }
-            let (tok, delta) = r.gen.accept(logits: row, vocabSize: V)
-            count { $0.generatedTokens += 1 }
-            if r.firstToken == 0 { r.firstToken = Scheduler.clock() }
-            var lp: TokenLogprob?
-            if r.job.logprobs != nil {
-                let tb = tokenizer.decodeBytes([tok])
-                lp = TokenLogprob(token: tok, text: String(decoding: tb, as: UTF8.self), bytes: tb.map(Int.init), logprob: Double(row[tok] - lse),
-                                  top: top.map { .init(token: $0.0, text: String(decoding: tokenizer.decodeBytes([$0.0]), as: UTF8.self), logprob: Double($0.1 - lse)) })
-                r.logprobs.append(lp!)
-            }
-            if r.job.stream, let sink = r.job.sink {
-                sink.token(TokenEvent(text: delta, token: tok, logprob: lp))
-            }
-            if r.gen.isFinished { finish(r) }
+            for (k, i) in pass.enumerated() { absorb(members[i], fed: fedNow[i], logits: logits.data + k * V, vocabSize: V) }
         }
         stepLock.unlock()
+    }
+
+    /// One sequence's share of a step: its prompt progress, or its next token from its logits row.
+    private func absorb(_ r: Running, fed: Int, logits row: UnsafeMutablePointer<Float>, vocabSize V: Int) {
+        if r.fed < r.job.request.prompt.count {
+            r.fed += fed
+            count { $0.promptTokens += fed }
+            if r.fed < r.job.request.prompt.count { return }
+        }
+        // Log-probabilities of the model's distribution (before temperature and truncation), as
+        // OpenAI and vLLM report them; computed before `accept`, which may scale the row.
+        let lse = r.job.logprobs != nil ? Self.logSumExp(row, V) : 0
+        var top: [(Int, Float)] = []
+        if let k = r.job.logprobs, k > 0 { top = Self.topK(row, V, k) }
+        let (tok, delta) = r.gen.accept(logits: row, vocabSize: V)
+        count { $0.generatedTokens += 1 }
+        if r.firstToken == 0 { r.firstToken = Scheduler.clock() }
+        var lp: TokenLogprob?
+        if r.job.logprobs != nil {
+            let tb = tokenizer.decodeBytes([tok])
+            lp = TokenLogprob(token: tok, text: String(decoding: tb, as: UTF8.self), bytes: tb.map(Int.init), logprob: Double(row[tok] - lse),
+                              top: top.map { .init(token: $0.0, text: String(decoding: tokenizer.decodeBytes([$0.0]), as: UTF8.self), logprob: Double($0.1 - lse)) })
+            r.logprobs.append(lp!)
+        }
+        if r.job.stream, let sink = r.job.sink {
+            sink.token(TokenEvent(text: delta, token: tok, logprob: lp))
+        }
+        if r.gen.isFinished { finish(r) }
     }
 
     /// Takes a finished sequence out of the batch (also one that finished as it was admitted).

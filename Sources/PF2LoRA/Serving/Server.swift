@@ -6,7 +6,8 @@ import Synchronization
 ///
 /// The reader (this thread) parses each line and answers the quick methods itself; `generate` has its
 /// prompt tokenized on a tokenizer thread and then goes to the scheduler's continuous batch;
-/// `personalize`, `train_local` and `evaluate_local` run on a training thread. A bad line gets its
+/// `personalize`, `train_local` and `evaluate_local` run on a training thread, `reload` (which may
+/// fold a new shared version into a copy of the weights) on a reload thread. A bad line gets its
 /// error and never stops the server.
 ///
 /// Draining: EOF on the input, a `shutdown` request, SIGTERM or SIGINT (`handleTerminationSignals`),
@@ -17,7 +18,8 @@ import Synchronization
 /// also cancels the generates (their answers cannot be delivered) and stops reading.
 ///
 /// Threads: `run`'s thread (the reader) alone reads stdin; the method layer (`core`) locks itself
-/// (training methods are installed before `run`); the drain state is read and written only while holding `stateLock`,
+/// (training methods are installed before `run`; `core.reload` runs on the core's reload thread and
+/// counts as work in flight until answered); the drain state is read and written only while holding `stateLock`,
 /// from the reader, signal-woken or not, and from any thread whose write finds the output broken.
 public final class Server: @unchecked Sendable {
     /// The method layer this transport adapts (shared with the HTTP transport when there is one).
@@ -263,7 +265,7 @@ public final class Server: @unchecked Sendable {
             case "adapters.evict":
                 guard let id = try req.params.string("client") else { throw RPCError(.invalidParams, "params.client is required") }
                 reply(req, try core.adaptersEvict(client: id).json)
-            case "reload": reply(req, try core.reload().json)
+            case "reload": reload(req)
             case "stats": reply(req, core.stats().json)
             case "health": reply(req, core.health().json)
             case "shutdown":
@@ -278,6 +280,22 @@ public final class Server: @unchecked Sendable {
             if req.hasID { out.error(req.id, AdapterRuntime.rpcError(error)) }
         }
         return true
+    }
+
+    /// `reload` re-reads the store and folds a new shared version on the method layer's reload
+    /// thread, so the reader keeps answering while a large model's weights are folded; the drain
+    /// waits for its reply (`core.isIdle` counts it).
+    private func reload(_ req: RPCRequest) {
+        let out = self.out, id = SendableJSON(req.id), hasID = req.hasID
+        core.reload { [weak self] r in
+            switch r {
+            case let .success(v): if hasID { out.result(id.value, v.json) }
+            case let .failure(e):
+                self?.core.countError()
+                if hasID { out.error(id.value, AdapterRuntime.rpcError(e)) }
+            }
+            self?.wake()
+        }
     }
 
     /// Refuses params the method does not take, naming them and the ones it does.

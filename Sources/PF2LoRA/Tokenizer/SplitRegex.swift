@@ -212,7 +212,9 @@ final class SplitRegex {
 public struct RegexError: Error, CustomStringConvertible, Equatable {
     public let pattern: String
     public let construct: String
-    public var description: String { "regex construct \(construct) is not supported (pattern \(pattern.debugDescription))" }
+    /// The construct (named by the parser, with at most a short escaped name from the pattern) and
+    /// the pattern's length: the pattern itself is the file's content and is not quoted.
+    public var description: String { "regex construct \(construct) is not supported (in a pattern of \(pattern.utf8.count) bytes)" }
 }
 
 // MARK: Parsing
@@ -433,7 +435,10 @@ private struct RegexParser {
             switch name {
             case "L", "Letter": bit = 1 << ScalarClass.letter.rawValue
             case "N", "Number": bit = 1 << ScalarClass.number.rawValue
-            default: throw fail("'\\\(c){\(name)}' (only \\p{L} and \\p{N} are)")
+            default:
+                // A Unicode property name is shown when it looks like one (short ASCII letters and '_').
+                let shown = name.utf8.count <= 24 && name.unicodeScalars.allSatisfy { ($0.isASCII && $0.properties.isAlphabetic) || $0 == "_" || $0 == "=" }
+                throw fail("'\\\(c){\(shown ? name : "…")}'\(shown ? "" : " (a name of \(name.utf8.count) bytes)") (only \\p{L} and \\p{N} are)")
             }
             set.classBits = negate ? 0x0F & ~bit : bit
         case "r": set.ranges = [0x0D...0x0D]

@@ -1,4 +1,6 @@
-/// What can be wrong with a tokenizer folder. Each case names the file and says what to fix.
+/// What can be wrong with a tokenizer folder. Each case names the file and says what to fix. A
+/// message never quotes what the files hold (tokens, merges, patterns, values): only type names the
+/// program knows (`FileText.kind`), line numbers, offsets and sizes.
 public enum TokenizerError: Error, CustomStringConvertible, Equatable {
     case folderNotFound(String)
     case noTokenizerFiles(folder: String)
@@ -26,9 +28,9 @@ public enum TokenizerError: Error, CustomStringConvertible, Equatable {
         case let .badVocab(f, why):
             return "\(f): bad vocabulary (\(why)); each entry must map a token string to a non-negative integer id"
         case let .badMerge(f, line, text):
-            return "\(f): merge \(line) is '\(text)'; a merge must be two tokens separated by one space (or a [\"a\", \"b\"] pair)"
+            return "\(f): merge \(line)\(text.isEmpty ? "" : " (\(text.utf8.count) bytes)") is not two tokens separated by one space (or a [\"a\", \"b\"] pair)"
         case let .mergeUnknownToken(f, line, token):
-            return "\(f): merge \(line) refers to '\(token)', which is not in the vocabulary; the vocab and merges files do not belong together"
+            return "\(f): merge \(line) refers to a token (\(token.utf8.count) bytes) that is not in the vocabulary; the vocab and merges files do not belong together"
         }
     }
 }

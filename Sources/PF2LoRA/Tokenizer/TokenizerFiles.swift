@@ -108,7 +108,7 @@ struct TokenizerFiles {
         guard case .object(let members)? = value else { throw TokenizerError.badJSON(file: file, why: "the vocabulary is not an object of token -> id") }
         var vocab = [String: Int](minimumCapacity: members.count)
         for (token, v) in members {
-            guard let id = v.int, id >= 0 else { throw TokenizerError.badVocab(file: file, why: "token '\(token)' has id \(v)") }
+            guard let id = v.int, id >= 0 else { throw TokenizerError.badVocab(file: file, why: "a token of \(token.utf8.count) bytes has an id that is not a non-negative integer") }
             vocab[token] = id
         }
         return vocab
@@ -119,17 +119,17 @@ struct TokenizerFiles {
         guard case .object = root else { throw TokenizerError.badJSON(file: path, why: "the top level is not an object") }
         guard let model = root["model"], case .object = model else { throw TokenizerError.badJSON(file: path, why: "no \"model\" object") }
         let type = model["type"]?.string ?? "BPE"
-        guard type == "BPE" else { throw TokenizerError.unsupported(file: path, part: "model", type: type, supported: "BPE (byte-level)") }
+        guard type == "BPE" else { throw TokenizerError.unsupported(file: path, part: "model", type: FileText.kind(type), supported: "BPE (byte-level)") }
         if model["byte_fallback"]?.bool == true {
             throw TokenizerError.unsupported(file: path, part: "model", type: "BPE with byte_fallback (SentencePiece style)", supported: "byte-level BPE")
         }
         for key in ["continuing_subword_prefix", "end_of_word_suffix"] {
             if let s = model[key]?.string, !s.isEmpty {
-                throw TokenizerError.unsupported(file: path, part: "model", type: "BPE with \(key) \(s.debugDescription)", supported: "byte-level BPE without it")
+                throw TokenizerError.unsupported(file: path, part: "model", type: "BPE with \(key) set", supported: "byte-level BPE without it")
             }
         }
         if let d = model["dropout"]?.double, d > 0 {
-            throw TokenizerError.unsupported(file: path, part: "model", type: "BPE with dropout \(d)", supported: "BPE without dropout")
+            throw TokenizerError.unsupported(file: path, part: "model", type: "BPE with dropout", supported: "BPE without dropout")
         }
         var files = TokenizerFiles()
         files.vocab = try parseVocab(model["vocab"], file: path)
@@ -143,7 +143,7 @@ struct TokenizerFiles {
             } else if let pair = m.array, pair.count == 2, let a = pair[0].string, let b = pair[1].string {
                 files.merges.append((a, b))
             } else {
-                throw TokenizerError.badMerge(file: path, line: i + 1, text: "\(m)")
+                throw TokenizerError.badMerge(file: path, line: i + 1, text: "")
             }
         }
         for t in root["added_tokens"]?.array ?? [] {
@@ -176,7 +176,7 @@ struct TokenizerFiles {
             for n in v["normalizers"]?.array ?? [] { nfc = try parseNormalizer(n, file: file) || nfc }
             return nfc
         default:
-            throw TokenizerError.unsupported(file: file, part: "normalizer", type: type, supported: "none, NFC, or a Sequence of NFC")
+            throw TokenizerError.unsupported(file: file, part: "normalizer", type: FileText.kind(type), supported: "none, NFC, or a Sequence of NFC")
         }
     }
 
@@ -194,7 +194,7 @@ struct TokenizerFiles {
         for (k, x) in flat.enumerated() {
             let type = x["type"]?.string ?? "?"
             if sawByteLevel {
-                throw TokenizerError.unsupported(file: file, part: "pre_tokenizer", type: "\(type) after ByteLevel", supported: "ByteLevel as the last step")
+                throw TokenizerError.unsupported(file: file, part: "pre_tokenizer", type: "\(FileText.kind(type)) after ByteLevel", supported: "ByteLevel as the last step")
             }
             switch type {
             case "ByteLevel":
@@ -204,7 +204,7 @@ struct TokenizerFiles {
             case "Split":
                 let behaviorName = x["behavior"]?.string ?? "?"
                 guard let behavior = SplitBehavior(rawValue: behaviorName) else {
-                    throw TokenizerError.unsupported(file: file, part: "pre_tokenizer Split behavior", type: behaviorName, supported: "Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous")
+                    throw TokenizerError.unsupported(file: file, part: "pre_tokenizer Split behavior", type: FileText.kind(behaviorName), supported: "Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous")
                 }
                 let invert = x["invert"]?.bool ?? false
                 let regexSource: String
@@ -227,7 +227,7 @@ struct TokenizerFiles {
             case "Digits":
                 steps.append(.digits(individual: x["individual_digits"]?.bool ?? false))
             default:
-                throw TokenizerError.unsupported(file: file, part: "pre_tokenizer", type: type, supported: "ByteLevel, Split, Digits, Sequence")
+                throw TokenizerError.unsupported(file: file, part: "pre_tokenizer", type: FileText.kind(type), supported: "ByteLevel, Split, Digits, Sequence")
             }
         }
         guard sawByteLevel else {
@@ -248,19 +248,19 @@ struct TokenizerFiles {
             guard let single = v["single"]?.array else { throw TokenizerError.badJSON(file: file, why: "post_processor TemplateProcessing has no \"single\" template") }
             var before: [Int] = [], after: [Int] = []
             var sawSequence = false
-            for item in single {
+            for (n, item) in single.enumerated() {
                 if let seq = item["Sequence"] {
                     guard seq["id"]?.string == "A", !sawSequence else {
-                        throw TokenizerError.unsupported(file: file, part: "post_processor", type: "TemplateProcessing single template with \(seq["id"]?.string ?? "?")", supported: "one $A")
+                        throw TokenizerError.unsupported(file: file, part: "post_processor", type: "TemplateProcessing single template with a sequence other than one $A", supported: "one $A")
                     }
                     sawSequence = true
                 } else if let sp = item["SpecialToken"], let name = sp["id"]?.string {
                     guard let ids = v["special_tokens"]?[name]?["ids"]?.array?.compactMap({ $0.int }) else {
-                        throw TokenizerError.badJSON(file: file, why: "post_processor names special token \(name.debugDescription) but special_tokens has no ids for it")
+                        throw TokenizerError.badJSON(file: file, why: "post_processor names a special token (\(name.utf8.count) bytes) that special_tokens has no ids for")
                     }
                     if sawSequence { after += ids } else { before += ids }
                 } else {
-                    throw TokenizerError.badJSON(file: file, why: "post_processor template item \(item) is neither a Sequence nor a SpecialToken")
+                    throw TokenizerError.badJSON(file: file, why: "post_processor template item \(n + 1) is neither a Sequence nor a SpecialToken")
                 }
             }
             files.prefixIds += before
@@ -273,7 +273,7 @@ struct TokenizerFiles {
             files.prefixIds += [clsId]
             files.suffixIds += [sepId]
         default:
-            throw TokenizerError.unsupported(file: file, part: "post_processor", type: type, supported: "ByteLevel, TemplateProcessing, RobertaProcessing, BertProcessing, Sequence")
+            throw TokenizerError.unsupported(file: file, part: "post_processor", type: FileText.kind(type), supported: "ByteLevel, TemplateProcessing, RobertaProcessing, BertProcessing, Sequence")
         }
     }
 
@@ -287,11 +287,11 @@ struct TokenizerFiles {
         case "Sequence":
             let parts = v["decoders"]?.array ?? []
             guard parts.count == 1 else {
-                throw TokenizerError.unsupported(file: file, part: "decoder", type: "Sequence of \(parts.map { $0["type"]?.string ?? "?" })", supported: "ByteLevel")
+                throw TokenizerError.unsupported(file: file, part: "decoder", type: "Sequence of \(parts.count) decoders (\(parts.map { FileText.kind($0["type"]?.string ?? "?") }.joined(separator: ", ")))", supported: "ByteLevel")
             }
             try checkDecoder(parts[0], file: file)
         default:
-            throw TokenizerError.unsupported(file: file, part: "decoder", type: type, supported: "ByteLevel")
+            throw TokenizerError.unsupported(file: file, part: "decoder", type: FileText.kind(type), supported: "ByteLevel")
         }
     }
 

@@ -198,7 +198,7 @@ private struct JSONParser {
                 let scalar = Unicode.Scalar(cp) ?? "\u{FFFD}"   // a lone surrogate
                 scratch.append(contentsOf: Array(String(scalar).utf8))
             default:
-                throw error("bad escape '\\\(Character(Unicode.Scalar(e)))'")
+                throw error("bad escape after a backslash")
             }
         }
         return String(decoding: scratch, as: UTF8.self)

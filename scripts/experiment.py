@@ -42,7 +42,7 @@ SELECT_SEED = 100
 LRS = "5e-3,1e-2,2e-2"
 
 
-def grids(local_steps, lower_steps, lrs=LRS):
+def grids(local_steps, lower_steps, lrs=LRS, knob=True):
     """The same number of points for every method: the same learning-rate grid LRS (the AdamW rate of the
     shared level and of every single-level LoRA) with each method's own knobs at their defaults, plus one
     point that changes a knob of the method's own at the middle rate:
@@ -52,6 +52,7 @@ def grids(local_steps, lower_steps, lrs=LRS):
     - HETLoRA: penalty 1e-2 and pruning ratio 0.1 instead of 1e-3 and 0.05;
     - HOMLoRA, Local-only, FedAvg+FT (no knob of their own): the LoRA scale alpha doubled (alpha is a knob of
       every LoRA; the others keep the default alpha = 2 r)."""
+    with_knob = knob
     lrs = [x for x in lrs.split(",") if x]
     mid = lrs[len(lrs) // 2]
     g = local_steps * (lower_steps + 1)
@@ -65,7 +66,8 @@ def grids(local_steps, lower_steps, lrs=LRS):
     out = {}
     for m, b in base.items():
         pts = [dict(b, lr=lr) for lr in lrs]
-        pts.append(dict(b, lr=mid, **knob.get(m, {"alpha": "32"})))
+        if with_knob:
+            pts.append(dict(b, lr=mid, **knob.get(m, {"alpha": "32"})))
         out[m] = pts
     return out
 
@@ -84,9 +86,19 @@ class Experiment:
         self.root = pathlib.Path(a.root or f"runs/experiments/{a.name}")
         self.settings = {k: getattr(a, k) for k in ("name", "model", "data", "budget", "rounds", "local_steps", "lower_steps",
                                                     "batch", "seq", "rank", "rank2", "eval_every", "eval_windows", "clients")}
-        self.grid = grids(a.local_steps, a.lower_steps, a.lrs)
+        self.grid = grids(a.local_steps, a.lower_steps, a.lrs, knob=not a.no_knob)
+        # Methods whose selection was made before (--prior-selection): no grid runs here, the recorded point is used.
+        self.prior = {}
+        if a.prior_selection:
+            raw = json.loads(pathlib.Path(a.prior_selection).read_text())
+            self.prior = {m: v for m, v in raw.items() if m in a.methods}
+            self.prior_about = raw.get("_about", "")
+            for m, v in self.prior.items():
+                self.grid[m] = [v["selected"]]
         self.settings["grids"] = self.grid
         self.settings["select_seed"] = a.select_seed
+        if self.prior:
+            self.settings["prior_selection"] = {m: v["selected"] for m, v in self.prior.items()}
 
     def check_settings(self):
         self.root.mkdir(parents=True, exist_ok=True)
@@ -157,6 +169,10 @@ class Experiment:
     def selected(self):
         out = {}
         for m in self.a.methods:
+            if m in self.prior:
+                v = self.prior[m]
+                out[m] = (v["selected"], [(x if x is not None else float("nan"), pid, src) for x, pid, src in v["grid"]])
+                continue
             rows = []
             for p in self.grid[m]:
                 f = self.root / "grid" / m / point_id(p) / "metrics.json"
@@ -170,11 +186,12 @@ class Experiment:
         # When the selection seed is one of the seeds, the grid runs are that seed's runs: they read the test
         # split once at their end (never looked at for selection) and keep their stores.
         reuse = self.a.select_seed in self.a.seeds
-        jobs = [("grid", m, point_id(p), p, self.a.select_seed, not reuse) for m in self.a.methods for p in self.grid[m]]
+        jobs = [("grid", m, point_id(p), p, self.a.select_seed, not reuse) for m in self.a.methods if m not in self.prior
+                for p in self.grid[m]]
         log(f"grid: {len(jobs)} runs ({sum(1 for j in jobs if not (self.root / 'grid' / j[1] / j[2] / 'metrics.json').exists())} to do)")
         self.parallel(jobs)
 
-    def stage_seeds(self):
+    def stage_seeds(self, only=None):
         sel = self.selected()
         if self.a.select_seed in self.a.seeds:
             for m in self.a.methods:
@@ -183,14 +200,14 @@ class Experiment:
                     d.parent.mkdir(parents=True, exist_ok=True)
                     os.symlink(os.path.relpath(self.root / "grid" / m / point_id(sel[m][0]), d.parent), d)
         # Seed-major: an interrupted experiment has whole seeds (every method) rather than whole methods.
-        jobs = [("seeds", m, f"seed{s}", sel[m][0], s, False) for s in self.a.seeds for m in self.a.methods]
+        jobs = [("seeds", m, f"seed{s}", sel[m][0], s, False) for s in (only or self.a.seeds) for m in self.a.methods]
         log(f"seeds: {len(jobs)} runs ({sum(1 for j in jobs if not (self.root / 'seeds' / j[1] / j[2] / 'metrics.json').exists())} to do)")
         self.parallel(jobs)
 
-    def stage_nlg(self):
+    def stage_nlg(self, only=None):
         """Greedy decoding of the test inputs with every seed run's adapters (scripts/nlg_eval.py)."""
         jobs = []
-        for s in self.a.seeds:
+        for s in (only or self.a.seeds):
             for m in self.a.methods:
                 d = self.root / "seeds" / m / f"seed{s}"
                 if (d / "metrics.json").exists() and not (d / "nlg.json").exists():
@@ -292,12 +309,21 @@ def report(exp, out_md, svg):
                   f"every method makes {g} gradient evaluations (minibatches of {a.batch} x {a.seq} tokens) per client "
                   f"per round: PF2LoRA {a.local_steps} local iterations x ({a.lower_steps} lower + 1 upper); HOMLoRA, "
                   f"Local-only, HETLoRA, FedAvg+FT {g} iterations; Per-FedAvg {g // 2} iterations of 2 evaluations. "
-                  f"FedAvg+FT then fine-tunes 5 rounds' worth on top (its token count below says so)."
+                  "FedAvg+FT's fine-tuning is inside the same budget: it reserves one round's worth of evaluations for it and its "
+                  "rounds share the rest (rounded down; the remainder goes to fine-tuning), so every method trains on the same "
+                  "tokens per client (the cost table's token column; Per-FedAvg's one adaptation step per evaluation is outside training)."
                   if a.budget == "compute" else
                   f"every method runs {a.local_steps} local iterations per round (PF2LoRA's make {a.lower_steps + 1} "
                   f"gradient evaluations each, so it sees more tokens; see the token column)."),
               f"- {a.rounds} rounds, all clients every round, rank r = {a.rank}, r2 = {a.rank2} (single-level "
               f"baselines rank {a.rank + a.rank2}), valid loss every {a.eval_every} rounds.",
+              (f"- Tuning: {', '.join(NAMES[m] for m in exp.prior)} at the points selected before on the valid split of seed "
+               f"{a.select_seed} at these settings (the grid table below gives every point, its valid loss and the session that ran it: "
+               f"the same rates {', '.join(a.lrs.split(','))} for every method plus, where it finished, one point of a knob of its own); "
+               + ", ".join(NAMES[m] for m in a.methods if m not in exp.prior) + f" selected here from the rates {', '.join(a.lrs.split(','))} "
+               f"at seed {a.select_seed} (valid split, test not read). Then seeds {', '.join(map(str, a.seeds))} at the selected points; "
+               "the test split is read once, at the end of each."
+               if exp.prior else
               f"- Tuning: every method has a grid of {len(exp.grid['pf2lora'])} points, run at seed {a.select_seed}: the same "
               f"learning rates {', '.join(a.lrs.split(','))} (AdamW, the shared level's and every single-level LoRA's) for every method, "
               "each method's own knobs at their defaults, plus one point that changes a knob of its own at the middle rate "
@@ -308,17 +334,25 @@ def report(exp, out_md, svg):
                  f"selected point's is reported), then seeds {', '.join(str(x) for x in a.seeds if x != a.select_seed)} at the selected point."
                  if a.select_seed in a.seeds else
                  f"The grid does not read the test split. Then {len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}) at the selected point; "
-                 "the test split is read once, at the end of each."),
+                 "the test split is read once, at the end of each.")),
               f"- Reproduce: `python3 scripts/experiment.py {' '.join(a.argv)}` (resumable).", ""]
     lines += ["## Grids and selections (mean valid loss at the selection seed)", ""]
-    lines += ["| method | grid point | mean valid loss | selected |", "|---|---|---:|:---:|"]
+    if exp.prior:
+        lines += [f"The selections of {', '.join(NAMES[m] for m in exp.prior)} were made before this run, at the same "
+                  f"settings and selection seed ({a.prior_selection}): {exp.prior_about}", ""]
+    lines += ["| method | grid point | mean valid loss | selected | run |", "|---|---|---:|:---:|---|"]
     for m in a.methods:
         if m not in sel:
-            lines.append(f"| {NAMES[m]} | (grid not finished) | | |")
+            lines.append(f"| {NAMES[m]} | (grid not finished) | | | |")
             continue
         best, rows = sel[m]
-        for v, p in rows:
-            lines.append(f"| {NAMES[m]} | `{point_id(p)}` | {v:.4f} | {'**yes**' if p == best else ''} |")
+        for row in rows:
+            if len(row) == 3:   # a prior selection: (valid loss, point id, where it was run)
+                v, pid, src = row
+                lines.append(f"| {NAMES[m]} | `{pid}` | {'' if v != v else f'{v:.4f}'} | {'**yes**' if pid == point_id(best) else ''} | {src} |")
+            else:
+                v, p = row
+                lines.append(f"| {NAMES[m]} | `{point_id(p)}` | {v:.4f} | {'**yes**' if p == best else ''} | here |")
     lines.append("")
     lines += selection_stage(a, root, sel, out_md, svg)
     if not complete:
@@ -354,13 +388,16 @@ def report(exp, out_md, svg):
     lines.append("Mean test loss over clients, best first (mean ± 95 % CI over seeds): " +
                  ", ".join(f"{NAMES[m]} {overall[m][0]:.4f} ± {overall[m][1]:.4f}" for m in ranking) + ".")
     lines.append("")
+    summary_at = len(lines)   # the summary table (test loss and the NLG metrics) goes here once the NLG is read
     if "pf2lora" in complete:
         lines += ["## PF2LoRA against each baseline (paired over client x seed)", "",
                   "Wilcoxon signed-rank test, two-sided, on the test-loss differences PF2LoRA − baseline over "
                   f"{len(clients)} clients x {len(a.seeds)} seeds = {len(clients) * len(a.seeds)} pairs "
-                  "(pairs are not independent across seeds of one client; the test is a screen, the per-client CIs above are the detail).", "",
-                  "| baseline | PF2LoRA lower on | mean difference (nats) | median difference | Wilcoxon p | clients where PF2LoRA's seed-mean is lower |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "(pairs are not independent across seeds of one client; the test is a screen, the per-client CIs above are the detail); "
+                  f"and the same test over the {len(clients)} clients' seed-means (independent pairs, fewer of them), with the 95 % "
+                  "t-interval of the mean difference over those client means. Negative differences favour PF2LoRA.", "",
+                  "| baseline | PF2LoRA lower on (client x seed) | mean difference (nats) ± 95 % CI over clients | median difference | Wilcoxon p, client x seed | clients where PF2LoRA's seed-mean is lower | Wilcoxon p, client means |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for m in complete:
             if m == "pf2lora":
                 continue
@@ -369,7 +406,10 @@ def report(exp, out_md, svg):
             p = stats.wilcoxon(d).pvalue if any(x != 0 for x in d) else 1.0
             dm = sorted(d)[len(d) // 2]
             cw = sum(1 for c in clients if sum(loss("pf2lora", s, c) for s in a.seeds) < sum(loss(m, s, c) for s in a.seeds))
-            lines.append(f"| {NAMES[m]} | {wins} of {len(d)} | {sum(d) / len(d):+.4f} | {dm:+.4f} | {p:.2g} | {cw} of {len(clients)} |")
+            dc = [sum(loss("pf2lora", s, c) - loss(m, s, c) for s in a.seeds) / len(a.seeds) for c in clients]
+            pc = stats.wilcoxon(dc).pvalue if any(x != 0 for x in dc) else 1.0
+            mc, cc = mean_ci(dc)
+            lines.append(f"| {NAMES[m]} | {wins} of {len(d)} | {mc:+.4f} ± {cc:.4f} | {dm:+.4f} | {p:.2g} | {cw} of {len(clients)} | {pc:.2g} |")
         lines.append("")
     nlg = {}
     for m in complete:
@@ -378,6 +418,20 @@ def report(exp, out_md, svg):
             if f.exists():
                 nlg.setdefault(m, {})[sd] = json.loads(f.read_text())
     nlg_complete = [m for m in complete if len(nlg.get(m, {})) == len(a.seeds)]
+    summ = ["## Summary (mean over clients; mean ± 95 % t-interval over seeds)", "",
+            "| method | test loss (lower is better) | BLEU | ROUGE-L | METEOR |", "|---|---:|---:|---:|---:|"]
+    for m in ranking:
+        cells = [f"{overall[m][0]:.4f} ± {overall[m][1]:.4f}"]
+        for metric in ("bleu", "rougeL", "meteor"):
+            if m in nlg_complete:
+                mu, ci = mean_ci([sum(nlg[m][sd]["clients"][c][metric] for c in clients) / len(clients) for sd in a.seeds])
+                cells.append(f"{mu:.2f} ± {ci:.2f}")
+            else:
+                cells.append("not decoded")
+        lines_summary_row = f"| {NAMES[m]} | " + " | ".join(cells) + " |"
+        summ.append(lines_summary_row)
+    summ.append("")
+    lines[summary_at:summary_at] = summ
     if nlg_complete:
         first = nlg[nlg_complete[0]][a.seeds[0]]
         lines += ["## Data-to-text metrics (greedy decoding of test inputs)", "",
@@ -467,7 +521,7 @@ def selection_stage(a, root, sel, out_md, svg):
     """Per-client valid loss of each method's selected grid point (selection seed): a one-seed comparison
     on the split used for selection (optimistic for every method alike, each having the same number of points)."""
     from scipy import stats
-    done = [m for m in a.methods if m in sel]
+    done = [m for m in a.methods if m in sel and (root / "grid" / m / point_id(sel[m][0]) / "metrics.json").exists()]
     if len(done) < 2:
         return []
     per = {}
@@ -586,6 +640,9 @@ def main():
     ap.add_argument("--select-seed", type=int, default=SELECT_SEED,
                     help="seed of the grid (default 100; one of --seeds: the grid runs are that seed's runs)")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--prior-selection", default="", help="JSON of selections made before at the same settings (method -> "
+                    "selected point and recorded grid): those methods run no grid here")
+    ap.add_argument("--no-knob", action="store_true", help="grids of the learning rates only (no method-specific fourth point)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--nice", type=int, default=19)
     ap.add_argument("--stage", choices=["all", "grid", "seeds", "nlg", "report"], default="all")
@@ -618,10 +675,18 @@ def main():
     if not a.report_only:
         if a.stage in ("all", "grid"):
             exp.stage_grid()
-        if a.stage in ("all", "seeds"):
-            exp.stage_seeds()
-        if a.nlg and a.stage in ("all", "nlg"):
-            exp.stage_nlg()
+        if a.stage == "all" and a.nlg:
+            # Seed by seed, each decoded as soon as its runs are done: an interrupted experiment has whole seeds
+            # with their NLG metrics, and a report can be written from them (--report-only).
+            for sd in a.seeds:
+                exp.stage_seeds(only=[sd])
+                exp.stage_nlg(only=[sd])
+                report(exp, out, svg)
+        else:
+            if a.stage in ("all", "seeds"):
+                exp.stage_seeds()
+            if a.nlg and a.stage in ("all", "nlg"):
+                exp.stage_nlg()
     report(exp, out, svg)
     log(f"finished in {time.time() - t0:.0f}s")
 

@@ -8,11 +8,17 @@
 # A killed run restarts where it stopped (finished runs are kept, per method, seed and grid point);
 # a rerun with other settings refuses instead of mixing runs (delete runs/experiments/<name> first).
 #
-#   scripts/fair_experiments.sh [synthetic|debian|fortune|all]     (default all)
+#   docs/RESULTS-data-to-text-fair.md  (debian6) the cut protocol that fits a shared 2-core session: the selection of
+#                                   the 6-round grid already run (scripts/debian_prior_selection.json; FedAvg+FT's grid rerun
+#                                   because its fine-tuning moved inside the budget), 3 seeds, BLEU/ROUGE-L/METEOR (~2,500 CPU-s)
+#
+#   scripts/fair_experiments.sh [synthetic|debian|debian6|fortune|all]     (default all; debian6 is not in all)
+#   PF2LORA_BIN=path (default runs/bin/pf2lora), FAIR_ROOT=dir (debian6's runs; default runs/experiments/debian-fair6),
+#   FAIR_JOBS=n (runs at a time for debian6; default 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHAT=${1:-all}
-BIN=runs/bin/pf2lora
+BIN=${PF2LORA_BIN:-runs/bin/pf2lora}
 if [ ! -x "$BIN" ]; then
   swift build -c release --product pf2lora >&2
   mkdir -p runs/bin && cp .build/release/pf2lora "$BIN.new" && mv "$BIN.new" "$BIN"   # a copy: rebuilds do not disturb a run
@@ -36,6 +42,19 @@ if [ "$WHAT" = all ] || [ "$WHAT" = debian ]; then
     --title "Data-to-text on Debian's package index: fair comparison (compute budget)" \
     --preamble docs/results-data-to-text-preamble.md --appendix docs/results-data-to-text-analysis.md \
     --out docs/RESULTS-data-to-text.md --svg docs/results-data-to-text-curves.svg
+fi
+
+if [ "$WHAT" = debian6 ]; then
+  [ -d data/debian/clients ] || { echo "fair_experiments: data/debian/clients missing: ln -s /work/data/debian data/debian, or python3 scripts/make_debian_corpus.py --out data/debian" >&2; exit 1; }
+  say "data-to-text federation, cut protocol (prior 6-round selection, 3 seeds)"
+  python3 scripts/experiment.py --name debian-fair6 --root "${FAIR_ROOT:-runs/experiments/debian-fair6}" \
+    --model models/fortune-gpt2 --data data/debian/clients --binary "$BIN" \
+    --budget compute --rounds 6 --local-steps 2 --lower-steps 2 --batch 4 --seq 64 --eval-every 2 --eval-windows 64 \
+    --lrs 2e-3,5e-3,1e-2 --no-knob --prior-selection scripts/debian_prior_selection.json --select-seed 100 \
+    --seeds 0,1,2 --jobs "${FAIR_JOBS:-1}" --nlg --nlg-limit 20 --nlg-tokens 80 --rank-controls \
+    --title "Data-to-text on Debian's package index: 3 seeds, compute budget, FedAvg+FT's fine-tuning inside it" \
+    --preamble docs/results-data-to-text-preamble.md --appendix docs/results-data-to-text-fair-analysis.md \
+    --out docs/RESULTS-data-to-text-fair.md --svg docs/results-data-to-text-fair-curves.svg
 fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = fortune ]; then

@@ -37,25 +37,11 @@ struct BenchHTTP: ParsableCommand {
         BLAS.setThreads(threads)
         let m = try LanguageModel.load(folder: model)
         let tok = try BPETokenizer(folder: model)
-        let base = try BaseModelInfo.load(folder: model)
-        let root = NSTemporaryDirectory() + "pf2lora-bench-http-\(getpid())"
-        defer { try? FileManager.default.removeItem(atPath: root) }
-        let store = try AdapterStore.open(root: root, base: base, cacheBytes: 1 << 30)
-        var rng = RNG(seed: 5)
-        func adapter(_ level: AdapterLevel, _ r: Int, _ id: String?) -> LoRAAdapter {
-            var modules: [String: LoRAPair] = [:]
-            for (path, dims) in base.linears {
-                let a = Tensor(zeros: [r, dims.inFeatures]), b = Tensor(zeros: [dims.outFeatures, r])
-                rng.fillNormal(a, std: 1 / Float(dims.inFeatures).squareRoot())
-                rng.fillNormal(b, std: 0.01)
-                modules[path] = LoRAPair(a: a, b: b)
-            }
-            return LoRAAdapter(level: level, rank: r, alpha: Float(2 * r), modules: modules,
-                               metadata: AdapterMetadata(baseName: base.name, baseFingerprint: base.fingerprint, clientID: id))
-        }
-        try store.publishShared(adapter(.shared, 8, nil))
+        let bench = try BenchStore(model: model, name: "http", seed: 5)
+        defer { bench.remove() }
+        let store = bench.store
         let ids = (0..<clients).map { String(format: "bench%03d", $0) }
-        for id in ids { try store.publishClient(id: id, adapter(.client, 2, id)) }
+        try bench.publish(sharedRank: 8, clientRank: 2, clients: ids)
         var limits = ServerLimits()
         limits.maxBatch = max(32, clients)
         let core = ServingCore(model: m, tokenizer: tok, store: store, limits: limits)

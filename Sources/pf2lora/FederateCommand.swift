@@ -36,6 +36,8 @@ struct FederateCommand: ParsableCommand {
     @Option(name: .customLong("hetlora-prune"), help: "HETLoRA prunes its tail rank when its norm falls below this fraction of the whole update's.") var hetloraPrune: Float = 0.05
     @Option(help: "PF2LoRA ablations: bilevel (the method), joint (one AdamW on both levels, no alternation) or client-only (no shared level).")
     var variant: String = "bilevel"
+    @Option(name: .customLong("fine-tune-steps"), help: "FedAvg+FT's fine-tuning steps after the rounds. --budget steps: on top of the rounds (default 5 x --local-steps); compute: taken out of the same budget, the rounds share the rest (default one round's worth).")
+    var fineTuneSteps: Int?
     @Option(name: .customLong("baseline-rank"), help: "Rank of the single-level baselines (default rank + rank2; HOMLoRA at --baseline-rank = rank is PF2LoRA with r2 = 0).")
     var baselineRank: Int?
     @Option(name: .customLong("token-cache"), help: "Folder caching the tokenized --data (keyed by the bytes of the data and tokenizer files).")
@@ -68,6 +70,7 @@ struct FederateCommand: ParsableCommand {
             throw ValidationError("unknown --variant '\(variant)'; use \(PF2LoRAVariant.allCases.map(\.rawValue).joined(separator: ", "))")
         }
         if let r = baselineRank, r < 1 { throw ValidationError("--baseline-rank must be >= 1") }
+        if let f = fineTuneSteps, f < 0 { throw ValidationError("--fine-tune-steps must be >= 0") }
         guard evalEvery >= 0, evalWindows >= 0 else { throw ValidationError("--eval-every and --eval-windows must be >= 0 (0 = off)") }
         try validateTargets(targets, modelFolder: options.model)
     }
@@ -99,6 +102,7 @@ struct FederateCommand: ParsableCommand {
         fc.minLRRatio = 0.1
         fc.budget = budgetMode; fc.skipTest = noTest; fc.pf2loraVariant = pf2loraVariant; fc.baselineRank = baselineRank
         fc.perFedAvgInnerLR = innerLR; fc.hetloraLambda = hetloraLambda; fc.hetloraPruneRatio = hetloraPrune
+        fc.fineTuneSteps = fineTuneSteps
 
         // Refuse early when the shared level's shape would not match the store's (HETLoRA's is known only at the end).
         let ids = clientData.map(\.id)
@@ -173,6 +177,7 @@ struct FederateCommand: ParsableCommand {
                 "budget": budgetMode.rawValue, "local_iterations": result.localIterations,
                 "variant": pf2loraVariant.rawValue, "baseline_rank": fc.singleRank,
                 "gradient_evaluations_per_round": fc.evaluationsPerRound(for: m), "tokens_per_evaluation": tokensPerEvaluation,
+                "fine_tune_steps": m == .fedavgFT ? fc.fineTuneIterations() : 0,
                 "gradient_evaluations": evaluations, "tokens": evaluations * tokensPerEvaluation,
                 "training_seconds": result.trainingSeconds, "seconds_per_round": result.trainingSeconds / Double(rounds),
                 "peak_rss_bytes": peakResidentBytes(),

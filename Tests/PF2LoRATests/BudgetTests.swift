@@ -31,19 +31,43 @@ import Testing
         return c
     }
 
-    /// Compute budget: 3 rounds x 4 iterations x (5 + 1) = 72 minibatches per client for every method
-    /// (FedAvg+FT then fine-tunes 5 rounds' worth, 5 x 24 = 120, on top; Per-FedAvg adapts once per evaluation).
+    /// Compute budget: 3 rounds x 4 iterations x (5 + 1) = 72 minibatches per client for every method, FedAvg+FT's
+    /// fine-tuning included (it used to come on top: 72 + 120); Per-FedAvg adapts once per evaluation, outside training.
     @Test(arguments: FederatedMethod.allCases)
     func computeBudgetDrawsTheSameMinibatches(_ method: FederatedMethod) throws {
         let counter = CallCounter(FederatedTests.smallFederation().task)
         let res = try runFederated(method, task: counter, config: Self.config(.compute))
-        let rounds = 3 * 4 * 6
-        let fineTune = method == .fedavgFT ? 5 * 24 : 0
-        #expect(res.trainingEvaluations == Array(repeating: rounds + fineTune, count: 5), "\(method)")
+        let budget = 3 * 4 * 6
+        #expect(res.trainingEvaluations == Array(repeating: budget, count: 5), "\(method)")
         let adaptation = method == .perfedavg ? 2 : 0   // two evaluations: after the last round and at the end
         #expect(res.adaptationEvaluations == Array(repeating: adaptation, count: 5))
-        #expect(counter.calls == Array(repeating: rounds + fineTune + adaptation, count: 5))
-        #expect(res.localIterations == (method == .pf2lora ? 4 : method == .perfedavg ? 12 : 24))
+        #expect(counter.calls == Array(repeating: budget + adaptation, count: 5))
+        // FedAvg+FT reserves one round's worth (24) for fine-tuning: (72 - 24) / 3 = 16 iterations per round.
+        #expect(res.localIterations == (method == .pf2lora ? 4 : method == .perfedavg ? 12 : method == .fedavgFT ? 16 : 24))
+        #expect(Self.config(.compute).trainingEvaluations(for: method) == budget)
+    }
+
+    /// The accounting is equal across methods for any split of the evaluations and any fine-tuning share, the
+    /// rounding remainder going to FedAvg+FT's fine-tuning (counted at the task).
+    @Test(arguments: [(2, 2, 8, nil), (2, 2, 8, 10), (4, 5, 3, 10), (1, 1, 5, 3), (3, 2, 7, 0)] as [(Int, Int, Int, Int?)])
+    func fedAvgFTFineTuningIsInsideTheComputeBudget(_ local: Int, _ lower: Int, _ rounds: Int, _ fineTune: Int?) throws {
+        var c = Self.config(.compute)
+        c.localSteps = local; c.lowerSteps = lower; c.rounds = rounds; c.fineTuneSteps = fineTune
+        let budget = rounds * local * (lower + 1)
+        #expect(c.computeBudgetPerClient == budget)
+        for m in FederatedMethod.allCases where m != .perfedavg { #expect(c.trainingEvaluations(for: m) == budget, "\(m)") }
+        #expect(c.fineTuneIterations() >= (fineTune ?? local * (lower + 1)))
+        let counter = CallCounter(FederatedTests.smallFederation().task)
+        let res = try runFederated(.fedavgFT, task: counter, config: c)
+        #expect(res.trainingEvaluations == Array(repeating: budget, count: 5))
+        #expect(res.localIterations * rounds + c.fineTuneIterations() == budget)
+    }
+
+    /// A fine-tuning share that leaves the rounds nothing is refused, not silently over budget.
+    @Test func fedAvgFTFineTuningLargerThanTheBudgetIsRefused() {
+        var c = Self.config(.compute)
+        c.fineTuneSteps = 72   // the whole budget: no iteration left for the 3 rounds
+        #expect(throws: FederatedError.self) { try runFederated(.fedavgFT, task: FederatedTests.smallFederation().task, config: c) }
     }
 
     /// Steps budget (today's): PF2LoRA draws (lowerSteps + 1) = 6 x the minibatches of a single-level
@@ -83,9 +107,12 @@ import Testing
             c.lowerSteps = lower; c.localSteps = 4
             let pf = c.evaluationsPerRound(for: .pf2lora)
             #expect(pf == 4 * (lower + 1))
-            for m in FederatedMethod.allCases where m != .perfedavg { #expect(c.evaluationsPerRound(for: m) == pf) }
+            for m in FederatedMethod.allCases where m != .perfedavg && m != .fedavgFT { #expect(c.evaluationsPerRound(for: m) == pf) }
             // Per-FedAvg: two evaluations per iteration, so it matches when PF2LoRA's count is even.
             #expect(c.evaluationsPerRound(for: .perfedavg) == pf - pf % 2)
+            // FedAvg+FT: fewer per round (one round's worth is reserved for its fine-tuning), the same over the run.
+            #expect(c.evaluationsPerRound(for: .fedavgFT) == (3 * pf - pf) / 3)
+            #expect(c.trainingEvaluations(for: .fedavgFT) == 3 * pf)
         }
     }
 

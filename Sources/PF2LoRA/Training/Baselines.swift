@@ -33,6 +33,7 @@ struct FedAvgLoRAAlgorithm: FederatedAlgorithm {
 
     mutating func finish(rng: (Int) -> RNG) {
         guard fineTune else { return }
+        // `effective(for:)` set fineTuneSteps to `fineTuneIterations()` (under `.compute`, the budget's share).
         let steps = config.fineTuneSteps ?? 5 * config.localSteps
         let sched = LRSchedule(base: config.upperLR, totalSteps: steps, minRatio: config.minLRRatio)
         tuned = (0..<task.clientCount).map { k in

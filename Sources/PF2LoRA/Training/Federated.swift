@@ -119,7 +119,9 @@ public struct FederatedConfig: Codable, Sendable {
     /// A client prunes its `hetloraGamma` tail ranks when their norm falls below this fraction of its whole update's norm.
     public var hetloraPruneRatio: Float = 0.05
     public var hetloraAggregation: HETLoRAAggregation = .sparsity
-    /// FedAvg+FT: local AdamW steps after federation; nil = 5 x localSteps.
+    /// FedAvg+FT: local AdamW steps after federation. Under `.steps` they come on top of the rounds (nil = 5 x
+    /// localSteps). Under `.compute` they are taken out of the same budget (nil = one round's worth of PF2LoRA's
+    /// evaluations): see `fineTuneIterations()`.
     public var fineTuneSteps: Int?
 
     public init() {}
@@ -138,26 +140,55 @@ public struct FederatedConfig: Codable, Sendable {
         }
     }
 
+    /// Under `.compute`: the gradient evaluations every method makes per client over the whole run, PF2LoRA's
+    /// `rounds x localSteps x (lowerSteps + 1)` (FedAvg+FT's fine-tuning included).
+    public var computeBudgetPerClient: Int { rounds * localSteps * (lowerSteps + 1) }
+
     /// Local iterations per client per round that `method` runs under `budget`.
     public func localIterations(for method: FederatedMethod) -> Int {
         switch budget {
         case .steps: return localSteps
         case .compute:
             let evaluations = localSteps * (lowerSteps + 1)   // PF2LoRA's (bilevel)
+            if method == .fedavgFT {
+                // Its fine-tuning is reserved out of the run's budget; the rounds share the rest (rounded down).
+                let reserve = fineTuneSteps ?? evaluations
+                return max(0, (computeBudgetPerClient - reserve) / rounds)
+            }
             return max(1, evaluations / evaluationsPerIteration(method))
         }
     }
 
+    /// FedAvg+FT's fine-tuning steps (one gradient evaluation each). `.steps`: `fineTuneSteps ?? 5 x localSteps`,
+    /// on top of the rounds. `.compute`: what the rounds leave of `computeBudgetPerClient` (at least
+    /// `fineTuneSteps ?? one round's worth`; the rounding remainder too), so rounds plus fine-tuning make
+    /// exactly PF2LoRA's evaluations.
+    public func fineTuneIterations() -> Int {
+        switch budget {
+        case .steps: return fineTuneSteps ?? 5 * localSteps
+        case .compute: return computeBudgetPerClient - rounds * localIterations(for: .fedavgFT)
+        }
+    }
+
     /// Gradient evaluations per client per round of `method` under `budget` (the training rounds; FedAvg+FT's
-    /// fine-tuning and Per-FedAvg's adaptation at evaluation come on top).
+    /// fine-tuning after them, and Per-FedAvg's adaptation at evaluation, are not in it).
     public func evaluationsPerRound(for method: FederatedMethod) -> Int {
         localIterations(for: method) * evaluationsPerIteration(method)
     }
 
-    /// The config an algorithm runs with: `localSteps` set to `localIterations(for:)`.
+    /// Gradient evaluations per client over the whole training of `method` (rounds, all clients sampled, plus
+    /// FedAvg+FT's fine-tuning; not Per-FedAvg's adaptation at evaluation). Under `.compute` every method's is
+    /// `computeBudgetPerClient` (Per-FedAvg's less by `rounds` when PF2LoRA's per-round count is odd).
+    public func trainingEvaluations(for method: FederatedMethod) -> Int {
+        rounds * evaluationsPerRound(for: method) + (method == .fedavgFT ? fineTuneIterations() : 0)
+    }
+
+    /// The config an algorithm runs with: `localSteps` set to `localIterations(for:)`, FedAvg+FT's
+    /// `fineTuneSteps` to `fineTuneIterations()`.
     func effective(for method: FederatedMethod) -> FederatedConfig {
         var c = self
         c.localSteps = localIterations(for: method)
+        if method == .fedavgFT { c.fineTuneSteps = fineTuneIterations() }
         return c
     }
 
@@ -257,6 +288,10 @@ public func runFederated(_ method: FederatedMethod, task: FederatedTask, config:
     let counter = CountingTask(task)
     let task: FederatedTask = counter
     let runConfig = config.effective(for: method)
+    if method == .fedavgFT && (runConfig.localSteps < 1 || runConfig.fineTuneSteps ?? 0 < 0) {
+        throw FederatedError.badConfig("FedAvg+FT: fineTuneSteps \(config.fineTuneSteps ?? 0) leaves no local iteration for the "
+            + "\(config.rounds) rounds in the compute budget of \(config.computeBudgetPerClient) gradient evaluations per client")
+    }
     var alg: FederatedAlgorithm
     switch method {
     case .pf2lora: alg = PF2LoRAAlgorithm(task: task, config: runConfig, rng: &initRNG)

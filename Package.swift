@@ -55,9 +55,12 @@ let package = Package(
             name: "CQuant",
             cSettings: [.unsafeFlags(["-O3"])]
         ),
+        // glibc's malloc_trim (not in Swift's Glibc module): a load that converts weights returns
+        // the freed f32 temporaries to the OS (ServingBase.load).
+        .target(name: "CMemory"),
         .target(
             name: "PF2LoRA",
-            dependencies: ["COpenBLAS", "CZstd", "CQuant"],
+            dependencies: ["COpenBLAS", "CZstd", "CQuant", "CMemory"],
             swiftSettings: [
                 .unsafeFlags(["-Ounchecked"], .when(configuration: .release)),
                 .unsafeFlags(cpuFlags),

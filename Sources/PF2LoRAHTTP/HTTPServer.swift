@@ -268,8 +268,10 @@ public final class HTTPTransport: Sendable {
         return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: data)))
     }
 
+    /// One server-sent event's JSON (a chunk per token: keys unsorted, as sorting them costs a
+    /// locale-aware string comparison per key pair).
     static func encode(_ obj: Any) -> ByteBuffer {
-        ByteBuffer(bytes: (try? JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data("{}".utf8))
+        ByteBuffer(bytes: (try? JSONSerialization.data(withJSONObject: obj, options: [.withoutEscapingSlashes])) ?? Data("{}".utf8))
     }
 
     // MARK: Models

@@ -29,6 +29,12 @@ let package = Package(
         // The OpenAI-compatible HTTP transport (Sources/PF2LoRAHTTP, docs/HTTP.md).
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        // GET /metrics of the HTTP transport (Prometheus text format).
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        // HTTPRequestPart for the header-timeout handlers (already a dependency of Hummingbird).
+        .package(url: "https://github.com/apple/swift-nio-extras", from: "1.35.2"),
+        // The HTTP server's graceful shutdown at the end of a drain (already a dependency of Hummingbird).
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         // OpenBLAS through its C interface (cblas.h), found with pkg-config.
@@ -49,9 +55,12 @@ let package = Package(
             name: "CQuant",
             cSettings: [.unsafeFlags(["-O3"])]
         ),
+        // glibc's malloc_trim (not in Swift's Glibc module): a load that converts weights returns
+        // the freed f32 temporaries to the OS (ServingBase.load).
+        .target(name: "CMemory"),
         .target(
             name: "PF2LoRA",
-            dependencies: ["COpenBLAS", "CZstd", "CQuant"],
+            dependencies: ["COpenBLAS", "CZstd", "CQuant", "CMemory"],
             swiftSettings: [
                 .unsafeFlags(["-Ounchecked"], .when(configuration: .release)),
                 .unsafeFlags(cpuFlags),
@@ -66,6 +75,9 @@ let package = Package(
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdCore", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
         .executableTarget(

@@ -347,7 +347,7 @@ SETUPS = {"transformers": setup_transformers, "llama.cpp": setup_llama_cpp, "lla
 
 def worker_main(a):
     try:
-        info, one = SETUPS[a.worker](a)
+        info, one = SETUPS[a.worker.split("@")[0]](a)                 # llama.cpp@q8_0: the llama.cpp setup
     except Exception as e:                                              # noqa: BLE001
         traceback.print_exc()
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
@@ -435,8 +435,9 @@ class Pf2loraDecode:
 
     def __init__(self, args, weights=None, batch=1):
         self.args, self.exe = args, pathlib.Path(args.pf2lora)
+        prompt = args.prompt_tokens if batch == 1 or not getattr(args, "batch_prompt_tokens", None) else args.batch_prompt_tokens
         base = [str(self.exe), "bench", "decode", "--model", str(args.model_dir), "--batch", str(batch),
-                "--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens)]
+                "--tokens", str(args.tokens), "--prompt-tokens", str(prompt)]
         self.cmd = base + ["--threads", str(args.threads), "--repeats", "1"] + (["--weights", weights] if weights else [])
         if not self.exe.exists():
             self.info = {"error": f"{self.exe} not found (build it: swift build -c release)"}
@@ -724,6 +725,9 @@ def main():
                                          "bound per precision and resident memory; see Benchmarks/README.md")
     ap.add_argument("--batches", default="1", help="with --precisions: pf2lora decode batch sizes (e.g. 1,4,8); "
                                                    "llama.cpp runs batch 1 only")
+    ap.add_argument("--batch-prompt-tokens", type=int,
+                    help="with --batches: the prompt length of the batch > 1 runs (default --prompt-tokens); their "
+                         "prefill is batch x this many tokens, so 8 x 512 dominates a run on a loaded 2-core machine")
     a = ap.parse_args()
 
     if a.worker:                                                        # subprocess mode
@@ -743,11 +747,13 @@ def main():
         batches = [int(b) for b in a.batches.split(",")]
         starters = {}
         for p in a.precision_list:
+            # pf2lora at batch 1 right next to llama.cpp at the same precision, so a round's pair of
+            # them runs seconds apart (the per-round ratio), the larger batches after them.
             for b in batches:
                 if "pf2lora" in wanted:
                     starters[f"pf2lora@{p}" + (f"/b{b}" if b > 1 else "")] = (lambda p=p, b=b: (lambda e: (e, e.info))(Pf2loraDecode(a, p, b)))
-            if "llama.cpp" in wanted:
-                starters[f"llama.cpp@{p}"] = (lambda p=p: start_llama_cpp(a, wtype=p, name=f"llama.cpp@{p}"))
+                if b == batches[0] and "llama.cpp" in wanted:
+                    starters[f"llama.cpp@{p}"] = (lambda p=p: start_llama_cpp(a, wtype=p, name=f"llama.cpp@{p}"))
         if "blas" in wanted:
             starters["pf2lora_blas"] = lambda: (lambda e: (e, e.info))(Pf2loraBLAS(a))
         res, live = run_rounds(a, starters, lambda name: True)
@@ -862,7 +868,9 @@ def report_precisions(a, geo, res, made_by, batches):
         if "error" in res[name] and res[name]["error"] != "not requested (--engines)":
             lines.append(f"\n- {name}: not available: {res[name]['error'][:300]}")
     if len(batches) > 1:
-        lines += ["", "| weights | " + " | ".join(f"pf2lora decode tok/s, batch {b}" for b in batches) + " |",
+        bp = a.batch_prompt_tokens or P
+        lines += ["", f"Batch > 1: prompts of {bp} tokens each (decode at context {bp}..{bp + a.tokens}); batch 1: {P}.",
+                  "", "| weights | " + " | ".join(f"pf2lora decode tok/s, batch {b}" for b in batches) + " |",
                   "|---|" + "---:|" * len(batches)]
         for p in a.precision_list:
             cells = [fmt(med(f"pf2lora@{p}" + (f"/b{b}" if b > 1 else ""), "decode_tokens_per_s")) for b in batches]

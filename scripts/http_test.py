@@ -2,10 +2,13 @@
 """The OpenAI-compatible HTTP endpoint driven by the official `openai` package (docs/HTTP.md).
 
 Starts `pf2lora serve --http 127.0.0.1:0` on the embedded default (models/fortune-gpt2 with a copy of
-adapters/), then checks: models, completions and chat completions (streaming and not) per client,
-n / logprobs / usage / stream_options, the errors (400, 401, 404, 413, unknown fields, bad JSON),
-/health and /metrics, vLLM's load/unload_lora_adapter with PEFT folders, and 64 concurrent clients
-with distinct adapters sharing the batch, each getting the greedy text it gets alone.
+adapters/), then checks: models, completions and chat completions (streaming and not) per client, the
+base name and `shared`, token-array prompts, n / logprobs / usage / stream_options, the errors (400,
+401, 404, 408, 409, 413, 429, 503, unknown fields named, bad JSON), /health and /metrics, vLLM's
+load/unload_lora_adapter with PEFT folders (also concurrent on one name: the store loses nothing), 64
+concurrent clients with distinct adapters sharing the batch, each getting the greedy text it gets
+alone, clients that disconnect (streaming and not) freeing their batch slot, a slow-loris header
+closed by the header timeout, and a SIGTERM drain (503 to new requests, the ones in flight finish).
 Exits non-zero on the first failure; prints 'N passed, 0 failed' at the end.
 """
 import concurrent.futures
@@ -96,6 +99,29 @@ def raw(server, method, path, body=None, headers=None, data=None):
         return status, text
 
 
+def metrics(server, headers=None):
+    """/metrics as {name: value} for the unlabelled samples."""
+    st, text = raw(server, "GET", "/metrics", headers=headers)
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-z0-9_]+) (\S+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    check(st == 200 and "pf2lora_batch_rows" in out, f"/metrics answers ({st}: {[l for l in text.splitlines() if 'batch' in l]})")
+    return out
+
+
+def wait_until(what, cond, timeout=30.0):
+    """Polls cond() every 10 ms until it is true; fails the test past the timeout."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.01)
+    check(False, f"{what} within {timeout} s")
+
+
 def oversize(server, n):
     """POSTs a body of n bytes from a thread (the server may answer before reading it all); the response's first bytes."""
     import socket
@@ -132,16 +158,16 @@ def main():
     for c in clients:
         subprocess.run([BIN, "adapters", "export-peft", "--store", store, "--model", MODEL, "--client", c, "--level", "client",
                         "--out", os.path.join(exchange, c)], check=True, stdout=subprocess.DEVNULL)
-    srv = Server(store, exchange)
+    srv = Server(store, exchange, extra=["--http-header-timeout", "2", "--http-body-timeout", "2"])
     try:
         run_checks(srv, clients, exchange)
+        code = drain_checks(srv, clients)
     except BaseException:
         sys.stderr.write("".join(srv.log[-40:]))
+        srv.proc.kill()
         raise
-    finally:
-        code = srv.stop()
     check(code == 0, f"SIGTERM drains and exits 0 (got {code})")
-    run_key_checks(store, exchange)
+    run_limit_checks(store, exchange, clients)
     shutil.rmtree(work, ignore_errors=True)
     print(f"http_test: {passed} passed, 0 failed")
 
@@ -172,6 +198,19 @@ def run_checks(srv, clients, exchange):
         check(streamed == texts[model], f"streamed text of {model} equals the non-streamed one ({streamed!r} vs {texts[model]!r})")
         check(chunks[-1].choices[0].finish_reason in ("stop", "length"), "the last chunk has the finish reason")
     check(len(set(texts.values())) >= 3, f"base, shared and clients give different texts: {texts}")
+
+    # Token-array prompts (OpenAI takes token ids): the same tokens as text give the same completion.
+    ids = json.loads(subprocess.run([BIN, "tokenize", "--model", MODEL], input=prompt, capture_output=True, text=True, check=True).stdout)
+    r = client.completions.create(model=clients[0], prompt=ids, max_tokens=24, temperature=0)
+    check(r.choices[0].text == texts[clients[0]] and r.usage.prompt_tokens == len(ids),
+          f"a token-array prompt gives the text prompt's completion ({r.choices[0].text!r})")
+    r = client.completions.create(model=clients[0], prompt=[ids, ids[:3]], max_tokens=4, temperature=0)
+    check(len(r.choices) == 2 and r.usage.prompt_tokens == len(ids) + 3, "a list of token arrays gives a choice each")
+    try:
+        client.completions.create(model=clients[0], prompt=[ids[0], 999999], max_tokens=1)
+        check(False, "a token id outside the vocabulary is refused")
+    except openai.BadRequestError as e:
+        check("999999" in e.message, f"a token id outside the vocabulary: 400 naming it ({e.message})")
 
     # The same text as the stdio protocol gives (one method layer).
     out = subprocess.run([BIN, "serve", "--model", MODEL, "--store", os.path.join(os.path.dirname(exchange), "store")],
@@ -230,7 +269,19 @@ def run_checks(srv, clients, exchange):
         client.completions.create(model=clients[0], prompt="x", max_tokens=1, extra_body={"frobnicate": 1})
         check(False, "an unknown field is refused")
     except openai.BadRequestError as e:
-        check("frobnicate" in e.message, "unknown field: 400 naming it")
+        check("frobnicate" in e.message and e.body["param"] == "frobnicate", "unknown field: 400 naming it")
+    try:
+        client.chat.completions.create(model=clients[0], messages=[{"role": "user", "content": "x"}], max_tokens=1, stream=True,
+                                       stream_options={"include_usage": True, "include_bogus": True})
+        check(False, "an unknown field of stream_options is refused")
+    except openai.BadRequestError as e:
+        check("include_bogus" in e.message, f"unknown stream_options field: 400 naming it ({e.message})")
+    st, body = raw(srv, "POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": clients[0], "lora_rank": 8})
+    check(st == 400 and "lora_rank" in body["error"]["message"], f"unknown load_lora_adapter field: 400 naming it ({st} {body})")
+    st, body = raw(srv, "POST", "/v1/completions", data=b'{"model": ' + b"[" * 100 + b"]" * 100 + b"}")
+    check(st == 400 and body["error"]["code"] == "invalid_json", f"JSON nested 100 deep: 400 ({st} {body})")
+    st, body = raw(srv, "POST", "/v1/completions", {"model": clients[0], "prompt": "x", "max_tokens": "many"})
+    check(st == 400 and body["error"]["param"] in (None, "max_tokens") and "max_tokens" in body["error"]["message"], f"a wrong type: 400 naming the field ({body})")
     try:
         client.chat.completions.create(model=clients[0], messages=[], max_tokens=1)
         check(False, "empty messages are refused")
@@ -262,6 +313,30 @@ def run_checks(srv, clients, exchange):
     st, body = raw(srv, "POST", "/v1/unload_lora_adapter", {"lora_name": "ghost"})
     check(st == 404, f"unloading an unknown adapter: 404 ({st})")
 
+    # Concurrent load/unload of one name: each load answers 200 (a new version) or 409 (a concurrent
+    # publish came first: version_conflict), each unload 200 or 404 (nothing loaded yet); the store
+    # holds every version a load announced, in order, and serves the last one.
+    announced, conflicts = [], 0
+    for _ in range(6):
+        with concurrent.futures.ThreadPoolExecutor(12) as ex:
+            loads = [ex.submit(raw, srv, "POST", "/v1/load_lora_adapter", {"lora_name": "racer", "lora_path": clients[1]}) for _ in range(8)]
+            unloads = [ex.submit(raw, srv, "POST", "/v1/unload_lora_adapter", {"lora_name": "racer"}) for _ in range(4)]
+            loads, unloads = [f.result() for f in loads], [f.result() for f in unloads]
+        check(all(st == 200 or (st == 409 and b["error"]["code"] == "version_conflict") for st, b in loads),
+              f"concurrent loads answer 200 or 409 ({[(st, b if st != 200 else '') for st, b in loads]})")
+        check(all(st in (200, 404) for st, _ in unloads), f"concurrent unloads answer 200 or 404 ({unloads})")
+        announced += [b["version"] for st, b in loads if st == 200]
+        conflicts += sum(st == 409 for st, _ in loads)
+        if conflicts:
+            break
+    check(conflicts > 0, "concurrent loads of one name: a version conflict answers 409")
+    st, body = raw(srv, "GET", "/v1/adapters/racer")
+    check(sorted(announced) == list(range(1, len(announced) + 1)) and body["version"] == len(announced)
+          and body["versions"] == list(range(max(1, len(announced) - 2), len(announced) + 1)),
+          f"the store holds every announced version in order, none lost ({sorted(announced)} vs {body})")
+    r = client.completions.create(model="racer", prompt=prompt, max_tokens=24, temperature=0)
+    check(r.choices[0].text == texts[clients[1]], "the adapter loaded concurrently serves its text")
+
     # 64 concurrent clients with distinct adapters share the batch; each gets its text from alone.
     names = [f"c{i:02d}" for i in range(64)]
     for i, n in enumerate(names):
@@ -285,54 +360,136 @@ def run_checks(srv, clients, exchange):
     rows = float(re.search(r"^pf2lora_mean_batch_rows (\S+)", text, re.M).group(1))
     check(rows > 1.5, f"the concurrent requests shared the batch (mean rows {rows})")
 
-    # A client that disconnects mid-stream cancels its request (the server goes on serving).
-    def generated():
-        return float(re.search(r"^pf2lora_completion_tokens_total (\S+)", raw(srv, "GET", "/metrics")[1], re.M).group(1))
+    # A client that disconnects cancels its request: its batch row is freed at the next step.
+    # (The context is 256 tokens: uncancelled, each request below would generate about 240.)
+    def disconnect(stream):
+        m0 = metrics(srv)
+        if stream:
+            s = client.completions.create(model=clients[0], prompt=prompt, max_tokens=2000, temperature=0, stream=True,
+                                          extra_body={"ignore_eos": True})
+            next(iter(s))
+            s.response.close()
+        else:
+            import socket
+            body = json.dumps({"model": clients[0], "prompt": prompt, "max_tokens": 2000, "temperature": 0, "ignore_eos": True}).encode()
+            sock = socket.create_connection(("127.0.0.1", srv.port))
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            wait_until("the non-streaming request runs", lambda: metrics(srv)["pf2lora_batch_rows"] == 1)
+            sock.close()
+        m1 = wait_until("the batch row is freed", lambda: (lambda m: m if m["pf2lora_batch_rows"] == 0 else None)(metrics(srv)))
+        made = m1["pf2lora_completion_tokens_total"] - m0["pf2lora_completion_tokens_total"]
+        check(m1["pf2lora_generate_cancelled_total"] == m0["pf2lora_generate_cancelled_total"] + 1 and made < 230,
+              f"a {'streaming' if stream else 'non-streaming'} client that disconnects has its request cancelled ({made:.0f} tokens of ~240)")
 
-    # (The context is 256 tokens: uncancelled, the request would generate about 240.)
-    g_before = generated()
-    s = client.completions.create(model=clients[0], prompt=prompt, max_tokens=2000, temperature=0, stream=True, extra_body={"ignore_eos": True})
-    next(iter(s))
-    s.response.close()
-    time.sleep(2.0)
-    g0 = generated()
-    time.sleep(0.5)
-    check(generated() == g0 and g0 - g_before < 100,
-          f"a client that disconnects mid-stream has its request cancelled ({g0 - g_before:.0f} tokens generated of ~240)")
-    # The same for a non-streaming request whose client closes the connection while it waits.
-    import socket
-    g_before = generated()
-    body = json.dumps({"model": clients[0], "prompt": prompt, "max_tokens": 2000, "temperature": 0, "ignore_eos": True}).encode()
-    sock = socket.create_connection(("127.0.0.1", srv.port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
-                 + str(len(body)).encode() + b"\r\n\r\n" + body)
-    time.sleep(0.01)
-    sock.close()
-    time.sleep(2.0)
-    g1 = generated() - g_before
-    check(g1 < 200, f"a non-streaming client that disconnects has its request cancelled ({g1:.0f} tokens generated of ~240)")
+    disconnect(stream=True)
+    disconnect(stream=False)
     r = client.completions.create(model=clients[0], prompt=prompt, max_tokens=4, temperature=0)
     check(len(r.choices[0].text) > 0, "serving goes on after a client went away")
+
+    # Slow clients (the server runs with --http-header-timeout 2 --http-body-timeout 2, idle timeout
+    # 60 s): a header dripped byte by byte is closed after 2 s; a body that stops arriving gets 408.
+    import socket
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    t0 = time.time()
+    closed = None
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        sock.settimeout(0.3)
+        while time.time() - t0 < 20:
+            try:
+                sock.sendall(b"X")
+                if sock.recv(1) == b"":
+                    closed = time.time() - t0
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = time.time() - t0
+                break
+    finally:
+        sock.close()
+    check(closed is not None and 1.5 < closed < 6, f"a slow-loris header is closed by the header timeout (after {closed} s; 2 s)")
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")
+    sock.settimeout(10)
+    t0 = time.time()
+    try:
+        head = sock.recv(4096)
+    except OSError:
+        head = b""
+    sock.close()
+    check(head.startswith(b"HTTP/1.1 408") and time.time() - t0 < 6, f"a body that stops arriving: 408 ({head[:40]!r})")
     st, body = raw(srv, "GET", "/health")
-    check(st == 200, "healthy after a disconnect")
+    check(st == 200, "healthy after slow and vanished clients")
 
 
-def run_key_checks(store, exchange):
+def drain_checks(srv, clients):
+    """SIGTERM with 32 requests in flight: new requests get 503 (draining), /health 503, every request
+    in flight finishes with all its tokens, then the server exits 0. Returns the exit code."""
+    def long(i):
+        c = openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0)
+        chunks = list(c.completions.create(model=f"c{i:02d}", prompt=f"Fortune {i}:", max_tokens=200, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        return chunks[-1].usage.completion_tokens
+    ex = concurrent.futures.ThreadPoolExecutor(32)
+    futs = [ex.submit(long, i) for i in range(32)]
+    wait_until("32 requests run", lambda: metrics(srv)["pf2lora_batch_rows"] == 32)
+    srv.proc.send_signal(15)
+    st, body = wait_until("/health says draining", lambda: (lambda r: r if r[0] == 503 else None)(raw(srv, "GET", "/health")), timeout=10)
+    check(body["status"] == "draining", f"/health while draining: 503 ({body})")
+    client = openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0)
+    try:
+        client.completions.create(model=clients[0], prompt="x", max_tokens=1)
+        check(False, "a request while draining is refused")
+    except openai.APIStatusError as e:
+        check(e.status_code == 503 and e.body["code"] == "draining", f"a request while draining: 503 draining ({e.status_code} {e.body})")
+    done = [f.result(timeout=120) for f in futs]
+    ex.shutdown()
+    check(done == [200] * 32, f"the requests in flight when the drain began finish with all their tokens ({done})")
+    try:
+        return srv.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        srv.proc.kill()
+        return -9
+
+
+def run_limit_checks(store, exchange, clients):
+    """A server with an API key, one batch row and no queue: 401, 429, and a freed row after a disconnect."""
     # Without a key a non-loopback bind is refused; with one, requests need it.
     p = subprocess.run([BIN, "serve", "--model", MODEL, "--store", store, "--http", "0.0.0.0:0"],
                        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     check(p.returncode != 0 and "API key" in p.stderr, "a non-loopback bind without a key is refused")
-    srv = Server(store, exchange, env={"PF2LORA_API_KEY": "sekrit"})
+    srv = Server(store, exchange, extra=["--max-batch", "1", "--max-queue", "0"], env={"PF2LORA_API_KEY": "sekrit"})
+    auth = {"Authorization": "Bearer sekrit"}
     try:
         try:
             openai.OpenAI(base_url=srv.base + "/v1", api_key="wrong", max_retries=0).models.list()
             check(False, "a wrong key is refused")
         except openai.AuthenticationError as e:
             check(e.status_code == 401, "wrong key: 401")
-        ok = openai.OpenAI(base_url=srv.base + "/v1", api_key="sekrit", max_retries=0).models.list()
+        st, body = raw(srv, "GET", "/v1/models")
+        check(st == 401 and body["error"]["code"] == "invalid_api_key", "no key: 401")
+        client = openai.OpenAI(base_url=srv.base + "/v1", api_key="sekrit", max_retries=0)
+        ok = client.models.list()
         check(len(ok.data) >= 2, "the right key is accepted")
         st, _ = raw(srv, "GET", "/health")
         check(st == 200, "/health needs no key")
+
+        # The only row taken and no queue: 429 overloaded; the row is free again once its client goes away.
+        s = client.completions.create(model=clients[0], prompt="Q: Why?\nA:", max_tokens=2000, temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True})
+        next(iter(s))
+        try:
+            client.completions.create(model=clients[1], prompt="x", max_tokens=1)
+            check(False, "a request past the batch and the queue is refused")
+        except openai.RateLimitError as e:
+            check(e.status_code == 429 and e.body["code"] == "overloaded", f"batch full, no queue: 429 overloaded ({e.body})")
+        s.response.close()
+        wait_until("the row is freed", lambda: metrics(srv, auth).get("pf2lora_batch_rows") == 0)
+        check(metrics(srv, auth)["pf2lora_generate_cancelled_total"] == 1, "the disconnected request was cancelled")
+        r = client.completions.create(model=clients[1], prompt="x", max_tokens=2, temperature=0)
+        check(r.usage.completion_tokens == 2, "after the disconnect the row serves the next request")
     finally:
         srv.stop()
 

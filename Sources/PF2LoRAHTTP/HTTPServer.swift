@@ -4,6 +4,7 @@ import HummingbirdCore
 import Logging
 import NIOCore
 import PF2LoRA
+import ServiceLifecycle
 
 /// Settings of the HTTP transport (`pf2lora serve --http HOST:PORT`, docs/HTTP.md).
 public struct HTTPOptions: Sendable {
@@ -17,8 +18,11 @@ public struct HTTPOptions: Sendable {
     public var maxBodyBytes = 8 << 20
     /// Seconds a request's body may take to arrive (408 past it: slow clients hold no slot for ever).
     public var bodyTimeout: Double = 30
-    /// Seconds a connection may sit idle (between requests, or sending its header) before it is closed.
+    /// Seconds a connection may sit idle (before its first request, between requests) before it is closed.
     public var idleTimeout: Double = 60
+    /// Seconds a request's header may take from its first byte to its end (slow-loris clients are
+    /// closed past it, whatever the idle timeout).
+    public var headerTimeout: Double = 10
     /// The folder `lora_path` of /v1/load_lora_adapter must be inside (nil: loading is refused).
     public var exchangeDir: String?
     public init() {}
@@ -110,7 +114,8 @@ public final class HTTPTransport: Sendable {
     public let core: ServingCore
     public let options: HTTPOptions
     let started = Int(Date().timeIntervalSince1970)
-    let counters = RequestCounters()
+    let metricsRegistry = HTTPMetrics()
+    private let serviceGroup = GroupBox()
 
     public init(core: ServingCore, options: HTTPOptions) throws {
         if options.apiKey == nil && !HTTPOptions.isLoopback(options.host) {
@@ -129,11 +134,29 @@ public final class HTTPTransport: Sendable {
         // Logs go to stderr (stdout may carry the stdio protocol), errors only.
         var logger = Logger(label: "pf2lora.http", factory: { StreamLogHandler.standardError(label: $0) })
         logger.logLevel = .error
-        let app = Application(responder: responder, server: .http1(configuration: http1),
+        let headerTimeout = TimeAmount.milliseconds(Int64(options.headerTimeout * 1000))
+        let server = HTTPServerBuilder { responder in GuardedHTTP1Channel(responder: responder, configuration: http1, headerTimeout: headerTimeout) }
+        let app = Application(responder: responder, server: server,
                               configuration: .init(address: .hostname(options.host, port: options.port), serverName: "pf2lora"),
                               onServerRunning: { channel in onListening(channel.localAddress?.port ?? 0) },
                               logger: logger)
-        try await app.runService(gracefulShutdownSignals: [])
+        let group = ServiceGroup(configuration: .init(services: [app], gracefulShutdownSignals: [], logger: logger))
+        serviceGroup.set(group)
+        defer { serviceGroup.set(nil) }
+        try await group.run()
+    }
+
+    /// Stops listening and returns once every response in flight has been written and its connection
+    /// closed (or after `timeout` seconds): the end of a drain, after the method layer is idle.
+    public func shutdown(timeout: Double = 10) {
+        guard let group = serviceGroup.get() else { return }
+        let done = DispatchSemaphore(value: 0)
+        Task.detached {
+            await group.triggerGracefulShutdown()
+            while self.serviceGroup.get() != nil { try? await Task.sleep(nanoseconds: 5_000_000) }
+            done.signal()
+        }
+        _ = done.wait(timeout: .now() + timeout)
     }
 
     // MARK: Routing
@@ -159,7 +182,7 @@ public final class HTTPTransport: Sendable {
             case (.post, "/v1/chat/completions"): response = try await completions(request, context, chat: true)
             case (.post, "/v1/load_lora_adapter"): response = try await loadAdapter(request)
             case (.post, "/v1/unload_lora_adapter"): response = try await unloadAdapter(request)
-            case (.post, "/v1/personalize"): response = try await personalize(request)
+            case (.post, "/v1/personalize"): response = try await personalize(request, context)
             case (.get, _) where path.hasPrefix("/v1/adapters/"): response = try adapter(String(path.dropFirst("/v1/adapters/".count)))
             case (_, "/health"), (_, "/metrics"), (_, "/v1/models"), (_, "/v1/completions"), (_, "/v1/chat/completions"),
                  (_, "/v1/load_lora_adapter"), (_, "/v1/unload_lora_adapter"), (_, "/v1/personalize"):
@@ -168,19 +191,19 @@ public final class HTTPTransport: Sendable {
                 throw APIError(.notFound, "no route \(method) \(path); routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter, POST /v1/personalize, GET /v1/adapters/{client}, GET /health, GET /metrics",
                                type: "not_found_error")
             }
-            counters.count(route, response.status.code < 400 ? "ok" : "error")
+            metricsRegistry.request(route: route, outcome: response.status.code < 400 ? "ok" : "\(response.status.code)")
             return response
         } catch let e as APIError {
-            counters.count(route, "\(e.status.code)")
+            metricsRegistry.request(route: route, outcome: "\(e.status.code)")
             return Self.json(e.body, status: e.status)
         } catch let e as RPCError {
             let a = APIError.from(e, draining: core.draining != nil)
-            counters.count(route, "\(a.status.code)")
+            metricsRegistry.request(route: route, outcome: "\(a.status.code)")
             return Self.json(a.body, status: a.status)
         } catch {
             // Store and adapter errors get their protocol code (a bad client id is 400, a conflict 409 ...).
             let a = APIError.from(AdapterRuntime.rpcError(error), draining: core.draining != nil)
-            counters.count(route, "\(a.status.code)")
+            metricsRegistry.request(route: route, outcome: "\(a.status.code)")
             return Self.json(a.body, status: a.status)
         }
     }
@@ -220,31 +243,14 @@ public final class HTTPTransport: Sendable {
             throw APIError(.contentTooLarge, "the request body is larger than \(limit) bytes (the limit)", code: "body_too_large")
         }
         let bytes = Array(buffer.readableBytesView)
-        if let e = Self.depthError(bytes) { throw e }
+        if JSONNesting.exceeds(bytes, JSONNesting.maxDepth) {
+            throw APIError(.badRequest, "JSON nested deeper than \(JSONNesting.maxDepth) levels", code: "invalid_json")
+        }
         guard let obj = try? JSONSerialization.jsonObject(with: Data(bytes), options: [.fragmentsAllowed]) else {
             throw APIError(.badRequest, "the request body is not valid JSON", code: "invalid_json")
         }
         guard let dict = obj as? [String: Any] else { throw APIError(.badRequest, "the request body must be a JSON object", code: "invalid_json") }
         return dict
-    }
-
-    static func depthError(_ bytes: [UInt8]) -> APIError? {
-        var depth = 0, inString = false, escaped = false
-        for c in bytes {
-            if inString {
-                if escaped { escaped = false } else if c == 0x5C { escaped = true } else if c == 0x22 { inString = false }
-                continue
-            }
-            switch c {
-            case 0x22: inString = true
-            case 0x5B, 0x7B:
-                depth += 1
-                if depth > 64 { return APIError(.badRequest, "JSON nested deeper than 64 levels", code: "invalid_json") }
-            case 0x5D, 0x7D: depth -= 1
-            default: break
-            }
-        }
-        return nil
     }
 
     static func checkFields(_ d: [String: Any], _ accepted: Set<String>, _ what: String) throws {
@@ -262,8 +268,10 @@ public final class HTTPTransport: Sendable {
         return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: data)))
     }
 
+    /// One server-sent event's JSON (a chunk per token: keys unsorted, as sorting them costs a
+    /// locale-aware string comparison per key pair).
     static func encode(_ obj: Any) -> ByteBuffer {
-        ByteBuffer(bytes: (try? JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data("{}".utf8))
+        ByteBuffer(bytes: (try? JSONSerialization.data(withJSONObject: obj, options: [.withoutEscapingSlashes])) ?? Data("{}".utf8))
     }
 
     // MARK: Models
@@ -329,6 +337,39 @@ public final class HTTPTransport: Sendable {
         var model: String
         var includeUsage: Bool
         var logprobs: Bool
+        /// The prompt each request answers (usage counts a prompt once however many choices it has).
+        var promptOf: [Int]
+    }
+
+    /// A prompt of /v1/completions: text, or token ids (OpenAI accepts both).
+    enum Prompt { case text(String), tokens([Int]) }
+
+    /// `prompt` as OpenAI takes it: a string, a list of strings, a list of token ids, or a list of lists of token ids.
+    static func prompts(_ v: Any?) throws -> [Prompt] {
+        func tokens(_ x: Any) -> [Int]? {
+            guard let a = x as? [Any], !a.isEmpty else { return nil }
+            var ids: [Int] = []
+            for e in a {
+                guard let n = e as? NSNumber, !Params.isBool(n), let i = Int(exactly: n.doubleValue) else { return nil }
+                ids.append(i)
+            }
+            return ids
+        }
+        let what = "'prompt' must be a string, a non-empty array of strings, an array of token ids, or an array of arrays of token ids"
+        switch v {
+        case let s as String: return [.text(s)]
+        case nil, is NSNull: throw APIError(.badRequest, "'prompt' is required: a string, an array of strings, or token ids", param: "prompt")
+        case let a as [Any] where !a.isEmpty:
+            if a.allSatisfy({ $0 is String }) { return a.map { .text($0 as! String) } }
+            if let ids = tokens(a) { return [.tokens(ids)] }
+            var out: [Prompt] = []
+            for e in a {
+                guard let ids = tokens(e) else { throw APIError(.badRequest, what, param: "prompt") }
+                out.append(.tokens(ids))
+            }
+            return out
+        default: throw APIError(.badRequest, what, param: "prompt")
+        }
     }
 
     func plan(_ d: [String: Any], chat: Bool) throws -> Plan {
@@ -361,6 +402,7 @@ public final class HTTPTransport: Sendable {
         if p.has("stream_options") {
             guard let so = d["stream_options"] as? [String: Any] else { throw bad("stream_options must be an object", "stream_options") }
             guard r.stream else { throw bad("stream_options is only allowed with stream: true", "stream_options") }
+            try Self.checkFields(so, ["include_usage"], "stream_options")
             includeUsage = try Params(so).bool("include_usage") ?? false
         }
         var wantLogprobs = false
@@ -375,22 +417,25 @@ public final class HTTPTransport: Sendable {
             }
             r.messagesJSON = String(decoding: data, as: UTF8.self)
             return Plan(requests: (0..<n).map { i in var q = r; q.seed = (r.seed ?? 0) &+ UInt64(i); return q }, model: model,
-                        includeUsage: includeUsage, logprobs: wantLogprobs)
+                        includeUsage: includeUsage, logprobs: wantLogprobs, promptOf: [Int](repeating: 0, count: n))
         }
         if let k = try p.int("logprobs", min: 0, max: 5) { r.logprobs = k; wantLogprobs = true }
-        let prompts: [String]
-        switch d["prompt"] {
-        case let s as String: prompts = [s]
-        case let a as [Any] where !a.isEmpty && a.allSatisfy({ $0 is String }): prompts = a as! [String]
-        case nil, is NSNull: throw bad("'prompt' is required: a string or an array of strings", "prompt")
-        default: throw bad("'prompt' must be a string or a non-empty array of strings (token arrays are not supported)", "prompt")
-        }
+        let prompts = try Self.prompts(d["prompt"])
         guard prompts.count * n <= 64 else { throw bad("\(prompts.count) prompts x n \(n) is more than 64 choices", "n") }
         var reqs: [GenerateRequest] = []
-        for text in prompts {
-            for i in 0..<n { var q = r; q.prompt = text; q.seed = (r.seed ?? 0) &+ UInt64(i); reqs.append(q) }
+        var promptOf: [Int] = []
+        for (k, prompt) in prompts.enumerated() {
+            for i in 0..<n {
+                var q = r
+                switch prompt {
+                case let .text(t): q.prompt = t
+                case let .tokens(ids): q.promptTokens = ids
+                }
+                q.seed = (r.seed ?? 0) &+ UInt64(i)
+                reqs.append(q); promptOf.append(k)
+            }
         }
-        return Plan(requests: reqs, model: model, includeUsage: includeUsage, logprobs: wantLogprobs)
+        return Plan(requests: reqs, model: model, includeUsage: includeUsage, logprobs: wantLogprobs, promptOf: promptOf)
     }
 
     func completions(_ request: Request, _ context: PF2LoRARequestContext, chat: Bool) async throws -> Response {
@@ -412,12 +457,17 @@ public final class HTTPTransport: Sendable {
             handles.cancelAll()
             throw error
         }
+        // A client that goes away (closes its socket: an end of input, as Hummingbird allows
+        // half-closure, or the channel closing) cancels its requests; a finished request's handle
+        // cancels nothing. A streaming request is also cancelled when a write fails.
+        let watch = UInt64.random(in: 0...UInt64.max)
+        let channel = context.channel
+        ClientWatch.watch(channel, id: watch) { handles.cancelAll() }
         if plan.requests.first?.stream == true {
-            return stream(plan, sinks: sinks, handles: handles, id: String(id), created: created, chat: chat, t0: t0)
+            return stream(plan, sinks: sinks, handles: handles, id: String(id), created: created, chat: chat, t0: t0,
+                          done: { ClientWatch.unwatch(channel, id: watch) })
         }
-        // Non-streaming: a client that closes the connection cancels its requests (a finished
-        // request's handle cancels nothing).
-        context.channel.closeFuture.whenComplete { _ in handles.cancelAll() }
+        defer { ClientWatch.unwatch(channel, id: watch) }
         let results: [Result<GenerateResult, RPCError>] = await withTaskCancellationHandler {
             var out: [Result<GenerateResult, RPCError>] = []
             for s in sinks {
@@ -443,7 +493,7 @@ public final class HTTPTransport: Sendable {
             }
             completionTokens += g.usage.completionTokens
             // Each prompt counts once however many choices it has (as OpenAI counts n).
-            if i == 0 || plan.requests[i].prompt != plan.requests[i - 1].prompt { promptTokens += g.usage.promptTokens }
+            if i == 0 || plan.promptOf[i] != plan.promptOf[i - 1] { promptTokens += g.usage.promptTokens }
             ttft(g)
             let finish = g.finishReason == "length" ? "length" : "stop"
             if chat {
@@ -464,8 +514,8 @@ public final class HTTPTransport: Sendable {
     }
 
     func ttft(_ g: GenerateResult) {
-        core.ttftHistogram.observe((g.timing.queueMs + g.timing.prefillMs) / 1000)
-        if g.usage.completionTokens > 1 { core.interTokenHistogram.observe(g.timing.decodeMs / 1000 / Double(g.usage.completionTokens - 1)) }
+        metricsRegistry.ttft.record((g.timing.queueMs + g.timing.prefillMs) / 1000)
+        metricsRegistry.finished(g)
     }
 
     static func completionLogprobs(_ lps: [TokenLogprob]) -> [String: Any] {
@@ -486,7 +536,8 @@ public final class HTTPTransport: Sendable {
 
     /// Server-sent events: one `data: {chunk}` per token, the finish of each choice, the usage when
     /// asked, then `data: [DONE]`. A failed write (the client went away) cancels the requests.
-    func stream(_ plan: Plan, sinks: [HTTPSink], handles: Handles, id: String, created: Int, chat: Bool, t0: Date) -> Response {
+    func stream(_ plan: Plan, sinks: [HTTPSink], handles: Handles, id: String, created: Int, chat: Bool, t0: Date,
+                done: @escaping @Sendable () -> Void) -> Response {
         var headers = HTTPFields()
         headers[.contentType] = "text/event-stream"
         headers[.cacheControl] = "no-cache"
@@ -495,7 +546,9 @@ public final class HTTPTransport: Sendable {
         let logprobs = plan.logprobs
         let includeUsage = plan.includeUsage
         let core = self.core
+        let metrics = metricsRegistry
         let body = ResponseBody { writer in
+            defer { done() }
             func send(_ obj: Any) async throws {
                 var b = ByteBuffer(string: "data: ")
                 var j = HTTPTransport.encode(obj)
@@ -526,14 +579,14 @@ public final class HTTPTransport: Sendable {
                         }
                     }
                     var promptTokens = 0, completionTokens = 0
-                    var counted = Set<String>()
+                    var counted = Set<Int>()
                     var firstTokenAt: [Int: Date] = [:]
                     for await (i, e) in merged {
                         switch e {
                         case let .token(t):
                             if firstTokenAt[i] == nil {
                                 firstTokenAt[i] = Date()
-                                core.ttftHistogram.observe(Date().timeIntervalSince(t0))
+                                metrics.ttft.record(Date().timeIntervalSince(t0))
                             }
                             guard !t.text.isEmpty || logprobs else { continue }
                             var c: [String: Any] = ["index": i, "finish_reason": NSNull()]
@@ -547,9 +600,8 @@ public final class HTTPTransport: Sendable {
                             try await send(chunk(c))
                         case let .finished(g):
                             completionTokens += g.usage.completionTokens
-                            let p = plan.requests[i].prompt ?? plan.requests[i].messagesJSON ?? ""
-                            if !counted.contains(p) { counted.insert(p); promptTokens += g.usage.promptTokens }
-                            if g.usage.completionTokens > 1 { core.interTokenHistogram.observe(g.timing.decodeMs / 1000 / Double(g.usage.completionTokens - 1)) }
+                            if counted.insert(plan.promptOf[i]).inserted { promptTokens += g.usage.promptTokens }
+                            metrics.finished(g)
                             var c: [String: Any] = ["index": i, "finish_reason": g.finishReason == "length" ? "length" : "stop", "logprobs": NSNull()]
                             if chat { c["delta"] = [String: Any]() } else { c["text"] = "" }
                             try await send(chunk(c))
@@ -617,7 +669,7 @@ public final class HTTPTransport: Sendable {
         return resolved
     }
 
-    func personalize(_ request: Request) async throws -> Response {
+    func personalize(_ request: Request, _ context: PF2LoRARequestContext) async throws -> Response {
         let d = try await body(request)
         guard let method = core.trainingMethods["personalize"] else {
             throw APIError(.notFound, "personalize is not available: the server has no adapter store (pass --store)", type: "not_found_error")
@@ -627,6 +679,10 @@ public final class HTTPTransport: Sendable {
         let key = "http-personalize-" + UUID().uuidString
         let training = core.training
         let params = Params(d)
+        // A client that goes away cancels the training (see `completions`).
+        let watch = UInt64.random(in: 0...UInt64.max)
+        ClientWatch.watch(context.channel, id: watch) { _ = training.cancel(id: key) }
+        defer { ClientWatch.unwatch(context.channel, id: watch) }
         let outcome: TrainingOutcome = await withTaskCancellationHandler {
             await withCheckedContinuation { (cont: CheckedContinuation<TrainingOutcome, Never>) in
                 let once = OnceBox(cont)
@@ -658,57 +714,18 @@ public final class HTTPTransport: Sendable {
     }
 
     func metrics() -> Response {
-        let m = core.metrics()
-        var s = ""
-        func metric(_ name: String, _ type: String, _ help: String, _ samples: [(String, Double)]) {
-            s += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
-            for (labels, v) in samples { s += "\(name)\(labels) \(v == v.rounded() && abs(v) < 1e15 ? String(Int64(v)) : String(v))\n" }
-        }
-        metric("pf2lora_http_requests_total", "counter", "HTTP requests by route and outcome.",
-               counters.snapshot.map { ("{route=\"\($0.key.0)\",outcome=\"\($0.key.1)\"}", Double($0.value)) }.sorted { $0.0 < $1.0 })
-        let st = m.stats
-        metric("pf2lora_requests_total", "counter", "Protocol requests of both transports (stdio lines and generate calls).", [("", Double(st.requests))])
-        metric("pf2lora_generate_completed_total", "counter", "Generate requests answered.", [("", Double(st.completed))])
-        metric("pf2lora_generate_failed_total", "counter", "Generate requests that failed.", [("", Double(st.failed))])
-        metric("pf2lora_prompt_tokens_total", "counter", "Prompt tokens fed.", [("", Double(st.promptTokens))])
-        metric("pf2lora_completion_tokens_total", "counter", "Tokens generated.", [("", Double(st.generatedTokens))])
-        metric("pf2lora_queue_depth", "gauge", "Requests waiting beyond the batch.", [("", Double(st.queued))])
-        metric("pf2lora_batch_rows", "gauge", "Sequences running in the batch.", [("", Double(st.running))])
-        metric("pf2lora_mean_batch_rows", "gauge", "Mean rows per forward step since start.", [("", st.meanBatchRows)])
-        metric("pf2lora_forward_steps_total", "counter", "Forward steps of the continuous batch.", [("", Double(st.steps))])
-        func histogram(_ name: String, _ help: String, _ h: LatencyHistogram.Snapshot) {
-            s += "# HELP \(name) \(help)\n# TYPE \(name) histogram\n"
-            for (i, b) in LatencyHistogram.bounds.enumerated() { s += "\(name)_bucket{le=\"\(b)\"} \(h.counts[i])\n" }
-            s += "\(name)_bucket{le=\"+Inf\"} \(h.count)\n\(name)_sum \(h.sum)\n\(name)_count \(h.count)\n"
-        }
-        histogram("pf2lora_time_to_first_token_seconds", "Time from the request to its first token (HTTP).", m.ttft)
-        histogram("pf2lora_inter_token_latency_seconds", "Mean time between tokens of a request (HTTP).", m.interToken)
-        if let c = st.adapterCache {
-            metric("pf2lora_adapter_cache_hits_total", "counter", "Adapter cache hits.", [("", Double(c.hits))])
-            metric("pf2lora_adapter_cache_misses_total", "counter", "Adapter cache misses.", [("", Double(c.misses))])
-            metric("pf2lora_adapter_cache_evictions_total", "counter", "Adapter cache evictions.", [("", Double(c.evictions))])
-            metric("pf2lora_adapter_cache_bytes", "gauge", "Bytes of decompressed adapters cached.", [("", Double(c.bytes))])
-            metric("pf2lora_adapter_cache_entries", "gauge", "Adapters cached.", [("", Double(c.entries))])
-        }
-        metric("pf2lora_training_jobs_total", "counter", "Training requests started (personalize, train_local, evaluate_local).", [("", Double(m.trainingJobs))])
-        metric("pf2lora_training_running", "gauge", "1 while a training request runs.", [("", st.training == nil ? 0 : 1)])
-        metric("pf2lora_resident_bytes", "gauge", "Resident set size.", [("", Double(st.rssBytes))])
         var headers = HTTPFields()
-        headers[.contentType] = "text/plain; version=0.0.4"
-        return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: s)))
+        headers[.contentType] = "text/plain; version=0.0.4; charset=utf-8"
+        return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: metricsRegistry.render(core))))
     }
 }
 
-/// HTTP requests by route and outcome.
-final class RequestCounters: @unchecked Sendable {   // guarded by `lock`
+/// The running HTTP server's service group (nil once it has stopped).
+final class GroupBox: @unchecked Sendable {   // guarded by `lock`
     private let lock = NSLock()
-    private var counts: [Key: Int] = [:]
-    struct Key: Hashable { let route: String, outcome: String }
-    func count(_ route: String, _ outcome: String) { lock.lock(); counts[Key(route: route, outcome: outcome), default: 0] += 1; lock.unlock() }
-    var snapshot: [(key: (String, String), value: Int)] {
-        lock.lock(); defer { lock.unlock() }
-        return counts.map { (key: ($0.key.route, $0.key.outcome), value: $0.value) }
-    }
+    private var group: ServiceGroup?
+    func set(_ g: ServiceGroup?) { lock.lock(); group = g; lock.unlock() }
+    func get() -> ServiceGroup? { lock.lock(); defer { lock.unlock() }; return group }
 }
 
 /// A training reply (JSON values: immutable) carried across tasks.

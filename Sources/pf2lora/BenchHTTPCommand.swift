@@ -37,25 +37,11 @@ struct BenchHTTP: ParsableCommand {
         BLAS.setThreads(threads)
         let m = try LanguageModel.load(folder: model)
         let tok = try BPETokenizer(folder: model)
-        let base = try BaseModelInfo.load(folder: model)
-        let root = NSTemporaryDirectory() + "pf2lora-bench-http-\(getpid())"
-        defer { try? FileManager.default.removeItem(atPath: root) }
-        let store = try AdapterStore.open(root: root, base: base, cacheBytes: 1 << 30)
-        var rng = RNG(seed: 5)
-        func adapter(_ level: AdapterLevel, _ r: Int, _ id: String?) -> LoRAAdapter {
-            var modules: [String: LoRAPair] = [:]
-            for (path, dims) in base.linears {
-                let a = Tensor(zeros: [r, dims.inFeatures]), b = Tensor(zeros: [dims.outFeatures, r])
-                rng.fillNormal(a, std: 1 / Float(dims.inFeatures).squareRoot())
-                rng.fillNormal(b, std: 0.01)
-                modules[path] = LoRAPair(a: a, b: b)
-            }
-            return LoRAAdapter(level: level, rank: r, alpha: Float(2 * r), modules: modules,
-                               metadata: AdapterMetadata(baseName: base.name, baseFingerprint: base.fingerprint, clientID: id))
-        }
-        try store.publishShared(adapter(.shared, 8, nil))
+        let bench = try BenchStore(model: model, name: "http", seed: 5)
+        defer { bench.remove() }
+        let store = bench.store
         let ids = (0..<clients).map { String(format: "bench%03d", $0) }
-        for id in ids { try store.publishClient(id: id, adapter(.client, 2, id)) }
+        try bench.publish(sharedRank: 8, clientRank: 2, clients: ids)
         var limits = ServerLimits()
         limits.maxBatch = max(32, clients)
         let core = ServingCore(model: m, tokenizer: tok, store: store, limits: limits)
@@ -75,14 +61,24 @@ struct BenchHTTP: ParsableCommand {
         // Warm both paths (adapters into the cache, connections, code).
         _ = inProcess(core, ids, prompt, 4)
         _ = overHTTP(port, ids, prompt, 4)
-        var a: [Double] = [], h: [Double] = []
+        // Throughput, and this process's CPU time per token (server and clients: repeatable under
+        // load, where tokens/s swing with the other processes' share of the cores).
+        var a: [Double] = [], h: [Double] = [], ca: [Double] = [], ch: [Double] = []
+        let n = Double(clients * tokens)
         for r in 0..<repeats {
-            let x = inProcess(core, ids, prompt, tokens), y = overHTTP(port, ids, prompt, tokens)
-            a.append(x); h.append(y)
-            print(String(format: "  repeat %d: in-process %.0f tok/s, HTTP %.0f tok/s (%.2fx)", r + 1, x, y, y / x))
+            let c0 = cpuSeconds()
+            let x = inProcess(core, ids, prompt, tokens)
+            let c1 = cpuSeconds()
+            let y = overHTTP(port, ids, prompt, tokens)
+            let c2 = cpuSeconds()
+            a.append(x); h.append(y); ca.append((c1 - c0) / n * 1e6); ch.append((c2 - c1) / n * 1e6)
+            print(String(format: "  repeat %d: in-process %.0f tok/s (%.0f us CPU/token), HTTP %.0f tok/s (%.0f us CPU/token): %.2fx",
+                         r + 1, x, ca.last!, y, ch.last!, y / x))
         }
         let ma = median(a), mh = median(h)
         print(String(format: "throughput: in-process %.0f tok/s, HTTP %.0f tok/s: HTTP/in-process %.2fx (median of %d; target >= 0.9x)", ma, mh, mh / ma, repeats))
+        print(String(format: "CPU per token (this process: server and clients): in-process %.0f us, HTTP %.0f us: %.2fx (median)",
+                     median(ca), median(ch), median(ch) / median(ca)))
 
         var t1: [Double] = [], t2: [Double] = []
         for _ in 0..<ttftRepeats {
@@ -203,10 +199,12 @@ func sse(port: Int, model: String, prompt: String, maxTokens: Int) -> (tokens: I
         let n = recv(fd, &buf, buf.count, 0)
         if n <= 0 { break }
         pending.append(contentsOf: buf[..<n])
-        // Count `"text":"` chunks that carry text (the finish chunk has an empty text).
-        while let r = find(pending, Array("\n\n".utf8)) {
-            let event = String(decoding: pending[..<r], as: UTF8.self)
-            pending.removeFirst(r + 2)
+        // One event per blank line.
+        var start = 0
+        defer { pending.removeFirst(start) }
+        while let r = endOfEvent(pending, from: start) {
+            let event = String(decoding: pending[start..<r], as: UTF8.self)
+            start = r + 2
             if first == 0, event.contains("\"finish_reason\":null") { first = Date().timeIntervalSince(t0) }
             // The usage chunk counts the tokens (a token whose text is an incomplete UTF-8 character sends no chunk).
             if let u = event.range(of: "\"completion_tokens\":") {
@@ -218,8 +216,12 @@ func sse(port: Int, model: String, prompt: String, maxTokens: Int) -> (tokens: I
     return (tokens, first)
 }
 
-func find(_ hay: [UInt8], _ needle: [UInt8]) -> Int? {
-    guard hay.count >= needle.count else { return nil }
-    for i in 0...(hay.count - needle.count) where hay[i] == needle[0] && Array(hay[i..<(i + needle.count)]) == needle { return i }
+/// Where the server-sent event starting at `from` ends (its "\n\n"), if it has arrived.
+func endOfEvent(_ b: [UInt8], from: Int) -> Int? {
+    var i = from
+    while i + 1 < b.count {
+        if b[i] == 0x0A && b[i + 1] == 0x0A { return i }
+        i += 1
+    }
     return nil
 }

@@ -48,26 +48,12 @@ struct BenchServe: ParsableCommand {
         BLAS.setThreads(threads)
         let m = try LanguageModel.load(folder: model, precision: try WeightsOption.parse(weights))
         let c = m.architecture
-        let base = try BaseModelInfo.load(folder: model)
-        let root = NSTemporaryDirectory() + "pf2lora-bench-serve-\(getpid())"
-        defer { try? FileManager.default.removeItem(atPath: root) }
-        let store = try AdapterStore.open(root: root, base: base, cacheBytes: 1 << 30)
-        var rng = RNG(seed: 3)
-        func adapter(_ level: AdapterLevel, _ r: Int, _ id: String?) -> LoRAAdapter {
-            var modules: [String: LoRAPair] = [:]
-            for (path, dims) in base.linears {
-                let a = Tensor(zeros: [r, dims.inFeatures]), b = Tensor(zeros: [dims.outFeatures, r])
-                rng.fillNormal(a, std: 1 / Float(dims.inFeatures).squareRoot())
-                rng.fillNormal(b, std: 0.01)
-                modules[path] = LoRAPair(a: a, b: b)
-            }
-            return LoRAAdapter(level: level, rank: r, alpha: Float(2 * r), modules: modules,
-                               metadata: AdapterMetadata(baseName: base.name, baseFingerprint: base.fingerprint, clientID: id))
-        }
+        let bench = try BenchStore(model: model, name: "serve", seed: 3)
+        defer { bench.remove() }
+        let store = bench.store
         log("bench serve: publishing a rank-\(rank) shared pair and \(clients) rank-\(rank2) client pairs")
-        try store.publishShared(adapter(.shared, rank, nil))
         let ids = (0..<clients).map { "client-\($0)" }
-        for id in ids { try store.publishClient(id: id, adapter(.client, rank2, id)) }
+        try bench.publish(sharedRank: rank, clientRank: rank2, clients: ids)
         let mode: SharedPairMode? = sharedPair == "fold" ? .fold : sharedPair == "per-token" ? .perToken : nil
         let runtime = AdapterRuntime(model: m, store: store, sharedPairMode: mode)
         try runtime.prepare()
@@ -77,7 +63,7 @@ struct BenchServe: ParsableCommand {
         let cv = store.currentVersion(level: .client, client: ids[0])!
         let (cz, craw) = try store.fileSizes(level: .client, client: ids[0], version: cv)
         let (sz, sraw) = try store.fileSizes(level: .shared, version: store.currentVersion(level: .shared)!)
-        let f16Client = try adapter(.client, rank2, "x").encodedSizeF16()
+        let f16Client = try bench.adapter(.client, rank: rank2, id: "x").encodedSizeF16()
 
         // Cold load and cached switch.
         var cold: [Double] = []

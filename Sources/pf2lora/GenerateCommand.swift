@@ -208,8 +208,10 @@ struct ServeCommand: ParsableCommand {
     var httpMaxBodyMB = 8
     @Option(name: .customLong("http-body-timeout"), help: "With --http: seconds a request body may take to arrive (408 past it).")
     var httpBodyTimeout = 30.0
-    @Option(name: .customLong("http-idle-timeout"), help: "With --http: seconds an idle connection (or one sending its header) is kept.")
+    @Option(name: .customLong("http-idle-timeout"), help: "With --http: seconds an idle connection (before its first request or between requests) is kept.")
     var httpIdleTimeout = 60.0
+    @Option(name: .customLong("http-header-timeout"), help: "With --http: seconds a request header may take from its first byte (slow clients are closed past it).")
+    var httpHeaderTimeout = 10.0
     @Option(name: .customLong("drain-timeout"), help: "Seconds a drain (EOF, shutdown, SIGTERM, SIGINT) waits for the work in flight before cancelling it; every request is still answered (default: wait for all of it).")
     var drainTimeout: Double?
 
@@ -225,7 +227,9 @@ struct ServeCommand: ParsableCommand {
         if let t = drainTimeout { guard t.isFinite, t >= 0 else { throw ValidationError("--drain-timeout must be a number of seconds >= 0") } }
         guard exchangeMaxMB >= 1, exchangeMaxMB <= 1 << 20 else { throw ValidationError("--exchange-max-mb must be in 1...1048576 (got \(exchangeMaxMB))") }
         if let http { _ = try Self.hostPort(http) }
-        guard httpMaxBodyMB >= 1, httpBodyTimeout > 0, httpIdleTimeout > 0 else { throw ValidationError("--http-max-body-mb, --http-body-timeout and --http-idle-timeout must be positive") }
+        guard httpMaxBodyMB >= 1, httpBodyTimeout > 0, httpIdleTimeout > 0, httpHeaderTimeout > 0 else {
+            throw ValidationError("--http-max-body-mb, --http-body-timeout, --http-header-timeout and --http-idle-timeout must be positive")
+        }
         guard exchangeDir == nil || options.store != nil else {
             throw ValidationError("--exchange-dir needs --store: it is where train_local and evaluate_local read and write, and they need a store")
         }
@@ -265,6 +269,7 @@ struct ServeCommand: ParsableCommand {
             o.maxBodyBytes = httpMaxBodyMB << 20
             o.bodyTimeout = httpBodyTimeout
             o.idleTimeout = httpIdleTimeout
+            o.headerTimeout = httpHeaderTimeout
             o.exchangeDir = exchangeDir
             do { transport = try HTTPTransport(core: server.core, options: o) } catch { throw CLIError("\(error)") }
             server.readsInput = stdio
@@ -283,6 +288,8 @@ struct ServeCommand: ParsableCommand {
         }
         log("serve: pf2lora \(PF2LoRAVersion.string), \(m.folder) (\(m.architecture.layerCount) layers, vocab \(m.architecture.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")
         let code = server.run()
+        // Every generation has ended; the HTTP responses still being written finish before the exit.
+        transport?.shutdown()
         log("serve: drained, exiting")
         if code != 0 { throw ExitCode(code) }
     }

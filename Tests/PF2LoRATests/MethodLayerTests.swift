@@ -41,7 +41,7 @@ import Testing
             #expect(s.result?.usage.completionTokens == 8)
         }
         #expect(Set(alone.values).count == 4, "\(alone)")
-        #expect(try #require(alone["base"]) != alone["shared"])
+        #expect(alone["base"] != nil && alone["base"] != alone["shared"])
         var sinks: [(String, Collect)] = []
         for (name, choice) in choices {
             let s = Collect()
@@ -80,6 +80,7 @@ import Testing
         h.cancel()
         s.wait()
         #expect(s.result?.finishReason == "cancelled")
+        #expect(core.stats().cancelled == 1, "a cancelled request is counted as such")
         #expect(throws: RPCError.self) { try core.generate(GenerateRequest(prompt: "x", temperature: -1), sink: nil) }
         #expect(throws: RPCError.self) { try core.generate(GenerateRequest(prompt: "x", adapter: .client("../etc")), sink: nil) }
         // A template error names the problem; an empty conversation is refused.
@@ -130,7 +131,55 @@ import Testing
         #expect(HTTPOptions.isLoopback("127.0.0.1") && HTTPOptions.isLoopback("::1") && !HTTPOptions.isLoopback("0.0.0.0"))
         #expect(HTTPTransport.constantTimeEqual("Bearer a", "Bearer a") && !HTTPTransport.constantTimeEqual("Bearer a", "Bearer b")
                 && !HTTPTransport.constantTimeEqual("Bearer a", "Bearer ab"))
-        #expect(HTTPTransport.depthError(Array(String(repeating: "[", count: 65).utf8)) != nil)
-        #expect(HTTPTransport.depthError(Array(#"{"a": "[[[[["}"#.utf8)) == nil)
+    }
+
+    /// The one nesting-depth scan of both transports: brackets outside strings (escaped quotes kept in the string).
+    @Test func nestingDepth() {
+        #expect(JSONNesting.exceeds(Array(String(repeating: "[", count: 65).utf8), 64))
+        #expect(!JSONNesting.exceeds(Array((String(repeating: "[", count: 64) + String(repeating: "]", count: 64)).utf8), 64))
+        #expect(!JSONNesting.exceeds(Array(#"{"a": "[[[[["}"#.utf8), 4))
+        #expect(!JSONNesting.exceeds(Array(#"{"a": "\"[[[[["}"#.utf8), 4))
+        #expect(JSONNesting.exceeds(Array(#"{"a": "\\", "b": [[[[[]]]]]}"#.utf8), 4))
+        #expect(RPCParser.checkDepth(Array(String(repeating: "{", count: 65).utf8))?.code == .invalidRequest)
+    }
+
+    /// /v1/completions prompts as OpenAI takes them: text, a list of texts, token ids, a list of token-id lists.
+    @Test func completionPrompts() throws {
+        func kinds(_ v: Any) throws -> [String] {
+            try HTTPTransport.prompts(v).map { p in
+                switch p { case let .text(t): "t:\(t)"; case let .tokens(ids): "i:\(ids)" }
+            }
+        }
+        #expect(try kinds("ab") == ["t:ab"])
+        #expect(try kinds(["a", "b"]) == ["t:a", "t:b"])
+        #expect(try kinds([1, 2, 3]) == ["i:[1, 2, 3]"])
+        #expect(try kinds([[1], [2, 3]]) == ["i:[1]", "i:[2, 3]"])
+        for bad: Any in [[Any](), [1, "a"] as [Any], [true, false], [1.5], [[1], "a"] as [Any], [[Int]()], 7] {
+            #expect(throws: APIError.self) { try HTTPTransport.prompts(bad) }
+        }
+    }
+
+    /// A token-array prompt is fed as given: the same ids as a text prompt give the same text; ids
+    /// outside the vocabulary and empty arrays are refused before anything is queued.
+    @Test func tokenPrompts() throws {
+        let fx = try ServerFixture()
+        defer { fx.cleanup() }
+        let core = try Self.core(fx)
+        let ids = core.tokenizer.encode("The cat", addSpecialTokens: true)
+        var texts: [String] = []
+        for r in [GenerateRequest(prompt: "The cat", adapter: .client("alice"), maxTokens: 8, temperature: 0, ignoreEOS: true),
+                  GenerateRequest(promptTokens: ids, adapter: .client("alice"), maxTokens: 8, temperature: 0, ignoreEOS: true)] {
+            let s = Collect()
+            try core.generate(r, sink: s)
+            s.wait()
+            texts.append(try #require(s.result?.text))
+            #expect(s.result?.usage.promptTokens == ids.count)
+        }
+        #expect(texts[0] == texts[1])
+        for bad in [[Int](), [0, core.model.architecture.vocabSize], [-1]] {
+            #expect(throws: RPCError.self) { try core.generate(GenerateRequest(promptTokens: bad), sink: nil) }
+        }
+        #expect(throws: RPCError.self) { try core.generate(GenerateRequest(prompt: "x", promptTokens: [1]), sink: nil) }
+        #expect(core.stats().completed == 2 && core.stats().cancelled == 0)
     }
 }

@@ -52,7 +52,7 @@ public struct Params: @unchecked Sendable {
     public let dict: [String: Any]
     public init(_ dict: [String: Any]) { self.dict = dict }
 
-    static func isBool(_ v: Any) -> Bool {
+    public static func isBool(_ v: Any) -> Bool {
         guard let n = v as? NSNumber else { return false }
         return String(cString: n.objCType) == "c" || type(of: v) == Bool.self
     }
@@ -150,7 +150,7 @@ public struct Params: @unchecked Sendable {
 
 enum RPCParser {
     /// JSON nesting deeper than this is refused before parsing (a flood of brackets must not exhaust the stack).
-    static let maxDepth = 64
+    static let maxDepth = JSONNesting.maxDepth
 
     /// Parses one line. On failure returns the error and the id if one could be read.
     static func parse(_ line: [UInt8]) -> Result<RPCRequest, RPCLineError> {
@@ -190,8 +190,20 @@ enum RPCParser {
 
     /// Refuses nesting deeper than `maxDepth` (brackets outside strings).
     static func checkDepth(_ line: [UInt8]) -> RPCError? {
+        guard JSONNesting.exceeds(line, maxDepth) else { return nil }
+        return RPCError(.invalidRequest, "JSON nested deeper than \(maxDepth) levels; requests are flat objects")
+    }
+}
+
+/// The nesting-depth scan both transports run on a request before parsing it (JSONSerialization
+/// recurses: a flood of brackets must not exhaust the stack); each maps a refusal to its own error.
+public enum JSONNesting {
+    /// The deepest nesting a request may have (both transports).
+    public static let maxDepth = 64
+    /// Whether `bytes` nest arrays and objects (brackets outside strings) deeper than `limit`.
+    public static func exceeds(_ bytes: [UInt8], _ limit: Int) -> Bool {
         var depth = 0, inString = false, escaped = false
-        for c in line {
+        for c in bytes {
             if inString {
                 if escaped { escaped = false } else if c == 0x5C { escaped = true } else if c == 0x22 { inString = false }
                 continue
@@ -200,12 +212,12 @@ enum RPCParser {
             case 0x22: inString = true
             case 0x5B, 0x7B:
                 depth += 1
-                if depth > maxDepth { return RPCError(.invalidRequest, "JSON nested deeper than \(maxDepth) levels; requests are flat objects") }
+                if depth > limit { return true }
             case 0x5D, 0x7D: depth -= 1
             default: break
             }
         }
-        return nil
+        return false
     }
 }
 

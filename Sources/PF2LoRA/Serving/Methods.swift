@@ -18,8 +18,10 @@ public enum AdapterChoice: Sendable, Equatable, Codable {
 
 /// A generate request, as every transport hands it to `ServingCore.generate`.
 public struct GenerateRequest: Codable, Sendable {
-    /// The prompt text, or nil when `messages` are given.
+    /// The prompt text, or nil when `messages` or `promptTokens` are given.
     public var prompt: String?
+    /// The prompt as token ids (OpenAI's token-array prompts; fed as given, no BOS added).
+    public var promptTokens: [Int]?
     /// Chat messages (a JSON array of objects), rendered with the model's chat template and the
     /// generation prompt; the template writes the special tokens (no BOS is added).
     public var messagesJSON: String?
@@ -34,10 +36,10 @@ public struct GenerateRequest: Codable, Sendable {
     public var ignoreEOS: Bool
     /// Per-token log-probabilities: nil none, 0 the chosen token's, k also the k most likely.
     public var logprobs: Int?
-    public init(prompt: String? = nil, messagesJSON: String? = nil, adapter: AdapterChoice = .shared, maxTokens: Int? = nil,
-                temperature: Float? = nil, topP: Float? = nil, topK: Int? = nil, seed: UInt64? = nil, stop: [String] = [],
-                stream: Bool = false, ignoreEOS: Bool = false, logprobs: Int? = nil) {
-        self.prompt = prompt; self.messagesJSON = messagesJSON; self.adapter = adapter; self.maxTokens = maxTokens
+    public init(prompt: String? = nil, promptTokens: [Int]? = nil, messagesJSON: String? = nil, adapter: AdapterChoice = .shared,
+                maxTokens: Int? = nil, temperature: Float? = nil, topP: Float? = nil, topK: Int? = nil, seed: UInt64? = nil,
+                stop: [String] = [], stream: Bool = false, ignoreEOS: Bool = false, logprobs: Int? = nil) {
+        self.prompt = prompt; self.promptTokens = promptTokens; self.messagesJSON = messagesJSON; self.adapter = adapter; self.maxTokens = maxTokens
         self.temperature = temperature; self.topP = topP; self.topK = topK; self.seed = seed; self.stop = stop
         self.stream = stream; self.ignoreEOS = ignoreEOS; self.logprobs = logprobs
     }
@@ -181,13 +183,16 @@ public struct HealthReply: Codable, Sendable {
 }
 
 public struct StatsReply: Codable, Sendable {
-    public var requests: Int, errors: Int, completed: Int, failed: Int, running: Int, queued: Int, admitting: Int
+    public var requests: Int, errors: Int, completed: Int, failed: Int
+    /// Of `completed`: answered as cancelled (a cancel, a client gone away, a drain timeout).
+    public var cancelled: Int
+    public var running: Int, queued: Int, admitting: Int
     public var training: String?
     public var steps: Int, generatedTokens: Int, promptTokens: Int, meanBatchRows: Double, uptimeS: Double, rssBytes: Int
     public var adapterCache: CacheStats?
     public var json: [String: Any] {
         var d: [String: Any] = [
-            "requests": requests, "errors": errors, "completed": completed, "failed": failed,
+            "requests": requests, "errors": errors, "completed": completed, "failed": failed, "cancelled": cancelled,
             "running": running, "queued": queued, "admitting": admitting, "training": training ?? NSNull(),
             "steps": steps, "generated_tokens": generatedTokens, "prompt_tokens": promptTokens,
             "mean_batch_rows": meanBatchRows, "uptime_s": uptimeS, "rss_bytes": rssBytes,
@@ -305,7 +310,18 @@ public final class ServingCore: @unchecked Sendable {
         let tokenLimit = min(limits.maxPromptTokens, ctx - 1)
         let text: String
         let addSpecial: Bool
-        if let m = r.messagesJSON {
+        if let ids = r.promptTokens {
+            guard r.prompt == nil, r.messagesJSON == nil else { throw RPCError(.invalidParams, "give one of prompt, prompt tokens or messages") }
+            guard !ids.isEmpty else { throw RPCError(.invalidParams, "the prompt is an empty token array; give at least one token") }
+            guard ids.count <= tokenLimit else {
+                throw RPCError(.invalidParams, "the prompt is \(ids.count) tokens; the limit is \(tokenLimit) (context \(ctx)); shorten it")
+            }
+            let vocab = model.architecture.vocabSize
+            if let bad = ids.first(where: { $0 < 0 || $0 >= vocab }) {
+                throw RPCError(.invalidParams, "prompt token \(bad) is not in the vocabulary (ids 0..<\(vocab))")
+            }
+            text = ""; addSpecial = false
+        } else if let m = r.messagesJSON {
             guard r.prompt == nil else { throw RPCError(.invalidParams, "give either prompt or messages, not both") }
             do { text = try chatTemplate.render(messagesJSON: m, addGenerationPrompt: true) } catch {
                 throw RPCError(.invalidParams, "the chat template rejected the messages: \(error)")
@@ -319,7 +335,7 @@ public final class ServingCore: @unchecked Sendable {
         guard bytes <= tokenLimit * maxPromptBytesPerToken else {
             throw RPCError(.invalidParams, "the prompt is \(bytes) bytes: more than \(tokenLimit) tokens (the limit, context \(ctx)) whatever it says, as no token stands for more than \(maxTokenBytes) bytes\(tokenizer.normalizesText ? " (\(maxPromptBytesPerToken) before normalization)" : ""); shorten it")
         }
-        guard bytes > 0 else { throw RPCError(.invalidParams, "params.prompt is empty; give at least one character of text") }
+        guard bytes > 0 || r.promptTokens != nil else { throw RPCError(.invalidParams, "params.prompt is empty; give at least one character of text") }
         var sampling = SamplingParams()
         sampling.temperature = r.temperature ?? 1
         sampling.topP = r.topP ?? 1
@@ -332,8 +348,9 @@ public final class ServingCore: @unchecked Sendable {
                       request: GenerationRequest(prompt: [], maxTokens: maxTokens, sampling: sampling, stop: r.stop, ignoreEOS: r.ignoreEOS),
                       stream: r.stream, logprobs: r.logprobs, sink: sink)
         try scheduler.reserve(job)
-        tokenizeQueue.async { [tokenizer, scheduler] in
-            let ids = tokenizer.encode(text, addSpecialTokens: addSpecial)
+        let given = r.promptTokens
+        tokenizeQueue.async { [tokenizer, scheduler] in   // token prompts pass through too, to keep arrival order
+            let ids = given ?? tokenizer.encode(text, addSpecialTokens: addSpecial)
             let refusal: RPCError?
             if ids.isEmpty {
                 refusal = RPCError(.invalidParams, "params.prompt is empty; give at least one character of text")
@@ -458,41 +475,11 @@ public final class ServingCore: @unchecked Sendable {
         let c = scheduler.counters
         let waiting = scheduler.waiting
         lock.lock(); let (req, err) = (requestCount, errorCount); lock.unlock()
-        return StatsReply(requests: req, errors: err, completed: c.completed, failed: c.failed,
+        return StatsReply(requests: req, errors: err, completed: c.completed, failed: c.failed, cancelled: c.cancelled,
                           running: scheduler.runningCount, queued: waiting.beyondBatch, admitting: waiting.admitting,
                           training: training.running, steps: c.steps, generatedTokens: c.generatedTokens, promptTokens: c.promptTokens,
                           meanBatchRows: c.steps == 0 ? 0 : Double(c.rowsStepped) / Double(c.steps),
                           uptimeS: Scheduler.clock() - started, rssBytes: Server.residentBytes(),
                           adapterCache: runtime.store.map { cacheStats($0.cache.currentStats) })
     }
-
-    /// Counters and gauges for /metrics (and tests).
-    public struct Metrics: Sendable {
-        public var stats: StatsReply
-        public var ttft: LatencyHistogram.Snapshot
-        public var interToken: LatencyHistogram.Snapshot
-        public var trainingJobs: Int
-    }
-    public let ttftHistogram = LatencyHistogram()
-    public let interTokenHistogram = LatencyHistogram()
-    public func metrics() -> Metrics {
-        Metrics(stats: stats(), ttft: ttftHistogram.snapshot, interToken: interTokenHistogram.snapshot, trainingJobs: training.jobsStarted)
-    }
-}
-
-/// A latency histogram with Prometheus' cumulative buckets (seconds).
-public final class LatencyHistogram: @unchecked Sendable {
-    public static let bounds: [Double] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
-    public struct Snapshot: Sendable { public var counts: [Int]; public var count: Int; public var sum: Double }
-    private let lock = NSLock()
-    private var counts = [Int](repeating: 0, count: LatencyHistogram.bounds.count)
-    private var n = 0
-    private var total = 0.0
-    public init() {}
-    public func observe(_ seconds: Double) {
-        lock.lock(); defer { lock.unlock() }
-        n += 1; total += seconds
-        for (i, b) in Self.bounds.enumerated() where seconds <= b { counts[i] += 1 }
-    }
-    public var snapshot: Snapshot { lock.lock(); defer { lock.unlock() }; return Snapshot(counts: counts, count: n, sum: total) }
 }

@@ -107,6 +107,8 @@ final class Scheduler: @unchecked Sendable {
     /// Counters for `stats`: written by the scheduler thread, read by the reader thread.
     struct Counters {
         var steps = 0, rowsStepped = 0, completed = 0, failed = 0, generatedTokens = 0, promptTokens = 0
+        /// Of `completed`: those answered with finish_reason "cancelled" (a cancel, a client gone away, a drain timeout).
+        var cancelled = 0
     }
     private var countersStorage = Counters()
     private let countersLock = NSLock()
@@ -212,7 +214,7 @@ final class Scheduler: @unchecked Sendable {
     }
 
     private func replyCancelledBeforeStart(_ job: Job) {
-        count { $0.completed += 1 }
+        count { $0.completed += 1; $0.cancelled += 1 }
         job.sink?.finished(GenerateResult(text: "", finishReason: FinishReason.cancelled.rawValue,
                                           usage: .init(promptTokens: job.request.prompt.count, completionTokens: 0), adapter: nil,
                                           timing: .init(queueMs: ms(Scheduler.clock() - job.enqueued), prefillMs: 0, decodeMs: 0)))
@@ -382,7 +384,8 @@ final class Scheduler: @unchecked Sendable {
 
     private func finish(_ r: Running) {
         remove(r)
-        count { $0.completed += 1 }
+        let cancelled = r.gen.finish == .cancelled
+        count { $0.completed += 1; if cancelled { $0.cancelled += 1 } }
         guard let sink = r.job.sink else { return }
         let end = Scheduler.clock()
         let b = r.binding

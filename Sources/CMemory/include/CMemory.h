@@ -1,0 +1,19 @@
+#ifndef PF2LORA_CMEMORY_H
+#define PF2LORA_CMEMORY_H
+
+// The C library's allocator hooks that Swift's Glibc module does not expose (malloc.h).
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// Returns the heap's free pages to the operating system (glibc's `malloc_trim(0)`: every arena,
+/// free pages in the middle of the heap included, not only its top). 1 when memory was released,
+/// 0 when none was or the C library has no such call (macOS, musl).
+int pf2lora_release_free_heap(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -7,7 +7,11 @@
 # Per-FedAvg and HETLoRA already had; the LoRA scale alpha doubled for the three methods with no knob).
 # PF2LoRA at 1e-2 is also the previous session's diagnostic run: its valid loss (4.635) checks that
 # today's binary reproduces the earlier runs. Resumable (finished runs are kept), 3 at a time, nice 19.
+# FedAvg+FT's point runs with the binary given: since issue 13's fix its fine-tuning is inside the compute budget,
+# so with a current binary it belongs with the FedAvg+FT grid of `scripts/fair_experiments.sh debian6`, not with
+# the previous session's FedAvg+FT points (which fine-tuned on top).
 #   scripts/debian_grid_completion.sh [BINARY]    -> runs/debian-grid-completion/<point>/metrics.json
+#   JOBS=n runs at a time (default 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-runs/bin/pf2lora}
@@ -35,7 +39,7 @@ one() {
   fi
 }
 export -f one; export BIN ROOT COMMON
-printf '%s\n' "${POINTS[@]}" | xargs -P 3 -I{} bash -c 'one "$@"' _ {}
+printf '%s\n' "${POINTS[@]}" | xargs -P "${JOBS:-3}" -I{} bash -c 'one "$@"' _ {}
 for f in "$ROOT"/*/metrics.json; do
   python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(f\"{sys.argv[1].split('/')[-2]}: mean valid loss {m['mean_valid_loss']:.4f}\")" "$f"
 done

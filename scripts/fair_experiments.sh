@@ -53,7 +53,7 @@ if [ "$WHAT" = debian6 ]; then
     --lrs 2e-3,5e-3,1e-2 --no-knob --prior-selection scripts/debian_prior_selection.json --select-seed 100 \
     --seeds 0,1,2 --jobs "${FAIR_JOBS:-1}" --nlg --nlg-limit 20 --nlg-tokens 80 --rank-controls \
     --title "Data-to-text on Debian's package index: 3 seeds, compute budget, FedAvg+FT's fine-tuning inside it" \
-    --preamble docs/results-data-to-text-preamble.md --appendix docs/results-data-to-text-fair-analysis.md \
+    --preamble docs/results-data-to-text-fair-preamble.md --appendix docs/results-data-to-text-fair-analysis.md \
     --out docs/RESULTS-data-to-text-fair.md --svg docs/results-data-to-text-fair-curves.svg
 fi
 

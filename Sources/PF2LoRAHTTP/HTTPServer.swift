@@ -268,6 +268,25 @@ public final class HTTPTransport: Sendable {
         return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: data)))
     }
 
+    /// `s` as the inside of a JSON string literal.
+    static func jsonEscaped(_ s: String) -> String {
+        guard s.utf8.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }) else { return s }
+        var out = ""
+        out.reserveCapacity(s.utf8.count + 8)
+        for u in s.unicodeScalars {
+            switch u {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case _ where u.value < 0x20: out += String(format: "\\u%04x", u.value)
+            default: out.unicodeScalars.append(u)
+            }
+        }
+        return out
+    }
+
     /// One server-sent event's JSON (a chunk per token: keys unsorted, as sorting them costs a
     /// locale-aware string comparison per key pair).
     static func encode(_ obj: Any) -> ByteBuffer {
@@ -559,20 +578,19 @@ public final class HTTPTransport: Sendable {
             func chunk(_ choice: [String: Any]) -> [String: Any] {
                 ["id": id, "object": object, "created": created, "model": model, "choices": [choice], "system_fingerprint": NSNull()]
             }
+            // A token's chunk without log-probabilities, written by hand (the per-token cost of the stream).
+            let head = "data: {\"id\":\"\(HTTPTransport.jsonEscaped(id))\",\"object\":\"\(object)\",\"created\":\(created),\"model\":\"\(HTTPTransport.jsonEscaped(model))\",\"system_fingerprint\":null,\"choices\":[{\"index\":"
+            func sendText(_ i: Int, _ text: String) async throws {
+                var b = ByteBuffer()
+                b.reserveCapacity(head.utf8.count + text.utf8.count + 96)
+                b.writeString(head)
+                b.writeString(chat ? "\(i),\"delta\":{\"content\":\"" : "\(i),\"text\":\"")
+                b.writeString(HTTPTransport.jsonEscaped(text))
+                b.writeString(chat ? "\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n" : "\",\"logprobs\":null,\"finish_reason\":null}]}\n\n")
+                try await writer.write(b)
+            }
             do {
                 try await withTaskCancellationHandler {
-                    // Events of all choices, merged in arrival order.
-                    let merged = AsyncStream<(Int, HTTPSink.Event)> { cont in
-                        let task = Task {
-                            await withTaskGroup(of: Void.self) { group in
-                                for (i, s) in sinks.enumerated() {
-                                    group.addTask { for await e in s.events { cont.yield((i, e)) } }
-                                }
-                            }
-                            cont.finish()
-                        }
-                        cont.onTermination = { _ in task.cancel() }
-                    }
                     if chat {
                         for i in sinks.indices {
                             try await send(chunk(["index": i, "delta": ["role": "assistant", "content": ""], "logprobs": NSNull(), "finish_reason": NSNull()]))
@@ -581,14 +599,15 @@ public final class HTTPTransport: Sendable {
                     var promptTokens = 0, completionTokens = 0
                     var counted = Set<Int>()
                     var firstTokenAt: [Int: Date] = [:]
-                    for await (i, e) in merged {
+                    func handle(_ i: Int, _ e: HTTPSink.Event) async throws {
                         switch e {
                         case let .token(t):
                             if firstTokenAt[i] == nil {
                                 firstTokenAt[i] = Date()
                                 metrics.ttft.record(Date().timeIntervalSince(t0))
                             }
-                            guard !t.text.isEmpty || logprobs else { continue }
+                            guard !t.text.isEmpty || logprobs else { return }
+                            if !logprobs { try await sendText(i, t.text); return }
                             var c: [String: Any] = ["index": i, "finish_reason": NSNull()]
                             if chat {
                                 c["delta"] = ["content": t.text]
@@ -609,6 +628,23 @@ public final class HTTPTransport: Sendable {
                             let a = APIError.from(err, draining: core.draining != nil)
                             try await send(a.body)
                         }
+                    }
+                    if sinks.count == 1 {
+                        for await e in sinks[0].events { try await handle(0, e) }
+                    } else {
+                        // Events of all choices, merged in arrival order.
+                        let merged = AsyncStream<(Int, HTTPSink.Event)> { cont in
+                            let task = Task {
+                                await withTaskGroup(of: Void.self) { group in
+                                    for (i, s) in sinks.enumerated() {
+                                        group.addTask { for await e in s.events { cont.yield((i, e)) } }
+                                    }
+                                }
+                                cont.finish()
+                            }
+                            cont.onTermination = { _ in task.cancel() }
+                        }
+                        for await (i, e) in merged { try await handle(i, e) }
                     }
                     if includeUsage {
                         try await send(["id": id, "object": object, "created": created, "model": model, "choices": [Any](),

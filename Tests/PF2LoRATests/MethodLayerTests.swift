@@ -143,6 +143,15 @@ import Testing
         #expect(RPCParser.checkDepth(Array(String(repeating: "{", count: 65).utf8))?.code == .invalidRequest)
     }
 
+    /// The hand-written escaping of streamed token text parses back to the text (JSONSerialization as the reference).
+    @Test func streamedTextEscaping() throws {
+        for t in ["plain", "a \"quote\" and \\ back", "line\nfeed\r\ttab", "\u{01}\u{1f}ctl", "é 日本 🎉", "", "\u{7f}\u{2028}"] {
+            let json = "{\"t\":\"" + HTTPTransport.jsonEscaped(t) + "\"}"
+            let back = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any]
+            #expect(back?["t"] as? String == t, "\(t.debugDescription)")
+        }
+    }
+
     /// /v1/completions prompts as OpenAI takes them: text, a list of texts, token ids, a list of token-id lists.
     @Test func completionPrompts() throws {
         func kinds(_ v: Any) throws -> [String] {

@@ -10,14 +10,14 @@ let fuzzServer: Server = {
     var cfg = GPT2Config(vocabSize: 400, nPositions: 64, nEmbd: 16, nLayer: 1, nHead: 2, eosTokenId: nil)
     cfg.bosTokenId = nil
     do {
-        try GPT2Model(folder: model, config: cfg, weights: GPT2Weights.random(config: cfg, seed: 1), file: nil).save(to: model)
+        try LanguageModel(folder: model, weights: ModelWeights.random(architecture: cfg.architecture, seed: 1), checkpoint: nil).save(to: model)
         let fixture = ProcessInfo.processInfo.environment["PF2LORA_FUZZ_TOKENIZER"] ?? "Tests/PF2LoRATests/Fixtures/tiny-gpt2"
         for f in ["tokenizer.json", "vocab.json", "merges.txt"] {
             try? FileManager.default.copyItem(atPath: fixture + "/" + f, toPath: model + "/" + f)
         }
-        let m = try GPT2Model.load(folder: model)
+        let m = try LanguageModel.load(folder: model)
         let tok = try BPETokenizer(folder: model)
-        let base = try BaseModelInfo.gpt2(folder: model)
+        let base = try BaseModelInfo.load(folder: model)
         let store = try AdapterStore.open(root: root + "/store", base: base, cacheBytes: 1 << 20)
         func adapter(_ level: AdapterLevel, rank: Int, client: String?) -> LoRAAdapter {
             var rng = RNG(seed: 3)

@@ -12,16 +12,22 @@ cd "$(dirname "$0")/.."
 mkdir -p .build/fuzz
 targets=("$@"); [ ${#targets[@]} -eq 0 ] && targets=(protocol adapter)
 SOURCES=$(find Sources/PF2LoRA -name '*.swift' | sort)
-# The library's C target (q8_0 kernels): compiled with clang, imported through a module map written
-# here (SwiftPM makes its own for `swift build`; nothing is added to Sources/).
-mkdir -p .build/fuzz/CQuant
-cat > .build/fuzz/CQuant/module.modulemap <<MAP
-module CQuant {
-    header "$PWD/Sources/CQuant/include/CQuant.h"
+# The library's C targets (CQuant: the q8_0 kernels; CMemory: the allocator hooks): compiled with
+# clang, imported through module maps written here (SwiftPM makes its own for `swift build`; nothing
+# is added to Sources/). A C target added to Package.swift must be added to CTARGETS.
+CTARGETS=(CQuant CMemory)
+COBJS=(); CINCS=()
+for c in "${CTARGETS[@]}"; do
+  mkdir -p ".build/fuzz/$c"
+  cat > ".build/fuzz/$c/module.modulemap" <<MAP
+module $c {
+    header "$PWD/Sources/$c/include/$c.h"
     export *
 }
 MAP
-clang -O2 -g -fsanitize=address,fuzzer-no-link -I Sources/CQuant/include -c Sources/CQuant/CQuant.c -o .build/fuzz/CQuant/CQuant.o
+  clang -O2 -g -fsanitize=address,fuzzer-no-link -I "Sources/$c/include" -c "Sources/$c/$c.c" -o ".build/fuzz/$c/$c.o"
+  COBJS+=(".build/fuzz/$c/$c.o"); CINCS+=(-I ".build/fuzz/$c")
+done
 for t in "${targets[@]}"; do
   case "$t" in
     protocol) harness=Fuzz/ProtocolFuzzer.swift ;;
@@ -32,6 +38,6 @@ for t in "${targets[@]}"; do
   # shellcheck disable=SC2086
   # -target-cpu haswell as Package.swift's default (the SIMD kernels); Swift 6 mode as the library.
   swiftc -sanitize=fuzzer,address -parse-as-library -O -swift-version 6 -target-cpu haswell -module-name PF2LoRAFuzz \
-    -I Sources/COpenBLAS -I Sources/CZstd -I .build/fuzz/CQuant $(pkg-config --cflags-only-I openblas libzstd | sed 's/-I/-Xcc -I/g') \
-    $SOURCES "$harness" .build/fuzz/CQuant/CQuant.o $(pkg-config --libs openblas libzstd) -o ".build/fuzz/$t-fuzzer" 2> >(grep -v "Cannot export local symbol" >&2)
+    -I Sources/COpenBLAS -I Sources/CZstd "${CINCS[@]}" $(pkg-config --cflags-only-I openblas libzstd | sed 's/-I/-Xcc -I/g') \
+    $SOURCES "$harness" "${COBJS[@]}" $(pkg-config --libs openblas libzstd) -o ".build/fuzz/$t-fuzzer" 2> >(grep -v "Cannot export local symbol" >&2)
 done

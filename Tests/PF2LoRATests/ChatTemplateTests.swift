@@ -39,6 +39,13 @@ private struct ChatFixture {
 }
 
 @Suite struct ChatTemplateTests {
+    /// The text with the date `strftime_now` wrote (Llama 3.2 without date_string: "Today Date: 02 Dec
+    /// 2026") replaced: jinja2 rendered the fixture on the day it was made, the interpreter renders
+    /// today (`strftimeNowWritesToday` checks that date). The suite failed every day but that one.
+    static func undated(_ s: String) -> String {
+        s.replacingOccurrences(of: #"Today Date: [0-9]{2} [A-Z][a-z]{2} [0-9]{4}"#, with: "Today Date: (today)", options: .regularExpression)
+    }
+
     /// Renders every case of `name` and compares with jinja2's text (or its error).
     private func check(_ name: String, _ template: ChatTemplate) throws {
         let f = ChatFixture.shared
@@ -60,7 +67,7 @@ private struct ChatFixture {
             }
             switch (result, c["text"], c["error"], c["message"]) {
             case (.success(let got), .string(let want)?, _, _):
-                if got != want {
+                if Self.undated(got) != Self.undated(want) {
                     failures += 1
                     if failures <= 3 {
                         let diff = zip(Array(got.unicodeScalars), Array(want.unicodeScalars)).enumerated().first { $0.element.0 != $0.element.1 }?.offset

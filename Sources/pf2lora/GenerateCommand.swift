@@ -174,7 +174,9 @@ struct ServeCommand: ParsableCommand {
         """)
 
     @OptionGroup var options: ModelOptions
-    @Flag(name: .customLong("strict-clients"), help: "Refuse clients with no adapter in the store (default: serve them the shared pair alone).")
+    @Flag(name: .customLong("unknown-clients-get-shared"), help: "Serve a generate for a client with no adapter in the store the shared pair alone (adapter.client null; DESIGN §5). By default such a client is an error (-32001, HTTP 404) naming the store's closest clients; ask for the shared pair alone with client \"shared\" (HTTP model \"shared\").")
+    var unknownClientsGetShared = false
+    @Flag(name: .customLong("strict-clients"), help: ArgumentHelp("Deprecated, no effect: refusing unknown clients is now the default.", visibility: .hidden))
     var strictClients = false
     @Option(name: .customLong("max-batch"), help: "Sequences decoded together.")
     var maxBatch = 32
@@ -224,6 +226,9 @@ struct ServeCommand: ParsableCommand {
             throw ValidationError("--cache-mb \(cacheMB) is outside 0...\(memoryMB) (this machine's memory in MiB); 0 turns the cache off")
         }
         guard maxTrainMB >= 0 else { throw ValidationError("--max-train-mb must be >= 0 (0: no bound)") }
+        guard !(strictClients && unknownClientsGetShared) else {
+            throw ValidationError("--strict-clients (deprecated: refusing unknown clients is the default) contradicts --unknown-clients-get-shared; drop one")
+        }
         if let t = drainTimeout { guard t.isFinite, t >= 0 else { throw ValidationError("--drain-timeout must be a number of seconds >= 0") } }
         guard exchangeMaxMB >= 1, exchangeMaxMB <= 1 << 20 else { throw ValidationError("--exchange-max-mb must be in 1...1048576 (got \(exchangeMaxMB))") }
         if let http { _ = try Self.hostPort(http) }
@@ -244,7 +249,8 @@ struct ServeCommand: ParsableCommand {
         limits.maxBatch = maxBatch; limits.maxQueue = maxQueue; limits.maxPromptTokens = maxPromptTokens
         limits.maxNewTokens = maxNewTokens; limits.maxLineBytes = maxLineBytes
         limits.batchInvariant = !fastBatching
-        let server = Server(model: m, tokenizer: tok, store: store, strictClients: strictClients, limits: limits, lenient: lenient)
+        if strictClients { log("serve: --strict-clients is deprecated and has no effect: unknown clients are refused by default (--unknown-clients-get-shared serves them the shared pair)") }
+        let server = Server(model: m, tokenizer: tok, store: store, unknownClients: unknownClientsGetShared ? .sharedPair : .refuse, limits: limits, lenient: lenient)
         server.training.maxStateBytes = maxTrainMB == 0 ? nil : maxTrainMB << 20
         server.drainTimeout = drainTimeout
         do { try server.runtime.prepare() } catch {

@@ -222,21 +222,28 @@ struct ServeCommand: ParsableCommand {
             throw ValidationError("limits must be positive (max-line-bytes at least 64)")
         }
         let memoryMB = Int(ProcessInfo.processInfo.physicalMemory >> 20)
-        guard cacheMB >= 0, cacheMB <= memoryMB else {
-            throw ValidationError("--cache-mb \(cacheMB) is outside 0...\(memoryMB) (this machine's memory in MiB); 0 turns the cache off")
-        }
-        guard maxTrainMB >= 0 else { throw ValidationError("--max-train-mb must be >= 0 (0: no bound)") }
+        try Self.require("--cache-mb", Double(cacheMB), 0...Double(memoryMB), "this machine's memory in MiB; 0 turns the cache off")
+        try Self.require("--max-train-mb", Double(maxTrainMB), 0...Double(1 << 30), "0: no bound")
         guard !(strictClients && unknownClientsGetShared) else {
             throw ValidationError("--strict-clients (deprecated: refusing unknown clients is the default) contradicts --unknown-clients-get-shared; drop one")
         }
-        if let t = drainTimeout { guard t.isFinite, t >= 0 else { throw ValidationError("--drain-timeout must be a number of seconds >= 0") } }
-        guard exchangeMaxMB >= 1, exchangeMaxMB <= 1 << 20 else { throw ValidationError("--exchange-max-mb must be in 1...1048576 (got \(exchangeMaxMB))") }
+        if let t = drainTimeout { try Self.require("--drain-timeout", t, 0...1e9, "seconds") }
+        try Self.require("--exchange-max-mb", Double(exchangeMaxMB), 1...Double(1 << 20))
         if let http { _ = try Self.hostPort(http) }
-        guard httpMaxBodyMB >= 1, httpBodyTimeout > 0, httpIdleTimeout > 0, httpHeaderTimeout > 0 else {
-            throw ValidationError("--http-max-body-mb, --http-body-timeout, --http-header-timeout and --http-idle-timeout must be positive")
+        try Self.require("--http-max-body-mb", Double(httpMaxBodyMB), 1...Double(1 << 20))
+        for (flag, seconds) in [("--http-body-timeout", httpBodyTimeout), ("--http-idle-timeout", httpIdleTimeout), ("--http-header-timeout", httpHeaderTimeout)] {
+            try Self.require(flag, seconds, 0.001...1e9, "seconds")
         }
         guard exchangeDir == nil || options.store != nil else {
             throw ValidationError("--exchange-dir needs --store: it is where train_local and evaluate_local read and write, and they need a store")
+        }
+    }
+
+    /// Throws a usage error naming `flag`, its value and `range` unless `value` is a number in `range`.
+    static func require(_ flag: String, _ value: Double, _ range: ClosedRange<Double>, _ hint: String? = nil) throws {
+        guard value.isFinite, range.contains(value) else {
+            func text(_ x: Double) -> String { x == x.rounded() && abs(x) < 1e15 ? String(Int(x)) : "\(x)" }
+            throw ValidationError("\(flag) \(text(value)) is outside \(text(range.lowerBound))...\(text(range.upperBound))\(hint.map { " (\($0))" } ?? "")")
         }
     }
 

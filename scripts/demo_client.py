@@ -190,8 +190,8 @@ def main():
     print()
     params = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": 0.9,
               "seed": args.seed, "stop": ["\nPackage:"]}
-    # Three clients and the shared pair alone (a client id with no adapter) at once: one batch.
-    shared_only = "no-such-client"
+    # Three clients and the shared pair alone (the id "shared") at once: one batch.
+    shared_only = "shared"
     ids = {c: srv.send("generate", dict(params, client=c)) for c in clients + [shared_only]}
     blocks = []
     for c, rid in ids.items():

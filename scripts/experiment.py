@@ -37,6 +37,10 @@ METHODS = ["pf2lora", "homlora", "perfedavg", "hetlora", "local", "fedavg-ft"]
 NAMES = {"pf2lora": "PF2LoRA", "homlora": "HOMLoRA", "perfedavg": "Per-FedAvg-LoRA", "hetlora": "HETLoRA",
          "local": "Local-only LoRA", "fedavg-ft": "FedAvg-LoRA + FT"}
 SELECT_SEED = 100
+# Ablation variants that can be run beside the six methods (--methods ...,pf2lora-joint): the federate method and
+# the extra flags that make the variant. Not in the default method list.
+VARIANTS = {"pf2lora-joint": ("pf2lora", {"variant": "joint"})}
+NAMES["pf2lora-joint"] = "PF2LoRA, joint (ablation)"
 
 
 LRS = "5e-3,1e-2,2e-2"
@@ -60,7 +64,8 @@ def grids(local_steps, lower_steps, lrs=LRS, knob=True):
     alt_lower = 1 if lower_steps > 1 else 5
     alt_local = max(1, g // (alt_lower + 1))
     base = {"pf2lora": {"lr2": "0.5"}, "perfedavg": {"inner-lr": "0.5"},
-            "hetlora": {"hetlora-lambda": "1e-3", "hetlora-prune": "0.05"}, "homlora": {}, "local": {}, "fedavg-ft": {}}
+            "hetlora": {"hetlora-lambda": "1e-3", "hetlora-prune": "0.05"}, "homlora": {}, "local": {}, "fedavg-ft": {},
+            "pf2lora-joint": {"lr2": "0.5"}}
     knob = {"pf2lora": {"local-steps": str(alt_local), "lower-steps": str(alt_lower)}, "perfedavg": {"inner-lr": "0.05"},
             "hetlora": {"hetlora-lambda": "1e-2", "hetlora-prune": "0.1"}}
     out = {}
@@ -86,7 +91,8 @@ class Experiment:
         self.root = pathlib.Path(a.root or f"runs/experiments/{a.name}")
         self.settings = {k: getattr(a, k) for k in ("name", "model", "data", "budget", "rounds", "local_steps", "lower_steps",
                                                     "batch", "seq", "rank", "rank2", "eval_every", "eval_windows", "clients")}
-        self.grid = grids(a.local_steps, a.lower_steps, a.lrs, knob=not a.no_knob)
+        self.grid = {m: g for m, g in grids(a.local_steps, a.lower_steps, a.lrs, knob=not a.no_knob).items()
+                     if m in METHODS or m in a.methods}   # a variant's grid only when it is run
         # Methods whose selection was made before (--prior-selection): no grid runs here, the recorded point is used.
         self.prior = {}
         if a.prior_selection:
@@ -122,8 +128,10 @@ class Experiment:
             flags["clients"] = a.clients
         # Under the compute budget the baselines' iterations come from the experiment's local/lower steps,
         # not from a PF2LoRA grid point's.
+        fed_method, extra = VARIANTS.get(method, (method, {}))
+        flags.update(extra)
         flags.update(point)
-        cmd = [a.binary, "federate", "--model", a.model, "--data", a.data, "--method", method, "--seed", str(seed),
+        cmd = [a.binary, "federate", "--model", a.model, "--data", a.data, "--method", fed_method, "--seed", str(seed),
                "--threads", "1", "--store", str(out / "store"), "--out", str(out), "--token-cache", "runs/token-cache"]
         for k, v in flags.items():
             cmd += [f"--{k}", str(v)]
@@ -246,7 +254,7 @@ def mean_ci(xs):
 
 def curves_svg(series, path, title):
     """Mean valid loss by round, one line per method."""
-    colors = ["#08519c", "#8c6bb1", "#e6550d", "#fdae6b", "#31a354", "#9e9e9e"]
+    colors = ["#08519c", "#8c6bb1", "#e6550d", "#fdae6b", "#31a354", "#9e9e9e", "#d62728"]
     W, H, L, T, B, R = 760, 420, 70, 40, 60, 190
     pts = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys)]
     if not pts:
@@ -497,6 +505,26 @@ def report(exp, out_md, svg):
             flat.append(f"{name} {prev - last:+.4f}")
     if flat:
         lines += ["Valid-loss improvement over the last evaluation interval (positive = still improving): " + ", ".join(flat) + ".", ""]
+    rounds = sorted({x for _, xs, _ in series for x in xs})
+    if rounds:
+        lines += ["Mean valid loss over the 13 clients by round (mean ± 95 % CI over seeds; round 0 = the base):", "",
+                  "| method | 0 | " + " | ".join(str(r) for r in rounds) + " |", "|---|" + "---:|" * (len(rounds) + 1)]
+        for m in complete:
+            by = {}
+            for s in a.seeds:
+                for p in runs[m][s].get("mean_valid_loss_by_round", []):
+                    by.setdefault(p["round"], []).append(p["loss"])
+            b0 = [runs[m][s]["mean_base_valid_loss"] for s in a.seeds if "mean_base_valid_loss" in runs[m][s]]
+            cells = [f"{sum(b0) / len(b0):.3f}" if b0 else ""]
+            for r in rounds:
+                v = by.get(r, [])
+                if len(v) == len(a.seeds):
+                    mu, ci = mean_ci(v)
+                    cells.append(f"{mu:.3f}" + ("" if ci != ci else f" ± {ci:.3f}"))
+                else:
+                    cells.append("")
+            lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
+        lines.append("")
     if a.appendix and os.path.exists(a.appendix):
         lines += [pathlib.Path(a.appendix).read_text().strip(), ""]
     pathlib.Path(out_md).write_text("\n".join(lines) + "\n")
@@ -662,8 +690,8 @@ def main():
     a.seeds = [int(s) for s in a.seeds.split(",")]
     a.methods = [m for m in a.methods.split(",") if m]
     for m in a.methods:
-        if m not in METHODS:
-            sys.exit(f"experiment: unknown method {m}; use {', '.join(METHODS)}")
+        if m not in METHODS and m not in VARIANTS:
+            sys.exit(f"experiment: unknown method {m}; use {', '.join(METHODS + list(VARIANTS))}")
     if not a.report_only and not os.access(a.binary, os.X_OK):
         sys.exit(f"experiment: {a.binary} is missing; build it (swift build -c release --product pf2lora) "
                  "and copy it out of .build so rebuilds do not disturb a run")

@@ -12,7 +12,11 @@
 #                                   the 6-round grid already run (scripts/debian_prior_selection.json; FedAvg+FT's grid rerun
 #                                   because its fine-tuning moved inside the budget), 3 seeds, BLEU/ROUGE-L/METEOR (~2,500 CPU-s)
 #
-#   scripts/fair_experiments.sh [synthetic|debian|debian6|fortune|all]     (default all; debian6 is not in all)
+#   docs/RESULTS-data-to-text-long.md  (debian-long) the debian6 settings at 16 rounds (2.7 x the tokens), every method at the
+#                                   point it selected at 6 rounds (scripts/debian_long_selection.json), plus the joint ablation,
+#                                   3 seeds, valid curves every 4 rounds (~2,700 CPU-s; no NLG decoding, no rank controls)
+#
+#   scripts/fair_experiments.sh [synthetic|debian|debian6|debian-long|fortune|all]     (default all; debian6 is not in all)
 #   PF2LORA_BIN=path (default runs/bin/pf2lora), FAIR_ROOT=dir (debian6's runs; default runs/experiments/debian-fair6),
 #   FAIR_JOBS=n (runs at a time for debian6; default 1)
 set -euo pipefail
@@ -55,6 +59,20 @@ if [ "$WHAT" = debian6 ]; then
     --title "Data-to-text on Debian's package index: 3 seeds, compute budget, FedAvg+FT's fine-tuning inside it" \
     --preamble docs/results-data-to-text-fair-preamble.md --appendix docs/results-data-to-text-fair-analysis.md \
     --out docs/RESULTS-data-to-text-fair.md --svg docs/results-data-to-text-fair-curves.svg
+fi
+
+if [ "$WHAT" = debian-long ]; then
+  [ -d data/debian/clients ] || { echo "fair_experiments: data/debian/clients missing: ln -s /work/data/debian data/debian, or python3 scripts/make_debian_corpus.py --out data/debian" >&2; exit 1; }
+  say "data-to-text federation, 16 rounds at the 6-round selection (3 seeds, + the joint ablation)"
+  python3 scripts/experiment.py --name debian-long16 --root "${FAIR_ROOT:-runs/experiments/debian-long16}" \
+    --model models/fortune-gpt2 --data data/debian/clients --binary "$BIN" \
+    --budget compute --rounds 16 --local-steps 2 --lower-steps 2 --batch 4 --seq 64 --eval-every 4 --eval-windows 64 \
+    --lrs 2e-3,5e-3,1e-2 --no-knob --prior-selection scripts/debian_long_selection.json --select-seed 100 \
+    --methods pf2lora,homlora,perfedavg,hetlora,local,fedavg-ft,pf2lora-joint \
+    --seeds 0,1,2 --jobs "${FAIR_JOBS:-1}" \
+    --title "Data to text at 16 rounds: does PF2LoRA catch up when the curves flatten?" \
+    --preamble docs/results-data-to-text-long-preamble.md --appendix docs/results-data-to-text-long-analysis.md \
+    --out docs/RESULTS-data-to-text-long.md --svg docs/results-data-to-text-long-curves.svg
 fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = fortune ]; then

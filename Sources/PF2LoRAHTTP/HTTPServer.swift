@@ -303,14 +303,10 @@ public final class HTTPTransport: Sendable {
             throw APIError(.notFound, "the model '\(model)' does not exist: give the base model's name '\(core.baseName)', 'shared', or a client id (GET /v1/models lists them)",
                            type: "not_found_error", code: "model_not_found", param: "model")
         }
-        guard let store = core.runtime.store else {
-            throw APIError(.notFound, "the model '\(model)' does not exist: the server has no adapter store, so only '\(core.baseName)' and 'shared' are served",
-                           type: "not_found_error", code: "model_not_found", param: "model")
-        }
-        if store.currentVersion(level: .client, client: model) == nil { _ = try? store.refresh() }
-        guard store.currentVersion(level: .client, client: model) != nil else {
-            throw APIError(.notFound, "the model '\(model)' does not exist: the store has no adapter for client '\(model)' (personalize it, or load one with /v1/load_lora_adapter)",
-                           type: "not_found_error", code: "model_not_found", param: "model")
+        // The method layer's rule (the same -32001 text stdio answers, as 404 model_not_found):
+        // a client without an adapter is refused unless unknown clients get the shared pair.
+        do { try core.runtime.checkServable(client: model) } catch let e as RPCError {
+            throw APIError.from(e, draining: core.draining != nil)
         }
         return .client(model)
     }

@@ -174,7 +174,9 @@ struct ServeCommand: ParsableCommand {
         """)
 
     @OptionGroup var options: ModelOptions
-    @Flag(name: .customLong("strict-clients"), help: "Refuse clients with no adapter in the store (default: serve them the shared pair alone).")
+    @Flag(name: .customLong("unknown-clients-get-shared"), help: "Serve a generate for a client with no adapter in the store the shared pair alone (adapter.client null; DESIGN §5). By default such a client is an error (-32001, HTTP 404) naming the store's closest clients; ask for the shared pair alone with client \"shared\" (HTTP model \"shared\").")
+    var unknownClientsGetShared = false
+    @Flag(name: .customLong("strict-clients"), help: ArgumentHelp("Deprecated, no effect: refusing unknown clients is now the default.", visibility: .hidden))
     var strictClients = false
     @Option(name: .customLong("max-batch"), help: "Sequences decoded together.")
     var maxBatch = 32
@@ -220,18 +222,28 @@ struct ServeCommand: ParsableCommand {
             throw ValidationError("limits must be positive (max-line-bytes at least 64)")
         }
         let memoryMB = Int(ProcessInfo.processInfo.physicalMemory >> 20)
-        guard cacheMB >= 0, cacheMB <= memoryMB else {
-            throw ValidationError("--cache-mb \(cacheMB) is outside 0...\(memoryMB) (this machine's memory in MiB); 0 turns the cache off")
+        try Self.require("--cache-mb", Double(cacheMB), 0...Double(memoryMB), "this machine's memory in MiB; 0 turns the cache off")
+        try Self.require("--max-train-mb", Double(maxTrainMB), 0...Double(1 << 30), "0: no bound")
+        guard !(strictClients && unknownClientsGetShared) else {
+            throw ValidationError("--strict-clients (deprecated: refusing unknown clients is the default) contradicts --unknown-clients-get-shared; drop one")
         }
-        guard maxTrainMB >= 0 else { throw ValidationError("--max-train-mb must be >= 0 (0: no bound)") }
-        if let t = drainTimeout { guard t.isFinite, t >= 0 else { throw ValidationError("--drain-timeout must be a number of seconds >= 0") } }
-        guard exchangeMaxMB >= 1, exchangeMaxMB <= 1 << 20 else { throw ValidationError("--exchange-max-mb must be in 1...1048576 (got \(exchangeMaxMB))") }
+        if let t = drainTimeout { try Self.require("--drain-timeout", t, 0...1e9, "seconds") }
+        try Self.require("--exchange-max-mb", Double(exchangeMaxMB), 1...Double(1 << 20))
         if let http { _ = try Self.hostPort(http) }
-        guard httpMaxBodyMB >= 1, httpBodyTimeout > 0, httpIdleTimeout > 0, httpHeaderTimeout > 0 else {
-            throw ValidationError("--http-max-body-mb, --http-body-timeout, --http-header-timeout and --http-idle-timeout must be positive")
+        try Self.require("--http-max-body-mb", Double(httpMaxBodyMB), 1...Double(1 << 20))
+        for (flag, seconds) in [("--http-body-timeout", httpBodyTimeout), ("--http-idle-timeout", httpIdleTimeout), ("--http-header-timeout", httpHeaderTimeout)] {
+            try Self.require(flag, seconds, 0.001...1e9, "seconds")
         }
         guard exchangeDir == nil || options.store != nil else {
             throw ValidationError("--exchange-dir needs --store: it is where train_local and evaluate_local read and write, and they need a store")
+        }
+    }
+
+    /// Throws a usage error naming `flag`, its value and `range` unless `value` is a number in `range`.
+    static func require(_ flag: String, _ value: Double, _ range: ClosedRange<Double>, _ hint: String? = nil) throws {
+        guard value.isFinite, range.contains(value) else {
+            func text(_ x: Double) -> String { x == x.rounded() && abs(x) < 1e15 ? String(Int(x)) : "\(x)" }
+            throw ValidationError("\(flag) \(text(value)) is outside \(text(range.lowerBound))...\(text(range.upperBound))\(hint.map { " (\($0))" } ?? "")")
         }
     }
 
@@ -244,7 +256,8 @@ struct ServeCommand: ParsableCommand {
         limits.maxBatch = maxBatch; limits.maxQueue = maxQueue; limits.maxPromptTokens = maxPromptTokens
         limits.maxNewTokens = maxNewTokens; limits.maxLineBytes = maxLineBytes
         limits.batchInvariant = !fastBatching
-        let server = Server(model: m, tokenizer: tok, store: store, strictClients: strictClients, limits: limits, lenient: lenient)
+        if strictClients { log("serve: --strict-clients is deprecated and has no effect: unknown clients are refused by default (--unknown-clients-get-shared serves them the shared pair)") }
+        let server = Server(model: m, tokenizer: tok, store: store, unknownClients: unknownClientsGetShared ? .sharedPair : .refuse, limits: limits, lenient: lenient)
         server.training.maxStateBytes = maxTrainMB == 0 ? nil : maxTrainMB << 20
         server.drainTimeout = drainTimeout
         do { try server.runtime.prepare() } catch {

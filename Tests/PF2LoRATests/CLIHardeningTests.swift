@@ -68,6 +68,12 @@ import Testing
         for bad in ["-1", "9000000000000"] {
             Self.expectError(try Self.run(["serve", "--model", Self.tiny, "--cache-mb", bad]), "--cache-mb", usage: true)
         }
+        // The other byte and second budgets: each refusal names its flag (`--max-train-mb` and
+        // `--http-max-body-mb` past 2^44 used to wrap when shifted to bytes).
+        for (flag, bad) in [("--max-train-mb", "-1"), ("--max-train-mb", "9000000000000"), ("--exchange-max-mb", "0"), ("--drain-timeout", "-1"),
+                            ("--http-max-body-mb", "9000000000000"), ("--http-body-timeout", "0"), ("--http-idle-timeout", "nan"), ("--http-header-timeout", "-2")] {
+            Self.expectError(try Self.run(["serve", "--model", Self.tiny, flag, bad]), flag, usage: true)
+        }
         // Within range it starts (and exits at EOF on stdin).
         let ok = try Self.run(["serve", "--model", Self.tiny, "--cache-mb", "0"], stdin: Data())
         #expect(ok.code == 0, "\(ok.err)")

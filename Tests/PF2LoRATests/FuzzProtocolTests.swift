@@ -29,7 +29,7 @@ import Testing
     static let templates: [Template] = [
         Template(client: "alice", prompt: "The cat", max: 6), Template(client: "bob", prompt: "The cat", max: 4),
         Template(client: "carol", prompt: "Once upon a time there", max: 8), Template(client: nil, prompt: "It is a", max: 5),
-        Template(client: "newbie", prompt: "héllo wörld ✓ \u{0}\t\r\nx", max: 3), Template(client: "alice", prompt: "a", max: 1),
+        Template(client: "shared", prompt: "héllo wörld ✓ \u{0}\t\r\nx", max: 3), Template(client: "alice", prompt: "a", max: 1),
         Template(client: "bob", prompt: String(repeating: "The dog ran. ", count: 15), max: 7), Template(client: nil, prompt: "Z", max: 0),
     ]
     static let maxLineBytes = 16_384
@@ -74,7 +74,7 @@ import Testing
         // Wrong-typed or out-of-range values for every generate param (each alone is invalid).
         let badValues: [String: [String]] = [
             "client": ["1", "true", "[]", "{}", "\"\"", "\"../x\"", "\"/etc/passwd\"", "\"%2e%2e\"", "\"a/b\"", "\"x\\u0000y\"",
-                       "\".hidden\"", "\"shared\"", "\"ａlice\"", "\"" + String(repeating: "a", count: 65) + "\""],
+                       "\".hidden\"", "\"SHARED\"", "\"ａlice\"", "\"" + String(repeating: "a", count: 65) + "\""],
             "prompt": ["1", "true", "[\"a\"]", "{}", "\"\"", "\"" + String(repeating: "The cat sat. ", count: 300) + "\""],
             "max_tokens": ["\"5\"", "1.5", "-1", "true", "[]", "1e300", "99999", "18446744073709551616"],
             "temperature": ["\"0\"", "-1", "true", "[]", "-1e-30"],
@@ -108,7 +108,7 @@ import Testing
             case 22..<26:  // a sampled generate: any result
                 let id = freshID()
                 let p: [String: Any] = ["prompt": "The", "max_tokens": Int.random(in: 1...6, using: &rng), "temperature": 0.9, "top_p": 0.9,
-                                        "top_k": 20, "seed": Int.random(in: 0...1_000_000, using: &rng), "client": pick(["alice", "bob", "zed"])]
+                                        "top_k": 20, "seed": Int.random(in: 0...1_000_000, using: &rng), "client": pick(["alice", "bob", "shared"])]
                 line = Line(bytes: Array(req(id.json, "generate", json(p)).utf8), expect: .result, key: id.key)
             case 26..<34:  // health / stats / adapters.list / cancel (issue 11, items 9 and 16)
                 let id = freshID()
@@ -163,6 +163,7 @@ import Testing
                     ("{\"jsonrpc\":\"2.0\",\"id\":\(id.json),\"method\":\"adapters.load\",\"params\":{\"client\":\"../../etc\"}}", -32602),
                     ("{\"jsonrpc\":\"2.0\",\"id\":\(id.json),\"method\":\"adapters.load\",\"params\":{\"client\":5}}", -32602),
                     ("{\"jsonrpc\":\"2.0\",\"id\":\(id.json),\"method\":\"adapters.load\",\"params\":{\"client\":\"nobody\"}}", -32001),
+                    ("{\"jsonrpc\":\"2.0\",\"id\":\(id.json),\"method\":\"generate\",\"params\":{\"client\":\"zed\",\"prompt\":\"x\"}}", -32001),
                     ("{\"jsonrpc\":\"2.0\",\"id\":\(id.json),\"method\":\"adapters.evict\",\"params\":{\"client\":\"/tmp\"}}", -32602),
                     ("{\"jsonrpc\":\"2.0\",\"id\":\(id.json),\"method\":\"adapters.evict\",\"params\":{}}", -32602),
                 ])

@@ -133,8 +133,14 @@ import Testing
 
     /// A sequence decodes to the same bits alone and in a pooled batch with others (different lengths).
     @Test func pooledDecodeIsBatchInvariant() throws {
-        let m = try Self.model("qwen3-qknorm-f16")
-        let cs = try Self.cases("qwen3-qknorm-f16")
+        try Self.expectPooledDecodeIsBatchInvariant(try Self.model("qwen3-qknorm-f16"), steps: 6, label: "f32")
+    }
+
+    /// Prefills each fixture case of qwen3-qknorm-f16 into two engines, then decodes `steps` greedy
+    /// tokens: all cases in one pooled batch in one engine, each alone in the other; every row's
+    /// logits must be the same bits (also WeightPrecisionServingTests, per precision).
+    static func expectPooledDecodeIsBatchInvariant(_ m: LanguageModel, steps: Int, label: String) throws {
+        let cs = try cases("qwen3-qknorm-f16")
         let V = m.architecture.vocabSize
         let batched = InferenceEngine(model: m, pool: WorkerPool(threads: 2)), alone = InferenceEngine(model: m, pool: WorkerPool(threads: 2))
         let cb = cs.map { _ in KVCache(architecture: m.architecture, capacity: 80) }, ca = cs.map { _ in KVCache(architecture: m.architecture, capacity: 80) }
@@ -143,13 +149,12 @@ import Testing
             _ = try alone.step([StepInput(cache: ca[i], tokens: c.ids, weights: m.baseLinears)])
         }
         var next = cs.map { $0.greedy[0] }
-        for _ in 0..<6 {
-            let lb = try batched.step(cs.indices.map { StepInput(cache: cb[$0], tokens: [next[$0]], weights: m.baseLinears) })
-            let rows = Array(UnsafeBufferPointer(start: lb.data, count: lb.count))
+        for _ in 0..<steps {
+            let rows = try batched.step(cs.indices.map { StepInput(cache: cb[$0], tokens: [next[$0]], weights: m.baseLinears) }).array
             var nb: [Int] = []
             for i in cs.indices {
                 let la = try alone.step([StepInput(cache: ca[i], tokens: [next[i]], weights: m.baseLinears)])
-                #expect((0..<V).allSatisfy { la.data[$0] == rows[i * V + $0] }, "sequence \(i): batched logits differ from alone")
+                #expect((0..<V).allSatisfy { la.data[$0] == rows[i * V + $0] }, "\(label) sequence \(i): batched logits differ from alone")
                 nb.append(Sampler.argmax(la.data, count: V))
             }
             next = nb

@@ -20,7 +20,7 @@ import Testing
         #expect(fx.gpt2.architecture.modelType == "llama" && fx.gpt2.architecture.kvHeadCount == 2)
         let s = try fx.serve()
         defer { _ = s.finish() }
-        let clients = ["alice", "bob", "carol", "nobody"]
+        let clients = ["alice", "bob", "carol", "shared"]
         for (i, c) in clients.enumerated() {
             _ = s.request(i + 1, "generate", ["client": c, "prompt": "The cat", "max_tokens": 8, "temperature": 0, "ignore_eos": true])
         }

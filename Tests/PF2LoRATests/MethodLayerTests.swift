@@ -100,6 +100,53 @@ import Testing
         #expect(core.health().status == "ok")
     }
 
+    /// Issue 11, item 18 (the lead's decision): a generate for a client with no adapter was served
+    /// the shared pair alone (adapter.client null). Now it is -32001 on both transports (HTTP: 404
+    /// model_not_found with the same text), naming the client, how many clients the store holds, the
+    /// closest ids, and how to ask for the shared pair alone; `.sharedPair`
+    /// (`serve --unknown-clients-get-shared`) keeps the old behaviour for both transports.
+    @Test func unknownClientIsAnErrorUnlessOptedIn() throws {
+        let fx = try ServerFixture()
+        defer { fx.cleanup() }
+        let core = try Self.core(fx)
+        func run(_ c: ServingCore, _ a: AdapterChoice) throws -> (result: GenerateResult?, error: RPCError?) {
+            let s = Collect()
+            do {
+                try c.generate(GenerateRequest(prompt: "The cat", adapter: a, maxTokens: 4, temperature: 0, ignoreEOS: true), sink: s)
+            } catch let e as RPCError { return (nil, e) }
+            s.wait()
+            return (s.result, s.error)
+        }
+        let refused = try run(core, .client("alcie"))
+        #expect(refused.result == nil, "served: \(refused.result?.text ?? "")")
+        let e = try #require(refused.error)
+        #expect(e.code == .unknownClient)
+        #expect(e.message.contains("'alcie'") && e.message.contains("3 clients") && e.message.contains("closest: alice"), "\(e.message)")
+        #expect(e.message.contains("'shared'") && e.message.contains("--unknown-clients-get-shared"), "\(e.message)")
+        #expect(try run(core, .client("alice")).result?.adapter?.client == 1)
+        // HTTP: the same rule and text, as 404 model_not_found.
+        let http = try HTTPTransport(core: core, options: HTTPOptions())
+        do {
+            _ = try http.adapterChoice("alcie")
+            Issue.record("HTTP served an unknown client")
+        } catch let a as APIError {
+            #expect(a.status.code == 404 && a.code == "model_not_found" && a.message == e.message, "\(a.message)")
+        }
+        #expect(try http.adapterChoice("alice") == .client("alice") && http.adapterChoice("shared") == .shared)
+        // No store: every client is unknown, and the message says why.
+        let bare = ServingCore(model: fx.gpt2, tokenizer: core.tokenizer, store: nil)
+        bare.start()
+        #expect(try run(bare, .client("alice")).error?.message.contains("no adapter store") == true)
+        // Opted in: the shared pair alone, adapter.client null, the text of `.shared`.
+        let lax = ServingCore(model: fx.gpt2, tokenizer: core.tokenizer, store: fx.storeHandle, unknownClients: .sharedPair)
+        try lax.runtime.prepare()
+        lax.start()
+        let shared = try #require(try run(lax, .shared).result)
+        let zed = try #require(try run(lax, .client("zed")).result)
+        #expect(zed.text == shared.text && zed.adapter?.client == nil && zed.adapter?.shared == shared.adapter?.shared)
+        #expect(try HTTPTransport(core: lax, options: HTTPOptions()).adapterChoice("zed") == .client("zed"))
+    }
+
     @Test func pinnedAdaptersAreNotEvicted() throws {
         let fx = try ServerFixture()
         defer { fx.cleanup() }

@@ -89,12 +89,44 @@ import Testing
         #expect(q.finish() == 0)
     }
 
-    /// Item 15: a notification (no id) is never answered, not even with an error, also under
-    /// --strict-clients (an unknown client's notification got an error with a null id).
+    /// Item 18, the lead's decision, over stdio: a generate for a client with no adapter was served
+    /// the shared pair alone. Now -32001 naming the client, the store's clients and how to ask for
+    /// the shared pair alone: `"client": "shared"` (as HTTP's model "shared"; before it was -32602,
+    /// a reserved id) or no client. `--unknown-clients-get-shared` keeps the old behaviour;
+    /// `--strict-clients` is accepted, deprecated, without effect.
+    @Test func unknownClientsAreRefusedUnlessOptedIn() throws {
+        let fx = try ServerFixture(clients: ["alice"])
+        defer { fx.cleanup() }
+        let s = try fx.serve()
+        s.request(1, "generate", Self.gen("alicee"))
+        s.request(2, "generate", Self.gen("shared"))
+        s.request(3, "generate", Self.gen(nil))
+        let refused = s.response(1)
+        #expect(ServerProcess.errorCode(refused) == -32001, "\(refused ?? [:])")
+        let m = Self.message(refused)
+        #expect(m.contains("'alicee'") && m.contains("1 client") && m.contains("closest: alice") && m.contains("'shared'"), "\(m)")
+        let named = ServerProcess.result(s.response(2)), none = ServerProcess.result(s.response(3))
+        #expect(named?["text"] as? String != nil && named?["text"] as? String == none?["text"] as? String, "\(named ?? [:]) \(none ?? [:])")
+        #expect((named?["adapter"] as? [String: Any])?["client"] is NSNull)
+        #expect(s.finish() == 0)
+
+        let lax = try fx.serve(["--unknown-clients-get-shared"])
+        let zed = ServerProcess.result(lax.response({ lax.request(1, "generate", Self.gen("zed")); return 1 }()))
+        #expect(zed?["text"] as? String == none?["text"] as? String && (zed?["adapter"] as? [String: Any])?["client"] is NSNull, "\(zed ?? [:])")
+        #expect(lax.finish() == 0)
+
+        let old = try fx.serve(["--strict-clients"])
+        #expect(ServerProcess.errorCode(old.response({ old.request(1, "generate", Self.gen("zed")); return 1 }())) == -32001)
+        #expect(old.finish() == 0)
+        #expect(old.stderrText.contains("--strict-clients is deprecated"))
+    }
+
+    /// Item 15: a notification (no id) is never answered, not even with an error, also for an
+    /// unknown client (under the old --strict-clients it got an error with a null id).
     @Test func notificationsAreNeverAnswered() throws {
         let fx = try ServerFixture(clients: ["alice"])
         defer { fx.cleanup() }
-        let s = try fx.serve(["--strict-clients"])
+        let s = try fx.serve()
         s.send(["jsonrpc": "2.0", "method": "generate", "params": Self.gen("zed")])            // unknown client
         s.send(["jsonrpc": "2.0", "method": "generate", "params": ["prompt": 5]])              // bad params
         s.send(["jsonrpc": "2.0", "method": "generate", "params": [1, 2]])                     // params not an object
@@ -108,7 +140,8 @@ import Testing
         #expect(s.finish() == 0)
         let others = s.allLines.filter { ($0["id"] as? Int) != 1 && ($0["id"] as? Int) != 2 }
         #expect(others.isEmpty, "answers to notifications: \(others)")
-        #expect((st?["completed"] as? Int ?? 0) >= 1 && (st?["failed"] as? Int ?? 0) >= 1, "the notifications were carried out: \(st ?? [:])")
+        // The unknown client is refused before queueing (item 18), so it counts among the errors.
+        #expect((st?["completed"] as? Int ?? 0) >= 1 && (st?["errors"] as? Int ?? 0) >= 5, "the notifications were carried out: \(st ?? [:])")
     }
 
     /// Item 16: an unknown param was ignored (`max_new_tokens` gave the default length); now -32602

@@ -12,7 +12,7 @@ import Testing
     }
 
     static let workload: [(String?, String)] = [("alice", "The cat"), ("bob", "The cat"), ("carol", "Alice was"), (nil, "The cat"),
-                                                ("alice", "It is a"), ("newbie", "The cat"), ("bob", "Once upon a time there")]
+                                                ("alice", "It is a"), ("shared", "The cat"), ("bob", "Once upon a time there")]
 
     /// Greedy text of N clients batched together equals each client served alone, token for token.
     @Test func batchedClientsEqualEachAlone() throws {
@@ -33,7 +33,7 @@ import Testing
         #expect(!together.contains("<missing>"))
         // The adapters matter: same prompt, different clients, different text.
         #expect(Set([together[0], together[1], together[3], together[5]]).count >= 3, "\(together)")
-        // A client with no adapter yet is served the shared pair alone, like no client at all.
+        // "shared" names the shared pair alone, like no client at all.
         #expect(together[5] == together[3])
     }
 
@@ -128,8 +128,8 @@ import Testing
         #expect(s.finish() == 0)
         #expect(s.stderrText.contains("clients/bob/v000001.safetensors.zst failed validation"), "a broken stored file is reported at start with its path")
 
-        // Strict clients: an unknown client is refused.
-        let strict = try fx.serve(["--strict-clients"])
+        // An unknown client is refused (ServerHardeningTests.unknownClientsAreRefusedUnlessOptedIn).
+        let strict = try fx.serve()
         #expect(ServerProcess.errorCode(strict.response({ strict.request(1, "generate", Self.gen("zed", "x")); return 1 }())) == -32001)
         #expect(strict.finish() == 0)
 

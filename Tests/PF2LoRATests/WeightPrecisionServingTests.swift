@@ -115,25 +115,7 @@ import Testing
     func pooledDecodeIsBatchInvariant(_ p: WeightPrecision) throws {
         let m = try LanguageModel(try L.model("qwen3-qknorm-f16"), servedAt: p)
         #expect(m.baseLinears.weights.joined().allSatisfy { $0.precision == p })
-        let cs = try L.cases("qwen3-qknorm-f16")
-        let V = m.architecture.vocabSize
-        let batched = InferenceEngine(model: m, pool: WorkerPool(threads: 2)), alone = InferenceEngine(model: m, pool: WorkerPool(threads: 2))
-        let cb = cs.map { _ in KVCache(architecture: m.architecture, capacity: 80) }, ca = cs.map { _ in KVCache(architecture: m.architecture, capacity: 80) }
-        for (i, c) in cs.enumerated() {
-            _ = try batched.step([StepInput(cache: cb[i], tokens: c.ids, weights: m.baseLinears)])
-            _ = try alone.step([StepInput(cache: ca[i], tokens: c.ids, weights: m.baseLinears)])
-        }
-        var next = cs.map { $0.greedy[0] }
-        for _ in 0..<5 {
-            let rows = try batched.step(cs.indices.map { StepInput(cache: cb[$0], tokens: [next[$0]], weights: m.baseLinears) }).array
-            var nb: [Int] = []
-            for i in cs.indices {
-                let la = try alone.step([StepInput(cache: ca[i], tokens: [next[i]], weights: m.baseLinears)])
-                #expect((0..<V).allSatisfy { la.data[$0] == rows[i * V + $0] }, "\(p) sequence \(i): batched logits differ from alone")
-                nb.append(Sampler.argmax(la.data, count: V))
-            }
-            next = nb
-        }
+        try L.expectPooledDecodeIsBatchInvariant(m, steps: 5, label: "\(p)")
     }
 
     /// q8_0 on the embedded default: perplexity on held-out text within 1 % of f32 (decode path,

@@ -31,6 +31,34 @@ public enum ClientID {
 
     public static func isValid(_ id: String) -> Bool { (try? validate(id)) != nil }
 
+    /// Up to `count` of `ids` closest to `id` by edit distance (at most a third of its length, at
+    /// least 2; ties in `ids`' order), for "did you mean" hints. Scans at most 10,000 ids.
+    public static func closest(to id: String, among ids: [String], count: Int) -> [String] {
+        let a = Array(id.lowercased().utf8)
+        let limit = max(2, a.count / 3)
+        var scored: [(Int, Int, String)] = []
+        for (i, other) in ids.prefix(10_000).enumerated() {
+            let b = Array(other.lowercased().utf8)
+            guard abs(a.count - b.count) <= limit else { continue }
+            let d = editDistance(a, b)
+            if d <= limit { scored.append((d, i, other)) }
+        }
+        return scored.sorted { ($0.0, $0.1) < ($1.0, $1.1) }.prefix(count).map(\.2)
+    }
+
+    /// Levenshtein distance of two byte strings.
+    static func editDistance(_ a: [UInt8], _ b: [UInt8]) -> Int {
+        guard !a.isEmpty else { return b.count }
+        guard !b.isEmpty else { return a.count }
+        var prev = Array(0...b.count), cur = prev
+        for x in 1...a.count {
+            cur[0] = x
+            for y in 1...b.count { cur[y] = min(prev[y] + 1, cur[y - 1] + 1, prev[y - 1] + (a[x - 1] == b[y - 1] ? 0 : 1)) }
+            swap(&prev, &cur)
+        }
+        return prev[b.count]
+    }
+
     /// `id` with control characters escaped and cut to 80 characters, safe to print in an error.
     static func printable(_ id: String) -> String {
         var out = ""

@@ -30,11 +30,20 @@ public struct AdapterBinding: Sendable {
 /// - Client pairs come from the store's byte-bounded LRU cache of validated adapters; the
 ///   `ClientPairs` views built on them copy nothing and are dropped when the cache evicts.
 /// - The store's manifest is re-read (one stat when unchanged) at most every `refreshInterval`.
+/// What a generate for a client without an adapter in the store gets (issue 11, item 18).
+public enum UnknownClientPolicy: Sendable, Equatable {
+    /// -32001 (HTTP 404) naming the client, the store's clients and how to ask for the shared pair.
+    case refuse
+    /// The shared pair alone, `adapter.client` null (DESIGN §5; `serve --unknown-clients-get-shared`).
+    case sharedPair
+}
+
 public final class AdapterRuntime: Sendable {
     public let model: LanguageModel
     public let store: AdapterStore?
-    /// Refuse clients the store has never seen (otherwise they get the shared pair alone).
-    public let strict: Bool
+    /// What a generate for a client the store has no adapter for gets: an error (the default), or
+    /// the shared pair alone (DESIGN §5's behaviour, `serve --unknown-clients-get-shared`).
+    public let unknownClients: UnknownClientPolicy
     /// Minimum seconds between manifest checks. A check is one stat() when nothing changed, so the
     /// default checks on every admission: a version published a moment ago is used by the next request.
     public var refreshInterval: Double {
@@ -61,10 +70,10 @@ public final class AdapterRuntime: Sendable {
     /// How the shared pair is applied (nil: `SharedPairMode.default` for the base's precision).
     public let sharedPairMode: SharedPairMode?
 
-    public init(model: LanguageModel, store: AdapterStore?, strict: Bool = false, sharedPairMode: SharedPairMode? = nil) {
+    public init(model: LanguageModel, store: AdapterStore?, unknownClients: UnknownClientPolicy = .refuse, sharedPairMode: SharedPairMode? = nil) {
         self.model = model
         self.store = store
-        self.strict = strict
+        self.unknownClients = unknownClients
         self.sharedPairMode = sharedPairMode
         var q: [String: String] = [:]
         let report = store?.lastReconcile ?? ReconcileReport()
@@ -165,11 +174,40 @@ public final class AdapterRuntime: Sendable {
             if let what = quarantined[client] {
                 throw RPCError(.adapterInvalid, "client '\(client)' has no valid adapter: \(what); publish a new version (personalize, adapters import-peft) or restore the file, then reload")
             }
-            if strict { throw RPCError(.unknownClient, "unknown client '\(client)': the store has no adapter for it (the server runs with --strict-clients); personalize it first or drop --strict-clients") }
+            if unknownClients == .refuse { throw unknownClientError(client) }
             return AdapterBinding(weights: weights, sharedVersion: shared?.version, client: nil, clientVersion: nil, clientTrainedOn: nil)
         }
         return AdapterBinding(weights: weights, sharedVersion: shared?.version, client: pairs, clientVersion: v,
                               clientTrainedOn: store.trainedOn(client: client, version: v))
+    }
+
+    /// Whether `client` may be served: it has a current version in the store (the manifest is
+    /// re-read once when it has none), or unknown clients get the shared pair. Throws the same
+    /// -32001 `resolve` would, so a transport can refuse before queueing anything.
+    public func checkServable(client: String) throws {
+        guard unknownClients == .refuse else { return }
+        if let store {
+            if store.currentVersion(level: .client, client: client) != nil { return }
+            _ = try? store.refresh()
+            if store.currentVersion(level: .client, client: client) != nil { return }
+            if let what = quarantined[client] {
+                throw RPCError(.adapterInvalid, "client '\(client)' has no valid adapter: \(what); publish a new version (personalize, adapters import-peft) or restore the file, then reload")
+            }
+        }
+        throw unknownClientError(client)
+    }
+
+    /// -32001 for a client with no adapter: names it, says how many clients the store holds and
+    /// the closest ids, and how to ask for the shared pair alone.
+    public func unknownClientError(_ client: String) -> RPCError {
+        let alone = "name the client 'shared' (or give none) for the shared pair alone"
+        guard let store else {
+            return RPCError(.unknownClient, "unknown client '\(client)': the server has no adapter store (start it with --store DIR); \(alone)")
+        }
+        let known = store.clients()
+        let close = ClientID.closest(to: client, among: known, count: 3)
+        let held = known.isEmpty ? "it holds no clients yet" : "it holds \(known.count) client\(known.count == 1 ? "" : "s")" + (close.isEmpty ? "" : "; closest: " + close.joined(separator: ", "))
+        return RPCError(.unknownClient, "unknown client '\(client)': the store has no adapter for it (\(held)); personalize it first, \(alone), or start the server with --unknown-clients-get-shared to serve unknown clients the shared pair")
     }
 
     /// Client `id`'s pairs at `version`, from the cache or loaded (read, decompress, validate).

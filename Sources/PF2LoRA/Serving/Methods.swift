@@ -12,7 +12,8 @@ public enum AdapterChoice: Sendable, Equatable, Codable {
     case base
     /// The shared pair alone (stdio without `client`; HTTP `model` = "shared").
     case shared
-    /// That client's two-level adapter (the shared pair alone while the client has none, unless strict).
+    /// That client's two-level adapter (a client with none is -32001, or the shared pair alone
+    /// under `UnknownClientPolicy.sharedPair`).
     case client(String)
 }
 
@@ -243,13 +244,13 @@ public final class ServingCore: @unchecked Sendable {
     /// `reload(completion:)` calls not yet answered (under `lock`).
     private var reloading = 0
 
-    public init(model: LanguageModel, tokenizer: BPETokenizer, store: AdapterStore?, strictClients: Bool = false,
+    public init(model: LanguageModel, tokenizer: BPETokenizer, store: AdapterStore?, unknownClients: UnknownClientPolicy = .refuse,
                 limits: ServerLimits = ServerLimits()) {
         self.model = model
         self.tokenizer = tokenizer
         self.limits = limits
         _ = model.baseLinears   // the serving layout of the base weights, made now rather than on the first request
-        runtime = AdapterRuntime(model: model, store: store, strict: strictClients)
+        runtime = AdapterRuntime(model: model, store: store, unknownClients: unknownClients)
         scheduler = Scheduler(engine: InferenceEngine(model: model), runtime: runtime, tokenizer: tokenizer, limits: limits)
         training = TrainingRunner()
         maxTokenBytes = max(1, (0..<tokenizer.vocabSize).reduce(0) { max($0, tokenizer.decodeBytes([$1]).count) })
@@ -301,6 +302,9 @@ public final class ServingCore: @unchecked Sendable {
     public func generate(_ r: GenerateRequest, id: Any? = nil, sink: GenerationSink?) throws -> GenerationHandle {
         if case let .client(c) = r.adapter {
             do { try ClientID.validate(c) } catch { throw AdapterRuntime.rpcError(error) }
+            // A client with no adapter is refused here, before anything is queued, for every
+            // transport alike (unless unknown clients get the shared pair).
+            try runtime.checkServable(client: c)
         }
         let maxTokens = r.maxTokens ?? min(limits.defaultMaxTokens, limits.maxNewTokens)
         guard maxTokens >= 0, maxTokens <= limits.maxNewTokens else {

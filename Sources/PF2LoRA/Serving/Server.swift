@@ -60,9 +60,9 @@ public final class Server: @unchecked Sendable {
     /// for everything to finish.
     public var drainTimeout: Double?
 
-    public convenience init(model: LanguageModel, tokenizer: BPETokenizer, store: AdapterStore?, strictClients: Bool = false,
+    public convenience init(model: LanguageModel, tokenizer: BPETokenizer, store: AdapterStore?, unknownClients: UnknownClientPolicy = .refuse,
                 limits: ServerLimits = ServerLimits(), lenient: Bool = false, outputFD: Int32 = 1) {
-        self.init(core: ServingCore(model: model, tokenizer: tokenizer, store: store, strictClients: strictClients, limits: limits),
+        self.init(core: ServingCore(model: model, tokenizer: tokenizer, store: store, unknownClients: unknownClients, limits: limits),
                   lenient: lenient, outputFD: outputFD)
     }
 
@@ -327,7 +327,10 @@ public final class Server: @unchecked Sendable {
     /// layer, which checks it, reserves a place and tokenizes off the reader thread.
     private func generate(_ req: RPCRequest) throws {
         let p = req.params
-        let client = try p.string("client")
+        // "shared" (a reserved id, never a client's) asks for the shared pair alone, as no client
+        // does and as HTTP's model "shared" does.
+        let named = try p.string("client")
+        let client = named == "shared" ? nil : named
         if let client { try ClientID.validate(client) }
         var messages: String?
         if p.has("messages") {

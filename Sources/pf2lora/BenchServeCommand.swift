@@ -33,6 +33,8 @@ struct BenchServe: ParsableCommand {
     var sharedPair = "default"
     @Option(help: "Timed repeats (median).")
     var repeats: Int = 3
+    @Flag(name: .customLong("fast-batching"), help: "Decode as `serve --fast-batching` does: batches wider than 12 sequences as one GEMM pass (by default as `serve` does: every batch width on the worker pool, each sequence's logits the same bits whatever else runs).")
+    var fastBatching = false
     @Option(help: "OpenBLAS threads (0 = its default).")
     var threads: Int = 0
 
@@ -75,6 +77,8 @@ struct BenchServe: ParsableCommand {
         for i in 0..<1000 { let t0 = now(); _ = try runtime.resolve(client: ids[i % clients]); sw.append(now() - t0) }
 
         let engine = InferenceEngine(model: m)
+        // As the server's scheduler sets it (Scheduler.init): batch-invariant unless --fast-batching.
+        if !fastBatching { engine.pooledRowLimit = .max }
         var prng = RNG(seed: 9)
         let prompts = (0..<clients).map { _ in (0..<promptTokens).map { _ in prng.int(below: c.vocabSize) } }
         func decodeRate(_ bs: [AdapterBinding]) throws -> Double {
@@ -91,7 +95,7 @@ struct BenchServe: ParsableCommand {
         let rss = Server.residentBytes()
         print(jsonLine([
             "model": model, "clients": clients, "rank": rank, "rank2": rank2, "threads": BLAS.threads,
-            "weights": weights, "weight_bytes": m.base.byteCount, "shared_pair": (mode ?? .default(for: m.baseLinears)).rawValue,
+            "weights": weights, "fast_batching": fastBatching, "pooled_rows": engine.pooledRowLimit == .max ? -1 : engine.pooledRowLimit, "weight_bytes": m.base.byteCount, "shared_pair": (mode ?? .default(for: m.baseLinears)).rawValue,
             "shared_owned_bytes": bindings[0].weights.ownedBytes(base: m.baseLinears),
             "base_decode_tokens_per_s": b, "adapters_decode_tokens_per_s": a, "ratio": a / b,
             "client_cold_load_ms_median": cold.sorted()[cold.count / 2] * 1000,

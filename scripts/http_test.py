@@ -67,6 +67,7 @@ class Server:
             raise SystemExit("server did not start:\n" + "".join(self.log))
         threading.Thread(target=self._drain, daemon=True).start()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.store = store
 
     def _drain(self):
         for line in self.proc.stderr:
@@ -386,6 +387,7 @@ def run_checks(srv, clients, exchange):
     disconnect(stream=False)
     r = client.completions.create(model=clients[0], prompt=prompt, max_tokens=4, temperature=0)
     check(len(r.choices[0].text) > 0, "serving goes on after a client went away")
+    personalize_disconnect(srv, client, clients[-1], prompt)
 
     # Slow clients (the server runs with --http-header-timeout 2 --http-body-timeout 2, idle timeout
     # 60 s): a header dripped byte by byte is closed after 2 s; a body that stops arriving gets 408.
@@ -422,6 +424,50 @@ def run_checks(srv, clients, exchange):
     check(head.startswith(b"HTTP/1.1 408") and time.time() - t0 < 6, f"a body that stops arriving: 408 ({head[:40]!r})")
     st, body = raw(srv, "GET", "/health")
     check(st == 200, "healthy after slow and vanished clients")
+
+
+def store_files(store):
+    """{path inside the store: (size, mtime_ns)} for every file."""
+    out = {}
+    for d, _, files in os.walk(store):
+        for f in files:
+            st = os.stat(os.path.join(d, f))
+            out[os.path.relpath(os.path.join(d, f), store)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def personalize_disconnect(srv, client, cid, prompt):
+    """A client that disconnects from POST /v1/personalize cancels the training (docs/HTTP.md): it
+    stops within seconds, nothing is published, no file of the store changes, the client's text is
+    the same, and the training slot is free again (a short personalize then publishes)."""
+    import socket
+    st, before = raw(srv, "GET", f"/v1/adapters/{cid}")
+    check(st == 200 and before["version"] >= 1, f"the client to personalize has an adapter ({st} {before})")
+    text0 = client.completions.create(model=cid, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    files0 = store_files(srv.store)
+    m0 = metrics(srv)
+    texts = [f"Q: What is {i} plus {i}?\nA: It is {2 * i}, as anyone who counts knows." for i in range(16)]
+    body = json.dumps({"client": cid, "texts": texts, "steps": 100000, "batch": 2, "seq": 32, "seed": 1}).encode()
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    sock.sendall(b"POST /v1/personalize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    wait_until("the personalize runs", lambda: metrics(srv)["pf2lora_training_running"] == 1)
+    time.sleep(1.0)   # some steps (100,000 would take hours)
+    t0 = time.time()
+    sock.close()
+    wait_until("the training stops once its client went away", lambda: metrics(srv)["pf2lora_training_running"] == 0, timeout=60)
+    stopped = time.time() - t0
+    m1 = metrics(srv)
+    check(m1["pf2lora_training_jobs_total"] == m0["pf2lora_training_jobs_total"] + 1, "the personalize was started once")
+    st, after = raw(srv, "GET", f"/v1/adapters/{cid}")
+    check(st == 200 and after["version"] == before["version"], f"a disconnected personalize publishes nothing ({before['version']} -> {after.get('version')})")
+    check(store_files(srv.store) == files0, "a disconnected personalize changes no file of the store")
+    text1 = client.completions.create(model=cid, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    check(text1 == text0, "the client is served as before the cancelled personalize")
+    st, done = raw(srv, "POST", "/v1/personalize", {"client": cid, "texts": texts, "steps": 2, "batch": 2, "seq": 32, "seed": 1})
+    check(st == 200 and done.get("version") == before["version"] + 1,
+          f"the training slot is free after the disconnect: the next personalize publishes v{before['version'] + 1} ({st} {done})")
+    print(f"http_test: personalize cancelled {stopped:.2f} s after its client disconnected")
 
 
 def drain_checks(srv, clients):

@@ -252,3 +252,209 @@ void pf2lora_q8_0_dot_rows(const void *w, long cols, const int8_t *xq, const flo
         for (long v = 0; v < count; v++) out[v * stride + r] = dot(row, nb, xq + v * cols, xd + v * nb);
     }
 }
+
+// MARK: - The four-row interleaved layout (q8_0x4)
+//
+// Rows 4g..4g+3 form group g (rows past the last are zeros). With nb = cols / 32 blocks per row and
+// G = ceil(rows / 4) groups, the quants come first: block j of group g is 128 bytes at
+// (g * nb + j) * 128, four chunks of 32 bytes, chunk c holding values 8c..8c+7 of the four rows (8
+// bytes each, row order). The scales follow all quants: at G * nb * 128 + (g * nb + j) * 8 the four
+// rows' f16 d of block j. One 32-byte load then serves four rows, the activations' 8 bytes are
+// broadcast to all four, and one FMA per block applies the four rows' scales (llama.cpp's REPACK
+// q8_0 gemv is built the same way).
+//
+// Every path computes, for row r and block j, two exact int32 sums L0 = sum over c of values
+// 8c..8c+3 (w * x) and L1 = sum over c of values 8c+4..8c+7; then with s = dw_j * dx_j (f32),
+// (A0, A1) = fma(s, (L0, L1), (A0, A1)) for even j and for a last unpaired block, (B0, B1) likewise
+// for odd j; the result is (A0 + B0) + (A1 + B1). The scalar path does exactly that, so all paths
+// agree to the bit, whatever the batch or the row range.
+
+long pf2lora_q8_0x4_bytes(long rows, long cols) { return (rows + 3) / 4 * (cols / QK) * 136; }
+
+static inline uint8_t *x4_quants(uint8_t *w, long cols, long g, long j) { return w + (g * (cols / QK) + j) * 128; }
+static inline uint8_t *x4_scale(uint8_t *w, long rows, long cols, long r, long j) {
+    long nb = cols / QK, G = (rows + 3) / 4;
+    return w + G * nb * 128 + ((r / 4) * nb + j) * 8 + (r % 4) * 2;
+}
+
+void pf2lora_q8_0x4_set_row(void *w, long rows, long cols, long r, const void *blocks) {
+    const uint8_t *src = (const uint8_t *)blocks;
+    for (long j = 0; j < cols / QK; j++) {
+        const uint8_t *blk = src + j * BLOCK_BYTES;
+        memcpy(x4_scale((uint8_t *)w, rows, cols, r, j), blk, 2);
+        uint8_t *q = x4_quants((uint8_t *)w, cols, r / 4, j) + (r % 4) * 8;
+        for (int c = 0; c < 4; c++) memcpy(q + 32 * c, blk + 2 + 8 * c, 8);
+    }
+}
+
+void pf2lora_q8_0x4_get_row(const void *w, long rows, long cols, long r, void *blocks) {
+    uint8_t *dst = (uint8_t *)blocks;
+    for (long j = 0; j < cols / QK; j++) {
+        uint8_t *blk = dst + j * BLOCK_BYTES;
+        memcpy(blk, x4_scale((uint8_t *)w, rows, cols, r, j), 2);
+        const uint8_t *q = x4_quants((uint8_t *)w, cols, r / 4, j) + (r % 4) * 8;
+        for (int c = 0; c < 4; c++) memcpy(blk + 2 + 8 * c, q + 32 * c, 8);
+    }
+}
+
+void pf2lora_q8_0x4_row_to_f32(const void *w, long rows, long cols, long r, float *out) {
+    for (long j = 0; j < cols / QK; j++) {
+        float d = half_to_float(load_u16(x4_scale((uint8_t *)w, rows, cols, r, j)));
+        const int8_t *q = (const int8_t *)x4_quants((uint8_t *)w, cols, r / 4, j) + (r % 4) * 8;
+        for (int c = 0; c < 4; c++)
+            for (int i = 0; i < 8; i++) out[j * QK + 8 * c + i] = d * (float)q[32 * c + i];
+    }
+}
+
+static void dot4_scalar(const uint8_t *q, const uint8_t *sc, long nb, const int8_t *xq, const float *xd, float *out) {
+    for (int rr = 0; rr < 4; rr++) {
+        float a0 = 0, a1 = 0, b0 = 0, b1 = 0;
+        for (long j = 0; j < nb; j++) {
+            const int8_t *qw = (const int8_t *)(q + j * 128) + rr * 8, *qx = xq + j * QK;
+            int32_t l0 = 0, l1 = 0;
+            for (int c = 0; c < 4; c++) {
+                for (int i = 0; i < 4; i++) l0 += (int32_t)qw[32 * c + i] * (int32_t)qx[8 * c + i];
+                for (int i = 4; i < 8; i++) l1 += (int32_t)qw[32 * c + i] * (int32_t)qx[8 * c + i];
+            }
+            float s = half_to_float(load_u16(sc + j * 8 + rr * 2)) * xd[j];
+            if (j & 1) { b0 = fmaf(s, (float)l0, b0); b1 = fmaf(s, (float)l1, b1); }
+            else { a0 = fmaf(s, (float)l0, a0); a1 = fmaf(s, (float)l1, a1); }
+        }
+        out[rr] = (a0 + b0) + (a1 + b1);
+    }
+}
+
+#ifdef PF2LORA_X86
+// One chunk: four rows' 8 values against the same 8 activation values, into T's int32 lanes (row k
+// in lanes 2k (values 0-3) and 2k + 1 (values 4-7)).
+#define X4_CHUNK(T, QB, XQ, C, ISUM)                                                             \
+    {                                                                                            \
+        __m256i w = _mm256_loadu_si256((const __m256i *)((QB) + 32 * (C)));                      \
+        int64_t xv; memcpy(&xv, (XQ) + 8 * (C), 8);                                              \
+        __m256i x = _mm256_set1_epi64x(xv);                                                      \
+        T = _mm256_add_epi32(T, ISUM(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)));          \
+    }
+
+#define DOT4_BODY(ISUM)                                                                          \
+    const __m256i lo4 = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), hi4 = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7); \
+    __m256 a = _mm256_setzero_ps(), b = a;                                                       \
+    long j = 0;                                                                                  \
+    for (; j + 2 <= nb; j += 2) {                                                                \
+        const uint8_t *q0 = q + j * 128, *q1 = q0 + 128;                                         \
+        const int8_t *x0 = xq + j * QK, *x1 = x0 + QK;                                           \
+        __m256i t = _mm256_setzero_si256(), u = t;                                               \
+        X4_CHUNK(t, q0, x0, 0, ISUM) X4_CHUNK(u, q1, x1, 0, ISUM) X4_CHUNK(t, q0, x0, 1, ISUM)   \
+        X4_CHUNK(u, q1, x1, 1, ISUM) X4_CHUNK(t, q0, x0, 2, ISUM) X4_CHUNK(u, q1, x1, 2, ISUM)   \
+        X4_CHUNK(t, q0, x0, 3, ISUM) X4_CHUNK(u, q1, x1, 3, ISUM)                                \
+        __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + j * 8))), \
+                                 _mm256_setr_m128(_mm_broadcast_ss(xd + j), _mm_broadcast_ss(xd + j + 1))); \
+        a = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s, lo4), _mm256_cvtepi32_ps(t), a);         \
+        b = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s, hi4), _mm256_cvtepi32_ps(u), b);         \
+    }                                                                                            \
+    if (j < nb) {                                                                                \
+        const uint8_t *q0 = q + j * 128;                                                         \
+        const int8_t *x0 = xq + j * QK;                                                          \
+        __m256i t = _mm256_setzero_si256();                                                      \
+        X4_CHUNK(t, q0, x0, 0, ISUM) X4_CHUNK(t, q0, x0, 1, ISUM) X4_CHUNK(t, q0, x0, 2, ISUM)   \
+        X4_CHUNK(t, q0, x0, 3, ISUM)                                                             \
+        __m128 s = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(sc + j * 8))), _mm_broadcast_ss(xd + j)); \
+        a = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(s), lo4), _mm256_cvtepi32_ps(t), a); \
+    }                                                                                            \
+    __m256 ab = _mm256_add_ps(a, b);                        /* (A0 + B0, A1 + B1) per row */     \
+    __m256 h = _mm256_add_ps(ab, _mm256_permute_ps(ab, 0xB1));                                   \
+    __m128 l = _mm256_castps256_ps128(h), hh = _mm256_extractf128_ps(h, 1);                      \
+    out[0] = _mm_cvtss_f32(l); out[1] = _mm_cvtss_f32(_mm_movehl_ps(l, l));                      \
+    out[2] = _mm_cvtss_f32(hh); out[3] = _mm_cvtss_f32(_mm_movehl_ps(hh, hh));
+
+__attribute__((target("avx2,fma,f16c")))
+static void dot4_avx2(const uint8_t *q, const uint8_t *sc, long nb, const int8_t *xq, const float *xd, float *out) { DOT4_BODY(isum_avx2) }
+
+__attribute__((target("avxvnni,avx2,fma,f16c")))
+static void dot4_vnni(const uint8_t *q, const uint8_t *sc, long nb, const int8_t *xq, const float *xd, float *out) { DOT4_BODY(isum_vnni) }
+#endif
+
+typedef void (*dot4_fn)(const uint8_t *, const uint8_t *, long, const int8_t *, const float *, float *);
+
+void pf2lora_q8_0x4_dot_rows(const void *w, long rows, long cols, const int8_t *xq, const float *xd, long count,
+                             long row0, long row1, float *out, long stride) {
+    if (row0 >= row1) return;
+    long nb = cols / QK, G = (rows + 3) / 4;
+    const uint8_t *quants = (const uint8_t *)w, *scales = quants + G * nb * 128;
+    dot4_fn dot = dot4_scalar;
+#ifdef PF2LORA_X86
+    int isa = pf2lora_quant_isa();
+    if (isa >= PF2LORA_ISA_AVXVNNI) dot = dot4_vnni;
+    else if (isa >= PF2LORA_ISA_AVX2) dot = dot4_avx2;
+#endif
+    // Group by group: its 4 rows (cols * 34 / 8 bytes) are read from memory once and stay in L1
+    // for every sequence. A group only partly in [row0, row1) is computed whole; only its rows in
+    // range are written.
+    for (long g = row0 / 4; g <= (row1 - 1) / 4; g++) {
+        const uint8_t *q = quants + g * nb * 128, *sc = scales + g * nb * 8;
+        long r0 = 4 * g < row0 ? row0 - 4 * g : 0, r1 = 4 * g + 4 > row1 ? row1 - 4 * g : 4;
+        for (long v = 0; v < count; v++) {
+            float o[4];
+            dot(q, sc, nb, xq + v * cols, xd + v * nb, o);
+            for (long k = r0; k < r1; k++) out[v * stride + 4 * g + k] = o[k];
+        }
+    }
+}
+
+// MARK: - Decode attention scores, head_dim 64
+
+// Keys j0..T-1; every key's score is computed the same way on every path.
+static void scores64_scalar(const float *q, long g, const float *k, long j0, long T, float scale, float *scores) {
+    for (long j = j0; j < T; j++) {
+        const float *kr = k + j * 64;
+        for (long i = 0; i < g; i++) {
+            const float *qi = q + i * 64;
+            float l[8];
+            for (int e = 0; e < 8; e++) {
+                float a = 0;
+                for (int c = 0; c < 8; c++) a = fmaf(qi[8 * c + e], kr[8 * c + e], a);
+                l[e] = a;
+            }
+            // the AVX2 path's reduction order: (0+1, 2+3, 4+5, 6+7), then pairs, then halves
+            scores[i * T + j] = scale * (((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])));
+        }
+    }
+}
+
+#ifdef PF2LORA_X86
+__attribute__((target("avx2,fma,f16c")))
+static void scores64_avx2(const float *q, long g, const float *k, long T, float scale, float *scores) {
+    const __m256 sv = _mm256_set1_ps(scale);
+    long j = 0;
+    for (; j + 8 <= T; j += 8) {
+        const float *kb = k + j * 64;
+        for (long i = 0; i < g; i++) {
+            const float *qi = q + i * 64;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            for (int c = 0; c < 8; c++) {
+                __m256 qc = _mm256_loadu_ps(qi + 8 * c);
+                a0 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 0 * 64 + 8 * c), a0);
+                a1 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 1 * 64 + 8 * c), a1);
+                a2 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 2 * 64 + 8 * c), a2);
+                a3 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 3 * 64 + 8 * c), a3);
+                a4 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 4 * 64 + 8 * c), a4);
+                a5 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 5 * 64 + 8 * c), a5);
+                a6 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 6 * 64 + 8 * c), a6);
+                a7 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 7 * 64 + 8 * c), a7);
+            }
+            // Eight horizontal sums at once: lane e of the result is key j + e's.
+            __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3), h45 = _mm256_hadd_ps(a4, a5), h67 = _mm256_hadd_ps(a6, a7);
+            __m256 h0 = _mm256_hadd_ps(h01, h23), h4 = _mm256_hadd_ps(h45, h67);
+            __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(h0, h4, 0x20), _mm256_permute2f128_ps(h0, h4, 0x31));
+            _mm256_storeu_ps(scores + i * T + j, _mm256_mul_ps(sv, s));
+        }
+    }
+    scores64_scalar(q, g, k, j, T, scale, scores);
+}
+#endif
+
+void pf2lora_attention_scores64(const float *q, long g, const float *k, long T, float scale, float *scores) {
+#ifdef PF2LORA_X86
+    if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { scores64_avx2(q, g, k, T, scale, scores); return; }
+#endif
+    scores64_scalar(q, g, k, 0, T, scale, scores);
+}

@@ -35,9 +35,11 @@ struct BenchServe: ParsableCommand {
     var repeats: Int = 3
     @Option(help: "OpenBLAS threads (0 = its default).")
     var threads: Int = 0
+    @Option(name: .customLong("pooled-rows"), help: "Decode steps of at most this many sequences run on the worker pool (every sequence summed in the same order whatever the batch: how `serve` runs by default, at any width), larger ones as OpenBLAS GEMMs (`serve --fast-batching`). Default: the engine's, \(InferenceEngine.maxPooledRows).")
+    var pooledRows: Int?
 
     func validate() throws {
-        guard clients >= 1, rank >= 1, rank2 >= 1, tokens >= 1, promptTokens >= 1, repeats >= 1, threads >= 0 else {
+        guard clients >= 1, rank >= 1, rank2 >= 1, tokens >= 1, promptTokens >= 1, repeats >= 1, threads >= 0, (pooledRows ?? 0) >= 0 else {
             throw ValidationError("need --clients, --rank, --rank2, --tokens, --prompt-tokens, --repeats >= 1 and --threads >= 0")
         }
         _ = try WeightsOption.parse(weights)
@@ -75,6 +77,7 @@ struct BenchServe: ParsableCommand {
         for i in 0..<1000 { let t0 = now(); _ = try runtime.resolve(client: ids[i % clients]); sw.append(now() - t0) }
 
         let engine = InferenceEngine(model: m)
+        if let p = pooledRows { engine.pooledRowLimit = p }
         var prng = RNG(seed: 9)
         let prompts = (0..<clients).map { _ in (0..<promptTokens).map { _ in prng.int(below: c.vocabSize) } }
         func decodeRate(_ bs: [AdapterBinding]) throws -> Double {
@@ -93,6 +96,8 @@ struct BenchServe: ParsableCommand {
             "model": model, "clients": clients, "rank": rank, "rank2": rank2, "threads": BLAS.threads,
             "weights": weights, "weight_bytes": m.base.byteCount, "shared_pair": (mode ?? .default(for: m.baseLinears)).rawValue,
             "shared_owned_bytes": bindings[0].weights.ownedBytes(base: m.baseLinears),
+            "client_pair_modules": bench.adapter(.client, rank: rank2, id: "x").modules.count,
+            "decode_path": clients <= engine.pooledRowLimit ? "pool" : "gemm",
             "base_decode_tokens_per_s": b, "adapters_decode_tokens_per_s": a, "ratio": a / b,
             "client_cold_load_ms_median": cold.sorted()[cold.count / 2] * 1000,
             "cached_switch_us_median": sw.sorted()[sw.count / 2] * 1e6,

@@ -1,3 +1,4 @@
+import CQuant
 import Foundation
 import Testing
 @testable import PF2LoRA
@@ -67,6 +68,32 @@ import Testing
                 worst = max(worst, Self.maxAbsDiff(lg.data, whole.data + t * V, V))
             }
             #expect(worst <= tol, "\(shape) decode (pooled rows \(limit), \(threads) threads): \(worst)")
+        }
+    }
+
+    /// The head_dim-64 decode scores (eight keys at a time, C): the same bits on the scalar and the
+    /// AVX2 path, for key counts around multiples of eight, and within f32 rounding of the f64 dot.
+    @Test func scores64MatchScalarAndF64() {
+        defer { _ = pf2lora_quant_set_isa(99) }
+        var rng = RNG(seed: 4)
+        let g = 3, maxT = 41
+        let q = (0..<(g * 64)).map { _ in rng.normal() }, k = (0..<(maxT * 64)).map { _ in rng.normal() }
+        for T in [1, 7, 8, 9, 16, 41] {
+            var paths: [[Float]] = []
+            for isa in [0, 99] {
+                _ = pf2lora_quant_set_isa(Int32(isa))
+                var sc = [Float](repeating: 0, count: g * T)
+                pf2lora_attention_scores64(q, g, k, T, 0.125, &sc)
+                paths.append(sc)
+            }
+            #expect(paths[0].map(\.bitPattern) == paths[1].map(\.bitPattern), "T \(T)")
+            for i in 0..<g {
+                for j in 0..<T {
+                    var ref = 0.0, mag = 0.0
+                    for e in 0..<64 { let t = Double(q[i * 64 + e]) * Double(k[j * 64 + e]); ref += t; mag += abs(t) }
+                    #expect(abs(Double(paths[1][i * T + j]) - 0.125 * ref) <= 0.125 * mag * 16 * 0x1p-24, "T \(T) head \(i) key \(j)")
+                }
+            }
         }
     }
 }

@@ -34,8 +34,11 @@ import Testing
         let want = try Data(contentsOf: URL(fileURLWithPath: TestPaths.fixture("q8_0/q8_0.bin")))
         #expect(want.count == rows * cols / 32 * 34)
         let m = WeightMatrix(Tensor(x, shape: [rows, cols])).converted(to: .q8_0)
-        #expect(m.precision == .q8_0 && m.rows == rows && m.cols == cols && m.byteCount == want.count)
-        let got = Data(bytes: m.base, count: m.byteCount)
+        // Kept interleaved four rows at a time (the decode kernel's layout); its rows are GGUF's.
+        #expect(m.precision == .q8_0 && m.rows == rows && m.cols == cols && m.interleaved)
+        #expect(m.byteCount == (rows + 3) / 4 * 4 * cols / 32 * 34)
+        let got = Data(m.ggufQ8_0Bytes())
+        #expect(got.count == want.count)
         var firstDiff: Int?
         for i in 0..<want.count where got[i] != want[i] { firstDiff = i; break }
         #expect(firstDiff == nil, "first differing byte \(firstDiff ?? -1) (block \((firstDiff ?? 0) / 34))")
@@ -181,6 +184,19 @@ import Testing
             for (isa, r) in results.enumerated() {
                 let differing = zip(r, results[0]).filter { $0 != $1 }.count
                 #expect(differing == 0, "isa \(isa): \(differing) results differ from the scalar path's, cols \(cols)")
+            }
+            // The same rows in GGUF's layout (a view, the standard kernel): equal to f32 rounding.
+            let gguf = m.ggufQ8_0Bytes()
+            let std = Tensor(zeros: [5, rows])
+            gguf.withUnsafeBytes { raw in
+                let v = WeightMatrix(viewing: raw.baseAddress!, precision: .q8_0, rows: rows, cols: cols, owner: nil)
+                #expect(!v.interleaved && v.byteCount == rows * cols / 32 * 34)
+                #expect(v.toTensor().array == w.array)
+                dotRows(v, xs.data, quantized: act, count: 5, rows: 0..<rows, std.data, stride: rows)
+            }
+            let inter = results[0].map { Float(bitPattern: $0) }
+            for i in 0..<(5 * rows) {
+                #expect(abs(std.data[i] - inter[i]) <= 1e-5 * (abs(inter[i]) + 1), "standard vs interleaved, cols \(cols), \(i)")
             }
 
             let out = results[0].map { Float(bitPattern: $0) }

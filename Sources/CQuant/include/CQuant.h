@@ -48,6 +48,30 @@ void pf2lora_q8_quantize_activations(const float *x, int8_t *q, float *d, long n
 void pf2lora_q8_0_dot_rows(const void *w, long cols, const int8_t *xq, const float *xd, long count,
                            long row0, long row1, float *out, long stride);
 
+/// The four-row interleaved q8_0 layout the serving weights use (CQuant.c, "q8_0x4"): groups of 4
+/// rows (the last padded with zero rows), all quants first, block by block four rows' 8-value chunks
+/// side by side, then all scales. The bytes of a (rows, cols) matrix.
+long pf2lora_q8_0x4_bytes(long rows, long cols);
+
+/// Row r of an interleaved matrix from / to the standard q8_0 blocks (cols / 32 blocks of 34 bytes).
+void pf2lora_q8_0x4_set_row(void *w, long rows, long cols, long r, const void *blocks);
+void pf2lora_q8_0x4_get_row(const void *w, long rows, long cols, long r, void *blocks);
+
+/// Row r of an interleaved matrix as cols f32 values (d * q, exact).
+void pf2lora_q8_0x4_row_to_f32(const void *w, long rows, long cols, long r, float *out);
+
+/// `pf2lora_q8_0_dot_rows` for an interleaved matrix of `rows` rows: each activation load serves
+/// four rows. Every path sums each x_v in the same order (CQuant.c), so a result does not depend on
+/// `count`, on the row range, or on the instruction set; it differs in its last bits from the
+/// standard layout's kernel (another summation order).
+void pf2lora_q8_0x4_dot_rows(const void *w, long rows, long cols, const int8_t *xq, const float *xd, long count,
+                             long row0, long row1, float *out, long stride);
+
+/// Decode attention scores for head_dim 64: scores[i * T + j] = scale * (q_i . k_j) for the g query
+/// heads q_i (64 floats each, contiguous) and the T keys k_j (64 floats each, contiguous). Eight keys
+/// at a time with one transposing reduction (AVX2); the scalar path sums in the same order.
+void pf2lora_attention_scores64(const float *q, long g, const float *k, long T, float scale, float *scores);
+
 #ifdef __cplusplus
 }
 #endif

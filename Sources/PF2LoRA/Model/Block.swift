@@ -1,3 +1,4 @@
+import CQuant
 import Foundation
 
 // The decoder block, written once for every family and every way it is run (llm.c / llama2.c's
@@ -259,26 +260,16 @@ func decodeGroup(q: UnsafePointer<Float>, heads g: Int, k: UnsafePointer<Float>,
     }
 }
 
-/// `decodeGroup` for hd = 64 (every GPT-2 size, SmolLM2, Llama-3.2): each key row is loaded once into
-/// eight registers and dotted with all g query heads (fused multiply-adds, q from L1), the scores of a
-/// head go through exp, and each head's weighted sum of the values keeps its 64 outputs in registers
+/// `decodeGroup` for hd = 64 (every GPT-2 size, SmolLM2, Llama-3.2): the scores of eight keys at a
+/// time for all g query heads (`pf2lora_attention_scores64`, the keys from L1 for every head), the
+/// scores of a head go through exp, and each head's weighted sum of the values keeps its 64 outputs in registers
 /// while the value rows stream past; the softmax's 1 / sum is applied once to the 64 outputs.
 @inline(__always)
 func decodeGroup64(q: UnsafePointer<Float>, heads g: Int, k: UnsafePointer<Float>, v: UnsafePointer<Float>, count T: Int,
                    scale: Float, scores sc: UnsafeMutablePointer<Float>, out o: UnsafeMutablePointer<Float>) {
-    for j in 0..<T {
-        let kr = k + j * 64
-        let k0 = loadF8(kr), k1 = loadF8(kr + 8), k2 = loadF8(kr + 16), k3 = loadF8(kr + 24)
-        let k4 = loadF8(kr + 32), k5 = loadF8(kr + 40), k6 = loadF8(kr + 48), k7 = loadF8(kr + 56)
-        for i in 0..<g {
-            let qi = q + i * 64
-            var a0 = loadF8(qi) * k0, a1 = loadF8(qi + 8) * k1
-            var a2 = loadF8(qi + 16) * k2, a3 = loadF8(qi + 24) * k3
-            a0 = a0.addingProduct(loadF8(qi + 32), k4); a1 = a1.addingProduct(loadF8(qi + 40), k5)
-            a2 = a2.addingProduct(loadF8(qi + 48), k6); a3 = a3.addingProduct(loadF8(qi + 56), k7)
-            sc[i * T + j] = scale * hsum8((a0 + a1) + (a2 + a3))
-        }
-    }
+    // Scores, eight keys at a time (C: one transposing reduction per eight keys instead of a
+    // horizontal sum per key, which had been a quarter of decode attention).
+    pf2lora_attention_scores64(q, g, k, T, scale, sc)
     for i in 0..<g {
         let p = sc + i * T
         let (_, sum) = expShiftedInPlace(p, count: T)

@@ -164,7 +164,11 @@ func dotRows(_ w: WeightMatrix, _ xs: UnsafePointer<Float>, quantized: Q8Activat
     case .bf16: halfDotRows(w.base, C: w.cols, xs, count: count, rows: rows, out, stride: stride, BFloatLoad.self)
     case .q8_0:
         let a = quantized!, n = w.cols
-        pf2lora_q8_0_dot_rows(w.base, n, a.q + first * n, a.d + first * n / 32, count, rows.lowerBound, rows.upperBound, out, stride)
+        if w.interleaved {
+            pf2lora_q8_0x4_dot_rows(w.base, w.rows, n, a.q + first * n, a.d + first * n / 32, count, rows.lowerBound, rows.upperBound, out, stride)
+        } else {
+            pf2lora_q8_0_dot_rows(w.base, n, a.q + first * n, a.d + first * n / 32, count, rows.lowerBound, rows.upperBound, out, stride)
+        }
     }
 }
 

@@ -44,7 +44,9 @@ public enum WeightPrecision: String, CaseIterable, Sendable, CustomStringConvert
 ///
 /// f32 matrices wrap a `Tensor` (a view of the mapped checkpoint or an owned copy). f16 and bf16
 /// matrices are views of the checkpoint's bytes as it stores them (`SafeTensorsFile.weightMatrix`):
-/// no f32 copy exists. q8_0 matrices are made at load (`converted(to:)`) and own their bytes.
+/// no f32 copy exists. q8_0 matrices are made at load (`converted(to:)`) and own their bytes, in the
+/// four-row interleaved layout of the decode kernel (`interleaved`, CQuant.h's q8_0x4); a view of
+/// GGUF's standard row layout is read too.
 /// Decode reads every precision directly (`dotRows` in WeightKernels.swift); prefill converts
 /// row panels to f32 for sgemm (`rowsToF32`).
 public final class WeightMatrix: @unchecked Sendable {   // immutable after init, like a mapped Tensor
@@ -57,23 +59,33 @@ public final class WeightMatrix: @unchecked Sendable {   // immutable after init
     public let base: UnsafeRawPointer
     /// The values as an f32 tensor, for f32 matrices only.
     public let f32: Tensor?
+    /// q8_0 only: the rows are stored in groups of four interleaved block by block (CQuant.h,
+    /// `pf2lora_q8_0x4_*`: one activation load serves four rows), not as GGUF's rows of 34-byte blocks.
+    public let interleaved: Bool
+    /// The bytes the values take (an interleaved q8_0 matrix pads its last group of rows to four).
+    public let byteCount: Int
     private let owner: AnyObject?
 
     /// An f32 matrix over `t` read as (rows, cols); copies nothing.
     public init(_ t: Tensor) {
         precision = .f32
         rows = t.rows; cols = t.cols; rowBytes = 4 * t.cols
+        interleaved = false; byteCount = rows * rowBytes
         base = UnsafeRawPointer(t.data)
         f32 = t
         owner = t
     }
 
-    /// A view of `rows * precision.rowBytes(cols:)` bytes at `base` that `owner` keeps alive.
-    /// f32 data must be 4-byte aligned; the other precisions may sit at any address.
-    public init(viewing base: UnsafeRawPointer, precision: WeightPrecision, rows: Int, cols: Int, owner: AnyObject?) {
+    /// A view of `rows * precision.rowBytes(cols:)` bytes at `base` that `owner` keeps alive
+    /// (`interleaved` q8_0: `pf2lora_q8_0x4_bytes(rows, cols)`). f32 data must be 4-byte aligned;
+    /// the other precisions may sit at any address.
+    public init(viewing base: UnsafeRawPointer, precision: WeightPrecision, rows: Int, cols: Int, owner: AnyObject?, interleaved: Bool = false) {
         precondition(precision.fits(cols: cols), "WeightMatrix: a q8_0 row needs a multiple of 32 values, not \(cols)")
+        precondition(!interleaved || precision == .q8_0, "WeightMatrix: only q8_0 has an interleaved layout")
         self.precision = precision
         self.rows = rows; self.cols = cols; rowBytes = precision.rowBytes(cols: cols)
+        self.interleaved = interleaved
+        byteCount = interleaved ? pf2lora_q8_0x4_bytes(rows, cols) : rows * rowBytes
         self.base = base
         if precision == .f32 {
             precondition(Int(bitPattern: base) % 4 == 0, "WeightMatrix: f32 data must be 4-byte aligned")
@@ -86,24 +98,34 @@ public final class WeightMatrix: @unchecked Sendable {   // immutable after init
         }
     }
 
-    /// A new zero-filled matrix that owns its bytes, and a pointer to write them.
+    /// A new zero-filled matrix that owns its bytes, and a pointer to write them (q8_0: interleaved).
     static func allocate(_ precision: WeightPrecision, rows: Int, cols: Int) -> (WeightMatrix, UnsafeMutableRawPointer) {
         if precision == .f32 {
             let t = Tensor(zeros: [rows, cols])
             return (WeightMatrix(t), UnsafeMutableRawPointer(t.data))
         }
-        let buffer = RawBuffer(byteCount: rows * precision.rowBytes(cols: cols))
-        return (WeightMatrix(viewing: buffer.bytes, precision: precision, rows: rows, cols: cols, owner: buffer), buffer.bytes)
+        let q8 = precision == .q8_0
+        let buffer = RawBuffer(byteCount: q8 ? pf2lora_q8_0x4_bytes(rows, cols) : rows * precision.rowBytes(cols: cols))
+        return (WeightMatrix(viewing: buffer.bytes, precision: precision, rows: rows, cols: cols, owner: buffer, interleaved: q8), buffer.bytes)
     }
 
-    /// The bytes the values take.
-    public var byteCount: Int { rows * rowBytes }
+    /// A q8_0 matrix's rows in GGUF's layout (rows of cols / 32 blocks of 34 bytes: f16 d, 32 int8).
+    func ggufQ8_0Bytes() -> [UInt8] {
+        precondition(precision == .q8_0, "WeightMatrix: not q8_0")
+        guard interleaved else { return Array(UnsafeRawBufferPointer(start: base, count: byteCount)) }
+        var out = [UInt8](repeating: 0, count: rows * rowBytes)
+        out.withUnsafeMutableBytes { o in
+            for r in 0..<rows { pf2lora_q8_0x4_get_row(base, rows, cols, r, o.baseAddress! + r * rowBytes) }
+        }
+        return out
+    }
 
     /// `parts` (each the same precision and column count) stacked row-wise into one new matrix that
     /// owns its bytes; a single part is returned as it is.
     public static func stacked(_ parts: [WeightMatrix]) -> WeightMatrix {
         if parts.count == 1 { return parts[0] }
         let p = parts[0].precision, cols = parts[0].cols
+        precondition(p != .q8_0, "WeightMatrix.stacked: stack before quantizing")
         precondition(parts.allSatisfy { $0.precision == p && $0.cols == cols }, "WeightMatrix.stacked: parts differ in precision or columns")
         let (m, dst) = allocate(p, rows: parts.reduce(0) { $0 + $1.rows }, cols: cols)
         var off = 0
@@ -139,6 +161,10 @@ public final class WeightMatrix: @unchecked Sendable {   // immutable after init
     /// precision (an f16, bf16 or q8_0 value d q is an f32 without rounding).
     public func rowsToF32(_ range: Range<Int>, into out: UnsafeMutablePointer<Float>) {
         let n = cols
+        if interleaved {
+            for (i, r) in range.enumerated() { pf2lora_q8_0x4_row_to_f32(base, rows, cols, r, out + i * n) }
+            return
+        }
         for (i, r) in range.enumerated() {
             let src = base + r * rowBytes, dst = out + i * n
             switch precision {
@@ -171,15 +197,21 @@ public final class WeightMatrix: @unchecked Sendable {   // immutable after init
         precondition(target.fits(cols: cols), "WeightMatrix: a q8_0 row needs a multiple of 32 values, not \(cols)")
         let (m, dst) = WeightMatrix.allocate(target, rows: rows, cols: cols)
         let row = UnsafeMutablePointer<Float>.allocate(capacity: max(cols, 1))
-        defer { row.deallocate() }
+        let blocks = UnsafeMutableRawPointer.allocate(byteCount: max(m.rowBytes, 1), alignment: 64)   // one q8_0 row, GGUF layout
+        defer { row.deallocate(); blocks.deallocate() }
         for r in 0..<rows {
             rowsToF32(r..<(r + 1), into: row)
             let out = dst + r * m.rowBytes
+            if target == .q8_0 {
+                quantizeQ8_0Row(row, cols, blocks)
+                pf2lora_q8_0x4_set_row(dst, rows, cols, r, blocks)
+                continue
+            }
             switch target {
             case .f32: out.copyMemory(from: row, byteCount: 4 * cols)
             case .f16: for i in 0..<cols { out.storeBytes(of: Float16(row[i]).bitPattern.littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
             case .bf16: for i in 0..<cols { out.storeBytes(of: SafeTensorsWriter.bf16Bits(row[i]).littleEndian, toByteOffset: 2 * i, as: UInt16.self) }
-            case .q8_0: quantizeQ8_0Row(row, cols, out)
+            case .q8_0: break
             }
         }
         return m
@@ -282,7 +314,7 @@ final class WeightArena: @unchecked Sendable {   // written only while the base 
         let p = next!
         p.copyMemory(from: w.base, byteCount: w.byteCount)
         next = p + n; left -= n; byteCount += w.byteCount
-        return WeightMatrix(viewing: UnsafeRawPointer(p), precision: w.precision, rows: w.rows, cols: w.cols, owner: self)
+        return WeightMatrix(viewing: UnsafeRawPointer(p), precision: w.precision, rows: w.rows, cols: w.cols, owner: self, interleaved: w.interleaved)
     }
 
     deinit { for c in chunks { LargeBuffer.free(c.base, mappedBytes: c.mapped) } }

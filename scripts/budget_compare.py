@@ -78,7 +78,7 @@ def main():
         if have(S, m):
             os_ = overall(S, m)
             few = "" if len(have(S, m)) == len(both) else f" (seed{'s' if len(have(S, m)) > 1 else ''} {', '.join(map(str, have(S, m)))})"
-            cells = [f"{os_[0]:.4f} ± {os_[1]:.4f}{few}", f"{ol[0]:.4f} ± {ol[1]:.4f}", f"{os_[0] - ol[0]:.4f}{few}"]
+            cells = [f"{os_[0]:.4f} ± {os_[1]:.4f}{few}", f"{ol[0]:.4f} ± {ol[1]:.4f}", f"{os_[0] - mean_ci([sum(L[m][s].values()) / len(clients) for s in have(S, m)])[0]:.4f}{few}"]   # same seeds
         else:
             cells = ["(not run)", f"{ol[0]:.4f} ± {ol[1]:.4f}", ""]
         if m == "pf2lora":

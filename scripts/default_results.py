@@ -63,8 +63,10 @@ def run_samples(a, clients, out):
         rows = load_jsonl(os.path.join(a.corpus, "clients", c, "test.jsonl"))
         for r in random.Random(f"{a.seed}:{c}").sample(rows, min(a.samples, len(rows))):
             picks.append((c, r))
+    # A client without a pair in this store (the shared-only and empty stores of default_results.py)
+    # is evaluated with the shared pair alone, as DESIGN §5 serves it: serve refuses it by default.
     proc = subprocess.Popen(["nice", "-n", str(a.nice), a.binary, "serve", "--model", a.model, "--store", a.store,
-                             "--threads", "1", "--max-batch", "16"],
+                             "--threads", "1", "--max-batch", "16", "--unknown-clients-get-shared"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
     for i, (c, r) in enumerate(picks):
         proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": i, "method": "generate", "params": {

@@ -326,10 +326,12 @@ def report(exp, out_md, svg):
               f"- {a.rounds} rounds, all clients every round, rank r = {a.rank}, r2 = {a.rank2} (single-level "
               f"baselines rank {a.rank + a.rank2}), valid loss every {a.eval_every} rounds.",
               (f"- Tuning: {', '.join(NAMES[m] for m in exp.prior)} at the points selected before on the valid split of seed "
-               f"{a.select_seed} at these settings (the grid table below gives every point, its valid loss and the session that ran it: "
-               f"the same rates {', '.join(a.lrs.split(','))} for every method plus, where it finished, one point of a knob of its own); "
-               + ", ".join(NAMES[m] for m in a.methods if m not in exp.prior) + f" selected here from the rates {', '.join(a.lrs.split(','))} "
-               f"at seed {a.select_seed} (valid split, test not read). Then seeds {', '.join(map(str, a.seeds))} at the selected points; "
+               f"{a.select_seed} (the grid table below gives every point, its valid loss and the session that ran it, and the text above it "
+               f"the settings of that selection: the same rates {', '.join(a.lrs.split(','))} for every method plus, where it finished, one "
+               "point of a knob of its own); "
+               + (", ".join(NAMES[m] for m in a.methods if m not in exp.prior) + f" selected here from the rates {', '.join(a.lrs.split(','))} "
+                  f"at seed {a.select_seed} (valid split, test not read); " if any(m not in exp.prior for m in a.methods) else "")
+               + f"then seeds {', '.join(map(str, a.seeds))} at the selected points; "
                "the test split is read once, at the end of each."
                if exp.prior else
               f"- Tuning: every method has a grid of {len(exp.grid['pf2lora'])} points, run at seed {a.select_seed}: the same "

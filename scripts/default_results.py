@@ -63,8 +63,10 @@ def run_samples(a, clients, out):
         rows = load_jsonl(os.path.join(a.corpus, "clients", c, "test.jsonl"))
         for r in random.Random(f"{a.seed}:{c}").sample(rows, min(a.samples, len(rows))):
             picks.append((c, r))
+    # A client without a pair in this store (the shared-only and empty stores of default_results.py)
+    # is evaluated with the shared pair alone, as DESIGN §5 serves it: serve refuses it by default.
     proc = subprocess.Popen(["nice", "-n", str(a.nice), a.binary, "serve", "--model", a.model, "--store", a.store,
-                             "--threads", "1", "--max-batch", "16"],
+                             "--threads", "1", "--max-batch", "16", "--unknown-clients-get-shared"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
     for i, (c, r) in enumerate(picks):
         proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": i, "method": "generate", "params": {
@@ -187,7 +189,8 @@ def main():
         L += [f"Pretraining: {state.get('step')} steps of {o.get('batch')} x {o.get('seq')} tokens "
               f"({state.get('tokens_seen', 0):,} tokens), AdamW lr {o.get('lr')} (warm-up {o.get('warmup')}, cosine to "
               f"{o.get('min_lr_ratio')} x), weight decay {o.get('weight_decay')}, {state.get('elapsed_s', 0) / 60:.0f} min of wall time "
-              "on the 2-core machine shared with other sessions.", ""]
+              "on the 2-core machine shared with other sessions (the run notes at the end say how the schedule was "
+              "set on each resume).", ""]
         L += ["| step | validation loss (nats/token) | perplexity |", "|---:|---:|---:|"]
         shown = vlog[:: max(1, len(vlog) // 12)]
         if shown[-1] is not vlog[-1]:
@@ -195,13 +198,16 @@ def main():
         for v in shown:
             L.append(f"| {v['step']} | {v['loss']:.4f} | {math.exp(v['loss']):.2f} |")
         L.append("")
+    final_ppl = float("nan")
+    n_params_m = state.get("parameters", 0) / 1e6
     if a.pretrain_eval and os.path.exists(a.pretrain_eval):
         pe = json.loads(open(a.pretrain_eval).read().strip().splitlines()[-1])
+        final_ppl = pe["valid_perplexity"]
         L += [f"**Final validation perplexity: {pe['valid_perplexity']:.2f}** (loss {pe['valid_loss']:.4f} nats/token over the whole "
               "`pretrain/valid.jsonl`, 3,480 descriptions of the non-client sections, in consecutive windows of "
               f"{o.get('seq')} tokens; the issue's target is <= 15). The validation losses logged during training (table above) "
               "cover only the first 16,384 tokens of that file (packages 0-a...), which are harder than the average: "
-              "the same checkpoint scores 4.64 there and 3.49 on a window from the middle of the train file.", ""]
+              "compare the table's last row with this figure, made by the same checkpoint.", ""]
 
     # Federation.
     L += ["## The federation: `adapters/debian-llama`", ""]
@@ -283,8 +289,8 @@ def main():
           "each written by the client's two-level adapter (temperature 0.7, top-p 0.9, request seed 0) from its name, section, "
           "summary and dependencies; the reference is Debian's description. Reading them: most sentences are well-formed "
           "English in the register of package descriptions (\"This package contains the shared library.\", bullet lists, "
-          "a closing paragraph per package kind), but what they say about the package is mostly wrong or made of invented "
-          "names: a 3.1M-parameter base at validation perplexity 42 writes the form, not the facts.", ""]
+          "a closing paragraph per package kind), but what they say about the package is often wrong or made of invented "
+          f"names: a {n_params_m:.1f}M-parameter base at validation perplexity {final_ppl:.0f} writes the form better than the facts.", ""]
     for c in clients:
         L += [f"### {c}", ""]
         for i, s in enumerate(x for x in samples if x["client"] == c):

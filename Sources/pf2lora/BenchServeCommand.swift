@@ -33,9 +33,11 @@ struct BenchServe: ParsableCommand {
     var sharedPair = "default"
     @Option(help: "Timed repeats (median).")
     var repeats: Int = 3
+    @Flag(name: .customLong("fast-batching"), help: "Decode as `serve --fast-batching` does: batches wider than 12 sequences as one GEMM pass (by default as `serve` does: every batch width on the worker pool, each sequence's logits the same bits whatever else runs).")
+    var fastBatching = false
     @Option(help: "OpenBLAS threads (0 = its default).")
     var threads: Int = 0
-    @Option(name: .customLong("pooled-rows"), help: "Decode steps of at most this many sequences run on the worker pool (every sequence summed in the same order whatever the batch: how `serve` runs by default, at any width), larger ones as OpenBLAS GEMMs (`serve --fast-batching`). Default: the engine's, \(InferenceEngine.maxPooledRows).")
+    @Option(name: .customLong("pooled-rows"), help: "Decode steps of at most this many sequences run on the worker pool (every sequence summed in the same order whatever the batch: how `serve` runs by default, at any width), larger ones as OpenBLAS GEMMs (`serve --fast-batching`). Default: no limit, as `serve` (\(InferenceEngine.maxPooledRows) with --fast-batching).")
     var pooledRows: Int?
 
     func validate() throws {
@@ -77,6 +79,9 @@ struct BenchServe: ParsableCommand {
         for i in 0..<1000 { let t0 = now(); _ = try runtime.resolve(client: ids[i % clients]); sw.append(now() - t0) }
 
         let engine = InferenceEngine(model: m)
+        // As the server's scheduler sets it (Scheduler.init): batch-invariant unless --fast-batching;
+        // an explicit --pooled-rows overrides both.
+        if !fastBatching { engine.pooledRowLimit = .max }
         if let p = pooledRows { engine.pooledRowLimit = p }
         var prng = RNG(seed: 9)
         let prompts = (0..<clients).map { _ in (0..<promptTokens).map { _ in prng.int(below: c.vocabSize) } }
@@ -94,7 +99,7 @@ struct BenchServe: ParsableCommand {
         let rss = Server.residentBytes()
         print(jsonLine([
             "model": model, "clients": clients, "rank": rank, "rank2": rank2, "threads": BLAS.threads,
-            "weights": weights, "weight_bytes": m.base.byteCount, "shared_pair": (mode ?? .default(for: m.baseLinears)).rawValue,
+            "weights": weights, "fast_batching": fastBatching, "pooled_rows": engine.pooledRowLimit == .max ? -1 : engine.pooledRowLimit, "weight_bytes": m.base.byteCount, "shared_pair": (mode ?? .default(for: m.baseLinears)).rawValue,
             "shared_owned_bytes": bindings[0].weights.ownedBytes(base: m.baseLinears),
             "client_pair_modules": bench.adapter(.client, rank: rank2, id: "x").modules.count,
             "decode_path": clients <= engine.pooledRowLimit ? "pool" : "gemm",

@@ -8,19 +8,15 @@ over those client means, clients where PF2LoRA is lower). Reads two experiment f
     python3 scripts/budget_compare.py --short RUNS/debian-fair6 --long RUNS/debian-long16 \\
         --labels "6 rounds,16 rounds" [--methods pf2lora,homlora,...] [--seeds 0,1,2]
 """
+import sys
 import argparse, json, math, pathlib
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from experiment import mean_ci  # noqa: E402  (one t-interval for every results page)
 
 NAMES = {"pf2lora": "PF2LoRA", "homlora": "HOMLoRA", "perfedavg": "Per-FedAvg-LoRA", "hetlora": "HETLoRA",
          "local": "Local-only LoRA", "fedavg-ft": "FedAvg-LoRA + FT", "pf2lora-joint": "PF2LoRA, joint (ablation)"}
 
 
-def mean_ci(xs):
-    from scipy import stats
-    n = len(xs); m = sum(xs) / n
-    if n < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    return m, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
 
 
 def load(root, methods, seeds, alias={}):

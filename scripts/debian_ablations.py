@@ -14,6 +14,8 @@ Resumable (finished runs are kept; a run is written to .partial and renamed), on
     python3 scripts/debian_ablations.py --root RUNS/debian-fair6 --binary BIN --seeds 0 [--out docs/RESULTS-data-to-text-ablations.md]
 """
 import argparse, json, math, os, pathlib, shutil, subprocess, sys, time
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from experiment import mean_ci  # noqa: E402  (one t-interval for every results page)
 
 VARIANTS = [
     ("lower-1", "3 x (1 lower + 1 upper)", ["--method", "pf2lora", "--local-steps", "3", "--lower-steps", "1"]),
@@ -30,13 +32,6 @@ COMMON = ["--data", "data/debian/clients", "--model", "models/fortune-gpt2", "--
           "--token-cache", "runs/token-cache"]
 
 
-def mean_ci(xs):
-    from scipy import stats
-    n = len(xs); m = sum(xs) / n
-    if n < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    return m, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
 
 
 def main():

@@ -10,6 +10,7 @@
 // Activations are quantized per block of 32 as llama.cpp does: int8 values and one f32 scale each.
 
 #include <stdint.h>
+#include "CWide.h"   // the batch-invariant f32 / f16 / bf16 row-dot kernels of pooled decode (Wide.c)
 
 #ifdef __cplusplus
 extern "C" {

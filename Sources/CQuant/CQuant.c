@@ -402,52 +402,57 @@ void pf2lora_q8_0x4_dot_rows(const void *w, long rows, long cols, const int8_t *
 
 // MARK: - Decode attention scores, head_dim 64
 
-// Keys j0..T-1; every key's score is computed the same way on every path.
-static void scores64_scalar(const float *q, long g, const float *k, long j0, long T, float scale, float *scores) {
-    for (long j = j0; j < T; j++) {
-        const float *kr = k + j * 64;
-        for (long i = 0; i < g; i++) {
-            const float *qi = q + i * 64;
-            float l[8];
-            for (int e = 0; e < 8; e++) {
-                float a = 0;
-                for (int c = 0; c < 8; c++) a = fmaf(qi[8 * c + e], kr[8 * c + e], a);
-                l[e] = a;
-            }
-            // the AVX2 path's reduction order: (0+1, 2+3, 4+5, 6+7), then pairs, then halves
-            scores[i * T + j] = scale * (((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])));
+// Key j's scores against the g query heads; every path computes each key's score this way.
+static inline void score1(const float *q, long g, const float *kr, long T, long j, float scale, float *scores) {
+    for (long i = 0; i < g; i++) {
+        const float *qi = q + i * 64;
+        float l[8];
+        for (int e = 0; e < 8; e++) {
+            float a = 0;
+            for (int c = 0; c < 8; c++) a = fmaf(qi[8 * c + e], kr[8 * c + e], a);
+            l[e] = a;
         }
+        // the AVX2 path's reduction order: (0+1, 2+3, 4+5, 6+7), then pairs, then halves
+        scores[i * T + j] = scale * (((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])));
     }
 }
 
+// Keys j0..T-1.
+static void scores64_scalar(const float *q, long g, const float *k, long j0, long T, float scale, float *scores) {
+    for (long j = j0; j < T; j++) score1(q, g, k + j * 64, T, j, scale, scores);
+}
+
 #ifdef PF2LORA_X86
+// The scores of the eight keys kb (8 x 64 floats) for keys j..j+7.
+__attribute__((target("avx2,fma,f16c")))
+static inline void scores8_avx2(const float *q, long g, const float *kb, long T, long j, __m256 sv, float *scores) {
+    for (long i = 0; i < g; i++) {
+        const float *qi = q + i * 64;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int c = 0; c < 8; c++) {
+            __m256 qc = _mm256_loadu_ps(qi + 8 * c);
+            a0 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 0 * 64 + 8 * c), a0);
+            a1 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 1 * 64 + 8 * c), a1);
+            a2 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 2 * 64 + 8 * c), a2);
+            a3 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 3 * 64 + 8 * c), a3);
+            a4 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 4 * 64 + 8 * c), a4);
+            a5 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 5 * 64 + 8 * c), a5);
+            a6 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 6 * 64 + 8 * c), a6);
+            a7 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 7 * 64 + 8 * c), a7);
+        }
+        // Eight horizontal sums at once: lane e of the result is key j + e's.
+        __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3), h45 = _mm256_hadd_ps(a4, a5), h67 = _mm256_hadd_ps(a6, a7);
+        __m256 h0 = _mm256_hadd_ps(h01, h23), h4 = _mm256_hadd_ps(h45, h67);
+        __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(h0, h4, 0x20), _mm256_permute2f128_ps(h0, h4, 0x31));
+        _mm256_storeu_ps(scores + i * T + j, _mm256_mul_ps(sv, s));
+    }
+}
+
 __attribute__((target("avx2,fma,f16c")))
 static void scores64_avx2(const float *q, long g, const float *k, long T, float scale, float *scores) {
     const __m256 sv = _mm256_set1_ps(scale);
     long j = 0;
-    for (; j + 8 <= T; j += 8) {
-        const float *kb = k + j * 64;
-        for (long i = 0; i < g; i++) {
-            const float *qi = q + i * 64;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-            for (int c = 0; c < 8; c++) {
-                __m256 qc = _mm256_loadu_ps(qi + 8 * c);
-                a0 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 0 * 64 + 8 * c), a0);
-                a1 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 1 * 64 + 8 * c), a1);
-                a2 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 2 * 64 + 8 * c), a2);
-                a3 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 3 * 64 + 8 * c), a3);
-                a4 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 4 * 64 + 8 * c), a4);
-                a5 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 5 * 64 + 8 * c), a5);
-                a6 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 6 * 64 + 8 * c), a6);
-                a7 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 7 * 64 + 8 * c), a7);
-            }
-            // Eight horizontal sums at once: lane e of the result is key j + e's.
-            __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3), h45 = _mm256_hadd_ps(a4, a5), h67 = _mm256_hadd_ps(a6, a7);
-            __m256 h0 = _mm256_hadd_ps(h01, h23), h4 = _mm256_hadd_ps(h45, h67);
-            __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(h0, h4, 0x20), _mm256_permute2f128_ps(h0, h4, 0x31));
-            _mm256_storeu_ps(scores + i * T + j, _mm256_mul_ps(sv, s));
-        }
-    }
+    for (; j + 8 <= T; j += 8) scores8_avx2(q, g, k + j * 64, T, j, sv, scores);
     scores64_scalar(q, g, k, j, T, scale, scores);
 }
 #endif
@@ -457,4 +462,133 @@ void pf2lora_attention_scores64(const float *q, long g, const float *k, long T, 
     if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { scores64_avx2(q, g, k, T, scale, scores); return; }
 #endif
     scores64_scalar(q, g, k, 0, T, scale, scores);
+}
+
+// MARK: - Half-precision KV cache
+//
+// f32 -> f16 rounds to nearest even as F16C's vcvtps2ph with imm 0 does, including subnormal halves,
+// overflow to infinity and NaNs (quieted, payload truncated); f16 -> f32 is exact. The scalar paths
+// give the same bits as the F16C ones.
+
+static inline uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
+    if (ax > 0x7f800000) return (uint16_t)(sign | 0x7e00 | ((ax >> 13) & 0x3ff));   // NaN
+    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00);                         // >= 65520: inf
+    if (ax < 0x38800000) {                                                          // below 2^-14
+        if (ax <= 0x33000000) return (uint16_t)sign;                                // <= 2^-25: 0 (a tie goes to even 0)
+        uint32_t e = ax >> 23, mant = (ax & 0x7fffff) | 0x800000, shift = 126 - e;  // units of 2^-24
+        uint32_t r = mant >> shift, rem = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (r & 1))) r++;
+        return (uint16_t)(sign | r);
+    }
+    uint32_t h = (ax - 0x38000000) >> 13, rem = ax & 0x1fff;                        // rebias 127 -> 15
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;                            // a carry moves into the exponent
+    return (uint16_t)(sign | h);
+}
+
+#ifdef PF2LORA_X86
+__attribute__((target("avx2,fma,f16c")))
+static void to_f16_f16c(const float *x, uint16_t *h, long n) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; i++) h[i] = float_to_half(x[i]);
+}
+
+__attribute__((target("avx2,fma,f16c")))
+static void to_f32_f16c(const uint16_t *h, float *x, long n) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    for (; i < n; i++) x[i] = half_to_float(h[i]);
+}
+#endif
+
+void pf2lora_f32_to_f16(const float *x, uint16_t *h, long n) {
+#ifdef PF2LORA_X86
+    if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { to_f16_f16c(x, h, n); return; }
+#endif
+    for (long i = 0; i < n; i++) h[i] = float_to_half(x[i]);
+}
+
+void pf2lora_f16_to_f32(const uint16_t *h, float *x, long n) {
+#ifdef PF2LORA_X86
+    if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { to_f32_f16c(h, x, n); return; }
+#endif
+    for (long i = 0; i < n; i++) x[i] = half_to_float(h[i]);
+}
+
+// Scores against half keys: each key is widened (exactly) to f32, then scored as above, so the
+// scores are those of `pf2lora_attention_scores64` on the widened keys, to the bit.
+static void scores64_f16_scalar(const float *q, long g, const uint16_t *k, long j0, long T, float scale, float *scores) {
+    float kr[64];
+    for (long j = j0; j < T; j++) {
+        for (int e = 0; e < 64; e++) kr[e] = half_to_float(k[j * 64 + e]);
+        score1(q, g, kr, T, j, scale, scores);
+    }
+}
+
+#ifdef PF2LORA_X86
+__attribute__((target("avx2,fma,f16c")))
+static void scores64_f16_avx2(const float *q, long g, const uint16_t *k, long T, float scale, float *scores) {
+    const __m256 sv = _mm256_set1_ps(scale);
+    float kb[8 * 64];   // eight keys widened once for all g heads (L1)
+    long j = 0;
+    for (; j + 8 <= T; j += 8) {
+        const uint16_t *src = k + j * 64;
+        for (int c = 0; c < 64; c++) _mm256_storeu_ps(kb + 8 * c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 8 * c))));
+        scores8_avx2(q, g, kb, T, j, sv, scores);
+    }
+    scores64_f16_scalar(q, g, k, j, T, scale, scores);
+}
+#endif
+
+void pf2lora_attention_scores64_f16(const float *q, long g, const uint16_t *k, long T, float scale, float *scores) {
+#ifdef PF2LORA_X86
+    if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { scores64_f16_avx2(q, g, k, T, scale, scores); return; }
+#endif
+    scores64_f16_scalar(q, g, k, 0, T, scale, scores);
+}
+
+// out[i * 64 + e] = inv[i] * sum_j p[i * T + j] * v[j * 64 + e], the sum in order of j, one fma per
+// term, on every path.
+static void values64_f16_scalar(const float *p, long g, long T, const uint16_t *v, const float *inv, float *out) {
+    for (long i = 0; i < g; i++) {
+        for (int e = 0; e < 64; e++) {
+            float a = 0;
+            for (long j = 0; j < T; j++) a = fmaf(p[i * T + j], half_to_float(v[j * 64 + e]), a);
+            out[i * 64 + e] = a * inv[i];
+        }
+    }
+}
+
+#ifdef PF2LORA_X86
+__attribute__((target("avx2,fma,f16c")))
+static void values64_f16_avx2(const float *p, long g, long T, const uint16_t *v, const float *inv, float *out) {
+#define VROW(C, A) A = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + 8 * (C)))), A)
+    for (long i = 0; i < g; i++) {
+        const float *pi = p + i * T;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (long j = 0; j < T; j++) {
+            const __m256 w = _mm256_broadcast_ss(pi + j);
+            const uint16_t *vr = v + j * 64;
+            VROW(0, a0); VROW(1, a1); VROW(2, a2); VROW(3, a3); VROW(4, a4); VROW(5, a5); VROW(6, a6); VROW(7, a7);
+        }
+        const __m256 s = _mm256_set1_ps(inv[i]);
+        float *o = out + i * 64;
+        _mm256_storeu_ps(o, _mm256_mul_ps(a0, s)); _mm256_storeu_ps(o + 8, _mm256_mul_ps(a1, s));
+        _mm256_storeu_ps(o + 16, _mm256_mul_ps(a2, s)); _mm256_storeu_ps(o + 24, _mm256_mul_ps(a3, s));
+        _mm256_storeu_ps(o + 32, _mm256_mul_ps(a4, s)); _mm256_storeu_ps(o + 40, _mm256_mul_ps(a5, s));
+        _mm256_storeu_ps(o + 48, _mm256_mul_ps(a6, s)); _mm256_storeu_ps(o + 56, _mm256_mul_ps(a7, s));
+    }
+#undef VROW
+}
+#endif
+
+void pf2lora_attention_values64_f16(const float *p, long g, long T, const uint16_t *v, const float *inv, float *out) {
+#ifdef PF2LORA_X86
+    if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { values64_f16_avx2(p, g, T, v, inv, out); return; }
+#endif
+    values64_f16_scalar(p, g, T, v, inv, out);
 }

@@ -33,8 +33,11 @@ struct BenchDecode: ParsableCommand {
     var weights = "auto"
     @Option(name: .customLong("pooled-rows"), help: "Decode steps of at most this many sequences run on the worker pool, larger ones as OpenBLAS GEMMs (0 = always GEMM; default: the engine's, \(InferenceEngine.maxPooledRows)).")
     var pooledRows: Int?
+    @Option(name: .customLong("kv-cache"), help: ArgumentHelp(KVCacheOption.help, valueName: "auto|f32|f16"))
+    var kvCache = "auto"
 
     func validate() throws {
+        _ = try KVCacheOption.parse(kvCache)
         if let p = pooledRows, p < 0 { throw ValidationError("--pooled-rows must be >= 0 (0 = decode every batch with GEMM)") }
         guard poolPolicy == "adaptive" || poolPolicy == "always" else { throw ValidationError("--pool-policy must be adaptive or always") }
         _ = try WeightsOption.parse(weights)
@@ -56,7 +59,9 @@ struct BenchDecode: ParsableCommand {
         if let p = pooledRows { engine.pooledRowLimit = p }
         var rng = RNG(seed: 1)
         let prompts = (0..<batch).map { _ in (0..<promptTokens).map { _ in Int(rng.next() % UInt64(c.vocabSize)) } }
-        let run = try timeBatch(engine, prompts: prompts, bindings: Array(repeating: .base(m), count: batch), tokens: tokens, repeats: repeats, tag: "bench decode")
+        let kv = try KVCacheOption.parse(kvCache) ?? .automatic(for: m)
+        let run = try timeBatch(engine, prompts: prompts, bindings: Array(repeating: .base(m), count: batch), tokens: tokens, repeats: repeats,
+                                kvCache: kv, tag: "bench decode")
         let tp = run.prefill, td = run.decode
         print(jsonLine([
             "model": model, "batch": batch, "prompt_tokens": promptTokens, "decode_tokens": tokens,
@@ -65,7 +70,7 @@ struct BenchDecode: ParsableCommand {
             "pooled_rows": engine.pooledRowLimit, "pooled_rows_default": InferenceEngine.maxPooledRows,
             "pool_policy": poolPolicy, "pool_solo_steps": WorkerPool.shared.policy.soloRuns, "pool_solo_switches": WorkerPool.shared.policy.switches,
             "pool_mean_stall_fraction": WorkerPool.shared.policy.pooledJobs == 0 ? 0 : WorkerPool.shared.policy.stallFractionSum / Double(WorkerPool.shared.policy.pooledJobs),
-            "weights": weights, "weight_precisions": m.base.precisions.map { "\($0.key)x\($0.value)" }.sorted(),
+            "weights": weights, "kv_cache": kv.rawValue, "weight_precisions": m.base.precisions.map { "\($0.key)x\($0.value)" }.sorted(),
             "weight_bytes": m.base.byteCount, "weight_bytes_per_token": m.base.bytesPerToken, "rss_bytes": Server.residentBytes(),
             "prefill_tokens_per_s": Double(batch * promptTokens) / tp,
             "decode_tokens_per_s": Double(batch * tokens) / td,
@@ -197,9 +202,9 @@ struct BenchBLAS: ParsableCommand {
 /// batch; a warm-up run first, then the median of `repeats` runs (seconds). Each sequence is served
 /// with its binding; callers order bindings by client, as the scheduler does.
 func timeBatch(_ engine: InferenceEngine, prompts: [[Int]], bindings: [AdapterBinding], tokens: Int, repeats: Int,
-               tag: String) throws -> (prefill: Double, decode: Double) {
+               kvCache: KVCachePrecision, tag: String) throws -> (prefill: Double, decode: Double) {
     let c = engine.model.architecture
-    let caches = prompts.map { KVCache(architecture: c, capacity: $0.count + tokens + 1) }
+    let caches = prompts.map { KVCache(architecture: c, capacity: $0.count + tokens + 1, precision: kvCache) }
     var prefill: [Double] = [], decode: [Double] = []
     for rep in 0...repeats {
         caches.forEach { $0.reset() }

@@ -39,8 +39,11 @@ struct BenchServe: ParsableCommand {
     var threads: Int = 0
     @Option(name: .customLong("pooled-rows"), help: "Decode steps of at most this many sequences run on the worker pool (every sequence summed in the same order whatever the batch: how `serve` runs by default, at any width), larger ones as OpenBLAS GEMMs (`serve --fast-batching`). Default: no limit, as `serve` (\(InferenceEngine.maxPooledRows) with --fast-batching).")
     var pooledRows: Int?
+    @Option(name: .customLong("kv-cache"), help: ArgumentHelp(KVCacheOption.help, valueName: "auto|f32|f16"))
+    var kvCache = "auto"
 
     func validate() throws {
+        _ = try KVCacheOption.parse(kvCache)
         guard clients >= 1, rank >= 1, rank2 >= 1, tokens >= 1, promptTokens >= 1, repeats >= 1, threads >= 0, (pooledRows ?? 0) >= 0 else {
             throw ValidationError("need --clients, --rank, --rank2, --tokens, --prompt-tokens, --repeats >= 1 and --threads >= 0")
         }
@@ -83,10 +86,11 @@ struct BenchServe: ParsableCommand {
         // an explicit --pooled-rows overrides both.
         if !fastBatching { engine.pooledRowLimit = .max }
         if let p = pooledRows { engine.pooledRowLimit = p }
+        let kv = try KVCacheOption.parse(kvCache) ?? .automatic(for: m)
         var prng = RNG(seed: 9)
         let prompts = (0..<clients).map { _ in (0..<promptTokens).map { _ in prng.int(below: c.vocabSize) } }
         func decodeRate(_ bs: [AdapterBinding]) throws -> Double {
-            Double(bs.count * tokens) / (try timeBatch(engine, prompts: prompts, bindings: bs, tokens: tokens, repeats: repeats, tag: "bench serve").decode)
+            Double(bs.count * tokens) / (try timeBatch(engine, prompts: prompts, bindings: bs, tokens: tokens, repeats: repeats, kvCache: kv, tag: "bench serve").decode)
         }
         let baseOnly = Array(repeating: AdapterBinding.base(m), count: clients)
         // Interleave the two measurements so drift on a busy machine hits both alike.
@@ -99,7 +103,7 @@ struct BenchServe: ParsableCommand {
         let rss = Server.residentBytes()
         print(jsonLine([
             "model": model, "clients": clients, "rank": rank, "rank2": rank2, "threads": BLAS.threads,
-            "weights": weights, "fast_batching": fastBatching, "pooled_rows": engine.pooledRowLimit == .max ? -1 : engine.pooledRowLimit, "weight_bytes": m.base.byteCount, "shared_pair": (mode ?? .default(for: m.baseLinears)).rawValue,
+            "weights": weights, "kv_cache": kv.rawValue, "fast_batching": fastBatching, "pooled_rows": engine.pooledRowLimit == .max ? -1 : engine.pooledRowLimit, "weight_bytes": m.base.byteCount, "shared_pair": (mode ?? .default(for: m.baseLinears)).rawValue,
             "shared_owned_bytes": bindings[0].weights.ownedBytes(base: m.baseLinears),
             "client_pair_modules": bench.adapter(.client, rank: rank2, id: "x").modules.count,
             "decode_path": clients <= engine.pooledRowLimit ? "pool" : "gemm",

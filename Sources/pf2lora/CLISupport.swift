@@ -93,6 +93,19 @@ func validateTargets(_ targets: String, modelFolder: String) throws {
     _ = try parseTargets(targets, a)
 }
 
+/// `--kv-cache auto|f32|f16`: what the KV caches keep keys and values at (nil: auto, f16 for a q8_0
+/// base, else f32). Shared by generate, serve and the benchmarks.
+enum KVCacheOption {
+    static let help = "Precision of the KV cache: auto (f16 when the weights are q8_0, as llama.cpp's default cache, else f32), f32, or f16 (IEEE halves: half the bytes each decode step reads from the cache, one rounding of each key and value)."
+
+    /// nil for auto, else the precision; throws a ValidationError naming the choices.
+    static func parse(_ s: String) throws -> KVCachePrecision? {
+        if s == "auto" { return nil }
+        guard let p = KVCachePrecision(rawValue: s) else { throw ValidationError("--kv-cache must be auto, f32 or f16, not '\(s)'") }
+        return p
+    }
+}
+
 /// `--weights auto|f32|f16|bf16|q8_0`: the precision serving keeps the large tensors at (nil: auto,
 /// as the checkpoint stores them). Shared by generate, serve and the benchmarks.
 enum WeightsOption {

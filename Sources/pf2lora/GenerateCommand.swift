@@ -15,10 +15,18 @@ struct ModelOptions: ParsableArguments {
     var threads: Int = 0
     @Option(help: ArgumentHelp(WeightsOption.help, valueName: "auto|f32|f16|bf16|q8_0"))
     var weights = "auto"
+    @Option(name: .customLong("kv-cache"), help: ArgumentHelp(KVCacheOption.help, valueName: "auto|f32|f16"))
+    var kvCache = "auto"
 
     func validate() throws {
         guard threads >= 0 else { throw ValidationError("--threads must be >= 0 (0 = OpenBLAS's default, all cores)") }
         _ = try WeightsOption.parse(weights)
+        _ = try KVCacheOption.parse(kvCache)
+    }
+
+    /// `--kv-cache` for `m` (auto resolved).
+    func kvCachePrecision(_ m: LanguageModel) throws -> KVCachePrecision {
+        try KVCacheOption.parse(kvCache) ?? .automatic(for: m)
     }
 
     func loadModel() throws -> (LanguageModel, BPETokenizer) {
@@ -133,7 +141,8 @@ struct GenerateCommand: ParsableCommand {
             do { binding = try runtime.resolve(client: client) } catch { throw CLIError(AdapterRuntime.rpcError(error).message) }
         }
         let engine = InferenceEngine(model: m)
-        let cache = KVCache(architecture: m.architecture, capacity: min(m.architecture.contextLength, ids.count + maxTokens + 1))
+        let cache = KVCache(architecture: m.architecture, capacity: min(m.architecture.contextLength, ids.count + maxTokens + 1),
+                            precision: try options.kvCachePrecision(m))
         let gen = GenerationState(request: GenerationRequest(prompt: ids, maxTokens: maxTokens, sampling: sampling, stop: stop, ignoreEOS: ignoreEOS),
                                   cache: cache, vocabSize: m.architecture.vocabSize, eosTokens: m.eosTokenIds(tokenizer: tok), tokenizer: tok)
         let t0 = now()
@@ -256,6 +265,7 @@ struct ServeCommand: ParsableCommand {
         limits.maxBatch = maxBatch; limits.maxQueue = maxQueue; limits.maxPromptTokens = maxPromptTokens
         limits.maxNewTokens = maxNewTokens; limits.maxLineBytes = maxLineBytes
         limits.batchInvariant = !fastBatching
+        limits.kvCache = try options.kvCachePrecision(m)
         if strictClients { log("serve: --strict-clients is deprecated and has no effect: unknown clients are refused by default (--unknown-clients-get-shared serves them the shared pair)") }
         let server = Server(model: m, tokenizer: tok, store: store, unknownClients: unknownClientsGetShared ? .sharedPair : .refuse, limits: limits, lenient: lenient)
         server.training.maxStateBytes = maxTrainMB == 0 ? nil : maxTrainMB << 20

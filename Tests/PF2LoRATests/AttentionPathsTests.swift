@@ -28,8 +28,8 @@ import Testing
         return m
     }
 
-    @Test(arguments: [(64, 4, 1), (64, 4, 4), (16, 4, 2)])
-    func longPrefillEqualsChunksAndDecode(_ shape: (Int, Int, Int)) throws {
+    @Test(arguments: [(64, 4, 1), (64, 4, 4), (16, 4, 2)], KVCachePrecision.allCases)
+    func longPrefillEqualsChunksAndDecode(_ shape: (Int, Int, Int), _ kv: KVCachePrecision) throws {
         let m = try Self.model(headDim: shape.0, heads: shape.1, kvHeads: shape.2)
         let V = m.architecture.vocabSize, n = 200
         var rng = RNG(seed: 5)
@@ -38,22 +38,25 @@ import Testing
 
         // One prefill of all rows.
         let whole = Tensor(zeros: [n, V])
-        let w1 = try InferenceEngine(model: m).step([StepInput(cache: KVCache(architecture: m.architecture, capacity: n), tokens: ids,
+        let w1 = try InferenceEngine(model: m).step([StepInput(cache: KVCache(architecture: m.architecture, capacity: n, precision: kv), tokens: ids,
                                                                  weights: m.baseLinears, allLogits: true)])
         whole.data.update(from: w1.data, count: n * V)
         var scale: Float = 0
         for i in 0..<(n * V) { scale = max(scale, abs(whole.data[i])) }
         #expect(scale > 1, "logits large enough to mean something: \(scale)")
-        let tol = 2e-5 * max(scale, 1)
+        // With a half cache every path reads the same rounded keys and values, except where a key
+        // computed by another path (GEMM or pooled rows, f32 rounding apart) rounds to the neighbouring
+        // half: one element off by 2^-11 relative, hence the wider bound.
+        let tol = (kv == .f32 ? 2e-5 : 2e-4) * max(scale, 1)
 
         // Chunks of 70, 3 and 127 rows on top of the cache (blocks start at a non-zero cache length).
         let engine = InferenceEngine(model: m)
-        let cache = KVCache(architecture: m.architecture, capacity: n)
+        let cache = KVCache(architecture: m.architecture, capacity: n, precision: kv)
         var start = 0
         for len in [70, 3, 127] {
             let lg = try engine.step([StepInput(cache: cache, tokens: Array(ids[start..<(start + len)]), weights: m.baseLinears, allLogits: true)])
             let err = Self.maxAbsDiff(lg.data, whole.data + start * V, len * V)
-            #expect(err <= tol, "\(shape) chunk at \(start): \(err)")
+            #expect(err <= tol, "\(shape) \(kv) chunk at \(start): \(err)")
             start += len
         }
 
@@ -61,13 +64,13 @@ import Testing
         for (limit, threads) in [(12, 1), (12, 2), (0, 1)] {
             let e = InferenceEngine(model: m, pool: WorkerPool(threads: threads))
             e.pooledRowLimit = limit
-            let c = KVCache(architecture: m.architecture, capacity: n)
+            let c = KVCache(architecture: m.architecture, capacity: n, precision: kv)
             var worst: Float = 0
             for t in 0..<n {
                 let lg = try e.step([StepInput(cache: c, tokens: [ids[t]], weights: m.baseLinears)])
                 worst = max(worst, Self.maxAbsDiff(lg.data, whole.data + t * V, V))
             }
-            #expect(worst <= tol, "\(shape) decode (pooled rows \(limit), \(threads) threads): \(worst)")
+            #expect(worst <= tol, "\(shape) \(kv) decode (pooled rows \(limit), \(threads) threads): \(worst)")
         }
     }
 
@@ -95,5 +98,122 @@ import Testing
                 }
             }
         }
+    }
+
+    // MARK: The half-precision KV cache
+
+    /// f32 -> f16 rounds to nearest even as Swift's Float16 (IEEE) does, on the F16C and the scalar
+    /// path alike, including ties, subnormal halves, overflow and NaN; f16 -> f32 is exact.
+    #if os(Linux) || arch(arm64)   // Swift's Float16 (the reference) is not available on Intel macOS
+    @Test func halfConversionMatchesIEEE() {
+        defer { _ = pf2lora_quant_set_isa(99) }
+        var rng = RNG(seed: 21)
+        var xs: [Float] = [0, -0, 1, -1, 65504, 65519.99, 65520, -65520, 1e9, .infinity, -.infinity, .nan, -.nan,
+                           0x1p-14, 0x1p-24, 0x1p-25, 0x1.000002p-25, 0x1.8p-24, 0x1.4p-24, 0x1p-26, 0x1.ffcp-15, .leastNonzeroMagnitude,
+                           1 + 0x1p-11, 1 + 0x1p-11 + 0x1p-23, 1 + 3 * 0x1p-11, 2049, 2051]
+        for _ in 0..<20_000 {
+            let e = Float(Int(rng.next() % 50) - 30)
+            xs.append(Float(bitPattern: UInt32(truncatingIfNeeded: rng.next())))              // any bits
+            xs.append(rng.normal() * Float(pow(2.0, Double(e))))                            // normal and subnormal halves
+            let h = Float16(bitPattern: UInt16(truncatingIfNeeded: rng.next() & 0x7bff))
+            let tie = Float(h) + Float(h.ulp) / 2                                           // halfway to the next half (exact in f32)
+            xs += [tie, tie.nextUp, tie.nextDown, -tie]
+        }
+        var paths: [[UInt16]] = []
+        for isa in [0, 99] {
+            _ = pf2lora_quant_set_isa(Int32(isa))
+            var h = [UInt16](repeating: 0, count: xs.count)
+            pf2lora_f32_to_f16(xs, &h, xs.count)
+            paths.append(h)
+            var back = [Float](repeating: 0, count: xs.count)
+            pf2lora_f16_to_f32(h, &back, xs.count)
+            #expect(zip(h, back).allSatisfy { Float(Float16(bitPattern: $0)).bitPattern == $1.bitPattern || ($1.isNaN && Float16(bitPattern: $0).isNaN) },
+                    "isa \(isa): f16 -> f32 not exact")
+        }
+        #expect(paths[0] == paths[1], "scalar and F16C paths differ")
+        let mismatches = xs.indices.filter { xs[$0].isNaN ? !Float16(bitPattern: paths[1][$0]).isNaN : Float16(xs[$0]).bitPattern != paths[1][$0] }
+        #expect(mismatches.isEmpty, "\(mismatches.prefix(5).map { (xs[$0], paths[1][$0], Float16(xs[$0]).bitPattern) })")
+    }
+    #endif
+
+    static func halves(_ x: [Float]) -> [UInt16] {
+        var h = [UInt16](repeating: 0, count: x.count)
+        pf2lora_f32_to_f16(x, &h, x.count)
+        return h
+    }
+
+    static func widened(_ h: [UInt16]) -> [Float] {
+        var x = [Float](repeating: 0, count: h.count)
+        pf2lora_f16_to_f32(h, &x, h.count)
+        return x
+    }
+
+    /// Decode attention over a half cache: the same bits on the scalar and the AVX2 path; for head
+    /// size 64 the scores are the f32 kernel's on the widened keys to the bit and the output within
+    /// f32 summation of `decodeGroup` on the widened rows; and against the unrounded f32 cache within
+    /// the bound f16 rounding gives: keys and values are off by at most u = 2^-11 relative, so each
+    /// score by e_j <= u * scale * sum_e |q_e k_je|, each softmax weight by a factor within
+    /// exp(+-2 max e_j), and each output by at most max_j |v_j| (exp(2 max e_j) - 1 + u).
+    @Test(arguments: [64, 16])
+    func halfCacheDecodeGroupWithinRoundingBound(_ hd: Int) {
+        defer { _ = pf2lora_quant_set_isa(99) }
+        var rng = RNG(seed: 8)
+        let g = 3
+        for T in [1, 7, 8, 9, 40, 203] {
+            let q = (0..<(g * hd)).map { _ in 2 * rng.normal() }
+            let k = (0..<(T * hd)).map { _ in rng.normal() }, v = (0..<(T * hd)).map { _ in rng.normal() }
+            let kh = Self.halves(k), vh = Self.halves(v), kw = Self.widened(kh), vw = Self.widened(vh)
+            let scale = 1 / Float(hd).squareRoot()
+            func run(_ body: (UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>) -> Void) -> [Float] {
+                var sc = [Float](repeating: 0, count: g * T), o = [Float](repeating: 0, count: g * hd)
+                sc.withUnsafeMutableBufferPointer { s in o.withUnsafeMutableBufferPointer { body(s.baseAddress!, $0.baseAddress!) } }
+                return o
+            }
+            var half: [[Float]] = []
+            for isa in [0, 99] {
+                _ = pf2lora_quant_set_isa(Int32(isa))
+                half.append(run { decodeGroupHalf(q: q, heads: g, k: kh, v: vh, hd: hd, count: T, scale: scale, scores: $0, out: $1) })
+                if hd == 64 {
+                    var a = [Float](repeating: 0, count: g * T), b = a
+                    pf2lora_attention_scores64_f16(q, g, kh, T, scale, &a)
+                    pf2lora_attention_scores64(q, g, kw, T, scale, &b)
+                    #expect(a.map(\.bitPattern) == b.map(\.bitPattern), "isa \(isa) T \(T): half scores differ from widened f32")
+                }
+            }
+            #expect(half[0].map(\.bitPattern) == half[1].map(\.bitPattern), "hd \(hd) T \(T): scalar and AVX2 paths differ")
+            let onWidened = run { decodeGroup(q: q, heads: g, k: kw, v: vw, hd: hd, count: T, scale: scale, scores: $0, out: $1) }
+            let exact = run { decodeGroup(q: q, heads: g, k: k, v: v, hd: hd, count: T, scale: scale, scores: $0, out: $1) }
+            let u: Float = 0x1p-11
+            for i in 0..<g {
+                var eMax: Float = 0
+                for j in 0..<T {
+                    var m: Float = 0
+                    for e in 0..<hd { m += abs(q[i * hd + e] * k[j * hd + e]) }
+                    eMax = max(eMax, u * scale * m)
+                }
+                for e in 0..<hd {
+                    var vMax: Float = 0
+                    for j in 0..<T { vMax = max(vMax, abs(v[j * hd + e])) }
+                    let got = half[1][i * hd + e]
+                    #expect(abs(got - onWidened[i * hd + e]) <= 1e-5 * vMax, "hd \(hd) T \(T) head \(i) [\(e)]: vs f32 kernel on the widened rows")
+                    let bound = vMax * (exp(2 * eMax) - 1 + u) + 1e-5 * vMax
+                    #expect(abs(got - exact[i * hd + e]) <= bound, "hd \(hd) T \(T) head \(i) [\(e)]: \(abs(got - exact[i * hd + e])) > \(bound)")
+                }
+            }
+        }
+    }
+
+    /// `--kv-cache auto`: f16 for a q8_0 base only (f16 and bf16 bases keep f32, to stay within 1e-4
+    /// of transformers); a half cache takes half the bytes.
+    @Test func automaticCachePrecision() throws {
+        let m = try Self.model(headDim: 64, heads: 4, kvHeads: 2)
+        #expect(KVCachePrecision.automatic(for: m) == .f32)
+        for p in [WeightPrecision.f16, .bf16] { #expect(KVCachePrecision.automatic(for: try LanguageModel(m, servedAt: p)) == .f32) }
+        let q8 = try LanguageModel(m, servedAt: .q8_0)
+        #expect(KVCachePrecision.automatic(for: q8) == .f16)
+        #expect(KVCache(model: q8, capacity: 10).precision == .f16)
+        let a = m.architecture
+        #expect(KVCache(architecture: a, capacity: 10, precision: .f16).byteCount * 2 == KVCache(architecture: a, capacity: 10).byteCount)
+        #expect(KVCache(architecture: a, capacity: 10).byteCount == 2 * a.layerCount * a.kvHeadCount * 10 * a.headDim * 4)
     }
 }

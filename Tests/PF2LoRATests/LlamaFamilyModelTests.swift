@@ -139,11 +139,12 @@ import Testing
     /// Prefills each fixture case of qwen3-qknorm-f16 into two engines, then decodes `steps` greedy
     /// tokens: all cases in one pooled batch in one engine, each alone in the other; every row's
     /// logits must be the same bits (also WeightPrecisionServingTests, per precision).
-    static func expectPooledDecodeIsBatchInvariant(_ m: LanguageModel, steps: Int, label: String) throws {
+    static func expectPooledDecodeIsBatchInvariant(_ m: LanguageModel, steps: Int, label: String, kvCache: KVCachePrecision = .f32) throws {
         let cs = try cases("qwen3-qknorm-f16")
         let V = m.architecture.vocabSize
         let batched = InferenceEngine(model: m, pool: WorkerPool(threads: 2)), alone = InferenceEngine(model: m, pool: WorkerPool(threads: 2))
-        let cb = cs.map { _ in KVCache(architecture: m.architecture, capacity: 80) }, ca = cs.map { _ in KVCache(architecture: m.architecture, capacity: 80) }
+        let cb = cs.map { _ in KVCache(architecture: m.architecture, capacity: 80, precision: kvCache) }
+        let ca = cs.map { _ in KVCache(architecture: m.architecture, capacity: 80, precision: kvCache) }
         for (i, c) in cs.enumerated() {
             _ = try batched.step([StepInput(cache: cb[i], tokens: c.ids, weights: m.baseLinears)])
             _ = try alone.step([StepInput(cache: ca[i], tokens: c.ids, weights: m.baseLinears)])

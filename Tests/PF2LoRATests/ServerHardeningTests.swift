@@ -52,14 +52,14 @@ import Testing
         let fx = try ServerFixture(clients: ["alice"])
         defer { fx.cleanup() }
         let s = try fx.serve(["--max-new-tokens", "10"])
-        let r = ServerProcess.result(s.response({ s.request(1, "generate", Self.gen("alice", max: nil)); return 1 }()))
+        let r = ServerProcess.result(s.response({ s.request(1, "generate", Self.gen("alice", max: nil)); return 1 }(), idle: 60))
         #expect((r?["usage"] as? [String: Any])?["completion_tokens"] as? Int == 10, "\(r ?? [:])")
-        let small = ServerProcess.result(s.response({ s.request(2, "generate", Self.gen("alice", max: nil)); return 2 }()))
+        let small = ServerProcess.result(s.response({ s.request(2, "generate", Self.gen("alice", max: nil)); return 2 }(), idle: 60))
         #expect(small?["finish_reason"] as? String == "length")
         #expect(s.finish() == 0)
         // Without the flag a request without max_tokens gets 64.
         let d = try fx.serve()
-        let r64 = ServerProcess.result(d.response({ d.request(1, "generate", Self.gen(nil, max: nil)); return 1 }()))
+        let r64 = ServerProcess.result(d.response({ d.request(1, "generate", Self.gen(nil, max: nil)); return 1 }(), idle: 60))
         #expect((r64?["usage"] as? [String: Any])?["completion_tokens"] as? Int == 64)
         #expect(d.finish() == 0)
 
@@ -68,12 +68,12 @@ import Testing
         z.request(1, "generate", Self.gen("alice", max: 200))
         z.request(2, "generate", Self.gen(nil, max: 200))
         z.request(3, "generate", Self.gen("alice", max: 2))
-        let refused = z.response(3)
+        let refused = z.response(3, idle: 60)
         #expect(ServerProcess.errorCode(refused) == -32004, "\(refused ?? [:])")
         #expect(Self.message(refused).contains("--max-batch 2") && Self.message(refused).contains("--max-queue 0"))
-        #expect(ServerProcess.result(z.response(1)) != nil && ServerProcess.result(z.response(2)) != nil)
+        #expect(ServerProcess.result(z.response(1, idle: 60)) != nil && ServerProcess.result(z.response(2, idle: 60)) != nil)
         // Room again once they finished.
-        #expect(ServerProcess.result(z.response({ z.request(4, "generate", Self.gen("alice")); return 4 }())) != nil)
+        #expect(ServerProcess.result(z.response({ z.request(4, "generate", Self.gen("alice")); return 4 }(), idle: 60)) != nil)
         #expect(z.finish() == 0)
 
         // --max-queue 8 --max-batch 32: 40 requests at once are all taken.
@@ -84,7 +84,7 @@ import Testing
             burst.append(0x0A)
         }
         q.sendRaw(burst)
-        let outcomes = (1...40).map { q.response($0) }
+        let outcomes = (1...40).map { q.response($0, idle: 60) }
         #expect(outcomes.allSatisfy { ServerProcess.result($0) != nil }, "refused: \(outcomes.filter { ServerProcess.result($0) == nil }.map { Self.message($0) }.prefix(3))")
         #expect(q.finish() == 0)
     }

@@ -85,6 +85,41 @@ final class ServerProcess {
         }
     }
 
+    /// Waits for the final response with `id` for as long as the server is working on something:
+    /// it gives up only when neither an output line (stdout or stderr) nor CPU time of the server
+    /// process came for `idle` seconds (a hung or dead server), or after `cap` seconds in all. For
+    /// requests whose length scales with the machine's load or a sanitizer's slowdown, where a fixed
+    /// deadline fails a correct server. Where the process's CPU time cannot be read (no /proc), only
+    /// output lines count.
+    func response(_ id: Int, idle: Double, cap: Double = 1800) -> [String: Any]? {
+        let start = Date()
+        var lastMark = progressMark(), lastProgress = Date()
+        cond.lock(); defer { cond.unlock() }
+        while true {
+            if let r = lines.first(where: { ($0["id"] as? Int) == id && ($0["result"] != nil || $0["error"] != nil) }) { return r }
+            if eof { return lines.first(where: { ($0["id"] as? Int) == id }) }
+            _ = cond.wait(until: Date().addingTimeInterval(0.5))
+            cond.unlock(); let mark = progressMark(); cond.lock()
+            if mark != lastMark { lastMark = mark; lastProgress = Date() }
+            if Date().timeIntervalSince(lastProgress) > idle || Date().timeIntervalSince(start) > cap {
+                return lines.first(where: { ($0["id"] as? Int) == id })
+            }
+        }
+    }
+
+    /// What changes while the server works: its output so far and its CPU time in clock ticks
+    /// (utime + stime of /proc/<pid>/stat; 0 where that cannot be read).
+    private func progressMark() -> [Int] {
+        var ticks = 0
+        if let stat = try? String(contentsOfFile: "/proc/\(process.processIdentifier)/stat", encoding: .utf8),
+           let close = stat.lastIndex(of: ")") {
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            // Fields after the command: state is [0], utime [11], stime [12] (proc(5) numbers 14 and 15).
+            if fields.count > 12 { ticks = (Int(fields[11]) ?? 0) + (Int(fields[12]) ?? 0) }
+        }
+        return [allLines.count, stderrText.utf8.count, ticks]
+    }
+
     /// Waits until `n` lines satisfy `pred`.
     func waitFor(count n: Int = 1, timeout: Double = 60, _ pred: ([String: Any]) -> Bool) -> Bool {
         let deadline = Date().addingTimeInterval(timeout)

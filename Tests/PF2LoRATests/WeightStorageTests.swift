@@ -25,6 +25,10 @@ import Testing
     /// 2^-24 relative, times the sum of the products' magnitudes (doubled for margin).
     static func tolerance(n: Int, absSum: Double) -> Double { 2 * Double(n / 32 + 8 + 4) * 0x1p-24 * absSum + 1e-30 }
 
+    /// The bound of `tolerance` for the wide kernels of Sources/CQuant/Wide.c: one 8-lane accumulator
+    /// per (row, input) pair, so n / 8 fused additions per lane, 3 in the lane tree, n % 8 in the tail.
+    static func wideTolerance(n: Int, absSum: Double) -> Double { 2 * Double(n / 8 + 3 + n % 8 + 1) * 0x1p-24 * absSum + 1e-30 }
+
     // MARK: q8_0 quantization
 
     @Test func q8_0QuantizationEqualsGGUFBitForBit() throws {
@@ -123,13 +127,59 @@ import Testing
                 for r in 0..<rows {
                     var ref = 0.0, abs = 0.0
                     for i in 0..<cols { let t = Double(w.data[r * cols + i]) * Double(xs.data[v * cols + i]); ref += t; abs += Swift.abs(t) }
-                    #expect(Swift.abs(Double(out.data[v * rows + r]) - ref) <= Self.tolerance(n: cols, absSum: abs), "\(p) cols \(cols) v \(v) r \(r)")
+                    #expect(Swift.abs(Double(out.data[v * rows + r]) - ref) <= Self.wideTolerance(n: cols, absSum: abs), "\(p) cols \(cols) v \(v) r \(r)")
                 }
                 // Alone, in two row ranges: the same bits.
                 dotRows(m, xs.data + v * cols, quantized: nil, count: 1, rows: 0..<33, alone.data, stride: rows)
                 dotRows(m, xs.data + v * cols, quantized: nil, count: 1, rows: 33..<rows, alone.data, stride: rows)
                 #expect((0..<rows).allSatisfy { alone.data[$0].bitPattern == out.data[v * rows + $0].bitPattern }, "\(p) cols \(cols) v \(v)")
             }
+        }
+    }
+
+    /// The register-blocked wide kernels (Sources/CQuant/Wide.c: tiles of 4 weight rows x 3 inputs)
+    /// at f32, f16 and bf16: an input's results are the same bits alone and at every position of
+    /// batches 1...33 wide (every tile shape and remainder), in any row range (odd row counts, chunk
+    /// edges inside a tile), at odd and even column counts (the tail after the last 8), on the scalar
+    /// and the AVX2 path; and within the kernel's f32 rounding bound of the f64 dot.
+    @Test(arguments: [WeightPrecision.f32, .f16, .bf16])
+    func wideDotRowsBitsDoNotDependOnBatchWidthOrPosition(_ p: WeightPrecision) {
+        defer { _ = pf2lora_quant_set_isa(99) }
+        let maxWidth = 33
+        for cols in [5, 8, 13, 64, 100, 771] {
+            let rows = 23
+            let m = WeightMatrix(Self.randomMatrix(rows: rows, cols: cols, seed: UInt64(cols) + 3, scale: 0.1)).converted(to: p)
+            let w = m.toTensor()   // the stored values, exactly
+            let xs = Self.randomMatrix(rows: maxWidth, cols: cols, seed: 31)
+            var paths: [[UInt32]] = []
+            for isa in Set([0, min(Int(pf2lora_cpu_isa()), Int(PF2LORA_ISA_AVX2))]).sorted() {
+                _ = pf2lora_quant_set_isa(Int32(isa))
+                // Each input alone, all rows at once.
+                let alone = Tensor(zeros: [maxWidth, rows])
+                for v in 0..<maxWidth { dotRows(m, xs.data + v * cols, quantized: nil, count: 1, rows: 0..<rows, alone.data + v * rows, stride: rows) }
+                paths.append(alone.array.map(\.bitPattern))
+                var differing = 0
+                for width in 1...maxWidth {
+                    for first in Set([0, 1, maxWidth - width]).sorted() where first + width <= maxWidth {
+                        let out = Tensor(zeros: [width, rows])
+                        // Two row ranges, the first ending inside a 4-row tile.
+                        dotRows(m, xs.data + first * cols, quantized: nil, count: width, rows: 0..<6, out.data, stride: rows)
+                        dotRows(m, xs.data + first * cols, quantized: nil, count: width, rows: 6..<rows, out.data, stride: rows)
+                        for v in 0..<width where (0..<rows).contains(where: { out.data[v * rows + $0].bitPattern != alone.data[(first + v) * rows + $0].bitPattern }) {
+                            differing += 1
+                        }
+                    }
+                }
+                #expect(differing == 0, "\(p) isa \(isa) cols \(cols): \(differing) batched inputs differ from the same input alone")
+                for v in [0, maxWidth - 1] {
+                    for r in 0..<rows {
+                        var ref = 0.0, abs = 0.0
+                        for i in 0..<cols { let t = Double(w.data[r * cols + i]) * Double(xs.data[v * cols + i]); ref += t; abs += Swift.abs(t) }
+                        #expect(Swift.abs(Double(alone.data[v * rows + r]) - ref) <= Self.wideTolerance(n: cols, absSum: abs), "\(p) cols \(cols) v \(v) r \(r)")
+                    }
+                }
+            }
+            #expect(paths.allSatisfy { $0 == paths[0] }, "\(p) cols \(cols): the scalar and AVX2 paths differ")
         }
     }
 

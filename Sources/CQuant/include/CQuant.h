@@ -10,6 +10,7 @@
 // Activations are quantized per block of 32 as llama.cpp does: int8 values and one f32 scale each.
 
 #include <stdint.h>
+#include "CWide.h"   // the batch-invariant f32 / f16 / bf16 row-dot kernels of pooled decode (Wide.c)
 
 #ifdef __cplusplus
 extern "C" {
@@ -71,6 +72,20 @@ void pf2lora_q8_0x4_dot_rows(const void *w, long rows, long cols, const int8_t *
 /// heads q_i (64 floats each, contiguous) and the T keys k_j (64 floats each, contiguous). Eight keys
 /// at a time with one transposing reduction (AVX2); the scalar path sums in the same order.
 void pf2lora_attention_scores64(const float *q, long g, const float *k, long T, float scale, float *scores);
+
+/// The half-precision KV cache (`KVCache` at f16): n floats to IEEE halves rounded to nearest even
+/// (as F16C's vcvtps2ph), and back (exact). The scalar paths give the same bits as F16C's.
+void pf2lora_f32_to_f16(const float *x, uint16_t *h, long n);
+void pf2lora_f16_to_f32(const uint16_t *h, float *x, long n);
+
+/// `pf2lora_attention_scores64` over T half keys (64 halves each): each key is widened exactly, so
+/// the scores equal, to the bit, those of the f32 kernel on the widened keys.
+void pf2lora_attention_scores64_f16(const float *q, long g, const uint16_t *k, long T, float scale, float *scores);
+
+/// The value pass of decode attention over T half values (64 halves each): for the g heads,
+/// out[i * 64 + e] = inv[i] * sum_j p[i * T + j] * v[j][e], summed in order of j with one fused
+/// multiply-add per term on every path (the same bits on the scalar and the AVX2 path).
+void pf2lora_attention_values64_f16(const float *p, long g, long T, const uint16_t *v, const float *inv, float *out);
 
 #ifdef __cplusplus
 }

@@ -286,3 +286,37 @@ func decodeGroup64(q: UnsafePointer<Float>, heads g: Int, k: UnsafePointer<Float
         storeF8(o4 * inv, oi + 32); storeF8(o5 * inv, oi + 40); storeF8(o6 * inv, oi + 48); storeF8(o7 * inv, oi + 56)
     }
 }
+
+/// `decodeGroup` over a half-precision cache (`KVCache` at f16): keys and values are rows of `hd`
+/// IEEE halves, widened exactly as they are read, so the result is `decodeGroup`'s on the widened
+/// rows within f32 summation order. hd = 64 runs in C (`pf2lora_attention_scores64_f16`, the
+/// softmax as `decodeGroup64`'s, `pf2lora_attention_values64_f16`); other head sizes widen one row
+/// at a time.
+@inline(__always)
+func decodeGroupHalf(q: UnsafePointer<Float>, heads g: Int, k: UnsafePointer<UInt16>, v: UnsafePointer<UInt16>, hd: Int, count T: Int,
+                     scale: Float, scores sc: UnsafeMutablePointer<Float>, out o: UnsafeMutablePointer<Float>) {
+    if hd == 64 {
+        pf2lora_attention_scores64_f16(q, g, k, T, scale, sc)
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: g) { inv in
+            for i in 0..<g { inv[i] = 1 / expShiftedInPlace(sc + i * T, count: T).1 }
+            pf2lora_attention_values64_f16(sc, g, T, v, inv.baseAddress!, o)
+        }
+        return
+    }
+    withUnsafeTemporaryAllocation(of: Float.self, capacity: hd) { buf in
+        let row = buf.baseAddress!
+        for i in 0..<g {
+            let qi = q + i * hd, oi = o + i * hd
+            for j in 0..<T {
+                pf2lora_f16_to_f32(k + j * hd, row, hd)
+                sc[j] = scale * dot(qi, row, hd)
+            }
+            softmaxInPlace(sc, count: T)
+            oi.update(repeating: 0, count: hd)
+            for j in 0..<T {
+                pf2lora_f16_to_f32(v + j * hd, row, hd)
+                axpy(sc[j], row, oi, hd)
+            }
+        }
+    }
+}

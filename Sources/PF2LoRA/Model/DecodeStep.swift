@@ -115,9 +115,8 @@ private struct PooledDecodeRunner: BlockRunner {
                     positionStep(a, e.rope, row, heads: h..<(h + 1), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: e.ropeCS.data + b * hd)
                 }
                 if h >= H {
-                    let cache = step.inputs[b].cache, kvh = h - H, cap = cache.capacity, L = cache.length
-                    (cache.k[l].data + (kvh * cap + L) * hd).update(from: row + qW + kvh * hd, count: hd)
-                    (cache.v[l].data + (kvh * cap + L) * hd).update(from: row + qW + kvW + kvh * hd, count: hd)
+                    let cache = step.inputs[b].cache, kvh = h - H
+                    cache.store(layer: l, head: kvh, position: cache.length, key: row + qW + kvh * hd, value: row + qW + kvW + kvh * hd, hd: hd)
                 }
             }
             ctx.barrier()
@@ -127,14 +126,12 @@ private struct PooledDecodeRunner: BlockRunner {
         for item in ctx.share(B * KV) {
             let b = item / KV, kvh = item % KV
             let cache = step.inputs[b].cache
-            let L = cache.length, T = L + 1, cap = cache.capacity
+            let L = cache.length, T = L + 1
             let q = e.qkv.data + b * W + kvh * perKV * hd, o = e.att.data + b * qW + kvh * perKV * hd
-            let kh = cache.k[l].data + kvh * cap * hd, vh = cache.v[l].data + kvh * cap * hd   // (capacity, hd)
             if !separate {   // one query head per KV head: its own key and value
-                (kh + L * hd).update(from: e.qkv.data + b * W + qW + kvh * hd, count: hd)
-                (vh + L * hd).update(from: e.qkv.data + b * W + qW + kvW + kvh * hd, count: hd)
+                cache.store(layer: l, head: kvh, position: L, key: e.qkv.data + b * W + qW + kvh * hd, value: e.qkv.data + b * W + qW + kvW + kvh * hd, hd: hd)
             }
-            decodeGroup(q: q, heads: perKV, k: kh, v: vh, hd: hd, count: T, scale: scale, scores: sc, out: o)
+            cache.decodeGroup(layer: l, head: kvh, q: q, heads: perKV, hd: hd, count: T, scale: scale, scores: sc, out: o)
         }
         ctx.barrier()
     }

@@ -59,6 +59,8 @@ public final class InferenceEngine {
     // weights, and one group's weight widened to f32 for a prefill GEMM.
     var q8Inputs: [Q8Activations] = []
     var widened = Tensor(zeros: [0])
+    // A half-precision KV cache's keys and values of one layer widened to f32 for the prefill GEMMs.
+    var kvPanel = Tensor(zeros: [0])
 
     /// Decode steps of at most this many sequences (one new token each) run on the worker pool
     /// (DecodeStep.swift); larger steps and every prefill run as GEMMs. 0 sends everything to GEMM.
@@ -263,7 +265,6 @@ public final class InferenceEngine {
         let H = a.headCount, KV = a.kvHeadCount, hd = a.headDim, qW = a.qWidth, kvW = a.kvWidth
         let W = a.group(.attnIn).outFeatures, perKV = H / KV
         let L = cache.length, T = L + t
-        let kc = cache.k[l].data, vc = cache.v[l].data, cap = cache.capacity
         if a.hasPositionStep {
             let layer = model.base.layers[l]
             for j in 0..<t {
@@ -275,10 +276,7 @@ public final class InferenceEngine {
         // is (KV, capacity, hd).
         for j in 0..<t {
             let src = qkv.data + (row0 + j) * W
-            for h in 0..<KV {
-                (kc + (h * cap + L + j) * hd).update(from: src + qW + h * hd, count: hd)
-                (vc + (h * cap + L + j) * hd).update(from: src + qW + kvW + h * hd, count: hd)
-            }
+            for h in 0..<KV { cache.store(layer: l, head: h, position: L + j, key: src + qW + h * hd, value: src + qW + kvW + h * hd, hd: hd) }
         }
         let scale = 1 / Float(hd).squareRoot()
         let sc = scores.data
@@ -286,11 +284,14 @@ public final class InferenceEngine {
             // Decode: per KV head, its perKV query heads' scores over T cached keys, softmax, weighted sum of values.
             let q0 = qkv.data + row0 * W, o0 = att.data + row0 * qW
             for kvh in 0..<KV {
-                decodeGroup(q: q0 + kvh * perKV * hd, heads: perKV, k: kc + kvh * cap * hd, v: vc + kvh * cap * hd, hd: hd,
-                            count: T, scale: scale, scores: sc, out: o0 + kvh * perKV * hd)
+                cache.decodeGroup(layer: l, head: kvh, q: q0 + kvh * perKV * hd, heads: perKV, hd: hd, count: T, scale: scale,
+                                  scores: sc, out: o0 + kvh * perKV * hd)
             }
             return
         }
+        // The cache's rows as f32 (a half cache widened once per layer into `kvPanel`).
+        if cache.precision != .f32, kvPanel.count < 2 * KV * T * hd { kvPanel = Tensor(zeros: [2 * KV * T * hd]) }
+        let (kc, vc, cap) = cache.f32Rows(layer: l, count: T, kvHeads: KV, hd: hd, keys: kvPanel.data, values: kvPanel.data + KV * T * hd)
         // Prefill, causal: blocks of `attentionBlock` new rows; the rows [i0, i1) see the keys
         // [0, L + i1) only, so the masked upper triangle is (mostly) never computed: at 512 new rows
         // and blocks of 64 the two GEMMs do 56% of the full (t, T) products' work.

@@ -26,6 +26,9 @@ public struct ServerLimits: Sendable {
     public var batchInvariant = true
     /// Bytes of one request line.
     public var maxLineBytes = 1 << 20
+    /// What the sequences' KV caches keep keys and values at; nil: `KVCachePrecision.automatic`
+    /// (f16 for a q8_0 base, else f32).
+    public var kvCache: KVCachePrecision?
     public init() {}
 }
 
@@ -278,7 +281,7 @@ final class Scheduler: @unchecked Sendable {
             let binding = try job.adapter == .base ? AdapterBinding.base(engine.model) : runtime.resolve(client: job.client)
             let req = job.request
             let capacity = min(engine.model.architecture.contextLength, req.prompt.count + max(req.maxTokens, 0) + 1)
-            let cache = KVCache(architecture: engine.model.architecture, capacity: capacity)
+            let cache = KVCache(model: engine.model, capacity: capacity, precision: limits.kvCache)
             let gen = GenerationState(request: req, cache: cache, vocabSize: engine.model.architecture.vocabSize,
                                       eosTokens: eos, tokenizer: tokenizer)
             let r = Running(job: job, binding: binding, gen: gen)

@@ -1,14 +1,14 @@
 import CQuant
 
-// The decode kernels of half-precision and int8 weights (WeightStorage.swift): each output row's
-// weights are read once and dotted with up to `InferenceEngine.maxPooledRows` inputs while they sit
-// in L1, as `dotRows` does for f32 (Kernels.swift).
+// The decode kernels of every weight precision (WeightStorage.swift): each output row's weights are
+// read once and dotted with every input of the pooled decode pass while they sit in L1.
 //
-// f16 and bf16 are widened in registers: F16C's `vcvtph2ps` (what `SIMD8<Float>(SIMD8<Float16>)`
-// compiles to under -target-cpu haswell), a 16-bit shift for bf16; one FMA per 8 weights. q8_0 dots
-// int8 weights with int8 activations (quantized per block of 32, as llama.cpp does) in the C kernels
-// of CQuant: Swift does not emit x86's int8 dot products, and widening the int8 weights to f32
-// instead measured 1.5x slower per byte (Benchmarks/README.md, "Weights at half precision and int8").
+// f32, f16 and bf16 run the register-blocked C kernels of Sources/CQuant/Wide.c (four weight rows x
+// three inputs per tile; f16 widened by F16C's `vcvtph2ps`, bf16 by a 16-bit shift; one FMA per 8
+// weights per input), whose sums do not depend on the batch. q8_0 dots int8 weights with int8
+// activations (quantized per block of 32, as llama.cpp does) in the C kernels of CQuant: Swift does
+// not emit x86's int8 dot products, and widening the int8 weights to f32 instead measured 1.5x slower
+// per byte (Benchmarks/README.md, "Weights at half precision and int8").
 
 typealias F8 = SIMD8<Float>
 
@@ -16,10 +16,6 @@ typealias F8 = SIMD8<Float>
 @inline(__always) func storeF8(_ v: F8, _ p: UnsafeMutablePointer<Float>) { UnsafeMutableRawPointer(p).storeBytes(of: v, as: F8.self) }
 /// 8 int8 values as floats (`vpmovsxbd` + `vcvtdq2ps`).
 @inline(__always) func loadQ8x8(_ p: UnsafeRawPointer) -> F8 { F8(p.loadUnaligned(as: SIMD8<Int8>.self)) }
-@inline(__always) func hsum8(_ v: F8) -> Float {
-    let a = v.lowHalf + v.highHalf, b = a.lowHalf + a.highHalf
-    return b[0] + b[1]
-}
 
 /// A 16-bit float format widened to f32 exactly.
 protocol SixteenBitFloat {
@@ -60,70 +56,6 @@ func halfRowToF32<L: SixteenBitFloat>(_ src: UnsafeRawPointer, _ dst: UnsafeMuta
     while i < n { dst[i] = L.value(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))); i += 1 }
 }
 
-/// The dot product of n 16-bit weights with n floats: four FMA accumulators over 32 values, 8 at a
-/// time after that, then the scalar tail. `halfDot2` sums each input in exactly this order.
-@inline(__always)
-func halfDot<L: SixteenBitFloat>(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ n: Int, _: L.Type) -> Float {
-    var a0 = F8(), a1 = F8(), a2 = F8(), a3 = F8()
-    var i = 0
-    while i + 32 <= n {
-        a0 = a0.addingProduct(L.load8(w + 2 * i), loadF8(x + i))
-        a1 = a1.addingProduct(L.load8(w + 2 * i + 16), loadF8(x + i + 8))
-        a2 = a2.addingProduct(L.load8(w + 2 * i + 32), loadF8(x + i + 16))
-        a3 = a3.addingProduct(L.load8(w + 2 * i + 48), loadF8(x + i + 24))
-        i += 32
-    }
-    while i + 8 <= n { a0 = a0.addingProduct(L.load8(w + 2 * i), loadF8(x + i)); i += 8 }
-    var s = hsum8((a0 + a1) + (a2 + a3))
-    while i < n { s = s.addingProduct(L.value(UInt16(littleEndian: w.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))), x[i]); i += 1 }
-    return s
-}
-
-/// `halfDot` of one weight row with two inputs, widening each weight once.
-@inline(__always)
-func halfDot2<L: SixteenBitFloat>(_ w: UnsafeRawPointer, _ x0: UnsafePointer<Float>, _ x1: UnsafePointer<Float>, _ n: Int,
-                                  _: L.Type) -> (Float, Float) {
-    var a0 = F8(), a1 = F8(), a2 = F8(), a3 = F8()
-    var b0 = F8(), b1 = F8(), b2 = F8(), b3 = F8()
-    var i = 0
-    while i + 32 <= n {
-        let w0 = L.load8(w + 2 * i), w1 = L.load8(w + 2 * i + 16), w2 = L.load8(w + 2 * i + 32), w3 = L.load8(w + 2 * i + 48)
-        a0 = a0.addingProduct(w0, loadF8(x0 + i)); a1 = a1.addingProduct(w1, loadF8(x0 + i + 8))
-        a2 = a2.addingProduct(w2, loadF8(x0 + i + 16)); a3 = a3.addingProduct(w3, loadF8(x0 + i + 24))
-        b0 = b0.addingProduct(w0, loadF8(x1 + i)); b1 = b1.addingProduct(w1, loadF8(x1 + i + 8))
-        b2 = b2.addingProduct(w2, loadF8(x1 + i + 16)); b3 = b3.addingProduct(w3, loadF8(x1 + i + 24))
-        i += 32
-    }
-    while i + 8 <= n {
-        let w0 = L.load8(w + 2 * i)
-        a0 = a0.addingProduct(w0, loadF8(x0 + i)); b0 = b0.addingProduct(w0, loadF8(x1 + i))
-        i += 8
-    }
-    var s = hsum8((a0 + a1) + (a2 + a3)), t = hsum8((b0 + b1) + (b2 + b3))
-    while i < n {
-        let v = L.value(UInt16(littleEndian: w.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
-        s = s.addingProduct(v, x0[i]); t = t.addingProduct(v, x1[i])
-        i += 1
-    }
-    return (s, t)
-}
-
-/// out[v * stride + r] = W[r, :] . x_v for 16-bit W, r in `rows`, v in 0..<count (x_v = xs + v C).
-@inline(__always)
-func halfDotRows<L: SixteenBitFloat>(_ w: UnsafeRawPointer, C: Int, _ xs: UnsafePointer<Float>, count: Int, rows: Range<Int>,
-                                     _ out: UnsafeMutablePointer<Float>, stride: Int, _ format: L.Type) {
-    for r in rows {
-        let wr = w + 2 * r * C
-        var v = 0
-        while v + 2 <= count {
-            let (s, t) = halfDot2(wr, xs + v * C, xs + (v + 1) * C, C, format)
-            out[v * stride + r] = s; out[(v + 1) * stride + r] = t
-            v += 2
-        }
-        if v < count { out[v * stride + r] = halfDot(wr, xs + v * C, C, format) }
-    }
-}
-
 /// A participant's inputs of one matrix-vector step quantized for q8_0 weights: int8 values and one
 /// f32 scale per 32 (`pf2lora_q8_quantize_activations`). Grown, never shrunk.
 final class Q8Activations {
@@ -159,9 +91,13 @@ final class Q8Activations {
 func dotRows(_ w: WeightMatrix, _ xs: UnsafePointer<Float>, quantized: Q8Activations?, first: Int = 0, count: Int, rows: Range<Int>,
              _ out: UnsafeMutablePointer<Float>, stride: Int) {
     switch w.precision {
-    case .f32: dotRows(w.f32!.data, C: w.cols, xs, count: count, rows: rows, out, stride: stride)
-    case .f16: halfDotRows(w.base, C: w.cols, xs, count: count, rows: rows, out, stride: stride, HalfLoad.self)
-    case .bf16: halfDotRows(w.base, C: w.cols, xs, count: count, rows: rows, out, stride: stride, BFloatLoad.self)
+    // The register-blocked C kernels (Sources/CQuant/Wide.c): four weight rows x three inputs per
+    // tile, each (row, input) pair summed in one fixed order whatever the tile.
+    case .f32: pf2lora_wide_f32_dot_rows(w.f32!.data, w.cols, xs, count, rows.lowerBound, rows.upperBound, out, stride)
+    case .f16:
+        pf2lora_wide_f16_dot_rows(w.base.assumingMemoryBound(to: UInt16.self), w.cols, xs, count, rows.lowerBound, rows.upperBound, out, stride)
+    case .bf16:
+        pf2lora_wide_bf16_dot_rows(w.base.assumingMemoryBound(to: UInt16.self), w.cols, xs, count, rows.lowerBound, rows.upperBound, out, stride)
     case .q8_0:
         let a = quantized!, n = w.cols
         if w.interleaved {

@@ -1,0 +1,192 @@
+// Batch-invariant row-dot kernels for the pooled decode pass: see include/CWide.h.
+//
+// Every (weight row, input) pair has its own 8-lane accumulator, fed one fused multiply-add per 8
+// columns in ascending order, reduced by `wide_hsum8`'s fixed tree, then the cols % 8 tail fused in
+// ascending order. A tile only decides how many pairs share the loads, never the order within a
+// pair, so the result of a pair does not depend on the tile it fell in: alone (count 1), at any
+// position of any batch, in any row range. The scalar path computes each lane with fmaf in the same
+// order, so it gives the same bits as the AVX2 path.
+//
+// Tiles of 4 rows x 3 inputs: 12 accumulators, 3 input registers and 1 weight register (the 16 YMM
+// registers); per 8 columns 7 loads for 12 FMAs, where one pair at a time (the Swift kernel before
+// it) loaded an input vector per weight vector.
+
+#include "CWide.h"
+#include "CQuant.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define WIDE_X86 1
+#include <immintrin.h>
+#endif
+
+#define WIDE_RT 4   // weight rows per tile
+#define WIDE_VT 3   // inputs per tile
+
+// MARK: - Weight loads (scalar)
+
+static inline float wide_half(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000 | (man << 13);                    // inf, nan
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);           // normal
+    } else if (man == 0) {
+        bits = sign;                                               // zero
+    } else {                                                       // subnormal: normalize
+        int e = -1;
+        do { man <<= 1; e++; } while ((man & 0x400) == 0);
+        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float wide_bf16(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float wide_f32_1(const float *w, long k) { return w[k]; }
+static inline float wide_f16_1(const uint16_t *w, long k) { return wide_half(w[k]); }
+static inline float wide_bf16_1(const uint16_t *w, long k) { return wide_bf16(w[k]); }
+
+// The fixed reduction tree of the 8 lanes (the AVX2 `wide_hsum8` adds in this order).
+static inline float wide_hsum8_scalar(const float *v) {
+    float h[4];
+    for (int k = 0; k < 4; k++) h[k] = v[k] + v[k + 4];
+    return (h[0] + h[2]) + (h[1] + h[3]);
+}
+
+// MARK: - Scalar path (same bits as the AVX2 path)
+
+#define WIDE_SCALAR(NAME, T, LOAD1)                                                                   \
+static void NAME(const T *w, long C, const float *xs, long count, long r0, long r1, float *out,     \
+                 long stride) {                                                                     \
+    long C8 = C & ~7L;                                                                              \
+    for (long r = r0; r < r1; r++) {                                                                \
+        const T *wr = w + r * C;                                                                    \
+        for (long v = 0; v < count; v++) {                                                          \
+            const float *x = xs + v * C;                                                            \
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                \
+            for (long k = 0; k < C8; k += 8)                                                        \
+                for (int j = 0; j < 8; j++) acc[j] = fmaf(LOAD1(wr, k + j), x[k + j], acc[j]);      \
+            float s = wide_hsum8_scalar(acc);                                                       \
+            for (long k = C8; k < C; k++) s = fmaf(LOAD1(wr, k), x[k], s);                          \
+            out[v * stride + r] = s;                                                                \
+        }                                                                                           \
+    }                                                                                               \
+}
+
+WIDE_SCALAR(wide_f32_scalar, float, wide_f32_1)
+WIDE_SCALAR(wide_f16_scalar, uint16_t, wide_f16_1)
+WIDE_SCALAR(wide_bf16_scalar, uint16_t, wide_bf16_1)
+
+// MARK: - AVX2 + FMA path
+
+#ifdef WIDE_X86
+__attribute__((target("avx2,fma,f16c")))
+static inline float wide_hsum8(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));   // v[i] + v[i + 4]
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));                                          // (0 + 2), (1 + 3)
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));                                           // (0 + 2) + (1 + 3)
+    return _mm_cvtss_f32(a);
+}
+
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 wide_f32_8(const float *w, long k) {
+    return _mm256_loadu_ps(w + k);
+}
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 wide_f16_8(const uint16_t *w, long k) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k)));
+}
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 wide_bf16_8(const uint16_t *w, long k) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k))), 16));
+}
+
+// One tile: rows r..r+R-1 times inputs v..v+V-1 (R <= 4, V <= 3, both constants after inlining).
+#define WIDE_TILE(NAME, T, LOAD8, LOAD1)                                                              \
+__attribute__((target("avx2,fma,f16c"), always_inline))                                             \
+static inline void NAME(const T *w, long C, const float *xs, long v0, long r, int R, int V,         \
+                        float *out, long stride) {                                                  \
+    __m256 acc[WIDE_RT][WIDE_VT];                                                                   \
+    for (int i = 0; i < R; i++) for (int j = 0; j < V; j++) acc[i][j] = _mm256_setzero_ps();        \
+    const T *wr = w + r * C;                                                                        \
+    const float *x = xs + v0 * C;                                                                   \
+    long C8 = C & ~7L;                                                                              \
+    for (long k = 0; k < C8; k += 8) {                                                              \
+        __m256 xv[WIDE_VT];                                                                         \
+        for (int j = 0; j < V; j++) xv[j] = _mm256_loadu_ps(x + j * C + k);                        \
+        for (int i = 0; i < R; i++) {                                                               \
+            __m256 wv = LOAD8(wr + i * C, k);                                                       \
+            for (int j = 0; j < V; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);         \
+        }                                                                                           \
+    }                                                                                               \
+    for (int i = 0; i < R; i++)                                                                     \
+        for (int j = 0; j < V; j++) {                                                               \
+            float s = wide_hsum8(acc[i][j]);                                                        \
+            for (long k = C8; k < C; k++) s = fmaf(LOAD1(wr + i * C, k), x[j * C + k], s);          \
+            out[(v0 + j) * stride + r + i] = s;                                                     \
+        }                                                                                           \
+}
+
+WIDE_TILE(wide_f32_tile, float, wide_f32_8, wide_f32_1)
+WIDE_TILE(wide_f16_tile, uint16_t, wide_f16_8, wide_f16_1)
+WIDE_TILE(wide_bf16_tile, uint16_t, wide_bf16_8, wide_bf16_1)
+
+// Row tiles of 4 (then the 1-3 left), within each the inputs in tiles of 3 (then the 1-2 left):
+// every tile shape is its own unrolled instance.
+#define WIDE_CASE(TILE, R, V) case (R) * 4 + (V): TILE(w, C, xs, v, r, R, V, out, stride); break;
+#define WIDE_AVX2(NAME, T, TILE)                                                                      \
+__attribute__((target("avx2,fma,f16c")))                                                            \
+static void NAME(const T *w, long C, const float *xs, long count, long r0, long r1, float *out,     \
+                 long stride) {                                                                     \
+    for (long r = r0; r < r1; r += WIDE_RT) {                                                       \
+        int R = r1 - r < WIDE_RT ? (int)(r1 - r) : WIDE_RT;                                         \
+        for (long v = 0; v < count; v += WIDE_VT) {                                                 \
+            int V = count - v < WIDE_VT ? (int)(count - v) : WIDE_VT;                               \
+            switch (R * 4 + V) {                                                                    \
+                WIDE_CASE(TILE, 4, 3) WIDE_CASE(TILE, 4, 2) WIDE_CASE(TILE, 4, 1)                   \
+                WIDE_CASE(TILE, 3, 3) WIDE_CASE(TILE, 3, 2) WIDE_CASE(TILE, 3, 1)                   \
+                WIDE_CASE(TILE, 2, 3) WIDE_CASE(TILE, 2, 2) WIDE_CASE(TILE, 2, 1)                   \
+                WIDE_CASE(TILE, 1, 3) WIDE_CASE(TILE, 1, 2) WIDE_CASE(TILE, 1, 1)                   \
+            }                                                                                       \
+        }                                                                                           \
+    }                                                                                               \
+}
+
+WIDE_AVX2(wide_f32_avx2, float, wide_f32_tile)
+WIDE_AVX2(wide_f16_avx2, uint16_t, wide_f16_tile)
+WIDE_AVX2(wide_bf16_avx2, uint16_t, wide_bf16_tile)
+#endif
+
+// MARK: - Entry points
+
+void pf2lora_wide_f32_dot_rows(const float *w, long cols, const float *xs, long count, long r0, long r1,
+                               float *out, long stride) {
+#ifdef WIDE_X86
+    if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { wide_f32_avx2(w, cols, xs, count, r0, r1, out, stride); return; }
+#endif
+    wide_f32_scalar(w, cols, xs, count, r0, r1, out, stride);
+}
+
+void pf2lora_wide_f16_dot_rows(const uint16_t *w, long cols, const float *xs, long count, long r0, long r1,
+                               float *out, long stride) {
+#ifdef WIDE_X86
+    if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { wide_f16_avx2(w, cols, xs, count, r0, r1, out, stride); return; }
+#endif
+    wide_f16_scalar(w, cols, xs, count, r0, r1, out, stride);
+}
+
+void pf2lora_wide_bf16_dot_rows(const uint16_t *w, long cols, const float *xs, long count, long r0, long r1,
+                                float *out, long stride) {
+#ifdef WIDE_X86
+    if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { wide_bf16_avx2(w, cols, xs, count, r0, r1, out, stride); return; }
+#endif
+    wide_bf16_scalar(w, cols, xs, count, r0, r1, out, stride);
+}

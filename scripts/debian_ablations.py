@@ -26,6 +26,8 @@ VARIANTS = [
     ("r2-1", "r2 = 1", ["--method", "pf2lora", "--rank2", "1"]),
     ("r2-4", "r2 = 4", ["--method", "pf2lora", "--rank2", "4"]),
 ]
+BASELINES = [("homlora", "HOMLoRA"), ("perfedavg", "Per-FedAvg-LoRA"), ("hetlora", "HETLoRA"), ("local", "Local-only LoRA"),
+             ("fedavg-ft", "FedAvg-LoRA + FT")]
 COMMON = ["--data", "data/debian/clients", "--model", "models/fortune-gpt2", "--budget", "compute", "--rounds", "6",
           "--local-steps", "2", "--lower-steps", "2", "--batch", "4", "--seq", "64", "--rank", "8", "--rank2", "2",
           "--eval-every", "2", "--eval-windows", "64", "--lr", "1e-2", "--lr2", "0.5", "--threads", "1",
@@ -78,12 +80,16 @@ def main():
              "client per round, 9,216 tokens per client in all), PF2LoRA's selected point there (lr 1e-2, lr2 0.5), no "
              "tuning of the variants (each would need its own grid to be compared fairly with the baselines; here they are "
              "compared with the method at the same point). Test loss, mean over the 13 clients; ± 95 % t-interval over seeds "
-             "when there are several. Wilcoxon signed-rank (two-sided) of variant − method over client x seed pairs.", "",
-             "| variant | seeds | mean test loss | variant − method (nats) | variant lower on | Wilcoxon p |", "|---|---:|---:|---:|---:|---:|"]
+             "when there are several. Wilcoxon signed-rank (two-sided) of variant − method over client x seed pairs (not "
+             "independent across the seeds of one client: a screen), and over the clients' seed-means (independent pairs) with "
+             "the mean difference ± 95 % t-interval over those clients.", "",
+             "| variant | seeds | mean test loss | variant − method (nats) | variant lower on (client x seed) | Wilcoxon p (client x seed) "
+             "| mean difference ± 95 % CI over clients | variant's seed-mean lower on | Wilcoxon p (client means) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     if ref:
         per = [sum(ref[s].values()) / len(ref[s]) for s in ref]
         m, ci = mean_ci(per)
-        lines.append(f"| **the method** (2 x (2 lower + 1 upper), r2 = 2) | {len(ref)} | {m:.4f}" + (f" ± {ci:.4f}" if len(ref) > 1 else "") + " | | | |")
+        lines.append(f"| **the method** (2 x (2 lower + 1 upper), r2 = 2) | {len(ref)} | {m:.4f}" + (f" ± {ci:.4f}" if len(ref) > 1 else "") + " | | | | | | |")
     for name, label, _ in VARIANTS:
         runs = {}
         for s in seeds:
@@ -91,7 +97,7 @@ def main():
             if f.exists():
                 runs[s] = {c["client"]: c["test_loss"] for c in json.loads(f.read_text())["clients"]}
         if not runs:
-            lines.append(f"| {label} | 0 | not run | | | |")
+            lines.append(f"| {label} | 0 | not run | | | | | | |")
             continue
         per = [sum(r.values()) / len(r) for r in runs.values()]
         m, ci = mean_ci(per)
@@ -100,9 +106,47 @@ def main():
         if d:
             p = stats.wilcoxon(d).pvalue if any(x != 0 for x in d) else 1.0
             cmp = f"{sum(d) / len(d):+.4f} | {sum(1 for x in d if x < 0)} of {len(d)} | {p:.2g}"
+            # the clients' seed-means (over the seeds both have): independent pairs
+            cm = [sum(runs[s][c] - ref[s][c] for s in both) / len(both) for c in runs[both[0]]]
+            mc, cc = mean_ci(cm)
+            pc = stats.wilcoxon(cm).pvalue if any(x != 0 for x in cm) else 1.0
+            cmp += f" | {mc:+.4f} ± {cc:.4f} | {sum(1 for x in cm if x < 0)} of {len(cm)} | {pc:.2g}"
         else:
-            cmp = " | | "
+            cmp = " | | | | | "
         lines.append(f"| {label} | {len(runs)} | {m:.4f}" + (f" ± {ci:.4f}" if len(runs) > 1 else "") + f" | {cmp} |")
+    # Every variant against the baselines of the same experiment (their selected points, same seeds, same test
+    # split): variant − baseline over the clients' seed-means; the variants are not tuned, the baselines are.
+    base = {}
+    for m, label in BASELINES:
+        got = {}
+        for s in seeds:
+            f = pathlib.Path(a.root) / "seeds" / m / f"seed{s}" / "metrics.json"
+            if f.exists():
+                got[s] = {c["client"]: c["test_loss"] for c in json.loads(f.read_text())["clients"]}
+        if got:
+            base[m] = (label, got)
+    if base:
+        lines += ["", "Each variant against the baselines of the same experiment (each at its selected point, same seeds): "
+                  "variant − baseline in nats over the 13 clients' seed-means (over the seeds both have), mean ± 95 % "
+                  "t-interval over clients, how many clients the variant is lower on, Wilcoxon p over those client means.", "",
+                  "| variant | " + " | ".join(label for label, _ in base.values()) + " |", "|---|" + "---:|" * len(base)]
+        for name, label, _ in VARIANTS:
+            runs = {}
+            for s in seeds:
+                f = root / name / f"seed{s}" / "metrics.json"
+                if f.exists():
+                    runs[s] = {c["client"]: c["test_loss"] for c in json.loads(f.read_text())["clients"]}
+            cells = []
+            for m, (blabel, got) in base.items():
+                both = [s for s in runs if s in got]
+                if not both:
+                    cells.append("")
+                    continue
+                cm = [sum(runs[s][c] - got[s][c] for s in both) / len(both) for c in runs[both[0]]]
+                mc, cc = mean_ci(cm)
+                pc = stats.wilcoxon(cm).pvalue if any(x != 0 for x in cm) else 1.0
+                cells.append(f"{mc:+.3f}" + (f" ± {cc:.3f}" if len(cm) > 1 else "") + f", {sum(1 for x in cm if x < 0)}/{len(cm)}, p {pc:.2g}")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
     text = "\n".join(lines) + "\n"
     if a.out:

@@ -147,6 +147,13 @@ WIDE_TILE(wide_bf16_tile, uint16_t, wide_bf16_8, wide_bf16_1)
 __attribute__((target("avx2,fma,f16c")))                                                            \
 static void NAME(const T *w, long C, const float *xs, long count, long r0, long r1, float *out,     \
                  long stride) {                                                                     \
+    if (count == 1 && sizeof(T) == 2) {                                                             \
+        /* One input, 16-bit rows: one row at a time, one sequential stream (8-row tiles read       \
+           f16 at 0.75-0.85x of this rate from memory: /tmp microbenchmark, session 5). The         \
+           tile shape does not change the bits: each (row, input) keeps its one accumulator. */     \
+        for (long r = r0; r < r1; r++) TILE(w, C, xs, 0, r, 1, 1, out, stride);                      \
+        return;                                                                                     \
+    }                                                                                               \
     if (count == 1) {                                                                               \
         /* One input: tiles of 8 rows, so 8 independent FMA chains hide the FMA latency. */          \
         long r = r0, v = 0;                                                                         \

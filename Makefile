@@ -21,10 +21,10 @@ test: setup
 # Swift Testing's `tag:` filters are not in the 6.3 toolchain). Under a minute on this 2-core machine;
 # `make test` (CI) still runs everything. A new test that starts server processes, kills processes,
 # fuzzes for long or trains for seconds goes in one of these classes, or its suite name here.
-SLOW_SERVER_PROCESSES = ServerTests|ServerHardeningTests|ServerDrainTests|ServerTrainingControlTests/(trainingRequests|cancel)|PersonalizeTests|FederatedClientTests|FederateTests|DemoClientTests|CLIHardeningTests/randomModel|TokenizerFamilyTests/tokenizeCommand|ChatTemplateTests/tokenizeMessagesCommand|ChatTemplateTests/generateWithMessages|Llama3InstructTests/(generateCommand|serveStops)
+SLOW_SERVER_PROCESSES = ServerTests|ServerHardeningTests|ServerDrainTests|ServerTrainingControlTests/(trainingRequests|cancel)|PersonalizeTests|FederatedClientTests|FederateTests|DemoClientTests|CLIHardeningTests/randomModel|TokenizerFamilyTests/tokenizeCommand|ChatTemplateTests/tokenizeMessagesCommand|ChatTemplateTests/generateWithMessages|Llama3InstructTests/(generateCommand|serveStops)|LlamaFamilyServingTests/serveManyClientsOnALlamaBase
 SLOW_CRASH_AND_CONCURRENCY = Reliability|BatchInvarianceTests
 SLOW_FUZZ = FuzzProtocolTests
-SLOW_TRAINING = WeightPrecisionServingTests/q8_0Perplexity|SyntheticTests|DefaultModelTests|GPT2TaskTests/federatedRun|GPT2TaskTests/storeMapping|GradientPretrainTests/lossGoesDown
+SLOW_TRAINING = WeightPrecisionServingTests/q8_0Perplexity|SyntheticTests|DefaultModelTests|GPT2TaskTests/federatedRun|GPT2TaskTests/storeMapping|GradientPretrainTests/lossGoesDown|LlamaFamilyServingTests/federationOnALlamaBase
 SLOW_TESTS = $(SLOW_SERVER_PROCESSES)|$(SLOW_CRASH_AND_CONCURRENCY)|$(SLOW_FUZZ)|$(SLOW_TRAINING)
 test-fast:
 	$(SWIFT) test --skip '$(SLOW_TESTS)'

@@ -24,6 +24,7 @@
 
 #define WIDE_RT 4   // weight rows per tile
 #define WIDE_VT 3   // inputs per tile
+#define WIDE_R1 8   // weight rows per tile when there is one input
 
 // MARK: - Weight loads (scalar)
 
@@ -114,7 +115,7 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 wide_bf16_8(const 
 __attribute__((target("avx2,fma,f16c"), always_inline))                                             \
 static inline void NAME(const T *w, long C, const float *xs, long v0, long r, int R, int V,         \
                         float *out, long stride) {                                                  \
-    __m256 acc[WIDE_RT][WIDE_VT];                                                                   \
+    __m256 acc[WIDE_R1][WIDE_VT];                                                                   \
     for (int i = 0; i < R; i++) for (int j = 0; j < V; j++) acc[i][j] = _mm256_setzero_ps();        \
     const T *wr = w + r * C;                                                                        \
     const float *x = xs + v0 * C;                                                                   \
@@ -146,6 +147,14 @@ WIDE_TILE(wide_bf16_tile, uint16_t, wide_bf16_8, wide_bf16_1)
 __attribute__((target("avx2,fma,f16c")))                                                            \
 static void NAME(const T *w, long C, const float *xs, long count, long r0, long r1, float *out,     \
                  long stride) {                                                                     \
+    if (count == 1) {                                                                               \
+        /* One input: tiles of 8 rows, so 8 independent FMA chains hide the FMA latency. */          \
+        long r = r0, v = 0;                                                                         \
+        for (; r + WIDE_R1 <= r1; r += WIDE_R1) TILE(w, C, xs, v, r, WIDE_R1, 1, out, stride);      \
+        for (; r + 4 <= r1; r += 4) TILE(w, C, xs, v, r, 4, 1, out, stride);                       \
+        for (; r < r1; r++) TILE(w, C, xs, v, r, 1, 1, out, stride);                                \
+        return;                                                                                     \
+    }                                                                                               \
     for (long r = r0; r < r1; r += WIDE_RT) {                                                       \
         int R = r1 - r < WIDE_RT ? (int)(r1 - r) : WIDE_RT;                                         \
         for (long v = 0; v < count; v += WIDE_VT) {                                                 \

@@ -207,7 +207,7 @@ struct ServeCommand: ParsableCommand {
     var maxTrainMB = 2048
     @Flag(help: "Ignore unknown request params (by default they are refused with -32602 naming them).")
     var lenient = false
-    @Flag(name: .customLong("fast-batching"), help: "Decode batches wider than 12 sequences, and prompts arriving together, as one GEMM pass: more tokens per second under load, but a sequence's logits then change in float rounding with what else is in the batch, so a greedy text may differ (by default every sequence gets the same bits whatever else runs).")
+    @Flag(name: .customLong("fast-batching"), help: "Decode batches wider than 12 sequences, and prompts arriving together, as one GEMM pass: a sequence's logits then change in float rounding with what else is in the batch, so a greedy text may differ (by default every sequence gets the same bits whatever else runs). Not faster at decode since the wide pooled kernel (measured at 16-32 sequences, 1 thread; Benchmarks/README.md).")
     var fastBatching = false
     @Option(name: .customLong("http"), help: ArgumentHelp("Serve the OpenAI-compatible HTTP API on HOST:PORT (port 0: any free port, logged). Loopback unless --api-key is given.", valueName: "HOST:PORT"))
     var http: String?

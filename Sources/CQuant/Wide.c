@@ -28,24 +28,7 @@
 
 // MARK: - Weight loads (scalar)
 
-static inline float wide_half(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000 | (man << 13);                    // inf, nan
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);           // normal
-    } else if (man == 0) {
-        bits = sign;                                               // zero
-    } else {                                                       // subnormal: normalize
-        int e = -1;
-        do { man <<= 1; e++; } while ((man & 0x400) == 0);
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+#include "half.h"
 
 static inline float wide_bf16(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -55,7 +38,7 @@ static inline float wide_bf16(uint16_t h) {
 }
 
 static inline float wide_f32_1(const float *w, long k) { return w[k]; }
-static inline float wide_f16_1(const uint16_t *w, long k) { return wide_half(w[k]); }
+static inline float wide_f16_1(const uint16_t *w, long k) { return half_to_float(w[k]); }
 static inline float wide_bf16_1(const uint16_t *w, long k) { return wide_bf16(w[k]); }
 
 // The fixed reduction tree of the 8 lanes (the AVX2 `wide_hsum8` adds in this order).

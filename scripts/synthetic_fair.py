@@ -93,6 +93,37 @@ def mean_ci(xs):
     return m, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
 
 
+def prepare_root(root, who):
+    """Creates root and records the settings its runs are made with; refuses a root made with others."""
+    root.mkdir(parents=True, exist_ok=True)
+    settings = {"base": BASE, "grids": GRIDS, "ablations": ABLATIONS, "select_seed": SELECT_SEED}
+    f = root / "settings.json"
+    if f.exists() and json.loads(f.read_text()) != json.loads(json.dumps(settings)):
+        sys.exit(f"{who}: {root} holds runs with other settings; delete it or use another --root")
+    f.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def summary(res, method):
+    return next(m for m in res["methods"] if m["method"] == method)
+
+
+def select(binary, root, methods):
+    """Each method's grid at SELECT_SEED: the point of least mean validation MSE (of the final adapters,
+    after FedAvg+FT's fine-tuning). Returns ({method: point}, [(method, point, valid MSE, selected)])."""
+    selected, grid_rows = {}, []
+    for m in methods:
+        rows = []
+        for p in GRIDS[m]:
+            res = run(binary, root, "grid", m, p, SELECT_SEED)
+            rows.append((summary(res, m)["meanValidMSE"], p))
+            print(f"[{time.strftime('%H:%M:%S')}] grid {m} {key(p)}: {rows[-1][0]:.5f}", file=sys.stderr, flush=True)
+        best = min(rows, key=lambda t: t[0])[1]
+        selected[m] = best
+        grid_rows += [(m, p, v, p == best) for v, p in rows]
+        print(f"{m}: selected {key(best)}", file=sys.stderr)
+    return selected, grid_rows
+
+
 def main():
     from scipy import stats
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,28 +135,9 @@ def main():
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     root = pathlib.Path(a.root)
-    root.mkdir(parents=True, exist_ok=True)
-    settings = {"base": BASE, "grids": GRIDS, "ablations": ABLATIONS, "select_seed": SELECT_SEED}
-    sf = root / "settings.json"
-    if sf.exists() and json.loads(sf.read_text()) != json.loads(json.dumps(settings)):
-        sys.exit(f"synthetic_fair: {root} holds runs with other settings; delete it or use --root")
-    sf.write_text(json.dumps(settings, indent=1) + "\n")
+    prepare_root(root, "synthetic_fair")
     t0 = time.time()
-
-    def summary(res, method):
-        return next(m for m in res["methods"] if m["method"] == method)
-
-    selected, grid_rows = {}, []
-    for m in METHODS:
-        rows = []
-        for p in GRIDS[m]:
-            res = run(a.binary, root, "grid", m, p, SELECT_SEED)
-            v = summary(res, m)["meanValidMSE"]   # final adapters (after FedAvg+FT's fine-tuning)
-            rows.append((v, p))
-        best = min(rows, key=lambda t: t[0])[1]
-        selected[m] = best
-        grid_rows += [(m, p, v, p == best) for v, p in rows]
-        print(f"{m}: selected {key(best)}", file=sys.stderr)
+    selected, grid_rows = select(a.binary, root, METHODS)
 
     test = {}
     for m in METHODS:

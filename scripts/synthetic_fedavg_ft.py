@@ -14,7 +14,6 @@ FedAvg+FT and Local-only over client x seed pairs, and FedAvg+FT against Local-o
     python3 scripts/synthetic_fedavg_ft.py --binary BIN --root /work/data/results-20261203/synthetic-fair [--out FILE]
 """
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -35,33 +34,15 @@ def main():
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     root = pathlib.Path(a.root)
-    root.mkdir(parents=True, exist_ok=True)
-    settings = {"base": sf.BASE, "grids": sf.GRIDS, "ablations": sf.ABLATIONS, "select_seed": sf.SELECT_SEED}
-    f = root / "settings.json"
-    if f.exists() and json.loads(f.read_text()) != json.loads(json.dumps(settings)):
-        sys.exit(f"synthetic_fedavg_ft: {root} holds runs with other settings; delete it or use another --root")
-    f.write_text(json.dumps(settings, indent=1) + "\n")
+    sf.prepare_root(root, "synthetic_fedavg_ft")
     t0 = time.time()
-
-    def summary(res, m):
-        return next(x for x in res["methods"] if x["method"] == m)
-
-    selected, grid_rows = {}, []
-    for m in METHODS:
-        rows = []
-        for p in sf.GRIDS[m]:
-            res = sf.run(a.binary, root, "grid", m, p, sf.SELECT_SEED)
-            rows.append((summary(res, m)["meanValidMSE"], p))
-            print(f"[{time.strftime('%H:%M:%S')}] grid {m} {sf.key(p)}: {rows[-1][0]:.5f}", file=sys.stderr, flush=True)
-        best = min(rows, key=lambda t: t[0])[1]
-        selected[m] = best
-        grid_rows += [(m, p, v, p == best) for v, p in rows]
+    selected, grid_rows = sf.select(a.binary, root, METHODS)
     test, secs, ft = {}, {}, {}
     for m in METHODS:
         for s in seeds:
             res = sf.run(a.binary, root, "seeds", m, selected[m], s)
             test[(m, s)] = [c["testMSE"][m] for c in res["clients"]]
-            sm = summary(res, m)
+            sm = sf.summary(res, m)
             secs.setdefault(m, []).append(sm["seconds"])
             print(f"[{time.strftime('%H:%M:%S')}] seed {m} {s}: {sum(test[(m, s)]) / len(test[(m, s)]):.5f}", file=sys.stderr, flush=True)
     n = len(test[(METHODS[0], seeds[0])])

@@ -111,12 +111,57 @@ class Experiment:
         f = self.root / "settings.json"
         if f.exists():
             old = json.loads(f.read_text())
-            if old != json.loads(json.dumps(self.settings)):
-                diff = {k: (old.get(k), v) for k, v in json.loads(json.dumps(self.settings)).items() if old.get(k) != v}
+            new = json.loads(json.dumps(self.settings))
+            if old != new:
+                diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+                if self.extends(old, new):
+                    # A grid extended equally (every old point kept, new points added): the finished points are reused,
+                    # the new ones run; a seed run made at a selection that the extension changes is refused by check_run.
+                    added = ", ".join(f"{m} +{len(new['grids'][m]) - len(old['grids'].get(m, []))}" for m in new["grids"])
+                    log(f"grid extended ({added} points); finished points reused")
+                    hist = self.root / "grid-extensions.json"
+                    h = json.loads(hist.read_text()) if hist.exists() else []
+                    h.append({"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "from": old["grids"], "to": new["grids"]})
+                    hist.write_text(json.dumps(h, indent=1) + "\n")
+                    f.write_text(json.dumps(self.settings, indent=1, sort_keys=True) + "\n")
+                    return
                 sys.exit(f"experiment: {self.root} holds runs made with other settings {diff}; "
                          f"use another --name or delete {self.root}")
         else:
             f.write_text(json.dumps(self.settings, indent=1, sort_keys=True) + "\n")
+
+    @staticmethod
+    def extends(old, new):
+        """True when NEW differs from OLD only by grids that keep every old point of every method and add points."""
+        if {k: v for k, v in old.items() if k != "grids"} != {k: v for k, v in new.items() if k != "grids"}:
+            return False
+        og, ng = old.get("grids", {}), new.get("grids", {})
+        return set(og) == set(ng) and all(all(p in ng[m] for p in og[m]) for m in og)
+
+    @staticmethod
+    def comparable(cmd):
+        """A recorded command without what does not change the run: the binary's path (runs reused from another
+        binary are named on the page) and the output folders."""
+        words = cmd.split()[1:]
+        flags, i = {}, 1     # words[0] is the subcommand
+        while i < len(words):
+            k = words[i]
+            v = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else None
+            i += 1 if v is None else 2
+            if k not in ("--store", "--out"):
+                flags[k] = v
+        return [words[0]] + [f"{k} {v}" if v is not None else k for k, v in sorted(flags.items())]
+
+    def check_run(self, d, cmd):
+        """A finished run is reused only if it was made with this command (a grid extension can change a
+        selection; a run copied from another experiment must have been made at the same point and settings)."""
+        f = d / "command.txt"
+        if not f.exists():
+            return
+        have, want = self.comparable(f.read_text()), self.comparable(" ".join(cmd))
+        if have != want:
+            sys.exit(f"experiment: {d} was made with another command than this experiment's:\n  {' '.join(have)}\n  "
+                     f"{' '.join(want)}\nmove it aside (the selection may have changed) and rerun")
 
     def command(self, method, point, seed, out, no_test):
         a = self.a
@@ -142,6 +187,7 @@ class Experiment:
     def run(self, stage, method, key, point, seed, no_test):
         d = self.root / stage / method / key
         if (d / "metrics.json").exists():
+            self.check_run(d, self.command(method, point, seed, d, no_test))
             return d
         part = d.with_name(d.name + ".partial")
         shutil.rmtree(part, ignore_errors=True)
@@ -293,7 +339,8 @@ def report(exp, out_md, svg):
     for m in a.methods:
         for s in a.seeds:
             f = root / "seeds" / m / f"seed{s}" / "metrics.json"
-            if f.exists():
+            if f.exists() and m in sel:
+                exp.check_run(f.parent, exp.command(m, sel[m][0], s, f.parent, False))
                 runs.setdefault(m, {})[s] = json.loads(f.read_text())
     # Report the seeds every method has finished (seed-major runs: an interrupted experiment has whole seeds).
     done_seeds = [sd for sd in a.seeds if all(sd in runs.get(m, {}) for m in a.methods)]
@@ -336,16 +383,20 @@ def report(exp, out_md, svg):
                if exp.prior else
               f"- Tuning: every method has a grid of {len(exp.grid['pf2lora'])} points, run at seed {a.select_seed}: the same "
               f"learning rates {', '.join(a.lrs.split(','))} (AdamW, the shared level's and every single-level LoRA's) for every method, "
-              "each method's own knobs at their defaults, plus one point that changes a knob of its own at the middle rate "
-              "(PF2LoRA: the split of its gradient evaluations between the levels; Per-FedAvg: the inner rate; HETLoRA: "
-              "penalty and pruning ratio; HOMLoRA, Local-only, FedAvg+FT, which have none: the LoRA scale alpha doubled). "
-              "The point with the lowest mean valid loss is selected (the test split is never used for selection). "
+              "each method's own knobs at their defaults"
+              + (" (PF2LoRA's lower rate 0.5, Per-FedAvg's inner rate 0.5, HETLoRA's penalty 1e-3 and pruning ratio 0.05, "
+                 "every LoRA's alpha at its default; no point of a knob of the method's own). " if a.no_knob else
+                 ", plus one point that changes a knob of its own at the middle rate "
+                 "(PF2LoRA: the split of its gradient evaluations between the levels; Per-FedAvg: the inner rate; HETLoRA: "
+                 "penalty and pruning ratio; HOMLoRA, Local-only, FedAvg+FT, which have none: the LoRA scale alpha doubled). ")
+              + "The point with the lowest mean valid loss is selected (the test split is never used for selection). "
               + (f"Seed {a.select_seed}'s runs are the grid runs themselves (each reads the test split once, at its end; only the "
                  f"selected point's is reported), then seeds {', '.join(str(x) for x in a.seeds if x != a.select_seed)} at the selected point."
                  if a.select_seed in a.seeds else
                  f"The grid does not read the test split. Then {len(a.seeds)} seeds ({', '.join(map(str, a.seeds))}) at the selected point; "
                  "the test split is read once, at the end of each.")),
-              f"- Reproduce: `python3 scripts/experiment.py {' '.join(a.argv)}` (resumable).", ""]
+              f"- Reproduce: `python3 scripts/experiment.py {' '.join(a.argv)}` (resumable).",
+              binaries(root, a), ""]
     lines += ["## Grids and selections (mean valid loss at the selection seed)", ""]
     if exp.prior:
         lines += [f"The selections of {', '.join(NAMES[m] for m in exp.prior)} were made before this run, at the same "
@@ -531,6 +582,23 @@ def report(exp, out_md, svg):
         lines += [pathlib.Path(a.appendix).read_text().strip(), ""]
     pathlib.Path(out_md).write_text("\n".join(lines) + "\n")
     log(f"wrote {out_md} and {svg}")
+
+
+def binaries(root, a):
+    """Which binary made the runs on the page (runs reused from another experiment may come from another one)."""
+    by = {}
+    for f in sorted(root.glob("grid/*/*/command.txt")) + sorted(root.glob("seeds/*/seed*/command.txt")):
+        if f.parent.name.endswith(".partial"):
+            continue
+        by.setdefault(f.read_text().split()[0], []).append(str(f.parent.relative_to(root)))
+    if not by:
+        return ""
+    if len(by) == 1:
+        return f"- Binary: every run by `{next(iter(by))}`."
+    parts = []
+    for b, ds in sorted(by.items(), key=lambda t: -len(t[1])):
+        parts.append(f"`{b}`: {len(ds)} runs" + ("" if len(ds) > 8 else f" ({', '.join(ds)})"))
+    return "- Binaries: " + "; ".join(parts) + "."
 
 
 def diagnostics(root):

@@ -383,10 +383,13 @@ def report(exp, out_md, svg):
                if exp.prior else
               f"- Tuning: every method has a grid of {len(exp.grid['pf2lora'])} points, run at seed {a.select_seed}: the same "
               f"learning rates {', '.join(a.lrs.split(','))} (AdamW, the shared level's and every single-level LoRA's) for every method, "
-              "each method's own knobs at their defaults, plus one point that changes a knob of its own at the middle rate "
-              "(PF2LoRA: the split of its gradient evaluations between the levels; Per-FedAvg: the inner rate; HETLoRA: "
-              "penalty and pruning ratio; HOMLoRA, Local-only, FedAvg+FT, which have none: the LoRA scale alpha doubled). "
-              "The point with the lowest mean valid loss is selected (the test split is never used for selection). "
+              "each method's own knobs at their defaults"
+              + (" (PF2LoRA's lower rate 0.5, Per-FedAvg's inner rate 0.5, HETLoRA's penalty 1e-3 and pruning ratio 0.05, "
+                 "every LoRA's alpha at its default; no point of a knob of the method's own). " if a.no_knob else
+                 ", plus one point that changes a knob of its own at the middle rate "
+                 "(PF2LoRA: the split of its gradient evaluations between the levels; Per-FedAvg: the inner rate; HETLoRA: "
+                 "penalty and pruning ratio; HOMLoRA, Local-only, FedAvg+FT, which have none: the LoRA scale alpha doubled). ")
+              + "The point with the lowest mean valid loss is selected (the test split is never used for selection). "
               + (f"Seed {a.select_seed}'s runs are the grid runs themselves (each reads the test split once, at its end; only the "
                  f"selected point's is reported), then seeds {', '.join(str(x) for x in a.seeds if x != a.select_seed)} at the selected point."
                  if a.select_seed in a.seeds else

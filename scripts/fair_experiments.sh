@@ -16,7 +16,15 @@
 #                                   point it selected at 6 rounds (scripts/debian_long_selection.json), plus the joint ablation,
 #                                   3 seeds, valid curves every 4 rounds (~2,700 CPU-s; no NLG decoding, no rank controls)
 #
-#   scripts/fair_experiments.sh [synthetic|debian|debian6|debian-long|fortune|all]     (default all; debian6 is not in all)
+#   docs/RESULTS-data-to-text-default-base-grid.md  (debian-llama-grid) the shipped base models/debian-llama (10,000 steps),
+#                                   the debian6 budget, an equal grid 5e-3..4e-2 for every method, 3 seeds, BLEU/ROUGE-L/METEOR
+#                                   (42 runs, ~2 min per grid point and ~3.5 min per decoded seed run alone; the page's runs were made
+#                                   with /work/data/runs/debian-llama-f16, byte-identical to models/debian-llama)
+#   (debian-llama-long)             the same base at 16 rounds, every method at that grid's 6-round selection
+#                                   (scripts/debian_llama_grid_selection.json), 3 seeds, no decoding (~4 min per run)
+#
+#   scripts/fair_experiments.sh [synthetic|debian|debian6|debian-long|debian-llama-grid|debian-llama-long|fortune|all]
+#   (default all; debian6, debian-long and the debian-llama ones are not in all)
 #   PF2LORA_BIN=path (default runs/bin/pf2lora), FAIR_ROOT=dir (debian6's runs; default runs/experiments/debian-fair6),
 #   FAIR_JOBS=n (runs at a time for debian6; default 1)
 set -euo pipefail
@@ -73,6 +81,32 @@ if [ "$WHAT" = debian-long ]; then
     --title "Data to text at 16 rounds: does PF2LoRA catch up when the curves flatten?" \
     --preamble docs/results-data-to-text-long-preamble.md --appendix docs/results-data-to-text-long-analysis.md \
     --out docs/RESULTS-data-to-text-long.md --svg docs/results-data-to-text-long-curves.svg
+fi
+
+if [ "$WHAT" = debian-llama-grid ] || [ "$WHAT" = debian-llama-long ]; then
+  [ -d data/debian/clients ] || { echo "fair_experiments: data/debian/clients missing: ln -s /work/data/debian data/debian, or python3 scripts/make_debian_corpus.py --out data/debian" >&2; exit 1; }
+  [ -f models/debian-llama/model.safetensors ] || { echo "fair_experiments: models/debian-llama missing (scripts/reproduce.sh builds it)" >&2; exit 1; }
+fi
+
+if [ "$WHAT" = debian-llama-grid ]; then
+  say "data to text on the shipped default base: equal grid 5e-3..4e-2, 3 seeds"
+  python3 scripts/experiment.py --name debian-llama-grid --root "${FAIR_ROOT:-runs/experiments/debian-llama-grid}" \
+    --model models/debian-llama --data data/debian/clients --binary "$BIN" \
+    --budget compute --rounds 6 --local-steps 2 --lower-steps 2 --batch 4 --seq 64 --eval-every 2 --eval-windows 64 \
+    --lrs 5e-3,1e-2,2e-2,4e-2 --no-knob --select-seed 100 --seeds 0,1,2 --jobs "${FAIR_JOBS:-1}" --nlg --nlg-limit 20 --nlg-tokens 80 \
+    --title "Data-to-text on the 10,000-step default base: equal learning-rate grid, three seeds" \
+    --out "${FAIR_OUT:-runs/experiments/RESULTS-debian-llama-grid.md}"
+fi
+
+if [ "$WHAT" = debian-llama-long ]; then
+  say "data to text on the shipped default base at 16 rounds, the grid's 6-round selection, 3 seeds"
+  python3 scripts/experiment.py --name debian-llama-long16 --root "${FAIR_ROOT:-runs/experiments/debian-llama-long16}" \
+    --model models/debian-llama --data data/debian/clients --binary "$BIN" \
+    --budget compute --rounds 16 --local-steps 2 --lower-steps 2 --batch 4 --seq 64 --eval-every 4 --eval-windows 64 \
+    --lrs 5e-3,1e-2,2e-2,4e-2 --no-knob --prior-selection scripts/debian_llama_grid_selection.json --select-seed 100 \
+    --seeds 0,1,2 --jobs "${FAIR_JOBS:-1}" --stage seeds \
+    --title "Data to text on the 10,000-step default base at 16 rounds" \
+    --out "${FAIR_OUT:-runs/experiments/RESULTS-debian-llama-long16.md}"
 fi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = fortune ]; then

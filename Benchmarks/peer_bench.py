@@ -746,17 +746,31 @@ def main():
         a.precision_list = [p.strip() for p in a.precisions.split(",") if p.strip()]
         batches = [int(b) for b in a.batches.split(",")]
         starters = {}
-        for p in a.precision_list:
-            # pf2lora at batch 1 right next to llama.cpp at the same precision, so a round's pair of
-            # them runs seconds apart (the per-round ratio), the larger batches after them.
-            for b in batches:
-                if "pf2lora" in wanted:
-                    starters[f"pf2lora@{p}" + (f"/b{b}" if b > 1 else "")] = (lambda p=p, b=b: (lambda e: (e, e.info))(Pf2loraDecode(a, p, b)))
-                if b == batches[0] and "llama.cpp" in wanted:
-                    starters[f"llama.cpp@{p}"] = (lambda p=p: start_llama_cpp(a, wtype=p, name=f"llama.cpp@{p}"))
-        if "blas" in wanted:
+        # Batch 1 first, as one chain of neighbours in time: llama.cpp@f32, pf2lora@f32, pf2lora@q8_0,
+        # llama.cpp@q8_0, bench blas, llama.cpp@f16, pf2lora@f16 (for --precisions f32,f16,q8_0): each
+        # pf2lora run sits beside llama.cpp at its precision, and pf2lora f32 beside pf2lora q8_0, so
+        # each round's ratios compare runs seconds apart. Rounds alternate forward and reversed
+        # (`run_rounds`, ordered=True), which keeps every pair adjacent. Larger batches after them.
+        chain = sorted(a.precision_list, key=lambda p: {"f32": 0, "q8_0": 1}.get(p, 2))
+        for i, p in enumerate(chain):
+            pair = []
+            if "llama.cpp" in wanted:
+                pair.append((f"llama.cpp@{p}", lambda p=p: start_llama_cpp(a, wtype=p, name=f"llama.cpp@{p}")))
+            if "pf2lora" in wanted:
+                pair.append((f"pf2lora@{p}", lambda p=p: (lambda e: (e, e.info))(Pf2loraDecode(a, p, 1))))
+            for name, start in (pair if i % 2 == 0 else pair[::-1]):
+                starters[name] = start
+            if i == 1 and "blas" in wanted:
+                starters["pf2lora_blas"] = lambda: (lambda e: (e, e.info))(Pf2loraBLAS(a))
+        if "blas" in wanted and "pf2lora_blas" not in starters:
             starters["pf2lora_blas"] = lambda: (lambda e: (e, e.info))(Pf2loraBLAS(a))
-        res, live = run_rounds(a, starters, lambda name: True)
+        for p in chain:
+            for b in batches:
+                if b > 1 and "pf2lora" in wanted:
+                    starters[f"pf2lora@{p}/b{b}"] = (lambda p=p, b=b: (lambda e: (e, e.info))(Pf2loraDecode(a, p, b)))
+        if batches[0] > 1:
+            sys.exit("peer_bench: --batches must start with 1 (the batch-1 comparison with llama.cpp)")
+        res, live = run_rounds(a, starters, lambda name: True, ordered=True)
         table = report_precisions(a, geo, res, made_by, batches)
         print(table)
         if a.out:
@@ -781,8 +795,10 @@ def main():
             {"geometry": geo, "results": res, "argv": sys.argv[1:]}, indent=1) + "\n")
 
 
-def run_rounds(a, starters, wanted):
-    """Starts every engine (warm-up inside), then `--repeats` round-robin rounds; returns (results, live)."""
+def run_rounds(a, starters, wanted, ordered=False):
+    """Starts every engine (warm-up inside), then `--repeats` round-robin rounds; returns (results, live).
+    The order rotates by one engine per round, or with `ordered` runs forward in even rounds and
+    reversed in odd ones (neighbours stay neighbours). Each run records its round and start time."""
     res, live = {}, {}
     for name, start in starters.items():
         if not wanted(name):
@@ -803,7 +819,8 @@ def run_rounds(a, starters, wanted):
             live[name] = eng
     order = list(live)
     for rnd in range(a.repeats):
-        for name in order[rnd % max(1, len(order)):] + order[:rnd % max(1, len(order))]:
+        this = (order if rnd % 2 == 0 else order[::-1]) if ordered else order[rnd % max(1, len(order)):] + order[:rnd % max(1, len(order))]
+        for name in this:
             if name not in live:
                 continue
             t0 = time.time()
@@ -813,6 +830,8 @@ def run_rounds(a, starters, wanted):
                 res[name] = {"error": r["error"]}
                 live.pop(name).close()
                 continue
+            r["round"], r["started"] = rnd + 1, datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S")
+            r["load"] = os.getloadavg()[0]
             res[name]["runs"].append(r)
             brief = {k: round(v, 1) for k, v in r.items() if isinstance(v, float)}
             log(f"round {rnd + 1}/{a.repeats} {name}: {brief} ({time.time() - t0:.0f} s, load {os.getloadavg()[0]:.1f})")
@@ -884,8 +903,61 @@ def report_precisions(a, geo, res, made_by, batches):
                      f"vs the read bound {ratio(dec, med('pf2lora_blas', f'read_bound_tokens_per_s_{p}'))} (target >= 0.80x)"
                      + (f"; prefill vs own f32 {ratio(med(me, 'prefill_tokens_per_s'), f32p)} (target >= 0.90x)" if p in ("f16", "q8_0") else "")
                      + (f"; decode vs own f32 {ratio(dec, f32d)} (target >= 3x), per round {fmt(paired(me, 'pf2lora@f32', 'decode_tokens_per_s'), 2)}x" if p == "q8_0" else ""))
+    lines += per_round_precisions(a, geo, res)
     lines += ["", "Command: `python3 Benchmarks/peer_bench.py " + " ".join(sys.argv[1:]) + "`"]
     return "\n".join(lines) + "\n"
+
+
+def kv_bytes_per_token(geo, context, bytes_per_value):
+    """The KV cache one decode step at `context` positions reads: keys and values of every layer."""
+    return 2 * geo["n_layer"] * geo["n_kv_head"] * geo["head_dim"] * context * bytes_per_value
+
+
+def per_round_precisions(a, geo, res):
+    """Each round's ratios (runs of one round are neighbours in time; see main's chain), and the read
+    bound counting the KV cache a decode step reads beside the weights (pf2lora's cache: f16 for a
+    q8_0 base, f32 otherwise; at the mean decode context prompt + tokens / 2)."""
+    def run(name, rnd):
+        for r in res.get(name, {}).get("runs", []) if "error" not in res.get(name, {}) else []:
+            if r.get("round") == rnd:
+                return r
+        return None
+
+    def q(x, y):
+        return f"{x / y:.2f}x" if x and y else "–"
+
+    ctx = a.prompt_tokens + a.tokens / 2
+    ps = a.precision_list
+    head = (["round", "UTC", "load"] + [f"{p} vs llama.cpp" for p in ps]
+            + (["q8_0 vs own f32"] if "q8_0" in ps and "f32" in ps else [])
+            + [f"prefill {p} vs own f32" for p in ps if p != "f32" and "f32" in ps]
+            + [f"{p} vs read bound (+KV)" for p in ps])
+    lines = ["", f"Per round (decode at batch 1; read bound (+KV): the bound of that round's `bench blas` read "
+                 f"bandwidth over the weight bytes, and in brackets over the weight bytes plus the KV cache at "
+                 f"context {ctx:.0f}):", "", "| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * (len(head) - 3)]
+    for rnd in range(1, a.repeats + 1):
+        first = [r for n in res for r in ([run(n, rnd)] if run(n, rnd) else [])]
+        if not first:
+            continue
+        cells = [str(rnd), min(r["started"] for r in first), f"{max(r['load'] for r in first):.1f}"]
+        me = {p: run(f"pf2lora@{p}", rnd) or {} for p in ps}
+        for p in ps:
+            cells.append(q(me[p].get("decode_tokens_per_s"), (run(f"llama.cpp@{p}", rnd) or {}).get("decode_tokens_per_s")))
+        if "q8_0" in ps and "f32" in ps:
+            cells.append(q(me["q8_0"].get("decode_tokens_per_s"), me["f32"].get("decode_tokens_per_s")))
+        for p in ps:
+            if p != "f32" and "f32" in ps:
+                cells.append(q(me[p].get("prefill_tokens_per_s"), me["f32"].get("prefill_tokens_per_s")))
+        blas = run("pf2lora_blas", rnd) or {}
+        for p in ps:
+            gb, wb, dec = blas.get(f"read_gb_per_s_{p}"), blas.get(f"weight_bytes_per_token_{p}"), me[p].get("decode_tokens_per_s")
+            if gb and wb and dec:
+                kv = kv_bytes_per_token(geo, ctx, 2 if p == "q8_0" else 4)
+                cells.append(f"{dec / (gb * 1e9 / wb):.2f}x ({dec / (gb * 1e9 / (wb + kv)):.2f}x)")
+            else:
+                cells.append("–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,15 +1,23 @@
 // Batch-invariant row-dot kernels for the pooled decode pass: see include/CWide.h.
 //
-// Every (weight row, input) pair has its own 8-lane accumulator, fed one fused multiply-add per 8
-// columns in ascending order, reduced by `wide_hsum8`'s fixed tree, then the cols % 8 tail fused in
-// ascending order. A tile only decides how many pairs share the loads, never the order within a
-// pair, so the result of a pair does not depend on the tile it fell in: alone (count 1), at any
-// position of any batch, in any row range. The scalar path computes each lane with fmaf in the same
-// order, so it gives the same bits as the AVX2 path.
+// Every (weight row, input) pair has its own A 8-lane accumulators (A = 1 for f32 rows, 4 for f16
+// and bf16 rows). Accumulator s takes one fused multiply-add per 8 columns k = 8 (A b + s) ... + 7
+// for b = 0, 1, ... in ascending order; the 8-column blocks after the last whole group of A go to
+// accumulator 0, in ascending order. Then the accumulators are added in a fixed tree (A = 4:
+// (a0 + a1) + (a2 + a3)), the 8 lanes reduced by `wide_hsum8`'s fixed tree, and the cols % 8 tail
+// fused in ascending order. A tile only decides how many pairs share the loads, never the order
+// within a pair, so the result of a pair does not depend on the tile it fell in: alone (count 1), at
+// any position of any batch, in any row range. The scalar path computes each lane with fmaf in the
+// same order, so it gives the same bits as the AVX2 path.
 //
 // Tiles of 4 rows x 3 inputs: 12 accumulators, 3 input registers and 1 weight register (the 16 YMM
 // registers); per 8 columns 7 loads for 12 FMAs, where one pair at a time (the Swift kernel before
-// it) loaded an input vector per weight vector.
+// it) loaded an input vector per weight vector. With A = 4 a tile makes four passes over its rows,
+// pass s over accumulator s's columns, keeping the 12 accumulators of each pass in memory until the
+// tree (the rows and inputs are in L1 after the first pass). One 16-bit input is read one row at a
+// time, its four accumulators fed in one sequential pass: the old Swift loop's order, whose four
+// independent FMA chains read f16 rows from memory faster than one (SmolLM2 shape, C
+// microbenchmark by thread CPU time, session 5: 0.94x the time of one accumulator).
 
 #include "CWide.h"
 #include "CQuant.h"
@@ -50,27 +58,36 @@ static inline float wide_hsum8_scalar(const float *v) {
 
 // MARK: - Scalar path (same bits as the AVX2 path)
 
-#define WIDE_SCALAR(NAME, T, LOAD1)                                                                   \
+#define WIDE_SCALAR(NAME, T, LOAD1, A)                                                                \
 static void NAME(const T *w, long C, const float *xs, long count, long r0, long r1, float *out,     \
                  long stride) {                                                                     \
-    long C8 = C & ~7L;                                                                              \
+    long CA = C & ~(8L * (A) - 1), C8 = C & ~7L;                                                    \
     for (long r = r0; r < r1; r++) {                                                                \
         const T *wr = w + r * C;                                                                    \
         for (long v = 0; v < count; v++) {                                                          \
             const float *x = xs + v * C;                                                            \
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                \
-            for (long k = 0; k < C8; k += 8)                                                        \
-                for (int j = 0; j < 8; j++) acc[j] = fmaf(LOAD1(wr, k + j), x[k + j], acc[j]);      \
-            float s = wide_hsum8_scalar(acc);                                                       \
+            float acc[4][8] = {{0}};                                                                \
+            for (long k = 0; k < CA; k += 8 * (A))                                                  \
+                for (int a = 0; a < (A); a++)                                                       \
+                    for (int j = 0; j < 8; j++) {                                                   \
+                        long c = k + 8 * a + j;                                                     \
+                        acc[a][j] = fmaf(LOAD1(wr, c), x[c], acc[a][j]);                            \
+                    }                                                                               \
+            for (long k = CA; k < C8; k += 8)                                                       \
+                for (int j = 0; j < 8; j++) acc[0][j] = fmaf(LOAD1(wr, k + j), x[k + j], acc[0][j]); \
+            float t[8];                                                                             \
+            for (int j = 0; j < 8; j++)                                                             \
+                t[j] = (A) == 4 ? (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]) : acc[0][j];    \
+            float s = wide_hsum8_scalar(t);                                                         \
             for (long k = C8; k < C; k++) s = fmaf(LOAD1(wr, k), x[k], s);                          \
             out[v * stride + r] = s;                                                                \
         }                                                                                           \
     }                                                                                               \
 }
 
-WIDE_SCALAR(wide_f32_scalar, float, wide_f32_1)
-WIDE_SCALAR(wide_f16_scalar, uint16_t, wide_f16_1)
-WIDE_SCALAR(wide_bf16_scalar, uint16_t, wide_bf16_1)
+WIDE_SCALAR(wide_f32_scalar, float, wide_f32_1, 1)
+WIDE_SCALAR(wide_f16_scalar, uint16_t, wide_f16_1, 4)
+WIDE_SCALAR(wide_bf16_scalar, uint16_t, wide_bf16_1, 4)
 
 // MARK: - AVX2 + FMA path
 
@@ -93,58 +110,99 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 wide_bf16_8(const 
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k))), 16));
 }
 
-// One tile: rows r..r+R-1 times inputs v..v+V-1 (R <= 4, V <= 3, both constants after inlining).
-#define WIDE_TILE(NAME, T, LOAD8, LOAD1)                                                              \
+// One tile: rows r..r+R-1 times inputs v..v+V-1 (R <= 8 when A = 1, else R <= 4; V <= 3; all
+// constants after inlining), A passes (accumulator s of every pair in pass s).
+#define WIDE_TILE(NAME, T, LOAD8, LOAD1, A)                                                           \
 __attribute__((target("avx2,fma,f16c"), always_inline))                                             \
 static inline void NAME(const T *w, long C, const float *xs, long v0, long r, int R, int V,         \
                         float *out, long stride) {                                                  \
     __m256 acc[WIDE_R1][WIDE_VT];                                                                   \
-    for (int i = 0; i < R; i++) for (int j = 0; j < V; j++) acc[i][j] = _mm256_setzero_ps();        \
+    __m256 part[4][WIDE_RT][WIDE_VT];                                                               \
     const T *wr = w + r * C;                                                                        \
     const float *x = xs + v0 * C;                                                                   \
-    long C8 = C & ~7L;                                                                              \
-    for (long k = 0; k < C8; k += 8) {                                                              \
-        __m256 xv[WIDE_VT];                                                                         \
-        for (int j = 0; j < V; j++) xv[j] = _mm256_loadu_ps(x + j * C + k);                        \
-        for (int i = 0; i < R; i++) {                                                               \
-            __m256 wv = LOAD8(wr + i * C, k);                                                       \
-            for (int j = 0; j < V; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);         \
+    long CA = C & ~(8L * (A) - 1), C8 = C & ~7L;                                                    \
+    for (int s = 0; s < (A); s++) {                                                                 \
+        for (int i = 0; i < R; i++) for (int j = 0; j < V; j++) acc[i][j] = _mm256_setzero_ps();    \
+        for (long k = 8 * s; k < CA; k += 8 * (A)) {                                                \
+            __m256 xv[WIDE_VT];                                                                     \
+            for (int j = 0; j < V; j++) xv[j] = _mm256_loadu_ps(x + j * C + k);                    \
+            for (int i = 0; i < R; i++) {                                                           \
+                __m256 wv = LOAD8(wr + i * C, k);                                                   \
+                for (int j = 0; j < V; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);     \
+            }                                                                                       \
         }                                                                                           \
+        if (s == 0)                                                                                 \
+            for (long k = CA; k < C8; k += 8) {                                                     \
+                __m256 xv[WIDE_VT];                                                                 \
+                for (int j = 0; j < V; j++) xv[j] = _mm256_loadu_ps(x + j * C + k);                \
+                for (int i = 0; i < R; i++) {                                                       \
+                    __m256 wv = LOAD8(wr + i * C, k);                                               \
+                    for (int j = 0; j < V; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]); \
+                }                                                                                   \
+            }                                                                                       \
+        if ((A) > 1)                                                                                \
+            for (int i = 0; i < R; i++) for (int j = 0; j < V; j++) part[s][i][j] = acc[i][j];     \
     }                                                                                               \
     for (int i = 0; i < R; i++)                                                                     \
         for (int j = 0; j < V; j++) {                                                               \
-            float s = wide_hsum8(acc[i][j]);                                                        \
+            __m256 t = acc[i][j];                                                                   \
+            if ((A) == 4)                                                                           \
+                t = _mm256_add_ps(_mm256_add_ps(part[0][i][j], part[1][i][j]),                      \
+                                  _mm256_add_ps(part[2][i][j], part[3][i][j]));                     \
+            float s = wide_hsum8(t);                                                                \
             for (long k = C8; k < C; k++) s = fmaf(LOAD1(wr + i * C, k), x[j * C + k], s);          \
             out[(v0 + j) * stride + r + i] = s;                                                     \
         }                                                                                           \
 }
 
-WIDE_TILE(wide_f32_tile, float, wide_f32_8, wide_f32_1)
-WIDE_TILE(wide_f16_tile, uint16_t, wide_f16_8, wide_f16_1)
-WIDE_TILE(wide_bf16_tile, uint16_t, wide_bf16_8, wide_bf16_1)
+WIDE_TILE(wide_f32_tile, float, wide_f32_8, wide_f32_1, 1)
+WIDE_TILE(wide_f16_tile, uint16_t, wide_f16_8, wide_f16_1, 4)
+WIDE_TILE(wide_bf16_tile, uint16_t, wide_bf16_8, wide_bf16_1, 4)
 
-// Row tiles of 4 (then the 1-3 left), within each the inputs in tiles of 3 (then the 1-2 left):
-// every tile shape is its own unrolled instance.
+// One input, one row, A = 4: the four accumulators fed in one sequential pass over the row (the
+// same sums as a tile's four passes).
+#define WIDE_ROW4(NAME, T, LOAD8, LOAD1)                                                              \
+__attribute__((target("avx2,fma,f16c")))                                                            \
+static void NAME(const T *w, long C, const float *x, long r0, long r1, float *out) {                \
+    long C32 = C & ~31L, C8 = C & ~7L;                                                              \
+    for (long r = r0; r < r1; r++) {                                                                \
+        const T *wr = w + r * C;                                                                    \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                 \
+        long k = 0;                                                                                 \
+        for (; k < C32; k += 32) {                                                                  \
+            a0 = _mm256_fmadd_ps(LOAD8(wr, k), _mm256_loadu_ps(x + k), a0);                         \
+            a1 = _mm256_fmadd_ps(LOAD8(wr, k + 8), _mm256_loadu_ps(x + k + 8), a1);                 \
+            a2 = _mm256_fmadd_ps(LOAD8(wr, k + 16), _mm256_loadu_ps(x + k + 16), a2);               \
+            a3 = _mm256_fmadd_ps(LOAD8(wr, k + 24), _mm256_loadu_ps(x + k + 24), a3);               \
+        }                                                                                           \
+        for (; k < C8; k += 8) a0 = _mm256_fmadd_ps(LOAD8(wr, k), _mm256_loadu_ps(x + k), a0);      \
+        float s = wide_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));          \
+        for (k = C8; k < C; k++) s = fmaf(LOAD1(wr, k), x[k], s);                                   \
+        out[r] = s;                                                                                 \
+    }                                                                                               \
+}
+
+WIDE_ROW4(wide_f16_row4, uint16_t, wide_f16_8, wide_f16_1)
+WIDE_ROW4(wide_bf16_row4, uint16_t, wide_bf16_8, wide_bf16_1)
+
+// One f32 input: tiles of 8 rows, so 8 independent FMA chains hide the FMA latency.
+__attribute__((target("avx2,fma,f16c")))
+static void wide_f32_rows1(const float *w, long C, const float *x, long r0, long r1, float *out) {
+    long r = r0;
+    for (; r + WIDE_R1 <= r1; r += WIDE_R1) wide_f32_tile(w, C, x, 0, r, WIDE_R1, 1, out, 1);
+    for (; r + 4 <= r1; r += 4) wide_f32_tile(w, C, x, 0, r, 4, 1, out, 1);
+    for (; r < r1; r++) wide_f32_tile(w, C, x, 0, r, 1, 1, out, 1);
+}
+
+// One input: ONE (8-row tiles for f32, one row at a time for 16-bit rows). Otherwise row tiles of 4
+// (then the 1-3 left), within each the inputs in tiles of 3 (then the 1-2 left): every tile shape is
+// its own unrolled instance.
 #define WIDE_CASE(TILE, R, V) case (R) * 4 + (V): TILE(w, C, xs, v, r, R, V, out, stride); break;
-#define WIDE_AVX2(NAME, T, TILE)                                                                      \
+#define WIDE_AVX2(NAME, T, TILE, ONE)                                                                 \
 __attribute__((target("avx2,fma,f16c")))                                                            \
 static void NAME(const T *w, long C, const float *xs, long count, long r0, long r1, float *out,     \
                  long stride) {                                                                     \
-    if (count == 1 && sizeof(T) == 2) {                                                             \
-        /* One input, 16-bit rows: one row at a time, one sequential stream (8-row tiles read       \
-           f16 at 0.75-0.85x of this rate from memory: /tmp microbenchmark, session 5). The         \
-           tile shape does not change the bits: each (row, input) keeps its one accumulator. */     \
-        for (long r = r0; r < r1; r++) TILE(w, C, xs, 0, r, 1, 1, out, stride);                      \
-        return;                                                                                     \
-    }                                                                                               \
-    if (count == 1) {                                                                               \
-        /* One input: tiles of 8 rows, so 8 independent FMA chains hide the FMA latency. */          \
-        long r = r0, v = 0;                                                                         \
-        for (; r + WIDE_R1 <= r1; r += WIDE_R1) TILE(w, C, xs, v, r, WIDE_R1, 1, out, stride);      \
-        for (; r + 4 <= r1; r += 4) TILE(w, C, xs, v, r, 4, 1, out, stride);                       \
-        for (; r < r1; r++) TILE(w, C, xs, v, r, 1, 1, out, stride);                                \
-        return;                                                                                     \
-    }                                                                                               \
+    if (count == 1) { ONE(w, C, xs, r0, r1, out); return; }                                         \
     for (long r = r0; r < r1; r += WIDE_RT) {                                                       \
         int R = r1 - r < WIDE_RT ? (int)(r1 - r) : WIDE_RT;                                         \
         for (long v = 0; v < count; v += WIDE_VT) {                                                 \
@@ -159,9 +217,9 @@ static void NAME(const T *w, long C, const float *xs, long count, long r0, long 
     }                                                                                               \
 }
 
-WIDE_AVX2(wide_f32_avx2, float, wide_f32_tile)
-WIDE_AVX2(wide_f16_avx2, uint16_t, wide_f16_tile)
-WIDE_AVX2(wide_bf16_avx2, uint16_t, wide_bf16_tile)
+WIDE_AVX2(wide_f32_avx2, float, wide_f32_tile, wide_f32_rows1)
+WIDE_AVX2(wide_f16_avx2, uint16_t, wide_f16_tile, wide_f16_row4)
+WIDE_AVX2(wide_bf16_avx2, uint16_t, wide_bf16_tile, wide_bf16_row4)
 #endif
 
 // MARK: - Entry points

@@ -25,9 +25,34 @@ import Testing
     /// 2^-24 relative, times the sum of the products' magnitudes (doubled for margin).
     static func tolerance(n: Int, absSum: Double) -> Double { 2 * Double(n / 32 + 8 + 4) * 0x1p-24 * absSum + 1e-30 }
 
-    /// The bound of `tolerance` for the wide kernels of Sources/CQuant/Wide.c: one 8-lane accumulator
-    /// per (row, input) pair, so n / 8 fused additions per lane, 3 in the lane tree, n % 8 in the tail.
+    /// The bound of `tolerance` for the wide kernels of Sources/CQuant/Wide.c: at most n / 8 fused
+    /// additions per lane (one 8-lane accumulator per (row, input) pair at f32; four at f16 and bf16,
+    /// n / 32 + 3 and 2 to add them), 3 in the lane tree, n % 8 in the tail.
     static func wideTolerance(n: Int, absSum: Double) -> Double { 2 * Double(n / 8 + 3 + n % 8 + 1) * 0x1p-24 * absSum + 1e-30 }
+
+    /// The summation order Sources/CQuant/Wide.c documents, recomputed here with fused multiply-adds:
+    /// `accumulators` (1 or 4) 8-lane accumulators, accumulator s fed the 8-column blocks s, s + A,
+    /// s + 2A, ... of the whole groups of A blocks, the blocks after them into accumulator 0, then
+    /// (a0 + a1) + (a2 + a3) per lane, the lanes as (l0 + l4 + l2 + l6) + (l1 + l5 + l3 + l7) in that
+    /// tree, then the cols % 8 tail.
+    static func wideOrder(_ w: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ n: Int, accumulators a: Int) -> Float {
+        var acc = [[Float]](repeating: [Float](repeating: 0, count: 8), count: 4)
+        let ca = n / (8 * a) * (8 * a), c8 = n / 8 * 8
+        var k = 0
+        while k < ca {
+            for s in 0..<a { for j in 0..<8 { acc[s][j] = acc[s][j].addingProduct(w[k + 8 * s + j], x[k + 8 * s + j]) } }
+            k += 8 * a
+        }
+        while k < c8 { for j in 0..<8 { acc[0][j] = acc[0][j].addingProduct(w[k + j], x[k + j]) }; k += 8 }
+        var t = acc[0]
+        if a == 4 { for j in 0..<8 { let u: Float = acc[0][j] + acc[1][j], v: Float = acc[2][j] + acc[3][j]; t[j] = u + v } }
+        var h = [Float](repeating: 0, count: 4)
+        for j in 0..<4 { h[j] = t[j] + t[j + 4] }
+        let h02: Float = h[0] + h[2], h13: Float = h[1] + h[3]
+        var s: Float = h02 + h13
+        while k < n { s = s.addingProduct(w[k], x[k]); k += 1 }
+        return s
+    }
 
     // MARK: q8_0 quantization
 
@@ -141,12 +166,13 @@ import Testing
     /// at f32, f16 and bf16: an input's results are the same bits alone and at every position of
     /// batches 1...33 wide (every tile shape and remainder), in any row range (odd row counts, chunk
     /// edges inside a tile), at odd and even column counts (the tail after the last 8), on the scalar
-    /// and the AVX2 path; and within the kernel's f32 rounding bound of the f64 dot.
+    /// and the AVX2 path; within the kernel's f32 rounding bound of the f64 dot; and the same bits as
+    /// the order the kernel documents (`wideOrder`: one accumulator per pair at f32, four at 16 bits).
     @Test(arguments: [WeightPrecision.f32, .f16, .bf16])
     func wideDotRowsBitsDoNotDependOnBatchWidthOrPosition(_ p: WeightPrecision) {
         defer { _ = pf2lora_quant_set_isa(99) }
         let maxWidth = 33
-        for cols in [5, 8, 13, 64, 100, 771] {
+        for cols in [5, 8, 13, 45, 64, 100, 120, 771] {
             let rows = 23
             let m = WeightMatrix(Self.randomMatrix(rows: rows, cols: cols, seed: UInt64(cols) + 3, scale: 0.1)).converted(to: p)
             let w = m.toTensor()   // the stored values, exactly
@@ -176,6 +202,8 @@ import Testing
                         var ref = 0.0, abs = 0.0
                         for i in 0..<cols { let t = Double(w.data[r * cols + i]) * Double(xs.data[v * cols + i]); ref += t; abs += Swift.abs(t) }
                         #expect(Swift.abs(Double(alone.data[v * rows + r]) - ref) <= Self.wideTolerance(n: cols, absSum: abs), "\(p) cols \(cols) v \(v) r \(r)")
+                        let order = Self.wideOrder(w.data + r * cols, xs.data + v * cols, cols, accumulators: p == .f32 ? 1 : 4)
+                        #expect(alone.data[v * rows + r].bitPattern == order.bitPattern, "\(p) cols \(cols) v \(v) r \(r): not the documented order")
                     }
                 }
             }

@@ -439,6 +439,8 @@ class Pf2loraDecode:
         base = [str(self.exe), "bench", "decode", "--model", str(args.model_dir), "--batch", str(batch),
                 "--tokens", str(args.tokens), "--prompt-tokens", str(prompt)]
         self.cmd = base + ["--threads", str(args.threads), "--repeats", "1"] + (["--weights", weights] if weights else [])
+        if weights and getattr(args, "pf2lora_kv_cache", None):
+            self.cmd += ["--kv-cache", args.pf2lora_kv_cache]
         if not self.exe.exists():
             self.info = {"error": f"{self.exe} not found (build it: swift build -c release)"}
             return
@@ -728,6 +730,9 @@ def main():
     ap.add_argument("--batch-prompt-tokens", type=int,
                     help="with --batches: the prompt length of the batch > 1 runs (default --prompt-tokens); their "
                          "prefill is batch x this many tokens, so 8 x 512 dominates a run on a loaded 2-core machine")
+    ap.add_argument("--pf2lora-kv-cache", choices=["auto", "f32", "f16"],
+                    help="with --precisions: pf2lora's `--kv-cache` (default: its own, auto = f16 for q8_0 weights, "
+                         "f32 otherwise; llama.cpp's cache is f16 at every precision)")
     a = ap.parse_args()
 
     if a.worker:                                                        # subprocess mode
@@ -865,7 +870,8 @@ def report_precisions(a, geo, res, made_by, batches):
     P = a.prompt_tokens
     lines = [f"Precision benchmark (issue 14), {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {platform.node()}, "
              f"{os.cpu_count()} CPUs, {a.threads} threads, {a.shape_label} shape random weights (model made by {made_by}), "
-             f"prefill {P} tokens then {a.tokens} decode steps; engines round-robin, {a.repeats} rounds, medians. "
+             f"prefill {P} tokens then {a.tokens} decode steps; engines round-robin, {a.repeats} rounds, medians"
+             f"{'; pf2lora --kv-cache ' + a.pf2lora_kv_cache if getattr(a, 'pf2lora_kv_cache', None) else ''}. "
              f"Load average {a.load_start} at start, {'%.2f %.2f %.2f' % os.getloadavg()} at end.", "",
              "| weights | pf2lora prefill tok/s | pf2lora decode tok/s | llama.cpp prefill tok/s | llama.cpp decode tok/s | "
              "decode vs llama.cpp (per-round median) | prefill vs llama.cpp | read bound tok/s | decode vs read bound | "
@@ -916,7 +922,7 @@ def kv_bytes_per_token(geo, context, bytes_per_value):
 def per_round_precisions(a, geo, res):
     """Each round's ratios (runs of one round are neighbours in time; see main's chain), and the read
     bound counting the KV cache a decode step reads beside the weights (pf2lora's cache: f16 for a
-    q8_0 base, f32 otherwise; at the mean decode context prompt + tokens / 2)."""
+    q8_0 base, f32 otherwise, unless --pf2lora-kv-cache; at the mean decode context prompt + tokens / 2)."""
     def run(name, rnd):
         for r in res.get(name, {}).get("runs", []) if "error" not in res.get(name, {}) else []:
             if r.get("round") == rnd:
@@ -952,7 +958,8 @@ def per_round_precisions(a, geo, res):
         for p in ps:
             gb, wb, dec = blas.get(f"read_gb_per_s_{p}"), blas.get(f"weight_bytes_per_token_{p}"), me[p].get("decode_tokens_per_s")
             if gb and wb and dec:
-                kv = kv_bytes_per_token(geo, ctx, 2 if p == "q8_0" else 4)
+                kvc = getattr(a, "pf2lora_kv_cache", None) or "auto"
+                kv = kv_bytes_per_token(geo, ctx, 2 if kvc == "f16" or (kvc == "auto" and p == "q8_0") else 4)
                 cells.append(f"{dec / (gb * 1e9 / wb):.2f}x ({dec / (gb * 1e9 / (wb + kv)):.2f}x)")
             else:
                 cells.append("–")

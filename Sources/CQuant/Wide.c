@@ -110,6 +110,17 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 wide_bf16_8(const 
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k))), 16));
 }
 
+// Eight columns k..k+7 of every (row, input) pair of a tile into its accumulator (used by WIDE_TILE).
+#define WIDE_TILE_STEP(LOAD8, k)                                                                      \
+    do {                                                                                            \
+        __m256 xv[WIDE_VT];                                                                         \
+        for (int j = 0; j < V; j++) xv[j] = _mm256_loadu_ps(x + j * C + (k));                      \
+        for (int i = 0; i < R; i++) {                                                               \
+            __m256 wv = LOAD8(wr + i * C, (k));                                                     \
+            for (int j = 0; j < V; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);         \
+        }                                                                                           \
+    } while (0)
+
 // One tile: rows r..r+R-1 times inputs v..v+V-1 (R <= 8 when A = 1, else R <= 4; V <= 3; all
 // constants after inlining), A passes (accumulator s of every pair in pass s).
 #define WIDE_TILE(NAME, T, LOAD8, LOAD1, A)                                                           \
@@ -124,21 +135,11 @@ static inline void NAME(const T *w, long C, const float *xs, long v0, long r, in
     for (int s = 0; s < (A); s++) {                                                                 \
         for (int i = 0; i < R; i++) for (int j = 0; j < V; j++) acc[i][j] = _mm256_setzero_ps();    \
         for (long k = 8 * s; k < CA; k += 8 * (A)) {                                                \
-            __m256 xv[WIDE_VT];                                                                     \
-            for (int j = 0; j < V; j++) xv[j] = _mm256_loadu_ps(x + j * C + k);                    \
-            for (int i = 0; i < R; i++) {                                                           \
-                __m256 wv = LOAD8(wr + i * C, k);                                                   \
-                for (int j = 0; j < V; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);     \
-            }                                                                                       \
+            WIDE_TILE_STEP(LOAD8, k);                                                               \
         }                                                                                           \
         if (s == 0)                                                                                 \
             for (long k = CA; k < C8; k += 8) {                                                     \
-                __m256 xv[WIDE_VT];                                                                 \
-                for (int j = 0; j < V; j++) xv[j] = _mm256_loadu_ps(x + j * C + k);                \
-                for (int i = 0; i < R; i++) {                                                       \
-                    __m256 wv = LOAD8(wr + i * C, k);                                               \
-                    for (int j = 0; j < V; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]); \
-                }                                                                                   \
+                WIDE_TILE_STEP(LOAD8, k);                                                           \
             }                                                                                       \
         if ((A) > 1)                                                                                \
             for (int i = 0; i < R; i++) for (int j = 0; j < V; j++) part[s][i][j] = acc[i][j];     \

@@ -37,6 +37,10 @@ if [ ! -x "$BIN" ]; then
 fi
 T0=$(date +%s)
 say() { echo "fair_experiments [$(( $(date +%s) - T0 ))s]: $*" >&2; }
+# The Debian data-to-text corpus is built once (scripts/make_debian_corpus.py); the targets that only reuse it stop here.
+need_debian_corpus() {
+  [ -d data/debian/clients ] || { echo "fair_experiments: data/debian/clients missing: ln -s /work/data/debian data/debian, or python3 scripts/make_debian_corpus.py --out data/debian" >&2; exit 1; }
+}
 
 if [ "$WHAT" = all ] || [ "$WHAT" = synthetic ]; then
   say "synthetic federation, fair protocol"
@@ -57,7 +61,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = debian ]; then
 fi
 
 if [ "$WHAT" = debian6 ]; then
-  [ -d data/debian/clients ] || { echo "fair_experiments: data/debian/clients missing: ln -s /work/data/debian data/debian, or python3 scripts/make_debian_corpus.py --out data/debian" >&2; exit 1; }
+  need_debian_corpus
   say "data-to-text federation, cut protocol (prior 6-round selection, 3 seeds)"
   python3 scripts/experiment.py --name debian-fair6 --root "${FAIR_ROOT:-runs/experiments/debian-fair6}" \
     --model models/fortune-gpt2 --data data/debian/clients --binary "$BIN" \
@@ -70,7 +74,7 @@ if [ "$WHAT" = debian6 ]; then
 fi
 
 if [ "$WHAT" = debian-long ]; then
-  [ -d data/debian/clients ] || { echo "fair_experiments: data/debian/clients missing: ln -s /work/data/debian data/debian, or python3 scripts/make_debian_corpus.py --out data/debian" >&2; exit 1; }
+  need_debian_corpus
   say "data-to-text federation, 16 rounds at the 6-round selection (3 seeds, + the joint ablation)"
   python3 scripts/experiment.py --name debian-long16 --root "${FAIR_ROOT:-runs/experiments/debian-long16}" \
     --model models/fortune-gpt2 --data data/debian/clients --binary "$BIN" \
@@ -84,7 +88,7 @@ if [ "$WHAT" = debian-long ]; then
 fi
 
 if [ "$WHAT" = debian-llama-grid ] || [ "$WHAT" = debian-llama-long ]; then
-  [ -d data/debian/clients ] || { echo "fair_experiments: data/debian/clients missing: ln -s /work/data/debian data/debian, or python3 scripts/make_debian_corpus.py --out data/debian" >&2; exit 1; }
+  need_debian_corpus
   [ -f models/debian-llama/model.safetensors ] || { echo "fair_experiments: models/debian-llama missing (scripts/reproduce.sh builds it)" >&2; exit 1; }
 fi
 

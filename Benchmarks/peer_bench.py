@@ -750,6 +750,8 @@ def main():
     if a.precisions:
         a.precision_list = [p.strip() for p in a.precisions.split(",") if p.strip()]
         batches = [int(b) for b in a.batches.split(",")]
+        if batches[0] > 1:
+            sys.exit("peer_bench: --batches must start with 1 (the batch-1 comparison with llama.cpp)")
         starters = {}
         # Batch 1 first, as one chain of neighbours in time: llama.cpp@f32, pf2lora@f32, pf2lora@q8_0,
         # llama.cpp@q8_0, bench blas, llama.cpp@f16, pf2lora@f16 (for --precisions f32,f16,q8_0): each
@@ -762,19 +764,15 @@ def main():
             if "llama.cpp" in wanted:
                 pair.append((f"llama.cpp@{p}", lambda p=p: start_llama_cpp(a, wtype=p, name=f"llama.cpp@{p}")))
             if "pf2lora" in wanted:
-                pair.append((f"pf2lora@{p}", lambda p=p: (lambda e: (e, e.info))(Pf2loraDecode(a, p, 1))))
+                pair.append((f"pf2lora@{p}", lambda p=p: with_info(Pf2loraDecode(a, p, 1))))
             for name, start in (pair if i % 2 == 0 else pair[::-1]):
                 starters[name] = start
-            if i == 1 and "blas" in wanted:
-                starters["pf2lora_blas"] = lambda: (lambda e: (e, e.info))(Pf2loraBLAS(a))
-        if "blas" in wanted and "pf2lora_blas" not in starters:
-            starters["pf2lora_blas"] = lambda: (lambda e: (e, e.info))(Pf2loraBLAS(a))
+            if "blas" in wanted and i == min(1, len(chain) - 1):    # after the second pair (or the only one)
+                starters["pf2lora_blas"] = lambda: with_info(Pf2loraBLAS(a))
         for p in chain:
             for b in batches:
                 if b > 1 and "pf2lora" in wanted:
-                    starters[f"pf2lora@{p}/b{b}"] = (lambda p=p, b=b: (lambda e: (e, e.info))(Pf2loraDecode(a, p, b)))
-        if batches[0] > 1:
-            sys.exit("peer_bench: --batches must start with 1 (the batch-1 comparison with llama.cpp)")
+                    starters[f"pf2lora@{p}/b{b}"] = (lambda p=p, b=b: with_info(Pf2loraDecode(a, p, b)))
         res, live = run_rounds(a, starters, lambda name: True, ordered=True)
         table = report_precisions(a, geo, res, made_by, batches)
         print(table)
@@ -784,12 +782,12 @@ def main():
                 {"geometry": geo, "results": res, "argv": sys.argv[1:]}, indent=1) + "\n")
         return
     starters = {
-        "pf2lora": lambda: (lambda e: (e, e.info))(Pf2loraDecode(a)),
-        "transformers": lambda: (lambda w: (w, w.info))(Worker("transformers", a)),
+        "pf2lora": lambda: with_info(Pf2loraDecode(a)),
+        "transformers": lambda: with_info(Worker("transformers", a)),
         "llama.cpp": lambda: start_llama_cpp(a),
         "llama.cpp-f32kv": lambda: start_llama_cpp(a, kv="f32"),
-        "blas": lambda: (lambda w: (w, w.info))(Worker("blas", a)),
-        "pf2lora_blas": lambda: (lambda e: (e, e.info))(Pf2loraBLAS(a)),
+        "blas": lambda: with_info(Worker("blas", a)),
+        "pf2lora_blas": lambda: with_info(Pf2loraBLAS(a)),
     }
     res, live = run_rounds(a, starters, lambda name: ("blas" if name == "pf2lora_blas" else name) in wanted)
     table = report(a, geo, res, made_by)
@@ -798,6 +796,11 @@ def main():
         pathlib.Path(a.out).write_text(table)
         pathlib.Path(a.out).with_suffix(".json").write_text(json.dumps(
             {"geometry": geo, "results": res, "argv": sys.argv[1:]}, indent=1) + "\n")
+
+
+def with_info(engine):
+    """A starter's answer: the engine and what it reported when it started (or its error)."""
+    return engine, engine.info
 
 
 def run_rounds(a, starters, wanted, ordered=False):
@@ -942,7 +945,7 @@ def per_round_precisions(a, geo, res):
                  f"bandwidth over the weight bytes, and in brackets over the weight bytes plus the KV cache at "
                  f"context {ctx:.0f}):", "", "| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * (len(head) - 3)]
     for rnd in range(1, a.repeats + 1):
-        first = [r for n in res for r in ([run(n, rnd)] if run(n, rnd) else [])]
+        first = [r for r in (run(n, rnd) for n in res) if r]
         if not first:
             continue
         cells = [str(rnd), min(r["started"] for r in first), f"{max(r['load'] for r in first):.1f}"]

@@ -53,20 +53,18 @@ def main():
         name, _, value = spec.partition("=")
         nats = math.log(float(value[4:])) if value.startswith("ppl:") else float(value)
         rows.append((name, f"{math.exp(nats):.2f}", f"{nats * vtokens / vbytes / math.log(2):.4f}"))
+    xz, zstd = ["xz", "-9e", "-T1", "-c"], ["zstd", "-19", "--long=27", "-c"]
     with tempfile.TemporaryDirectory() as d:
-        a, b = pathlib.Path(d) / "train.txt", pathlib.Path(d) / "train+valid.txt"
+        a, b, v = (pathlib.Path(d) / n for n in ("train.txt", "train+valid.txt", "valid.txt"))
         a.write_text("\n\n".join(train))
         b.write_text("\n\n".join(train) + "\n\n" + "\n\n".join(valid))
-        for name, cmd in (("xz -9e, having seen the train split", ["xz", "-9e", "-T1", "-c"]),
-                          ("zstd -19 --long=27, having seen the train split", ["zstd", "-19", "--long=27", "-c"]),
-                          ("xz -9e, valid alone", None)):
+        v.write_text("\n\n".join(valid))
+        for name, cmd, seen_train in (("xz -9e, having seen the train split", xz, True),
+                                      ("zstd -19 --long=27, having seen the train split", zstd, True),
+                                      ("xz -9e, valid alone", xz, False)):
             print(f"compressing: {name}", file=sys.stderr)
-            if cmd is None:
-                v = pathlib.Path(d) / "valid.txt"
-                v.write_text("\n\n".join(valid))
-                bits = compressed_size(["xz", "-9e", "-T1", "-c"], v) * 8
-            else:
-                bits = (compressed_size(cmd, b) - compressed_size(cmd, a)) * 8
+            size = compressed_size(cmd, b) - compressed_size(cmd, a) if seen_train else compressed_size(cmd, v)
+            bits = size * 8
             rows.append((name, f"{math.exp(bits / vtokens * math.log(2)):.2f}", f"{bits / vbytes:.4f}"))
     print(f"| model or compressor | perplexity per token ({vbytes / vtokens:.2f} bytes/token) | bits per byte |")
     print("|---|---:|---:|")

@@ -46,6 +46,41 @@ NAMES["pf2lora-joint"] = "PF2LoRA, joint (ablation)"
 LRS = "5e-3,1e-2,2e-2"
 
 
+# The knobs a method's extra grid points may set (--extra-points), besides the learning rate "lr".
+KNOBS = {"pf2lora": {"lr2", "local-steps", "lower-steps"}, "pf2lora-joint": {"lr2", "local-steps", "lower-steps"},
+         "perfedavg": {"inner-lr"}, "hetlora": {"hetlora-lambda", "hetlora-prune"}, "homlora": {"alpha"},
+         "local": {"alpha"}, "fedavg-ft": {"alpha", "fine-tune-steps"}}
+
+
+def add_extra_points(grid, extra, methods):
+    """Append each method's extra points (--extra-points: method -> list of points, each naming "lr" and any of the
+    method's own knobs, KNOBS; unnamed knobs keep the grid's defaults) to GRID in place. Refused: a point without
+    "lr", an unknown knob, a point already in the grid or given twice, and extra points that leave the methods'
+    grids of unequal size (every method gets the same number of validation points)."""
+    for m, pts in extra.items():
+        if m.startswith("_"):
+            continue
+        if m not in grid:
+            sys.exit(f"experiment: --extra-points names {m}, which is not in this experiment's grids")
+        base = {k: v for k, v in grid[m][0].items() if k != "lr"} if grid[m] else {}
+        for p in pts:
+            if "lr" not in p:
+                sys.exit(f"experiment: extra point {p} of {m} has no \"lr\"")
+            bad = set(p) - {"lr"} - KNOBS.get(m, set())
+            if bad:
+                sys.exit(f"experiment: extra point {p} of {m} sets {', '.join(sorted(bad))}, not a knob of {m} "
+                         f"(its knobs: {', '.join(sorted(KNOBS.get(m, set()))) or 'none'})")
+            q = dict(base, **{k: str(v) for k, v in p.items()})
+            if q in grid[m]:
+                sys.exit(f"experiment: extra point {point_id(q)} of {m} is already in its grid")
+            grid[m].append(q)
+    sizes = {m: len(grid[m]) for m in methods if m in grid}
+    if len(set(sizes.values())) > 1:
+        sys.exit("experiment: unequal grids after --extra-points (" + ", ".join(f"{m} {n}" for m, n in sizes.items())
+                 + "): every method gets the same number of points")
+    return grid
+
+
 def grids(local_steps, lower_steps, lrs=LRS, knob=True):
     """The same number of points for every method: the same learning-rate grid LRS (the AdamW rate of the
     shared level and of every single-level LoRA) with each method's own knobs at their defaults, plus one
@@ -93,6 +128,13 @@ class Experiment:
                                                     "batch", "seq", "rank", "rank2", "eval_every", "eval_windows", "clients")}
         self.grid = {m: g for m, g in grids(a.local_steps, a.lower_steps, a.lrs, knob=not a.no_knob).items()
                      if m in METHODS or m in a.methods}   # a variant's grid only when it is run
+        self.extra_about = ""
+        if a.extra_points:
+            raw = json.loads(pathlib.Path(a.extra_points).read_text())
+            self.extra_about = raw.get("_about", "")
+            before = len(self.grid[a.methods[0]])
+            add_extra_points(self.grid, raw, a.methods)
+            self.n_extra = len(self.grid[a.methods[0]]) - before
         # Methods whose selection was made before (--prior-selection): no grid runs here, the recorded point is used.
         self.prior = {}
         if a.prior_selection:
@@ -381,14 +423,18 @@ def report(exp, out_md, svg):
                + f"then seeds {', '.join(map(str, a.seeds))} at the selected points; "
                "the test split is read once, at the end of each."
                if exp.prior else
-              f"- Tuning: every method has a grid of {len(exp.grid['pf2lora'])} points, run at seed {a.select_seed}: the same "
+              f"- Tuning: every method has a grid of {len(exp.grid[a.methods[0]])} points, run at seed {a.select_seed}: the same "
               f"learning rates {', '.join(a.lrs.split(','))} (AdamW, the shared level's and every single-level LoRA's) for every method, "
               "each method's own knobs at their defaults"
               + (" (PF2LoRA's lower rate 0.5, Per-FedAvg's inner rate 0.5, HETLoRA's penalty 1e-3 and pruning ratio 0.05, "
+                 "every LoRA's alpha at its default). " if a.no_knob and a.extra_points else
+                 " (PF2LoRA's lower rate 0.5, Per-FedAvg's inner rate 0.5, HETLoRA's penalty 1e-3 and pruning ratio 0.05, "
                  "every LoRA's alpha at its default; no point of a knob of the method's own). " if a.no_knob else
                  ", plus one point that changes a knob of its own at the middle rate "
                  "(PF2LoRA: the split of its gradient evaluations between the levels; Per-FedAvg: the inner rate; HETLoRA: "
                  "penalty and pruning ratio; HOMLoRA, Local-only, FedAvg+FT, which have none: the LoRA scale alpha doubled). ")
+              + (f"{exp.n_extra} of each method's {len(exp.grid[a.methods[0]])} points are extra points of its own knobs or rate "
+                 f"({a.extra_points}; the grid table lists every point): {exp.extra_about} " if a.extra_points else "")
               + "The point with the lowest mean valid loss is selected (the test split is never used for selection). "
               + (f"Seed {a.select_seed}'s runs are the grid runs themselves (each reads the test split once, at its end; only the "
                  f"selected point's is reported), then seeds {', '.join(str(x) for x in a.seeds if x != a.select_seed)} at the selected point."
@@ -715,7 +761,75 @@ def rank_controls(a, root, clients):
     return out
 
 
+def self_test():
+    """`experiment.py --self-test`: the grid and run-reuse rules, without a binary (Tests/PF2LoRATests/ExperimentScriptTests)."""
+    import tempfile
+    failures = []
+    def check(cond, what):
+        if not cond:
+            failures.append(what)
+    def refused(fn):
+        try:
+            fn()
+        except SystemExit:
+            return True
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        common = ["--name", "t", "--model", "m", "--data", "d", "--root", str(tmp / "root"), "--lrs", "5e-3,1e-2",
+                  "--no-knob", "--report-only"]
+        ok = {"_about": "x", "pf2lora": [{"lr": "1e-2", "lr2": "0.25"}], "homlora": [{"lr": "7e-3"}],
+              "perfedavg": [{"lr": "1e-2", "inner-lr": "1.0"}], "hetlora": [{"lr": "1e-2", "hetlora-lambda": "1e-2"}],
+              "local": [{"lr": "2.5e-3"}], "fedavg-ft": [{"lr": "2.5e-3"}]}
+        def exp_with(extra, extra_args=()):
+            f = tmp / "extra.json"
+            f.write_text(json.dumps(extra))
+            return Experiment(parse_args(common + ["--extra-points", str(f)] + list(extra_args)))
+        e = exp_with(ok)
+        check(all(len(g) == 3 for g in e.grid.values()), f"every grid 3 points: { {m: len(g) for m, g in e.grid.items()} }")
+        check({"lr": "1e-2", "lr2": "0.25"} in e.grid["pf2lora"], "PF2LoRA's extra point keeps its knob names")
+        check({"lr": "1e-2", "hetlora-lambda": "1e-2", "hetlora-prune": "0.05"} in e.grid["hetlora"],
+              "an unnamed knob keeps the grid's default")
+        check(e.n_extra == 1, "one extra point per method")
+        check(refused(lambda: exp_with({**ok, "local": []})), "unequal grids refused")
+        check(refused(lambda: exp_with({**ok, "homlora": [{"lr": "7e-3", "lr2": "0.1"}]})), "a knob of another method refused")
+        check(refused(lambda: exp_with({**ok, "homlora": [{"alpha": "32"}]})), "a point without lr refused")
+        check(refused(lambda: exp_with({**ok, "homlora": [{"lr": "1e-2"}]})), "a point already in the grid refused")
+        check(not refused(lambda: exp_with({k: v for k, v in ok.items() if k not in ("local", "fedavg-ft")},
+                                           ["--methods", "pf2lora,homlora,perfedavg,hetlora"])),
+              "equal grids over the methods run")
+        # An extended grid in the same root: accepted (old points kept); a shrunk one refused.
+        plain = Experiment(parse_args(common))
+        plain.check_settings()
+        e = exp_with(ok)
+        check(not refused(e.check_settings), "an equal extension of the grid accepted")
+        check((tmp / "root" / "grid-extensions.json").exists(), "the extension recorded")
+        check(refused(Experiment(parse_args(common)).check_settings), "a grid without the extra points refused after")
+        # A kept run is reused only with the same command (binary path and output folders aside).
+        d = tmp / "root" / "grid" / "pf2lora" / "x"
+        d.mkdir(parents=True)
+        pt = {"lr": "1e-2", "lr2": "0.25"}
+        (d / "command.txt").write_text(" ".join(["/other/bin"] + e.command("pf2lora", pt, 100, tmp / "elsewhere", True)[1:]))
+        check(not refused(lambda: e.check_run(d, e.command("pf2lora", pt, 100, d, True))), "same command from another binary kept")
+        check(refused(lambda: e.check_run(d, e.command("pf2lora", dict(pt, lr2="1.0"), 100, d, True))),
+              "a run made at another knob value refused")
+    for f in failures:
+        print("FAIL:", f)
+    print("experiment self-test:", "ok" if not failures else f"{len(failures)} failures")
+    return not failures
+
+
 def main():
+    if sys.argv[1:] == ["--self-test"]:
+        sys.exit(0 if self_test() else 1)
+    a = parse_args(sys.argv[1:])
+    if not a.report_only and not os.access(a.binary, os.X_OK):
+        sys.exit(f"experiment: {a.binary} is missing; build it (swift build -c release --product pf2lora) "
+                 "and copy it out of .build so rebuilds do not disturb a run")
+    run_experiment(a)
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True)
     ap.add_argument("--root", help="default runs/experiments/NAME")
@@ -741,6 +855,8 @@ def main():
     ap.add_argument("--prior-selection", default="", help="JSON of selections made before at the same settings (method -> "
                     "selected point and recorded grid): those methods run no grid here")
     ap.add_argument("--no-knob", action="store_true", help="grids of the learning rates only (no method-specific fourth point)")
+    ap.add_argument("--extra-points", default="", help="JSON: method -> extra grid points (each with \"lr\" and any of the "
+                    "method's own knobs); every method must end with the same number of points")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--nice", type=int, default=19)
     ap.add_argument("--stage", choices=["all", "grid", "seeds", "nlg", "report"], default="all")
@@ -754,17 +870,18 @@ def main():
     ap.add_argument("--title", default="Fair comparison")
     ap.add_argument("--preamble", default="")
     ap.add_argument("--appendix", default="")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     skip = {"--report-only"}
-    a.argv = [x if " " not in x else repr(x) for x in sys.argv[1:] if x not in skip]
+    a.argv = [x if " " not in x else repr(x) for x in argv if x not in skip]
     a.seeds = [int(s) for s in a.seeds.split(",")]
     a.methods = [m for m in a.methods.split(",") if m]
     for m in a.methods:
         if m not in METHODS and m not in VARIANTS:
             sys.exit(f"experiment: unknown method {m}; use {', '.join(METHODS + list(VARIANTS))}")
-    if not a.report_only and not os.access(a.binary, os.X_OK):
-        sys.exit(f"experiment: {a.binary} is missing; build it (swift build -c release --product pf2lora) "
-                 "and copy it out of .build so rebuilds do not disturb a run")
+    return a
+
+
+def run_experiment(a):
     exp = Experiment(a)
     exp.check_settings()
     out = a.out or str(exp.root / "RESULTS.md")

@@ -318,6 +318,18 @@ static void dot4_scalar(const uint8_t *q, const uint8_t *sc, long nb, const int8
         T = _mm256_add_epi32(T, ISUM(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)));          \
     }
 
+// The quants stream through memory (one pass over every matrix per token): the loads of the
+// products alone keep too few cache misses in flight to reach a plain read's bandwidth at 1 thread,
+// so each iteration asks for the four lines X4_PREFETCH_BYTES ahead (past a matrix's end they are
+// harmless hints). A C microbenchmark over the SmolLM2 shape's 143 MB (alternating rounds): products
+// 0.76-0.78x of a plain read without, 0.86-0.95x with 1-3 KB ahead. Loads only: no result changes.
+#define X4_PREFETCH_BYTES 1536
+#define X4_PREFETCH(Q)                                                                           \
+    _mm_prefetch((const char *)(Q) + X4_PREFETCH_BYTES, _MM_HINT_T0);                            \
+    _mm_prefetch((const char *)(Q) + X4_PREFETCH_BYTES + 64, _MM_HINT_T0);                       \
+    _mm_prefetch((const char *)(Q) + X4_PREFETCH_BYTES + 128, _MM_HINT_T0);                      \
+    _mm_prefetch((const char *)(Q) + X4_PREFETCH_BYTES + 192, _MM_HINT_T0);
+
 #define DOT4_BODY(ISUM)                                                                          \
     const __m256i lo4 = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), hi4 = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7); \
     __m256 a = _mm256_setzero_ps(), b = a;                                                       \
@@ -325,6 +337,7 @@ static void dot4_scalar(const uint8_t *q, const uint8_t *sc, long nb, const int8
     for (; j + 2 <= nb; j += 2) {                                                                \
         const uint8_t *q0 = q + j * 128, *q1 = q0 + 128;                                         \
         const int8_t *x0 = xq + j * QK, *x1 = x0 + QK;                                           \
+        X4_PREFETCH(q0)                                                                          \
         __m256i t = _mm256_setzero_si256(), u = t;                                               \
         X4_CHUNK(t, q0, x0, 0, ISUM) X4_CHUNK(u, q1, x1, 0, ISUM) X4_CHUNK(t, q0, x0, 1, ISUM)   \
         X4_CHUNK(u, q1, x1, 1, ISUM) X4_CHUNK(t, q0, x0, 2, ISUM) X4_CHUNK(u, q1, x1, 2, ISUM)   \

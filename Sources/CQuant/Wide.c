@@ -33,6 +33,7 @@
 #define WIDE_RT 4   // weight rows per tile
 #define WIDE_VT 3   // inputs per tile
 #define WIDE_R1 8   // weight rows per tile when there is one input
+#define WIDE_PREFETCH_BYTES 1024
 
 // MARK: - Weight loads (scalar)
 
@@ -161,7 +162,10 @@ WIDE_TILE(wide_f16_tile, uint16_t, wide_f16_8, wide_f16_1, 4)
 WIDE_TILE(wide_bf16_tile, uint16_t, wide_bf16_8, wide_bf16_1, 4)
 
 // One input, one row, A = 4: the four accumulators fed in one sequential pass over the row (the
-// same sums as a tile's four passes).
+// same sums as a tile's four passes). The rows lie one after another, so the pass streams the whole
+// matrix: each 64-byte line asks for the one WIDE_PREFETCH_BYTES ahead (a hint: past the end it is
+// harmless, the sums are unchanged). C microbenchmark, SmolLM2 shape at f16 (270 MB, alternating
+// rounds): 0.79x of a plain read without, 0.84-0.88x with 1 KB ahead.
 #define WIDE_ROW4(NAME, T, LOAD8, LOAD1)                                                              \
 __attribute__((target("avx2,fma,f16c")))                                                            \
 static void NAME(const T *w, long C, const float *x, long r0, long r1, float *out) {                \
@@ -171,6 +175,7 @@ static void NAME(const T *w, long C, const float *x, long r0, long r1, float *ou
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                 \
         long k = 0;                                                                                 \
         for (; k < C32; k += 32) {                                                                  \
+            _mm_prefetch((const char *)(wr + k) + WIDE_PREFETCH_BYTES, _MM_HINT_T0);                \
             a0 = _mm256_fmadd_ps(LOAD8(wr, k), _mm256_loadu_ps(x + k), a0);                         \
             a1 = _mm256_fmadd_ps(LOAD8(wr, k + 8), _mm256_loadu_ps(x + k + 8), a1);                 \
             a2 = _mm256_fmadd_ps(LOAD8(wr, k + 16), _mm256_loadu_ps(x + k + 16), a2);               \

@@ -296,6 +296,37 @@ import Testing
         }
     }
 
+    /// The batch-1 decode kernels ask for memory ahead of the rows they read (q8_0 and f16/bf16:
+    /// prefetch hints, which never fault): a matrix whose last byte ends the last readable page
+    /// before an inaccessible one gives the same bits as the same matrix anywhere else, on every
+    /// instruction set.
+    @Test(arguments: [WeightPrecision.q8_0, .f16, .bf16])
+    func decodeKernelsReadNothingPastTheMatrix(_ p: WeightPrecision) throws {
+        defer { _ = pf2lora_quant_set_isa(99) }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE))), span = 4 * page
+        let map = try #require(mmap(nil, span + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+        #expect(map != MAP_FAILED)
+        defer { munmap(map, span + page) }
+        #expect(mprotect(map + span, page, PROT_NONE) == 0)
+        for (rows, cols) in [(12, 64), (7, 96), (5, 576)] {
+            let m = WeightMatrix(Self.randomMatrix(rows: rows, cols: cols, seed: UInt64(rows), scale: 0.05)).converted(to: p)
+            #expect(m.byteCount <= span)
+            let dst = map + span - m.byteCount
+            dst.copyMemory(from: m.base, byteCount: m.byteCount)
+            let view = WeightMatrix(viewing: dst, precision: p, rows: rows, cols: cols, owner: nil, interleaved: m.interleaved)
+            let xs = Self.randomMatrix(rows: 1, cols: cols, seed: 9)
+            let act = Q8Activations()
+            act.quantize(xs.data, count: 1, cols: cols)
+            for isa in 0...Int(pf2lora_cpu_isa()) {
+                _ = pf2lora_quant_set_isa(Int32(isa))
+                let a = Tensor(zeros: [rows]), b = Tensor(zeros: [rows])
+                dotRows(m, xs.data, quantized: act, count: 1, rows: 0..<rows, a.data, stride: rows)
+                dotRows(view, xs.data, quantized: act, count: 1, rows: 0..<rows, b.data, stride: rows)
+                #expect(a.array.map(\.bitPattern) == b.array.map(\.bitPattern), "\(p) isa \(isa) \(rows) x \(cols)")
+            }
+        }
+    }
+
     /// The prefill product at every precision: the sgemm of the widened panels equals, to f32
     /// rounding, x W^T computed in f64 from the stored values; panels of a few rows (the head's
     /// case) and an accumulating call included.

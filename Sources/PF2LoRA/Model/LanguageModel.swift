@@ -134,6 +134,9 @@ public final class KVCache {
     let kHalf: [UnsafeMutablePointer<UInt16>]
     let vHalf: [UnsafeMutablePointer<UInt16>]
     private let perLayer: Int
+    /// The f16 rows of every layer in one `LargeBuffer` (huge pages from 2 MB on), and its mapped size.
+    private let halfBuffer: UnsafeMutableRawPointer?
+    private let halfMapped: Int
 
     public init(architecture a: ModelArchitecture, capacity: Int, precision: KVCachePrecision = .f32) {
         self.capacity = capacity
@@ -145,16 +148,18 @@ public final class KVCache {
             k = (0..<a.layerCount).map { _ in Tensor(zeros: shape) }
             v = (0..<a.layerCount).map { _ in Tensor(zeros: shape) }
             kHalf = []; vHalf = []
+            halfBuffer = nil; halfMapped = 0
         case .f16:
             k = []; v = []
+            // One zeroed buffer, layer l's keys then its values: a decode step streams them all,
+            // and in 4 KB pages (one malloc per layer) each head's short stream crossed a page,
+            // and a TLB miss, every 4 KB.
             let n = max(perLayer, 1)
-            func make() -> UnsafeMutablePointer<UInt16> {
-                let p = UnsafeMutablePointer<UInt16>.allocate(capacity: n)
-                p.initialize(repeating: 0, count: n)
-                return p
-            }
-            kHalf = (0..<a.layerCount).map { _ in make() }
-            vHalf = (0..<a.layerCount).map { _ in make() }
+            let (buffer, mapped) = LargeBuffer.allocateZeroed(byteCount: 2 * a.layerCount * n * 2)
+            let rows = buffer.bindMemory(to: UInt16.self, capacity: 2 * a.layerCount * n)
+            kHalf = (0..<a.layerCount).map { rows + 2 * $0 * n }
+            vHalf = (0..<a.layerCount).map { rows + (2 * $0 + 1) * n }
+            halfBuffer = buffer; halfMapped = mapped
         }
     }
 
@@ -164,8 +169,7 @@ public final class KVCache {
     }
 
     deinit {
-        for p in kHalf { p.deallocate() }
-        for p in vHalf { p.deallocate() }
+        if let halfBuffer { LargeBuffer.free(halfBuffer, mappedBytes: halfMapped) }
     }
 
     /// Forgets the contents (the memory is kept for reuse).

@@ -225,18 +225,10 @@ import Testing
     @Test func demoPrintsWhatEachClientWasServed() throws {
         let fx = try ServerFixture(clients: ["alice", "bob"])
         defer { fx.cleanup() }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", TestPaths.repoRoot.appendingPathComponent("scripts/demo_client.py").path, "--binary", ServerProcess.binary,
-                       "--model", fx.model, "--store", fx.store, "--max-tokens", "8", "--steps", "5", "--personalize-seq", "32",
-                       "--newcomer", TestPaths.repoRoot.appendingPathComponent("examples/newcomer-client.jsonl").path]
-        let o = Pipe(), e = Pipe()
-        p.standardOutput = o; p.standardError = e
-        try p.run()
-        let out = String(decoding: o.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        let err = String(decoding: e.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 0, "\(out)\n\(err)")
+        let (status, out, err) = try PythonScript.run("demo_client.py", [
+            "--binary", ServerProcess.binary, "--model", fx.model, "--store", fx.store, "--max-tokens", "8", "--steps", "5",
+            "--personalize-seq", "32", "--newcomer", TestPaths.repoRoot.appendingPathComponent("examples/newcomer-client.jsonl").path])
+        #expect(status == 0, "\(out)\n\(err)")
         #expect(!out.contains("None"), "\(out)")
         #expect(out.contains("adapter: shared v1 + client v1"), "the store's clients, side by side: \(out)")
         #expect(out.contains("shared pair alone") && out.contains("adapter: shared v1 alone"), "the shared pair alone: \(out)")

@@ -5,16 +5,8 @@ import Testing
 /// --extra-points, knob names per method, grid extensions, and the refusal to reuse a run made with another command.
 @Suite struct ExperimentScriptTests {
     @Test func experimentSelfTest() throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", TestPaths.repoRoot.appendingPathComponent("scripts/experiment.py").path, "--self-test"]
-        let o = Pipe(), e = Pipe()
-        p.standardOutput = o; p.standardError = e
-        try p.run()
-        let out = String(decoding: o.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        let err = String(decoding: e.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 0, "\(out)\n\(err)")
+        let (status, out, err) = try PythonScript.run("experiment.py", ["--self-test"])
+        #expect(status == 0, "\(out)\n\(err)")
         #expect(out.contains("experiment self-test: ok"), "\(out)\n\(err)")
     }
 }

@@ -28,6 +28,23 @@ enum TestPaths {
     }
 }
 
+/// Runs one of the repository's Python scripts (`scripts/<name>`) with `python3` from PATH and collects its exit
+/// status, standard output and standard error.
+enum PythonScript {
+    static func run(_ script: String, _ arguments: [String]) throws -> (status: Int32, out: String, err: String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = ["python3", TestPaths.repoRoot.appendingPathComponent("scripts/\(script)").path] + arguments
+        let o = Pipe(), e = Pipe()
+        p.standardOutput = o; p.standardError = e
+        try p.run()
+        let out = String(decoding: o.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let err = String(decoding: e.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        return (p.terminationStatus, out, err)
+    }
+}
+
 extension Trait where Self == ConditionTrait {
     /// A test that reads the real GPT-2 tokenizer from the shared folder; skipped, saying so, without it.
     static var needsSharedTokenizers: Self {

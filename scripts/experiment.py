@@ -427,9 +427,8 @@ def report(exp, out_md, svg):
               f"learning rates {', '.join(a.lrs.split(','))} (AdamW, the shared level's and every single-level LoRA's) for every method, "
               "each method's own knobs at their defaults"
               + (" (PF2LoRA's lower rate 0.5, Per-FedAvg's inner rate 0.5, HETLoRA's penalty 1e-3 and pruning ratio 0.05, "
-                 "every LoRA's alpha at its default). " if a.no_knob and a.extra_points else
-                 " (PF2LoRA's lower rate 0.5, Per-FedAvg's inner rate 0.5, HETLoRA's penalty 1e-3 and pruning ratio 0.05, "
-                 "every LoRA's alpha at its default; no point of a knob of the method's own). " if a.no_knob else
+                 "every LoRA's alpha at its default" + ("" if a.extra_points else "; no point of a knob of the method's own")
+                 + "). " if a.no_knob else
                  ", plus one point that changes a knob of its own at the middle rate "
                  "(PF2LoRA: the split of its gradient evaluations between the levels; Per-FedAvg: the inner rate; HETLoRA: "
                  "penalty and pruning ratio; HOMLoRA, Local-only, FedAvg+FT, which have none: the LoRA scale alpha doubled). ")

@@ -396,38 +396,6 @@ void pf2lora_q8_0x4_dot_rows(const void *w, long rows, long cols, const int8_t *
     }
 }
 
-// MARK: - Prefetching the next product's weights during decode attention
-//
-// At batch 1 decode attention is bound by its own work (scores, exp, the value pass), not by memory,
-// while the products before and after it wait on memory: the bus idles through attention. So the
-// attention kernels below issue, every eight keys, `lines` prefetches (64-byte lines, into L2) of a
-// range the caller names (the weights the next product reads). Hints only: no value changes. The
-// range is per thread (each pool participant names its own share); the kernels take it at entry and
-// leave the unprefetched rest for the next call.
-
-static _Thread_local const char *att_pf_next, *att_pf_end;
-static _Thread_local long att_pf_lines;
-
-void pf2lora_attention_prefetch(const void *p, long bytes, long lines) {
-    att_pf_next = (const char *)p;
-    att_pf_end = bytes > 0 ? (const char *)p + bytes : (const char *)p;
-    att_pf_lines = lines;
-}
-
-typedef struct { const char *next, *end; long lines; } pf_stream;
-static inline pf_stream pf_open(void) { pf_stream s = { att_pf_next, att_pf_end, att_pf_lines }; return s; }
-static inline void pf_close(pf_stream s) { att_pf_next = s.next; }
-
-#ifdef PF2LORA_X86
-#define PF_TICK(s)                                                                                    \
-    do {                                                                                            \
-        for (long pf_n = (s).lines; pf_n > 0 && (s).next < (s).end; pf_n--) {                       \
-            _mm_prefetch((s).next, _MM_HINT_T1);                                                    \
-            (s).next += 64;                                                                         \
-        }                                                                                           \
-    } while (0)
-#endif
-
 // MARK: - Decode attention scores, head_dim 64
 
 // Key j's scores against the g query heads; every path computes each key's score this way.
@@ -496,11 +464,9 @@ static void scores_tail_avx2(const float *q, long g, const float *kr, long n, lo
 __attribute__((target("avx2,fma,f16c")))
 static void scores64_avx2(const float *q, long g, const float *k, long T, float scale, float *scores) {
     const __m256 sv = _mm256_set1_ps(scale);
-    pf_stream pf = pf_open();
     long j = 0;
-    for (; j + 8 <= T; j += 8) { PF_TICK(pf); scores8_avx2(q, g, k + j * 64, T, j, sv, scores); }
+    for (; j + 8 <= T; j += 8) scores8_avx2(q, g, k + j * 64, T, j, sv, scores);
     if (j < T) scores_tail_avx2(q, g, k + j * 64, T - j, j, sv, scores, T);
-    pf_close(pf);
 }
 #endif
 
@@ -581,10 +547,8 @@ __attribute__((target("avx2,fma,f16c")))
 static void scores64_f16_avx2(const float *q, long g, const uint16_t *k, long T, float scale, float *scores) {
     const __m256 sv = _mm256_set1_ps(scale);
     float kb[8 * 64];   // eight keys widened once for all g heads (L1)
-    pf_stream pf = pf_open();
     long j = 0;
     for (; j + 8 <= T; j += 8) {
-        PF_TICK(pf);
         const uint16_t *src = k + j * 64;
         for (int c = 0; c < 64; c++) _mm256_storeu_ps(kb + 8 * c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 8 * c))));
         scores8_avx2(q, g, kb, T, j, sv, scores);
@@ -594,7 +558,6 @@ static void scores64_f16_avx2(const float *q, long g, const uint16_t *k, long T,
         pf2lora_f16_to_f32(k + j * 64, kr, (T - j) * 64);
         scores_tail_avx2(q, g, kr, T - j, j, sv, scores, T);
     }
-    pf_close(pf);
 }
 #endif
 
@@ -603,51 +566,6 @@ void pf2lora_attention_scores64_f16(const float *q, long g, const uint16_t *k, l
     if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { scores64_f16_avx2(q, g, k, T, scale, scores); return; }
 #endif
     scores64_f16_scalar(q, g, k, 0, T, scale, scores);
-}
-
-// The value pass over an f32 cache: as the f16 one below, on f32 rows (what `decodeGroup64` did in
-// Swift, same order and fused multiply-adds; in C for the prefetch stream's ticks).
-static void values64_scalar(const float *p, long g, long T, const float *v, const float *inv, float *out) {
-    for (long i = 0; i < g; i++) {
-        for (int e = 0; e < 64; e++) {
-            float a = 0;
-            for (long j = 0; j < T; j++) a = fmaf(p[i * T + j], v[j * 64 + e], a);
-            out[i * 64 + e] = a * inv[i];
-        }
-    }
-}
-
-#ifdef PF2LORA_X86
-__attribute__((target("avx2,fma,f16c")))
-static void values64_avx2(const float *p, long g, long T, const float *v, const float *inv, float *out) {
-#define VROW32(C, A) A = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8 * (C)), A)
-    pf_stream pf = pf_open();
-    for (long i = 0; i < g; i++) {
-        const float *pi = p + i * T;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-        for (long j = 0; j < T; j++) {
-            if ((j & 7) == 7) PF_TICK(pf);
-            const __m256 w = _mm256_broadcast_ss(pi + j);
-            const float *vr = v + j * 64;
-            VROW32(0, a0); VROW32(1, a1); VROW32(2, a2); VROW32(3, a3); VROW32(4, a4); VROW32(5, a5); VROW32(6, a6); VROW32(7, a7);
-        }
-        const __m256 s = _mm256_set1_ps(inv[i]);
-        float *o = out + i * 64;
-        _mm256_storeu_ps(o, _mm256_mul_ps(a0, s)); _mm256_storeu_ps(o + 8, _mm256_mul_ps(a1, s));
-        _mm256_storeu_ps(o + 16, _mm256_mul_ps(a2, s)); _mm256_storeu_ps(o + 24, _mm256_mul_ps(a3, s));
-        _mm256_storeu_ps(o + 32, _mm256_mul_ps(a4, s)); _mm256_storeu_ps(o + 40, _mm256_mul_ps(a5, s));
-        _mm256_storeu_ps(o + 48, _mm256_mul_ps(a6, s)); _mm256_storeu_ps(o + 56, _mm256_mul_ps(a7, s));
-    }
-    pf_close(pf);
-#undef VROW32
-}
-#endif
-
-void pf2lora_attention_values64(const float *p, long g, long T, const float *v, const float *inv, float *out) {
-#ifdef PF2LORA_X86
-    if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { values64_avx2(p, g, T, v, inv, out); return; }
-#endif
-    values64_scalar(p, g, T, v, inv, out);
 }
 
 // out[i * 64 + e] = inv[i] * sum_j p[i * T + j] * v[j * 64 + e], the sum in order of j, one fma per
@@ -666,12 +584,10 @@ static void values64_f16_scalar(const float *p, long g, long T, const uint16_t *
 __attribute__((target("avx2,fma,f16c")))
 static void values64_f16_avx2(const float *p, long g, long T, const uint16_t *v, const float *inv, float *out) {
 #define VROW(C, A) A = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + 8 * (C)))), A)
-    pf_stream pf = pf_open();
     for (long i = 0; i < g; i++) {
         const float *pi = p + i * T;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         for (long j = 0; j < T; j++) {
-            if ((j & 7) == 7) PF_TICK(pf);
             const __m256 w = _mm256_broadcast_ss(pi + j);
             const uint16_t *vr = v + j * 64;
             VROW(0, a0); VROW(1, a1); VROW(2, a2); VROW(3, a3); VROW(4, a4); VROW(5, a5); VROW(6, a6); VROW(7, a7);
@@ -683,7 +599,6 @@ static void values64_f16_avx2(const float *p, long g, long T, const uint16_t *v,
         _mm256_storeu_ps(o + 32, _mm256_mul_ps(a4, s)); _mm256_storeu_ps(o + 40, _mm256_mul_ps(a5, s));
         _mm256_storeu_ps(o + 48, _mm256_mul_ps(a6, s)); _mm256_storeu_ps(o + 56, _mm256_mul_ps(a7, s));
     }
-    pf_close(pf);
 #undef VROW
 }
 #endif

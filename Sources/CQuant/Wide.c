@@ -23,7 +23,6 @@
 #include "CQuant.h"
 
 #include <math.h>
-#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -35,7 +34,6 @@
 #define WIDE_VT 3   // inputs per tile
 #define WIDE_R1 8   // weight rows per tile when there is one input
 #define WIDE_PREFETCH_BYTES 1024
-#define WIDE_F32_PREFETCH_BYTES 1024   // the one-input f32 tiles' default (PF2LORA_F32_PREFETCH overrides)
 
 // MARK: - Weight loads (scalar)
 
@@ -114,11 +112,8 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 wide_bf16_8(const 
 }
 
 // Eight columns k..k+7 of every (row, input) pair of a tile into its accumulator (used by WIDE_TILE).
-// With PF (bytes; the one-input f32 tiles), every 16 columns each row hints the line PF bytes ahead.
 #define WIDE_TILE_STEP(LOAD8, k)                                                                      \
     do {                                                                                            \
-        if (PF && ((k) & 15) == 0)                                                                  \
-            for (int i = 0; i < R; i++) _mm_prefetch((const char *)(wr + i * C + (k)) + PF, _MM_HINT_T0); \
         __m256 xv[WIDE_VT];                                                                         \
         for (int j = 0; j < V; j++) xv[j] = _mm256_loadu_ps(x + j * C + (k));                      \
         for (int i = 0; i < R; i++) {                                                               \
@@ -132,7 +127,7 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 wide_bf16_8(const 
 #define WIDE_TILE(NAME, T, LOAD8, LOAD1, A)                                                           \
 __attribute__((target("avx2,fma,f16c"), always_inline))                                             \
 static inline void NAME(const T *w, long C, const float *xs, long v0, long r, int R, int V,         \
-                        float *out, long stride, long PF) {                                         \
+                        float *out, long stride) {                                                  \
     __m256 acc[WIDE_R1][WIDE_VT];                                                                   \
     __m256 part[4][WIDE_RT][WIDE_VT];                                                               \
     const T *wr = w + r * C;                                                                        \
@@ -196,35 +191,19 @@ static void NAME(const T *w, long C, const float *x, long r0, long r1, float *ou
 WIDE_ROW4(wide_f16_row4, uint16_t, wide_f16_8, wide_f16_1)
 WIDE_ROW4(wide_bf16_row4, uint16_t, wide_bf16_8, wide_bf16_1)
 
-// One f32 input: tiles of 8 rows, so 8 independent FMA chains hide the FMA latency. The eight rows
-// are eight short streams (a SmolLM2 row is 2.3 KB), which the hardware prefetcher follows late, so
-// each row also hints the line `wide_f32_prefetch` bytes ahead (hints only: the sums are unchanged).
-static long wide_f32_prefetch_bytes(void) {
-    static long cached = -1;
-    long v = __atomic_load_n(&cached, __ATOMIC_RELAXED);
-    if (v < 0) {
-        const char *e = getenv("PF2LORA_F32_PREFETCH");
-        v = e ? atol(e) : WIDE_F32_PREFETCH_BYTES;
-        if (v < 0) v = 0;
-        __atomic_store_n(&cached, v, __ATOMIC_RELAXED);
-    }
-    return v;
-}
-
+// One f32 input: tiles of 8 rows, so 8 independent FMA chains hide the FMA latency.
 __attribute__((target("avx2,fma,f16c")))
 static void wide_f32_rows1(const float *w, long C, const float *x, long r0, long r1, float *out) {
-    long r = r0, pf = wide_f32_prefetch_bytes();
-    if (pf)
-        for (; r + WIDE_R1 <= r1; r += WIDE_R1) wide_f32_tile(w, C, x, 0, r, WIDE_R1, 1, out, 1, pf);
-    for (; r + WIDE_R1 <= r1; r += WIDE_R1) wide_f32_tile(w, C, x, 0, r, WIDE_R1, 1, out, 1, 0);
-    for (; r + 4 <= r1; r += 4) wide_f32_tile(w, C, x, 0, r, 4, 1, out, 1, 0);
-    for (; r < r1; r++) wide_f32_tile(w, C, x, 0, r, 1, 1, out, 1, 0);
+    long r = r0;
+    for (; r + WIDE_R1 <= r1; r += WIDE_R1) wide_f32_tile(w, C, x, 0, r, WIDE_R1, 1, out, 1);
+    for (; r + 4 <= r1; r += 4) wide_f32_tile(w, C, x, 0, r, 4, 1, out, 1);
+    for (; r < r1; r++) wide_f32_tile(w, C, x, 0, r, 1, 1, out, 1);
 }
 
 // One input: ONE (8-row tiles for f32, one row at a time for 16-bit rows). Otherwise row tiles of 4
 // (then the 1-3 left), within each the inputs in tiles of 3 (then the 1-2 left): every tile shape is
 // its own unrolled instance.
-#define WIDE_CASE(TILE, R, V) case (R) * 4 + (V): TILE(w, C, xs, v, r, R, V, out, stride, 0); break;
+#define WIDE_CASE(TILE, R, V) case (R) * 4 + (V): TILE(w, C, xs, v, r, R, V, out, stride); break;
 #define WIDE_AVX2(NAME, T, TILE, ONE)                                                                 \
 __attribute__((target("avx2,fma,f16c")))                                                            \
 static void NAME(const T *w, long C, const float *xs, long count, long r0, long r1, float *out,     \

@@ -100,58 +100,6 @@ import Testing
         }
     }
 
-    /// The f32 value pass (`pf2lora_attention_values64`, C since session 8, was Swift): per head one
-    /// fused multiply-add per term in order of the keys, then times 1 / sum: the same bits as that
-    /// Swift loop on the scalar and the AVX2 path. And the prefetch stream the attention kernels carry
-    /// (`pf2lora_attention_prefetch`, hints of the next weights) changes no bit of decode attention at
-    /// either cache precision, also when its range runs into an inaccessible page.
-    @Test func valuePassAndPrefetchStreamKeepBits() throws {
-        defer { _ = pf2lora_quant_set_isa(99); pf2lora_attention_prefetch(nil, 0, 0) }
-        var rng = RNG(seed: 11)
-        let page = Int(sysconf(Int32(_SC_PAGESIZE))), span = 64 * page
-        let map = try #require(mmap(nil, span + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
-        defer { munmap(map, span + page) }
-        #expect(mprotect(map + span, page, PROT_NONE) == 0)
-        for g in [1, 3] {
-            for T in [1, 7, 8, 9, 40, 203] {
-                let p = (0..<(g * T)).map { _ in abs(rng.normal()) }, v = (0..<(T * 64)).map { _ in rng.normal() }
-                let inv = (0..<g).map { _ in 1 / (1 + abs(rng.normal())) }
-                var ref = [Float](repeating: 0, count: g * 64)
-                for i in 0..<g {
-                    for e in 0..<64 {
-                        var a: Float = 0
-                        for j in 0..<T { a = a.addingProduct(p[i * T + j], v[j * 64 + e]) }
-                        ref[i * 64 + e] = a * inv[i]
-                    }
-                }
-                for isa in [0, 99] {
-                    _ = pf2lora_quant_set_isa(Int32(isa))
-                    var o = [Float](repeating: 0, count: g * 64)
-                    pf2lora_attention_values64(p, g, T, v, inv, &o)
-                    #expect(o.map(\.bitPattern) == ref.map(\.bitPattern), "isa \(isa) g \(g) T \(T)")
-                }
-                // Decode attention with and without a prefetch stream, f32 and f16 rows.
-                let q = (0..<(g * 64)).map { _ in rng.normal() }, k = (0..<(T * 64)).map { _ in rng.normal() }
-                let kh = Self.halves(k), vh = Self.halves(v)
-                func attend(_ prefetch: Bool) -> [Float] {
-                    var sc = [Float](repeating: 0, count: g * T), o = [Float](repeating: 0, count: 2 * g * 64)
-                    sc.withUnsafeMutableBufferPointer { s in
-                        o.withUnsafeMutableBufferPointer { ob in
-                            // a range ending 1 KB into the inaccessible page, long enough to be reached
-                            if prefetch { pf2lora_attention_prefetch(map + span - 4096, 4096 + 1024, 64) }
-                            decodeGroup(q: q, heads: g, k: k, v: v, hd: 64, count: T, scale: 0.125, scores: s.baseAddress!, out: ob.baseAddress!)
-                            decodeGroupHalf(q: q, heads: g, k: kh, v: vh, hd: 64, count: T, scale: 0.125, scores: s.baseAddress!,
-                                            out: ob.baseAddress! + g * 64)
-                            pf2lora_attention_prefetch(nil, 0, 0)
-                        }
-                    }
-                    return o
-                }
-                #expect(attend(true).map(\.bitPattern) == attend(false).map(\.bitPattern), "g \(g) T \(T): prefetch stream changed a bit")
-            }
-        }
-    }
-
     // MARK: The half-precision KV cache
 
     /// f32 -> f16 rounds to nearest even as Swift's Float16 (IEEE) does, on the F16C and the scalar

@@ -68,12 +68,6 @@ void pf2lora_q8_0x4_row_to_f32(const void *w, long rows, long cols, long r, floa
 void pf2lora_q8_0x4_dot_rows(const void *w, long rows, long cols, const int8_t *xq, const float *xd, long count,
                              long row0, long row1, float *out, long stride);
 
-/// Prefetches for the decode attention kernels of this thread: every eight keys they hint `lines`
-/// 64-byte lines of [p, p + bytes) into L2 (from the start, onwards across calls) until the range
-/// is done; bytes 0 stops. Hints only: no result changes. For the weights of the product after
-/// attention, which otherwise waits on memory while attention leaves the bus idle.
-void pf2lora_attention_prefetch(const void *p, long bytes, long lines);
-
 /// Decode attention scores for head_dim 64: scores[i * T + j] = scale * (q_i . k_j) for the g query
 /// heads q_i (64 floats each, contiguous) and the T keys k_j (64 floats each, contiguous). Eight keys
 /// at a time with one transposing reduction (AVX2); the scalar path sums in the same order.
@@ -87,10 +81,6 @@ void pf2lora_f16_to_f32(const uint16_t *h, float *x, long n);
 /// `pf2lora_attention_scores64` over T half keys (64 halves each): each key is widened exactly, so
 /// the scores equal, to the bit, those of the f32 kernel on the widened keys.
 void pf2lora_attention_scores64_f16(const float *q, long g, const uint16_t *k, long T, float scale, float *scores);
-
-/// The value pass of decode attention over T f32 values (64 floats each), as
-/// `pf2lora_attention_values64_f16` below on f32 rows (the same bits on the scalar and AVX2 paths).
-void pf2lora_attention_values64(const float *p, long g, long T, const float *v, const float *inv, float *out);
 
 /// The value pass of decode attention over T half values (64 halves each): for the g heads,
 /// out[i * 64 + e] = inv[i] * sum_j p[i * T + j] * v[j][e], summed in order of j with one fused

@@ -270,11 +270,20 @@ func decodeGroup64(q: UnsafePointer<Float>, heads g: Int, k: UnsafePointer<Float
     // Scores, eight keys at a time (C: one transposing reduction per eight keys instead of a
     // horizontal sum per key, which had been a quarter of decode attention).
     pf2lora_attention_scores64(q, g, k, T, scale, sc)
-    // The value pass in C (`pf2lora_attention_values64`: per head, one fused multiply-add per term in
-    // order of j into 64 outputs, then times 1 / sum), so that it carries the prefetch stream's ticks.
-    withUnsafeTemporaryAllocation(of: Float.self, capacity: g) { inv in
-        for i in 0..<g { inv[i] = 1 / expShiftedInPlace(sc + i * T, count: T).1 }
-        pf2lora_attention_values64(sc, g, T, v, inv.baseAddress!, o)
+    for i in 0..<g {
+        let p = sc + i * T
+        let (_, sum) = expShiftedInPlace(p, count: T)
+        var o0 = F8(), o1 = F8(), o2 = F8(), o3 = F8(), o4 = F8(), o5 = F8(), o6 = F8(), o7 = F8()
+        for j in 0..<T {
+            let w = F8(repeating: p[j]), vr = v + j * 64
+            o0 = o0.addingProduct(w, loadF8(vr)); o1 = o1.addingProduct(w, loadF8(vr + 8))
+            o2 = o2.addingProduct(w, loadF8(vr + 16)); o3 = o3.addingProduct(w, loadF8(vr + 24))
+            o4 = o4.addingProduct(w, loadF8(vr + 32)); o5 = o5.addingProduct(w, loadF8(vr + 40))
+            o6 = o6.addingProduct(w, loadF8(vr + 48)); o7 = o7.addingProduct(w, loadF8(vr + 56))
+        }
+        let inv = F8(repeating: 1 / sum), oi = o + i * 64
+        storeF8(o0 * inv, oi); storeF8(o1 * inv, oi + 8); storeF8(o2 * inv, oi + 16); storeF8(o3 * inv, oi + 24)
+        storeF8(o4 * inv, oi + 32); storeF8(o5 * inv, oi + 40); storeF8(o6 * inv, oi + 48); storeF8(o7 * inv, oi + 56)
     }
 }
 

@@ -1,5 +1,4 @@
 import Foundation
-import CQuant
 
 /// Decode steps of a few sequences, one new token each: single-user generation (B = 1) and the
 /// server's continuous batch of up to `pooledRowLimit` sequences: `runBlock`'s pooled runner.
@@ -124,7 +123,6 @@ private struct PooledDecodeRunner: BlockRunner {
         }
         // (sequence, KV head) pairs: each cached key and value row is read once for the KV head's perKV query heads.
         let scale = 1 / Float(hd).squareRoot()
-        let prefetching = prefetchNextWeights(layer: l)
         for item in ctx.share(B * KV) {
             let b = item / KV, kvh = item % KV
             let cache = step.inputs[b].cache
@@ -135,24 +133,7 @@ private struct PooledDecodeRunner: BlockRunner {
             }
             cache.decodeGroup(layer: l, head: kvh, q: q, heads: perKV, hd: hd, count: T, scale: scale, scores: sc, out: o)
         }
-        if prefetching { pf2lora_attention_prefetch(nil, 0, 0) }
         ctx.barrier()
-    }
-
-    /// Names this participant's share of the weights read right after attention (attnOut's, and
-    /// mlpIn's when it follows in memory) to the attention kernels' prefetch stream
-    /// (`pf2lora_attention_prefetch`): attention is bound by its own work, so the memory bus is free.
-    private func prefetchNextWeights(layer l: Int) -> Bool {
-        let cfg = AttentionPrefetch.shared
-        guard cfg.lines > 0, cfg.bytes > 0, let set = step.segments.first?.0 else { return false }
-        let w = set.weights[l][GroupSite.attnOut.rawValue], m = set.weights[l][GroupSite.mlpIn.rawValue]
-        var bytes = w.byteCount
-        let gap = m.base - (w.base + w.byteCount)
-        if gap >= 0 && gap < 4096 { bytes += gap + m.byteCount }
-        bytes = min(bytes, cfg.bytes)
-        let lo = bytes * ctx.index / ctx.count, hi = bytes * (ctx.index + 1) / ctx.count
-        pf2lora_attention_prefetch(w.base + lo, hi - lo, cfg.lines)
-        return true
     }
 
     /// GELU ran in mlpIn's epilogue; SwiGLU is computed privately by every participant from the complete [gate | up].
@@ -229,17 +210,4 @@ private struct PooledDecodeRunner: BlockRunner {
         }
         ctx.barrier()
     }
-}
-
-/// The attention kernels' prefetch of the next weights: lines per eight keys (of the scores pass and
-/// of each head's value pass) and at most this many bytes per layer. The default, 8 lines and 1 MB:
-/// at context 528 about 400 KB per layer, all of a q8_0 attnOut (SmolLM2). For measurements,
-/// `PF2LORA_ATTENTION_PREFETCH=lines,kilobytes` (0,0 turns it off).
-struct AttentionPrefetch: Sendable {
-    let lines: Int
-    let bytes: Int
-    static let shared: AttentionPrefetch = {
-        let parts = (ProcessInfo.processInfo.environment["PF2LORA_ATTENTION_PREFETCH"] ?? "").split(separator: ",").compactMap { Int($0) }
-        return parts.count == 2 ? AttentionPrefetch(lines: parts[0], bytes: parts[1] * 1024) : AttentionPrefetch(lines: 8, bytes: 1 << 20)
-    }()
 }

@@ -605,7 +605,7 @@ def report(exp, out_md, svg):
         lines += ["Valid-loss improvement over the last evaluation interval (positive = still improving): " + ", ".join(flat) + ".", ""]
     rounds = sorted({x for _, xs, _ in series for x in xs})
     if rounds:
-        lines += ["Mean valid loss over the 13 clients by round (mean ± 95 % CI over seeds; round 0 = the base):", "",
+        lines += [f"Mean valid loss over the {len(clients)} clients by round (mean ± 95 % CI over seeds; round 0 = the base):", "",
                   "| method | 0 | " + " | ".join(str(r) for r in rounds) + " |", "|---|" + "---:|" * (len(rounds) + 1)]
         for m in complete:
             by = {}
@@ -812,6 +812,48 @@ def self_test():
         check(not refused(lambda: e.check_run(d, e.command("pf2lora", pt, 100, d, True))), "same command from another binary kept")
         check(refused(lambda: e.check_run(d, e.command("pf2lora", dict(pt, lr2="1.0"), 100, d, True))),
               "a run made at another knob value refused")
+    try:
+        import scipy  # noqa: F401  (the page's tests and intervals)
+    except ImportError:
+        print("experiment self-test: the page check skipped (no scipy, which the pages need for their tests and intervals)")
+        return finish(failures)
+    with tempfile.TemporaryDirectory() as tmp:
+        # A page from made-up runs (3 clients, 2 seeds, selections given before, so no grid runs): it reports their
+        # numbers and counts the clients it has (it once said "13 clients" whatever the federation).
+        tmp = pathlib.Path(tmp)
+        prior = {"_about": "made up"}
+        for m in METHODS:
+            prior[m] = {"selected": {"lr": "1e-2"}, "grid": [[4.0, "lr=1e-2", "made up"]]}
+        (tmp / "prior.json").write_text(json.dumps(prior))
+        e = Experiment(parse_args(["--name", "t", "--model", "m", "--data", "d", "--root", str(tmp / "root"), "--lrs", "1e-2",
+                                   "--no-knob", "--seeds", "0,1", "--prior-selection", str(tmp / "prior.json"),
+                                   "--binary", "/made/up/pf2lora", "--report-only", "--out", str(tmp / "page.md")]))
+        e.check_settings()
+        for i, m in enumerate(METHODS):
+            for sd in (0, 1):
+                d = tmp / "root" / "seeds" / m / f"seed{sd}"
+                d.mkdir(parents=True)
+                (d / "command.txt").write_text(" ".join(e.command(m, {"lr": "1e-2"}, sd, d, False)) + "\n")
+                loss = [3.0 + 0.1 * i + 0.01 * sd + 0.2 * c for c in range(3)]
+                clients = [{"client": f"c{c}", "test_loss": loss[c], "valid_loss": loss[c], "base_test_loss": 4.0,
+                            "base_valid_loss": 4.0, "tokens": 1024, "trainable_parameters": 10, "uploaded_parameters_per_round": 10,
+                            "valid_loss_by_round": [{"round": 2, "loss": loss[c]}]} for c in range(3)]
+                (d / "metrics.json").write_text(json.dumps({
+                    "clients": clients, "mean_test_loss": sum(loss) / 3, "mean_valid_loss": sum(loss) / 3,
+                    "mean_base_valid_loss": 4.0, "mean_valid_loss_by_round": [{"round": 1, "loss": 3.5}, {"round": 2, "loss": sum(loss) / 3}],
+                    "local_iterations": 6, "gradient_evaluations_per_round": 6, "seconds_per_round": 1.0, "seconds": 10.0,
+                    "training_seconds": 8.0, "peak_rss_bytes": 2**20, "tokens": 3072}))
+        try:
+            report(e, str(tmp / "page.md"), str(tmp / "page.svg"))
+            page = (tmp / "page.md").read_text()
+        except Exception as err:
+            page = f"report failed: {err!r}"
+        check("Mean valid loss over the 3 clients by round" in page, "the curve table counts the clients it has: " + page[-300:])
+        check("| PF2LoRA | 3.2100 ±" in page or "PF2LoRA 3.2050 ±" in page, "PF2LoRA's mean test loss over the made-up seeds")
+    return finish(failures)
+
+
+def finish(failures):
     for f in failures:
         print("FAIL:", f)
     print("experiment self-test:", "ok" if not failures else f"{len(failures)} failures")

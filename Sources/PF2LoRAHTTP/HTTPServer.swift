@@ -268,25 +268,6 @@ public final class HTTPTransport: Sendable {
         return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: data)))
     }
 
-    /// `s` as the inside of a JSON string literal.
-    static func jsonEscaped(_ s: String) -> String {
-        guard s.utf8.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }) else { return s }
-        var out = ""
-        out.reserveCapacity(s.utf8.count + 8)
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case _ where u.value < 0x20: out += String(format: "\\u%04x", u.value)
-            default: out.unicodeScalars.append(u)
-            }
-        }
-        return out
-    }
-
     /// One server-sent event's JSON (a chunk per token: keys unsorted, as sorting them costs a
     /// locale-aware string comparison per key pair).
     static func encode(_ obj: Any) -> ByteBuffer {
@@ -575,13 +556,13 @@ public final class HTTPTransport: Sendable {
                 ["id": id, "object": object, "created": created, "model": model, "choices": [choice], "system_fingerprint": NSNull()]
             }
             // A token's chunk without log-probabilities, written by hand (the per-token cost of the stream).
-            let head = "data: {\"id\":\"\(HTTPTransport.jsonEscaped(id))\",\"object\":\"\(object)\",\"created\":\(created),\"model\":\"\(HTTPTransport.jsonEscaped(model))\",\"system_fingerprint\":null,\"choices\":[{\"index\":"
+            let head = "data: {\"id\":\"\(JSONText.escaped(id))\",\"object\":\"\(object)\",\"created\":\(created),\"model\":\"\(JSONText.escaped(model))\",\"system_fingerprint\":null,\"choices\":[{\"index\":"
             func sendText(_ i: Int, _ text: String) async throws {
                 var b = ByteBuffer()
                 b.reserveCapacity(head.utf8.count + text.utf8.count + 96)
                 b.writeString(head)
                 b.writeString(chat ? "\(i),\"delta\":{\"content\":\"" : "\(i),\"text\":\"")
-                b.writeString(HTTPTransport.jsonEscaped(text))
+                b.writeString(JSONText.escaped(text))
                 b.writeString(chat ? "\"},\"logprobs\":null,\"finish_reason\":null}]}\n\n" : "\",\"logprobs\":null,\"finish_reason\":null}]}\n\n")
                 try await writer.write(b)
             }

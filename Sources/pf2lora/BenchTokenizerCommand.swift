@@ -89,14 +89,8 @@ struct BenchTokenizer: ParsableCommand {
 
     /// A deterministic mixed text of about `bytes` bytes (SplitMix64, fixed seed).
     static func mixedText(bytes: Int) -> String {
-        var state: UInt64 = 0x5EED
-        func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
+        var rng = SplitMix64(seed: 0x5EED)
+        func next() -> UInt64 { rng.next() }
         func pick<T>(_ a: [T]) -> T { a[Int(next() % UInt64(a.count))] }
         let words = ("the of and to in is was for that with as on by at from this which be are his it an not or had have but were "
             + "they one all their there been has when who will more no if out so said what up its about into than them can only "

@@ -8,20 +8,7 @@ import Testing
     typealias Run = CLITests.Run
 
     static func run(_ args: [String], cwd: String? = nil, environment: [String: String]? = nil, stdin: Data? = nil) throws -> Run {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: ServerProcess.binary)
-        p.arguments = args
-        if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
-        if let environment { p.environment = environment }
-        let o = Pipe(), e = Pipe(), i = Pipe()
-        p.standardOutput = o; p.standardError = e; p.standardInput = i
-        try p.run()
-        if let stdin { i.fileHandleForWriting.write(stdin) }
-        try? i.fileHandleForWriting.close()
-        let out = o.fileHandleForReading.readDataToEndOfFile(), err = e.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return Run(code: p.terminationStatus, out: String(decoding: out, as: UTF8.self), err: String(decoding: err, as: UTF8.self),
-                   signaled: p.terminationReason == .uncaughtSignal)
+        try CLITests.run(args, cwd: cwd, environment: environment, stdin: stdin)
     }
 
     /// One line on stderr, `error: ` first, naming `needle`; status 64 for a command-line mistake, 1 otherwise.

@@ -6,10 +6,12 @@ import Testing
 @Suite struct CLITests {
     struct Run { let code: Int32; let out: String; let err: String; let signaled: Bool }
 
-    static func run(_ args: [String], stdin: Data? = nil) throws -> Run {
+    static func run(_ args: [String], cwd: String? = nil, environment: [String: String]? = nil, stdin: Data? = nil) throws -> Run {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: ServerProcess.binary)
         p.arguments = args
+        if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
+        if let environment { p.environment = environment }
         let o = Pipe(), e = Pipe(), i = Pipe()
         p.standardOutput = o; p.standardError = e; p.standardInput = i
         try p.run()

@@ -193,7 +193,7 @@ import Testing
     /// The hand-written escaping of streamed token text parses back to the text (JSONSerialization as the reference).
     @Test func streamedTextEscaping() throws {
         for t in ["plain", "a \"quote\" and \\ back", "line\nfeed\r\ttab", "\u{01}\u{1f}ctl", "é 日本 🎉", "", "\u{7f}\u{2028}"] {
-            let json = "{\"t\":\"" + HTTPTransport.jsonEscaped(t) + "\"}"
+            let json = "{\"t\":\"" + JSONText.escaped(t) + "\"}"
             let back = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any]
             #expect(back?["t"] as? String == t, "\(t.debugDescription)")
         }

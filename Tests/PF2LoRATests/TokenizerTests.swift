@@ -15,19 +15,6 @@ private struct TokenizerFixture: Decodable {
     }
 }
 
-/// A seeded generator so that the random words are the same on every run.
-private struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 /// Loaded once: the real GPT-2 tokenizer takes a noticeable fraction of a second to build. Only the
 /// tests marked `.needsSharedTokenizers` use it, and they do not run when it is absent.
 private let gpt2Loaded: BPETokenizer? = TestPaths.hasGPT2Tokenizer ? try? BPETokenizer(folder: TestPaths.gpt2Tokenizer.path) : nil

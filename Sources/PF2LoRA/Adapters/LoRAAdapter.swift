@@ -332,7 +332,7 @@ func moduleKind(_ path: String) -> String {
 }
 
 func jsonArray(_ items: [String]) -> String {
-    "[" + items.map { SafeTensorsWriter.jsonString($0) }.joined(separator: ",") + "]"
+    "[" + items.map { JSONText.quoted($0) }.joined(separator: ",") + "]"
 }
 
 extension ZstdError {

@@ -304,7 +304,7 @@ public enum SafeTensorsWriter {
         let names = tensors.keys.sorted()
         var entries: [String] = []
         if !metadata.isEmpty {
-            let m = metadata.keys.sorted().map { "\(jsonString($0)):\(jsonString(metadata[$0]!))" }
+            let m = metadata.keys.sorted().map { "\(JSONText.quoted($0)):\(JSONText.quoted(metadata[$0]!))" }
             entries.append("\"__metadata__\":{\(m.joined(separator: ","))}")
         }
         var offset = 0
@@ -312,7 +312,7 @@ public enum SafeTensorsWriter {
             let t = tensors[name]!
             let bytes = t.count * dtype.size
             let shape = t.shape.map(String.init).joined(separator: ",")
-            entries.append("\(jsonString(name)):{\"dtype\":\"\(dtype.rawValue)\",\"shape\":[\(shape)],\"data_offsets\":[\(offset),\(offset + bytes)]}")
+            entries.append("\(JSONText.quoted(name)):{\"dtype\":\"\(dtype.rawValue)\",\"shape\":[\(shape)],\"data_offsets\":[\(offset),\(offset + bytes)]}")
             offset += bytes
         }
         var header = Array("{\(entries.joined(separator: ","))}".utf8)
@@ -345,21 +345,5 @@ public enum SafeTensorsWriter {
         if x.isNaN { return 0x7fc0 }
         let rounding = UInt32(0x7fff) + ((b >> 16) & 1)
         return UInt16((b &+ rounding) >> 16)
-    }
-
-    static func jsonString(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if u.value < 0x20 { out += String(format: "\\u%04x", u.value) } else { out.unicodeScalars.append(u) }
-            }
-        }
-        return out + "\""
     }
 }

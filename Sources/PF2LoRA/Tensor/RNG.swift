@@ -11,15 +11,8 @@ public struct RNG: RandomNumberGenerator, Sendable {
 
     /// A generator for `seed`; equal seeds give equal streams on every platform.
     public init(seed: UInt64) {
-        var sm = seed
-        func splitmix(_ x: inout UInt64) -> UInt64 {
-            x &+= 0x9E37_79B9_7F4A_7C15
-            var z = x
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-        s0 = splitmix(&sm); s1 = splitmix(&sm); s2 = splitmix(&sm); s3 = splitmix(&sm)
+        var sm = SplitMix64(seed: seed)
+        s0 = sm.next(); s1 = sm.next(); s2 = sm.next(); s3 = sm.next()
     }
 
     /// The next 64 random bits.
@@ -73,5 +66,19 @@ public struct RNG: RandomNumberGenerator, Sendable {
     /// Fills `t` with normal values of standard deviation `std`.
     public mutating func fillNormal(_ t: Tensor, std: Float = 1) {
         for i in 0..<t.count { t.data[i] = std * normal() }
+    }
+}
+
+/// SplitMix64 (Steele, Lea and Flood 2014): a tiny seeded generator. It seeds `RNG` and makes the
+/// deterministic texts of the benchmarks and tests; use `RNG` for anything statistical.
+public struct SplitMix64: RandomNumberGenerator, Sendable {
+    public private(set) var state: UInt64
+    public init(seed: UInt64) { state = seed }
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
     }
 }

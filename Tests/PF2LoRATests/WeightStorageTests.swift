@@ -299,8 +299,8 @@ import Testing
     /// The batch-1 decode kernels ask for memory ahead of the rows they read (q8_0 and f16/bf16:
     /// prefetch hints, which never fault): a matrix whose last byte ends the last readable page
     /// before an inaccessible one gives the same bits as the same matrix anywhere else, on every
-    /// instruction set.
-    @Test(arguments: [WeightPrecision.q8_0, .f16, .bf16])
+    /// instruction set. f32 (its tiles hint nothing) is checked as well.
+    @Test(arguments: [WeightPrecision.q8_0, .f16, .bf16, .f32])
     func decodeKernelsReadNothingPastTheMatrix(_ p: WeightPrecision) throws {
         defer { _ = pf2lora_quant_set_isa(99) }
         let page = Int(sysconf(Int32(_SC_PAGESIZE))), span = 4 * page

@@ -715,6 +715,23 @@ def selection_stage(a, root, sel, out_md, svg):
     return out
 
 
+def run_identity(d):
+    """What makes a seed run the run it is: its recorded command without the binary's path and output folders."""
+    f = d / "command.txt"
+    return " ".join(Experiment.comparable(f.read_text())) if f.exists() else ""
+
+
+def drop_stale_ranks(data, root):
+    """Drop cached spectra (rank-controls.json: "method/seed/client" -> spectra, "_runs": "method/seed" -> the run's
+    identity when they were read) whose seed run has since been replaced, e.g. moved aside when a grid extension changed
+    the method's selection, or that were cached before identities were recorded; they are read again from the run."""
+    runs = data.get("_runs", {})
+    for k in [k for k in data if k != "_runs"]:
+        m, sd, _ = k.split("/", 2)
+        if runs.get(f"{m}/{sd}") != run_identity(root / "seeds" / m / f"seed{sd}") or not runs.get(f"{m}/{sd}"):
+            del data[k]
+
+
 def rank_controls(a, root, clients):
     """Learned rank with controls: the spectra of PF2LoRA's, Local-only's and FedAvg+FT's effective update
     per client and module (read from each seed run's store with `pf2lora adapters rank --json`), ranked at
@@ -722,8 +739,10 @@ def rank_controls(a, root, clients):
     taus = [0.05, 0.1, 0.2, 0.3]
     cache = root / "rank-controls.json"
     data = json.loads(cache.read_text()) if cache.exists() else {}
+    drop_stale_ranks(data, root)
     for m in ("pf2lora", "local", "fedavg-ft"):
         for sd in a.seeds:
+            data.setdefault("_runs", {})[f"{m}/{sd}"] = run_identity(root / "seeds" / m / f"seed{sd}")
             for c in clients:
                 k = f"{m}/{sd}/{c}"
                 if k in data:
@@ -748,7 +767,7 @@ def rank_controls(a, root, clients):
            "| method | " + " | ".join(f"mean rank τ={t}" for t in taus) + f" | share below {lo} (τ=0.1) | share changed τ 0.1→0.05 | share changed τ 0.1→0.2 |",
            "|---|" + "---:|" * (len(taus) + 3)]
     for m in ("pf2lora", "local", "fedavg-ft"):
-        svs = [sv for k, mods in data.items() if k.startswith(m + "/") for sv in mods.values()]
+        svs = [sv for k, mods in data.items() if k.startswith(m + "/") and int(k.split("/")[1]) in a.seeds for sv in mods.values()]
         if not svs:
             continue
         means = [sum(rank(sv, t) for sv in svs) / len(svs) for t in taus]
@@ -812,6 +831,20 @@ def self_test():
         check(not refused(lambda: e.check_run(d, e.command("pf2lora", pt, 100, d, True))), "same command from another binary kept")
         check(refused(lambda: e.check_run(d, e.command("pf2lora", dict(pt, lr2="1.0"), 100, d, True))),
               "a run made at another knob value refused")
+        # Cached spectra of the rank controls are kept only for the run they were read from.
+        for lr in ("5e-3", "2.5e-3"):
+            d = tmp / "root" / "seeds" / "local" / f"seed0-{lr}"
+            d.mkdir(parents=True)
+            (d / "command.txt").write_text(" ".join(e.command("local", {"lr": lr}, 0, d, False)))
+        run = tmp / "root" / "seeds" / "local" / "seed0"
+        run.symlink_to("seed0-5e-3")
+        cached = {"_runs": {"local/0": run_identity(run)}, "local/0/a": {"q": [1.0]}, "pf2lora/0/a": {"q": [1.0]}}
+        drop_stale_ranks(cached, tmp / "root")
+        check("local/0/a" in cached and "pf2lora/0/a" not in cached, "spectra of the same run kept, of a run never identified dropped")
+        run.unlink()
+        run.symlink_to("seed0-2.5e-3")
+        drop_stale_ranks(cached, tmp / "root")
+        check("local/0/a" not in cached, "spectra of a replaced run dropped")
     try:
         import scipy  # noqa: F401  (the page's tests and intervals)
     except ImportError:

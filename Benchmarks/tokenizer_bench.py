@@ -12,7 +12,7 @@ BOS), then times:
   - the pf2lora release binary (`pf2lora bench tokenizer`), single thread, one call and line by line.
 "cold" is the first encode after loading (empty word cache); "warm" is the best of the repeats after it.
 Prints a Markdown table (and writes it to --out) with each row's warm throughput relative to HF.
-Needs `swift build -c release` (run here if the binary is missing) and tokenizers (scripts/requirements-fixtures.txt).
+Needs `swift build -c release` (run here if the binary is missing) and tokenizers (Tests/FixtureScripts/requirements-fixtures.txt).
 """
 import argparse
 import json

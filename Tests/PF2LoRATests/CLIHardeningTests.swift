@@ -178,7 +178,7 @@ import Testing
     }
 
     /// The generated tokenizer against Hugging Face `tokenizers` loading the same tokenizer written
-    /// independently in Python from its description (scripts/fixtures/generated_tokenizer.py).
+    /// independently in Python from its description (Tests/FixtureScripts/fixtures/generated_tokenizer.py).
     @Test func generatedTokenizerMatchesHuggingFace() throws {
         struct Fixture: Decodable {
             struct Case: Decodable { let text: String; let ids: [Int] }

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 @testable import PF2LoRA
 
-/// Fixtures/chat/, written by scripts/fixtures/chat_templates.py: conversations rendered by jinja2 as
+/// Fixtures/chat/, written by Tests/FixtureScripts/fixtures/chat_templates.py: conversations rendered by jinja2 as
 /// transformers 5.24 (jinja2 3.1.6) renders chat templates.
 private struct ChatFixture {
     let conversations: [String: JinjaValue]

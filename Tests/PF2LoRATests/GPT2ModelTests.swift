@@ -2,7 +2,7 @@ import Foundation
 import Testing
 @testable import PF2LoRA
 
-/// The forward pass against Hugging Face transformers (fixtures by scripts/fixtures/model.py,
+/// The forward pass against Hugging Face transformers (fixtures by Tests/FixtureScripts/fixtures/model.py,
 /// transformers 5.24.0): logits max abs error <= 1e-4 in f32, greedy continuations token for token.
 @Suite struct GPT2ModelTests {
     static let tiny = TestPaths.fixture("tiny-gpt2")
@@ -293,7 +293,7 @@ import Testing
     }
 }
 
-/// The shipped models run the same in pf2lora as in transformers (scripts/fixtures/default_model.py): the
+/// The shipped models run the same in pf2lora as in transformers (Tests/FixtureScripts/fixtures/default_model.py): the
 /// embedded default (models/debian-llama, Llama family, f16 on disk) and the first-generation fortune GPT-2.
 @Suite struct DefaultModelTests {
     static func check(_ name: String, tolerance: Float) throws {

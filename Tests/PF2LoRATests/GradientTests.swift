@@ -5,7 +5,7 @@ import Testing
 // The training backward pass checked two ways:
 // (a) against central finite differences of an independent, scalar, double-precision GPT-2 + two-level
 //     LoRA forward written below (it shares no code with the runtime);
-// (b) against PyTorch + PEFT autograd fixtures (Fixtures/grads/, made by scripts/fixtures/grads.py).
+// (b) against PyTorch + PEFT autograd fixtures (Fixtures/grads/, made by Tests/FixtureScripts/fixtures/grads.py).
 
 // MARK: - Double-precision reference forward (loss only)
 
@@ -373,7 +373,7 @@ private func relErr(_ a: [Float], _ b: [Float]) -> Double {
 
 // MARK: - PyTorch + PEFT autograd fixtures
 
-/// Fixtures/grads (scripts/fixtures/grads.py): tiny-gpt2 with the two-level PEFT adapters of
+/// Fixtures/grads (Tests/FixtureScripts/fixtures/grads.py): tiny-gpt2 with the two-level PEFT adapters of
 /// peft/two-level (shared r 8 alpha 16, client r 2 alpha 4, both active), the causal-LM loss of a padded
 /// batch, and the gradients of A, B, C, D; then every base weight's gradient with no adapter. We compare
 /// against the float64 run (stored as f32).

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 @testable import PF2LoRA
 
-/// The llama-family fixtures (scripts/fixtures/llama_family.py) are complete and consistent: every model
+/// The llama-family fixtures (Tests/FixtureScripts/fixtures/llama_family.py) are complete and consistent: every model
 /// folder's weights open with the safetensors reader (sharded via the index, F32/F16/BF16), shapes follow
 /// the config, and the logits, PEFT adapters and gradients match the model's shapes. The numeric
 /// comparisons against them belong to the Llama-family model tests.

@@ -4,7 +4,7 @@ import Testing
 
 /// The backward of the Llama block (RMSNorm, RoPE with its scalings, SwiGLU, grouped-query attention,
 /// Qwen3's per-head q/k norms, Qwen2's biases) against PyTorch autograd in float64 (fixtures
-/// llama-family/<model>/grads, scripts/fixtures/llama_family.py): the two-level LoRA loss and the
+/// llama-family/<model>/grads, Tests/FixtureScripts/fixtures/llama_family.py): the two-level LoRA loss and the
 /// gradients of A, B, C, D for every model; every weight's gradient for qwen3-qknorm-f16. Tolerance
 /// (Fixtures/README.md): per tensor max abs error <= 1e-4 * the reference tensor's max abs value.
 @Suite struct LlamaFamilyGradientTests {

@@ -3,7 +3,7 @@ import Testing
 @testable import PF2LoRA
 
 /// The Llama family's forward against Hugging Face transformers 5.24 (fixtures by
-/// scripts/fixtures/llama_family.py, see Fixtures/README.md): logits within 1e-4 on every path
+/// Tests/FixtureScripts/fixtures/llama_family.py, see Fixtures/README.md): logits within 1e-4 on every path
 /// (batched prefill, pooled decode, GEMM decode), greedy continuations token for token, PEFT LoRA
 /// adapters folded or per token, sharded and half-precision checkpoints, and the bad folders.
 @Suite struct LlamaFamilyModelTests {

@@ -3,7 +3,7 @@ import Testing
 @testable import PF2LoRA
 
 /// Optimizers, clipping and the schedule against PyTorch trajectories
-/// (scripts/fixtures/optim_ref.py -> Fixtures/optim-ref/). Tolerance: 2e-6 absolute + 2e-6 relative,
+/// (Tests/FixtureScripts/fixtures/optim_ref.py -> Fixtures/optim-ref/). Tolerance: 2e-6 absolute + 2e-6 relative,
 /// float32 rounding over six steps.
 @Suite struct OptimTests {
     struct Case: Decodable {

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 @testable import PF2LoRA
 
-/// Fixtures of the Llama-3 / Qwen2 / pipeline tokenizers, written by scripts/fixtures/tokenizer.py
+/// Fixtures of the Llama-3 / Qwen2 / pipeline tokenizers, written by Tests/FixtureScripts/fixtures/tokenizer.py
 /// from Hugging Face tokenizers 0.23.3.
 private struct FamilyFixture: Decodable {
     struct Encoding: Decodable {

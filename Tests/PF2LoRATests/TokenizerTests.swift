@@ -2,7 +2,7 @@ import Foundation
 import Testing
 @testable import PF2LoRA
 
-/// One fixture file written by scripts/fixtures/tokenizer.py from Hugging Face tokenizers.
+/// One fixture file written by Tests/FixtureScripts/fixtures/tokenizer.py from Hugging Face tokenizers.
 private struct TokenizerFixture: Decodable {
     struct Encoding: Decodable { let text: String; let ids: [Int]; let decoded: String }
     struct Decoding: Decodable { let ids: [Int]; let text: String }

@@ -228,8 +228,8 @@ static inline void wide_f32_row_group(const float *wr, long C, const float *x, i
 // registers); the tile's other inputs then run as 4-row x 3-input tiles (four passes, as the 16-bit
 // tiles) over the rows now in L1. So the matrix is read from memory once, one row at a time, and
 // wide batches keep the 4 x 3 tiles' 7 loads per 12 FMAs. C microbenchmark
-// (Benchmarks/wide_f32_microbench.c, SmolLM2 f32 weights, ms per pass vs session 8's kernels):
-// batch 1-6 0.70-0.77x the time, 8 0.87x, 16 1.05x, 32 1.00x (18:21 UTC, load 4.5).
+// (Benchmarks/wide_f32_microbench.c, SmolLM2 f32 weights, time per pass vs session 8's kernels, 4
+// runs): batch 1 0.76-0.83x, 4 0.72-0.85x, 8 0.89-0.94x, 16 1.04-1.16x, 32 1.07-1.16x.
 __attribute__((target("avx2,fma,f16c")))
 static void wide_f32_avx2(const float *w, long C, const float *xs, long count, long r0, long r1, float *out,
                           long stride) {

@@ -13,7 +13,6 @@ With no hogs the adaptive policy must change nothing (no solo steps, same speed 
 hogs it should be at least as fast as the better of the other two. Markdown table on stdout and --out.
 """
 import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -21,6 +20,8 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "Benchmarks"))
+from benchlib import bench_json, emit  # noqa: E402
 
 
 def run(binary, model, mode, tokens, prompt, threads):
@@ -32,8 +33,7 @@ def run(binary, model, mode, tokens, prompt, threads):
         args += ["--threads", "1"]
     else:
         args += ["--threads", str(threads), "--pool-policy", "always" if mode == "pool, always" else "adaptive"]
-    out = subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return bench_json(args, env)
 
 
 def main():
@@ -75,10 +75,7 @@ def main():
         lines.append(f"| {h} | {med['pool, adaptive']:.1f} | {med['pool, always']:.1f} | {med['one thread']:.1f} | "
                      f"{best / med['pool, adaptive']:.2f}x | {solo:.0f} |")
     lines += ["", f"Command: `python3 Benchmarks/contention_bench.py --model {a.model} --hogs {a.hogs} --rounds {a.rounds} --tokens {a.tokens} --prompt-tokens {a.prompt_tokens}`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        pathlib.Path(a.out).write_text(text)
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

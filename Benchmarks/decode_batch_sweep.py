@@ -14,21 +14,20 @@ Markdown table goes to stdout and to `--out`. The crossover is where GEMM starts
 limit should sit just below it on the machine that serves.
 """
 import argparse
-import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "Benchmarks"))
+from benchlib import bench_json, emit  # noqa: E402
 
 
 def bench(binary, model, batch, pooled, tokens, prompt, threads):
     cmd = [binary, "bench", "decode", "--model", model, "--batch", str(batch), "--pooled-rows", str(pooled),
            "--tokens", str(tokens), "--prompt-tokens", str(prompt), "--threads", str(threads), "--repeats", "3"]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return bench_json(cmd)
 
 
 def main():
@@ -68,10 +67,7 @@ def main():
         path = "pool" if default_limit is not None and b <= default_limit else "gemm"
         lines.append(f"| {b} | {mp:.2f} | {mg:.2f} | {b * 1000 / mp:.1f} | {b * 1000 / mg:.1f} | {mg / mp:.2f}x | {path} |")
     lines += ["", f"Command: `python3 Benchmarks/decode_batch_sweep.py --model {a.model} --batches {a.batches} --rounds {a.rounds}`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        pathlib.Path(a.out).write_text(text)
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

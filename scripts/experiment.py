@@ -116,6 +116,10 @@ def point_id(p):
     return "_".join(f"{k}={v}" for k, v in sorted(p.items())) or "default"
 
 
+def runs_at_a_time(jobs):
+    return "one run at a time" if jobs == 1 else f"{jobs} runs at a time"
+
+
 def log(msg):
     print(f"experiment [{time.strftime('%H:%M:%S')}]: {msg}", file=sys.stderr, flush=True)
 
@@ -585,7 +589,7 @@ def report(exp, out_md, svg):
                      f"{sum(x['seconds_per_round'] for x in r) / len(r):.1f} | {max(x['peak_rss_bytes'] for x in r) / 2**20:.0f} | "
                      f"{sum(x['seconds'] for x in r) / len(r):.0f} |")
     lines += ["", "Wall-clock on a 2-core machine shared with other jobs, one BLAS thread per run, "
-              f"{a.jobs} runs at a time: compare within this table only.", ""]
+              f"{runs_at_a_time(a.jobs)}: compare within this table only.", ""]
     series = []
     for m in complete:
         by = {}
@@ -692,7 +696,7 @@ def selection_stage(a, root, sel, out_md, svg):
     last = ", ".join(f"{n} {ys[-2] - ys[-1]:+.4f}" for n, _, ys in series if len(ys) >= 2)
     out += [f"Valid-loss drop over the last evaluation interval (positive = still improving): {last}.", ""]
     out += ["Cost of these runs (measured; one run each, 2-core machine shared with other jobs, one BLAS thread, "
-            f"{a.jobs} runs at a time: compare within the table only):", "",
+            f"{runs_at_a_time(a.jobs)}: compare within the table only):", "",
             "| method | local iterations / round | gradient evaluations / client / round | tokens trained / client | trainable params / client | uploaded / client / round | training s / round | peak RSS (MB) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in done:

@@ -112,15 +112,17 @@ def metrics(server, headers=None):
     return out
 
 
-def wait_until(what, cond, timeout=30.0):
-    """Polls cond() every 10 ms until it is true; fails the test past the timeout."""
+def wait_until(what, cond, timeout=30.0, quiet=False):
+    """Polls cond() every 10 ms until it is true; fails the test past the timeout (quiet: returns None, the
+    caller reports the failure with what it saw)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         v = cond()
         if v:
             return v
         time.sleep(0.01)
-    check(False, f"{what} within {timeout} s")
+    if not quiet:
+        check(False, f"{what} within {timeout} s")
 
 
 def oversize(server, n):
@@ -473,14 +475,24 @@ def personalize_disconnect(srv, client, cid, prompt):
 def drain_checks(srv, clients):
     """SIGTERM with 32 requests in flight: new requests get 503 (draining), /health 503, every request
     in flight finishes with all its tokens, then the server exits 0. Returns the exit code."""
+    # The clients are made before any request is sent (making 32 in the request threads took seconds on a
+    # loaded machine, long enough for the first streams to end before the last began: the rows never reached 32).
+    conns = [openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0) for _ in range(32)]
+
     def long(i):
-        c = openai.OpenAI(base_url=srv.base + "/v1", api_key="unused", max_retries=0)
-        chunks = list(c.completions.create(model=f"c{i:02d}", prompt=f"Fortune {i}:", max_tokens=200, temperature=0, stream=True,
-                                           stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        chunks = list(conns[i].completions.create(model=f"c{i:02d}", prompt=f"Fortune {i}:", max_tokens=200, temperature=0,
+                                                  stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
         return chunks[-1].usage.completion_tokens
     ex = concurrent.futures.ThreadPoolExecutor(32)
     futs = [ex.submit(long, i) for i in range(32)]
-    wait_until("32 requests run", lambda: metrics(srv)["pf2lora_batch_rows"] == 32)
+    seen = []
+
+    def all_running():
+        seen.append(metrics(srv)["pf2lora_batch_rows"])
+        return seen[-1] == 32
+    if not wait_until("32 requests run", all_running, timeout=120, quiet=True):
+        check(False, f"32 requests run at once within 120 s (batch rows seen: at most {max(seen, default=0):.0f}, "
+                     f"last {seen[-1] if seen else 'none'}; streams already ended: {sum(f.done() for f in futs)})")
     srv.proc.send_signal(15)
     st, body = wait_until("/health says draining", lambda: (lambda r: r if r[0] == 503 else None)(raw(srv, "GET", "/health")), timeout=10)
     check(body["status"] == "draining", f"/health while draining: 503 ({body})")

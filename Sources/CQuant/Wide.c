@@ -1,18 +1,24 @@
 // Batch-invariant row-dot kernels for the pooled decode pass: see include/CWide.h.
 //
-// Every (weight row, input) pair has its own A 8-lane accumulators (A = 1 for f32 rows, 4 for f16
-// and bf16 rows). Accumulator s takes one fused multiply-add per 8 columns k = 8 (A b + s) ... + 7
-// for b = 0, 1, ... in ascending order; the 8-column blocks after the last whole group of A go to
-// accumulator 0, in ascending order. Then the accumulators are added in a fixed tree (A = 4:
-// (a0 + a1) + (a2 + a3)), the 8 lanes reduced by `wide_hsum8`'s fixed tree, and the cols % 8 tail
-// fused in ascending order. A tile only decides how many pairs share the loads, never the order
-// within a pair, so the result of a pair does not depend on the tile it fell in: alone (count 1), at
-// any position of any batch, in any row range. The scalar path computes each lane with fmaf in the
-// same order, so it gives the same bits as the AVX2 path.
+// Every (weight row, input) pair has its own four 8-lane accumulators, at f32, f16 and bf16 alike.
+// Accumulator s takes one fused multiply-add per 8 columns k = 8 (4 b + s) ... + 7 for b = 0, 1, ...
+// in ascending order; the 8-column blocks after the last whole group of four go to accumulator 0, in
+// ascending order. Then the accumulators are added in a fixed tree, (a0 + a1) + (a2 + a3), the 8
+// lanes reduced by `wide_hsum8`'s fixed tree, and the cols % 8 tail fused in ascending order. A tile
+// only decides how many pairs share the loads, never the order within a pair, so the result of a
+// pair does not depend on the tile it fell in: alone (count 1), at any position of any batch, in any
+// row range. The scalar path computes each lane with fmaf in the same order, so it gives the same
+// bits as the AVX2 path.
 //
-// Tiles of 4 rows x 3 inputs: 12 accumulators, 3 input registers and 1 weight register (the 16 YMM
-// registers); per 8 columns 7 loads for 12 FMAs, where one pair at a time (the Swift kernel before
-// it) loaded an input vector per weight vector. With A = 4 a tile makes four passes over its rows,
+// f32 (session 9): one input is read one row at a time, its four accumulators fed in one sequential
+// pass over the row (four independent FMA chains; C microbenchmark, SmolLM2 head shape: 0.87-0.94x of
+// a plain read, where 8-row tiles with one accumulator per row read at 0.71-0.77x). Two or more
+// inputs: row tiles of 4; each row is first streamed on its own with the first 2-3 inputs in one
+// pass (4 accumulators x 3 inputs = 12 registers), then the tile's other inputs run as 4 x 3 tiles
+// (below) over the rows now in L1: the matrix is read from memory once, one row at a time.
+//
+// Tiles of 4 rows x 3 inputs (f16 and bf16; f32 after the first pass): 12 accumulators, 3 input
+// registers and 1 weight register (the 16 YMM registers); per 8 columns 7 loads for 12 FMAs. A tile makes four passes over its rows,
 // pass s over accumulator s's columns, keeping the 12 accumulators of each pass in memory until the
 // tree (the rows and inputs are in L1 after the first pass). One 16-bit input is read one row at a
 // time, its four accumulators fed in one sequential pass: the old Swift loop's order, whose four
@@ -32,7 +38,8 @@
 
 #define WIDE_RT 4   // weight rows per tile
 #define WIDE_VT 3   // inputs per tile
-#define WIDE_R1 8   // weight rows per tile when there is one input
+// One tile shape of a switch over R * 4 + V (every shape its own unrolled instance).
+#define WIDE_CASE(TILE, R, V) case (R) * 4 + (V): TILE(w, C, xs, v, r, R, V, out, stride); break;
 #define WIDE_PREFETCH_BYTES 1024
 
 // MARK: - Weight loads (scalar)
@@ -86,7 +93,7 @@ static void NAME(const T *w, long C, const float *xs, long count, long r0, long 
     }                                                                                               \
 }
 
-WIDE_SCALAR(wide_f32_scalar, float, wide_f32_1, 1)
+WIDE_SCALAR(wide_f32_scalar, float, wide_f32_1, 4)
 WIDE_SCALAR(wide_f16_scalar, uint16_t, wide_f16_1, 4)
 WIDE_SCALAR(wide_bf16_scalar, uint16_t, wide_bf16_1, 4)
 
@@ -122,13 +129,13 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 wide_bf16_8(const 
         }                                                                                           \
     } while (0)
 
-// One tile: rows r..r+R-1 times inputs v..v+V-1 (R <= 8 when A = 1, else R <= 4; V <= 3; all
-// constants after inlining), A passes (accumulator s of every pair in pass s).
+// One tile: rows r..r+R-1 times inputs v..v+V-1 (R <= 4, V <= 3; all constants after inlining),
+// A passes (accumulator s of every pair in pass s).
 #define WIDE_TILE(NAME, T, LOAD8, LOAD1, A)                                                           \
 __attribute__((target("avx2,fma,f16c"), always_inline))                                             \
 static inline void NAME(const T *w, long C, const float *xs, long v0, long r, int R, int V,         \
                         float *out, long stride) {                                                  \
-    __m256 acc[WIDE_R1][WIDE_VT];                                                                   \
+    __m256 acc[WIDE_RT][WIDE_VT];                                                                   \
     __m256 part[4][WIDE_RT][WIDE_VT];                                                               \
     const T *wr = w + r * C;                                                                        \
     const float *x = xs + v0 * C;                                                                   \
@@ -157,16 +164,17 @@ static inline void NAME(const T *w, long C, const float *xs, long v0, long r, in
         }                                                                                           \
 }
 
-WIDE_TILE(wide_f32_tile, float, wide_f32_8, wide_f32_1, 1)
+WIDE_TILE(wide_f32_tile, float, wide_f32_8, wide_f32_1, 4)
 WIDE_TILE(wide_f16_tile, uint16_t, wide_f16_8, wide_f16_1, 4)
 WIDE_TILE(wide_bf16_tile, uint16_t, wide_bf16_8, wide_bf16_1, 4)
 
 // One input, one row, A = 4: the four accumulators fed in one sequential pass over the row (the
 // same sums as a tile's four passes). The rows lie one after another, so the pass streams the whole
-// matrix: each 64-byte line asks for the one WIDE_PREFETCH_BYTES ahead (a hint: past the end it is
-// harmless, the sums are unchanged). C microbenchmark, SmolLM2 shape at f16 (270 MB, alternating
-// rounds): 0.79x of a plain read without, 0.84-0.88x with 1 KB ahead.
-#define WIDE_ROW4(NAME, T, LOAD8, LOAD1)                                                              \
+// matrix. 16-bit rows: each 64-byte line asks for the one WIDE_PREFETCH_BYTES ahead (a hint: past
+// the end it is harmless, the sums are unchanged). C microbenchmark, SmolLM2 shape at f16 (270 MB,
+// alternating rounds): 0.79x of a plain read without, 0.84-0.88x with 1 KB ahead. f32 rows: no
+// hint (0.72-0.87x of a plain read with 1-2 KB ahead, 0.87-0.94x without; session 8).
+#define WIDE_ROW4(NAME, T, LOAD8, LOAD1, PREFETCH)                                                    \
 __attribute__((target("avx2,fma,f16c")))                                                            \
 static void NAME(const T *w, long C, const float *x, long r0, long r1, float *out) {                \
     long C32 = C & ~31L, C8 = C & ~7L;                                                              \
@@ -175,7 +183,7 @@ static void NAME(const T *w, long C, const float *x, long r0, long r1, float *ou
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                 \
         long k = 0;                                                                                 \
         for (; k < C32; k += 32) {                                                                  \
-            _mm_prefetch((const char *)(wr + k) + WIDE_PREFETCH_BYTES, _MM_HINT_T0);                \
+            if (PREFETCH) _mm_prefetch((const char *)(wr + k) + WIDE_PREFETCH_BYTES, _MM_HINT_T0);  \
             a0 = _mm256_fmadd_ps(LOAD8(wr, k), _mm256_loadu_ps(x + k), a0);                         \
             a1 = _mm256_fmadd_ps(LOAD8(wr, k + 8), _mm256_loadu_ps(x + k + 8), a1);                 \
             a2 = _mm256_fmadd_ps(LOAD8(wr, k + 16), _mm256_loadu_ps(x + k + 16), a2);               \
@@ -188,22 +196,66 @@ static void NAME(const T *w, long C, const float *x, long r0, long r1, float *ou
     }                                                                                               \
 }
 
-WIDE_ROW4(wide_f16_row4, uint16_t, wide_f16_8, wide_f16_1)
-WIDE_ROW4(wide_bf16_row4, uint16_t, wide_bf16_8, wide_bf16_1)
+WIDE_ROW4(wide_f32_row4, float, wide_f32_8, wide_f32_1, 0)
+WIDE_ROW4(wide_f16_row4, uint16_t, wide_f16_8, wide_f16_1, 1)
+WIDE_ROW4(wide_bf16_row4, uint16_t, wide_bf16_8, wide_bf16_1, 1)
 
-// One f32 input: tiles of 8 rows, so 8 independent FMA chains hide the FMA latency.
-__attribute__((target("avx2,fma,f16c")))
-static void wide_f32_rows1(const float *w, long C, const float *x, long r0, long r1, float *out) {
-    long r = r0;
-    for (; r + WIDE_R1 <= r1; r += WIDE_R1) wide_f32_tile(w, C, x, 0, r, WIDE_R1, 1, out, 1);
-    for (; r + 4 <= r1; r += 4) wide_f32_tile(w, C, x, 0, r, 4, 1, out, 1);
-    for (; r < r1; r++) wide_f32_tile(w, C, x, 0, r, 1, 1, out, 1);
+// One f32 row times V (1-3, a constant after inlining) inputs x_0..x_{V-1} (x + j * C), the four
+// accumulators of every pair fed in one sequential pass over the row: 4 V accumulators in registers.
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline void wide_f32_row_group(const float *wr, long C, const float *x, int V, float *out, long stride) {
+    __m256 acc[4][WIDE_VT];
+    for (int s = 0; s < 4; s++) for (int j = 0; j < V; j++) acc[s][j] = _mm256_setzero_ps();
+    long C32 = C & ~31L, C8 = C & ~7L, k = 0;
+    for (; k < C32; k += 32)
+        for (int s = 0; s < 4; s++) {
+            __m256 wv = _mm256_loadu_ps(wr + k + 8 * s);
+            for (int j = 0; j < V; j++) acc[s][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + j * C + k + 8 * s), acc[s][j]);
+        }
+    for (; k < C8; k += 8) {
+        __m256 wv = _mm256_loadu_ps(wr + k);
+        for (int j = 0; j < V; j++) acc[0][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + j * C + k), acc[0][j]);
+    }
+    for (int j = 0; j < V; j++) {
+        float s = wide_hsum8(_mm256_add_ps(_mm256_add_ps(acc[0][j], acc[1][j]), _mm256_add_ps(acc[2][j], acc[3][j])));
+        for (k = C8; k < C; k++) s = fmaf(wr[k], x[j * C + k], s);
+        out[j * stride] = s;
+    }
 }
 
-// One input: ONE (8-row tiles for f32, one row at a time for 16-bit rows). Otherwise row tiles of 4
+// Two or more f32 inputs: row tiles of 4 (then the 1-3 left). Each row of a tile is first streamed
+// from memory on its own, one sequential pass with its first 2 or 3 inputs (4 x 3 accumulators in
+// registers); the tile's other inputs then run as 4-row x 3-input tiles (four passes, as the 16-bit
+// tiles) over the rows now in L1. So the matrix is read from memory once, one row at a time, and
+// wide batches keep the 4 x 3 tiles' 7 loads per 12 FMAs. C microbenchmark
+// (Benchmarks/wide_f32_microbench.c, SmolLM2 f32 weights, time per pass vs session 8's kernels, 4
+// runs): batch 1 0.76-0.83x, 4 0.72-0.85x, 8 0.89-0.94x, 16 1.04-1.16x, 32 1.07-1.16x.
+__attribute__((target("avx2,fma,f16c")))
+static void wide_f32_avx2(const float *w, long C, const float *xs, long count, long r0, long r1, float *out,
+                          long stride) {
+    if (count == 1) { wide_f32_row4(w, C, xs, r0, r1, out); return; }
+    long v0 = count >= WIDE_VT ? WIDE_VT : count;
+    for (long r = r0; r < r1; r += WIDE_RT) {
+        int R = r1 - r < WIDE_RT ? (int)(r1 - r) : WIDE_RT;
+        for (int i = 0; i < R; i++) {
+            if (v0 == 3) wide_f32_row_group(w + (r + i) * C, C, xs, 3, out + r + i, stride);
+            else wide_f32_row_group(w + (r + i) * C, C, xs, 2, out + r + i, stride);
+        }
+        for (long v = v0; v < count; v += WIDE_VT) {
+            int V = count - v < WIDE_VT ? (int)(count - v) : WIDE_VT;
+            switch (R * 4 + V) {
+                WIDE_CASE(wide_f32_tile, 4, 3) WIDE_CASE(wide_f32_tile, 4, 2) WIDE_CASE(wide_f32_tile, 4, 1)
+                WIDE_CASE(wide_f32_tile, 3, 3) WIDE_CASE(wide_f32_tile, 3, 2) WIDE_CASE(wide_f32_tile, 3, 1)
+                WIDE_CASE(wide_f32_tile, 2, 3) WIDE_CASE(wide_f32_tile, 2, 2) WIDE_CASE(wide_f32_tile, 2, 1)
+                WIDE_CASE(wide_f32_tile, 1, 3) WIDE_CASE(wide_f32_tile, 1, 2) WIDE_CASE(wide_f32_tile, 1, 1)
+            }
+        }
+    }
+}
+
+// 16-bit rows. One input: ONE (one row at a time). Otherwise row tiles of 4
 // (then the 1-3 left), within each the inputs in tiles of 3 (then the 1-2 left): every tile shape is
 // its own unrolled instance.
-#define WIDE_CASE(TILE, R, V) case (R) * 4 + (V): TILE(w, C, xs, v, r, R, V, out, stride); break;
 #define WIDE_AVX2(NAME, T, TILE, ONE)                                                                 \
 __attribute__((target("avx2,fma,f16c")))                                                            \
 static void NAME(const T *w, long C, const float *xs, long count, long r0, long r1, float *out,     \
@@ -223,7 +275,6 @@ static void NAME(const T *w, long C, const float *xs, long count, long r0, long 
     }                                                                                               \
 }
 
-WIDE_AVX2(wide_f32_avx2, float, wide_f32_tile, wide_f32_rows1)
 WIDE_AVX2(wide_f16_avx2, uint16_t, wide_f16_tile, wide_f16_row4)
 WIDE_AVX2(wide_bf16_avx2, uint16_t, wide_bf16_tile, wide_bf16_row4)
 #endif

@@ -26,8 +26,8 @@ import Testing
     static func tolerance(n: Int, absSum: Double) -> Double { 2 * Double(n / 32 + 8 + 4) * 0x1p-24 * absSum + 1e-30 }
 
     /// The bound of `tolerance` for the wide kernels of Sources/CQuant/Wide.c: at most n / 8 fused
-    /// additions per lane (one 8-lane accumulator per (row, input) pair at f32; four at f16 and bf16,
-    /// n / 32 + 3 and 2 to add them), 3 in the lane tree, n % 8 in the tail.
+    /// additions per lane (four 8-lane accumulators per (row, input) pair: n / 32 + 3 and 2 to add
+    /// them), 3 in the lane tree, n % 8 in the tail.
     static func wideTolerance(n: Int, absSum: Double) -> Double { 2 * Double(n / 8 + 3 + n % 8 + 1) * 0x1p-24 * absSum + 1e-30 }
 
     /// The summation order Sources/CQuant/Wide.c documents, recomputed here with fused multiply-adds:
@@ -162,12 +162,13 @@ import Testing
         }
     }
 
-    /// The register-blocked wide kernels (Sources/CQuant/Wide.c: tiles of 4 weight rows x 3 inputs)
+    /// The register-blocked wide kernels (Sources/CQuant/Wide.c: 16-bit tiles of 4 rows x 3 inputs,
+    /// f32 one row x groups of up to 3 inputs)
     /// at f32, f16 and bf16: an input's results are the same bits alone and at every position of
     /// batches 1...33 wide (every tile shape and remainder), in any row range (odd row counts, chunk
     /// edges inside a tile), at odd and even column counts (the tail after the last 8), on the scalar
     /// and the AVX2 path; within the kernel's f32 rounding bound of the f64 dot; and the same bits as
-    /// the order the kernel documents (`wideOrder`: one accumulator per pair at f32, four at 16 bits).
+    /// the order the kernel documents (`wideOrder`: four accumulators per pair at every precision).
     @Test(arguments: [WeightPrecision.f32, .f16, .bf16])
     func wideDotRowsBitsDoNotDependOnBatchWidthOrPosition(_ p: WeightPrecision) {
         defer { _ = pf2lora_quant_set_isa(99) }
@@ -202,7 +203,7 @@ import Testing
                         var ref = 0.0, abs = 0.0
                         for i in 0..<cols { let t = Double(w.data[r * cols + i]) * Double(xs.data[v * cols + i]); ref += t; abs += Swift.abs(t) }
                         #expect(Swift.abs(Double(alone.data[v * rows + r]) - ref) <= Self.wideTolerance(n: cols, absSum: abs), "\(p) cols \(cols) v \(v) r \(r)")
-                        let order = Self.wideOrder(w.data + r * cols, xs.data + v * cols, cols, accumulators: p == .f32 ? 1 : 4)
+                        let order = Self.wideOrder(w.data + r * cols, xs.data + v * cols, cols, accumulators: 4)
                         #expect(alone.data[v * rows + r].bitPattern == order.bitPattern, "\(p) cols \(cols) v \(v) r \(r): not the documented order")
                     }
                 }

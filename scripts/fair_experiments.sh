@@ -2,7 +2,10 @@
 # Every experiment of the fair protocol (issue 13, DESIGN §9), each resumable, each writing its page:
 #   docs/SYNTHETIC-fair.md          synthetic federation: compute budget, equal grids, 5 seeds, ablations   (~10 min alone)
 #   docs/SYNTHETIC-rank-sweep.md    learned rank under noise / few examples / misspecified truth, controls (~5 min alone)
-#   docs/RESULTS-data-to-text.md    Debian package descriptions, 13 sections, six methods, equal grids, 3 seeds, BLEU/ROUGE-L/METEOR (~4,000 CPU-s: ~70 min of a free core)
+#   docs/RESULTS-data-to-text-compute8.md  (debian) Debian package descriptions, 13 sections, six methods, 8 rounds, a fresh equal grid
+#                                   5e-3,1e-2,2e-2 + a knob point, selection on seed 0's valid split, 3 seeds, BLEU/ROUGE-L/METEOR
+#                                   (42 runs + 18 decodes; 2026-12-03: 55-140 s per run at nice 19, ~70 min in all at load 4-8).
+#                                   It wrote docs/RESULTS-data-to-text.md before; that page is the 2026-12-02 one-seed record now.
 #   docs/RESULTS-fortune-fair.md    the fortune federation under the same protocol                          (~2 h alone)
 # Run times: measured on the 2-core machine (docs/RESULTS.md says which parts ran in which session).
 # A killed run restarts where it stopped (finished runs are kept, per method, seed and grid point);
@@ -52,12 +55,13 @@ fi
 if [ "$WHAT" = all ] || [ "$WHAT" = debian ]; then
   [ -d data/debian/clients ] || python3 scripts/make_debian_corpus.py --out data/debian   # or: ln -s /work/data/debian data/debian
   say "data-to-text federation"
-  python3 scripts/experiment.py --name debian-compute8 --model models/fortune-gpt2 --data data/debian/clients --binary "$BIN" \
+  python3 scripts/experiment.py --name debian-compute8 --root "${FAIR_ROOT:-runs/experiments/debian-compute8}" \
+    --model models/fortune-gpt2 --data data/debian/clients --binary "$BIN" \
     --budget compute --rounds 8 --local-steps 2 --lower-steps 2 --batch 4 --seq 64 --eval-every 2 --eval-windows 32 \
-    --lrs 5e-3,1e-2,2e-2 --seeds 0,1,2 --select-seed 0 --jobs 3 --nlg --nlg-limit 20 --nlg-tokens 80 --rank-controls \
+    --lrs 5e-3,1e-2,2e-2 --seeds 0,1,2 --select-seed 0 --jobs "${FAIR_JOBS:-1}" --nlg --nlg-limit 20 --nlg-tokens 80 --rank-controls \
     --title "Data-to-text on Debian's package index: fair comparison (compute budget)" \
-    --preamble docs/results-data-to-text-preamble.md --appendix docs/results-data-to-text-analysis.md \
-    --out docs/RESULTS-data-to-text.md --svg docs/results-data-to-text-curves.svg
+    --preamble docs/results-data-to-text-compute8-preamble.md --appendix docs/results-data-to-text-compute8-analysis.md \
+    --out "${FAIR_OUT:-docs/RESULTS-data-to-text-compute8.md}" --svg docs/results-data-to-text-compute8-curves.svg
 fi
 
 if [ "$WHAT" = debian6 ]; then

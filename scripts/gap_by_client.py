@@ -5,14 +5,14 @@ PF2LoRA - Local-only per client (mean, on how many clients Local-only is lower, 
 share of the summed gap), HOMLoRA - Local-only (what a single shared LoRA costs), and, where the page has the joint
 ablation, joint - Local-only with a two-sided Wilcoxon signed-rank over the clients' seed-means.
 
-    python3 scripts/gap_by_client.py [PAGE ...]       # default: the five pages below
+    python3 scripts/gap_by_client.py [PAGE ...]       # default: the six pages below
 
 Reads only committed Markdown (no runs needed). Transcribed numbers: 4 decimals as the pages print them.
 """
 import re
 import sys
 
-PAGES = ["docs/RESULTS-data-to-text-fair.md", "docs/RESULTS-data-to-text-long.md",
+PAGES = ["docs/RESULTS-data-to-text-fair.md", "docs/RESULTS-data-to-text-compute8.md", "docs/RESULTS-data-to-text-long.md",
          "docs/RESULTS-data-to-text-default-base-knobs.md", "docs/RESULTS-data-to-text-default-base-long.md",
          "docs/RESULTS-fortune-fair-reduced.md"]
 

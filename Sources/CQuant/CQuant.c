@@ -594,6 +594,8 @@ ATT_AVX2 ATT_INLINE void scores64_blocked(const float *q, long g, const void *k,
     long j = 0;
     for (; j + 8 <= T; j += 8) {
         const char *kb = (const char *)k + j * 64 * es;
+        // The next-but-one block's lines (beyond the cache, where the keys come from at each step).
+        for (long l = 0; l < 8 * 64 * es; l += 64) _mm_prefetch(kb + 32 * 64 * es + l, _MM_HINT_T0);
         long i = 0;
         for (; i + 3 <= g; i += 3) {
             scores_block(q + i * 64, 3, kb, 4, half, T, sv, scores + i * T + j);
@@ -660,7 +662,9 @@ ATT_512 ATT_INLINE __m512 ld16(const void *r, long off, int half) {
 ATT_512 ATT_INLINE void values_group512(const float *p, int hg, long T, const void *v, int half, const float *inv, float *out) {
     __m512 a[3][4];
     for (int i = 0; i < hg; i++) for (int x = 0; x < 4; x++) a[i][x] = _mm512_setzero_ps();
+    const long es = half ? 2 : 4;
     for (long j = 0; j < T; j++) {
+        for (long l = 0; l < 64 * es; l += 64) _mm_prefetch((const char *)v + (j + 32) * 64 * es + l, _MM_HINT_T0);
         __m512 w[3];
         for (int i = 0; i < hg; i++) w[i] = _mm512_set1_ps(p[i * T + j]);
         for (int x = 0; x < 4; x++) {

@@ -314,6 +314,32 @@ import Testing
         }
     }
 
+    /// `adapters export-peft --out` inside the store (its base folder, a client's folder, the store
+    /// root) wrote adapter_config.json and adapter_model.safetensors among the store's own files;
+    /// `--out` naming a file said "cannot create the folder". Now both are refused before anything
+    /// is written, naming what to pass; a folder outside the store (also through a relative path
+    /// and a link into the store) is checked by its resolved path.
+    @Test func exportPEFTNeverWritesIntoTheStore() throws {
+        let fx = try ServerFixture(clients: ["alice"])
+        defer { fx.cleanup() }
+        let dir = fx.storeHandle.directory
+        let before = Self.tree(fx.store)
+        let link = fx.root + "/into-store"
+        try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: dir + "/clients")
+        for out in [dir, dir + "/clients/alice", fx.store, dir + "/new/deeper", link + "/x"] {
+            let r = try CLITests.run(["adapters", "export-peft", "--store", fx.store, "--model", fx.model, "--client", "alice", "--out", out])
+            #expect(r.code != 0 && r.err.contains("is inside the adapter store"), "\(out): \(r.err)")
+        }
+        let file = fx.root + "/a-file"
+        try Data("x".utf8).write(to: URL(fileURLWithPath: file))
+        let f = try CLITests.run(["adapters", "export-peft", "--store", fx.store, "--model", fx.model, "--client", "alice", "--out", file])
+        #expect(f.code != 0 && f.err.contains("exists and is not a folder"), "\(f.err)")
+        #expect(Self.tree(fx.store) == before, "export-peft changed the store")
+        let ok = try CLITests.run(["adapters", "export-peft", "--store", fx.store, "--model", fx.model, "--client", "alice", "--out", fx.root + "/peft"])
+        #expect(ok.code == 0 && FileManager.default.fileExists(atPath: fx.root + "/peft/adapter_model.safetensors"), "\(ok.err)")
+        #expect(!AdapterStore.isInside(fx.root + "/peft", root: fx.store) && AdapterStore.isInside(fx.store + "/../store/x", root: fx.store))
+    }
+
     /// Item 19: a file that fails its check at open is renamed aside, and the log says which file,
     /// the new name and which check failed; `adapters inspect --file` reads any file, the
     /// `.corrupt-*` one included, and names the check it fails. Before the fix the log said only

@@ -248,6 +248,27 @@ public final class AdapterStore: @unchecked Sendable {
         }
     }
 
+    /// Whether `path` (which need not exist yet) is `root` or lies inside it, links resolved: the
+    /// deepest existing ancestor of `path` is resolved and the rest appended. For outputs a command
+    /// writes (`adapters export-peft --out`), which must not land among a store's own files.
+    public static func isInside(_ path: String, root: String) -> Bool {
+        func resolved(_ p: String) -> String? {
+            guard let r = realpath(p, nil) else { return nil }
+            defer { free(r) }
+            return String(cString: r)
+        }
+        guard let r = resolved(root) else { return false }
+        var head = (path as NSString).standardizingPath, tail: [String] = []
+        if !head.hasPrefix("/") { head = FileManager.default.currentDirectoryPath + "/" + head }
+        while resolved(head) == nil, head != "/" {
+            tail.insert((head as NSString).lastPathComponent, at: 0)
+            head = (head as NSString).deletingLastPathComponent
+        }
+        guard let h = resolved(head) else { return false }
+        let full = ([h] + tail).joined(separator: "/")
+        return full == r || full.hasPrefix(r.hasSuffix("/") ? r : r + "/")
+    }
+
     /// Whether `root` is itself a base folder of some store (nil: it is not). A base folder has a
     /// manifest, or, when the manifest was lost, a `shared/` or `clients/` folder; the inner
     /// `HeldBase` is nil when there is no readable manifest.

@@ -284,7 +284,11 @@ def run_checks(srv, clients, exchange):
     st, body = raw(srv, "POST", "/v1/completions", data=b'{"model": ' + b"[" * 100 + b"]" * 100 + b"}")
     check(st == 400 and body["error"]["code"] == "invalid_json", f"JSON nested 100 deep: 400 ({st} {body})")
     st, body = raw(srv, "POST", "/v1/completions", {"model": clients[0], "prompt": "x", "max_tokens": "many"})
-    check(st == 400 and body["error"]["param"] in (None, "max_tokens") and "max_tokens" in body["error"]["message"], f"a wrong type: 400 naming the field ({body})")
+    check(st == 400 and body["error"]["param"] == "max_tokens" and body["error"]["message"].startswith("max_tokens "),
+          f"a wrong type: 400 naming the field as the body does, in message and param ({body})")
+    st, body = raw(srv, "POST", "/v1/completions", {"model": clients[0], "prompt": "x", "max_tokens": -5})
+    check(st == 400 and body["error"]["param"] == "max_tokens" and "params." not in body["error"]["message"],
+          f"max_tokens < 0: 400 naming max_tokens, not JSON-RPC's params.max_tokens ({body})")
     try:
         client.chat.completions.create(model=clients[0], messages=[], max_tokens=1)
         check(False, "empty messages are refused")

@@ -60,6 +60,32 @@ int pf2lora_quant_set_isa(int level) {
     return pf2lora_quant_isa();
 }
 
+// AVX-512F with the OS saving the opmask and all 32 zmm registers (XCR0 bits 1, 2, 5, 6, 7).
+#ifdef PF2LORA_X86
+static int detect_avx512(void) {
+    if (detect_isa() < PF2LORA_ISA_AVX2) return 0;
+    unsigned a, b, c, d, lo, hi;
+    __cpuid_count(7, 0, a, b, c, d);
+    if (!((b >> 16) & 1)) return 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & 0xe6) == 0xe6;
+}
+#else
+static int detect_avx512(void) { return 0; }
+#endif
+
+static int cpu_avx512 = -1;
+
+int pf2lora_cpu_has_avx512(void) {
+    int v = __atomic_load_n(&cpu_avx512, __ATOMIC_RELAXED);
+    if (v < 0) { v = detect_avx512(); __atomic_store_n(&cpu_avx512, v, __ATOMIC_RELAXED); }
+    return v;
+}
+
+int pf2lora_use_avx512(void) {
+    return __atomic_load_n(&max_level, __ATOMIC_RELAXED) >= PF2LORA_ISA_AVX512 && pf2lora_cpu_has_avx512();
+}
+
 const char *pf2lora_cpu_requirement_error(int needs_avx2, int isa) {
     if (!needs_avx2 || isa >= PF2LORA_ISA_AVX2) return 0;
     return "this pf2lora was built for x86-64 CPUs with AVX2, FMA and F16C (Intel Haswell, AMD Excavator and later), "
@@ -396,87 +422,6 @@ void pf2lora_q8_0x4_dot_rows(const void *w, long rows, long cols, const int8_t *
     }
 }
 
-// MARK: - Decode attention scores, head_dim 64
-
-// Key j's scores against the g query heads; every path computes each key's score this way.
-static inline void score1(const float *q, long g, const float *kr, long T, long j, float scale, float *scores) {
-    for (long i = 0; i < g; i++) {
-        const float *qi = q + i * 64;
-        float l[8];
-        for (int e = 0; e < 8; e++) {
-            float a = 0;
-            for (int c = 0; c < 8; c++) a = fmaf(qi[8 * c + e], kr[8 * c + e], a);
-            l[e] = a;
-        }
-        // the AVX2 path's reduction order: (0+1, 2+3, 4+5, 6+7), then pairs, then halves
-        scores[i * T + j] = scale * (((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])));
-    }
-}
-
-// Keys j0..T-1.
-static void scores64_scalar(const float *q, long g, const float *k, long j0, long T, float scale, float *scores) {
-    for (long j = j0; j < T; j++) score1(q, g, k + j * 64, T, j, scale, scores);
-}
-
-#ifdef PF2LORA_X86
-// The scores of the eight keys kb (8 x 64 floats) for keys j..j+7 (head i's at scores + i * T + j).
-__attribute__((target("avx2,fma,f16c")))
-static inline void scores8_avx2(const float *q, long g, const float *kb, long T, long j, __m256 sv, float *scores) {
-    for (long i = 0; i < g; i++) {
-        const float *qi = q + i * 64;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-        for (int c = 0; c < 8; c++) {
-            __m256 qc = _mm256_loadu_ps(qi + 8 * c);
-            a0 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 0 * 64 + 8 * c), a0);
-            a1 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 1 * 64 + 8 * c), a1);
-            a2 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 2 * 64 + 8 * c), a2);
-            a3 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 3 * 64 + 8 * c), a3);
-            a4 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 4 * 64 + 8 * c), a4);
-            a5 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 5 * 64 + 8 * c), a5);
-            a6 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 6 * 64 + 8 * c), a6);
-            a7 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + 7 * 64 + 8 * c), a7);
-        }
-        // Eight horizontal sums at once: lane e of the result is key j + e's.
-        __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3), h45 = _mm256_hadd_ps(a4, a5), h67 = _mm256_hadd_ps(a6, a7);
-        __m256 h0 = _mm256_hadd_ps(h01, h23), h4 = _mm256_hadd_ps(h45, h67);
-        __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(h0, h4, 0x20), _mm256_permute2f128_ps(h0, h4, 0x31));
-        _mm256_storeu_ps(scores + i * T + j, _mm256_mul_ps(sv, s));
-    }
-}
-
-// The last T % 8 keys (n = 1..7 rows at kr, widened): padded with zero keys to eight, their scores
-// computed as any eight (the same bits as `score1`, which follows this order) into a scratch row per
-// head, then the n real ones copied (eight lanes stored in place would overwrite the next head's
-// first scores). Without it the tail ran `score1` with a libm fmaf call per term: 1.6 % of a q8_0
-// decode step (SmolLM2, context 512-640).
-__attribute__((target("avx2,fma,f16c")))
-static void scores_tail_avx2(const float *q, long g, const float *kr, long n, long j, __m256 sv, float *scores, long T) {
-    float kb[8 * 64];
-    memcpy(kb, kr, (size_t)n * 64 * sizeof(float));
-    memset(kb + n * 64, 0, (size_t)(8 - n) * 64 * sizeof(float));
-    for (long i = 0; i < g; i++) {
-        float row[8];
-        scores8_avx2(q + i * 64, 1, kb, 8, 0, sv, row);
-        memcpy(scores + i * T + j, row, (size_t)n * sizeof(float));
-    }
-}
-
-__attribute__((target("avx2,fma,f16c")))
-static void scores64_avx2(const float *q, long g, const float *k, long T, float scale, float *scores) {
-    const __m256 sv = _mm256_set1_ps(scale);
-    long j = 0;
-    for (; j + 8 <= T; j += 8) scores8_avx2(q, g, k + j * 64, T, j, sv, scores);
-    if (j < T) scores_tail_avx2(q, g, k + j * 64, T - j, j, sv, scores, T);
-}
-#endif
-
-void pf2lora_attention_scores64(const float *q, long g, const float *k, long T, float scale, float *scores) {
-#ifdef PF2LORA_X86
-    if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { scores64_avx2(q, g, k, T, scale, scores); return; }
-#endif
-    scores64_scalar(q, g, k, 0, T, scale, scores);
-}
-
 // MARK: - Half-precision KV cache
 //
 // f32 -> f16 rounds to nearest even as F16C's vcvtps2ph with imm 0 does, including subnormal halves,
@@ -532,8 +477,38 @@ void pf2lora_f16_to_f32(const uint16_t *h, float *x, long n) {
     for (long i = 0; i < n; i++) x[i] = half_to_float(h[i]);
 }
 
-// Scores against half keys: each key is widened (exactly) to f32, then scored as above, so the
-// scores are those of `pf2lora_attention_scores64` on the widened keys, to the bit.
+
+// MARK: - Decode attention, head_dim 64
+//
+// Scores: scores[i * T + j] = scale * (q_i . k_j). Every path sums a key's 64 products in one order:
+// lane e (0..7) takes dims 8c + e for c = 0..7 by fused multiply-adds, then the lanes
+// ((0+1) + (2+3)) + ((4+5) + (6+7)) (`score1`), so f32 keys and exactly widened f16 keys give the same
+// bits, on every path and for any block shape. Values: out[i * 64 + e] = inv[i] * sum_j p[i * T + j]
+// v[j][e], summed in order of j with one fused multiply-add per term on every path.
+//
+// The vector paths block over the g query heads that share a key/value head: a key or value row is
+// loaded (and for f16 widened) once for up to three heads, which reuse it from registers.
+
+// Key j's scores against the g query heads; every path computes each key's score this way.
+static inline void score1(const float *q, long g, const float *kr, long T, long j, float scale, float *scores) {
+    for (long i = 0; i < g; i++) {
+        const float *qi = q + i * 64;
+        float l[8];
+        for (int e = 0; e < 8; e++) {
+            float a = 0;
+            for (int c = 0; c < 8; c++) a = fmaf(qi[8 * c + e], kr[8 * c + e], a);
+            l[e] = a;
+        }
+        // the AVX2 path's reduction order: (0+1, 2+3, 4+5, 6+7), then pairs, then halves
+        scores[i * T + j] = scale * (((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])));
+    }
+}
+
+// Keys j0..T-1.
+static void scores64_scalar(const float *q, long g, const float *k, long j0, long T, float scale, float *scores) {
+    for (long j = j0; j < T; j++) score1(q, g, k + j * 64, T, j, scale, scores);
+}
+
 static void scores64_f16_scalar(const float *q, long g, const uint16_t *k, long j0, long T, float scale, float *scores) {
     float kr[64];
     for (long j = j0; j < T; j++) {
@@ -542,24 +517,189 @@ static void scores64_f16_scalar(const float *q, long g, const uint16_t *k, long 
     }
 }
 
-#ifdef PF2LORA_X86
-__attribute__((target("avx2,fma,f16c")))
-static void scores64_f16_avx2(const float *q, long g, const uint16_t *k, long T, float scale, float *scores) {
-    const __m256 sv = _mm256_set1_ps(scale);
-    float kb[8 * 64];   // eight keys widened once for all g heads (L1)
-    long j = 0;
-    for (; j + 8 <= T; j += 8) {
-        const uint16_t *src = k + j * 64;
-        for (int c = 0; c < 64; c++) _mm256_storeu_ps(kb + 8 * c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 8 * c))));
-        scores8_avx2(q, g, kb, T, j, sv, scores);
-    }
-    if (j < T) {
-        float kr[7 * 64];
-        pf2lora_f16_to_f32(k + j * 64, kr, (T - j) * 64);
-        scores_tail_avx2(q, g, kr, T - j, j, sv, scores, T);
+// `half`: the rows are IEEE halves (widened exactly as read), else f32.
+static void values64_scalar(const float *p, long g, long T, const void *v, int half, const float *inv, float *out) {
+    for (long i = 0; i < g; i++) {
+        for (int e = 0; e < 64; e++) {
+            float a = 0;
+            for (long j = 0; j < T; j++) {
+                float x = half ? half_to_float(((const uint16_t *)v)[j * 64 + e]) : ((const float *)v)[j * 64 + e];
+                a = fmaf(p[i * T + j], x, a);
+            }
+            out[i * 64 + e] = a * inv[i];
+        }
     }
 }
+
+#ifdef PF2LORA_X86
+#define ATT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define ATT_INLINE __attribute__((always_inline)) static inline
+
+// Eight values of a row at element offset `off`, as f32.
+ATT_AVX2 ATT_INLINE __m256 ld8(const void *r, long off, int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)r + off)))
+                : _mm256_loadu_ps((const float *)r + off);
+}
+
+// The scores of n = 4 or 8 keys from their 8-lane sums a[0..n-1] (lane x of the result: key x), the
+// tree of `score1`: hadd pairs lanes (0+1, 2+3), the second hadd the pairs, then the two halves.
+ATT_AVX2 ATT_INLINE void store_scores(const __m256 *a, int n, __m256 sv, float *dst) {
+    if (n == 4) {
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(dst, _mm_mul_ps(_mm256_castps256_ps128(sv), s));
+    } else {
+        __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        __m256 h4 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(h0, h4, 0x20), _mm256_permute2f128_ps(h0, h4, 0x31));
+        _mm256_storeu_ps(dst, _mm256_mul_ps(sv, s));
+    }
+}
+
+// hg (1..3) query heads at q against the n (4 or 8) keys at kb: hg * n <= 12 accumulators, each
+// key chunk loaded (widened) once for the hg heads. Scores of head i at dst + i * T.
+ATT_AVX2 ATT_INLINE void scores_block(const float *q, int hg, const void *kb, int n, int half, long T, __m256 sv, float *dst) {
+    __m256 a[3][8];
+    for (int i = 0; i < hg; i++) for (int x = 0; x < n; x++) a[i][x] = _mm256_setzero_ps();
+    for (int c = 0; c < 8; c++) {
+        __m256 qc[3];
+        for (int i = 0; i < hg; i++) qc[i] = _mm256_loadu_ps(q + i * 64 + 8 * c);
+        for (int x = 0; x < n; x++) {
+            __m256 kx = ld8(kb, x * 64 + 8 * c, half);
+            for (int i = 0; i < hg; i++) a[i][x] = _mm256_fmadd_ps(qc[i], kx, a[i][x]);
+        }
+    }
+    for (int i = 0; i < hg; i++) store_scores(a[i], n, sv, dst + i * T);
+}
+
+// The last n = 1..7 keys (f32 rows at kr): padded with zero keys to eight, scored as any eight into
+// a scratch row per head (the same bits as `score1`), the n real ones copied (eight lanes stored in
+// place would overwrite the next head's first scores).
+ATT_AVX2 static void scores_tail_avx2(const float *q, long g, const float *kr, long n, long j, __m256 sv, float *scores, long T) {
+    float kb[8 * 64];
+    memcpy(kb, kr, (size_t)n * 64 * sizeof(float));
+    memset(kb + n * 64, 0, (size_t)(8 - n) * 64 * sizeof(float));
+    for (long i = 0; i < g; i++) {
+        float row[8];
+        scores_block(q + i * 64, 1, kb, 8, 0, 8, sv, row);
+        memcpy(scores + i * T + j, row, (size_t)n * sizeof(float));
+    }
+}
+
+// Eight keys at a time; within them the heads three at a time (4 keys x 3 heads, twice), then a
+// remaining two (4 x 2) or one (8 x 1).
+ATT_AVX2 ATT_INLINE void scores64_blocked(const float *q, long g, const void *k, int half, long T, float scale, float *scores) {
+    const __m256 sv = _mm256_set1_ps(scale);
+    const long es = half ? 2 : 4;
+    long j = 0;
+    for (; j + 8 <= T; j += 8) {
+        const char *kb = (const char *)k + j * 64 * es;
+        // The next-but-one block's lines (beyond the cache, where the keys come from at each step).
+        for (long l = 0; l < 8 * 64 * es; l += 64) _mm_prefetch(kb + 32 * 64 * es + l, _MM_HINT_T0);
+        long i = 0;
+        for (; i + 3 <= g; i += 3) {
+            scores_block(q + i * 64, 3, kb, 4, half, T, sv, scores + i * T + j);
+            scores_block(q + i * 64, 3, kb + 4 * 64 * es, 4, half, T, sv, scores + i * T + j + 4);
+        }
+        if (g - i == 2) {
+            scores_block(q + i * 64, 2, kb, 4, half, T, sv, scores + i * T + j);
+            scores_block(q + i * 64, 2, kb + 4 * 64 * es, 4, half, T, sv, scores + i * T + j + 4);
+        } else if (g - i == 1) {
+            scores_block(q + i * 64, 1, kb, 8, half, T, sv, scores + i * T + j);
+        }
+    }
+    if (j < T) {
+        if (half) {
+            float kr[7 * 64];
+            pf2lora_f16_to_f32((const uint16_t *)k + j * 64, kr, (T - j) * 64);
+            scores_tail_avx2(q, g, kr, T - j, j, sv, scores, T);
+        } else {
+            scores_tail_avx2(q, g, (const float *)k + j * 64, T - j, j, sv, scores, T);
+        }
+    }
+}
+
+ATT_AVX2 static void scores64_avx2(const float *q, long g, const float *k, long T, float scale, float *scores) {
+    scores64_blocked(q, g, k, 0, T, scale, scores);
+}
+
+ATT_AVX2 static void scores64_f16_avx2(const float *q, long g, const uint16_t *k, long T, float scale, float *scores) {
+    scores64_blocked(q, g, k, 1, T, scale, scores);
+}
+
+// Value pass, AVX2: one head at a time, its 64 outputs in eight accumulators.
+ATT_AVX2 ATT_INLINE void values64_avx2_any(const float *p, long g, long T, const void *v, int half, const float *inv, float *out) {
+    for (long i = 0; i < g; i++) {
+        const float *pi = p + i * T;
+        __m256 a[8];
+        for (int x = 0; x < 8; x++) a[x] = _mm256_setzero_ps();
+        for (long j = 0; j < T; j++) {
+            const __m256 w = _mm256_broadcast_ss(pi + j);
+            for (int x = 0; x < 8; x++) a[x] = _mm256_fmadd_ps(w, ld8(v, j * 64 + 8 * x, half), a[x]);
+        }
+        const __m256 s = _mm256_set1_ps(inv[i]);
+        for (int x = 0; x < 8; x++) _mm256_storeu_ps(out + i * 64 + 8 * x, _mm256_mul_ps(a[x], s));
+    }
+}
+
+ATT_AVX2 static void values64_avx2(const float *p, long g, long T, const float *v, const float *inv, float *out) {
+    values64_avx2_any(p, g, T, v, 0, inv, out);
+}
+
+ATT_AVX2 static void values64_f16_avx2(const float *p, long g, long T, const uint16_t *v, const float *inv, float *out) {
+    values64_avx2_any(p, g, T, v, 1, inv, out);
+}
+
+// Value pass, AVX-512F: 16-lane accumulators, each value row loaded (widened) once for up to three
+// heads (3 x 4 zmm accumulators), the heads three at a time then one or two.
+#define ATT_512 __attribute__((target("avx512f,avx2,fma,f16c")))
+
+ATT_512 ATT_INLINE __m512 ld16(const void *r, long off, int half) {
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)r + off)))
+                : _mm512_loadu_ps((const float *)r + off);
+}
+
+ATT_512 ATT_INLINE void values_group512(const float *p, int hg, long T, const void *v, int half, const float *inv, float *out) {
+    __m512 a[3][4];
+    for (int i = 0; i < hg; i++) for (int x = 0; x < 4; x++) a[i][x] = _mm512_setzero_ps();
+    const long es = half ? 2 : 4;
+    for (long j = 0; j < T; j++) {
+        for (long l = 0; l < 64 * es; l += 64) _mm_prefetch((const char *)v + (j + 32) * 64 * es + l, _MM_HINT_T0);
+        __m512 w[3];
+        for (int i = 0; i < hg; i++) w[i] = _mm512_set1_ps(p[i * T + j]);
+        for (int x = 0; x < 4; x++) {
+            __m512 vx = ld16(v, j * 64 + 16 * x, half);
+            for (int i = 0; i < hg; i++) a[i][x] = _mm512_fmadd_ps(w[i], vx, a[i][x]);
+        }
+    }
+    for (int i = 0; i < hg; i++) {
+        __m512 s = _mm512_set1_ps(inv[i]);
+        for (int x = 0; x < 4; x++) _mm512_storeu_ps(out + i * 64 + 16 * x, _mm512_mul_ps(a[i][x], s));
+    }
+}
+
+ATT_512 ATT_INLINE void values64_512_any(const float *p, long g, long T, const void *v, int half, const float *inv, float *out) {
+    long i = 0;
+    for (; i + 3 <= g; i += 3) values_group512(p + i * T, 3, T, v, half, inv + i, out + i * 64);
+    if (g - i == 2) values_group512(p + i * T, 2, T, v, half, inv + i, out + i * 64);
+    else if (g - i == 1) values_group512(p + i * T, 1, T, v, half, inv + i, out + i * 64);
+}
+
+ATT_512 static void values64_512(const float *p, long g, long T, const float *v, const float *inv, float *out) {
+    values64_512_any(p, g, T, v, 0, inv, out);
+}
+
+ATT_512 static void values64_f16_512(const float *p, long g, long T, const uint16_t *v, const float *inv, float *out) {
+    values64_512_any(p, g, T, v, 1, inv, out);
+}
 #endif
+
+void pf2lora_attention_scores64(const float *q, long g, const float *k, long T, float scale, float *scores) {
+#ifdef PF2LORA_X86
+    if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { scores64_avx2(q, g, k, T, scale, scores); return; }
+#endif
+    scores64_scalar(q, g, k, 0, T, scale, scores);
+}
 
 void pf2lora_attention_scores64_f16(const float *q, long g, const uint16_t *k, long T, float scale, float *scores) {
 #ifdef PF2LORA_X86
@@ -568,44 +708,18 @@ void pf2lora_attention_scores64_f16(const float *q, long g, const uint16_t *k, l
     scores64_f16_scalar(q, g, k, 0, T, scale, scores);
 }
 
-// out[i * 64 + e] = inv[i] * sum_j p[i * T + j] * v[j * 64 + e], the sum in order of j, one fma per
-// term, on every path.
-static void values64_f16_scalar(const float *p, long g, long T, const uint16_t *v, const float *inv, float *out) {
-    for (long i = 0; i < g; i++) {
-        for (int e = 0; e < 64; e++) {
-            float a = 0;
-            for (long j = 0; j < T; j++) a = fmaf(p[i * T + j], half_to_float(v[j * 64 + e]), a);
-            out[i * 64 + e] = a * inv[i];
-        }
-    }
-}
-
+void pf2lora_attention_values64(const float *p, long g, long T, const float *v, const float *inv, float *out) {
 #ifdef PF2LORA_X86
-__attribute__((target("avx2,fma,f16c")))
-static void values64_f16_avx2(const float *p, long g, long T, const uint16_t *v, const float *inv, float *out) {
-#define VROW(C, A) A = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + 8 * (C)))), A)
-    for (long i = 0; i < g; i++) {
-        const float *pi = p + i * T;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-        for (long j = 0; j < T; j++) {
-            const __m256 w = _mm256_broadcast_ss(pi + j);
-            const uint16_t *vr = v + j * 64;
-            VROW(0, a0); VROW(1, a1); VROW(2, a2); VROW(3, a3); VROW(4, a4); VROW(5, a5); VROW(6, a6); VROW(7, a7);
-        }
-        const __m256 s = _mm256_set1_ps(inv[i]);
-        float *o = out + i * 64;
-        _mm256_storeu_ps(o, _mm256_mul_ps(a0, s)); _mm256_storeu_ps(o + 8, _mm256_mul_ps(a1, s));
-        _mm256_storeu_ps(o + 16, _mm256_mul_ps(a2, s)); _mm256_storeu_ps(o + 24, _mm256_mul_ps(a3, s));
-        _mm256_storeu_ps(o + 32, _mm256_mul_ps(a4, s)); _mm256_storeu_ps(o + 40, _mm256_mul_ps(a5, s));
-        _mm256_storeu_ps(o + 48, _mm256_mul_ps(a6, s)); _mm256_storeu_ps(o + 56, _mm256_mul_ps(a7, s));
-    }
-#undef VROW
-}
+    if (pf2lora_use_avx512()) { values64_512(p, g, T, v, inv, out); return; }
+    if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { values64_avx2(p, g, T, v, inv, out); return; }
 #endif
+    values64_scalar(p, g, T, v, 0, inv, out);
+}
 
 void pf2lora_attention_values64_f16(const float *p, long g, long T, const uint16_t *v, const float *inv, float *out) {
 #ifdef PF2LORA_X86
+    if (pf2lora_use_avx512()) { values64_f16_512(p, g, T, v, inv, out); return; }
     if (pf2lora_quant_isa() >= PF2LORA_ISA_AVX2) { values64_f16_avx2(p, g, T, v, inv, out); return; }
 #endif
-    values64_f16_scalar(p, g, T, v, inv, out);
+    values64_scalar(p, g, T, v, 1, inv, out);
 }

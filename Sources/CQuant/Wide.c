@@ -38,8 +38,16 @@
 
 #define WIDE_RT 4   // weight rows per tile
 #define WIDE_VT 3   // inputs per tile
-// One tile shape of a switch over R * 4 + V (every shape its own unrolled instance).
+// One tile shape of a switch over R * 4 + V (every shape its own unrolled instance), and the switch
+// over all twelve (R = 1-4 rows, V = 1-3 inputs).
 #define WIDE_CASE(TILE, R, V) case (R) * 4 + (V): TILE(w, C, xs, v, r, R, V, out, stride); break;
+#define WIDE_TILE_SWITCH(TILE, R, V)                                                                  \
+    switch ((R) * 4 + (V)) {                                                                        \
+        WIDE_CASE(TILE, 4, 3) WIDE_CASE(TILE, 4, 2) WIDE_CASE(TILE, 4, 1)                           \
+        WIDE_CASE(TILE, 3, 3) WIDE_CASE(TILE, 3, 2) WIDE_CASE(TILE, 3, 1)                           \
+        WIDE_CASE(TILE, 2, 3) WIDE_CASE(TILE, 2, 2) WIDE_CASE(TILE, 2, 1)                           \
+        WIDE_CASE(TILE, 1, 3) WIDE_CASE(TILE, 1, 2) WIDE_CASE(TILE, 1, 1)                           \
+    }
 #define WIDE_PREFETCH_BYTES 1024
 
 // MARK: - Weight loads (scalar)
@@ -66,17 +74,17 @@ static inline float wide_hsum8_scalar(const float *v) {
 
 // MARK: - Scalar path (same bits as the AVX2 path)
 
-#define WIDE_SCALAR(NAME, T, LOAD1, A)                                                                \
+#define WIDE_SCALAR(NAME, T, LOAD1)                                                                   \
 static void NAME(const T *w, long C, const float *xs, long count, long r0, long r1, float *out,     \
                  long stride) {                                                                     \
-    long CA = C & ~(8L * (A) - 1), C8 = C & ~7L;                                                    \
+    long CA = C & ~31L, C8 = C & ~7L;                                                               \
     for (long r = r0; r < r1; r++) {                                                                \
         const T *wr = w + r * C;                                                                    \
         for (long v = 0; v < count; v++) {                                                          \
             const float *x = xs + v * C;                                                            \
             float acc[4][8] = {{0}};                                                                \
-            for (long k = 0; k < CA; k += 8 * (A))                                                  \
-                for (int a = 0; a < (A); a++)                                                       \
+            for (long k = 0; k < CA; k += 32)                                                       \
+                for (int a = 0; a < 4; a++)                                                         \
                     for (int j = 0; j < 8; j++) {                                                   \
                         long c = k + 8 * a + j;                                                     \
                         acc[a][j] = fmaf(LOAD1(wr, c), x[c], acc[a][j]);                            \
@@ -85,7 +93,7 @@ static void NAME(const T *w, long C, const float *xs, long count, long r0, long 
                 for (int j = 0; j < 8; j++) acc[0][j] = fmaf(LOAD1(wr, k + j), x[k + j], acc[0][j]); \
             float t[8];                                                                             \
             for (int j = 0; j < 8; j++)                                                             \
-                t[j] = (A) == 4 ? (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]) : acc[0][j];    \
+                t[j] = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);                           \
             float s = wide_hsum8_scalar(t);                                                         \
             for (long k = C8; k < C; k++) s = fmaf(LOAD1(wr, k), x[k], s);                          \
             out[v * stride + r] = s;                                                                \
@@ -93,9 +101,9 @@ static void NAME(const T *w, long C, const float *xs, long count, long r0, long 
     }                                                                                               \
 }
 
-WIDE_SCALAR(wide_f32_scalar, float, wide_f32_1, 4)
-WIDE_SCALAR(wide_f16_scalar, uint16_t, wide_f16_1, 4)
-WIDE_SCALAR(wide_bf16_scalar, uint16_t, wide_bf16_1, 4)
+WIDE_SCALAR(wide_f32_scalar, float, wide_f32_1)
+WIDE_SCALAR(wide_f16_scalar, uint16_t, wide_f16_1)
+WIDE_SCALAR(wide_bf16_scalar, uint16_t, wide_bf16_1)
 
 // MARK: - AVX2 + FMA path
 
@@ -130,8 +138,8 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 wide_bf16_8(const 
     } while (0)
 
 // One tile: rows r..r+R-1 times inputs v..v+V-1 (R <= 4, V <= 3; all constants after inlining),
-// A passes (accumulator s of every pair in pass s).
-#define WIDE_TILE(NAME, T, LOAD8, LOAD1, A)                                                           \
+// four passes (accumulator s of every pair in pass s).
+#define WIDE_TILE(NAME, T, LOAD8, LOAD1)                                                              \
 __attribute__((target("avx2,fma,f16c"), always_inline))                                             \
 static inline void NAME(const T *w, long C, const float *xs, long v0, long r, int R, int V,         \
                         float *out, long stride) {                                                  \
@@ -139,34 +147,31 @@ static inline void NAME(const T *w, long C, const float *xs, long v0, long r, in
     __m256 part[4][WIDE_RT][WIDE_VT];                                                               \
     const T *wr = w + r * C;                                                                        \
     const float *x = xs + v0 * C;                                                                   \
-    long CA = C & ~(8L * (A) - 1), C8 = C & ~7L;                                                    \
-    for (int s = 0; s < (A); s++) {                                                                 \
+    long CA = C & ~31L, C8 = C & ~7L;                                                               \
+    for (int s = 0; s < 4; s++) {                                                                   \
         for (int i = 0; i < R; i++) for (int j = 0; j < V; j++) acc[i][j] = _mm256_setzero_ps();    \
-        for (long k = 8 * s; k < CA; k += 8 * (A)) {                                                \
+        for (long k = 8 * s; k < CA; k += 32) {                                                     \
             WIDE_TILE_STEP(LOAD8, k);                                                               \
         }                                                                                           \
         if (s == 0)                                                                                 \
             for (long k = CA; k < C8; k += 8) {                                                     \
                 WIDE_TILE_STEP(LOAD8, k);                                                           \
             }                                                                                       \
-        if ((A) > 1)                                                                                \
-            for (int i = 0; i < R; i++) for (int j = 0; j < V; j++) part[s][i][j] = acc[i][j];     \
+        for (int i = 0; i < R; i++) for (int j = 0; j < V; j++) part[s][i][j] = acc[i][j];         \
     }                                                                                               \
     for (int i = 0; i < R; i++)                                                                     \
         for (int j = 0; j < V; j++) {                                                               \
-            __m256 t = acc[i][j];                                                                   \
-            if ((A) == 4)                                                                           \
-                t = _mm256_add_ps(_mm256_add_ps(part[0][i][j], part[1][i][j]),                      \
-                                  _mm256_add_ps(part[2][i][j], part[3][i][j]));                     \
+            __m256 t = _mm256_add_ps(_mm256_add_ps(part[0][i][j], part[1][i][j]),                   \
+                                     _mm256_add_ps(part[2][i][j], part[3][i][j]));                  \
             float s = wide_hsum8(t);                                                                \
             for (long k = C8; k < C; k++) s = fmaf(LOAD1(wr + i * C, k), x[j * C + k], s);          \
             out[(v0 + j) * stride + r + i] = s;                                                     \
         }                                                                                           \
 }
 
-WIDE_TILE(wide_f32_tile, float, wide_f32_8, wide_f32_1, 4)
-WIDE_TILE(wide_f16_tile, uint16_t, wide_f16_8, wide_f16_1, 4)
-WIDE_TILE(wide_bf16_tile, uint16_t, wide_bf16_8, wide_bf16_1, 4)
+WIDE_TILE(wide_f32_tile, float, wide_f32_8, wide_f32_1)
+WIDE_TILE(wide_f16_tile, uint16_t, wide_f16_8, wide_f16_1)
+WIDE_TILE(wide_bf16_tile, uint16_t, wide_bf16_8, wide_bf16_1)
 
 // One input, one row, A = 4: the four accumulators fed in one sequential pass over the row (the
 // same sums as a tile's four passes). The rows lie one after another, so the pass streams the whole
@@ -243,12 +248,7 @@ static void wide_f32_avx2(const float *w, long C, const float *xs, long count, l
         }
         for (long v = v0; v < count; v += WIDE_VT) {
             int V = count - v < WIDE_VT ? (int)(count - v) : WIDE_VT;
-            switch (R * 4 + V) {
-                WIDE_CASE(wide_f32_tile, 4, 3) WIDE_CASE(wide_f32_tile, 4, 2) WIDE_CASE(wide_f32_tile, 4, 1)
-                WIDE_CASE(wide_f32_tile, 3, 3) WIDE_CASE(wide_f32_tile, 3, 2) WIDE_CASE(wide_f32_tile, 3, 1)
-                WIDE_CASE(wide_f32_tile, 2, 3) WIDE_CASE(wide_f32_tile, 2, 2) WIDE_CASE(wide_f32_tile, 2, 1)
-                WIDE_CASE(wide_f32_tile, 1, 3) WIDE_CASE(wide_f32_tile, 1, 2) WIDE_CASE(wide_f32_tile, 1, 1)
-            }
+            WIDE_TILE_SWITCH(wide_f32_tile, R, V)
         }
     }
 }
@@ -265,12 +265,7 @@ static void NAME(const T *w, long C, const float *xs, long count, long r0, long 
         int R = r1 - r < WIDE_RT ? (int)(r1 - r) : WIDE_RT;                                         \
         for (long v = 0; v < count; v += WIDE_VT) {                                                 \
             int V = count - v < WIDE_VT ? (int)(count - v) : WIDE_VT;                               \
-            switch (R * 4 + V) {                                                                    \
-                WIDE_CASE(TILE, 4, 3) WIDE_CASE(TILE, 4, 2) WIDE_CASE(TILE, 4, 1)                   \
-                WIDE_CASE(TILE, 3, 3) WIDE_CASE(TILE, 3, 2) WIDE_CASE(TILE, 3, 1)                   \
-                WIDE_CASE(TILE, 2, 3) WIDE_CASE(TILE, 2, 2) WIDE_CASE(TILE, 2, 1)                   \
-                WIDE_CASE(TILE, 1, 3) WIDE_CASE(TILE, 1, 2) WIDE_CASE(TILE, 1, 1)                   \
-            }                                                                                       \
+            WIDE_TILE_SWITCH(TILE, R, V)                                                            \
         }                                                                                           \
     }                                                                                               \
 }

@@ -48,7 +48,17 @@ struct APIError: Error {
     /// 409 version conflict, 429 overloaded (503 while draining), 500 otherwise.
     static func from(_ e: RPCError, draining: Bool) -> APIError {
         switch e.code {
-        case .parseError, .invalidRequest, .invalidParams, .baseMismatch:
+        case .invalidParams:
+            // The method layer names a field as JSON-RPC sees it ("params.max_tokens must be ...");
+            // over HTTP the field is a top-level one of the body: name it as such, and in `param`.
+            if e.message.hasPrefix("params."), let end = e.message.firstIndex(of: " ") {
+                let field = String(e.message[e.message.index(e.message.startIndex, offsetBy: 7)..<end])
+                if !field.isEmpty, !field.contains(".") {
+                    return APIError(.badRequest, String(e.message.dropFirst(7)), param: field)
+                }
+            }
+            return APIError(.badRequest, e.message)
+        case .parseError, .invalidRequest, .baseMismatch:
             return APIError(.badRequest, e.message, code: e.code == .baseMismatch ? "base_mismatch" : nil)
         case .methodNotFound: return APIError(.notFound, e.message, type: "not_found_error")
         case .unknownClient: return APIError(.notFound, e.message, type: "not_found_error", code: "model_not_found", param: "model")
@@ -437,7 +447,9 @@ public final class HTTPTransport: Sendable {
     func completions(_ request: Request, _ context: PF2LoRARequestContext, chat: Bool) async throws -> Response {
         let d = try await body(request)
         let plan: Plan
-        do { plan = try self.plan(d, chat: chat) } catch let e as RPCError { throw APIError(.badRequest, e.message) }
+        do { plan = try self.plan(d, chat: chat) } catch let e as RPCError {
+            throw e.code == .invalidParams ? APIError.from(e, draining: false) : APIError(.badRequest, e.message)
+        }
         let id = (chat ? "chatcmpl-" : "cmpl-") + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased().prefix(24)
         let created = Int(Date().timeIntervalSince1970)
         let handles = Handles()

@@ -282,6 +282,13 @@ struct Adapters: ParsableCommand {
             do {
                 let base = try BaseModelInfo.load(folder: model)
                 let store = try AdapterStore.open(root: options.store, base: base, folder: options.base, access: .read, create: false)
+                var isDir: ObjCBool = false
+                if FileManager.default.fileExists(atPath: out, isDirectory: &isDir), !isDir.boolValue {
+                    throw CLIError("--out \(out) exists and is not a folder; a PEFT adapter is a folder (adapter_config.json, adapter_model.safetensors): give a new folder's path or an existing folder's")
+                }
+                guard !AdapterStore.isInside(out, root: options.store) else {
+                    throw CLIError("--out \(out) is inside the adapter store \(options.store); export to a folder outside it (a store's folders hold only the store's own files)")
+                }
                 let name = baseModelName ?? model
                 if let client { try ClientID.validate(client) }
                 func sharedAdapter() throws -> VersionedAdapter {

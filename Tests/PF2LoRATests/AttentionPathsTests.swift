@@ -74,27 +74,73 @@ import Testing
         }
     }
 
-    /// The head_dim-64 decode scores (eight keys at a time, C): the same bits on the scalar and the
-    /// AVX2 path, for key counts around multiples of eight, and within f32 rounding of the f64 dot.
+    /// Instruction-set caps the attention kernels are compared at: scalar, AVX2 (three heads x four
+    /// keys per score block, one head per value pass) and everything the CPU has (AVX-512F value pass).
+    static let attentionCaps: [Int32] = [0, Int32(PF2LORA_ISA_AVX2), 99]
+
+    /// The head_dim-64 decode scores (C, blocks of up to three heads x four keys or one head x eight
+    /// keys): the same bits on the scalar, AVX2 and widest path for every head count's block shapes
+    /// and key counts around multiples of eight, and within f32 rounding of the f64 dot.
     @Test func scores64MatchScalarAndF64() {
         defer { _ = pf2lora_quant_set_isa(99) }
         var rng = RNG(seed: 4)
-        let g = 3, maxT = 41
-        let q = (0..<(g * 64)).map { _ in rng.normal() }, k = (0..<(maxT * 64)).map { _ in rng.normal() }
-        for T in [1, 7, 8, 9, 16, 41] {
-            var paths: [[Float]] = []
-            for isa in [0, 99] {
-                _ = pf2lora_quant_set_isa(Int32(isa))
-                var sc = [Float](repeating: 0, count: g * T)
-                pf2lora_attention_scores64(q, g, k, T, 0.125, &sc)
-                paths.append(sc)
+        let maxT = 203
+        for g in [3, 1, 2, 4, 5, 6, 7] {
+            let q = (0..<(g * 64)).map { _ in rng.normal() }, k = (0..<(maxT * 64)).map { _ in rng.normal() }
+            for T in [1, 4, 7, 8, 9, 12, 16, 41, 203] {
+                var paths: [[Float]] = []
+                for isa in Self.attentionCaps {
+                    _ = pf2lora_quant_set_isa(isa)
+                    var sc = [Float](repeating: 0, count: g * T)
+                    pf2lora_attention_scores64(q, g, k, T, 0.125, &sc)
+                    paths.append(sc)
+                }
+                for p in paths.dropFirst() { #expect(paths[0].map(\.bitPattern) == p.map(\.bitPattern), "g \(g) T \(T)") }
+                for i in 0..<g {
+                    for j in 0..<T {
+                        var ref = 0.0, mag = 0.0
+                        for e in 0..<64 { let t = Double(q[i * 64 + e]) * Double(k[j * 64 + e]); ref += t; mag += abs(t) }
+                        #expect(abs(Double(paths[2][i * T + j]) - 0.125 * ref) <= 0.125 * mag * 16 * 0x1p-24, "g \(g) T \(T) head \(i) key \(j)")
+                    }
+                }
             }
-            #expect(paths[0].map(\.bitPattern) == paths[1].map(\.bitPattern), "T \(T)")
-            for i in 0..<g {
-                for j in 0..<T {
-                    var ref = 0.0, mag = 0.0
-                    for e in 0..<64 { let t = Double(q[i * 64 + e]) * Double(k[j * 64 + e]); ref += t; mag += abs(t) }
-                    #expect(abs(Double(paths[1][i * T + j]) - 0.125 * ref) <= 0.125 * mag * 16 * 0x1p-24, "T \(T) head \(i) key \(j)")
+        }
+    }
+
+    /// The head_dim-64 value pass over f32 and half rows (C): the same bits on the scalar, AVX2 and
+    /// widest (AVX-512F: up to three heads per value row) path for every head count; the half pass
+    /// equals the f32 pass on the widened rows to the bit (one fused multiply-add per term in order
+    /// of j on every path); within f32 rounding of the f64 sum.
+    @Test func values64MatchScalarAndF64() {
+        defer { _ = pf2lora_quant_set_isa(99) }
+        var rng = RNG(seed: 6)
+        for g in [3, 1, 2, 4, 5, 7] {
+            for T in [1, 7, 8, 9, 203] {
+                let p = (0..<(g * T)).map { _ in abs(rng.normal()) }, v = (0..<(T * 64)).map { _ in rng.normal() }
+                let inv = (0..<g).map { _ in 1 / Float(T) + abs(rng.normal()) * 0.01 }
+                let vh = Self.halves(v), vw = Self.widened(vh)
+                var f32Paths: [[Float]] = [], halfPaths: [[Float]] = []
+                for isa in Self.attentionCaps {
+                    _ = pf2lora_quant_set_isa(isa)
+                    var o = [Float](repeating: 0, count: g * 64), oh = o
+                    pf2lora_attention_values64(p, g, T, v, inv, &o)
+                    pf2lora_attention_values64(p, g, T, vw, inv, &oh)
+                    var o16 = [Float](repeating: 0, count: g * 64)
+                    pf2lora_attention_values64_f16(p, g, T, vh, inv, &o16)
+                    #expect(o16.map(\.bitPattern) == oh.map(\.bitPattern), "isa \(isa) g \(g) T \(T): half pass differs from f32 on widened rows")
+                    f32Paths.append(o); halfPaths.append(o16)
+                }
+                for (a, b) in zip(f32Paths.dropFirst(), halfPaths.dropFirst()) {
+                    #expect(a.map(\.bitPattern) == f32Paths[0].map(\.bitPattern), "g \(g) T \(T): f32 paths differ")
+                    #expect(b.map(\.bitPattern) == halfPaths[0].map(\.bitPattern), "g \(g) T \(T): half paths differ")
+                }
+                for i in 0..<g {
+                    for e in 0..<64 {
+                        var ref = 0.0, mag = 0.0
+                        for j in 0..<T { let t = Double(p[i * T + j]) * Double(v[j * 64 + e]); ref += t; mag += abs(t) }
+                        let got = Double(f32Paths[2][i * 64 + e]), want = ref * Double(inv[i])
+                        #expect(abs(got - want) <= mag * Double(inv[i]) * Double(T + 2) * 0x1p-24, "g \(g) T \(T) head \(i) [\(e)]")
+                    }
                 }
             }
         }
@@ -158,7 +204,7 @@ import Testing
     func halfCacheDecodeGroupWithinRoundingBound(_ hd: Int) {
         defer { _ = pf2lora_quant_set_isa(99) }
         var rng = RNG(seed: 8)
-        // g = 1, 3, 4, 5: the AVX2 value pass takes heads three at a time, then one or two.
+        // g = 1, 3, 4, 5: the score blocks and the AVX-512F value pass take heads three at a time, then one or two.
         for g in [3, 1, 4, 5] {
         for T in [1, 7, 8, 9, 40, 203] {
             let q = (0..<(g * hd)).map { _ in 2 * rng.normal() }
@@ -171,8 +217,8 @@ import Testing
                 return o
             }
             var half: [[Float]] = []
-            for isa in [0, 99] {
-                _ = pf2lora_quant_set_isa(Int32(isa))
+            for isa in Self.attentionCaps {
+                _ = pf2lora_quant_set_isa(isa)
                 half.append(run { decodeGroupHalf(q: q, heads: g, k: kh, v: vh, hd: hd, count: T, scale: scale, scores: $0, out: $1) })
                 if hd == 64 {
                     var a = [Float](repeating: 0, count: g * T), b = a
@@ -181,7 +227,7 @@ import Testing
                     #expect(a.map(\.bitPattern) == b.map(\.bitPattern), "isa \(isa) T \(T): half scores differ from widened f32")
                 }
             }
-            #expect(half[0].map(\.bitPattern) == half[1].map(\.bitPattern), "hd \(hd) g \(g) T \(T): scalar and AVX2 paths differ")
+            for h in half.dropFirst() { #expect(half[0].map(\.bitPattern) == h.map(\.bitPattern), "hd \(hd) g \(g) T \(T): scalar and vector paths differ") }
             let onWidened = run { decodeGroup(q: q, heads: g, k: kw, v: vw, hd: hd, count: T, scale: scale, scores: $0, out: $1) }
             let exact = run { decodeGroup(q: q, heads: g, k: k, v: v, hd: hd, count: T, scale: scale, scores: $0, out: $1) }
             let u: Float = 0x1p-11

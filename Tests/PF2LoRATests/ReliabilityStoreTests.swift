@@ -267,6 +267,79 @@ import Testing
         #expect(before.keys.allSatisfy { damaged[$0] != nil })
     }
 
+    /// `--store` pointed at one base's folder inside a store (`--store adapters/debian-llama` for
+    /// `--store adapters`, the natural slip with the shipped default). Before the fix the folder was
+    /// read as a store with no folder for this base: `serve` and `generate` answered with the base
+    /// model alone ("shared none; 0 clients; ready"), and a publishing command would have made a base
+    /// folder inside the base folder. Now every access mode refuses with the `--store` (and `--base`)
+    /// to pass, and nothing is created.
+    @Test func aBaseFolderGivenAsTheStoreIsRefusedWithTheStoreToPass() throws {
+        let fx = try ServerFixture(clients: ["alice"])
+        defer { fx.cleanup() }
+        let baseDir = fx.storeHandle.directory
+        let storeRoot = (baseDir as NSString).deletingLastPathComponent
+        let before = Self.tree(fx.store)
+        for (access, create) in [(StoreAccess.read, false), (.write, false), (.write, true)] {
+            do {
+                _ = try AdapterStore.open(root: baseDir, base: fx.storeHandle.base, access: access, create: create)
+                Issue.record("opened the base folder \(baseDir) as a store (\(access), create \(create))")
+            } catch let e as AdapterStoreError {
+                #expect("\(e)".contains("is the folder of one base model inside an adapter store") && "\(e)".contains("--store \(storeRoot)"), "\(e)")
+            }
+        }
+        // The same with a trailing slash, and with the manifest lost (shared/ and clients/ remain).
+        #expect(throws: AdapterStoreError.self) { _ = try AdapterStore.open(root: baseDir + "/", base: fx.storeHandle.base, access: .read, create: false) }
+        let prompt = ["--prompt", "The cat", "--max-tokens", "2", "--temperature", "0", "--threads", "1"]
+        let g = try CLITests.run(["generate", "--model", fx.model, "--store", baseDir, "--client", "alice"] + prompt)
+        #expect(g.code != 0 && g.err.contains("Pass --store \(storeRoot)"), "\(g.err)")
+        let s = try ServerProcess(["serve", "--model", fx.model, "--store", baseDir, "--threads", "1"])
+        #expect(s.finish() != 0)
+        #expect(Self.waitForStderr(s, "is the folder of one base model inside an adapter store"), "\(s.stderrText)")
+        #expect(Self.tree(fx.store) == before, "a refused open changed the store")
+        // A base folder that is not this model's: the error says so rather than suggesting --store.
+        var other = fx.storeHandle.base
+        other = BaseModelInfo(name: "other", fingerprint: "0123456789abcdef", linears: other.linears)
+        do {
+            _ = try AdapterStore.open(root: baseDir, base: other, access: .read, create: false)
+            Issue.record("opened another base's folder")
+        } catch let e as AdapterStoreError {
+            #expect("\(e)".contains("other weights than this model's"), "\(e)")
+        }
+        try FileManager.default.removeItem(atPath: baseDir + "/manifest.json")
+        do {
+            _ = try AdapterStore.open(root: baseDir, base: fx.storeHandle.base, access: .read, create: false)
+            Issue.record("opened a manifest-less base folder as a store")
+        } catch let e as AdapterStoreError {
+            #expect("\(e)".contains("no manifest"), "\(e)")
+        }
+    }
+
+    /// `adapters export-peft --out` inside the store (its base folder, a client's folder, the store
+    /// root) wrote adapter_config.json and adapter_model.safetensors among the store's own files;
+    /// `--out` naming a file said "cannot create the folder". Now both are refused before anything
+    /// is written, naming what to pass; a folder outside the store (also through a relative path
+    /// and a link into the store) is checked by its resolved path.
+    @Test func exportPEFTNeverWritesIntoTheStore() throws {
+        let fx = try ServerFixture(clients: ["alice"])
+        defer { fx.cleanup() }
+        let dir = fx.storeHandle.directory
+        let before = Self.tree(fx.store)
+        let link = fx.root + "/into-store"
+        try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: dir + "/clients")
+        for out in [dir, dir + "/clients/alice", fx.store, dir + "/new/deeper", link + "/x"] {
+            let r = try CLITests.run(["adapters", "export-peft", "--store", fx.store, "--model", fx.model, "--client", "alice", "--out", out])
+            #expect(r.code != 0 && r.err.contains("is inside the adapter store"), "\(out): \(r.err)")
+        }
+        let file = fx.root + "/a-file"
+        try Data("x".utf8).write(to: URL(fileURLWithPath: file))
+        let f = try CLITests.run(["adapters", "export-peft", "--store", fx.store, "--model", fx.model, "--client", "alice", "--out", file])
+        #expect(f.code != 0 && f.err.contains("exists and is not a folder"), "\(f.err)")
+        #expect(Self.tree(fx.store) == before, "export-peft changed the store")
+        let ok = try CLITests.run(["adapters", "export-peft", "--store", fx.store, "--model", fx.model, "--client", "alice", "--out", fx.root + "/peft"])
+        #expect(ok.code == 0 && FileManager.default.fileExists(atPath: fx.root + "/peft/adapter_model.safetensors"), "\(ok.err)")
+        #expect(!AdapterStore.isInside(fx.root + "/peft", root: fx.store) && AdapterStore.isInside(fx.store + "/../store/x", root: fx.store))
+    }
+
     /// Item 19: a file that fails its check at open is renamed aside, and the log says which file,
     /// the new name and which check failed; `adapters inspect --file` reads any file, the
     /// `.corrupt-*` one included, and names the check it fails. Before the fix the log said only

@@ -21,6 +21,9 @@ enum {
     PF2LORA_ISA_SCALAR = 0,
     PF2LORA_ISA_AVX2 = 1,     // AVX2 + FMA + F16C (x86-64-v3's vector part)
     PF2LORA_ISA_AVXVNNI = 2,  // the above + AVX-VNNI (256-bit vpdpbusd)
+    PF2LORA_ISA_AVX512 = 3,   // a cap, not a level `pf2lora_cpu_isa` reports (a CPU can have AVX-512
+                              // without AVX-VNNI): AVX-512F kernels run when the CPU has it and the cap
+                              // (`pf2lora_quant_set_isa`) is at least this
 };
 
 /// The best level this CPU (and its OS) supports.
@@ -32,6 +35,12 @@ int pf2lora_quant_isa(void);
 /// Uses at most `level` from now on (tests compare the paths; a level the CPU lacks is clamped).
 /// Returns the level in use.
 int pf2lora_quant_set_isa(int level);
+
+/// Whether the CPU (and its OS) offer AVX-512F with the zmm state saved.
+int pf2lora_cpu_has_avx512(void);
+
+/// Whether the AVX-512F kernels run now: the CPU has it and the cap is >= PF2LORA_ISA_AVX512.
+int pf2lora_use_avx512(void);
 
 /// NULL when a build whose vector code needs AVX2 + FMA + F16C (`needs_avx2`: Package.swift's
 /// default -target-cpu haswell) can run on a CPU of `isa` (from `pf2lora_cpu_isa`), else the error
@@ -69,8 +78,10 @@ void pf2lora_q8_0x4_dot_rows(const void *w, long rows, long cols, const int8_t *
                              long row0, long row1, float *out, long stride);
 
 /// Decode attention scores for head_dim 64: scores[i * T + j] = scale * (q_i . k_j) for the g query
-/// heads q_i (64 floats each, contiguous) and the T keys k_j (64 floats each, contiguous). Eight keys
-/// at a time with one transposing reduction (AVX2); the scalar path sums in the same order.
+/// heads q_i (64 floats each, contiguous) and the T keys k_j (64 floats each, contiguous). AVX2: eight
+/// keys at a time, within them up to three heads x four keys in registers (each key chunk loaded once
+/// for the heads), one transposing reduction per head and four or eight keys; the scalar path sums
+/// in the same order.
 void pf2lora_attention_scores64(const float *q, long g, const float *k, long T, float scale, float *scores);
 
 /// The half-precision KV cache (`KVCache` at f16): n floats to IEEE halves rounded to nearest even
@@ -82,9 +93,15 @@ void pf2lora_f16_to_f32(const uint16_t *h, float *x, long n);
 /// the scores equal, to the bit, those of the f32 kernel on the widened keys.
 void pf2lora_attention_scores64_f16(const float *q, long g, const uint16_t *k, long T, float scale, float *scores);
 
+/// The value pass of decode attention over T f32 values (64 floats each): for the g heads,
+/// out[i * 64 + e] = inv[i] * sum_j p[i * T + j] * v[j][e], summed in order of j with one fused
+/// multiply-add per term on every path (scalar, AVX2 one head at a time, AVX-512F three heads per
+/// value row), so the same bits on each.
+void pf2lora_attention_values64(const float *p, long g, long T, const float *v, const float *inv, float *out);
+
 /// The value pass of decode attention over T half values (64 halves each): for the g heads,
 /// out[i * 64 + e] = inv[i] * sum_j p[i * T + j] * v[j][e], summed in order of j with one fused
-/// multiply-add per term on every path (the same bits on the scalar and the AVX2 path).
+/// multiply-add per term on every path (the same bits on the scalar, AVX2 and AVX-512F paths).
 void pf2lora_attention_values64_f16(const float *p, long g, long T, const uint16_t *v, const float *inv, float *out);
 
 #ifdef __cplusplus

@@ -19,6 +19,7 @@ public enum AdapterStoreError: Error, CustomStringConvertible, Equatable {
     case noStore(root: String)
     case noBase(root: String, base: String, fingerprint: String, held: [HeldBase])
     case baseElsewhere(root: String, wanted: String, folder: String, fingerprint: String)
+    case baseFolderGiven(root: String, held: HeldBase?, suggestion: String, base: String, fingerprint: String)
     case readOnly(store: String, why: String)
 
     public var description: String {
@@ -32,6 +33,13 @@ public enum AdapterStoreError: Error, CustomStringConvertible, Equatable {
             return "store \(root) holds no adapters for base '\(b)' (fingerprint \(fp)); it holds: \(held.map(\.description).joined(separator: "; ")). Pass --base FOLDER to use one of them (its fingerprint must match the model), or give the --model or --store they were made for"
         case let .baseElsewhere(root, wanted, folder, fp):
             return "store \(root) has no folder '\(wanted)' for this model, but its folder '\(folder)' holds adapters for the same weights (fingerprint \(fp)): the model folder's name differs from the one the store was made with. Pass --base \(folder) to use them"
+        case let .baseFolderGiven(root, held, suggestion, b, fp):
+            let what = held.map { "its manifest is for base '\($0.baseModel)', fingerprint \($0.fingerprint)" } ?? "it has shared/ or clients/ but no manifest"
+            let lead = "\(root) is the folder of one base model inside an adapter store (\(what)), not a store: --store names the folder that holds such base folders"
+            if let h = held, h.fingerprint != fp {
+                return "\(lead); and it holds adapters for other weights than this model's ('\(b)', fingerprint \(fp)): give the --model they were made for, or another --store"
+            }
+            return "\(lead). Pass \(suggestion)"
         case let .readOnly(store, why):
             return "store \(store) is read-only (\(why)); it is served without writes — personalize, train_local and imports need a writable store"
         case let .invalidClientID(id, why):
@@ -240,6 +248,41 @@ public final class AdapterStore: @unchecked Sendable {
         }
     }
 
+    /// Whether `path` (which need not exist yet) is `root` or lies inside it, links resolved: the
+    /// deepest existing ancestor of `path` is resolved and the rest appended. For outputs a command
+    /// writes (`adapters export-peft --out`), which must not land among a store's own files.
+    public static func isInside(_ path: String, root: String) -> Bool {
+        func resolved(_ p: String) -> String? {
+            guard let r = realpath(p, nil) else { return nil }
+            defer { free(r) }
+            return String(cString: r)
+        }
+        guard let r = resolved(root) else { return false }
+        var head = (path as NSString).standardizingPath, tail: [String] = []
+        if !head.hasPrefix("/") { head = FileManager.default.currentDirectoryPath + "/" + head }
+        while resolved(head) == nil, head != "/" {
+            tail.insert((head as NSString).lastPathComponent, at: 0)
+            head = (head as NSString).deletingLastPathComponent
+        }
+        guard let h = resolved(head) else { return false }
+        let full = ([h] + tail).joined(separator: "/")
+        return full == r || full.hasPrefix(r.hasSuffix("/") ? r : r + "/")
+    }
+
+    /// Whether `root` is itself a base folder of some store (nil: it is not). A base folder has a
+    /// manifest, or, when the manifest was lost, a `shared/` or `clients/` folder; the inner
+    /// `HeldBase` is nil when there is no readable manifest.
+    static func baseFolderItself(_ root: String) -> HeldBase?? {
+        if let d = FileManager.default.contents(atPath: root + "/manifest.json"),
+           let m = try? JSONDecoder().decode(Manifest.self, from: d) {
+            return .some(HeldBase(folder: (root as NSString).lastPathComponent, baseModel: m.baseModel, fingerprint: m.baseFingerprint))
+        }
+        // (A base folder named `shared` or `clients`, from a model folder of that name, has its own manifest.)
+        for level in ["shared", "clients"] where isDirectory(root + "/" + level)
+            && !FileManager.default.fileExists(atPath: root + "/" + level + "/manifest.json") { return .some(nil) }
+        return nil
+    }
+
     private static func isDirectory(_ path: String) -> Bool {
         var st = stat()
         return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
@@ -262,6 +305,17 @@ public final class AdapterStore: @unchecked Sendable {
         }
         let dir = root + "/" + name
         var exists = Self.isDirectory(dir)
+        if !exists, let given = Self.baseFolderItself(root) {
+            // `--store adapters/debian-llama` for `--store adapters`: without this check the
+            // folder was read as an empty store and the base model was served with no adapters
+            // (or, for a publishing command, a base folder was made inside the base folder).
+            let r = (root as NSString).standardizingPath
+            let parent = (r as NSString).deletingLastPathComponent
+            let last = (r as NSString).lastPathComponent
+            var suggestion = "--store \(parent.isEmpty ? "." : parent)"
+            if last != name && folder == nil { suggestion += " --base \(last)" }
+            throw AdapterStoreError.baseFolderGiven(root: root, held: given, suggestion: suggestion, base: base.name, fingerprint: base.fingerprint)
+        }
         if !exists {
             let held = Self.heldBases(root: root)
             if folder == nil, let same = held.first(where: { $0.fingerprint == base.fingerprint }) {

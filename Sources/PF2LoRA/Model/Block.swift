@@ -260,38 +260,26 @@ func decodeGroup(q: UnsafePointer<Float>, heads g: Int, k: UnsafePointer<Float>,
     }
 }
 
-/// `decodeGroup` for hd = 64 (every GPT-2 size, SmolLM2, Llama-3.2): the scores of eight keys at a
-/// time for all g query heads (`pf2lora_attention_scores64`, the keys from L1 for every head), the
-/// scores of a head go through exp, and each head's weighted sum of the values keeps its 64 outputs in registers
-/// while the value rows stream past; the softmax's 1 / sum is applied once to the 64 outputs.
+/// `decodeGroup` for hd = 64 (every GPT-2 size, SmolLM2, Llama-3.2), in C: the scores of eight keys at
+/// a time, up to three query heads x four keys in registers so each key is loaded once for the heads
+/// that share it (`pf2lora_attention_scores64`), each head's scores through exp, then the value pass
+/// (`pf2lora_attention_values64`: each value row loaded once for up to three heads with AVX-512F, one
+/// head's 64 outputs in registers with AVX2), the softmax's 1 / sum applied once to the outputs.
 @inline(__always)
 func decodeGroup64(q: UnsafePointer<Float>, heads g: Int, k: UnsafePointer<Float>, v: UnsafePointer<Float>, count T: Int,
                    scale: Float, scores sc: UnsafeMutablePointer<Float>, out o: UnsafeMutablePointer<Float>) {
-    // Scores, eight keys at a time (C: one transposing reduction per eight keys instead of a
-    // horizontal sum per key, which had been a quarter of decode attention).
     pf2lora_attention_scores64(q, g, k, T, scale, sc)
-    for i in 0..<g {
-        let p = sc + i * T
-        let (_, sum) = expShiftedInPlace(p, count: T)
-        var o0 = F8(), o1 = F8(), o2 = F8(), o3 = F8(), o4 = F8(), o5 = F8(), o6 = F8(), o7 = F8()
-        for j in 0..<T {
-            let w = F8(repeating: p[j]), vr = v + j * 64
-            o0 = o0.addingProduct(w, loadF8(vr)); o1 = o1.addingProduct(w, loadF8(vr + 8))
-            o2 = o2.addingProduct(w, loadF8(vr + 16)); o3 = o3.addingProduct(w, loadF8(vr + 24))
-            o4 = o4.addingProduct(w, loadF8(vr + 32)); o5 = o5.addingProduct(w, loadF8(vr + 40))
-            o6 = o6.addingProduct(w, loadF8(vr + 48)); o7 = o7.addingProduct(w, loadF8(vr + 56))
-        }
-        let inv = F8(repeating: 1 / sum), oi = o + i * 64
-        storeF8(o0 * inv, oi); storeF8(o1 * inv, oi + 8); storeF8(o2 * inv, oi + 16); storeF8(o3 * inv, oi + 24)
-        storeF8(o4 * inv, oi + 32); storeF8(o5 * inv, oi + 40); storeF8(o6 * inv, oi + 48); storeF8(o7 * inv, oi + 56)
+    withUnsafeTemporaryAllocation(of: Float.self, capacity: g) { inv in
+        for i in 0..<g { inv[i] = 1 / expShiftedInPlace(sc + i * T, count: T).1 }
+        pf2lora_attention_values64(sc, g, T, v, inv.baseAddress!, o)
     }
 }
 
 /// `decodeGroup` over a half-precision cache (`KVCache` at f16): keys and values are rows of `hd`
 /// IEEE halves, widened exactly as they are read, so the result is `decodeGroup`'s on the widened
-/// rows within f32 summation order. hd = 64 runs in C (`pf2lora_attention_scores64_f16`, the
-/// softmax as `decodeGroup64`'s, `pf2lora_attention_values64_f16`); other head sizes widen one row
-/// at a time.
+/// rows within f32 summation order. hd = 64 runs in C as `decodeGroup64` (`pf2lora_attention_scores64_f16`:
+/// the f32 kernel's bits on the widened keys, each key chunk widened once in registers for up to three
+/// heads; `pf2lora_attention_values64_f16`); other head sizes widen one row at a time.
 @inline(__always)
 func decodeGroupHalf(q: UnsafePointer<Float>, heads g: Int, k: UnsafePointer<UInt16>, v: UnsafePointer<UInt16>, hd: Int, count T: Int,
                      scale: Float, scores sc: UnsafeMutablePointer<Float>, out o: UnsafeMutablePointer<Float>) {

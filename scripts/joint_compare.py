@@ -16,9 +16,10 @@ client's loss with the shared pair alone, read at the end of each run), cost, an
 """
 import argparse
 import json
-import math
 import pathlib
 import sys
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from experiment import mean_ci  # noqa: E402  (one t-interval for every results page)
 
 METHODS = ["pf2lora", "homlora", "perfedavg", "hetlora", "local", "fedavg-ft"]
 NAMES = {"pf2lora": "PF2LoRA", "homlora": "HOMLoRA", "perfedavg": "Per-FedAvg-LoRA", "hetlora": "HETLoRA",
@@ -29,15 +30,6 @@ J = "pf2lora-joint"
 def point_id(p):
     return "_".join(f"{k}={v}" for k, v in sorted(p.items())) or "default"
 
-
-def mean_ci(xs):
-    from scipy import stats
-    n = len(xs)
-    m = sum(xs) / n
-    if n < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    return m, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
 
 
 def holm(ps):

@@ -18,13 +18,14 @@ when done), so an interrupted script resumes; settings.json refuses a rerun with
 """
 import argparse
 import json
-import math
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
 import time
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from experiment import mean_ci  # noqa: E402  (one t-interval for every results page)
 
 METHODS = ["pf2lora", "homlora", "perfedavg", "hetlora", "local", "fedavg-ft"]
 NAMES = {"pf2lora": "PF2LoRA", "homlora": "HOMLoRA", "perfedavg": "Per-FedAvg-LoRA", "hetlora": "HETLoRA",
@@ -82,15 +83,6 @@ def run(binary, root, stage, method, point, seed):
     os.rename(part, d)
     return json.loads(f.read_text())
 
-
-def mean_ci(xs):
-    from scipy import stats
-    n = len(xs)
-    m = sum(xs) / n
-    if n < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    return m, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
 
 
 def prepare_root(root, who):

@@ -14,13 +14,10 @@ import json
 import pathlib
 import sys
 
-NAMES = {"pf2lora": "PF2LoRA", "homlora": "HOMLoRA", "perfedavg": "Per-FedAvg-LoRA", "hetlora": "HETLoRA",
-         "local": "Local-only LoRA", "fedavg-ft": "FedAvg-LoRA + FT", "pf2lora-joint": "PF2LoRA, joint (ablation)"}
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from experiment import NAMES, point_id  # noqa: E402  (the method names and point naming of the runs it reads)
+
 ALLOWED = {"rounds", "eval_every", "name"}
-
-
-def point_id(p):
-    return "_".join(f"{k}={v}" for k, v in sorted(p.items())) or "default"
 
 
 def grid(root, m, points):

@@ -19,17 +19,9 @@ import json
 import pathlib
 import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from experiment import mean_ci  # noqa: E402  (one t-interval for every results page)
+from experiment import METHODS, NAMES, mean_ci, point_id  # noqa: E402  (one list of methods, one t-interval, one point naming)
 
-METHODS = ["pf2lora", "homlora", "perfedavg", "hetlora", "local", "fedavg-ft"]
-NAMES = {"pf2lora": "PF2LoRA", "homlora": "HOMLoRA", "perfedavg": "Per-FedAvg-LoRA", "hetlora": "HETLoRA",
-         "local": "Local-only LoRA", "fedavg-ft": "FedAvg-LoRA + FT", "pf2lora-joint": "PF2LoRA, joint (ablation)"}
 J = "pf2lora-joint"
-
-
-def point_id(p):
-    return "_".join(f"{k}={v}" for k, v in sorted(p.items())) or "default"
-
 
 
 def holm(ps):

@@ -116,7 +116,7 @@ struct GenerateCommand: ParsableCommand {
         let ids: [Int]
         if let messages {
             // The template writes the special tokens (BOS) itself.
-            let text = try ChatTemplate(folder: options.model).render(messagesJSON: messages, addGenerationPrompt: true)
+            let text = try ChatTemplate(folder: options.model).render(messages: try ChatMessage.openAI(json: messages), addGenerationPrompt: true)
             ids = tok.encode(text, addSpecialTokens: false)
         } else {
             ids = tok.encode(prompt ?? "")

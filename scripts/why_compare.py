@@ -61,9 +61,64 @@ def update_norms(store):
     return shared, clients
 
 
+def rate_grid(folder, methods, runs, point, settings, seed):
+    """The client-rate grid's table: every variant's mean valid loss at seed SEED at its client rate x each multiplier (x 1:
+    its run in the main roots), the selection, and whether the grid is complete (equal for every variant shown)."""
+    cells, mults = {}, set()
+    for r in sorted(folder.iterdir()):
+        if not (r / "settings.json").exists():
+            continue
+        st, pts = load_root(r)
+        if {k: v for k, v in st.items() if k not in ("grids", "name", "prior_selection")} != settings:
+            sys.exit(f"why_compare: {r} differs in settings from the main roots")
+        (m, p), = pts.items()
+        mult = r.name.rsplit("-x", 1)[1]
+        f = r / "seeds" / m / f"seed{seed}" / "metrics.json"
+        if f.exists():
+            cmd = (f.parent / "command.txt").read_text().split()
+            got = {cmd[i][2:]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i][2:] in p}
+            if got != {k: str(v) for k, v in p.items()}:
+                sys.exit(f"why_compare: {f.parent} was not run at {p}")
+            cells[(m, mult)] = (json.loads(f.read_text()), p)
+            mults.add(mult)
+    ms = sorted(mults | {"1"}, key=float)
+    out = [f"## The client level's rate: an equal grid at seed {seed} (valid split)", "",
+           f"Each variant at its client rate times {', '.join(ms)} (x 1: the run above; the same multipliers for every variant), "
+           f"everything else at its point. Mean valid loss over the clients at seed {seed}, the split a selection would use; "
+           "**bold**: the variant's lowest. A variant whose grid is not complete is marked; its selection is not made.", "",
+           "| variant | " + " | ".join(f"x {x}" for x in ms) + " | client rate selected | test at that rate, seed " + str(seed) + " |",
+           "|---|" + "---:|" * len(ms) + "---|---:|"]
+    moved = []
+    for m in methods:
+        row = {}
+        for x in ms:
+            if x == "1":
+                row[x] = (runs[m][seed]["mean_valid_loss"], runs[m][seed]["mean_test_loss"], point[m].get("lr2"))
+            elif (m, x) in cells:
+                r, p = cells[(m, x)]
+                row[x] = (r["mean_valid_loss"], r["mean_test_loss"], p["lr2"])
+        if len(row) == 1:
+            continue
+        full = len(row) == len(ms)
+        best = min(row, key=lambda x: row[x][0]) if full else None
+        rate = lambda x: (row[x][2] if m not in ("pf2lora-joint",) or x != "1" else point[m]["lr"])
+        out.append(f"| {SHORT.get(m, m)} | " + " | ".join(
+            ("" if x not in row else (f"**{row[x][0]:.4f}**" if x == best else f"{row[x][0]:.4f}")) for x in ms) +
+            (f" | x {best} ({rate(best)}) | {row[best][1]:.4f} |" if full else " | grid incomplete | |"))
+        if full and best != "1":
+            moved.append(f"{SHORT.get(m, m)} (x {best})")
+    out += ["", ("Selections that move off the variant's point: " + ", ".join(moved) + "; the 3-seed tables above are at the points, "
+                 "not at the moved selections." if moved else "No complete grid moves its variant's selection off x 1: the 3-seed "
+                 "tables above are at the selected client rates."), ""]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--roots", required=True, help="comma-separated experiment folders")
+    ap.add_argument("--rate-roots", default="", help="folder of the client-rate grid: <variant>-x<mult>/ experiment roots, seed "
+                    "--select-seed only (scripts/why_runs.py --stage rates)")
+    ap.add_argument("--select-seed", type=int, default=0)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--title", default="Why PF2LoRA trails its joint ablation on data to text: the client level's training")
     ap.add_argument("--out", default="-")
@@ -171,8 +226,8 @@ def main():
         vl = sum(runs[m][s]["mean_valid_loss"] for s in seeds) / len(seeds)
         out.append(f"| {SHORT.get(m, m)} | {overall[m][0]:.4f} ± {overall[m][1]:.4f} | {so_overall[m][0]:.4f} ± {so_overall[m][1]:.4f} | "
                    f"{gain[m][0]:.4f} ± {gain[m][1]:.4f} | {nb} | {nc} | {vl:.4f} |")
-    out += ["", f"Base (no adapter): {base:.4f}. The norms are those of the trained updates (sum of squares over the 48 adapted "
-            "modules, square root), at the end of the run; the client column is the mean over the clients.", ""]
+    out += ["", f"Base (no adapter): {base:.4f}. The norms are those of the trained updates (sum of squares over the adapted "
+            "modules, square root; the trained adapters of the run's store), at the end of the run; the client column is the mean over the clients.", ""]
 
     out += ["## Planned contrasts (test loss, paired over the clients' seed-means)", "",
             f"Differences a − b over the {len(clients)} clients' seed-means (negative: a is lower), mean ± 95 % t-interval over clients, "
@@ -206,6 +261,8 @@ def main():
                 "how much the optimizer's effect changes between the alternating and the joint schedule."]
     out.append("")
 
+    if a.rate_roots:
+        out += rate_grid(pathlib.Path(a.rate_roots), methods, runs, point, settings, a.select_seed)
     out += ["## Test loss per client (seed-means)", "", "| client | base | " + " | ".join(SHORT.get(m, m) for m in methods) + " |",
             "|---|---:|" + "---:|" * len(methods)]
     for c in clients:

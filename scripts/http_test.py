@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import socket as socketlib
 import subprocess
 import sys
 import tempfile
@@ -221,6 +222,17 @@ def run_checks(srv, clients, exchange):
                                            "params": {"client": clients[0], "prompt": prompt, "max_tokens": 24, "temperature": 0}}) + "\n",
                          capture_output=True, text=True, timeout=120)
     check(json.loads(out.stdout.splitlines()[0])["result"]["text"] == texts[clients[0]], "HTTP and stdio give the same greedy text")
+
+    # A port already taken: an error line and status 1 before "ready" (it said "ready", logged the bind
+    # failure as a note, drained and exited 0).
+    with socketlib.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([BIN, "serve", "--model", MODEL, "--store", os.path.join(os.path.dirname(exchange), "store"),
+                              "--http", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    check(out.returncode == 1 and f"error: cannot serve HTTP on 127.0.0.1:{port}" in out.stderr and "ready" not in out.stderr,
+          f"a port in use: an error and status 1 ({out.returncode}: {out.stderr.strip()[-300:]})")
 
     # n, seed, stop, logprobs, usage in the stream.
     r = client.completions.create(model=clients[0], prompt=prompt, max_tokens=8, temperature=1.0, seed=3, n=3, logprobs=2)

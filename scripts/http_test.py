@@ -231,7 +231,7 @@ def run_checks(srv, clients, exchange):
         port = taken.getsockname()[1]
         out = subprocess.run([BIN, "serve", "--model", MODEL, "--store", os.path.join(os.path.dirname(exchange), "store"),
                               "--http", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    check(out.returncode == 1 and f"error: cannot serve HTTP on 127.0.0.1:{port}" in out.stderr and "ready" not in out.stderr,
+    check(out.returncode == 1 and f"error: cannot serve HTTP on 127.0.0.1:{port}" in out.stderr and "; ready" not in out.stderr,
           f"a port in use: an error and status 1 ({out.returncode}: {out.stderr.strip()[-300:]})")
 
     # n, seed, stop, logprobs, usage in the stream.

@@ -48,6 +48,9 @@ import Testing
 
     @Test func badInputGivesOneErrorLine() throws {
         Self.expectOneErrorLine(try Self.run(["generate", "--model", "/nonexistent/m", "--prompt", "x"]), "does not exist")
+        // The weights file given as --model: it exists, so "does not exist" misled.
+        Self.expectOneErrorLine(try Self.run(["generate", "--model", Self.tiny + "/model.safetensors", "--prompt", "x"]),
+                                "model.safetensors is a file; --model takes the folder")
         let dir = TestPaths.tempDir("cli")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         for f in ["config.json", "tokenizer.json"] { try FileManager.default.copyItem(atPath: Self.tiny + "/" + f, toPath: dir + "/" + f) }

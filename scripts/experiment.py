@@ -39,8 +39,20 @@ NAMES = {"pf2lora": "PF2LoRA", "homlora": "HOMLoRA", "perfedavg": "Per-FedAvg-Lo
 SELECT_SEED = 100
 # Ablation variants that can be run beside the six methods (--methods ...,pf2lora-joint): the federate method and
 # the extra flags that make the variant. Not in the default method list.
-VARIANTS = {"pf2lora-joint": ("pf2lora", {"variant": "joint"})}
+VARIANTS = {"pf2lora-joint": ("pf2lora", {"variant": "joint"}),
+            # Which part of the client level's training matters (docs/RESULTS-data-to-text-why.md, scripts/why_compare.py):
+            # the bilevel method with an AdamW of its own on (C_k, D_k) at lr2, scheduled like the shared level's rate ...
+            "pf2lora-adamw": ("pf2lora", {"lower-optimizer": "adamw", "schedule-lower-lr": "true"}),
+            # ... and the joint variant with the method's SGD on (C_k, D_k) at lr2 (constant, as the method's).
+            "pf2lora-joint-sgd": ("pf2lora", {"variant": "joint", "lower-optimizer": "sgd"}),
+            # The same flags at other points (their points, e.g. the split or the minibatch, come from the selection JSON).
+            "pf2lora-joint-half": ("pf2lora", {"variant": "joint"}),
+            "pf2lora-adamw-2x3": ("pf2lora", {"lower-optimizer": "adamw", "schedule-lower-lr": "true"})}
 NAMES["pf2lora-joint"] = "PF2LoRA, joint (ablation)"
+NAMES["pf2lora-adamw"] = "PF2LoRA, AdamW client level (ablation)"
+NAMES["pf2lora-joint-sgd"] = "joint, SGD client level (ablation)"
+NAMES["pf2lora-joint-half"] = "joint, half the steps (ablation)"
+NAMES["pf2lora-adamw-2x3"] = "PF2LoRA, AdamW client level, 2 x (2 + 1) (ablation)"
 
 
 LRS = "5e-3,1e-2,2e-2"

@@ -36,6 +36,10 @@ struct FederateCommand: ParsableCommand {
     @Option(name: .customLong("hetlora-prune"), help: "HETLoRA prunes its tail rank when its norm falls below this fraction of the whole update's.") var hetloraPrune: Float = 0.05
     @Option(help: "PF2LoRA ablations: bilevel (the method), joint (one AdamW on both levels, no alternation) or client-only (no shared level).")
     var variant: String = "bilevel"
+    @Option(name: .customLong("lower-optimizer"), help: "PF2LoRA ablation: the client level's optimizer, sgd or adamw (its own, fresh each round), at --lr2. Default: the variant's own (bilevel: SGD; joint: the one AdamW of both levels at --lr).")
+    var lowerOptimizer: String?
+    @Option(name: .customLong("schedule-lower-lr"), help: "PF2LoRA: whether the round schedule (cosine) also scales --lr2 (true/false).")
+    var scheduleLowerLR: Bool = false
     @Option(name: .customLong("fine-tune-steps"), help: "FedAvg+FT's fine-tuning steps after the rounds. --budget steps: on top of the rounds (default 5 x --local-steps); compute: taken out of the same budget, the rounds share the rest (default one round's worth).")
     var fineTuneSteps: Int?
     @Option(name: .customLong("baseline-rank"), help: "Rank of the single-level baselines (default rank + rank2; HOMLoRA at --baseline-rank = rank is PF2LoRA with r2 = 0).")
@@ -69,6 +73,9 @@ struct FederateCommand: ParsableCommand {
         guard PF2LoRAVariant(rawValue: variant) != nil else {
             throw ValidationError("unknown --variant '\(variant)'; use \(PF2LoRAVariant.allCases.map(\.rawValue).joined(separator: ", "))")
         }
+        if let o = lowerOptimizer, LowerOptimizer(rawValue: o) == nil {
+            throw ValidationError("unknown --lower-optimizer '\(o)'; use \(LowerOptimizer.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
         if let r = baselineRank, r < 1 { throw ValidationError("--baseline-rank must be >= 1") }
         if let f = fineTuneSteps, f < 0 { throw ValidationError("--fine-tune-steps must be >= 0") }
         guard evalEvery >= 0, evalWindows >= 0 else { throw ValidationError("--eval-every and --eval-windows must be >= 0 (0 = off)") }
@@ -81,8 +88,6 @@ struct FederateCommand: ParsableCommand {
         let pf2loraVariant = PF2LoRAVariant(rawValue: variant)!
         let (model, tok) = try options.loadModel()
         let kinds = try parseTargets(targets, model.architecture)
-        guard let store = try options.openStore(model, access: .write, create: true, command: "federate") else { throw CLIError("federate needs --store DIR") }
-        if let why = store.readOnlyReason { throw CLIError(AdapterStoreError.readOnly(store: store.directory, why: why).description) }
         let only = clients?.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
         let t0 = now()
         let clientData = try tokenCache.map { try TokenCache.load(folder: data, modelFolder: options.model, tokenizer: tok, clients: only, cacheDir: $0) }
@@ -91,6 +96,10 @@ struct FederateCommand: ParsableCommand {
         let task = try LMTask(weights: model.weights, clients: clientData, batchSize: batch, seqLen: T, targets: kinds,
                                   padToken: textSeparator(tok))
         if evalWindows > 0 { task.evalWindowLimit = evalWindows }
+        // The store is opened (and created when missing) only once --data has been read: a missing
+        // or empty data folder used to leave a new, empty store behind.
+        guard let store = try options.openStore(model, access: .write, create: true, command: "federate") else { throw CLIError("federate needs --store DIR") }
+        if let why = store.readOnlyReason { throw CLIError(AdapterStoreError.readOnly(store: store.directory, why: why).description) }
         log(String(format: "federate: %d clients (%@), %d train texts, %d train tokens; tokenized in %.1fs", clientData.count,
                    clientData.map(\.id).joined(separator: ", "), clientData.reduce(0) { $0 + $1.train.textCount },
                    clientData.reduce(0) { $0 + $1.train.tokens.count }, now() - t0))
@@ -103,6 +112,7 @@ struct FederateCommand: ParsableCommand {
         fc.budget = budgetMode; fc.skipTest = noTest; fc.pf2loraVariant = pf2loraVariant; fc.baselineRank = baselineRank
         fc.perFedAvgInnerLR = innerLR; fc.hetloraLambda = hetloraLambda; fc.hetloraPruneRatio = hetloraPrune
         fc.fineTuneSteps = fineTuneSteps
+        fc.lowerOptimizer = lowerOptimizer.flatMap(LowerOptimizer.init(rawValue:)); fc.scheduleLowerLR = scheduleLowerLR
 
         // Refuse early when the shared level's shape would not match the store's (HETLoRA's is known only at the end).
         let ids = clientData.map(\.id)
@@ -176,6 +186,7 @@ struct FederateCommand: ParsableCommand {
                 "model": model.folder, "store": store.directory, "shared_version": versions.shared,
                 "budget": budgetMode.rawValue, "local_iterations": result.localIterations,
                 "variant": pf2loraVariant.rawValue, "baseline_rank": fc.singleRank,
+                "lower_optimizer": fc.lowerOptimizer?.rawValue ?? "default", "schedule_lower_lr": scheduleLowerLR,
                 "gradient_evaluations_per_round": fc.evaluationsPerRound(for: m), "tokens_per_evaluation": tokensPerEvaluation,
                 "fine_tune_steps": m == .fedavgFT ? fc.fineTuneIterations() : 0,
                 "gradient_evaluations": evaluations, "tokens": evaluations * tokensPerEvaluation,

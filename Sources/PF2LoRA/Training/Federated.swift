@@ -51,6 +51,16 @@ public enum PF2LoRAVariant: String, CaseIterable, Codable, Sendable {
     case clientOnly = "client-only"
 }
 
+/// The optimizer of PF2LoRA's client level (C_k, D_k), an ablation knob (docs/METHOD.md "Ablations"; issue 13: which
+/// part of the client level's training makes the difference between the method and its joint ablation).
+public enum LowerOptimizer: String, CaseIterable, Codable, Sendable {
+    /// `torch.optim.SGD` with `lowerMomentum`: the method's.
+    case sgd
+    /// An AdamW of its own (the config's betas and weight decay), fresh each round like the client's copy of the shared
+    /// level's; the same per-coordinate update as the joint variant's one AdamW gives the client level.
+    case adamw
+}
+
 /// How HETLoRA's server weighs the zero-padded client uploads.
 public enum HETLoRAAggregation: String, Codable, Sendable {
     /// The paper's sparsity-weighted aggregation: weight ||s B_k A_k||_F / Z.
@@ -86,6 +96,11 @@ public struct FederatedConfig: Codable, Sendable {
     /// PF2LoRA as published (`.bilevel`) or an ablation of it.
     public var pf2loraVariant: PF2LoRAVariant = .bilevel
     public var lowerMomentum: Float = 0
+    /// The client level's optimizer, at the rate `lowerLR` (times the round schedule when `scheduleLowerLR`), in every
+    /// variant. nil: the variant's own: SGD for bilevel and client-only; for joint, the one AdamW
+    /// of both levels at `upperLR`, scheduled (then `lowerLR` is unused). With `.adamw`, `lowerLR = upperLR` and
+    /// `scheduleLowerLR`, the joint variant takes exactly its default steps.
+    public var lowerOptimizer: LowerOptimizer? = nil
     /// Whether the round schedule also scales the lower-level rate (false: the lower SGD rate is constant,
     /// so the client level keeps converging to its optimum at the end, which the hypergradient relies on).
     public var scheduleLowerLR = false

@@ -4,7 +4,8 @@ import Foundation
 ///
 /// Server state: x = {A, B} of rank r. Client state: y_k = {C_k, D_k} of rank r2, never uploaded,
 /// kept across rounds. In a round every sampled client copies x and runs `localSteps` iterations of
-///   a. `lowerSteps` SGD steps on y_k with x fixed (gradient of f_k with respect to y only),
+///   a. `lowerSteps` SGD steps on y_k with x fixed (gradient of f_k with respect to y only; AdamW with
+///      `lowerOptimizer = .adamw`, an ablation),
 ///   b. one AdamW step on its copy of x with the first-order hypergradient grad_x f_k(x, y_k)
 ///      at the current y_k (exact at the lower optimum by the envelope theorem);
 /// the server then sets x to the average of the copies weighted by p_k = n_k / sum over the sampled n_j.
@@ -78,19 +79,27 @@ func pf2loraLocalIterations(task: FederatedTask, client k: Int, shared x: Parame
                             config: FederatedConfig, lrFactor: Float, upper: AdamW, rng: inout RNG,
                             afterIteration: (_ iteration: Int, _ upperLoss: Float) throws -> Void) rethrows -> Float {
     let gx = x.zerosLike(), gy = y.zerosLike()
-    let lower = SGD(momentum: config.lowerMomentum)
+    // The client level's optimizer (fresh each call, i.e. each round, as the shared level's copy) and rate.
+    let lower: Optimizer = config.lowerOptimizer == .adamw ? makeAdamW(config) : SGD(momentum: config.lowerMomentum)
+    let lowerRate = config.lowerLR * (config.scheduleLowerLR ? lrFactor : 1)
     let adapter = TwoLevelAdapter(shared: x, sharedScale: config.sharedScale, local: y, localScale: config.localScale)
     var sum: Float = 0
     switch config.pf2loraVariant {
     case .bilevel: break
     case .joint:
-        // Ablation: one minibatch, both gradients, one AdamW step on (A, B, C_k, D_k) together.
+        // Ablation: one minibatch, both gradients (clipped together), then one step on (A, B, C_k, D_k): by one AdamW at
+        // upperLR (default), or with `lowerOptimizer` set, AdamW on (A, B) and the client level's own optimizer on (C_k, D_k).
         let both = ParameterSet(x.entries + y.entries), grads = ParameterSet(gx.entries + gy.entries)
         for it in 0..<config.localSteps {
             let loss = task.lossAndGradients(client: k, adapter: adapter, sharedGrad: gx, localGrad: gy, rng: &rng)
             sum += loss
             maybeClip(grads, config)
-            upper.step(both, grads, lr: config.upperLR * lrFactor)
+            if config.lowerOptimizer == nil {
+                upper.step(both, grads, lr: config.upperLR * lrFactor)
+            } else {
+                upper.step(x, gx, lr: config.upperLR * lrFactor)
+                lower.step(y, gy, lr: lowerRate)
+            }
             try afterIteration(it + 1, loss)
         }
         return sum / Float(config.localSteps)
@@ -100,7 +109,7 @@ func pf2loraLocalIterations(task: FederatedTask, client k: Int, shared x: Parame
             let loss = task.lossAndGradients(client: k, adapter: adapter, sharedGrad: nil, localGrad: gy, rng: &rng)
             sum += loss
             maybeClip(gy, config)
-            lower.step(y, gy, lr: config.lowerLR * (config.scheduleLowerLR ? lrFactor : 1))
+            lower.step(y, gy, lr: lowerRate)
             try afterIteration(it + 1, loss)
         }
         return sum / Float(config.localSteps)
@@ -109,7 +118,7 @@ func pf2loraLocalIterations(task: FederatedTask, client k: Int, shared x: Parame
         for _ in 0..<config.lowerSteps {   // lower level: y_k <- y_k - eta grad_y f_k(x, y_k)
             _ = task.lossAndGradients(client: k, adapter: adapter, sharedGrad: nil, localGrad: gy, rng: &rng)
             maybeClip(gy, config)
-            lower.step(y, gy, lr: config.lowerLR * (config.scheduleLowerLR ? lrFactor : 1))
+            lower.step(y, gy, lr: lowerRate)
         }
         // upper level: hypergradient estimate grad_x f_k(x, y_k) at the current y_k
         let upperLoss = task.lossAndGradients(client: k, adapter: adapter, sharedGrad: gx, localGrad: nil, rng: &rng)

@@ -161,7 +161,7 @@ def make_model(args):
         # GPT-2's own tokenizer (llama.cpp's converter recognises it by hash; without it `model random`
         # generates an untrained byte-level BPE the converter rejects).
         tok = ["--tokenizer", str(SHARED_TOKENIZER)] if config == "gpt2" and SHARED_TOKENIZER.exists() else []
-        subprocess.run([args.pf2lora, "model", "random", "--config", config, "--out", str(d), "--seed", str(args.seed)] + tok,
+        subprocess.run([args.pf2lora, "model", "random", "--config", config, "--out", str(d), "--seed", str(args.seed), "--force"] + tok,
                        check=True, stdout=sys.stderr)
     elif args.shape == "smollm2-135m":
         log(f"making the model with transformers LlamaForCausalLM(SmolLM2-135M config), float32, in {d}")

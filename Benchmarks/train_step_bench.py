@@ -9,7 +9,7 @@ intra-op threads; pf2lora with the same number of OpenBLAS threads. The two side
 (pf2lora, torch, pf2lora, torch) so that machine noise hits both.
 
     swift build -c release
-    .build/release/pf2lora model random --config gpt2 --out /tmp/g124
+    .build/release/pf2lora model random --config gpt2 --out /tmp/g124 --force
     python3 Benchmarks/train_step_bench.py --model /tmp/g124 --out Benchmarks/results/train_step.md
 
 Writes a Markdown table (stdout, and --out if given).

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import socket as socketlib
 import subprocess
 import sys
 import tempfile
@@ -222,6 +223,17 @@ def run_checks(srv, clients, exchange):
                          capture_output=True, text=True, timeout=120)
     check(json.loads(out.stdout.splitlines()[0])["result"]["text"] == texts[clients[0]], "HTTP and stdio give the same greedy text")
 
+    # A port already taken: an error line and status 1 before "ready" (it said "ready", logged the bind
+    # failure as a note, drained and exited 0).
+    with socketlib.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([BIN, "serve", "--model", MODEL, "--store", os.path.join(os.path.dirname(exchange), "store"),
+                              "--http", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    check(out.returncode == 1 and f"error: cannot serve HTTP on 127.0.0.1:{port}" in out.stderr and "; ready" not in out.stderr,
+          f"a port in use: an error and status 1 ({out.returncode}: {out.stderr.strip()[-300:]})")
+
     # n, seed, stop, logprobs, usage in the stream.
     r = client.completions.create(model=clients[0], prompt=prompt, max_tokens=8, temperature=1.0, seed=3, n=3, logprobs=2)
     check(len(r.choices) == 3 and [c.index for c in r.choices] == [0, 1, 2], "n=3 gives three choices")
@@ -230,6 +242,10 @@ def run_checks(srv, clients, exchange):
     check(all(len(t) <= 2 for t in lp.top_logprobs), "top_logprobs has at most 2 entries")
     r2 = client.completions.create(model=clients[0], prompt=prompt, max_tokens=8, temperature=1.0, seed=3, n=3)
     check([c.text for c in r2.choices] == [c.text for c in r.choices], "the same seed gives the same choices")
+    # Without a seed each request samples afresh (it was seed 0 every time: the same text on every retry).
+    unseeded = [client.completions.create(model=clients[0], prompt=prompt, max_tokens=16, temperature=1.0).choices[0].text
+                for _ in range(3)]
+    check(len(set(unseeded)) > 1, f"requests without a seed sample afresh ({unseeded})")
     r = client.completions.create(model=clients[0], prompt=prompt, max_tokens=40, temperature=0, stop=["\n"])
     check("\n" not in r.choices[0].text, "stop strings cut the text")
     chunks = list(client.completions.create(model=clients[0], prompt=prompt, max_tokens=5, temperature=0, stream=True,
@@ -254,6 +270,19 @@ def run_checks(srv, clients, exchange):
                           "--client", clients[2], "--messages", json.dumps(msgs), "--max-tokens", "16", "--temperature", "0"],
                          capture_output=True, text=True, timeout=120)
     check(out.stdout.rstrip("\n") == text, f"chat over HTTP equals `generate --messages` ({out.stdout!r} vs {text!r})")
+    # Content as a list of text parts (the openai clients' other form) reads as the joined text; an image part is refused.
+    parted = [msgs[0], {"role": "user", "content": [{"type": "text", "text": "Tell me"}, {"type": "text", "text": "a fortune."}]}]
+    joined = [msgs[0], {"role": "user", "content": "Tell me\na fortune."}]
+    a = client.chat.completions.create(model=clients[2], messages=parted, max_tokens=8, temperature=0)
+    b = client.chat.completions.create(model=clients[2], messages=joined, max_tokens=8, temperature=0)
+    check(a.choices[0].message.content == b.choices[0].message.content and a.usage.prompt_tokens == b.usage.prompt_tokens,
+          f"text parts read as their joined text ({a.usage.prompt_tokens} vs {b.usage.prompt_tokens} prompt tokens)")
+    try:
+        client.chat.completions.create(model=clients[2], max_tokens=1, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}])
+        check(False, "an image part is refused")
+    except openai.BadRequestError as e:
+        check("image_url" in e.message, f"an image part: 400 naming it ({e.message})")
     r = client.chat.completions.create(model=clients[2], messages=msgs, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
     check(len(r.choices[0].logprobs.content) == 4 and len(r.choices[0].logprobs.content[0].top_logprobs) == 3, "chat logprobs")
 

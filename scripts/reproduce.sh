@@ -66,7 +66,7 @@ if [ -z "${SKIP_PRETRAIN:-}" ]; then
     LAST="$PRE2"
   fi
   "$BIN" pretrain --data "$CORPUS/pretrain" --tokenizer models/debian-llama --out "$RUNS/pretrain" $LAST --resume --eval-batches 1000 > "$RUNS/pretrain-eval.json"
-  "$BIN" model convert --model "$RUNS/pretrain" --out models/debian-llama --dtype f16
+  "$BIN" model convert --model "$RUNS/pretrain" --out models/debian-llama --dtype f16 --force
 fi
 
 say "federation: PF2LoRA on the section clients"

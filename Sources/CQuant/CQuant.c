@@ -348,8 +348,12 @@ static void dot4_scalar(const uint8_t *q, const uint8_t *sc, long nb, const int8
 // products alone keep too few cache misses in flight to reach a plain read's bandwidth at 1 thread,
 // so each iteration asks for the four lines X4_PREFETCH_BYTES ahead (past a matrix's end they are
 // harmless hints). A C microbenchmark over the SmolLM2 shape's 143 MB (alternating rounds): products
-// 0.76-0.78x of a plain read without, 0.86-0.95x with 1-3 KB ahead. Loads only: no result changes.
-#define X4_PREFETCH_BYTES 1536
+// 0.76-0.78x of a plain read without, 0.86-0.95x with 1-3 KB ahead (session 7's machine). On session
+// 11's (AMD, family 26; Benchmarks/q8_0x4_stream_microbench.c, thread CPU time, per-round ratios)
+// 1.5 KB gave 0.82-0.88x and 4-8 KB 0.92-1.00x (SmolLM2 and GPT-2 shapes), flat over 4-8 KB: 6 KB.
+// A plain read gains nothing from the same hints (0.98-1.01x), so the read bound stands. Loads
+// only: no result changes.
+#define X4_PREFETCH_BYTES 6144
 #define X4_PREFETCH(Q)                                                                           \
     _mm_prefetch((const char *)(Q) + X4_PREFETCH_BYTES, _MM_HINT_T0);                            \
     _mm_prefetch((const char *)(Q) + X4_PREFETCH_BYTES + 64, _MM_HINT_T0);                       \

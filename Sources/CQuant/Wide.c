@@ -48,7 +48,7 @@
         WIDE_CASE(TILE, 2, 3) WIDE_CASE(TILE, 2, 2) WIDE_CASE(TILE, 2, 1)                           \
         WIDE_CASE(TILE, 1, 3) WIDE_CASE(TILE, 1, 2) WIDE_CASE(TILE, 1, 1)                           \
     }
-#define WIDE_PREFETCH_BYTES 1024
+#define WIDE_PREFETCH_BYTES 6144
 
 // MARK: - Weight loads (scalar)
 
@@ -177,8 +177,10 @@ WIDE_TILE(wide_bf16_tile, uint16_t, wide_bf16_8, wide_bf16_1)
 // same sums as a tile's four passes). The rows lie one after another, so the pass streams the whole
 // matrix. 16-bit rows: each 64-byte line asks for the one WIDE_PREFETCH_BYTES ahead (a hint: past
 // the end it is harmless, the sums are unchanged). C microbenchmark, SmolLM2 shape at f16 (270 MB,
-// alternating rounds): 0.79x of a plain read without, 0.84-0.88x with 1 KB ahead. f32 rows: no
-// hint (0.72-0.87x of a plain read with 1-2 KB ahead, 0.87-0.94x without; session 8).
+// alternating rounds): 0.79x of a plain read without, 0.84-0.88x with 1 KB ahead (session 5's
+// machine); on session 11's (AMD, family 26; Benchmarks/wide_stream_microbench.c, per-round ratios)
+// 1 KB gave 0.84-0.86x, 4 KB 0.96-0.99x, 6 KB 0.98-0.99x, 8 KB 0.97-0.98x (SmolLM2, GPT-2): 6 KB.
+// f32 rows: no hint (0.72-0.87x of a plain read with 1-2 KB ahead, 0.87-0.94x without; session 8).
 #define WIDE_ROW4(NAME, T, LOAD8, LOAD1, PREFETCH)                                                    \
 __attribute__((target("avx2,fma,f16c")))                                                            \
 static void NAME(const T *w, long C, const float *x, long r0, long r1, float *out) {                \

@@ -394,7 +394,10 @@ public final class HTTPTransport: Sendable {
         r.topP = try p.float("top_p")
         r.topK = try p.int("top_k", min: 0)
         if let k = r.topK, k < 0 { r.topK = 0 }
-        r.seed = try p.uint64("seed")
+        // Without a seed every request samples afresh, as OpenAI's and vLLM's servers do: the seed
+        // defaulted to 0 (the stdio protocol's documented default), so at temperature > 0 every
+        // "regenerate" returned the same text. Choice i still uses seed + i.
+        r.seed = try p.uint64("seed") ?? UInt64.random(in: 0..<(1 << 62))
         r.stop = try p.strings("stop", maxCount: 16) ?? []
         r.ignoreEOS = try p.bool("ignore_eos") ?? false
         r.stream = try p.bool("stream") ?? false

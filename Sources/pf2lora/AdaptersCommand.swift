@@ -228,13 +228,15 @@ struct Adapters: ParsableCommand {
                 let lvl = AdapterLevel(rawValue: level)!
                 if let client { try ClientID.validate(client) }
                 let base = try BaseModelInfo.load(folder: model)
+                // The PEFT folder is read and checked before the store is opened: opening it for a
+                // publish creates it when missing, which a wrong --peft used to leave behind.
+                let adapter = try PEFT.read(folder: peft, base: base, level: lvl, clientID: client,
+                                            storage: dtype == "f16" ? .f16 : .f32, sharedVersion: trainedOn)
                 let store = try AdapterStore.open(root: options.store, base: base, folder: options.base, keepVersions: keep)
                 logStoreOpen(store, command: "import-peft")
                 if let why = store.readOnlyReason { throw AdapterStoreError.readOnly(store: store.directory, why: why) }
                 // The version this import replaces: its publish is a compare-and-swap on it.
                 let from = ExpectedVersion(startedFrom: store.currentVersion(level: lvl, client: client))
-                let adapter = try PEFT.read(folder: peft, base: base, level: lvl, clientID: client,
-                                            storage: dtype == "f16" ? .f16 : .f32, sharedVersion: trainedOn)
                 let v = lvl == .shared ? try store.publishShared(adapter, expecting: from) : try store.publishClient(id: client!, adapter, expecting: from)
                 let what = lvl == .shared ? "shared" : "client \(client!)"
                 print("imported \(peft) as \(what) v\(v) (rank \(adapter.rank), alpha \(adapter.alpha), scale \(adapter.scale), \(adapter.modules.count) modules) into \(store.directory)")

@@ -88,8 +88,6 @@ struct FederateCommand: ParsableCommand {
         let pf2loraVariant = PF2LoRAVariant(rawValue: variant)!
         let (model, tok) = try options.loadModel()
         let kinds = try parseTargets(targets, model.architecture)
-        guard let store = try options.openStore(model, access: .write, create: true, command: "federate") else { throw CLIError("federate needs --store DIR") }
-        if let why = store.readOnlyReason { throw CLIError(AdapterStoreError.readOnly(store: store.directory, why: why).description) }
         let only = clients?.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
         let t0 = now()
         let clientData = try tokenCache.map { try TokenCache.load(folder: data, modelFolder: options.model, tokenizer: tok, clients: only, cacheDir: $0) }
@@ -98,6 +96,10 @@ struct FederateCommand: ParsableCommand {
         let task = try LMTask(weights: model.weights, clients: clientData, batchSize: batch, seqLen: T, targets: kinds,
                                   padToken: textSeparator(tok))
         if evalWindows > 0 { task.evalWindowLimit = evalWindows }
+        // The store is opened (and created when missing) only once --data has been read: a missing
+        // or empty data folder used to leave a new, empty store behind.
+        guard let store = try options.openStore(model, access: .write, create: true, command: "federate") else { throw CLIError("federate needs --store DIR") }
+        if let why = store.readOnlyReason { throw CLIError(AdapterStoreError.readOnly(store: store.directory, why: why).description) }
         log(String(format: "federate: %d clients (%@), %d train texts, %d train tokens; tokenized in %.1fs", clientData.count,
                    clientData.map(\.id).joined(separator: ", "), clientData.reduce(0) { $0 + $1.train.textCount },
                    clientData.reduce(0) { $0 + $1.train.tokens.count }, now() - t0))

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Synchronization
 import PF2LoRA
 import PF2LoRAHTTP
 
@@ -116,7 +117,7 @@ struct GenerateCommand: ParsableCommand {
         let ids: [Int]
         if let messages {
             // The template writes the special tokens (BOS) itself.
-            let text = try ChatTemplate(folder: options.model).render(messagesJSON: messages, addGenerationPrompt: true)
+            let text = try ChatTemplate(folder: options.model).render(messages: try ChatMessage.openAI(json: messages), addGenerationPrompt: true)
             ids = tok.encode(text, addSpecialTokens: false)
         } else {
             ids = tok.encode(prompt ?? "")
@@ -298,15 +299,36 @@ struct ServeCommand: ParsableCommand {
             server.readsInput = stdio
         }
         server.handleTerminationSignals()
-        if let transport {
+        if let transport, let http {
             let host = transport.options.host
+            // "ready" only once the port is bound: a port in use (or a host that does not resolve)
+            // was logged after "ready" as "serve: http: bind(...)", then the server drained and
+            // exited with status 0. Now it is an error line and status 1, before anything is served.
+            let bound = DispatchSemaphore(value: 0)
+            let startError = Mutex<String?>(nil), listening = Mutex(false)
             Task.detached {
                 do {
-                    try await transport.run(onListening: { port in log("serve: http: listening on http://\(host.contains(":") && !host.hasPrefix("[") ? "[\(host)]" : host):\(port)\(transport.options.apiKey == nil ? "" : " (API key required)")") })
+                    try await transport.run(onListening: { port in
+                        log("serve: http: listening on http://\(host.contains(":") && !host.hasPrefix("[") ? "[\(host)]" : host):\(port)\(transport.options.apiKey == nil ? "" : " (API key required)")")
+                        listening.withLock { $0 = true }
+                        bound.signal()
+                    })
                 } catch {
-                    log("serve: http: \(error)")
-                    server.beginDrain("the HTTP listener failed")
+                    if listening.withLock({ $0 }) {
+                        log("serve: http: \(error)")
+                        server.beginDrain("the HTTP listener failed")
+                    } else {
+                        startError.withLock { $0 = "\(error)" }
+                        bound.signal()
+                    }
                 }
+            }
+            bound.wait()
+            if let e = startError.withLock({ $0 }) {
+                let inUse = e.contains("in use") || e.contains("errno: 98")
+                throw CLIError("cannot serve HTTP on \(http): \(e)" + (inUse
+                    ? "; another process listens on that port: stop it, or choose another port (port 0 picks a free one)"
+                    : "; check the host and port of --http"))
             }
         }
         log("serve: pf2lora \(PF2LoRAVersion.string), \(m.folder) (\(m.architecture.layerCount) layers, vocab \(m.architecture.vocabSize)); store \(options.store ?? "none"); shared \(server.runtime.sharedVersion.map { "v\($0)" } ?? "none"); \(store?.clients().count ?? 0) clients; ready")

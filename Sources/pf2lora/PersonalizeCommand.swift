@@ -38,11 +38,18 @@ struct PersonalizeCommand: ParsableCommand {
     }
 
     func run() throws {
+        // The client id and the texts are checked before the store is opened: opening it for a
+        // publish creates the store (and its base folder) when missing, which an empty or broken
+        // --texts file or an unusable id used to leave behind.
+        do { try ClientID.validate(client) } catch { throw CLIError("\(error)") }
+        let list: [String]
+        do { list = try TextFile.read(texts) } catch { throw CLIError("\(error)") }
+        guard list.contains(where: { !$0.allSatisfy(\.isWhitespace) }) else {
+            throw CLIError("\(PersonalizeError.noTexts(client: client)) (\(texts) holds none)")
+        }
         let (m, tok) = try options.loadModel()
         guard let store = try options.openStore(m, access: .write, create: true, command: "personalize") else { throw CLIError("personalize needs --store DIR") }
         if let why = store.readOnlyReason { throw CLIError(AdapterStoreError.readOnly(store: store.directory, why: why).description) }
-        let list: [String]
-        do { list = try TextFile.read(texts) } catch { throw CLIError("\(error)") }
         var o = PersonalizeOptions()
         o.steps = steps; o.maxSeconds = maxSeconds; o.lr = lr; o.rank2 = rank2; o.alpha2 = alpha2
         o.batchSize = batch; o.seqLen = seq; o.seed = seed

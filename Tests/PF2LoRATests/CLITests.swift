@@ -48,6 +48,9 @@ import Testing
 
     @Test func badInputGivesOneErrorLine() throws {
         Self.expectOneErrorLine(try Self.run(["generate", "--model", "/nonexistent/m", "--prompt", "x"]), "does not exist")
+        // The weights file given as --model: it exists, so "does not exist" misled.
+        Self.expectOneErrorLine(try Self.run(["generate", "--model", Self.tiny + "/model.safetensors", "--prompt", "x"]),
+                                "model.safetensors is a file; --model takes the folder")
         let dir = TestPaths.tempDir("cli")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         for f in ["config.json", "tokenizer.json"] { try FileManager.default.copyItem(atPath: Self.tiny + "/" + f, toPath: dir + "/" + f) }
@@ -105,6 +108,16 @@ import Testing
         }
         Self.expectOneErrorLine(try Self.run(["model", "convert", "--model", dir + "/f32", "--out", dir + "/x", "--dtype", "q4"]), "unknown --dtype 'q4'")
         Self.expectOneErrorLine(try Self.run(["model", "convert", "--model", dir + "/f32", "--out", dir + "/f32"]), "--out must differ from --model")
+        // An --out that holds a model is not written over without --force (both commands wrote over
+        // it silently: `model random --out models/debian-llama` replaced the shipped default).
+        let kept = try Data(contentsOf: URL(fileURLWithPath: dir + "/f16/model.safetensors"))
+        Self.expectOneErrorLine(try Self.run(["model", "random", "--config", "tiny-llama", "--out", dir + "/f16"]), "already holds a model")
+        Self.expectOneErrorLine(try Self.run(["model", "convert", "--model", dir + "/f32", "--out", dir + "/f16", "--dtype", "bf16"]), "pass --force")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: dir + "/f16/model.safetensors")) == kept, "a refused command changed --out")
+        let forced = try Self.run(["model", "convert", "--model", dir + "/f32", "--out", dir + "/f16", "--dtype", "bf16", "--force"])
+        #expect(forced.code == 0, "\(forced.err)")
+        #expect(Set(try Checkpoint.open(folder: dir + "/f16").dtypes.keys) == [.bf16])
+        Self.expectOneErrorLine(try Self.run(["model", "random", "--config", "tiny-llama", "--out", dir + "/f32/config.json"]), "is a file")
     }
 
     /// `model random` writes a Llama-family folder with a working generated tokenizer; `model info`

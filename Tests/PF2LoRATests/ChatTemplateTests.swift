@@ -210,6 +210,33 @@ private struct ChatFixture {
         #expect(throws: ChatTemplateError.self) { try t.render(messages: [], addGenerationPrompt: false) }
     }
 
+    /// The API layers' messages (HTTP chat, stdio `generate`, `generate --messages`). Before the fix
+    /// they went to the template as given: a list of text parts (what the openai clients send for
+    /// `content=[{"type": "text", ...}]`) rendered as its Python repr in the plain format (and as
+    /// nothing in Qwen3's template), and a message without content or with a number was served.
+    @Test func openAIMessagesJoinTextPartsAndRefuseWhatATextModelCannotRead() throws {
+        let t = ChatTemplate.plain
+        let parts = try t.render(messages: ChatMessage.openAI(json: #"[{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]"#),
+                                 addGenerationPrompt: true)
+        let plain = try t.render(messages: ChatMessage.openAI(json: #"[{"role": "user", "content": "Hi\nthere"}]"#), addGenerationPrompt: true)
+        #expect(parts == plain && parts.contains("Hi\nthere") && !parts.contains("type"), "\(parts)")
+        // An assistant turn with tool calls and no content is fine; other roles need content.
+        _ = try ChatMessage.openAI(json: #"[{"role": "user", "content": "x"}, {"role": "assistant", "content": null, "tool_calls": []}]"#)
+        for (json, says) in [(#"[{"role": "user"}]"#, "messages[0] (role 'user') has no \"content\""),
+                             (#"[{"role": "user", "content": "a"}, {"role": "user", "content": 5}]"#, "messages[1].content must be a string or a list of text parts"),
+                             (#"[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]"#, "messages[0].content[0] is a 'image_url' part"),
+                             (#"[{"role": "user", "content": [{"type": "text"}]}]"#, "without a \"text\" string"),
+                             (#"[{"role": "", "content": "a"}]"#, "needs a \"role\" string"),
+                             (#"[]"#, "non-empty JSON array"), (#"["hi"]"#, "messages[0] must be an object")] {
+            do {
+                _ = try ChatMessage.openAI(json: json)
+                Issue.record("accepted \(json)")
+            } catch {
+                #expect("\(error)".contains(says), "\(json): \(error)")
+            }
+        }
+    }
+
     @Test func pythonFormatting() {
         #expect(PythonFormat.floatRepr(1e16) == "1e+16")
         #expect(PythonFormat.floatRepr(1e15) == "1000000000000000.0")

@@ -314,6 +314,67 @@ import Testing
         }
     }
 
+    /// A mistyped `--base`. Before the fix `personalize --base <typo>` made a second, empty base
+    /// folder beside the one holding this model's adapters and trained the client on no shared pair
+    /// (published, exit 0); `generate`/`serve --base <typo>` said the store "holds no adapters for
+    /// base '<model>'" while listing the folder that does. Now every command refuses, naming the
+    /// folder with these weights, and the store is unchanged; a new --base in a store that holds no
+    /// folder for these weights is still created by a publishing command. Also: `personalize` with
+    /// an empty --texts file or an unusable client id created the store before refusing.
+    @Test func aMistypedBaseFolderIsRefusedNamingTheRightOne() throws {
+        let fx = try ServerFixture(clients: ["alice"])
+        defer { fx.cleanup() }
+        let folder = (fx.storeHandle.directory as NSString).lastPathComponent
+        let typo = folder + "x"
+        let before = Self.tree(fx.store)
+        for (access, create) in [(StoreAccess.read, false), (.write, false), (.write, true)] {
+            do {
+                _ = try AdapterStore.open(root: fx.store, base: fx.storeHandle.base, folder: typo, access: access, create: create)
+                Issue.record("opened --base \(typo) (\(access), create \(create))")
+            } catch let e as AdapterStoreError {
+                #expect("\(e)".contains("no base folder '\(typo)'") && "\(e)".contains("pass --base \(folder)"), "\(e)")
+            }
+        }
+        let prompt = ["--prompt", "The cat", "--max-tokens", "2", "--temperature", "0", "--threads", "1"]
+        let g = try CLITests.run(["generate", "--model", fx.model, "--store", fx.store, "--base", typo, "--client", "alice"] + prompt)
+        #expect(g.code != 0 && g.err.contains("pass --base \(folder)"), "\(g.err)")
+        let texts = fx.root + "/texts.txt"
+        try "a cat sat on the mat\n\nthe dog ran".write(toFile: texts, atomically: true, encoding: .utf8)
+        let p = try CLITests.run(["personalize", "--model", fx.model, "--store", fx.store, "--base", typo, "--client", "carol",
+                                  "--texts", texts, "--steps", "1", "--threads", "1"])
+        #expect(p.code != 0 && p.err.contains("pass --base \(folder)"), "\(p.err)")
+        let s = try ServerProcess(["serve", "--model", fx.model, "--store", fx.store, "--base", typo, "--threads", "1"])
+        #expect(s.finish() != 0)
+        #expect(Self.waitForStderr(s, "pass --base \(folder)"), "\(s.stderrText)")
+        #expect(Self.tree(fx.store) == before, "a mistyped --base changed the store")
+        // A store without a folder for these weights: an explicit new --base is made by a publish.
+        let fresh = fx.root + "/fresh-store"
+        let p2 = try CLITests.run(["personalize", "--model", fx.model, "--store", fresh, "--base", "mine", "--client", "carol",
+                                   "--texts", texts, "--steps", "1", "--threads", "1"])
+        #expect(p2.code == 0 && FileManager.default.fileExists(atPath: fresh + "/mine/manifest.json"), "\(p2.err)")
+        // Nothing to train on, or an unusable id: refused before the store is created.
+        let empty = fx.root + "/empty.txt"
+        try " \n\n".write(toFile: empty, atomically: true, encoding: .utf8)
+        for (client, file, says) in [("carol", empty, "no texts were given"), ("../x", texts, "invalid client id")] {
+            let none = fx.root + "/never-made"
+            let r = try CLITests.run(["personalize", "--model", fx.model, "--store", none, "--client", client, "--texts", file, "--steps", "1"])
+            #expect(r.code != 0 && r.err.contains(says), "\(r.err)")
+            #expect(!FileManager.default.fileExists(atPath: none), "personalize created \(none) before refusing")
+        }
+        // The same for federate (no --data folder, an empty one) and import-peft (no PEFT folder).
+        let none = fx.root + "/never-made"
+        let emptyData = fx.root + "/empty-data"
+        try FileManager.default.createDirectory(atPath: emptyData, withIntermediateDirectories: true)
+        for (args, says) in [(["federate", "--model", fx.model, "--store", none, "--data", fx.root + "/no-data", "--rounds", "1"], "is not a folder"),
+                             (["federate", "--model", fx.model, "--store", none, "--data", emptyData, "--rounds", "1"], "has no client folders"),
+                             (["adapters", "import-peft", "--model", fx.model, "--store", none, "--peft", fx.root + "/no-peft",
+                               "--level", "client", "--client", "carol"], "has no adapter_config.json")] {
+            let r = try CLITests.run(args)
+            #expect(r.code != 0 && r.err.contains(says), "\(args[0]): \(r.err)")
+            #expect(!FileManager.default.fileExists(atPath: none), "\(args[0]) created \(none) before refusing")
+        }
+    }
+
     /// `adapters export-peft --out` inside the store (its base folder, a client's folder, the store
     /// root) wrote adapter_config.json and adapter_model.safetensors among the store's own files;
     /// `--out` naming a file said "cannot create the folder". Now both are refused before anything

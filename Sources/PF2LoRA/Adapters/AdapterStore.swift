@@ -20,6 +20,7 @@ public enum AdapterStoreError: Error, CustomStringConvertible, Equatable {
     case noBase(root: String, base: String, fingerprint: String, held: [HeldBase])
     case baseElsewhere(root: String, wanted: String, folder: String, fingerprint: String)
     case baseFolderGiven(root: String, held: HeldBase?, suggestion: String, base: String, fingerprint: String)
+    case noBaseFolder(root: String, folder: String, held: [HeldBase], sameWeights: String?)
     case readOnly(store: String, why: String)
 
     public var description: String {
@@ -31,6 +32,13 @@ public enum AdapterStoreError: Error, CustomStringConvertible, Equatable {
                 return "store \(root) holds no adapters for base '\(b)' (fingerprint \(fp)) yet; publish some first (personalize, adapters import-peft), or check --store and --model"
             }
             return "store \(root) holds no adapters for base '\(b)' (fingerprint \(fp)); it holds: \(held.map(\.description).joined(separator: "; ")). Pass --base FOLDER to use one of them (its fingerprint must match the model), or give the --model or --store they were made for"
+        case let .noBaseFolder(root, folder, held, same):
+            let lead = "store \(root) has no base folder '\(folder)' (--base \(folder))"
+            if let same {
+                return "\(lead), and its folder '\(same)' holds adapters for this model's weights: pass --base \(same) (or omit --base). Nothing was created: a mistyped --base is not turned into a second, empty set of adapters for the same weights (to keep one apart, use another --store)"
+            }
+            if held.isEmpty { return "\(lead) and holds no base folders yet; omit --base, or run a command that publishes (personalize, adapters import-peft) to create it" }
+            return "\(lead); it holds: \(held.map(\.description).joined(separator: "; ")). Pass one of those folders as --base, or give the --store made for this model"
         case let .baseElsewhere(root, wanted, folder, fp):
             return "store \(root) has no folder '\(wanted)' for this model, but its folder '\(folder)' holds adapters for the same weights (fingerprint \(fp)): the model folder's name differs from the one the store was made with. Pass --base \(folder) to use them"
         case let .baseFolderGiven(root, held, suggestion, b, fp):
@@ -318,8 +326,16 @@ public final class AdapterStore: @unchecked Sendable {
         }
         if !exists {
             let held = Self.heldBases(root: root)
-            if folder == nil, let same = held.first(where: { $0.fingerprint == base.fingerprint }) {
+            let same = held.first(where: { $0.fingerprint == base.fingerprint })
+            if folder == nil, let same {
                 throw AdapterStoreError.baseElsewhere(root: root, wanted: name, folder: same.folder, fingerprint: base.fingerprint)
+            }
+            // An explicit `--base` that names no folder: a typo unless the store holds nothing for
+            // these weights yet. `personalize --base debian-lama` made a second, empty base folder
+            // beside debian-llama/ and trained on no shared pair; `generate`/`serve` said the
+            // store "holds no adapters for base 'debian-llama'" while listing debian-llama/.
+            if folder != nil, same != nil || access == .read || (!create && !held.isEmpty) {
+                throw AdapterStoreError.noBaseFolder(root: root, folder: name, held: held, sameWeights: same?.folder)
             }
             if access == .read || (!create && !held.isEmpty) {
                 throw AdapterStoreError.noBase(root: root, base: base.name, fingerprint: base.fingerprint, held: held)

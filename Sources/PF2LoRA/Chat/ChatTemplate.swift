@@ -151,3 +151,50 @@ public struct ChatTemplate: @unchecked Sendable {
                           tools: tools, context: context)
     }
 }
+
+extension ChatMessage {
+    /// OpenAI-style `messages` (a JSON array) checked and made ready for a text model's template, as
+    /// the API layers (HTTP, the stdio `generate`, `pf2lora generate --messages`) take them:
+    /// - `content` a string; or a list of text parts (`{"type": "text", "text": ...}`, as the openai
+    ///   clients send it), joined with "\n" as vLLM does for templates that read content as a string
+    ///   (Qwen3's template rendered a list as nothing, the plain format as its Python repr);
+    /// - no or null `content` only on an assistant message (one that carries `tool_calls`);
+    /// - any other content (a number, an object, an image part) is refused naming the message.
+    /// Roles are not restricted: templates define them (Llama-3.1's `ipython`, `tool`, `developer` ...).
+    /// `ChatTemplate.render(messagesJSON:)` stays transformers' `apply_chat_template` as it is.
+    public static func openAI(json: String) throws -> [ChatMessage] {
+        guard case .array(let items) = try JinjaValue.parseJSON(json), !items.isEmpty else {
+            throw ChatTemplateError.badInput("messages must be a non-empty JSON array of message objects ({\"role\": ..., \"content\": ...})")
+        }
+        return try items.enumerated().map { i, item in
+            guard case .object(var o) = item else { throw ChatTemplateError.badInput("messages[\(i)] must be an object, got \(item.typeName)") }
+            guard case .string(let role)? = o["role"], !role.isEmpty else {
+                throw ChatTemplateError.badInput("messages[\(i)] needs a \"role\" string (system, user, assistant, tool ...)")
+            }
+            switch o["content"] {
+            case .string?: break
+            case .array(let parts)?:
+                var texts: [String] = []
+                for (j, part) in parts.enumerated() {
+                    guard case .object(let p) = part, case .string(let type)? = p["type"] else {
+                        throw ChatTemplateError.badInput("messages[\(i)].content[\(j)] must be a part object with a \"type\"")
+                    }
+                    guard type == "text", case .string(let t)? = p["text"] else {
+                        throw ChatTemplateError.badInput(type == "text"
+                            ? "messages[\(i)].content[\(j)] is a text part without a \"text\" string"
+                            : "messages[\(i)].content[\(j)] is a '\(type)' part; this model reads text only (parts of type \"text\")")
+                    }
+                    texts.append(t)
+                }
+                o["content"] = .string(texts.joined(separator: "\n"))
+            case nil, .none?:
+                guard role == "assistant" else {
+                    throw ChatTemplateError.badInput("messages[\(i)] (role '\(role)') has no \"content\"; give its text as a string")
+                }
+            case let other?:
+                throw ChatTemplateError.badInput("messages[\(i)].content must be a string or a list of text parts, got \(other.typeName)")
+            }
+            return try ChatMessage(.object(o))
+        }
+    }
+}

@@ -19,6 +19,9 @@ public enum ModelError: Error, CustomStringConvertible {
 
     public var description: String {
         switch self {
+        case let .missingFolder(p) where FileManager.default.fileExists(atPath: p):
+            let parent = (p as NSString).deletingLastPathComponent
+            return "\(p) is a file; --model takes the folder that holds config.json and the weights (\(parent.isEmpty ? "." : parent)?)"
         case let .missingFolder(p):
             return "model folder \(p) does not exist; pass a folder with config.json and model.safetensors (make one with `pf2lora model random --config tiny --out DIR`)"
         case let .missingFile(p, hint): return "\(p) is missing. \(hint)"

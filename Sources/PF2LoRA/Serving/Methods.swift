@@ -327,7 +327,9 @@ public final class ServingCore: @unchecked Sendable {
             text = ""; addSpecial = false
         } else if let m = r.messagesJSON {
             guard r.prompt == nil else { throw RPCError(.invalidParams, "give either prompt or messages, not both") }
-            do { text = try chatTemplate.render(messagesJSON: m, addGenerationPrompt: true) } catch {
+            let messages: [ChatMessage]
+            do { messages = try ChatMessage.openAI(json: m) } catch { throw RPCError(.invalidParams, "\(error)") }
+            do { text = try chatTemplate.render(messages: messages, addGenerationPrompt: true) } catch {
                 throw RPCError(.invalidParams, "the chat template rejected the messages: \(error)")
             }
             addSpecial = false

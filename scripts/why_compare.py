@@ -250,10 +250,12 @@ def main():
             f"{', '.join(map(str, seeds))}; every variant trains on the same tokens per client (table below).",
             "- The variants' points: the rate lr = 1e-2 that both references' 4-point grids selected (PF2LoRA's: "
             "RESULTS-data-to-text-compute8.md; the joint variant's: RESULTS-data-to-text-compute8-joint.md); the client level's rate "
-            "is its reference's (SGD: PF2LoRA's 0.5, constant; AdamW: the joint variant's, lr with the round schedule). Then one equal "
-            "grid for every variant, the references included: the client level's rate x 0.5, 2, 4, selection on seed "
-            f"{a.select_seed}'s valid split; the variants whose selection moves are rerun at seeds 1-2 there. Nothing else is tuned "
-            "(the references' other knobs were selected on their own grids earlier, the new variants' were not).",
+            "is its reference's (SGD: PF2LoRA's 0.5, constant; AdamW: the joint variant's, lr with the round schedule). " +
+            (f"Then one equal grid for every variant, the references included: the client level's rate x 0.5, 2, 4, selection on seed "
+             f"{a.select_seed}'s valid split; the variants whose selection moves are rerun at seeds 1-2 there. Nothing else is tuned "
+             "(the references' other knobs were selected on their own grids earlier, the new variants' were not)." if a.rate_roots else
+             "No grid on this page: every variant runs at that point, none is tuned here (the references' points were selected on "
+             "their own grids earlier, the new variants' were not)."),
             "- Runs: " + "; ".join(f"`{r}`" for r in roots) + (f"; `{a.rate_roots}`" if a.rate_roots else "") +
             " (outside git; each root's `settings.json` and the `*_selection.json` beside it).", ""]
     out += ["## The variants (per client and round)", "",

@@ -51,13 +51,16 @@ def rate_point(m, mult):
     return p
 
 
+ROUNDS, EVAL_EVERY = "8", "2"
+
+
 def experiment(root, name, methods, points, seeds, binary, select_seed=100, check=True):
     root.mkdir(parents=True, exist_ok=True)
     sel = root.parent / f"{root.name}_selection.json"
     sel.write_text(json.dumps(dict({"_about": ABOUT}, **{m: {"selected": points[m], "grid": []} for m in methods}), indent=1) + "\n")
     cmd = [sys.executable, "scripts/experiment.py", "--name", name, "--root", str(root), "--model", "models/fortune-gpt2",
-           "--data", "data/debian/clients", "--binary", binary, "--budget", "compute", "--rounds", "8", "--local-steps", "2",
-           "--lower-steps", "2", "--batch", "4", "--seq", "64", "--eval-every", "2", "--eval-windows", "32",
+           "--data", "data/debian/clients", "--binary", binary, "--budget", "compute", "--rounds", ROUNDS, "--local-steps", "2",
+           "--lower-steps", "2", "--batch", "4", "--seq", "64", "--eval-every", EVAL_EVERY, "--eval-windows", "32",
            "--seeds", ",".join(map(str, seeds)), "--select-seed", str(select_seed), "--methods", ",".join(methods),
            "--prior-selection", str(sel), "--stage", "seeds", "--jobs", "1", "--nice", "19", "--out", str(root / "RESULTS.md")]
     print(" ".join(cmd), flush=True)
@@ -78,13 +81,18 @@ def main():
     ap.add_argument("--stage", choices=["ref", "variants", "rates", "selected", "all"], default="all")
     ap.add_argument("--variants", default=",".join(RATE_ORDER), help="rates stage: these variants, in this order")
     ap.add_argument("--mults", default="0.5,2,4", help="rates stage: client-rate multipliers")
+    ap.add_argument("--ablations", default="pf2lora-adamw,pf2lora-joint-sgd,pf2lora-joint-half,pf2lora-adamw-2x3",
+                    help="variants stage: these ablations")
+    ap.add_argument("--rounds", default="8", help="rounds (8: the page's protocol; 16 with --eval-every 4: the compute16 pages')")
+    ap.add_argument("--eval-every", default="2")
     a = ap.parse_args()
+    global ROUNDS, EVAL_EVERY
+    ROUNDS, EVAL_EVERY = a.rounds, a.eval_every
     root = pathlib.Path(a.root)
     if a.stage in ("ref", "all"):
         experiment(root / "ref", "why-ref", ["pf2lora", "pf2lora-joint"], POINTS, [0, 1, 2], a.ref_binary or a.binary)
     if a.stage in ("variants", "all"):
-        ms = ["pf2lora-adamw", "pf2lora-joint-sgd", "pf2lora-joint-half", "pf2lora-adamw-2x3"]
-        experiment(root / "variants", "why-variants", ms, POINTS, [0, 1, 2], a.binary)
+        experiment(root / "variants", "why-variants", a.ablations.split(","), POINTS, [0, 1, 2], a.binary)
     if a.stage in ("rates", "all"):
         for m in a.variants.split(","):
             for x in a.mults.split(","):

@@ -10,6 +10,7 @@ command is this one's):
   seeds 0-2, the 8-round protocol of RESULTS-data-to-text-compute8.md (ROOT/ref);
 - variants: the four ablations at seeds 0-2 (ROOT/variants): B PF2LoRA with an AdamW client level, F the same at the split
   2 x (2 + 1), C the joint variant with PF2LoRA's SGD client level, E the joint variant at half the steps (3 of 8 x 64);
+- selected: seeds 1-2 at every variant's client-rate selection that moved off x 1 (in its rate root);
 - rates: the equal grid of the client level's rate at seed 0 (ROOT/rates/<variant>-x<mult>: every variant at its client
   rate x 0.5, x 2, x 4; the references' rates are x 1), valid split for selection (the runs read test once at their end
   as seed-0 runs do; only valid is used).
@@ -74,7 +75,7 @@ def main():
     ap.add_argument("--root", required=True)
     ap.add_argument("--binary", required=True, help="a release build with federate --lower-optimizer")
     ap.add_argument("--ref-binary", default="", help="binary of the reference runs (default --binary)")
-    ap.add_argument("--stage", choices=["ref", "variants", "rates", "all"], default="all")
+    ap.add_argument("--stage", choices=["ref", "variants", "rates", "selected", "all"], default="all")
     ap.add_argument("--variants", default=",".join(RATE_ORDER), help="rates stage: these variants, in this order")
     ap.add_argument("--mults", default="0.5,2,4", help="rates stage: client-rate multipliers")
     a = ap.parse_args()
@@ -89,6 +90,22 @@ def main():
             for x in a.mults.split(","):
                 experiment(root / "rates" / f"{m}-x{x}", f"why-rate-{m}-x{x}", [m], {m: rate_point(m, float(x))}, [0], a.binary,
                            check=False)
+
+    if a.stage in ("selected", "all"):
+        # Seeds 1-2 at every variant's client-rate selection that moved off x 1 (seed 0's valid split, the rates stage's grid
+        # complete): in the rate root itself (its seed-0 run is the grid run), so every variant is compared at its selection.
+        for m in a.variants.split(","):
+            home = root / ("ref" if m in ("pf2lora", "pf2lora-joint") else "variants") / "seeds" / m / "seed0" / "metrics.json"
+            cells = {"1": home}
+            cells.update({x: root / "rates" / f"{m}-x{x}" / "seeds" / m / "seed0" / "metrics.json" for x in a.mults.split(",")})
+            if not all(f.exists() for f in cells.values()):
+                print(f"why_runs: the client-rate grid of {m} is not complete; no selection", flush=True)
+                continue
+            best = min(cells, key=lambda x: json.loads(cells[x].read_text())["mean_valid_loss"])
+            print(f"why_runs: {m} selects its client rate x {best}", flush=True)
+            if best != "1":
+                experiment(root / "rates" / f"{m}-x{best}", f"why-rate-{m}-x{best}", [m], {m: rate_point(m, float(best))},
+                           [0, 1, 2], a.binary)
 
 
 if __name__ == "__main__":

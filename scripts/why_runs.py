@@ -10,6 +10,7 @@ command is this one's):
   seeds 0-2, the 8-round protocol of RESULTS-data-to-text-compute8.md (ROOT/ref);
 - variants: the four ablations at seeds 0-2 (ROOT/variants): B PF2LoRA with an AdamW client level, F the same at the split
   2 x (2 + 1), C the joint variant with PF2LoRA's SGD client level, E the joint variant at half the steps (3 of 8 x 64);
+- selected: seeds 1-2 at every variant's client-rate selection that moved off x 1 (in its rate root);
 - rates: the equal grid of the client level's rate at seed 0 (ROOT/rates/<variant>-x<mult>: every variant at its client
   rate x 0.5, x 2, x 4; the references' rates are x 1), valid split for selection (the runs read test once at their end
   as seed-0 runs do; only valid is used).
@@ -50,13 +51,16 @@ def rate_point(m, mult):
     return p
 
 
+ROUNDS, EVAL_EVERY = "8", "2"
+
+
 def experiment(root, name, methods, points, seeds, binary, select_seed=100, check=True):
     root.mkdir(parents=True, exist_ok=True)
     sel = root.parent / f"{root.name}_selection.json"
     sel.write_text(json.dumps(dict({"_about": ABOUT}, **{m: {"selected": points[m], "grid": []} for m in methods}), indent=1) + "\n")
     cmd = [sys.executable, "scripts/experiment.py", "--name", name, "--root", str(root), "--model", "models/fortune-gpt2",
-           "--data", "data/debian/clients", "--binary", binary, "--budget", "compute", "--rounds", "8", "--local-steps", "2",
-           "--lower-steps", "2", "--batch", "4", "--seq", "64", "--eval-every", "2", "--eval-windows", "32",
+           "--data", "data/debian/clients", "--binary", binary, "--budget", "compute", "--rounds", ROUNDS, "--local-steps", "2",
+           "--lower-steps", "2", "--batch", "4", "--seq", "64", "--eval-every", EVAL_EVERY, "--eval-windows", "32",
            "--seeds", ",".join(map(str, seeds)), "--select-seed", str(select_seed), "--methods", ",".join(methods),
            "--prior-selection", str(sel), "--stage", "seeds", "--jobs", "1", "--nice", "19", "--out", str(root / "RESULTS.md")]
     print(" ".join(cmd), flush=True)
@@ -74,21 +78,42 @@ def main():
     ap.add_argument("--root", required=True)
     ap.add_argument("--binary", required=True, help="a release build with federate --lower-optimizer")
     ap.add_argument("--ref-binary", default="", help="binary of the reference runs (default --binary)")
-    ap.add_argument("--stage", choices=["ref", "variants", "rates", "all"], default="all")
+    ap.add_argument("--stage", choices=["ref", "variants", "rates", "selected", "all"], default="all")
     ap.add_argument("--variants", default=",".join(RATE_ORDER), help="rates stage: these variants, in this order")
     ap.add_argument("--mults", default="0.5,2,4", help="rates stage: client-rate multipliers")
+    ap.add_argument("--ablations", default="pf2lora-adamw,pf2lora-joint-sgd,pf2lora-joint-half,pf2lora-adamw-2x3",
+                    help="variants stage: these ablations")
+    ap.add_argument("--rounds", default="8", help="rounds (8: the page's protocol; 16 with --eval-every 4: the compute16 pages')")
+    ap.add_argument("--eval-every", default="2")
     a = ap.parse_args()
+    global ROUNDS, EVAL_EVERY
+    ROUNDS, EVAL_EVERY = a.rounds, a.eval_every
     root = pathlib.Path(a.root)
     if a.stage in ("ref", "all"):
         experiment(root / "ref", "why-ref", ["pf2lora", "pf2lora-joint"], POINTS, [0, 1, 2], a.ref_binary or a.binary)
     if a.stage in ("variants", "all"):
-        ms = ["pf2lora-adamw", "pf2lora-joint-sgd", "pf2lora-joint-half", "pf2lora-adamw-2x3"]
-        experiment(root / "variants", "why-variants", ms, POINTS, [0, 1, 2], a.binary)
+        experiment(root / "variants", "why-variants", a.ablations.split(","), POINTS, [0, 1, 2], a.binary)
     if a.stage in ("rates", "all"):
         for m in a.variants.split(","):
             for x in a.mults.split(","):
                 experiment(root / "rates" / f"{m}-x{x}", f"why-rate-{m}-x{x}", [m], {m: rate_point(m, float(x))}, [0], a.binary,
                            check=False)
+
+    if a.stage in ("selected", "all"):
+        # Seeds 1-2 at every variant's client-rate selection that moved off x 1 (seed 0's valid split, the rates stage's grid
+        # complete): in the rate root itself (its seed-0 run is the grid run), so every variant is compared at its selection.
+        for m in a.variants.split(","):
+            home = root / ("ref" if m in ("pf2lora", "pf2lora-joint") else "variants") / "seeds" / m / "seed0" / "metrics.json"
+            cells = {"1": home}
+            cells.update({x: root / "rates" / f"{m}-x{x}" / "seeds" / m / "seed0" / "metrics.json" for x in a.mults.split(",")})
+            if not all(f.exists() for f in cells.values()):
+                print(f"why_runs: the client-rate grid of {m} is not complete; no selection", flush=True)
+                continue
+            best = min(cells, key=lambda x: json.loads(cells[x].read_text())["mean_valid_loss"])
+            print(f"why_runs: {m} selects its client rate x {best}", flush=True)
+            if best != "1":
+                experiment(root / "rates" / f"{m}-x{best}", f"why-rate-{m}-x{best}", [m], {m: rate_point(m, float(best))},
+                           [0, 1, 2], a.binary)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import Foundation
+import CMemory
 
 /// Decode steps of a few sequences, one new token each: single-user generation (B = 1) and the
 /// server's continuous batch of up to `pooledRowLimit` sequences: `runBlock`'s pooled runner.
@@ -10,8 +11,9 @@ import Foundation
 /// the bias, each sequence's client low-rank terms and the GELU or residual add. Norms (and SwiGLU)
 /// are computed privately by every participant; attention splits the (sequence, KV head) pairs; the
 /// head splits the vocabulary. One barrier per product and per attention (two with rotary positions),
-/// no allocation, no OpenBLAS call. Each output is summed in the same order whatever the batch, so a
-/// sequence decodes to the same bits alone or batched with others.
+/// no allocation (but the client-term table when the batch's pairs change), no OpenBLAS call. Each
+/// output is summed in the same order whatever the batch, so a sequence decodes to the same bits
+/// alone or batched with others.
 extension InferenceEngine {
     /// The default of `pooledRowLimit`: up to this many decode rows go to the worker pool; more go
     /// to OpenBLAS's GEMM, which is compute-efficient once a weight row is reused by many rows
@@ -44,7 +46,13 @@ extension InferenceEngine {
         }
         // Each row's low-rank terms: its weight set's per-token shared pair (a half-precision base), then its client's.
         let lowRank = inputs.map { [$0.weights.perToken, $0.client].compactMap { $0 } }
-        let step = DecodeRows(inputs: inputs, segments: segments, lowRank: lowRank, rank: rank, slotsPerGroup: slotsPerGroup)
+        // A continuous batch keeps its sequences for many steps: the table is rebuilt only when they change.
+        let terms: LowRankTerms
+        if let last = lowRankTerms, last.matches(lowRank, rank: rank) { terms = last } else {
+            terms = LowRankTerms(architecture: c, lowRank: lowRank, rank: rank)
+            lowRankTerms = terms
+        }
+        let step = DecodeRows(inputs: inputs, segments: segments, lowRank: lowRank, terms: terms, rank: rank, slotsPerGroup: slotsPerGroup)
         pool.run { ctx in
             let runner = PooledDecodeRunner(engine: self, ctx: ctx, step: step)
             for l in 0..<c.layerCount { runBlock(runner, layer: l) }
@@ -59,7 +67,8 @@ extension InferenceEngine {
 struct DecodeRows {
     let inputs: [StepInput]
     let segments: [(LinearWeightSet, Int, Int)]   // (weights, first row, end row)
-    let lowRank: [[ClientPairs]]                 // per row: at most two sets of pairs
+    let lowRank: [[ClientPairs]]                 // per row: at most two sets of pairs (they keep `terms`' pointers alive)
+    let terms: LowRankTerms
     let rank: Int
     let slotsPerGroup: Int
 }
@@ -163,20 +172,20 @@ private struct PooledDecodeRunner: BlockRunner {
                         accumulate: Bool = false, gelu: Bool = false) {
         let e = engine, a = e.architecture, g = a.groups[gi]
         let din = g.inFeatures, dout = g.outFeatures
-        let B = step.inputs.count, R = step.rank, ns = g.slots.count
+        let B = step.inputs.count
         let bias = e.model.base.layers[l].groupB[gi]?.data
         let stage = e.partials.data + ctx.index * e.partials.cols       // (B, out): my rows before GELU / residual
         let t = e.privateLoRA.data + ctx.index * e.privateLoRA.cols      // (B, 2, slots, rank)
         // Each sequence's low-rank projections t = s A xin per slot (client, and a per-token shared
         // pair), the same on every participant. A (r, in).
-        for b in 0..<B {
-            for (li, pairs) in step.lowRank[b].enumerated() {
-                for (k, s) in g.slots.enumerated() {
-                    if let p = pairs.pairs[l][s] {
-                        for j in 0..<p.rank { t[((b * 2 + li) * ns + k) * R + j] = p.scale * dot(xin + b * din, p.a.data + j * din, din) }
-                    }
-                }
-            }
+        let terms = step.terms.of(layer: l, group: gi)
+        var next = terms.startIndex
+        for e in terms {
+            // The next term's A asked for while this one is summed: 32 clients' pairs are tens of MB a step.
+            next += 1
+            if next < terms.endIndex { let f = terms[next]; pf2lora_prefetch(f.a, f.rank * din * 4) }
+            let x = xin + e.row * din
+            for j in 0..<e.rank { t[e.t + j] = e.scale * dot(x, e.a + j * din, din) }
         }
         // Inputs quantized per block of 32 for q8_0 weights (every participant its own copy).
         if step.segments.contains(where: { $0.0.weights[l][gi].precision == .q8_0 }) { q8.quantize(xin, count: B, cols: din) }
@@ -186,28 +195,135 @@ private struct PooledDecodeRunner: BlockRunner {
                 // (rows,in) @ (in) -> (rows) for every sequence of the segment, at the weights' precision
                 dotRows(set.weights[l][gi], xin + r0 * din, quantized: q8, first: r0, count: r1 - r0, rows: rows, stage + r0 * dout, stride: dout)
             }
+            if let bias { for b in 0..<B { addInPlace(stage + b * dout + lo, bias + lo, count: n) } }
+            // The low-rank terms whose slot meets these rows: (rows) += B[rows, :] t, B (slot out, r).
+            // Each B's rows are a short run (at most the slot's outputs x rank floats): the next one is asked
+            // for while this one is added, as the hardware prefetchers start too late on runs this short.
+            var k = terms.startIndex
+            while k < terms.endIndex {
+                let e = terms[k]
+                k += 1
+                if k < terms.endIndex {
+                    let f = terms[k], f0 = max(lo, f.lo), f1 = min(rows.upperBound, f.hi)
+                    if f0 < f1 { pf2lora_prefetch(f.b + (f0 - f.lo) * f.rank, (f1 - f0) * f.rank * 4) }
+                }
+                let o0 = max(lo, e.lo), o1 = min(rows.upperBound, e.hi)
+                guard o0 < o1 else { continue }
+                lowRankUp(t + e.t, rank: e.rank, e.b + (o0 - e.lo) * e.rank, stage + e.row * dout + o0, count: o1 - o0)
+            }
             for b in 0..<B {
                 let sb = stage + b * dout, ob = out + b * dout
-                if let bias { addInPlace(sb + lo, bias + lo, count: n) }
-                for (li, pairs) in step.lowRank[b].enumerated() {
-                    for (k, s) in g.slots.enumerated() {
-                        guard let p = pairs.pairs[l][s] else { continue }
-                        let off = g.offsets[k], so = a.slots[s].outFeatures
-                        let r = p.rank, bm = p.b.data, tb = t + ((b * 2 + li) * ns + k) * R   // B (out, r)
-                        let o0 = max(lo, off), o1 = min(rows.upperBound, off + so)
-                        guard o0 < o1 else { continue }
-                        for o in o0..<o1 {
-                            var acc: Float = 0
-                            for j in 0..<r { acc += tb[j] * bm[(o - off) * r + j] }
-                            sb[o] += acc
-                        }
-                    }
-                }
                 if gelu { geluForward(sb + lo, ob + lo, count: n) }
                 else if accumulate { addInPlace(ob + lo, sb + lo, count: n) }
                 else { (ob + lo).update(from: sb + lo, count: n) }
             }
         }
         ctx.barrier()
+    }
+}
+
+/// Every row's low-rank terms of one step, flat: per (layer, group) the terms (row, slot, pair) with
+/// raw pointers and sizes, so the inner loops of `matvec` touch no reference counts and no nested
+/// arrays. Built when a step's pairs differ from the last step's (the engine keeps the last table; it
+/// holds the pair sets, so their memory outlives it) and reused while the batch stays the same. In each group's range, terms run by row, then the row's sets of pairs
+/// (per-token shared, then client), then the group's slots: the order the terms are added in.
+struct LowRankTerms: @unchecked Sendable {
+    struct Term {
+        let a: UnsafePointer<Float>     // A (rank, in)
+        let b: UnsafePointer<Float>     // B (slot out, rank)
+        let scale: Float
+        let rank: Int
+        let row: Int                    // the sequence
+        let t: Int                      // where its projections s A x sit in the participant's buffer
+        let lo: Int, hi: Int            // the slot's output rows in the group
+    }
+    private let terms: [Term]
+    private let starts: [Int]           // per (layer, group) + 1
+    private let groups: Int
+    private let sets: [[ClientPairs]]   // whose pointers these are (kept alive with the table)
+    private let rank: Int
+
+    /// Whether this table is the one of `lowRank` at `rank`: the same pair sets (by identity) per row.
+    func matches(_ lowRank: [[ClientPairs]], rank r: Int) -> Bool {
+        guard r == rank, lowRank.count == sets.count else { return false }
+        for (x, y) in zip(lowRank, sets) {
+            guard x.count == y.count else { return false }
+            for (p, q) in zip(x, y) where p !== q { return false }
+        }
+        return true
+    }
+
+    init(architecture a: ModelArchitecture, lowRank: [[ClientPairs]], rank R: Int) {
+        groups = a.groups.count
+        var terms: [Term] = [], starts = [0]
+        if lowRank.contains(where: { !$0.isEmpty }) {
+            terms.reserveCapacity(lowRank.map(\.count).reduce(0, +) * a.layerCount * a.slots.count)
+        }
+        for l in 0..<a.layerCount {
+            for g in a.groups {
+                let ns = g.slots.count
+                for (b, sets) in lowRank.enumerated() {
+                    for (li, pairs) in sets.enumerated() {
+                        for (k, s) in g.slots.enumerated() {
+                            guard let p = pairs.pairs[l][s] else { continue }
+                            let off = g.offsets[k]
+                            terms.append(Term(a: UnsafePointer(p.a.data), b: UnsafePointer(p.b.data), scale: p.scale, rank: p.rank, row: b,
+                                              t: ((b * 2 + li) * ns + k) * R, lo: off, hi: off + a.slots[s].outFeatures))
+                        }
+                    }
+                }
+                starts.append(terms.count)
+            }
+        }
+        self.terms = terms; self.starts = starts; sets = lowRank; rank = R
+    }
+
+    /// The terms of group `gi` of layer `l`.
+    @inline(__always)
+    func of(layer l: Int, group gi: Int) -> ArraySlice<Term> {
+        let i = l * groups + gi
+        return terms[starts[i]..<starts[i + 1]]
+    }
+}
+
+/// y[o] += sum_j t[j] B[o, j] for o < count, B (count, r) row-major, each sum formed as
+/// ((0 + t0 B[o,0]) + t1 B[o,1]) + ... in ascending j, then added to y[o]: ranks 1, 2 and 4
+/// sixteen lanes at a time (the lanes of one j picked out by even / odd halves), others one output at a
+/// time, with the same bits either way.
+@inline(__always)
+func lowRankUp(_ t: UnsafePointer<Float>, rank r: Int, _ bm: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, count n: Int) {
+    var o = 0
+    switch r {
+    case 1:
+        let t0 = F16(repeating: t[0])
+        while o + 16 <= n { store16(load16(y + o) + (F16() + t0 * load16(bm + o)), y + o); o += 16 }
+    case 2:
+        var tv = F16()
+        for i in 0..<16 { tv[i] = t[i & 1] }
+        while o + 8 <= n {
+            let p = tv * load16(bm + 2 * o)
+            let acc = (SIMD8<Float>() + p.evenHalf) + p.oddHalf
+            let yp = UnsafeMutableRawPointer(y + o)
+            yp.storeBytes(of: yp.loadUnaligned(as: SIMD8<Float>.self) + acc, as: SIMD8<Float>.self)
+            o += 8
+        }
+    case 4:
+        var tv = F16()
+        for i in 0..<16 { tv[i] = t[i & 3] }
+        while o + 4 <= n {
+            let p = tv * load16(bm + 4 * o)
+            let e = p.evenHalf, d = p.oddHalf
+            let acc = (((SIMD4<Float>() + e.evenHalf) + d.evenHalf) + e.oddHalf) + d.oddHalf
+            let yp = UnsafeMutableRawPointer(y + o)
+            yp.storeBytes(of: yp.loadUnaligned(as: SIMD4<Float>.self) + acc, as: SIMD4<Float>.self)
+            o += 4
+        }
+    default: break
+    }
+    while o < n {
+        var acc: Float = 0
+        for j in 0..<r { acc += t[j] * bm[o * r + j] }
+        y[o] += acc
+        o += 1
     }
 }

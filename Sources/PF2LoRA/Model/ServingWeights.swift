@@ -76,6 +76,8 @@ public final class LinearWeightSet: Sendable {
             return
         }
         var ws: [[WeightMatrix]] = []
+        // The folded copies in huge pages, as the base's matrices (`WeightArena`): a decode step streams them alike.
+        let arena = WeightArena()
         for (l, row0) in base.weights.enumerated() {
             var row: [WeightMatrix] = []
             for (gi, g) in a.groups.enumerated() {
@@ -89,7 +91,7 @@ public final class LinearWeightSet: Sendable {
                               lda: p.b.cols, ldb: p.a.cols, ldc: w0.cols, alpha: p.scale, beta: 1)
                 }
                 // Back to the base's precision (f16/bf16 round to nearest even, q8_0 requantized).
-                row.append(WeightMatrix(w).converted(to: w0.precision))
+                row.append(arena.place(WeightMatrix(w).converted(to: w0.precision)))
             }
             ws.append(row)
         }

@@ -356,6 +356,17 @@ def mean_ci(xs):
     return m, t95(n) * sd / math.sqrt(n)
 
 
+def write_page(lines, out, appendix=None):
+    """A Markdown page: `lines`, then the appendix file's text if given, to `out` ("-" for stdout)."""
+    if appendix:
+        lines = lines + [pathlib.Path(appendix).read_text().strip(), ""]
+    text = "\n".join(lines) + "\n"
+    if out == "-":
+        sys.stdout.write(text)
+    else:
+        pathlib.Path(out).write_text(text)
+
+
 def curves_svg(series, path, title):
     """Mean valid loss by round, one line per method."""
     colors = ["#08519c", "#8c6bb1", "#e6550d", "#fdae6b", "#31a354", "#9e9e9e", "#d62728"]

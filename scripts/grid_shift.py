@@ -15,7 +15,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from experiment import NAMES, point_id  # noqa: E402  (the method names and point naming of the runs it reads)
+from experiment import NAMES, point_id, write_page  # noqa: E402  (the method names and point naming of the runs it reads)
 
 ALLOWED = {"rounds", "eval_every", "name"}
 
@@ -82,13 +82,7 @@ def main():
         out.append("")
     out += ["## Selected points", "", f"| method | selected at {a.label_a} | selected at {a.label_b} | moved? | "
             f"its valid loss at {a.label_b} | margin to the second-best point at {a.label_b} |", "|---|---|---|:---:|---:|---:|"] + summary + [""]
-    if a.appendix:
-        out += [pathlib.Path(a.appendix).read_text().strip(), ""]
-    text = "\n".join(out) + "\n"
-    if a.out == "-":
-        sys.stdout.write(text)
-    else:
-        pathlib.Path(a.out).write_text(text)
+    write_page(out, a.out, a.appendix)
 
 
 if __name__ == "__main__":

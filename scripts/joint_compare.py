@@ -19,7 +19,7 @@ import json
 import pathlib
 import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from experiment import METHODS, NAMES, mean_ci, point_id  # noqa: E402  (one list of methods, one t-interval, one point naming)
+from experiment import METHODS, NAMES, mean_ci, point_id, write_page  # noqa: E402  (one list of methods, one t-interval, one point naming)
 
 J = "pf2lora-joint"
 
@@ -235,13 +235,7 @@ def main():
     for rd in sorted(by[J]):
         out.append(f"| {rd} | " + " | ".join(f"{sum(by[m][rd]) / len(by[m][rd]):.4f}" if rd in by[m] else "" for m in ranking) + " |")
     out.append("")
-    if a.appendix:
-        out += [pathlib.Path(a.appendix).read_text().strip(), ""]
-    text = "\n".join(out) + "\n"
-    if a.out == "-":
-        sys.stdout.write(text)
-    else:
-        pathlib.Path(a.out).write_text(text)
+    write_page(out, a.out, a.appendix)
 
 
 if __name__ == "__main__":

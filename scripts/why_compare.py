@@ -20,7 +20,7 @@ import math
 import pathlib
 import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from experiment import NAMES, mean_ci, point_id  # noqa: E402  (one naming, one t-interval)
+from experiment import mean_ci, point_id, write_page  # noqa: E402  (one naming, one t-interval)
 from joint_compare import holm, wilcoxon  # noqa: E402  (one Holm, one Wilcoxon)
 
 # The variants in the order of the page, and the planned contrasts: (a, b, what a − b isolates).
@@ -310,13 +310,7 @@ def main():
         out.append(f"| {SHORT.get(m, m)} | {sum(x['seconds_per_round'] for x in r) / len(r):.1f} | {sum(x['seconds'] for x in r) / len(r):.0f} | "
                    f"`{r[0]['_cmd'][0]}` |")
     out += ["", "Wall-clock: nice 19 on a shared 2-core machine beside other jobs; compare nothing but orders of magnitude.", ""]
-    if a.appendix:
-        out += [pathlib.Path(a.appendix).read_text().strip(), ""]
-    text = "\n".join(out) + "\n"
-    if a.out == "-":
-        sys.stdout.write(text)
-    else:
-        pathlib.Path(a.out).write_text(text)
+    write_page(out, a.out, a.appendix)
 
 
 if __name__ == "__main__":

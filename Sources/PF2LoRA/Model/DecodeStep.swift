@@ -10,10 +10,10 @@ import CMemory
 /// once and dot it with every sequence's input row while it sits in L1, then finish their rows with
 /// the bias, each sequence's client low-rank terms and the GELU or residual add. Norms (and SwiGLU)
 /// are computed privately by every participant; attention splits the (sequence, KV head) pairs; the
-/// head splits the vocabulary. One barrier per product and per attention (two with rotary positions),
-/// no allocation (but the client-term table when the batch's pairs change), no OpenBLAS call. Each
-/// output is summed in the same order whatever the batch, so a sequence decodes to the same bits
-/// alone or batched with others.
+/// head splits the vocabulary. One barrier per product (two with many client terms) and per
+/// attention (two with rotary positions), no allocation (but the client-term table when the batch's
+/// pairs change), no OpenBLAS call. Each output is summed in the same order whatever the batch, so a
+/// sequence decodes to the same bits alone or batched with others.
 extension InferenceEngine {
     /// The default of `pooledRowLimit`: up to this many decode rows go to the worker pool; more go
     /// to OpenBLAS's GEMM, which is compute-efficient once a weight row is reused by many rows
@@ -32,7 +32,7 @@ extension InferenceEngine {
         // placeholder tensors are 1-D, whose `rows` is 1, so a one-thread pool must still allocate.
         func grow(_ t: inout Tensor, _ n: Int) { if t.shape.count != 2 || t.cols < n || t.rows < p { t = Tensor(zeros: [p, max(n, t.cols)]) } }
         grow(&partials, width); grow(&privateLN, B * C); grow(&privateScores, c.contextLength * (c.headCount / c.kvHeadCount))
-        grow(&privateLoRA, B * 2 * slotsPerGroup * rank)
+        if lowRankT.count < B * 2 * slotsPerGroup * rank { lowRankT = Tensor(zeros: [B * 2 * slotsPerGroup * rank]) }
         ensureQ8Inputs()
         if c.mlp == .swiglu { grow(&privateAct, B * c.intermediateSize) }
 
@@ -175,17 +175,24 @@ private struct PooledDecodeRunner: BlockRunner {
         let B = step.inputs.count
         let bias = e.model.base.layers[l].groupB[gi]?.data
         let stage = e.partials.data + ctx.index * e.partials.cols       // (B, out): my rows before GELU / residual
-        let t = e.privateLoRA.data + ctx.index * e.privateLoRA.cols      // (B, 2, slots, rank)
+        let t = e.lowRankT.data                                          // (B, 2, slots, rank), shared
         // Each sequence's low-rank projections t = s A xin per slot (client, and a per-token shared
-        // pair), the same on every participant. A (r, in).
+        // pair), A (r, in). Many terms (a wide batch of clients) are split over the participants,
+        // who then wait for each other; a few (one or two sequences' slots) are computed by every
+        // participant, cheaper than a barrier. Every t is one dot product: who computes it does not
+        // change its bits.
         let terms = step.terms.of(layer: l, group: gi)
-        var next = terms.startIndex
-        for e in terms {
-            // The next term's A asked for while this one is summed: 32 clients' pairs are tens of MB a step.
-            next += 1
-            if next < terms.endIndex { let f = terms[next]; pf2lora_prefetch(f.a, f.rank * din * 4) }
-            let x = xin + e.row * din
-            for j in 0..<e.rank { t[e.t + j] = e.scale * dot(x, e.a + j * din, din) }
+        if !terms.isEmpty {
+            let split = ctx.count > 1 && terms.count >= 8
+            let mine = split ? ctx.share(terms.count) : 0..<terms.count
+            for i in mine {
+                let e = terms[terms.startIndex + i]
+                // The next term's A asked for while this one is summed: 32 clients' pairs are tens of MB a step.
+                if i + 1 < mine.upperBound { let f = terms[terms.startIndex + i + 1]; pf2lora_prefetch(f.a, f.rank * din * 4) }
+                let x = xin + e.row * din
+                for j in 0..<e.rank { t[e.t + j] = e.scale * dot(x, e.a + j * din, din) }
+            }
+            if split { ctx.barrier() }
         }
         // Inputs quantized per block of 32 for q8_0 weights (every participant its own copy).
         if step.segments.contains(where: { $0.0.weights[l][gi].precision == .q8_0 }) { q8.quantize(xin, count: B, cols: din) }

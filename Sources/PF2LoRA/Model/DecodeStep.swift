@@ -32,6 +32,7 @@ extension InferenceEngine {
         // placeholder tensors are 1-D, whose `rows` is 1, so a one-thread pool must still allocate.
         func grow(_ t: inout Tensor, _ n: Int) { if t.shape.count != 2 || t.cols < n || t.rows < p { t = Tensor(zeros: [p, max(n, t.cols)]) } }
         grow(&partials, width); grow(&privateLN, B * C); grow(&privateScores, c.contextLength * (c.headCount / c.kvHeadCount))
+        grow(&privateLoRA, B * 2 * slotsPerGroup * rank)
         if lowRankT.count < B * 2 * slotsPerGroup * rank { lowRankT = Tensor(zeros: [B * 2 * slotsPerGroup * rank]) }
         ensureQ8Inputs()
         if c.mlp == .swiglu { grow(&privateAct, B * c.intermediateSize) }
@@ -175,15 +176,15 @@ private struct PooledDecodeRunner: BlockRunner {
         let B = step.inputs.count
         let bias = e.model.base.layers[l].groupB[gi]?.data
         let stage = e.partials.data + ctx.index * e.partials.cols       // (B, out): my rows before GELU / residual
-        let t = e.lowRankT.data                                          // (B, 2, slots, rank), shared
         // Each sequence's low-rank projections t = s A xin per slot (client, and a per-token shared
-        // pair), A (r, in). Many terms (a wide batch of clients) are split over the participants,
-        // who then wait for each other; a few (one or two sequences' slots) are computed by every
-        // participant, cheaper than a barrier. Every t is one dot product: who computes it does not
-        // change its bits.
+        // pair), A (r, in), t (B, 2, slots, rank). Many terms (a wide batch of clients) are split over
+        // the participants into a shared buffer, behind a barrier; a few (one or two sequences' slots)
+        // are computed by every participant into its own, cheaper than a barrier. Every t is one dot
+        // product: who computes it does not change its bits.
         let terms = step.terms.of(layer: l, group: gi)
+        let split = ctx.count > 1 && terms.count >= 8
+        let t = split ? e.lowRankT.data : e.privateLoRA.data + ctx.index * e.privateLoRA.cols
         if !terms.isEmpty {
-            let split = ctx.count > 1 && terms.count >= 8
             let mine = split ? ctx.share(terms.count) : 0..<terms.count
             for i in mine {
                 let e = terms[terms.startIndex + i]
@@ -232,8 +233,9 @@ private struct PooledDecodeRunner: BlockRunner {
 /// Every row's low-rank terms of one step, flat: per (layer, group) the terms (row, slot, pair) with
 /// raw pointers and sizes, so the inner loops of `matvec` touch no reference counts and no nested
 /// arrays. Built when a step's pairs differ from the last step's (the engine keeps the last table; it
-/// holds the pair sets, so their memory outlives it) and reused while the batch stays the same. In each group's range, terms run by row, then the row's sets of pairs
-/// (per-token shared, then client), then the group's slots: the order the terms are added in.
+/// holds the pair sets, so their memory outlives it) and reused while the batch stays the same. In
+/// each group's range, terms run by row, then the row's sets of pairs (per-token shared, then
+/// client), then the group's slots: the order the terms are added in.
 struct LowRankTerms: @unchecked Sendable {
     struct Term {
         let a: UnsafePointer<Float>     // A (rank, in)

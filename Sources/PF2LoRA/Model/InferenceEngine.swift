@@ -54,7 +54,8 @@ public final class InferenceEngine {
     var privateLN = Tensor(zeros: [0])     // (P, B * C)
     var privateAct = Tensor(zeros: [0])    // (P, B * I) SwiGLU
     var privateScores = Tensor(zeros: [0]) // (P, context)
-    var lowRankT = Tensor(zeros: [0])      // (B * 2 * slots per group * max rank): client and per-token shared terms' s A x, shared
+    var privateLoRA = Tensor(zeros: [0])   // (P, B * 2 * slots per group * max rank): client and per-token shared terms' s A x
+    var lowRankT = Tensor(zeros: [0])      // (B * 2 * slots per group * max rank): the same, shared, when the participants split them
     var lowRankTerms: LowRankTerms?        // the last pooled step's, reused while the batch's pairs stay the same
     // Weights at f16, bf16 or q8_0 (ServingBase): each participant's inputs quantized for q8_0
     // weights, and one group's weight widened to f32 for a prefill GEMM.

@@ -20,12 +20,6 @@ static inline void pf2lora_prefetch(const void *p, long bytes) {
     for (long i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
 }
 
-/// The same into the second-level cache (prefetcht1): for data wanted a while later.
-static inline void pf2lora_prefetch_l2(const void *p, long bytes) {
-    const char *c = (const char *)p;
-    for (long i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);
-}
-
 #ifdef __cplusplus
 }
 #endif

@@ -53,7 +53,7 @@ extension InferenceEngine {
             terms = LowRankTerms(architecture: c, lowRank: lowRank, rank: rank)
             lowRankTerms = terms
         }
-        let step = DecodeRows(inputs: inputs, segments: segments, lowRank: lowRank, terms: terms, rank: rank, slotsPerGroup: slotsPerGroup)
+        let step = DecodeRows(inputs: inputs, segments: segments, terms: terms)
         pool.run { ctx in
             let runner = PooledDecodeRunner(engine: self, ctx: ctx, step: step)
             for l in 0..<c.layerCount { runBlock(runner, layer: l) }
@@ -68,10 +68,7 @@ extension InferenceEngine {
 struct DecodeRows {
     let inputs: [StepInput]
     let segments: [(LinearWeightSet, Int, Int)]   // (weights, first row, end row)
-    let lowRank: [[ClientPairs]]                 // per row: at most two sets of pairs (they keep `terms`' pointers alive)
-    let terms: LowRankTerms
-    let rank: Int
-    let slotsPerGroup: Int
+    let terms: LowRankTerms                      // every row's low-rank terms (the table keeps their pairs alive)
 }
 
 /// `runBlock`'s steps for one participant of a pooled decode step.
@@ -243,7 +240,7 @@ struct LowRankTerms: @unchecked Sendable {
         let scale: Float
         let rank: Int
         let row: Int                    // the sequence
-        let t: Int                      // where its projections s A x sit in the participant's buffer
+        let t: Int                      // where its projections s A x sit in the step's t buffer
         let lo: Int, hi: Int            // the slot's output rows in the group
     }
     private let terms: [Term]

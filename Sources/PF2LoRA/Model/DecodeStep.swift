@@ -163,8 +163,9 @@ private struct PooledDecodeRunner: BlockRunner {
     /// out = xin W^T + b (+ each sequence's client terms s (xin A^T) B^T, in each slot's rows), then
     /// GELU, or added into out; xin (B, in) and out (B, out). xin must be complete on every
     /// participant; out is complete on all when this returns. Chunks of 64 output rows (64 x in
-    /// contiguous floats of W) come from a shared counter, so the weight streams in long runs and a
-    /// participant that is slowed down takes fewer. Phases are numbered by (layer, group).
+    /// contiguous weights) are taken from each participant's contiguous share, the rest stolen (see
+    /// `WorkerPool.Context.chunks`), so the weight streams in long runs and a participant that is
+    /// slowed down takes fewer. Phases are numbered by (layer, group).
     @inline(__always)
     private func matvec(layer l: Int, group gi: Int, _ xin: UnsafeMutablePointer<Float>, into out: UnsafeMutablePointer<Float>,
                         accumulate: Bool = false, gelu: Bool = false) {

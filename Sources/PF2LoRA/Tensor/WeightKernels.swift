@@ -134,7 +134,7 @@ func gemmRows(_ x: UnsafePointer<Float>, rows n: Int, _ w: WeightMatrix, _ out: 
 
 extension WorkerPool {
     /// One pass of batch-1 matrix-vector products over `matrices` at their own precisions, as a
-    /// decode step runs them (64-row chunks from a shared counter, a barrier after each matrix,
+    /// decode step runs them (64-row chunks from contiguous shares, a barrier after each matrix,
     /// q8_0 inputs quantized by every participant): `pf2lora bench blas` times it against the plain
     /// read of the same bytes. `input` must hold the widest matrix's columns; `output` its rows.
     public func dotAll(_ matrices: [WeightMatrix], input: Tensor, output: Tensor) {

@@ -1,5 +1,6 @@
 import Foundation
 import Synchronization
+import CMemory
 
 /// A persistent pool of threads that run one job together, SPMD style: every participant (the
 /// caller is participant 0) runs the same closure with its own index and meets the others at
@@ -29,19 +30,30 @@ public final class WorkerPool: @unchecked Sendable {
         /// Waits until every participant has reached this barrier.
         @inline(__always) public func barrier() { if count > 1 { pool!.barrier(caller: index == 0) } }
 
-        /// Runs `body` on chunks of 0..<n taken from a shared counter until none are left, so a
-        /// participant slowed by anything (an interrupt, a busier memory channel) takes fewer chunks.
+        /// Runs `body` on chunks of 0..<n: each participant owns a contiguous share of the chunks and
+        /// takes them in order from its front; a participant whose share is gone takes the others' from
+        /// their backs, so one slowed by anything (an interrupt, a busier memory channel) takes fewer.
+        /// Contiguous shares matter for the weight streams: with chunks handed out in turn from one
+        /// counter, two cores each jump a chunk ahead every chunk, and a q8_0 decode step read its
+        /// weights at 0.74x of two cores' plain read against 0.97x with shares (Benchmarks/README.md
+        /// "Two cores: contiguous shares"). Which participant computes a chunk never changes its values.
         /// `phase` numbers the calls of one job 0, 1, 2, ... with at least one barrier between
         /// consecutive calls; counters are reset two phases ahead and at the start of each job.
         @inline(__always) public func chunks(_ n: Int, size: Int, phase: Int, _ body: (Range<Int>) -> Void) {
             if count == 1 { body(0..<n); return }
             let p = pool!
-            if index == 0 { p.counters[(phase + 2) & 3].value.store(0, ordering: .relaxed) }
-            let counter = p.counters[phase & 3]
-            while true {
-                let lo = counter.value.add(1, ordering: .relaxed).oldValue * size
-                if lo >= n { return }
-                body(lo..<min(n, lo + size))
+            if index == 0 { p.resetRanges(slot: (phase + 2) & 3) }
+            let total = (n + size - 1) / size
+            for k in 0..<count {
+                let o = (index + k) % count
+                let s0 = total * o / count, len = total * (o + 1) / count - s0
+                let c = p.range(slot: phase & 3, participant: o)
+                while true {
+                    let i = k == 0 ? pf2lora_take_front(c, len) : pf2lora_take_back(c, len)
+                    if i < 0 { break }
+                    let lo = (s0 + i) * size
+                    body(lo..<min(n, lo + size))
+                }
             }
         }
 
@@ -63,8 +75,9 @@ public final class WorkerPool: @unchecked Sendable {
     private let barrierRound = Atomic<Int>(0)    // barrier generation
     private let busy = Atomic<Bool>(false)
     private let stallNanos = Atomic<Int>(0)      // this job's caller waits past their spinning phase
-    private final class Counter { let value = Atomic<Int>(0) }
-    private let counters = (0..<4).map { _ in Counter() }   // chunk counters of `Context.chunks`
+    /// `Context.chunks`' taken counts: 4 phase slots x `count` participants, one 64-byte line each
+    /// (written only through CMemory's atomic helpers).
+    private let ranges: UnsafeMutablePointer<UInt64>
     private var job: ((Context) -> Void)?        // written before `generation` is bumped, read after
     /// Where idle workers sleep: a heap-allocated mutex and condition variable (a pthread_mutex_t
     /// stored inline in a class and passed as `&mutex` has no stable address in Swift).
@@ -76,6 +89,9 @@ public final class WorkerPool: @unchecked Sendable {
     /// A pool of `threads` participants: the caller plus threads - 1 workers.
     public init(threads: Int) {
         count = max(1, threads)
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: 4 * count * 64, alignment: 64)
+        raw.initializeMemory(as: UInt8.self, repeating: 0, count: 4 * count * 64)
+        ranges = raw.bindMemory(to: UInt64.self, capacity: 4 * count * 8)
         for w in 1..<count {
             let t = Thread { self.workerLoop(index: w) }   // pools live as long as the process
             t.name = "pf2lora-worker-\(w)"
@@ -117,7 +133,7 @@ public final class WorkerPool: @unchecked Sendable {
         stallNanos.store(0, ordering: .relaxed)
         job = body
         finished.store(0, ordering: .relaxed)
-        for c in counters { c.value.store(0, ordering: .relaxed) }
+        for slot in 0..<4 { resetRanges(slot: slot) }
         generation.add(1, ordering: .sequentiallyConsistent)
         sleep.lock()
         if sleepers > 0 { sleep.broadcast() }
@@ -137,6 +153,14 @@ public final class WorkerPool: @unchecked Sendable {
     public var adaptive = true
     /// The contention state (read by `bench` and tests; updated only by the job's caller).
     public private(set) var policy = ContentionPolicy()
+
+    @inline(__always) fileprivate func range(slot: Int, participant: Int) -> UnsafeMutablePointer<UInt64> {
+        ranges + (slot * count + participant) * 8
+    }
+
+    @inline(__always) fileprivate func resetRanges(slot: Int) {
+        for p in 0..<count { pf2lora_store_relaxed(range(slot: slot, participant: p), 0) }
+    }
 
     private func barrier(caller: Bool) {
         let round = barrierRound.load(ordering: .acquiring)

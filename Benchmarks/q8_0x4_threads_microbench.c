@@ -66,7 +66,7 @@ static void kernN(int i, long row0, long row1, float *out) {
     for (long g = row0 / 4; g <= (row1 - 1) / 4; g++) { float o[4]; dot4_nopf(quants + g * nb * 128, scales + g * nb * 8, nb, xq, xd, o);
         long r1 = 4 * g + 4 > row1 ? row1 - 4 * g : 4; for (long k = 0; k < r1; k++) out[4 * g + k] = o[k]; } }
 static void kern(int i, long r0, long r1, float *out) { pf2lora_q8_0x4_dot_rows(ms[i].w, ms[i].rows, ms[i].cols, xq, xd, 1, r0, r1, out, 0); }
-static const char *names[] = {"plain1", "plain2", "plain2m", "lib1", "dyn64", "dyn256", "half", "halfnb", "dyn32", "dyn128", "unused", "inter64", "share", "inter64np", "half_np"};
+static const char *names[] = {"plain1", "plain2", "plain2m", "lib1", "dyn64", "dyn256", "half", "halfnb", "dyn32", "dyn128", "unused", "inter64", "share", "inter64np", "half_np", "share16"};
 static _Atomic unsigned long pk[4][2][8];
 static void work(int v, int t, int P) {
     float *out = outs[t];
@@ -103,6 +103,27 @@ static void work(int v, int t, int P) {
                     if (!atomic_compare_exchange_weak_explicit(c, &v, nv, memory_order_relaxed, memory_order_relaxed)) continue;
                     long ch = k == 0 ? s0 + (long)f : s0 + len - 1 - (long)b, lo = ch * size;
                     kern(i, lo, lo + size < ms[i].rows ? lo + size : ms[i].rows, out);
+                }
+            }
+            barrier();
+        } break; }
+    case 15: { // shares in 16-row units, the owner takes 4 units (64 rows) at a time from its front, a thief 1 from the back
+        long u = 16;
+        for (int i = 0; i < nm; i++) {
+            long n = (ms[i].rows + u - 1) / u;
+            if (t == 0) { atomic_store_explicit(&pk[(i + 2) & 3][0][0], 0, memory_order_relaxed); atomic_store_explicit(&pk[(i + 2) & 3][1][0], 0, memory_order_relaxed); }
+            for (int k = 0; k < 2; k++) {
+                int o = (t + k) % 2; long s0 = n * o / 2, len = n * (o + 1) / 2 - s0;
+                _Atomic unsigned long *c = &pk[i & 3][o][0];
+                for (;;) {
+                    unsigned long v = atomic_load_explicit(c, memory_order_relaxed), f = v & 0xffffffff, b = v >> 32;
+                    long left = len - (long)(f + b);
+                    if (left <= 0) break;
+                    long take = k == 0 ? (left < 4 ? left : 4) : 1;
+                    unsigned long nv = k == 0 ? v + take : v + (1ul << 32);
+                    if (!atomic_compare_exchange_weak_explicit(c, &v, nv, memory_order_relaxed, memory_order_relaxed)) continue;
+                    long ch = k == 0 ? s0 + (long)f : s0 + len - 1 - (long)b, lo = ch * u, hi = lo + take * u;
+                    kern(i, lo, hi < ms[i].rows ? hi : ms[i].rows, out);
                 }
             }
             barrier();

@@ -20,17 +20,23 @@ static inline void pf2lora_prefetch(const void *p, long bytes) {
     for (long i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
 }
 
-/// Work sharing with stealing (`WorkerPool.Context.chunks`): `*c` counts the chunks taken of one
-/// participant's contiguous share of `len` chunks, from its front in the low 32 bits and from its
-/// back in the high 32. The owner takes from the front, the others (when their own shares are gone)
-/// from the back, so each participant reads one contiguous run. Returns the chunk's index in the
-/// share, or -1 when none is left. Relaxed: the pool's barriers order the chunks' data.
-static inline long pf2lora_take_front(unsigned long long *c, long len) {
+/// Work sharing with stealing (`WorkerPool.Context.chunks`): `*c` counts the units taken of one
+/// participant's contiguous share of `len` units, from its front in the low 32 bits and from its
+/// back in the high 32. The owner takes up to `most` units at a time from the front, the others
+/// (when their own shares are gone) one from the back, so each participant reads one contiguous
+/// run. Returns the first unit's index in the share (`*n` units), or -1 when none is left.
+/// Relaxed: the pool's barriers order the chunks' data.
+static inline long pf2lora_take_front(unsigned long long *c, long len, long most, long *n) {
     unsigned long long v = __atomic_load_n(c, __ATOMIC_RELAXED);
     for (;;) {
         unsigned long long f = v & 0xffffffffull, b = v >> 32;
-        if ((long)(f + b) >= len) return -1;
-        if (__atomic_compare_exchange_n(c, &v, v + 1, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return (long)f;
+        long left = len - (long)(f + b);
+        if (left <= 0) return -1;
+        long take = left < most ? left : most;
+        if (__atomic_compare_exchange_n(c, &v, v + (unsigned long long)take, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            *n = take;
+            return (long)f;
+        }
     }
 }
 

@@ -30,29 +30,32 @@ public final class WorkerPool: @unchecked Sendable {
         /// Waits until every participant has reached this barrier.
         @inline(__always) public func barrier() { if count > 1 { pool!.barrier(caller: index == 0) } }
 
-        /// Runs `body` on chunks of 0..<n: each participant owns a contiguous share of the chunks and
-        /// takes them in order from its front; a participant whose share is gone takes the others' from
-        /// their backs, so one slowed by anything (an interrupt, a busier memory channel) takes fewer.
-        /// Contiguous shares matter for the weight streams: with chunks handed out in turn from one
-        /// counter, two cores each jump a chunk ahead every chunk, and a q8_0 decode step read its
-        /// weights at 0.74x of two cores' plain read against 0.97x with shares (Benchmarks/README.md
-        /// "Two cores: contiguous shares"). Which participant computes a chunk never changes its values.
-        /// `phase` numbers the calls of one job 0, 1, 2, ... with at least one barrier between
+        /// Runs `body` on chunks of 0..<n: each participant owns a contiguous share and takes it in
+        /// order from its front, `size` at a time; a participant whose share is gone takes the others'
+        /// from their backs a quarter chunk at a time, so one slowed by anything (an interrupt, a busier
+        /// memory channel) does less and the participants finish within a quarter chunk of each other.
+        /// Chunks start at multiples of `size / 4` (`size` a multiple of 16 keeps q8_0's 4-row groups
+        /// whole). Contiguous shares matter for the weight streams: with chunks handed out in turn
+        /// from one counter, two cores each jump a chunk ahead every chunk, and a q8_0 decode step read
+        /// its weights at 0.74x of two cores' plain read against 0.91-0.97x with shares
+        /// (Benchmarks/q8_0x4_threads_microbench.c). Which participant computes a chunk never changes its
+        /// values. `phase` numbers the calls of one job 0, 1, 2, ... with at least one barrier between
         /// consecutive calls; counters are reset two phases ahead and at the start of each job.
         @inline(__always) public func chunks(_ n: Int, size: Int, phase: Int, _ body: (Range<Int>) -> Void) {
             if count == 1 { body(0..<n); return }
             let p = pool!
             if index == 0 { p.resetRanges(slot: (phase + 2) & 3) }
-            let total = (n + size - 1) / size
+            let unit = max(1, size / 4), units = (n + unit - 1) / unit, most = max(1, size / unit)
             for k in 0..<count {
                 let o = (index + k) % count
-                let s0 = total * o / count, len = total * (o + 1) / count - s0
+                let s0 = units * o / count, len = units * (o + 1) / count - s0
                 let c = p.range(slot: phase & 3, participant: o)
                 while true {
-                    let i = k == 0 ? pf2lora_take_front(c, len) : pf2lora_take_back(c, len)
+                    var got = 1
+                    let i = k == 0 ? pf2lora_take_front(c, len, most, &got) : pf2lora_take_back(c, len)
                     if i < 0 { break }
-                    let lo = (s0 + i) * size
-                    body(lo..<min(n, lo + size))
+                    let lo = (s0 + i) * unit
+                    body(lo..<min(n, lo + got * unit))
                 }
             }
         }

@@ -23,7 +23,7 @@ struct BenchDecode: ParsableCommand {
     var tokens: Int = 64
     @Option(name: .customLong("prompt-tokens"), help: "Prompt length for the prefill measurement.")
     var promptTokens: Int = 128
-    @Option(help: "OpenBLAS threads (0 = its default).")
+    @Option(help: "Threads (0 = PF2LORA_THREADS, else every core).")
     var threads: Int = 0
     @Option(help: "Timed repeats (median reported).")
     var repeats: Int = 3
@@ -93,7 +93,7 @@ struct BenchBLAS: ParsableCommand {
     var model: String
     @Option(name: .customLong("prompt-tokens"), help: "Rows of the prefill GEMMs.")
     var promptTokens: Int = 512
-    @Option(help: "OpenBLAS threads (0 = its default).")
+    @Option(help: "Threads (0 = PF2LORA_THREADS, else every core).")
     var threads: Int = 0
     @Option(help: "Weight precisions to measure the read bound and the decode kernels at, comma-separated (f32, f16, bf16, q8_0); empty for none.")
     var precisions = "f32,f16,bf16,q8_0"

@@ -30,7 +30,7 @@ struct BenchHTTP: ParsableCommand {
     var ttftRepeats: Int = 30
     @Option(name: .customLong("idle-seconds"), help: "Seconds of idle serving whose CPU time is measured.")
     var idleSeconds: Double = 5
-    @Option(help: "OpenBLAS threads (0 = its default).")
+    @Option(help: "Threads (0 = PF2LORA_THREADS, else every core).")
     var threads: Int = 0
 
     func run() throws {

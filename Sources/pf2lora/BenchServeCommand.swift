@@ -35,7 +35,7 @@ struct BenchServe: ParsableCommand {
     var repeats: Int = 3
     @Flag(name: .customLong("fast-batching"), help: "Decode as `serve --fast-batching` does: batches wider than 12 sequences as one GEMM pass (by default as `serve` does: every batch width on the worker pool, each sequence's logits the same bits whatever else runs).")
     var fastBatching = false
-    @Option(help: "OpenBLAS threads (0 = its default).")
+    @Option(help: "Threads (0 = PF2LORA_THREADS, else every core).")
     var threads: Int = 0
     @Option(name: .customLong("pooled-rows"), help: "Decode steps of at most this many sequences run on the worker pool (every sequence summed in the same order whatever the batch: how `serve` runs by default, at any width), larger ones as OpenBLAS GEMMs (`serve --fast-batching`). Default: no limit, as `serve` (\(InferenceEngine.maxPooledRows) with --fast-batching).")
     var pooledRows: Int?

@@ -29,7 +29,7 @@ struct BenchTrain: ParsableCommand {
     var alpha2: Float = 4
     @Flag(help: "Full-parameter gradients instead of adapters.")
     var full = false
-    @Option(help: "OpenBLAS threads (0 = its default).")
+    @Option(help: "Threads (0 = PF2LORA_THREADS, else every core).")
     var threads: Int = 0
     @Option(help: "Timed steps (median reported).")
     var repeats: Int = 5

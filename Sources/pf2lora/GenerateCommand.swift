@@ -12,7 +12,7 @@ struct ModelOptions: ParsableArguments {
     var store: String?
     @Option(help: "Which base folder of the store to use (default: the one named after the model folder). Errors that find none say which bases the store holds.")
     var base: String?
-    @Option(help: "OpenBLAS threads (0 = its default: all cores).")
+    @Option(help: "Threads (0 = PF2LORA_THREADS, else every core).")
     var threads: Int = 0
     @Option(help: ArgumentHelp(WeightsOption.help, valueName: "auto|f32|f16|bf16|q8_0"))
     var weights = "auto"

@@ -55,7 +55,7 @@ struct PretrainCommand: ParsableCommand {
     var saveEvery: Int = 500
     @Option(name: .customLong("log-every"), help: "Steps between progress lines.")
     var logEvery: Int = 10
-    @Option(help: "OpenBLAS threads (0 = its default: all cores).")
+    @Option(help: "Threads (0 = PF2LORA_THREADS, else every core).")
     var threads: Int = 0
 
     func validate() throws {

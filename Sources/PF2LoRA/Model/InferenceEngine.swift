@@ -189,9 +189,9 @@ public final class InferenceEngine {
                     lowRankRows(xin + r0 * din, out + r0 * dout + off, rows: rows, din: din, dout: so, stride: dout, pair: p)
                 } else {
                     // (n,in) @ (in,r) -> (n,r); then s * (n,r) @ (r,out) accumulated into the slot's columns.
-                    BLAS.gemm(xin + r0 * din, p.a.data, loraTmp.data, m: rows, n: r, k: din, transB: true)
+                    BLAS.gemm(xin + r0 * din, p.a.data, loraTmp.data, m: rows, n: r, k: din, transB: true, pool: pool)
                     BLAS.gemm(loraTmp.data, p.b.data, out + r0 * dout + off, m: rows, n: so, k: r, transB: true, ldc: dout,
-                              alpha: p.scale, beta: 1)
+                              alpha: p.scale, beta: 1, pool: pool)
                 }
             }
         }
@@ -204,8 +204,8 @@ public final class InferenceEngine {
     /// panel on this thread (the head: 50k rows would be 150 MB).
     func product(_ xin: UnsafePointer<Float>, rows n: Int, _ w: WeightMatrix, _ out: UnsafeMutablePointer<Float>, wholeMatrix: Bool = true) {
         if let t = w.f32 {
-            if n == 1 { BLAS.gemv(t.data, xin, out, m: w.rows, n: w.cols) }                              // (out,in) @ (in)
-            else { BLAS.gemm(xin, t.data, out, m: n, n: w.rows, k: w.cols, transB: true) }                // (n,in) @ (out,in)^T
+            if n == 1 { BLAS.gemv(t.data, xin, out, m: w.rows, n: w.cols, pool: pool) }                              // (out,in) @ (in)
+            else { BLAS.gemm(xin, t.data, out, m: n, n: w.rows, k: w.cols, transB: true, pool: pool) }                // (n,in) @ (out,in)^T
             return
         }
         if n <= InferenceEngine.maxPooledRows {
@@ -220,7 +220,7 @@ public final class InferenceEngine {
             return
         }
         guard wholeMatrix else {
-            gemmRows(xin, rows: n, w, out, panel: &widened)
+            gemmRows(xin, rows: n, w, out, panel: &widened, pool: pool)
             return
         }
         if widened.count < w.rows * w.cols { widened = Tensor(zeros: [w.rows * w.cols]) }
@@ -228,7 +228,7 @@ public final class InferenceEngine {
         pool.run { ctx in
             ctx.chunks(w.rows, size: 64, phase: 0) { rows in w.rowsToF32(rows, into: dst + rows.lowerBound * w.cols) }
         }
-        BLAS.gemm(xin, dst, out, m: n, n: w.rows, k: w.cols, transB: true)                                // (n,in) @ (out,in)^T
+        BLAS.gemm(xin, dst, out, m: n, n: w.rows, k: w.cols, transB: true, pool: pool)                              // (n,in) @ (out,in)^T
     }
 
     /// One `Q8Activations` per pool participant.
@@ -306,13 +306,13 @@ public final class InferenceEngine {
                 let kvh = h / perKV
                 let kh = kc + kvh * cap * hd, vh = vc + kvh * cap * hd
                 // (n,hd) @ (hd,Tb) -> (n,Tb), causal softmax, (n,Tb) @ (Tb,hd) -> (n,hd).
-                BLAS.gemm(q, kh, sc, m: n, n: Tb, k: hd, transB: true, lda: W, ldb: hd, ldc: Tb, alpha: scale)
+                BLAS.gemm(q, kh, sc, m: n, n: Tb, k: hd, transB: true, lda: W, ldb: hd, ldc: Tb, alpha: scale, pool: pool)
                 for i in 0..<n {
                     let valid = L + i0 + i + 1
                     softmaxInPlace(sc + i * Tb, count: valid)
                     if valid < Tb { (sc + i * Tb + valid).update(repeating: 0, count: Tb - valid) }
                 }
-                BLAS.gemm(sc, vh, o, m: n, n: hd, k: Tb, lda: Tb, ldb: hd, ldc: qW)
+                BLAS.gemm(sc, vh, o, m: n, n: hd, k: Tb, lda: Tb, ldb: hd, ldc: qW, pool: pool)
             }
             i0 = i1
         }

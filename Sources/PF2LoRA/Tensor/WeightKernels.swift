@@ -113,11 +113,11 @@ func dotRows(_ w: WeightMatrix, _ xs: UnsafePointer<Float>, quantized: Q8Activat
 /// one panel of rows at a time into `panel` (grown to at most `maxPanelFloats`), each panel one
 /// sgemm into its columns of out, whose rows are `ldOut` apart (default W.rows).
 func gemmRows(_ x: UnsafePointer<Float>, rows n: Int, _ w: WeightMatrix, _ out: UnsafeMutablePointer<Float>, ldOut: Int? = nil,
-              panel: inout Tensor, accumulate: Bool = false, maxPanelFloats: Int = 1 << 21) {
+              panel: inout Tensor, accumulate: Bool = false, maxPanelFloats: Int = 1 << 21, pool: WorkerPool? = nil) {
     let ld = ldOut ?? w.rows, beta: Float = accumulate ? 1 : 0
     if let t = w.f32 {
         // (n,in) @ (out,in)^T -> (n,out)
-        BLAS.gemm(x, t.data, out, m: n, n: w.rows, k: w.cols, transB: true, ldc: ld, beta: beta)
+        BLAS.gemm(x, t.data, out, m: n, n: w.rows, k: w.cols, transB: true, ldc: ld, beta: beta, pool: pool)
         return
     }
     let step = max(1, min(w.rows, maxPanelFloats / max(w.cols, 1)))
@@ -127,7 +127,7 @@ func gemmRows(_ x: UnsafePointer<Float>, rows n: Int, _ w: WeightMatrix, _ out: 
         let r1 = min(w.rows, r0 + step)
         w.rowsToF32(r0..<r1, into: panel.data)
         // (n,in) @ (panel rows,in)^T -> (n, panel rows), columns r0..<r1 of out
-        BLAS.gemm(x, panel.data, out + r0, m: n, n: r1 - r0, k: w.cols, transB: true, ldc: ld, beta: beta)
+        BLAS.gemm(x, panel.data, out + r0, m: n, n: r1 - r0, k: w.cols, transB: true, ldc: ld, beta: beta, pool: pool)
         r0 = r1
     }
 }

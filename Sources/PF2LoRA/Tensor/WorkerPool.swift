@@ -6,7 +6,8 @@ import CMemory
 /// caller is participant 0) runs the same closure with its own index and meets the others at
 /// `barrier()`s inside it.
 ///
-/// Why our own and not OpenBLAS's threads: batch-1 decode is 49 matrix-vector products of 0.5-9 MB
+/// The process's only parallelism: OpenBLAS runs one thread, its large products split over a pool
+/// (`BLAS.gemm`). Why our own and not OpenBLAS's threads: batch-1 decode is 49 matrix-vector products of 0.5-9 MB
 /// per token, each ~50-400 µs. OpenBLAS hands each call to its workers and back, and its profile
 /// shows the hand-offs (`sched_yield`) as about 30% of decode time. Here the workers are woken once
 /// per token and the phases of a token meet at spin barriers of well under a microsecond.
@@ -232,8 +233,9 @@ public final class WorkerPool: @unchecked Sendable {
 /// waits ("stalls"; the caller waits at every barrier, so whoever is late shows up there).
 ///
 /// Measured per decode step on 2 cores: a quiet machine stalls 1-3% of a step; the first few steps
-/// after a prefill stall 35-65% (OpenBLAS's threads still spin on the cores for a while after a GEMM);
-/// with one spinning process beside it, 80-96% on every step. A job whose stalls exceed
+/// after a prefill stalled 35-65% while OpenBLAS ran its own threads (they spin for ~0.1 s after a
+/// GEMM; since session 13 OpenBLAS runs one thread and large products are split over this pool, see
+/// `BLAS`); with one spinning process beside it, 80-96% on every step. A job whose stalls exceed
 /// `stallFraction` (50%) counts as contended; after `trigger` (3) contended jobs in a row the pool
 /// runs the next `soloJobs` jobs on the caller alone (no barriers, no wake-ups), then tries the pool
 /// again. Each relapse doubles the solo period, from `minSoloJobs` (32) up to `maxSoloJobs`; an

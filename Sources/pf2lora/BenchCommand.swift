@@ -35,8 +35,11 @@ struct BenchDecode: ParsableCommand {
     var pooledRows: Int?
     @Option(name: .customLong("kv-cache"), help: ArgumentHelp(KVCacheOption.help, valueName: "auto|f32|f16"))
     var kvCache = "auto"
+    @Option(name: .customLong("read-bound-rounds"), help: "Then this many rounds of 4 batch-1 decode steps (continuing after the prompt), each followed at once by a plain read of the weight bytes a step reads: decode_vs_read_bound is the median per-round ratio of the read's time (scaled to the weights plus that step's KV cache) to a step's. Decode and read minutes apart can meet different memory-bandwidth phases of a shared machine; milliseconds apart they meet the same. 0: none.")
+    var readBoundRounds = 0
 
     func validate() throws {
+        guard readBoundRounds >= 0 else { throw ValidationError("--read-bound-rounds must be >= 0") }
         _ = try KVCacheOption.parse(kvCache)
         if let p = pooledRows, p < 0 { throw ValidationError("--pooled-rows must be >= 0 (0 = decode every batch with GEMM)") }
         guard poolPolicy == "adaptive" || poolPolicy == "always" else { throw ValidationError("--pool-policy must be adaptive or always") }
@@ -63,7 +66,35 @@ struct BenchDecode: ParsableCommand {
         let run = try timeBatch(engine, prompts: prompts, bindings: Array(repeating: .base(m), count: batch), tokens: tokens, repeats: repeats,
                                 kvCache: kv, tag: "bench decode")
         let tp = run.prefill, td = run.decode
-        print(jsonLine([
+        var bound: [String: Any] = [:]
+        if readBoundRounds > 0 {
+            let steps = 4, binding = AdapterBinding.base(m)
+            let cache = KVCache(architecture: c, capacity: promptTokens + readBoundRounds * steps + 1, precision: kv)
+            var logits = try engine.step([StepInput(cache: cache, tokens: prompts[0], weights: binding.weights, client: binding.client)])
+            let matrices = Array(m.base.linears.weights.joined()) + [m.base.head]
+            let weightBytes = Double(m.base.bytesPerToken)
+            let kvBytesPerPosition = Double(c.layerCount * 2 * c.kvHeadCount * c.headDim * (kv == .f16 ? 2 : 4))
+            var sink = WorkerPool.shared.sumBytes(matrices)   // every page touched once
+            var ratios: [Double] = [], bandwidths: [Double] = []
+            for _ in 0..<readBoundRounds {
+                let context = Double(cache.length) + Double(steps + 1) / 2   // the mean length the steps read
+                var t0 = now()
+                for _ in 0..<steps {
+                    let next = Sampler.argmax(logits.data, count: c.vocabSize)
+                    logits = try engine.step([StepInput(cache: cache, tokens: [next], weights: binding.weights, client: binding.client)])
+                }
+                let step = (now() - t0) / Double(steps)
+                t0 = now()
+                sink &+= WorkerPool.shared.sumBytes(matrices)
+                let bandwidth = weightBytes / (now() - t0)
+                ratios.append((weightBytes + kvBytesPerPosition * context) / bandwidth / step)
+                bandwidths.append(bandwidth)
+            }
+            let r = ratios.sorted(), b = bandwidths.sorted()
+            bound = ["read_bound_rounds": readBoundRounds, "decode_vs_read_bound": r[r.count / 2], "decode_vs_read_bound_min": r[0],
+                     "decode_vs_read_bound_max": r[r.count - 1], "read_gb_per_s_median": b[b.count / 2] / 1e9, "read_sink": Int(sink)]
+        }
+        print(jsonLine(bound.merging([
             "model": model, "batch": batch, "prompt_tokens": promptTokens, "decode_tokens": tokens,
             "threads": BLAS.threads, "pool_threads": WorkerPool.shared.count,
             "decode_path": batch <= engine.pooledRowLimit ? "pool" : "gemm",
@@ -75,7 +106,7 @@ struct BenchDecode: ParsableCommand {
             "prefill_tokens_per_s": Double(batch * promptTokens) / tp,
             "decode_tokens_per_s": Double(batch * tokens) / td,
             "decode_ms_per_step": td / Double(tokens) * 1000,
-        ]))
+        ]) { a, _ in a }))
     }
 }
 

@@ -25,6 +25,23 @@ import Testing
 
     static let tiny = TestPaths.fixture("tiny-gpt2")
 
+    /// `bench decode --read-bound-rounds`: decode steps and a plain read of the same bytes alternate
+    /// in one process; the report's ratio fields are present and ordered, and a negative count is a
+    /// usage error.
+    @Test func benchDecodeReportsTheInProcessReadBound() throws {
+        let r = try Self.run(["bench", "decode", "--model", Self.tiny, "--tokens", "2", "--prompt-tokens", "4", "--repeats", "1",
+                              "--threads", "2", "--read-bound-rounds", "5"])
+        #expect(r.code == 0, "\(r.err)")
+        let d = try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as! [String: Any]
+        let lo = d["decode_vs_read_bound_min"] as? Double ?? -1, mid = d["decode_vs_read_bound"] as? Double ?? -1
+        let hi = d["decode_vs_read_bound_max"] as? Double ?? -1
+        #expect(d["read_bound_rounds"] as? Int == 5)
+        #expect(lo > 0 && lo <= mid && mid <= hi && hi.isFinite, "\(d)")
+        #expect((d["read_gb_per_s_median"] as? Double ?? 0) > 0)
+        let bad = try Self.run(["bench", "decode", "--model", Self.tiny, "--read-bound-rounds", "-1"])
+        #expect(bad.code != 0 && bad.err.contains("--read-bound-rounds"), "\(bad.err)")
+    }
+
     @Test func greedyGenerateMatchesTheFixture() throws {
         let d = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: Self.tiny + "/cases.json"))) as! [String: Any]
         let c = (d["cases"] as! [[String: Any]])[1]

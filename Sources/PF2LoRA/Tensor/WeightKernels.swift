@@ -1,3 +1,4 @@
+import CMemory
 import CQuant
 
 // The decode kernels of every weight precision (WeightStorage.swift): each output row's weights are
@@ -151,26 +152,19 @@ extension WorkerPool {
         }
     }
 
-    /// The bytes of `matrices` read as plainly as possible (wrapping integer adds, each participant
-    /// a contiguous share of every matrix): the memory-read limit for streaming them.
+    /// The bytes of `matrices` read as fast as the machine reads memory (`pf2lora_read_bytes`: wide
+    /// loads, the decode kernels' software prefetch; each participant a contiguous share of every
+    /// matrix): the memory-read limit for streaming them.
     public func sumBytes(_ matrices: [WeightMatrix]) -> UInt32 {
         let totals = UnsafeMutablePointer<UInt32>.allocate(capacity: count)
         defer { totals.deallocate() }
         run { ctx in
-            var a0 = SIMD16<UInt32>(), a1 = SIMD16<UInt32>()
-            var tail: UInt32 = 0
+            var t: UInt32 = 0
             for m in matrices {
-                let part = ctx.share(m.byteCount, align: 128)
-                var p = m.base + part.lowerBound
-                let end = m.base + part.upperBound
-                while p + 128 <= end {
-                    a0 &+= p.loadUnaligned(as: SIMD16<UInt32>.self)
-                    a1 &+= p.loadUnaligned(fromByteOffset: 64, as: SIMD16<UInt32>.self)
-                    p += 128
-                }
-                while p < end { tail &+= UInt32(p.load(as: UInt8.self)); p += 1 }
+                let part = ctx.share(m.byteCount, align: 256)
+                t &+= pf2lora_read_bytes(m.base + part.lowerBound, part.count)
             }
-            totals[ctx.index] = (a0 &+ a1).wrappedSum() &+ tail
+            totals[ctx.index] = t
         }
         return (0..<count).reduce(0) { $0 &+ totals[$1] }
     }

@@ -11,7 +11,7 @@ import CMemory
 /// the bias, each sequence's client low-rank terms and the GELU or residual add. Norms (and SwiGLU)
 /// are computed privately by every participant; attention splits the (sequence, KV head) pairs; the
 /// head splits the vocabulary. One barrier per product (two with many client terms) and per
-/// attention (two with rotary positions), no allocation (but the client-term table when the batch's
+/// attention, no allocation (but the client-term table when the batch's
 /// pairs change), no OpenBLAS call. Each output is summed in the same order whatever the batch, so a
 /// sequence decodes to the same bits alone or batched with others.
 extension InferenceEngine {
@@ -105,39 +105,30 @@ private struct PooledDecodeRunner: BlockRunner {
         }
     }
 
-    /// (sequence, KV head) pairs split over the participants. With a position step (or grouped heads)
-    /// the new q and k heads are normed and rotated and the cache appended first, behind a barrier;
-    /// otherwise (GPT-2) each pair appends its own head's key and value.
+    /// (sequence, KV head) pairs split over the participants. Each pair's participant first does
+    /// what the pair alone needs: with a position step (RoPE, q/k norms) its KV head's query heads and
+    /// key head normed and rotated in the qkv row, then the new key and value appended to the cache;
+    /// no other participant reads them, so no barrier sits between that and the attention (until
+    /// session 13 the heads were split on their own, behind one more barrier per layer).
     func attention(layer l: Int) {
         let e = engine, a = e.architecture
         let H = a.headCount, KV = a.kvHeadCount, hd = a.headDim, qW = a.qWidth, kvW = a.kvWidth
         let W = a.group(.attnIn).outFeatures, perKV = H / KV, B = step.inputs.count
-        let separate = a.hasPositionStep || KV != H
-        if separate {
-            let layer = e.model.base.layers[l]
-            for item in ctx.share(B * (H + KV)) {
-                let b = item / (H + KV), h = item % (H + KV)
-                let row = e.qkv.data + b * W
-                if a.hasPositionStep {
-                    positionStep(a, e.rope, row, heads: h..<(h + 1), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: e.ropeCS.data + b * hd)
-                }
-                if h >= H {
-                    let cache = step.inputs[b].cache, kvh = h - H
-                    cache.store(layer: l, head: kvh, position: cache.length, key: row + qW + kvh * hd, value: row + qW + kvW + kvh * hd, hd: hd)
-                }
-            }
-            ctx.barrier()
-        }
+        let layer = e.model.base.layers[l]
         // (sequence, KV head) pairs: each cached key and value row is read once for the KV head's perKV query heads.
         let scale = 1 / Float(hd).squareRoot()
         for item in ctx.share(B * KV) {
             let b = item / KV, kvh = item % KV
             let cache = step.inputs[b].cache
             let L = cache.length, T = L + 1
-            let q = e.qkv.data + b * W + kvh * perKV * hd, o = e.att.data + b * qW + kvh * perKV * hd
-            if !separate {   // one query head per KV head: its own key and value
-                cache.store(layer: l, head: kvh, position: L, key: e.qkv.data + b * W + qW + kvh * hd, value: e.qkv.data + b * W + qW + kvW + kvh * hd, hd: hd)
+            let row = e.qkv.data + b * W
+            if a.hasPositionStep {
+                let cs = e.ropeCS.data + b * hd
+                positionStep(a, e.rope, row, heads: (kvh * perKV)..<((kvh + 1) * perKV), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: cs)
+                positionStep(a, e.rope, row, heads: (H + kvh)..<(H + kvh + 1), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: cs)
             }
+            cache.store(layer: l, head: kvh, position: L, key: row + qW + kvh * hd, value: row + qW + kvW + kvh * hd, hd: hd)
+            let q = row + kvh * perKV * hd, o = e.att.data + b * qW + kvh * perKV * hd
             cache.decodeGroup(layer: l, head: kvh, q: q, heads: perKV, hd: hd, count: T, scale: scale, scores: sc, out: o)
         }
         ctx.barrier()

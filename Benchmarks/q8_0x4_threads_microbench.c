@@ -68,6 +68,30 @@ static void kernN(int i, long row0, long row1, float *out) {
 static void kern(int i, long r0, long r1, float *out) { pf2lora_q8_0x4_dot_rows(ms[i].w, ms[i].rows, ms[i].cols, xq, xd, 1, r0, r1, out, 0); }
 static const char *names[] = {"plain1", "plain2", "plain2m", "lib1", "dyn64", "dyn256", "half", "halfnb", "dyn32", "dyn128", "unused", "inter64", "share", "inter64np", "half_np", "share16"};
 static _Atomic unsigned long pk[4][2][8];
+// Contiguous shares with stealing, as WorkerPool.Context.chunks: per participant, packed (taken from
+// the front, taken from the back) counts of its share of `unit`-row units, reset two matrices ahead;
+// the owner takes up to `most` units at a time from its front, the other one unit from its back.
+static void shares(int t, long unit, long most, float *out) {
+    for (int i = 0; i < nm; i++) {
+        long n = (ms[i].rows + unit - 1) / unit;
+        if (t == 0) { atomic_store_explicit(&pk[(i + 2) & 3][0][0], 0, memory_order_relaxed); atomic_store_explicit(&pk[(i + 2) & 3][1][0], 0, memory_order_relaxed); }
+        for (int k = 0; k < 2; k++) {
+            int o = (t + k) % 2; long s0 = n * o / 2, len = n * (o + 1) / 2 - s0;
+            _Atomic unsigned long *c = &pk[i & 3][o][0];
+            for (;;) {
+                unsigned long v = atomic_load_explicit(c, memory_order_relaxed), f = v & 0xffffffff, b = v >> 32;
+                long left = len - (long)(f + b);
+                if (left <= 0) break;
+                long take = k == 0 ? (left < most ? left : most) : 1;
+                unsigned long nv = k == 0 ? v + take : v + (1ul << 32);
+                if (!atomic_compare_exchange_weak_explicit(c, &v, nv, memory_order_relaxed, memory_order_relaxed)) continue;
+                long ch = k == 0 ? s0 + (long)f : s0 + len - 1 - (long)b, lo = ch * unit, hi = lo + take * unit;
+                kern(i, lo, hi < ms[i].rows ? hi : ms[i].rows, out);
+            }
+        }
+        barrier();
+    }
+}
 static void work(int v, int t, int P) {
     float *out = outs[t];
     switch (v) {
@@ -88,46 +112,8 @@ static void work(int v, int t, int P) {
     case 6: case 7: for (int i = 0; i < nm; i++) { long G = (ms[i].rows + 3) / 4, h = (G / 2) * 4;
                 if (t == 0) kern(i, 0, h, out); else kern(i, h, ms[i].rows, out); if (v == 6) barrier(); } break;
     case 11: for (int i = 0; i < nm; i++) { for (long lo = 64 * t; lo < ms[i].rows; lo += 128) kern(i, lo, lo + 64 < ms[i].rows ? lo + 64 : ms[i].rows, out); barrier(); } break;
-    case 12: { // real stealing: packed (front, back) taken counts per participant, reset two phases ahead
-        long size = 64;
-        for (int i = 0; i < nm; i++) {
-            long n = (ms[i].rows + size - 1) / size;
-            if (t == 0) { atomic_store_explicit(&pk[(i + 2) & 3][0][0], 0, memory_order_relaxed); atomic_store_explicit(&pk[(i + 2) & 3][1][0], 0, memory_order_relaxed); }
-            for (int k = 0; k < 2; k++) {
-                int o = (t + k) % 2; long s0 = n * o / 2, len = n * (o + 1) / 2 - s0;
-                _Atomic unsigned long *c = &pk[i & 3][o][0];
-                for (;;) {
-                    unsigned long v = atomic_load_explicit(c, memory_order_relaxed), f = v & 0xffffffff, b = v >> 32;
-                    if (f + b >= (unsigned long)len) break;
-                    unsigned long nv = k == 0 ? v + 1 : v + (1ul << 32);
-                    if (!atomic_compare_exchange_weak_explicit(c, &v, nv, memory_order_relaxed, memory_order_relaxed)) continue;
-                    long ch = k == 0 ? s0 + (long)f : s0 + len - 1 - (long)b, lo = ch * size;
-                    kern(i, lo, lo + size < ms[i].rows ? lo + size : ms[i].rows, out);
-                }
-            }
-            barrier();
-        } break; }
-    case 15: { // shares in 16-row units, the owner takes 4 units (64 rows) at a time from its front, a thief 1 from the back
-        long u = 16;
-        for (int i = 0; i < nm; i++) {
-            long n = (ms[i].rows + u - 1) / u;
-            if (t == 0) { atomic_store_explicit(&pk[(i + 2) & 3][0][0], 0, memory_order_relaxed); atomic_store_explicit(&pk[(i + 2) & 3][1][0], 0, memory_order_relaxed); }
-            for (int k = 0; k < 2; k++) {
-                int o = (t + k) % 2; long s0 = n * o / 2, len = n * (o + 1) / 2 - s0;
-                _Atomic unsigned long *c = &pk[i & 3][o][0];
-                for (;;) {
-                    unsigned long v = atomic_load_explicit(c, memory_order_relaxed), f = v & 0xffffffff, b = v >> 32;
-                    long left = len - (long)(f + b);
-                    if (left <= 0) break;
-                    long take = k == 0 ? (left < 4 ? left : 4) : 1;
-                    unsigned long nv = k == 0 ? v + take : v + (1ul << 32);
-                    if (!atomic_compare_exchange_weak_explicit(c, &v, nv, memory_order_relaxed, memory_order_relaxed)) continue;
-                    long ch = k == 0 ? s0 + (long)f : s0 + len - 1 - (long)b, lo = ch * u, hi = lo + take * u;
-                    kern(i, lo, hi < ms[i].rows ? hi : ms[i].rows, out);
-                }
-            }
-            barrier();
-        } break; }
+    case 12: shares(t, 64, 1, out); break;   // contiguous shares in 64-row units, thieves take one
+    case 15: shares(t, 16, 4, out); break;   // 16-row units, the owner takes 4 (64 rows) at a time, thieves one
     case 13: for (int i = 0; i < nm; i++) { for (long lo = 64 * t; lo < ms[i].rows; lo += 128) kernN(i, lo, lo + 64 < ms[i].rows ? lo + 64 : ms[i].rows, out); barrier(); } break;
     case 14: for (int i = 0; i < nm; i++) { long G = (ms[i].rows + 3) / 4, h = (G / 2) * 4;
                 if (t == 0) kernN(i, 0, h, out); else kernN(i, h, ms[i].rows, out); barrier(); } break;

@@ -7,9 +7,10 @@ import COpenBLAS
 /// OpenBLAS's own threads spin (calling `sched_yield`) for about 0.1 s after every threaded call
 /// before they sleep, so every prefill left a third busy thread beside the two decode participants
 /// on two cores: 2-thread q8_0 decode right after a 512-token prefill ran at 215-265 tok/s in half the
-/// runs against 377-399 with the spinning cut short (`OPENBLAS_THREAD_TIMEOUT=4`, Benchmarks/README.md
-/// "One pool for every thread"). With one pool there is no third thread, and a product that finds the
-/// pool busy (training beside serving) runs on its caller alone instead of oversubscribing the cores.
+/// runs against 377-399 with the spinning cut short (`OPENBLAS_THREAD_TIMEOUT=4`; Benchmarks/README.md
+/// "Two cores: contiguous shares, one pool, an honest read bound"). With one pool there is no third
+/// thread, and a product that finds the pool busy (training beside serving) runs on its caller alone
+/// instead of oversubscribing the cores.
 public enum BLAS {
     /// OpenBLAS set to one thread, once, before its first product.
     private static let singleThreaded: Void = { openblas_set_num_threads(1) }()

@@ -447,6 +447,16 @@ class Pf2loraDecode:
         if not self.exe.exists():
             self.info = {"error": f"{self.exe} not found (build it: swift build -c release)"}
             return
+        # Precision mode, batch 1: also the read bound measured in the same process, decode steps and a
+        # plain read of the same bytes alternating (`--read-bound-rounds`, since session 13): a `bench blas`
+        # run seconds away can meet another memory-bandwidth phase of a shared machine.
+        if weights and batch == 1:
+            first = self._once(self.cmd + ["--read-bound-rounds", "20"])
+            if "error" not in first:
+                self.cmd += ["--read-bound-rounds", "20"]
+                self.info = {"version": "pf2lora", "command": " ".join(self.cmd)}
+                return
+            log(f"pf2lora: {first['error'][:200]}; without --read-bound-rounds")
         first = self._once(self.cmd)
         if "error" in first:
             log(f"pf2lora: {first['error'][:200]}; retrying without --threads/--repeats")
@@ -881,8 +891,8 @@ def report_precisions(a, geo, res, made_by, batches):
              f"Load average {a.load_start} at start, {'%.2f %.2f %.2f' % os.getloadavg()} at end.", "",
              "| weights | pf2lora prefill tok/s | pf2lora decode tok/s | llama.cpp prefill tok/s | llama.cpp decode tok/s | "
              "decode vs llama.cpp (per-round median) | prefill vs llama.cpp | read bound tok/s (weights + KV) | "
-             "decode vs read bound (weights only) | pf2lora RSS MB | llama.cpp RSS MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "decode vs read bound (weights only) | decode vs read bound, in-process (rounds' range) | pf2lora RSS MB | llama.cpp RSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     blas = res.get("pf2lora_blas", {})
     for p in a.precision_list:
         me, peer = f"pf2lora@{p}", f"llama.cpp@{p}"
@@ -895,7 +905,7 @@ def report_precisions(a, geo, res, made_by, batches):
         lrss = res.get(peer, {}).get("rss_bytes")
         lines.append(f"| {p} | {fmt(pre)} | {fmt(dec)} | {fmt(lpre) if ok(peer) else 'n/a'} | {fmt(ldec) if ok(peer) else 'n/a'} | "
                      f"{ratio(dec, ldec)} ({fmt(pr, 2) + 'x' if pr else '–'}) | {ratio(pre, lpre)} | {fmt(rbkv)} ({fmt(rb)}) | "
-                     f"{ratio(dec, rbkv)} ({ratio(dec, rb)}) | "
+                     f"{ratio(dec, rbkv)} ({ratio(dec, rb)}) | {in_process(res, me)} | "
                      f"{fmt(rss / 1e6 if rss else None, 0)} | {fmt(lrss / 1e6 if lrss else None, 0)} |")
     for name in res:
         if "error" in res[name] and res[name]["error"] != "not requested (--engines)":
@@ -915,12 +925,24 @@ def report_precisions(a, geo, res, made_by, batches):
         dec = med(me, "decode_tokens_per_s")
         lines.append(f"- {p}: decode vs llama.cpp {ratio(dec, med(peer, 'decode_tokens_per_s'))} (target >= 1.10x); "
                      f"vs the read bound {ratio(dec, read_bound_with_kv(a, geo, res, p))} (target >= 0.80x; "
-                     f"{ratio(dec, med('pf2lora_blas', f'read_bound_tokens_per_s_{p}'))} counting the weights only)"
+                     f"{ratio(dec, med('pf2lora_blas', f'read_bound_tokens_per_s_{p}'))} counting the weights only; "
+                     f"in the same process {in_process(res, me)})"
                      + (f"; prefill vs own f32 {ratio(med(me, 'prefill_tokens_per_s'), f32p)} (target >= 0.90x)" if p in ("f16", "q8_0") else "")
                      + (f"; decode vs own f32 {ratio(dec, f32d)} (target >= 3x), per round {fmt(paired(me, 'pf2lora@f32', 'decode_tokens_per_s'), 2)}x" if p == "q8_0" else ""))
     lines += per_round_precisions(a, geo, res)
     lines += ["", "Command: `python3 Benchmarks/peer_bench.py " + " ".join(sys.argv[1:]) + "`"]
     return "\n".join(lines) + "\n"
+
+
+def in_process(res, name):
+    """pf2lora's decode vs the read bound measured in its own process (`bench decode
+    --read-bound-rounds`: the median of each run's per-round ratios, and the runs' range), or "–"."""
+    r = res.get(name, {})
+    runs = [x for x in r.get("runs", []) if x.get("decode_vs_read_bound")] if "error" not in r else []
+    if not runs:
+        return "–"
+    vals = sorted(x["decode_vs_read_bound"] for x in runs)
+    return f"{statistics.median(vals):.2f}x ({vals[0]:.2f}-{vals[-1]:.2f})"
 
 
 def read_bound_with_kv(a, geo, res, p):
@@ -970,7 +992,8 @@ def per_round_precisions(a, geo, res):
     head = (["round", "UTC", "load"] + [f"{p} vs llama.cpp" for p in ps]
             + (["q8_0 vs own f32"] if "q8_0" in ps and "f32" in ps else [])
             + [f"prefill {p} vs own f32" for p in ps if p != "f32" and "f32" in ps]
-            + [f"{p} vs read bound (weights only)" for p in ps])
+            + [f"{p} vs read bound (weights only)" for p in ps]
+            + [f"{p} vs read bound, in-process" for p in ps])
     lines = ["", f"Per round (decode at batch 1; read bound: that round's `bench blas` read bandwidth over the "
                  f"bytes a step reads, the weights plus pf2lora's KV cache at context {ctx:.0f}; in brackets over "
                  f"the weights only):", "", "| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * (len(head) - 3)]
@@ -995,6 +1018,9 @@ def per_round_precisions(a, geo, res):
                 cells.append(f"{dec / (gb * 1e9 / (wb + kv)):.2f}x ({dec / (gb * 1e9 / wb):.2f}x)")
             else:
                 cells.append("–")
+        for p in ps:
+            v = me[p].get("decode_vs_read_bound")
+            cells.append(f"{v:.2f}x" if v else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -251,6 +251,51 @@ import Testing
         }
     }
 
+    /// A query head's decode attention has the same bits whichever group of heads sharing its KV head
+    /// it is computed in (alone, or in groups of 2-5 split any way), on every ISA path and both cache
+    /// precisions: so a split of one KV head's query heads over the pool's participants (a lever for
+    /// batch-1 balance at 2 threads, STATUS #14) would keep a sequence's bits batch-invariant.
+    @Test(arguments: [64, 16])
+    func aHeadsAttentionDoesNotDependOnItsGroup(_ hd: Int) {
+        defer { _ = pf2lora_quant_set_isa(99) }
+        var rng = RNG(seed: 9)
+        for g in [2, 3, 4, 5] {
+            for T in [1, 7, 9, 40, 203] {
+                let q = (0..<(g * hd)).map { _ in 2 * rng.normal() }
+                let k = (0..<(T * hd)).map { _ in rng.normal() }, v = (0..<(T * hd)).map { _ in rng.normal() }
+                let kh = Self.halves(k), vh = Self.halves(v)
+                let scale = 1 / Float(hd).squareRoot()
+                for isa in Self.attentionCaps {
+                    _ = pf2lora_quant_set_isa(isa)
+                    for half in [false, true] {
+                        // Heads [h0, h0 + n) as one group: their outputs.
+                        func group(_ h0: Int, _ n: Int) -> [Float] {
+                            var sc = [Float](repeating: 0, count: n * T), o = [Float](repeating: 0, count: n * hd)
+                            let qs = Array(q[(h0 * hd)..<((h0 + n) * hd)])
+                            sc.withUnsafeMutableBufferPointer { s in
+                                o.withUnsafeMutableBufferPointer { ob in
+                                    if half {
+                                        decodeGroupHalf(q: qs, heads: n, k: kh, v: vh, hd: hd, count: T, scale: scale, scores: s.baseAddress!, out: ob.baseAddress!)
+                                    } else {
+                                        decodeGroup(q: qs, heads: n, k: k, v: v, hd: hd, count: T, scale: scale, scores: s.baseAddress!, out: ob.baseAddress!)
+                                    }
+                                }
+                            }
+                            return o
+                        }
+                        let whole = group(0, g)
+                        for cut in 1..<g {
+                            let split = group(0, cut) + group(cut, g - cut)
+                            #expect(whole.map(\.bitPattern) == split.map(\.bitPattern), "hd \(hd) g \(g) split at \(cut) T \(T) isa \(isa) half \(half)")
+                        }
+                        let alone = (0..<g).flatMap { group($0, 1) }
+                        #expect(whole.map(\.bitPattern) == alone.map(\.bitPattern), "hd \(hd) g \(g) heads alone T \(T) isa \(isa) half \(half)")
+                    }
+                }
+            }
+        }
+    }
+
     /// `--kv-cache auto`: f16 for a q8_0 base only (f16 and bf16 bases keep f32, to stay within 1e-4
     /// of transformers); a half cache takes half the bytes.
     @Test func automaticCachePrecision() throws {

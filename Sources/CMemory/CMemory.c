@@ -20,7 +20,7 @@ int pf2lora_release_free_heap(void) {
 // kernels' weight streams do (CQuant.c X4_PREFETCH_BYTES, Wide.c WIDE_PREFETCH_BYTES): a bound read
 // without the hints measured below the kernels it bounds at 1 thread (session 13).
 __attribute__((target("avx2")))
-static uint32_t read_avx2(const unsigned char *p, long n) {
+static uint32_t read_avx2(const unsigned char *p, long n, long *done) {
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
     long i = 0;
     for (; i + 256 <= n; i += 256) {
@@ -37,19 +37,18 @@ static uint32_t read_avx2(const unsigned char *p, long n) {
     uint32_t lanes[8], t = 0;
     _mm256_storeu_si256((__m256i *)lanes, s);
     for (int k = 0; k < 8; k++) t += lanes[k];
-    for (; i + 4 <= n; i += 4) { uint32_t v; __builtin_memcpy(&v, p + i, 4); t += v; }
-    for (; i < n; i++) t += p[i];
+    *done = i;
     return t;
 }
 #endif
 
 uint32_t pf2lora_read_bytes(const void *p, long bytes) {
     const unsigned char *c = (const unsigned char *)p;
-#if defined(__x86_64__)
-    if (__builtin_cpu_supports("avx2")) return read_avx2(c, bytes);
-#endif
     uint32_t t = 0;
-    long i = 0;
+    long i = 0;   // the whole 256-byte blocks read by the AVX2 loop, the rest here
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("avx2")) t = read_avx2(c, bytes, &i);
+#endif
     for (; i + 4 <= bytes; i += 4) { uint32_t v; __builtin_memcpy(&v, c + i, 4); t += v; }
     for (; i < bytes; i++) t += c[i];
     return t;

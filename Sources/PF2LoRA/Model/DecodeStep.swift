@@ -176,11 +176,11 @@ private struct PooledDecodeRunner: BlockRunner {
         if !terms.isEmpty {
             let mine = split ? ctx.share(terms.count) : 0..<terms.count
             for i in mine {
-                let e = terms[terms.startIndex + i]
+                let term = terms[terms.startIndex + i]
                 // The next term's A asked for while this one is summed: 32 clients' pairs are tens of MB a step.
-                if i + 1 < mine.upperBound { let f = terms[terms.startIndex + i + 1]; pf2lora_prefetch(f.a, f.rank * din * 4) }
-                let x = xin + e.row * din
-                for j in 0..<e.rank { t[e.t + j] = e.scale * dot(x, e.a + j * din, din) }
+                if i + 1 < mine.upperBound { let next = terms[terms.startIndex + i + 1]; pf2lora_prefetch(next.a, next.rank * din * 4) }
+                let x = xin + term.row * din
+                for j in 0..<term.rank { t[term.t + j] = term.scale * dot(x, term.a + j * din, din) }
             }
             if split { ctx.barrier() }
         }
@@ -198,15 +198,15 @@ private struct PooledDecodeRunner: BlockRunner {
             // for while this one is added, as the hardware prefetchers start too late on runs this short.
             var k = terms.startIndex
             while k < terms.endIndex {
-                let e = terms[k]
+                let term = terms[k]
                 k += 1
                 if k < terms.endIndex {
-                    let f = terms[k], f0 = max(lo, f.lo), f1 = min(rows.upperBound, f.hi)
-                    if f0 < f1 { pf2lora_prefetch(f.b + (f0 - f.lo) * f.rank, (f1 - f0) * f.rank * 4) }
+                    let next = terms[k], f0 = max(lo, next.lo), f1 = min(rows.upperBound, next.hi)
+                    if f0 < f1 { pf2lora_prefetch(next.b + (f0 - next.lo) * next.rank, (f1 - f0) * next.rank * 4) }
                 }
-                let o0 = max(lo, e.lo), o1 = min(rows.upperBound, e.hi)
+                let o0 = max(lo, term.lo), o1 = min(rows.upperBound, term.hi)
                 guard o0 < o1 else { continue }
-                lowRankUp(t + e.t, rank: e.rank, e.b + (o0 - e.lo) * e.rank, stage + e.row * dout + o0, count: o1 - o0)
+                lowRankUp(t + term.t, rank: term.rank, term.b + (o0 - term.lo) * term.rank, stage + term.row * dout + o0, count: o1 - o0)
             }
             for b in 0..<B {
                 let sb = stage + b * dout, ob = out + b * dout

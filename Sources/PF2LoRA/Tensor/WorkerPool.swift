@@ -7,8 +7,8 @@ import CMemory
 /// `barrier()`s inside it.
 ///
 /// The process's only parallelism: OpenBLAS runs one thread, its large products split over a pool
-/// (`BLAS.gemm`). Why our own and not OpenBLAS's threads: batch-1 decode is 49 matrix-vector products of 0.5-9 MB
-/// per token, each ~50-400 µs. OpenBLAS hands each call to its workers and back, and its profile
+/// (`BLAS.gemm`). Why our own and not OpenBLAS's threads: batch-1 decode is 49 matrix-vector
+/// products of 0.5-9 MB per token, each ~50-400 µs. OpenBLAS hands each call to its workers and back, and its profile
 /// shows the hand-offs (`sched_yield`) as about 30% of decode time. Here the workers are woken once
 /// per token and the phases of a token meet at spin barriers of well under a microsecond.
 ///
@@ -289,7 +289,8 @@ public struct ContentionPolicy: Sendable, Equatable {
 extension WorkerPool {
     /// The sum of every element of `tensors`, each participant reading a contiguous share of each
     /// tensor with SIMD adds and the decode kernels' software prefetch (6 KB ahead): the least work
-    /// per byte there is, so its time is the memory-read limit for streaming those bytes (`pf2lora bench blas` reports it as the bandwidth bound).
+    /// per byte there is, so its time is the memory-read limit for streaming those bytes (`pf2lora
+    /// bench blas` reports it as the bandwidth bound).
     public func sumAll(_ tensors: [Tensor]) -> Float {
         let totals = Tensor(zeros: [count])
         run { ctx in

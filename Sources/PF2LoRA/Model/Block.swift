@@ -165,7 +165,10 @@ struct RoPE {
 
     /// Rotates one head vector in place: (x_i, x_{i+h}) -> (x_i c - x_{i+h} s, x_{i+h} c + x_i s).
     @inline(__always)
-    func rotate(_ x: UnsafeMutablePointer<Float>, _ cs: UnsafePointer<Float>) {
+    func rotate(_ x: UnsafeMutablePointer<Float>, _ cs: UnsafePointer<Float>) { Self.rotate(x, cs, half: half) }
+
+    @inline(__always)
+    static func rotate(_ x: UnsafeMutablePointer<Float>, _ cs: UnsafePointer<Float>, half: Int) {
         for i in 0..<half {
             let c = cs[i], s = cs[half + i], a = x[i], b = x[half + i]
             x[i] = a * c - b * s
@@ -199,11 +202,30 @@ extension ModelArchitecture {
 @inline(__always)
 func positionStep(_ a: ModelArchitecture, _ rope: RoPE?, _ row: UnsafeMutablePointer<Float>, heads: Range<Int>,
                   qNorm: Tensor?, kNorm: Tensor?, cs: UnsafePointer<Float>, rstd: UnsafeMutablePointer<Float>? = nil) {
-    let H = a.headCount, hd = a.headDim
-    for h in heads {
-        let p = row + h * hd    // q heads, then the k heads right after them
-        if a.qkNorm, let w = h < H ? qNorm : kNorm { rmsNormForward(p, w.data, p, rows: 1, C: hd, eps: a.normEps, rstd: rstd.map { $0 + h }) }
-        rope?.rotate(p, cs)
+    PositionStep(a, rope).apply(row, heads: heads, qNorm: qNorm.map { UnsafePointer($0.data) }, kNorm: kNorm.map { UnsafePointer($0.data) },
+                                cs: cs, rstd: rstd)
+}
+
+/// `positionStep` as plain values, which a pooled decode step's participants copy without touching
+/// a reference count (`DecodePlan`).
+struct PositionStep {
+    let headCount: Int, headDim: Int
+    let qkNorm: Bool
+    let eps: Float
+    let ropeHalf: Int   // 0: no rotary positions
+
+    init(_ a: ModelArchitecture, _ rope: RoPE?) {
+        headCount = a.headCount; headDim = a.headDim; qkNorm = a.qkNorm; eps = a.normEps; ropeHalf = rope?.half ?? 0
+    }
+
+    @inline(__always)
+    func apply(_ row: UnsafeMutablePointer<Float>, heads: Range<Int>, qNorm: UnsafePointer<Float>?, kNorm: UnsafePointer<Float>?,
+               cs: UnsafePointer<Float>, rstd: UnsafeMutablePointer<Float>? = nil) {
+        for h in heads {
+            let p = row + h * headDim    // q heads, then the k heads right after them
+            if qkNorm, let w = h < headCount ? qNorm : kNorm { rmsNormForward(p, w, p, rows: 1, C: headDim, eps: eps, rstd: rstd.map { $0 + h }) }
+            if ropeHalf > 0 { RoPE.rotate(p, cs, half: ropeHalf) }
+        }
     }
 }
 

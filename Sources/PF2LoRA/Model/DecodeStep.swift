@@ -1,5 +1,6 @@
 import Foundation
 import CMemory
+import CQuant
 
 /// Decode steps of a few sequences, one new token each: single-user generation (B = 1) and the
 /// server's continuous batch of up to `pooledRowLimit` sequences: `runBlock`'s pooled runner.
@@ -11,9 +12,10 @@ import CMemory
 /// the bias, each sequence's client low-rank terms and the GELU or residual add. Norms (and SwiGLU)
 /// are computed privately by every participant; attention splits the (sequence, KV head) pairs; the
 /// head splits the vocabulary. One barrier per product (two with many client terms) and per
-/// attention, no allocation (but the client-term table when the batch's
-/// pairs change), no OpenBLAS call. Each output is summed in the same order whatever the batch, so a
-/// sequence decodes to the same bits alone or batched with others.
+/// attention, no OpenBLAS call, and inside the job no allocation, lock or reference count: the
+/// participants read a `DecodePlan` of raw pointers that the caller makes before the job. Each
+/// output is summed in the same order whatever the batch, so a sequence decodes to the same bits
+/// alone or batched with others.
 extension InferenceEngine {
     /// The default of `pooledRowLimit`: up to this many decode rows go to the worker pool; more go
     /// to OpenBLAS's GEMM, which is compute-efficient once a weight row is reused by many rows
@@ -53,55 +55,139 @@ extension InferenceEngine {
             terms = LowRankTerms(architecture: c, lowRank: lowRank, rank: rank)
             lowRankTerms = terms
         }
-        let step = DecodeRows(inputs: inputs, segments: segments, terms: terms)
-        pool.run { ctx in
-            let runner = PooledDecodeRunner(engine: self, ctx: ctx, step: step)
-            for l in 0..<c.layerCount { runBlock(runner, layer: l) }
-            runner.head()
+        // Everything the participants read, as plain values and raw pointers (see `DecodePlan`).
+        let L = c.layerCount, G = c.groups.count, S = segments.count
+        for q in q8Inputs { q.reserve(B * max(c.groups.map(\.inFeatures).max() ?? C, C)) }
+        let layers = UnsafeMutablePointer<DecodePlan.Layer>.allocate(capacity: L)
+        let kernels = UnsafeMutablePointer<MatrixKernel>.allocate(capacity: L * G * S)
+        let spans = UnsafeMutablePointer<DecodePlan.Span>.allocate(capacity: S)
+        let caches = UnsafeMutablePointer<KVCache.Layer>.allocate(capacity: B * L)
+        let lengths = UnsafeMutablePointer<Int>.allocate(capacity: B)
+        let q8 = UnsafeMutablePointer<DecodePlan.Q8>.allocate(capacity: p)
+        defer { layers.deallocate(); kernels.deallocate(); spans.deallocate(); caches.deallocate(); lengths.deallocate(); q8.deallocate() }
+        for (l, layer) in w.layers.enumerated() {
+            func ptr(_ t: Tensor?) -> UnsafePointer<Float>? { t.map { UnsafePointer($0.data) } }
+            let bias = layer.groupB.map(ptr) + [UnsafePointer<Float>?](repeating: nil, count: max(0, 4 - G))
+            layers[l] = DecodePlan.Layer(attnNorm: UnsafePointer(layer.attnNorm.data), attnNormBias: ptr(layer.attnNormBias),
+                                         mlpNorm: UnsafePointer(layer.mlpNorm.data), mlpNormBias: ptr(layer.mlpNormBias),
+                                         qNorm: ptr(layer.qNorm), kNorm: ptr(layer.kNorm), bias: (bias[0], bias[1], bias[2], bias[3]))
+            for g in 0..<G { for (k, seg) in segments.enumerated() { kernels[(l * G + g) * S + k] = seg.0.weights[l][g].kernel } }
+        }
+        for (k, seg) in segments.enumerated() { spans[k] = DecodePlan.Span(first: seg.1, end: seg.2) }
+        for (b, inp) in inputs.enumerated() {
+            lengths[b] = inp.cache.length
+            for l in 0..<L { caches[b * L + l] = inp.cache.layer(l) }
+        }
+        for i in 0..<p { q8[i] = DecodePlan.Q8(q: q8Inputs[i].q, d: q8Inputs[i].d) }
+        precondition(G <= 4, "DecodePlan: at most four groups per block")
+        let plan = DecodePlan(
+            B: B, C: C, H: c.headCount, KV: c.kvHeadCount, hd: c.headDim, V: c.vocabSize, I: c.intermediateSize, L: L, G: G, S: S,
+            din: (0..<4).map { $0 < G ? c.groups[$0].inFeatures : 0 }.tuple4, dout: (0..<4).map { $0 < G ? c.groups[$0].outFeatures : 0 }.tuple4,
+            norm: c.norm, eps: c.normEps, swiglu: c.mlp == .swiglu, positionStep: c.hasPositionStep ? PositionStep(c, rope) : nil,
+            layers: layers, kernels: kernels, spans: spans, caches: caches, lengths: lengths, q8: q8,
+            head: w.head.kernel, finalNorm: UnsafePointer(w.finalNorm.data), finalNormBias: w.finalNormBias.map { UnsafePointer($0.data) },
+            terms: terms.raw,
+            x: x.data, qkv: qkv.data, att: att.data, fc: fc.data, ropeCS: UnsafePointer(ropeCS.data), logits: logits.data,
+            partials: (partials.data, partials.cols), ln: (privateLN.data, privateLN.cols), scores: (privateScores.data, privateScores.cols),
+            lora: (privateLoRA.data, privateLoRA.cols), act: (privateAct.data, privateAct.cols), sharedT: lowRankT.data)
+        withExtendedLifetime((inputs, segments, w)) {
+            pool.run { ctx in
+                let runner = PooledDecodeRunner(plan: plan, ctx: ctx)
+                for l in 0..<L { runBlock(runner, layer: l) }
+                runner.head()
+            }
         }
         for inp in inputs { inp.cache.advance(by: 1) }
         return Tensor(viewing: logits.data, shape: [B, c.vocabSize], owner: logits)
     }
 }
 
-/// What every participant needs to know about the step.
-struct DecodeRows {
-    let inputs: [StepInput]
-    let segments: [(LinearWeightSet, Int, Int)]   // (weights, first row, end row)
-    let terms: LowRankTerms                      // every row's low-rank terms (the table keeps their pairs alive)
+private extension Array {
+    var tuple4: (Element, Element, Element, Element) { (self[0], self[1], self[2], self[3]) }
 }
 
-/// `runBlock`'s steps for one participant of a pooled decode step.
+/// A pooled decode step as plain values and raw pointers: everything its participants read, made
+/// by the caller before the job (`decodeRows`), which keeps the objects behind the pointers alive
+/// until the job ends. Inside the job nothing touches a reference count or a lock: each retain,
+/// release or lock is an atomic read-modify-write, which on x86 waits for every load in flight,
+/// and a decode step's loads in flight are its weight streams. Until session 14 the participants
+/// read the model through its objects: the profile of a 2-thread q8_0 step showed swift_retain and
+/// swift_release at ~5% of samples, a mutex (`LanguageModel.base`) taken by both cores ~150 times a
+/// step, and the weight streams behind them slower than alone.
+struct DecodePlan {
+    struct Layer {
+        let attnNorm: UnsafePointer<Float>, attnNormBias: UnsafePointer<Float>?
+        let mlpNorm: UnsafePointer<Float>, mlpNormBias: UnsafePointer<Float>?
+        let qNorm: UnsafePointer<Float>?, kNorm: UnsafePointer<Float>?
+        let bias: (UnsafePointer<Float>?, UnsafePointer<Float>?, UnsafePointer<Float>?, UnsafePointer<Float>?)   // by group
+
+        @inline(__always) func bias(_ g: Int) -> UnsafePointer<Float>? {
+            switch g { case 0: bias.0; case 1: bias.1; case 2: bias.2; default: bias.3 }
+        }
+    }
+    /// Rows [first, end) of the batch share segment k's weights.
+    struct Span { let first: Int, end: Int }
+    /// A participant's quantized inputs for q8_0 weights (room for B x the widest input).
+    struct Q8 { let q: UnsafeMutablePointer<Int8>, d: UnsafeMutablePointer<Float> }
+
+    let B: Int, C: Int, H: Int, KV: Int, hd: Int, V: Int, I: Int, L: Int, G: Int, S: Int
+    let din: (Int, Int, Int, Int), dout: (Int, Int, Int, Int)
+    let norm: ModelArchitecture.Norm
+    let eps: Float
+    let swiglu: Bool
+    let positionStep: PositionStep?
+    let layers: UnsafeMutablePointer<Layer>             // [layer]
+    let kernels: UnsafeMutablePointer<MatrixKernel>     // [(layer, group, segment)]
+    let spans: UnsafeMutablePointer<Span>               // [segment]
+    let caches: UnsafeMutablePointer<KVCache.Layer>     // [(sequence, layer)]
+    let lengths: UnsafeMutablePointer<Int>              // [sequence]: cached positions before this step
+    let q8: UnsafeMutablePointer<Q8>                    // [participant]
+    let head: MatrixKernel
+    let finalNorm: UnsafePointer<Float>, finalNormBias: UnsafePointer<Float>?
+    let terms: LowRankTerms.Raw
+    let x: UnsafeMutablePointer<Float>, qkv: UnsafeMutablePointer<Float>, att: UnsafeMutablePointer<Float>
+    let fc: UnsafeMutablePointer<Float>, ropeCS: UnsafePointer<Float>, logits: UnsafeMutablePointer<Float>
+    /// Per-participant buffers: (first, floats per participant).
+    let partials: (UnsafeMutablePointer<Float>, Int), ln: (UnsafeMutablePointer<Float>, Int), scores: (UnsafeMutablePointer<Float>, Int)
+    let lora: (UnsafeMutablePointer<Float>, Int), act: (UnsafeMutablePointer<Float>, Int)
+    let sharedT: UnsafeMutablePointer<Float>
+
+    @inline(__always) func din(_ g: Int) -> Int { switch g { case 0: din.0; case 1: din.1; case 2: din.2; default: din.3 } }
+    @inline(__always) func dout(_ g: Int) -> Int { switch g { case 0: dout.0; case 1: dout.1; case 2: dout.2; default: dout.3 } }
+    var qW: Int { H * hd }
+    var kvW: Int { KV * hd }
+}
+
+/// `runBlock`'s steps for one participant of a pooled decode step (reading only its `DecodePlan`).
 private struct PooledDecodeRunner: BlockRunner {
-    unowned let engine: InferenceEngine
+    let plan: DecodePlan
     let ctx: WorkerPool.Context
-    let step: DecodeRows
     let lnp: UnsafeMutablePointer<Float>    // (B, C) this participant's norm output
     let sc: UnsafeMutablePointer<Float>     // (H / KV, context) its attention scores
-    let q8: Q8Activations                   // its inputs quantized for q8_0 weights
+    let q8: DecodePlan.Q8                   // its inputs quantized for q8_0 weights
 
-    init(engine: InferenceEngine, ctx: WorkerPool.Context, step: DecodeRows) {
-        self.engine = engine; self.ctx = ctx; self.step = step
-        lnp = engine.privateLN.data + ctx.index * engine.privateLN.cols
-        sc = engine.privateScores.data + ctx.index * engine.privateScores.cols
-        q8 = engine.q8Inputs[ctx.index]
+    init(plan: DecodePlan, ctx: WorkerPool.Context) {
+        self.plan = plan; self.ctx = ctx
+        lnp = plan.ln.0 + ctx.index * plan.ln.1
+        sc = plan.scores.0 + ctx.index * plan.scores.1
+        q8 = plan.q8[ctx.index]
     }
 
     func norm(_ site: NormSite, layer l: Int) {
-        let a = engine.architecture
-        let (w, b) = engine.model.base.layers[l].norm(site)
-        normRows(a.norm, engine.x.data, w.data, b?.data, lnp, rows: step.inputs.count, C: a.hiddenSize, eps: a.normEps)
+        let p = plan, layer = p.layers[l]
+        let (w, b) = site == .attention ? (layer.attnNorm, layer.attnNormBias) : (layer.mlpNorm, layer.mlpNormBias)
+        normRows(p.norm, p.x, w, b, lnp, rows: p.B, C: p.C, eps: p.eps)
     }
 
     func linear(_ site: GroupSite, layer l: Int) {
-        let e = engine
+        let p = plan
         switch site {
-        case .attnIn: matvec(layer: l, group: site.rawValue, lnp, into: e.qkv.data)
-        case .attnOut: matvec(layer: l, group: site.rawValue, e.att.data, into: e.x.data, accumulate: true)
-        case .mlpIn: matvec(layer: l, group: site.rawValue, lnp, into: e.fc.data, gelu: e.architecture.mlp == .gelu)
+        case .attnIn: matvec(layer: l, group: site.rawValue, lnp, into: p.qkv)
+        case .attnOut: matvec(layer: l, group: site.rawValue, p.att, into: p.x, accumulate: true)
+        case .mlpIn: matvec(layer: l, group: site.rawValue, lnp, into: p.fc, gelu: !p.swiglu)
         case .mlpOut:
-            let input = e.architecture.mlp == .swiglu ? e.privateAct.data + ctx.index * e.privateAct.cols : e.fc.data
-            matvec(layer: l, group: site.rawValue, input, into: e.x.data, accumulate: true)
+            let input = p.swiglu ? p.act.0 + ctx.index * p.act.1 : p.fc
+            matvec(layer: l, group: site.rawValue, input, into: p.x, accumulate: true)
         }
     }
 
@@ -111,43 +197,42 @@ private struct PooledDecodeRunner: BlockRunner {
     /// no other participant reads them, so no barrier sits between that and the attention (until
     /// session 13 the heads were split on their own, behind one more barrier per layer).
     func attention(layer l: Int) {
-        let e = engine, a = e.architecture
-        let H = a.headCount, KV = a.kvHeadCount, hd = a.headDim, qW = a.qWidth, kvW = a.kvWidth
-        let W = a.group(.attnIn).outFeatures, perKV = H / KV, B = step.inputs.count
-        let layer = e.model.base.layers[l]
+        let p = plan, H = p.H, KV = p.KV, hd = p.hd, qW = p.qW, kvW = p.kvW
+        let W = p.dout(GroupSite.attnIn.rawValue), perKV = H / KV
+        let layer = p.layers[l]
         // (sequence, KV head) pairs: each cached key and value row is read once for the KV head's perKV query heads.
         let scale = 1 / Float(hd).squareRoot()
-        for item in ctx.share(B * KV) {
+        for item in ctx.share(p.B * KV) {
             let b = item / KV, kvh = item % KV
-            let cache = step.inputs[b].cache
-            let L = cache.length, T = L + 1
-            let row = e.qkv.data + b * W
-            if a.hasPositionStep {
-                let cs = e.ropeCS.data + b * hd
-                positionStep(a, e.rope, row, heads: (kvh * perKV)..<((kvh + 1) * perKV), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: cs)
-                positionStep(a, e.rope, row, heads: (H + kvh)..<(H + kvh + 1), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: cs)
+            let cache = p.caches[b * p.L + l]
+            let T = p.lengths[b] + 1
+            let row = p.qkv + b * W
+            if let step = p.positionStep {
+                let cs = p.ropeCS + b * hd
+                step.apply(row, heads: (kvh * perKV)..<((kvh + 1) * perKV), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: cs)
+                step.apply(row, heads: (H + kvh)..<(H + kvh + 1), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: cs)
             }
-            cache.store(layer: l, head: kvh, position: L, key: row + qW + kvh * hd, value: row + qW + kvW + kvh * hd, hd: hd)
-            let q = row + kvh * perKV * hd, o = e.att.data + b * qW + kvh * perKV * hd
-            cache.decodeGroup(layer: l, head: kvh, q: q, heads: perKV, hd: hd, count: T, scale: scale, scores: sc, out: o)
+            cache.store(head: kvh, position: T - 1, key: row + qW + kvh * hd, value: row + qW + kvW + kvh * hd, hd: hd)
+            let q = row + kvh * perKV * hd, o = p.att + b * qW + kvh * perKV * hd
+            cache.decodeGroup(head: kvh, q: q, heads: perKV, hd: hd, count: T, scale: scale, scores: sc, out: o)
         }
         ctx.barrier()
     }
 
     /// GELU ran in mlpIn's epilogue; SwiGLU is computed privately by every participant from the complete [gate | up].
     func activation(layer l: Int) {
-        let e = engine
-        guard e.architecture.mlp == .swiglu else { return }
-        swigluForward(e.fc.data, e.privateAct.data + ctx.index * e.privateAct.cols, rows: step.inputs.count, I: e.architecture.intermediateSize)
+        let p = plan
+        guard p.swiglu else { return }
+        swigluForward(p.fc, p.act.0 + ctx.index * p.act.1, rows: p.B, I: p.I)
     }
 
     /// Final norm, then the head: (V,C) @ (B,C)^T -> (B,V), vocabulary rows split.
     func head() {
-        let e = engine, a = e.architecture, C = a.hiddenSize, V = a.vocabSize, w = e.model.base, B = step.inputs.count
-        normRows(a.norm, e.x.data, w.finalNorm.data, w.finalNormBias?.data, lnp, rows: B, C: C, eps: a.normEps)
-        if w.head.precision == .q8_0 { q8.quantize(lnp, count: B, cols: C) }
-        ctx.chunks(V, size: 256, phase: a.groups.count * a.layerCount) {
-            dotRows(w.head, lnp, quantized: q8, count: B, rows: $0, e.logits.data, stride: V)
+        let p = plan, C = p.C, V = p.V, B = p.B, w = p.head
+        normRows(p.norm, p.x, p.finalNorm, p.finalNormBias, lnp, rows: B, C: C, eps: p.eps)
+        if w.precision == .q8_0 { pf2lora_q8_quantize_activations(lnp, q8.q, q8.d, B * C) }
+        ctx.chunks(V, size: 256, phase: p.G * p.L) {
+            dotRows(w, lnp, quantized: (q8.q, q8.d), count: B, rows: $0, p.logits, stride: V)
         }
     }
 
@@ -160,47 +245,47 @@ private struct PooledDecodeRunner: BlockRunner {
     @inline(__always)
     private func matvec(layer l: Int, group gi: Int, _ xin: UnsafeMutablePointer<Float>, into out: UnsafeMutablePointer<Float>,
                         accumulate: Bool = false, gelu: Bool = false) {
-        let e = engine, a = e.architecture, g = a.groups[gi]
-        let din = g.inFeatures, dout = g.outFeatures
-        let B = step.inputs.count
-        let bias = e.model.base.layers[l].groupB[gi]?.data
-        let stage = e.partials.data + ctx.index * e.partials.cols       // (B, out): my rows before GELU / residual
+        let p = plan, din = p.din(gi), dout = p.dout(gi), B = p.B, S = p.S
+        let bias = p.layers[l].bias(gi)
+        let kernels = p.kernels + (l * p.G + gi) * S
+        let stage = p.partials.0 + ctx.index * p.partials.1        // (B, out): my rows before GELU / residual
         // Each sequence's low-rank projections t = s A xin per slot (client, and a per-token shared
         // pair), A (r, in), t (B, 2, slots, rank). Many terms (a wide batch of clients) are split over
         // the participants into a shared buffer, behind a barrier; a few (one or two sequences' slots)
         // are computed by every participant into its own, cheaper than a barrier. Every t is one dot
         // product: who computes it does not change its bits.
-        let terms = step.terms.of(layer: l, group: gi)
+        let terms = p.terms.of(layer: l, group: gi)
         let split = ctx.count > 1 && terms.count >= 8
-        let t = split ? e.lowRankT.data : e.privateLoRA.data + ctx.index * e.privateLoRA.cols
+        let t = split ? p.sharedT : p.lora.0 + ctx.index * p.lora.1
         if !terms.isEmpty {
             let mine = split ? ctx.share(terms.count) : 0..<terms.count
             for i in mine {
-                let term = terms[terms.startIndex + i]
+                let term = terms[i]
                 // The next term's A asked for while this one is summed: 32 clients' pairs are tens of MB a step.
-                if i + 1 < mine.upperBound { let next = terms[terms.startIndex + i + 1]; pf2lora_prefetch(next.a, next.rank * din * 4) }
+                if i + 1 < mine.upperBound { let next = terms[i + 1]; pf2lora_prefetch(next.a, next.rank * din * 4) }
                 let x = xin + term.row * din
                 for j in 0..<term.rank { t[term.t + j] = term.scale * dot(x, term.a + j * din, din) }
             }
             if split { ctx.barrier() }
         }
         // Inputs quantized per block of 32 for q8_0 weights (every participant its own copy).
-        if step.segments.contains(where: { $0.0.weights[l][gi].precision == .q8_0 }) { q8.quantize(xin, count: B, cols: din) }
-        ctx.chunks(dout, size: 64, phase: a.groups.count * l + gi) { rows in
+        if (0..<S).contains(where: { kernels[$0].precision == .q8_0 }) { pf2lora_q8_quantize_activations(xin, q8.q, q8.d, B * din) }
+        ctx.chunks(dout, size: 64, phase: p.G * l + gi) { rows in
             let lo = rows.lowerBound, n = rows.count
-            for (set, r0, r1) in step.segments {
+            for k in 0..<S {
+                let r0 = p.spans[k].first, r1 = p.spans[k].end
                 // (rows,in) @ (in) -> (rows) for every sequence of the segment, at the weights' precision
-                dotRows(set.weights[l][gi], xin + r0 * din, quantized: q8, first: r0, count: r1 - r0, rows: rows, stage + r0 * dout, stride: dout)
+                dotRows(kernels[k], xin + r0 * din, quantized: (q8.q, q8.d), first: r0, count: r1 - r0, rows: rows, stage + r0 * dout, stride: dout)
             }
             if let bias { for b in 0..<B { addInPlace(stage + b * dout + lo, bias + lo, count: n) } }
             // The low-rank terms whose slot meets these rows: (rows) += B[rows, :] t, B (slot out, r).
             // Each B's rows are a short run (at most the slot's outputs x rank floats): the next one is asked
             // for while this one is added, as the hardware prefetchers start too late on runs this short.
-            var k = terms.startIndex
-            while k < terms.endIndex {
+            var k = 0
+            while k < terms.count {
                 let term = terms[k]
                 k += 1
-                if k < terms.endIndex {
+                if k < terms.count {
                     let next = terms[k], f0 = max(lo, next.lo), f1 = min(rows.upperBound, next.hi)
                     if f0 < f1 { pf2lora_prefetch(next.b + (f0 - next.lo) * next.rank, (f1 - f0) * next.rank * 4) }
                 }
@@ -235,8 +320,7 @@ struct LowRankTerms: @unchecked Sendable {
         let t: Int                      // where its projections s A x sit in the step's t buffer
         let lo: Int, hi: Int            // the slot's output rows in the group
     }
-    private let terms: [Term]
-    private let starts: [Int]           // per (layer, group) + 1
+    private let storage: Storage        // the terms and starts, at fixed addresses for `raw`
     private let groups: Int
     private let sets: [[ClientPairs]]   // whose pointers these are (kept alive with the table)
     private let rank: Int
@@ -273,14 +357,31 @@ struct LowRankTerms: @unchecked Sendable {
                 starts.append(terms.count)
             }
         }
-        self.terms = terms; self.starts = starts; sets = lowRank; rank = R
+        storage = Storage(terms: terms, starts: starts); sets = lowRank; rank = R
     }
 
-    /// The terms of group `gi` of layer `l`.
-    @inline(__always)
-    func of(layer l: Int, group gi: Int) -> ArraySlice<Term> {
-        let i = l * groups + gi
-        return terms[starts[i]..<starts[i + 1]]
+    /// The table as raw pointers (valid while this table lives).
+    var raw: Raw { Raw(terms: UnsafePointer(storage.terms), starts: UnsafePointer(storage.starts), groups: groups) }
+
+    /// The table's terms and per-(layer, group) starts, copied once into memory of its own.
+    private final class Storage {
+        let terms: UnsafeMutablePointer<Term>, starts: UnsafeMutablePointer<Int>
+        init(terms t: [Term], starts s: [Int]) {
+            terms = .allocate(capacity: max(t.count, 1)); terms.initialize(from: t, count: t.count)
+            starts = .allocate(capacity: s.count); starts.initialize(from: s, count: s.count)
+        }
+        deinit { terms.deallocate(); starts.deallocate() }
+    }
+
+    /// `LowRankTerms` as plain pointers, for a pooled decode step's participants (`DecodePlan`).
+    struct Raw {
+        let terms: UnsafePointer<Term>, starts: UnsafePointer<Int>, groups: Int
+        /// The terms of group `gi` of layer `l`.
+        @inline(__always)
+        func of(layer l: Int, group gi: Int) -> UnsafeBufferPointer<Term> {
+            let i = l * groups + gi
+            return UnsafeBufferPointer(start: terms + starts[i], count: starts[i + 1] - starts[i])
+        }
     }
 }
 

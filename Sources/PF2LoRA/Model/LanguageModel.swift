@@ -179,32 +179,61 @@ public final class KVCache {
 
     public var byteCount: Int { 2 * max(k.count, kHalf.count) * perLayer * (precision == .f32 ? 4 : 2) }
 
-    /// Stores the key and value (hd floats each) of KV head `h` at `position` of layer `l`.
-    @inline(__always)
-    func store(layer l: Int, head h: Int, position: Int, key: UnsafePointer<Float>, value: UnsafePointer<Float>, hd: Int) {
-        let o = (h * capacity + position) * hd
-        switch precision {
-        case .f32:
-            (k[l].data + o).update(from: key, count: hd)
-            (v[l].data + o).update(from: value, count: hd)
-        case .f16:
-            pf2lora_f32_to_f16(key, kHalf[l] + o, hd)
-            pf2lora_f32_to_f16(value, vHalf[l] + o, hd)
+    /// One layer's keys and values as plain pointers (no reference counts: a pooled decode step's
+    /// participants use these, `DecodePlan`).
+    struct Layer {
+        let k: UnsafeMutableRawPointer      // (KV, capacity, hd) f32 or f16
+        let v: UnsafeMutableRawPointer
+        let capacity: Int
+        let half: Bool
+
+        /// Stores the key and value (hd floats each) of KV head `h` at `position`.
+        @inline(__always)
+        func store(head h: Int, position: Int, key: UnsafePointer<Float>, value: UnsafePointer<Float>, hd: Int) {
+            let o = (h * capacity + position) * hd
+            if half {
+                pf2lora_f32_to_f16(key, k.assumingMemoryBound(to: UInt16.self) + o, hd)
+                pf2lora_f32_to_f16(value, v.assumingMemoryBound(to: UInt16.self) + o, hd)
+            } else {
+                (k.assumingMemoryBound(to: Float.self) + o).update(from: key, count: hd)
+                (v.assumingMemoryBound(to: Float.self) + o).update(from: value, count: hd)
+            }
         }
+
+        /// Decode attention of the `heads` query heads at q sharing KV head `h` over the cached
+        /// positions [0, count): `decodeGroup` on the cache's precision.
+        @inline(__always)
+        func decodeGroup(head h: Int, q: UnsafePointer<Float>, heads g: Int, hd: Int, count T: Int, scale: Float,
+                         scores sc: UnsafeMutablePointer<Float>, out o: UnsafeMutablePointer<Float>) {
+            let off = h * capacity * hd
+            if half {
+                decodeGroupHalf(q: q, heads: g, k: k.assumingMemoryBound(to: UInt16.self) + off, v: v.assumingMemoryBound(to: UInt16.self) + off,
+                                hd: hd, count: T, scale: scale, scores: sc, out: o)
+            } else {
+                PF2LoRA.decodeGroup(q: q, heads: g, k: k.assumingMemoryBound(to: Float.self) + off, v: v.assumingMemoryBound(to: Float.self) + off,
+                                    hd: hd, count: T, scale: scale, scores: sc, out: o)
+            }
+        }
+    }
+
+    /// Layer `l`'s rows.
+    func layer(_ l: Int) -> Layer {
+        switch precision {
+        case .f32: return Layer(k: UnsafeMutableRawPointer(k[l].data), v: UnsafeMutableRawPointer(v[l].data), capacity: capacity, half: false)
+        case .f16: return Layer(k: UnsafeMutableRawPointer(kHalf[l]), v: UnsafeMutableRawPointer(vHalf[l]), capacity: capacity, half: true)
+        }
+    }
+
+    /// Stores the key and value (hd floats each) of KV head `h` at `position` of layer `l`.
+    func store(layer l: Int, head h: Int, position: Int, key: UnsafePointer<Float>, value: UnsafePointer<Float>, hd: Int) {
+        layer(l).store(head: h, position: position, key: key, value: value, hd: hd)
     }
 
     /// Decode attention of the `heads` query heads at q sharing KV head `h` of layer `l` over the
     /// cached positions [0, count): `decodeGroup` on the cache's precision.
-    @inline(__always)
     func decodeGroup(layer l: Int, head h: Int, q: UnsafePointer<Float>, heads g: Int, hd: Int, count T: Int, scale: Float,
                      scores sc: UnsafeMutablePointer<Float>, out o: UnsafeMutablePointer<Float>) {
-        let off = h * capacity * hd
-        switch precision {
-        case .f32:
-            PF2LoRA.decodeGroup(q: q, heads: g, k: k[l].data + off, v: v[l].data + off, hd: hd, count: T, scale: scale, scores: sc, out: o)
-        case .f16:
-            decodeGroupHalf(q: q, heads: g, k: kHalf[l] + off, v: vHalf[l] + off, hd: hd, count: T, scale: scale, scores: sc, out: o)
-        }
+        layer(l).decodeGroup(head: h, q: q, heads: g, hd: hd, count: T, scale: scale, scores: sc, out: o)
     }
 
     /// Keys and values of layer `l` at positions [0, count) as f32, (KV, count, hd) each, into

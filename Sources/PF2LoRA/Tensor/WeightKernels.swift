@@ -73,14 +73,32 @@ final class Q8Activations {
 
     /// Quantizes `count` inputs of `cols` values (a multiple of 32) at x, one after the other.
     func quantize(_ x: UnsafePointer<Float>, count: Int, cols: Int) {
-        let n = count * cols
-        if n > capacity {
-            q.deallocate(); d.deallocate()
-            capacity = n
-            q = .allocate(capacity: n); d = .allocate(capacity: n / 32)
-        }
-        pf2lora_q8_quantize_activations(x, q, d, n)
+        reserve(count * cols)
+        pf2lora_q8_quantize_activations(x, q, d, count * cols)
     }
+
+    /// Makes room for n values (and n / 32 scales); `q` and `d` move when they grow.
+    func reserve(_ n: Int) {
+        guard n > capacity else { return }
+        q.deallocate(); d.deallocate()
+        capacity = n
+        q = .allocate(capacity: n); d = .allocate(capacity: max(n / 32, 1))
+    }
+}
+
+/// One matrix as the decode kernels read it: plain values and its first byte, no reference to
+/// keep alive (its `WeightMatrix` does that), so copying it touches no reference count. A pooled
+/// decode step hands these to its participants (`DecodePlan`).
+struct MatrixKernel {
+    let precision: WeightPrecision
+    let rows: Int
+    let cols: Int
+    let base: UnsafeRawPointer
+    let interleaved: Bool
+}
+
+extension WeightMatrix {
+    var kernel: MatrixKernel { MatrixKernel(precision: precision, rows: rows, cols: cols, base: base, interleaved: interleaved) }
 }
 
 /// out[v * stride + r] = W[r, :] . x_v for r in `rows` and the `count` inputs x_v = xs + v * W.cols,
@@ -91,10 +109,18 @@ final class Q8Activations {
 @inline(__always)
 func dotRows(_ w: WeightMatrix, _ xs: UnsafePointer<Float>, quantized: Q8Activations?, first: Int = 0, count: Int, rows: Range<Int>,
              _ out: UnsafeMutablePointer<Float>, stride: Int) {
+    dotRows(w.kernel, xs, quantized: quantized.map { ($0.q, $0.d) }, first: first, count: count, rows: rows, out, stride: stride)
+}
+
+/// `dotRows` on a `MatrixKernel`, the q8_0 inputs as (int8 values, f32 scales per 32).
+@inline(__always)
+func dotRows(_ w: MatrixKernel, _ xs: UnsafePointer<Float>, quantized: (q: UnsafeMutablePointer<Int8>, d: UnsafeMutablePointer<Float>)?,
+             first: Int = 0, count: Int, rows: Range<Int>, _ out: UnsafeMutablePointer<Float>, stride: Int) {
     switch w.precision {
     // The register-blocked C kernels (Sources/CQuant/Wide.c): four weight rows x three inputs per
     // tile, each (row, input) pair summed in one fixed order whatever the tile.
-    case .f32: pf2lora_wide_f32_dot_rows(w.f32!.data, w.cols, xs, count, rows.lowerBound, rows.upperBound, out, stride)
+    case .f32:
+        pf2lora_wide_f32_dot_rows(w.base.assumingMemoryBound(to: Float.self), w.cols, xs, count, rows.lowerBound, rows.upperBound, out, stride)
     case .f16:
         pf2lora_wide_f16_dot_rows(w.base.assumingMemoryBound(to: UInt16.self), w.cols, xs, count, rows.lowerBound, rows.upperBound, out, stride)
     case .bf16:

@@ -26,7 +26,9 @@ public final class WorkerPool: @unchecked Sendable {
     public struct Context {
         public let index: Int
         public let count: Int
-        let pool: WorkerPool?
+        /// Unretained: a job never outlives its pool, and copying a context then touches no reference
+        /// count (an atomic instruction, which waits for the weight streams' loads in flight).
+        unowned(unsafe) let pool: WorkerPool?
 
         /// Waits until every participant has reached this barrier.
         @inline(__always) public func barrier() { if count > 1 { pool!.barrier(caller: index == 0) } }

@@ -68,11 +68,17 @@ import Testing
         for late in [-1] + Array(0..<participants) {
             // Per participant: (phase, range) in the order taken; written only by that participant.
             let logs = (0..<participants).map { _ in Box<[(Int, Range<Int>)]>([]) }
-            pool.run { ctx in
-                for (phase, c) in cases.enumerated() {
-                    if ctx.index == late && phase % 2 == 1 { usleep(20_000) }   // the others steal its share
-                    ctx.chunks(c.n, size: c.size, phase: phase) { r in logs[ctx.index].value.append((phase, r)) }
-                    ctx.barrier()
+            let shares = (0..<participants).map { _ in Box<[Range<Int>]>([]) }
+            let bytes = [UInt8](repeating: 1, count: 1 << 16)
+            bytes.withUnsafeBytes { buffer in
+                pool.run { ctx in
+                    for (phase, c) in cases.enumerated() {
+                        if ctx.index == late && phase % 2 == 1 { usleep(20_000) }   // the others steal its share
+                        shares[ctx.index].value.append(ctx.ownShare(c.n, size: c.size))
+                        ctx.chunks(c.n, size: c.size, phase: phase) { r in logs[ctx.index].value.append((phase, r)) }
+                        // Every other phase the barrier that asks for memory while it waits: a barrier all the same.
+                        if phase % 2 == 0 { ctx.barrier() } else { ctx.barrier(prefetching: buffer.baseAddress, bytes: buffer.count) }
+                    }
                 }
             }
             for (phase, c) in cases.enumerated() {
@@ -85,6 +91,7 @@ import Testing
                         r.forEach { seen[$0] += 1 }
                     }
                     let s0 = units * t / participants * unit, s1 = min(c.n, units * (t + 1) / participants * unit)
+                    #expect(shares[t].value[phase] == min(s0, c.n)..<s1, "participant \(t): ownShare \(shares[t].value[phase]) of \(c), not its share")
                     let own = taken.prefix { s0 <= $0.lowerBound && $0.lowerBound < s1 }
                     let ends = [s0] + own.map(\.upperBound)
                     #expect(own.map(\.lowerBound) == Array(ends.dropLast()), "participant \(t) of \(participants), late \(late), case \(c): own share not streamed in order: \(taken.prefix(6))")

@@ -80,7 +80,9 @@ extension InferenceEngine {
         }
         for i in 0..<p { q8[i] = DecodePlan.Q8(q: q8Inputs[i].q, d: q8Inputs[i].d) }
         precondition(G <= 4, "DecodePlan: at most four groups per block")
-        let plan = DecodePlan(
+        let plan = UnsafeMutablePointer<DecodePlan>.allocate(capacity: 1)
+        defer { plan.deinitialize(count: 1); plan.deallocate() }
+        plan.initialize(to: DecodePlan(
             B: B, C: C, H: c.headCount, KV: c.kvHeadCount, hd: c.headDim, V: c.vocabSize, I: c.intermediateSize, L: L, G: G, S: S,
             din: (0..<4).map { $0 < G ? c.groups[$0].inFeatures : 0 }.tuple4, dout: (0..<4).map { $0 < G ? c.groups[$0].outFeatures : 0 }.tuple4,
             norm: c.norm, eps: c.normEps, swiglu: c.mlp == .swiglu, positionStep: c.hasPositionStep ? PositionStep(c, rope) : nil,
@@ -89,10 +91,10 @@ extension InferenceEngine {
             terms: terms.raw,
             x: x.data, qkv: qkv.data, att: att.data, fc: fc.data, ropeCS: UnsafePointer(ropeCS.data), logits: logits.data,
             partials: (partials.data, partials.cols), ln: (privateLN.data, privateLN.cols), scores: (privateScores.data, privateScores.cols),
-            lora: (privateLoRA.data, privateLoRA.cols), act: (privateAct.data, privateAct.cols), sharedT: lowRankT.data)
+            lora: (privateLoRA.data, privateLoRA.cols), act: (privateAct.data, privateAct.cols), sharedT: lowRankT.data))
         withExtendedLifetime((inputs, segments, w)) {
             pool.run { ctx in
-                let runner = PooledDecodeRunner(plan: plan, ctx: ctx)
+                let runner = PooledDecodeRunner(plan: UnsafePointer(plan), ctx: ctx)
                 for l in 0..<L { runBlock(runner, layer: l) }
                 runner.head()
             }
@@ -152,6 +154,19 @@ struct DecodePlan {
     let lora: (UnsafeMutablePointer<Float>, Int), act: (UnsafeMutablePointer<Float>, Int)
     let sharedT: UnsafeMutablePointer<Float>
 
+    /// The bytes of `k`'s rows `rows` (an interleaved q8_0 matrix: their groups' int8 values, not
+    /// the scales stored after all of them).
+    @inline(__always) static func bytes(of k: MatrixKernel, rows: Range<Int>) -> (UnsafeRawPointer, Int) {
+        switch k.precision {
+        case .q8_0 where k.interleaved:
+            let group = k.cols / 32 * 128
+            return (k.base + rows.lowerBound / 4 * group, ((rows.upperBound + 3) / 4 - rows.lowerBound / 4) * group)
+        default:
+            let rowBytes = k.precision.rowBytes(cols: k.cols)
+            return (k.base + rows.lowerBound * rowBytes, rows.count * rowBytes)
+        }
+    }
+
     @inline(__always) func din(_ g: Int) -> Int { switch g { case 0: din.0; case 1: din.1; case 2: din.2; default: din.3 } }
     @inline(__always) func dout(_ g: Int) -> Int { switch g { case 0: dout.0; case 1: dout.1; case 2: dout.2; default: dout.3 } }
     var qW: Int { H * hd }
@@ -160,34 +175,34 @@ struct DecodePlan {
 
 /// `runBlock`'s steps for one participant of a pooled decode step (reading only its `DecodePlan`).
 private struct PooledDecodeRunner: BlockRunner {
-    let plan: DecodePlan
+    let plan: UnsafePointer<DecodePlan>    // read in place: copying its ~400 bytes was a memmove per call
     let ctx: WorkerPool.Context
     let lnp: UnsafeMutablePointer<Float>    // (B, C) this participant's norm output
     let sc: UnsafeMutablePointer<Float>     // (H / KV, context) its attention scores
     let q8: DecodePlan.Q8                   // its inputs quantized for q8_0 weights
 
-    init(plan: DecodePlan, ctx: WorkerPool.Context) {
+    init(plan: UnsafePointer<DecodePlan>, ctx: WorkerPool.Context) {
         self.plan = plan; self.ctx = ctx
-        lnp = plan.ln.0 + ctx.index * plan.ln.1
-        sc = plan.scores.0 + ctx.index * plan.scores.1
-        q8 = plan.q8[ctx.index]
+        lnp = plan.pointee.ln.0 + ctx.index * plan.pointee.ln.1
+        sc = plan.pointee.scores.0 + ctx.index * plan.pointee.scores.1
+        q8 = plan.pointee.q8[ctx.index]
     }
 
     func norm(_ site: NormSite, layer l: Int) {
-        let p = plan, layer = p.layers[l]
+        let p = plan, layer = p.pointee.layers[l]
         let (w, b) = site == .attention ? (layer.attnNorm, layer.attnNormBias) : (layer.mlpNorm, layer.mlpNormBias)
-        normRows(p.norm, p.x, w, b, lnp, rows: p.B, C: p.C, eps: p.eps)
+        normRows(p.pointee.norm, p.pointee.x, w, b, lnp, rows: p.pointee.B, C: p.pointee.C, eps: p.pointee.eps)
     }
 
     func linear(_ site: GroupSite, layer l: Int) {
         let p = plan
         switch site {
-        case .attnIn: matvec(layer: l, group: site.rawValue, lnp, into: p.qkv)
-        case .attnOut: matvec(layer: l, group: site.rawValue, p.att, into: p.x, accumulate: true)
-        case .mlpIn: matvec(layer: l, group: site.rawValue, lnp, into: p.fc, gelu: !p.swiglu)
+        case .attnIn: matvec(layer: l, group: site.rawValue, lnp, into: p.pointee.qkv)
+        case .attnOut: matvec(layer: l, group: site.rawValue, p.pointee.att, into: p.pointee.x, accumulate: true)
+        case .mlpIn: matvec(layer: l, group: site.rawValue, lnp, into: p.pointee.fc, gelu: !p.pointee.swiglu)
         case .mlpOut:
-            let input = p.swiglu ? p.act.0 + ctx.index * p.act.1 : p.fc
-            matvec(layer: l, group: site.rawValue, input, into: p.x, accumulate: true)
+            let input = p.pointee.swiglu ? p.pointee.act.0 + ctx.index * p.pointee.act.1 : p.pointee.fc
+            matvec(layer: l, group: site.rawValue, input, into: p.pointee.x, accumulate: true)
         }
     }
 
@@ -197,42 +212,59 @@ private struct PooledDecodeRunner: BlockRunner {
     /// no other participant reads them, so no barrier sits between that and the attention (until
     /// session 13 the heads were split on their own, behind one more barrier per layer).
     func attention(layer l: Int) {
-        let p = plan, H = p.H, KV = p.KV, hd = p.hd, qW = p.qW, kvW = p.kvW
-        let W = p.dout(GroupSite.attnIn.rawValue), perKV = H / KV
-        let layer = p.layers[l]
+        let p = plan, H = p.pointee.H, KV = p.pointee.KV, hd = p.pointee.hd, qW = p.pointee.qW, kvW = p.pointee.kvW
+        let W = p.pointee.dout(GroupSite.attnIn.rawValue), perKV = H / KV
+        let layer = p.pointee.layers[l]
         // (sequence, KV head) pairs: each cached key and value row is read once for the KV head's perKV query heads.
         let scale = 1 / Float(hd).squareRoot()
-        for item in ctx.share(p.B * KV) {
+        for item in ctx.share(p.pointee.B * KV) {
             let b = item / KV, kvh = item % KV
-            let cache = p.caches[b * p.L + l]
-            let T = p.lengths[b] + 1
-            let row = p.qkv + b * W
-            if let step = p.positionStep {
-                let cs = p.ropeCS + b * hd
+            let cache = p.pointee.caches[b * p.pointee.L + l]
+            let T = p.pointee.lengths[b] + 1
+            let row = p.pointee.qkv + b * W
+            if let step = p.pointee.positionStep {
+                let cs = p.pointee.ropeCS + b * hd
                 step.apply(row, heads: (kvh * perKV)..<((kvh + 1) * perKV), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: cs)
                 step.apply(row, heads: (H + kvh)..<(H + kvh + 1), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: cs)
             }
             cache.store(head: kvh, position: T - 1, key: row + qW + kvh * hd, value: row + qW + kvW + kvh * hd, hd: hd)
-            let q = row + kvh * perKV * hd, o = p.att + b * qW + kvh * perKV * hd
+            let q = row + kvh * perKV * hd, o = p.pointee.att + b * qW + kvh * perKV * hd
             cache.decodeGroup(head: kvh, q: q, heads: perKV, hd: hd, count: T, scale: scale, scores: sc, out: o)
         }
-        ctx.barrier()
+        barrier(before: l, GroupSite.attnOut.rawValue)
+    }
+
+    /// At most this many bytes of the next product's weights are asked for while a participant waits
+    /// at a barrier (a quarter of this machine's 1 MB L2).
+    static let prefetchLimit = 256 << 10
+
+    /// The barrier before product `gi` of layer `l` (the head when l is past the last layer): while
+    /// it waits for the others, this participant asks for the front of its own share of that
+    /// product's weights (`WorkerPool.Context.barrier(prefetching:)`), so that a wait (the attention's
+    /// uneven (sequence, KV head) pairs leave one core idle) fills its caches with what it reads
+    /// next, and it starts that product from cache instead of from a cold stream.
+    @inline(__always)
+    private func barrier(before l: Int, _ gi: Int) {
+        let p = plan
+        let (k, size) = l < p.pointee.L ? (p.pointee.kernels[(l * p.pointee.G + gi) * p.pointee.S], 64) : (p.pointee.head, 256)
+        let (start, bytes) = DecodePlan.bytes(of: k, rows: ctx.ownShare(k.rows, size: size))
+        ctx.barrier(prefetching: start, bytes: min(bytes, Self.prefetchLimit))
     }
 
     /// GELU ran in mlpIn's epilogue; SwiGLU is computed privately by every participant from the complete [gate | up].
     func activation(layer l: Int) {
         let p = plan
-        guard p.swiglu else { return }
-        swigluForward(p.fc, p.act.0 + ctx.index * p.act.1, rows: p.B, I: p.I)
+        guard p.pointee.swiglu else { return }
+        swigluForward(p.pointee.fc, p.pointee.act.0 + ctx.index * p.pointee.act.1, rows: p.pointee.B, I: p.pointee.I)
     }
 
     /// Final norm, then the head: (V,C) @ (B,C)^T -> (B,V), vocabulary rows split.
     func head() {
-        let p = plan, C = p.C, V = p.V, B = p.B, w = p.head
-        normRows(p.norm, p.x, p.finalNorm, p.finalNormBias, lnp, rows: B, C: C, eps: p.eps)
+        let p = plan, C = p.pointee.C, V = p.pointee.V, B = p.pointee.B, w = p.pointee.head
+        normRows(p.pointee.norm, p.pointee.x, p.pointee.finalNorm, p.pointee.finalNormBias, lnp, rows: B, C: C, eps: p.pointee.eps)
         if w.precision == .q8_0 { pf2lora_q8_quantize_activations(lnp, q8.q, q8.d, B * C) }
-        ctx.chunks(V, size: 256, phase: p.G * p.L) {
-            dotRows(w, lnp, quantized: (q8.q, q8.d), count: B, rows: $0, p.logits, stride: V)
+        ctx.chunks(V, size: 256, phase: p.pointee.G * p.pointee.L) {
+            dotRows(w, lnp, quantized: (q8.q, q8.d), count: B, rows: $0, p.pointee.logits, stride: V)
         }
     }
 
@@ -245,18 +277,18 @@ private struct PooledDecodeRunner: BlockRunner {
     @inline(__always)
     private func matvec(layer l: Int, group gi: Int, _ xin: UnsafeMutablePointer<Float>, into out: UnsafeMutablePointer<Float>,
                         accumulate: Bool = false, gelu: Bool = false) {
-        let p = plan, din = p.din(gi), dout = p.dout(gi), B = p.B, S = p.S
-        let bias = p.layers[l].bias(gi)
-        let kernels = p.kernels + (l * p.G + gi) * S
-        let stage = p.partials.0 + ctx.index * p.partials.1        // (B, out): my rows before GELU / residual
+        let p = plan, din = p.pointee.din(gi), dout = p.pointee.dout(gi), B = p.pointee.B, S = p.pointee.S
+        let bias = p.pointee.layers[l].bias(gi)
+        let kernels = p.pointee.kernels + (l * p.pointee.G + gi) * S
+        let stage = p.pointee.partials.0 + ctx.index * p.pointee.partials.1        // (B, out): my rows before GELU / residual
         // Each sequence's low-rank projections t = s A xin per slot (client, and a per-token shared
         // pair), A (r, in), t (B, 2, slots, rank). Many terms (a wide batch of clients) are split over
         // the participants into a shared buffer, behind a barrier; a few (one or two sequences' slots)
         // are computed by every participant into its own, cheaper than a barrier. Every t is one dot
         // product: who computes it does not change its bits.
-        let terms = p.terms.of(layer: l, group: gi)
+        let terms = p.pointee.terms.of(layer: l, group: gi)
         let split = ctx.count > 1 && terms.count >= 8
-        let t = split ? p.sharedT : p.lora.0 + ctx.index * p.lora.1
+        let t = split ? p.pointee.sharedT : p.pointee.lora.0 + ctx.index * p.pointee.lora.1
         if !terms.isEmpty {
             let mine = split ? ctx.share(terms.count) : 0..<terms.count
             for i in mine {
@@ -270,10 +302,10 @@ private struct PooledDecodeRunner: BlockRunner {
         }
         // Inputs quantized per block of 32 for q8_0 weights (every participant its own copy).
         if (0..<S).contains(where: { kernels[$0].precision == .q8_0 }) { pf2lora_q8_quantize_activations(xin, q8.q, q8.d, B * din) }
-        ctx.chunks(dout, size: 64, phase: p.G * l + gi) { rows in
+        ctx.chunks(dout, size: 64, phase: p.pointee.G * l + gi) { rows in
             let lo = rows.lowerBound, n = rows.count
             for k in 0..<S {
-                let r0 = p.spans[k].first, r1 = p.spans[k].end
+                let r0 = p.pointee.spans[k].first, r1 = p.pointee.spans[k].end
                 // (rows,in) @ (in) -> (rows) for every sequence of the segment, at the weights' precision
                 dotRows(kernels[k], xin + r0 * din, quantized: (q8.q, q8.d), first: r0, count: r1 - r0, rows: rows, stage + r0 * dout, stride: dout)
             }
@@ -300,7 +332,8 @@ private struct PooledDecodeRunner: BlockRunner {
                 else { (ob + lo).update(from: sb + lo, count: n) }
             }
         }
-        ctx.barrier()
+        // The next product: attnOut after attention (its barrier asks for it again), then the next group, layer, or the head.
+        if gi + 1 < p.pointee.G { barrier(before: l, gi + 1) } else { barrier(before: l + 1, 0) }
     }
 }
 

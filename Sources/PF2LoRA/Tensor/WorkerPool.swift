@@ -63,6 +63,21 @@ public final class WorkerPool: @unchecked Sendable {
             }
         }
 
+        /// The rows of 0..<n that `chunks(n, size:)` gives this participant before it steals: its
+        /// own share (minus what others steal from its back).
+        @inline(__always) public func ownShare(_ n: Int, size: Int) -> Range<Int> {
+            if count == 1 { return 0..<n }
+            let unit = max(1, size / 4), units = (n + unit - 1) / unit
+            return min(n, units * index / count * unit)..<min(n, units * (index + 1) / count * unit)
+        }
+
+        /// `barrier()`, asking for up to `bytes` at `next` while it waits for the others (512 bytes
+        /// per check): the reads this participant starts with after the barrier, so that waiting
+        /// for a slower participant streams them into its caches instead of idling. Hints only.
+        @inline(__always) public func barrier(prefetching next: UnsafeRawPointer?, bytes: Int) {
+            if count > 1 { pool!.barrier(caller: index == 0, prefetch: next, bytes: bytes) }
+        }
+
         /// The part [lo, hi) of 0..<n that this participant takes, in multiples of `align`.
         @inline(__always) public func share(_ n: Int, align: Int = 1) -> Range<Int> {
             if count == 1 { return 0..<n }
@@ -168,14 +183,21 @@ public final class WorkerPool: @unchecked Sendable {
         for p in 0..<count { pf2lora_store_relaxed(range(slot: slot, participant: p), 0) }
     }
 
-    private func barrier(caller: Bool) {
+    private func barrier(caller: Bool, prefetch: UnsafeRawPointer? = nil, bytes: Int = 0) {
         let round = barrierRound.load(ordering: .acquiring)
         if arrived.add(1, ordering: .acquiringAndReleasing).newValue == count {
             arrived.store(0, ordering: .relaxed)
             barrierRound.add(1, ordering: .releasing)
         } else {
-            var spins = 0, since: UInt64 = 0
-            while barrierRound.load(ordering: .acquiring) == round { Self.backOff(&spins, &since) }
+            var spins = 0, since: UInt64 = 0, next = prefetch, left = bytes
+            while barrierRound.load(ordering: .acquiring) == round {
+                if left > 0, let p = next {
+                    pf2lora_prefetch(p, min(left, 512))
+                    next = p + 512; left -= 512
+                } else {
+                    Self.backOff(&spins, &since)
+                }
+            }
             if caller { endWait(since) }
         }
     }

@@ -3,7 +3,9 @@
 // (prefetch distance / hint, the scales' stream, two row streams) are timed in turn in the same
 // process, round after round, and checked to give the baseline's bits.
 //
-//   clang -O3 -I Sources/CQuant/include -o /tmp/q8s Benchmarks/q8_0x4_stream_microbench.c -lm
+//   git show ffa5c79:Sources/CQuant/CQuant.c > /tmp/CQuant-s13.c   (its variants are built on the kernel
+//   before session 14's unsigned-weight change; with that file's include/ and half.h beside it)
+//   clang -O3 -I Sources/CQuant/include -I Sources/CQuant -DCQUANT_SRC='"/tmp/CQuant-s13.c"' -o /tmp/q8s Benchmarks/q8_0x4_stream_microbench.c -lm
 //   /tmp/q8s [rounds] [smollm2|gpt2] ["pf4k pf6k ..." = only these variants]
 //
 // "lib" is pf2lora_q8_0x4_dot_rows as CQuant.c stands (6 KB ahead since session 11; "pf1536" is
@@ -17,7 +19,10 @@
 // 49152-row head) or gpt2 (12 layers of 768, MLP 3072, the 50257-row head). Every matrix is walked
 // in 64-row chunks, matrix after matrix, as one decode step at 1 thread calls the kernel.
 #define _GNU_SOURCE
-#include "../Sources/CQuant/CQuant.c"
+#ifndef CQUANT_SRC
+#define CQUANT_SRC "../Sources/CQuant/CQuant.c"
+#endif
+#include CQUANT_SRC
 
 #include <stdio.h>
 #include <stdlib.h>

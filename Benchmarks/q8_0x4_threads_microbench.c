@@ -34,10 +34,11 @@
 #undef X4_PREFETCH
 #define X4_PREFETCH(Q)
 __attribute__((target("avxvnni,avx2,fma,f16c")))
-static void dot4_nopf(const uint8_t *q, const uint8_t *sc, long nb, const int8_t *xq, const float *xd, float *out) { DOT4_BODY(isum_vnni) }
+static void dot4_nopf(const uint8_t *q, const uint8_t *sc, long nb, const int8_t *xq, const float *xd, const int32_t *xc, float *out) {
+    DOT4_BODY(X4_CHUNK_VNNI, X4_START_VNNI) }
 typedef struct { long rows, cols; uint8_t *w; } mat;
 static mat ms[400]; static int nm; static long total; static uint8_t *base;
-static int8_t *xq; static float *xd; static float *outs[2];
+static int8_t *xq; static float *xd; static int32_t *xc; static float *outs[2];
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
 
 static _Atomic long gen; static _Atomic long done; static int cur;
@@ -63,9 +64,9 @@ static float plain_read(const uint8_t *p, long n) {
 static volatile float sink;
 static void kernN(int i, long row0, long row1, float *out) {
     long nb = ms[i].cols / QK, G = (ms[i].rows + 3) / 4; const uint8_t *quants = ms[i].w, *scales = quants + G * nb * 128;
-    for (long g = row0 / 4; g <= (row1 - 1) / 4; g++) { float o[4]; dot4_nopf(quants + g * nb * 128, scales + g * nb * 8, nb, xq, xd, o);
+    for (long g = row0 / 4; g <= (row1 - 1) / 4; g++) { float o[4]; dot4_nopf(quants + g * nb * 128, scales + g * nb * 8, nb, xq, xd, xc, o);
         long r1 = 4 * g + 4 > row1 ? row1 - 4 * g : 4; for (long k = 0; k < r1; k++) out[4 * g + k] = o[k]; } }
-static void kern(int i, long r0, long r1, float *out) { pf2lora_q8_0x4_dot_rows(ms[i].w, ms[i].rows, ms[i].cols, xq, xd, 1, r0, r1, out, 0); }
+static void kern(int i, long r0, long r1, float *out) { pf2lora_q8_0x4_dot_rows(ms[i].w, ms[i].rows, ms[i].cols, xq, xd, xc, 1, r0, r1, out, 0); }
 static const char *names[] = {"plain1", "plain2", "plain2m", "lib1", "dyn64", "dyn256", "half", "halfnb", "dyn32", "dyn128", "unused", "inter64", "share", "inter64np", "half_np", "share16"};
 static _Atomic unsigned long pk[4][2][8];
 // Contiguous shares with stealing, as WorkerPool.Context.chunks: per participant, packed (taken from
@@ -149,7 +150,8 @@ int main(int argc, char **argv) {
         off += (b + 63) / 64 * 64; }
     long maxc = 2 * F; xq = aligned_alloc(64, maxc); xd = aligned_alloc(64, maxc / QK * 4 + 64); float *x = malloc(maxc * 4);
     for (long i = 0; i < maxc; i++) x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
-    pf2lora_q8_quantize_activations(x, xq, xd, maxc);
+    xc = aligned_alloc(64, maxc / 16 * 4 + 64);
+    pf2lora_q8_quantize_activations(x, xq, xd, xc, maxc);
     outs[0] = aligned_alloc(64, V * 4 + 4096); outs[1] = aligned_alloc(64, V * 4 + 4096);
     printf("%s: %d matrices, %.1f MB\n", shape, nm, total / 1e6);
     pthread_t th; pthread_create(&th, 0, worker, 0);

@@ -87,7 +87,7 @@ import Testing
                 for t in 0..<participants {
                     let taken = logs[t].value.filter { $0.0 == phase }.map(\.1)
                     for r in taken {
-                        #expect(r.lowerBound % unit == 0 && !r.isEmpty && r.count <= c.size, "participant \(t): chunk \(r) of \(c)")
+                        #expect(r.lowerBound % unit == 0 && !r.isEmpty, "participant \(t): chunk \(r) of \(c)")
                         r.forEach { seen[$0] += 1 }
                     }
                     let s0 = units * t / participants * unit, s1 = min(c.n, units * (t + 1) / participants * unit)
@@ -95,7 +95,18 @@ import Testing
                     let own = taken.prefix { s0 <= $0.lowerBound && $0.lowerBound < s1 }
                     let ends = [s0] + own.map(\.upperBound)
                     #expect(own.map(\.lowerBound) == Array(ends.dropLast()), "participant \(t) of \(participants), late \(late), case \(c): own share not streamed in order: \(taken.prefix(6))")
-                    #expect(own.dropLast().allSatisfy { $0.count == c.size } , "participant \(t): own chunks shorter than size before the last")
+                    // The owner takes half of what is left, at least `size`: the first take of a share nobody stole from
+                    // is max(size, half of it) rows (all of it when it is at most `size`), and takes shrink.
+                    let most = max(1, c.size / unit), len = units * (t + 1) / participants - units * t / participants
+                    let robbed = (0..<participants).contains { o in
+                        o != t && logs[o].value.contains { $0.0 == phase && s0 <= $0.1.lowerBound && $0.1.lowerBound < s1 }
+                    }
+                    if !robbed, let first = own.first {
+                        let want = len <= most ? len : max(most, len / 2)
+                        #expect(first == s0..<min(c.n, s0 + want * unit), "participant \(t): first take \(first) of \(c), not half its share")
+                    }
+                    #expect(own.dropLast().allSatisfy { $0.count >= c.size }, "participant \(t): an own chunk shorter than size before the last")
+                    #expect(zip(own, own.dropFirst()).allSatisfy { $0.0.count >= $0.1.count }, "participant \(t): own takes grow: \(own.map(\.count))")
                     let stolen = taken.dropFirst(own.count)
                     #expect(!stolen.contains { s0 <= $0.lowerBound && $0.lowerBound < s1 }, "participant \(t): own chunks after stolen ones")
                     #expect(stolen.allSatisfy { $0.count <= unit }, "participant \(t): stole more than a unit")

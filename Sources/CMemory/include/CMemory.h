@@ -28,17 +28,23 @@ static inline void pf2lora_prefetch(const void *p, long bytes) {
 
 /// Work sharing with stealing (`WorkerPool.Context.chunks`): `*c` counts the units taken of one
 /// participant's contiguous share of `len` units, from its front in the low 32 bits and from its
-/// back in the high 32. The owner takes up to `most` units at a time from the front, the others
-/// (when their own shares are gone) one from the back, so each participant reads one contiguous
-/// run. Returns the first unit's index in the share (`*n` units), or -1 when none is left.
-/// Relaxed: the pool's barriers order the chunks' data.
+/// back in the high 32. The owner takes half of what is left at a time, at least `most` units (all
+/// when fewer are left), the others (when their own shares are gone) one from the back, so each
+/// participant reads one contiguous run. Returns the first unit's index in the share (`*n` units),
+/// or -1 when none is left. Relaxed: the pool's barriers order the chunks' data.
+///
+/// Half at a time, not `most`: every take is a locked instruction, which on x86 waits for all the
+/// loads in flight, and the owner's loads in flight are its weight stream. Taking `most` (64 rows)
+/// at a time, those waits were ~5% of a 2-thread q8_0 decode step when the host's memory was fast
+/// (session 14, `perf`); halving takes ~log2 of the chunks, and a slowed owner still leaves the
+/// back half of what remains to the others.
 static inline long pf2lora_take_front(unsigned long long *c, long len, long most, long *n) {
     unsigned long long v = __atomic_load_n(c, __ATOMIC_RELAXED);
     for (;;) {
         unsigned long long f = v & 0xffffffffull, b = v >> 32;
         long left = len - (long)(f + b);
         if (left <= 0) return -1;
-        long take = left < most ? left : most;
+        long take = left <= most ? left : (left / 2 > most ? left / 2 : most);
         if (__atomic_compare_exchange_n(c, &v, v + (unsigned long long)take, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
             *n = take;
             return (long)f;

@@ -49,7 +49,9 @@ const char *pf2lora_cpu_requirement_error(int needs_avx2, int isa);
 
 /// Activations for the q8_0 dot: n values (n % 32 == 0) into n int8 values `q` and n / 32 scales
 /// `d`: d = max|x| / 127 per block, q = x / d rounded to nearest even (0 when the block is zero).
-void pf2lora_q8_quantize_activations(const float *x, int8_t *q, float *d, long n);
+/// Unless `c` is NULL, also n / 16 int32 corrections for the interleaved kernel: per block,
+/// -128 times the sums of q over values 8k..8k+3 and over 8k+4..8k+7 (k = 0..3).
+void pf2lora_q8_quantize_activations(const float *x, int8_t *q, float *d, int32_t *c, long n);
 
 /// out[v * stride + r] = W[r, :] . x_v for r in [row0, row1) and v in [0, count): W's rows are
 /// q8_0 (cols / 32 blocks of 34 bytes), x_v the activations quantized above (cols int8 values at
@@ -74,8 +76,9 @@ void pf2lora_q8_0x4_row_to_f32(const void *w, long rows, long cols, long r, floa
 /// four rows. Every path sums each x_v in the same order (CQuant.c), so a result does not depend on
 /// `count`, on the row range, or on the instruction set; it differs in its last bits from the
 /// standard layout's kernel (another summation order).
-void pf2lora_q8_0x4_dot_rows(const void *w, long rows, long cols, const int8_t *xq, const float *xd, long count,
-                             long row0, long row1, float *out, long stride);
+/// xc: the activations' corrections (`pf2lora_q8_quantize_activations`' c, cols / 16 per input).
+void pf2lora_q8_0x4_dot_rows(const void *w, long rows, long cols, const int8_t *xq, const float *xd, const int32_t *xc,
+                             long count, long row0, long row1, float *out, long stride);
 
 /// Decode attention scores for head_dim 64: scores[i * T + j] = scale * (q_i . k_j) for the g query
 /// heads q_i (64 floats each, contiguous) and the T keys k_j (64 floats each, contiguous). AVX2: eight

@@ -63,7 +63,7 @@ extension InferenceEngine {
         let spans = UnsafeMutablePointer<DecodePlan.Span>.allocate(capacity: S)
         let caches = UnsafeMutablePointer<KVCache.Layer>.allocate(capacity: B * L)
         let lengths = UnsafeMutablePointer<Int>.allocate(capacity: B)
-        let q8 = UnsafeMutablePointer<DecodePlan.Q8>.allocate(capacity: p)
+        let q8 = UnsafeMutablePointer<Q8Activations.Raw>.allocate(capacity: p)
         defer { layers.deallocate(); kernels.deallocate(); spans.deallocate(); caches.deallocate(); lengths.deallocate(); q8.deallocate() }
         for (l, layer) in w.layers.enumerated() {
             func ptr(_ t: Tensor?) -> UnsafePointer<Float>? { t.map { UnsafePointer($0.data) } }
@@ -78,7 +78,7 @@ extension InferenceEngine {
             lengths[b] = inp.cache.length
             for l in 0..<L { caches[b * L + l] = inp.cache.layer(l) }
         }
-        for i in 0..<p { q8[i] = DecodePlan.Q8(q: q8Inputs[i].q, d: q8Inputs[i].d) }
+        for i in 0..<p { q8[i] = q8Inputs[i].raw }
         precondition(G <= 4, "DecodePlan: at most four groups per block")
         let plan = UnsafeMutablePointer<DecodePlan>.allocate(capacity: 1)
         defer { plan.deinitialize(count: 1); plan.deallocate() }
@@ -129,8 +129,6 @@ struct DecodePlan {
     }
     /// Rows [first, end) of the batch share segment k's weights.
     struct Span { let first: Int, end: Int }
-    /// A participant's quantized inputs for q8_0 weights (room for B x the widest input).
-    struct Q8 { let q: UnsafeMutablePointer<Int8>, d: UnsafeMutablePointer<Float> }
 
     let B: Int, C: Int, H: Int, KV: Int, hd: Int, V: Int, I: Int, L: Int, G: Int, S: Int
     let din: (Int, Int, Int, Int), dout: (Int, Int, Int, Int)
@@ -143,7 +141,7 @@ struct DecodePlan {
     let spans: UnsafeMutablePointer<Span>               // [segment]
     let caches: UnsafeMutablePointer<KVCache.Layer>     // [(sequence, layer)]
     let lengths: UnsafeMutablePointer<Int>              // [sequence]: cached positions before this step
-    let q8: UnsafeMutablePointer<Q8>                    // [participant]
+    let q8: UnsafeMutablePointer<Q8Activations.Raw>     // [participant]: quantized inputs, room for B x the widest
     let head: MatrixKernel
     let finalNorm: UnsafePointer<Float>, finalNormBias: UnsafePointer<Float>?
     let terms: LowRankTerms.Raw
@@ -179,7 +177,7 @@ private struct PooledDecodeRunner: BlockRunner {
     let ctx: WorkerPool.Context
     let lnp: UnsafeMutablePointer<Float>    // (B, C) this participant's norm output
     let sc: UnsafeMutablePointer<Float>     // (H / KV, context) its attention scores
-    let q8: DecodePlan.Q8                   // its inputs quantized for q8_0 weights
+    let q8: Q8Activations.Raw               // its inputs quantized for q8_0 weights
 
     init(plan: UnsafePointer<DecodePlan>, ctx: WorkerPool.Context) {
         self.plan = plan; self.ctx = ctx
@@ -262,9 +260,9 @@ private struct PooledDecodeRunner: BlockRunner {
     func head() {
         let p = plan, C = p.pointee.C, V = p.pointee.V, B = p.pointee.B, w = p.pointee.head
         normRows(p.pointee.norm, p.pointee.x, p.pointee.finalNorm, p.pointee.finalNormBias, lnp, rows: B, C: C, eps: p.pointee.eps)
-        if w.precision == .q8_0 { pf2lora_q8_quantize_activations(lnp, q8.q, q8.d, B * C) }
+        if w.precision == .q8_0 { q8.quantize(lnp, B * C) }
         ctx.chunks(V, size: 256, phase: p.pointee.G * p.pointee.L) {
-            dotRows(w, lnp, quantized: (q8.q, q8.d), count: B, rows: $0, p.pointee.logits, stride: V)
+            dotRows(w, lnp, quantized: q8, count: B, rows: $0, p.pointee.logits, stride: V)
         }
     }
 
@@ -301,13 +299,13 @@ private struct PooledDecodeRunner: BlockRunner {
             if split { ctx.barrier() }
         }
         // Inputs quantized per block of 32 for q8_0 weights (every participant its own copy).
-        if (0..<S).contains(where: { kernels[$0].precision == .q8_0 }) { pf2lora_q8_quantize_activations(xin, q8.q, q8.d, B * din) }
+        if (0..<S).contains(where: { kernels[$0].precision == .q8_0 }) { q8.quantize(xin, B * din) }
         ctx.chunks(dout, size: 64, phase: p.pointee.G * l + gi) { rows in
             let lo = rows.lowerBound, n = rows.count
             for k in 0..<S {
                 let r0 = p.pointee.spans[k].first, r1 = p.pointee.spans[k].end
                 // (rows,in) @ (in) -> (rows) for every sequence of the segment, at the weights' precision
-                dotRows(kernels[k], xin + r0 * din, quantized: (q8.q, q8.d), first: r0, count: r1 - r0, rows: rows, stage + r0 * dout, stride: dout)
+                dotRows(kernels[k], xin + r0 * din, quantized: q8, first: r0, count: r1 - r0, rows: rows, stage + r0 * dout, stride: dout)
             }
             if let bias { for b in 0..<B { addInPlace(stage + b * dout + lo, bias + lo, count: n) } }
             // The low-rank terms whose slot meets these rows: (rows) += B[rows, :] t, B (slot out, r).

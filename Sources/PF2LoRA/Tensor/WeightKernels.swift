@@ -62,27 +62,40 @@ func halfRowToF32<L: SixteenBitFloat>(_ src: UnsafeRawPointer, _ dst: UnsafeMuta
 final class Q8Activations {
     private(set) var q: UnsafeMutablePointer<Int8>
     private(set) var d: UnsafeMutablePointer<Float>
+    /// The interleaved kernel's corrections, two per block of 32 (CQuant.h).
+    private(set) var c: UnsafeMutablePointer<Int32>
     private var capacity = 0
 
     init(capacity n: Int = 0) {
-        q = .allocate(capacity: max(n, 32)); d = .allocate(capacity: max(n / 32, 1))
         capacity = max(n, 32)
+        q = .allocate(capacity: capacity); d = .allocate(capacity: capacity / 32); c = .allocate(capacity: capacity / 16)
     }
 
-    deinit { q.deallocate(); d.deallocate() }
+    deinit { q.deallocate(); d.deallocate(); c.deallocate() }
+
+    /// The buffers as plain pointers (`DecodePlan`).
+    var raw: Raw { Raw(q: q, d: d, c: c) }
 
     /// Quantizes `count` inputs of `cols` values (a multiple of 32) at x, one after the other.
     func quantize(_ x: UnsafePointer<Float>, count: Int, cols: Int) {
         reserve(count * cols)
-        pf2lora_q8_quantize_activations(x, q, d, count * cols)
+        raw.quantize(x, count * cols)
     }
 
-    /// Makes room for n values (and n / 32 scales); `q` and `d` move when they grow.
+    /// Makes room for n values (and n / 32 scales); the buffers move when they grow.
     func reserve(_ n: Int) {
         guard n > capacity else { return }
-        q.deallocate(); d.deallocate()
-        capacity = n
-        q = .allocate(capacity: n); d = .allocate(capacity: max(n / 32, 1))
+        q.deallocate(); d.deallocate(); c.deallocate()
+        capacity = (n + 31) / 32 * 32
+        q = .allocate(capacity: capacity); d = .allocate(capacity: capacity / 32); c = .allocate(capacity: capacity / 16)
+    }
+
+    /// Quantized inputs as plain pointers: values, scales, corrections.
+    struct Raw {
+        let q: UnsafeMutablePointer<Int8>, d: UnsafeMutablePointer<Float>, c: UnsafeMutablePointer<Int32>
+
+        /// n values at x (n a multiple of 32; the buffers must hold them).
+        @inline(__always) func quantize(_ x: UnsafePointer<Float>, _ n: Int) { pf2lora_q8_quantize_activations(x, q, d, c, n) }
     }
 }
 
@@ -109,12 +122,12 @@ extension WeightMatrix {
 @inline(__always)
 func dotRows(_ w: WeightMatrix, _ xs: UnsafePointer<Float>, quantized: Q8Activations?, first: Int = 0, count: Int, rows: Range<Int>,
              _ out: UnsafeMutablePointer<Float>, stride: Int) {
-    dotRows(w.kernel, xs, quantized: quantized.map { ($0.q, $0.d) }, first: first, count: count, rows: rows, out, stride: stride)
+    dotRows(w.kernel, xs, quantized: quantized?.raw, first: first, count: count, rows: rows, out, stride: stride)
 }
 
-/// `dotRows` on a `MatrixKernel`, the q8_0 inputs as (int8 values, f32 scales per 32).
+/// `dotRows` on a `MatrixKernel`, the q8_0 inputs as plain pointers.
 @inline(__always)
-func dotRows(_ w: MatrixKernel, _ xs: UnsafePointer<Float>, quantized: (q: UnsafeMutablePointer<Int8>, d: UnsafeMutablePointer<Float>)?,
+func dotRows(_ w: MatrixKernel, _ xs: UnsafePointer<Float>, quantized: Q8Activations.Raw?,
              first: Int = 0, count: Int, rows: Range<Int>, _ out: UnsafeMutablePointer<Float>, stride: Int) {
     switch w.precision {
     // The register-blocked C kernels (Sources/CQuant/Wide.c): four weight rows x three inputs per
@@ -128,7 +141,8 @@ func dotRows(_ w: MatrixKernel, _ xs: UnsafePointer<Float>, quantized: (q: Unsaf
     case .q8_0:
         let a = quantized!, n = w.cols
         if w.interleaved {
-            pf2lora_q8_0x4_dot_rows(w.base, w.rows, n, a.q + first * n, a.d + first * n / 32, count, rows.lowerBound, rows.upperBound, out, stride)
+            pf2lora_q8_0x4_dot_rows(w.base, w.rows, n, a.q + first * n, a.d + first * n / 32, a.c + first * n / 16, count,
+                                    rows.lowerBound, rows.upperBound, out, stride)
         } else {
             pf2lora_q8_0_dot_rows(w.base, n, a.q + first * n, a.d + first * n / 32, count, rows.lowerBound, rows.upperBound, out, stride)
         }

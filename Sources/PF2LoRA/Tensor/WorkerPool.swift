@@ -34,20 +34,23 @@ public final class WorkerPool: @unchecked Sendable {
         @inline(__always) public func barrier() { if count > 1 { pool!.barrier(caller: index == 0) } }
 
         /// Runs `body` on chunks of 0..<n: each participant owns a contiguous share and takes it in
-        /// order from its front, `size` at a time; a participant whose share is gone takes the others'
-        /// from their backs a quarter chunk at a time, so one slowed by anything (an interrupt, a busier
-        /// memory channel) does less and the participants finish within a quarter chunk of each other.
+        /// order from its front, half of what is left at a time but at least `size` (CMemory.h's
+        /// `pf2lora_take_front`: each take is a locked instruction, which waits for the weight
+        /// stream's loads in flight); a participant whose share is gone takes the others' from their
+        /// backs a quarter chunk at a time, so one slowed by anything (an interrupt, a busier memory
+        /// channel) does less and the participants finish within about a chunk of each other.
         /// Chunks start at multiples of `size / 4` (`size` a multiple of 16 keeps q8_0's 4-row groups
         /// whole). Contiguous shares matter for the weight streams: with chunks handed out in turn
         /// from one counter, two cores each jump a chunk ahead every chunk, and a q8_0 decode step read
         /// its weights at 0.74x of two cores' plain read against 0.91-0.97x with shares
         /// (Benchmarks/q8_0x4_threads_microbench.c). Which participant computes a chunk never changes its
         /// values. `phase` numbers the calls of one job 0, 1, 2, ... with at least one barrier between
-        /// consecutive calls; counters are reset two phases ahead and at the start of each job.
+        /// consecutive calls; each participant resets its own counter two phases ahead (its cache
+        /// line then stays in its own cache), and all are reset at the start of each job.
         @inline(__always) public func chunks(_ n: Int, size: Int, phase: Int, _ body: (Range<Int>) -> Void) {
             if count == 1 { body(0..<n); return }
             let p = pool!
-            if index == 0 { p.resetRanges(slot: (phase + 2) & 3) }
+            pf2lora_store_relaxed(p.range(slot: (phase + 2) & 3, participant: index), 0)
             let unit = max(1, size / 4), units = (n + unit - 1) / unit, most = max(1, size / unit)
             for k in 0..<count {
                 let o = (index + k) % count

@@ -394,7 +394,9 @@ static inline __m256i x4_correction(const int32_t *xc, long j) {
 // 1.5 KB gave 0.82-0.88x and 4-8 KB 0.92-1.00x (SmolLM2 and GPT-2 shapes), flat over 4-8 KB: 6 KB.
 // A plain read gains nothing from the same hints (0.98-1.01x), so the read bound stands. Loads
 // only: no result changes.
+#ifndef X4_PREFETCH_BYTES   // a -D for the microbenchmarks
 #define X4_PREFETCH_BYTES 6144
+#endif
 #define X4_PREFETCH(Q)                                                                           \
     _mm_prefetch((const char *)(Q) + X4_PREFETCH_BYTES, _MM_HINT_T0);                            \
     _mm_prefetch((const char *)(Q) + X4_PREFETCH_BYTES + 64, _MM_HINT_T0);                       \

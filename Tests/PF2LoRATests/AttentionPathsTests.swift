@@ -12,7 +12,7 @@ import Testing
     /// A random Llama with peaky attention (q and k weights scaled up) and grouped heads.
     static func model(headDim: Int, heads: Int, kvHeads: Int) throws -> LanguageModel {
         let cfg = LlamaConfig(modelType: "llama", vocabSize: 300, hiddenSize: heads * headDim, intermediateSize: 96, numHiddenLayers: 2,
-                              numAttentionHeads: heads, numKeyValueHeads: kvHeads, headDim: headDim, maxPositionEmbeddings: 256,
+                              numAttentionHeads: heads, numKeyValueHeads: kvHeads, headDim: headDim, maxPositionEmbeddings: 320,
                               rmsNormEps: 1e-5, ropeTheta: 10000, tieWordEmbeddings: true)
         let a = try cfg.architecture(file: "test")
         let w = ModelWeights.random(architecture: a, seed: 11)
@@ -31,10 +31,11 @@ import Testing
     @Test(arguments: [(64, 4, 1), (64, 4, 4), (16, 4, 2)], KVCachePrecision.allCases)
     func longPrefillEqualsChunksAndDecode(_ shape: (Int, Int, Int), _ kv: KVCachePrecision) throws {
         let m = try Self.model(headDim: shape.0, heads: shape.1, kvHeads: shape.2)
-        let V = m.architecture.vocabSize, n = 200
+        let V = m.architecture.vocabSize, n = 300
         var rng = RNG(seed: 5)
         let ids = (0..<n).map { _ in Int(rng.next() % UInt64(V)) }
         #expect(n > 3 * InferenceEngine.attentionBlock)
+        #expect(n > DecodePlan.splitAttentionFrom + 16, "the pooled decode's split attention is reached")
 
         // One prefill of all rows.
         let whole = Tensor(zeros: [n, V])
@@ -60,17 +61,52 @@ import Testing
             start += len
         }
 
-        // Token by token: pooled (1 and 2 threads) and as GEMM rows.
+        // Token by token: pooled (1 and 2 threads) and as GEMM rows. The pooled paths split attention
+        // over 256 positions and more in two parts (head size 64): the same bits at 1 and 2 threads.
+        var pooled: [[Float]] = []
         for (limit, threads) in [(12, 1), (12, 2), (0, 1)] {
             let e = InferenceEngine(model: m, pool: WorkerPool(threads: threads))
             e.pooledRowLimit = limit
             let c = KVCache(architecture: m.architecture, capacity: n, precision: kv)
-            var worst: Float = 0
+            var worst: Float = 0, all: [Float] = []
             for t in 0..<n {
                 let lg = try e.step([StepInput(cache: c, tokens: [ids[t]], weights: m.baseLinears)])
                 worst = max(worst, Self.maxAbsDiff(lg.data, whole.data + t * V, V))
+                if limit > 0 { all += Array(UnsafeBufferPointer(start: lg.data, count: V)) }
             }
             #expect(worst <= tol, "\(shape) \(kv) decode (pooled rows \(limit), \(threads) threads): \(worst)")
+            if limit > 0 { pooled.append(all) }
+        }
+        #expect(pooled[0] == pooled[1], "\(shape) \(kv): pooled decode differs between 1 and 2 threads")
+    }
+
+    /// Pooled decode at long context (split attention) gives each sequence the same bits alone or
+    /// batched with shorter and longer ones, at 2 threads, with and without grouped heads.
+    @Test(arguments: [(64, 4, 1), (64, 6, 3)], KVCachePrecision.allCases)
+    func splitAttentionIsBatchInvariant(_ shape: (Int, Int, Int), _ kv: KVCachePrecision) throws {
+        let m = try Self.model(headDim: shape.0, heads: shape.1, kvHeads: shape.2)
+        let V = m.architecture.vocabSize
+        var rng = RNG(seed: 9)
+        let prompts = [270, 40, 300].map { n in (0..<n).map { _ in Int(rng.next() % UInt64(V)) } }
+        // Both pools always pooled: the prompts' prefill GEMMs are split over the pool's participants,
+        // and OpenBLAS's bits for a part of C may differ from the whole's, so a prefill that the
+        // contention policy ran alone (parallel tests load the machine) would fill another cache.
+        let pools = [WorkerPool(threads: 2), WorkerPool(threads: 2)]
+        for p in pools { p.adaptive = false }
+        let batched = InferenceEngine(model: m, pool: pools[0]), alone = InferenceEngine(model: m, pool: pools[1])
+        let cb = prompts.map { _ in KVCache(architecture: m.architecture, capacity: 316, precision: kv) }
+        let ca = prompts.map { _ in KVCache(architecture: m.architecture, capacity: 316, precision: kv) }
+        for (i, ids) in prompts.enumerated() {
+            _ = try batched.step([StepInput(cache: cb[i], tokens: ids, weights: m.baseLinears)])
+            _ = try alone.step([StepInput(cache: ca[i], tokens: ids, weights: m.baseLinears)])
+        }
+        for step in 0..<12 {
+            let next = prompts.indices.map { (step * 31 + $0 * 7) % V }
+            let rows = try batched.step(prompts.indices.map { StepInput(cache: cb[$0], tokens: [next[$0]], weights: m.baseLinears) }).array
+            for i in prompts.indices {
+                let la = try alone.step([StepInput(cache: ca[i], tokens: [next[i]], weights: m.baseLinears)])
+                #expect((0..<V).allSatisfy { la.data[$0] == rows[i * V + $0] }, "\(shape) \(kv) sequence \(i) step \(step): batched differs from alone")
+            }
         }
     }
 

@@ -63,6 +63,10 @@ static inline long pf2lora_take_back(unsigned long long *c, long len) {
 
 static inline void pf2lora_store_relaxed(unsigned long long *c, unsigned long long v) { __atomic_store_n(c, v, __ATOMIC_RELAXED); }
 
+/// Adds 1 to `*c` and returns the old value, acquiring and releasing (what one participant wrote
+/// before it is seen by the one that counts after it).
+static inline unsigned long long pf2lora_arrive(unsigned long long *c) { return __atomic_fetch_add(c, 1, __ATOMIC_ACQ_REL); }
+
 #ifdef __cplusplus
 }
 #endif

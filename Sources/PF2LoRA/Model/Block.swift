@@ -221,11 +221,16 @@ struct PositionStep {
     @inline(__always)
     func apply(_ row: UnsafeMutablePointer<Float>, heads: Range<Int>, qNorm: UnsafePointer<Float>?, kNorm: UnsafePointer<Float>?,
                cs: UnsafePointer<Float>, rstd: UnsafeMutablePointer<Float>? = nil) {
-        for h in heads {
-            let p = row + h * headDim    // q heads, then the k heads right after them
-            if qkNorm, let w = h < headCount ? qNorm : kNorm { rmsNormForward(p, w, p, rows: 1, C: headDim, eps: eps, rstd: rstd.map { $0 + h }) }
-            if ropeHalf > 0 { RoPE.rotate(p, cs, half: ropeHalf) }
-        }
+        // q heads, then the k heads right after them
+        for h in heads { apply(head: h, at: row + h * headDim, qNorm: qNorm, kNorm: kNorm, cs: cs, rstd: rstd.map { $0 + h }) }
+    }
+
+    /// The step of head h (0..<H a query head, H... a key head) on the head vector at p.
+    @inline(__always)
+    func apply(head h: Int, at p: UnsafeMutablePointer<Float>, qNorm: UnsafePointer<Float>?, kNorm: UnsafePointer<Float>?,
+               cs: UnsafePointer<Float>, rstd: UnsafeMutablePointer<Float>? = nil) {
+        if qkNorm, let w = h < headCount ? qNorm : kNorm { rmsNormForward(p, w, p, rows: 1, C: headDim, eps: eps, rstd: rstd) }
+        if ropeHalf > 0 { RoPE.rotate(p, cs, half: ropeHalf) }
     }
 }
 

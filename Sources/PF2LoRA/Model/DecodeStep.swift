@@ -64,7 +64,17 @@ extension InferenceEngine {
         let caches = UnsafeMutablePointer<KVCache.Layer>.allocate(capacity: B * L)
         let lengths = UnsafeMutablePointer<Int>.allocate(capacity: B)
         let q8 = UnsafeMutablePointer<Q8Activations.Raw>.allocate(capacity: p)
-        defer { layers.deallocate(); kernels.deallocate(); spans.deallocate(); caches.deallocate(); lengths.deallocate(); q8.deallocate() }
+        // Split attention (`DecodePlan.splitAttentionFrom`): both parts of every (sequence, KV head), their arrivals per
+        // layer, each participant's copy of the queries it rotates.
+        let perKV = c.headCount / c.kvHeadCount, partFloats = perKV * (c.headDim + 2)
+        let parts = UnsafeMutablePointer<Float>.allocate(capacity: B * c.kvHeadCount * 2 * partFloats)
+        let arrivals = UnsafeMutablePointer<UInt64>.allocate(capacity: L * B * c.kvHeadCount)
+        arrivals.initialize(repeating: 0, count: L * B * c.kvHeadCount)
+        let queries = UnsafeMutablePointer<Float>.allocate(capacity: p * perKV * c.headDim)
+        defer {
+            layers.deallocate(); kernels.deallocate(); spans.deallocate(); caches.deallocate(); lengths.deallocate(); q8.deallocate()
+            parts.deallocate(); arrivals.deallocate(); queries.deallocate()
+        }
         for (l, layer) in w.layers.enumerated() {
             func ptr(_ t: Tensor?) -> UnsafePointer<Float>? { t.map { UnsafePointer($0.data) } }
             let bias = layer.groupB.map(ptr) + [UnsafePointer<Float>?](repeating: nil, count: max(0, 4 - G))
@@ -87,6 +97,7 @@ extension InferenceEngine {
             din: (0..<4).map { $0 < G ? c.groups[$0].inFeatures : 0 }.tuple4, dout: (0..<4).map { $0 < G ? c.groups[$0].outFeatures : 0 }.tuple4,
             norm: c.norm, eps: c.normEps, swiglu: c.mlp == .swiglu, positionStep: c.hasPositionStep ? PositionStep(c, rope) : nil,
             layers: layers, kernels: kernels, spans: spans, caches: caches, lengths: lengths, q8: q8,
+            parts: parts, arrivals: arrivals, queries: queries,
             head: w.head.kernel, finalNorm: UnsafePointer(w.finalNorm.data), finalNormBias: w.finalNormBias.map { UnsafePointer($0.data) },
             terms: terms.raw,
             x: x.data, qkv: qkv.data, att: att.data, fc: fc.data, ropeCS: UnsafePointer(ropeCS.data), logits: logits.data,
@@ -142,6 +153,9 @@ struct DecodePlan {
     let caches: UnsafeMutablePointer<KVCache.Layer>     // [(sequence, layer)]
     let lengths: UnsafeMutablePointer<Int>              // [sequence]: cached positions before this step
     let q8: UnsafeMutablePointer<Q8Activations.Raw>     // [participant]: quantized inputs, room for B x the widest
+    let parts: UnsafeMutablePointer<Float>              // [(sequence, KV head, part)]: perKV x (hd + 2), see KVCache.Layer.decodePart
+    let arrivals: UnsafeMutablePointer<UInt64>          // [(layer, sequence, KV head)]: parts done
+    let queries: UnsafeMutablePointer<Float>            // [participant]: perKV x hd, the queries of a split pair, rotated
     let head: MatrixKernel
     let finalNorm: UnsafePointer<Float>, finalNormBias: UnsafePointer<Float>?
     let terms: LowRankTerms.Raw
@@ -168,6 +182,14 @@ struct DecodePlan {
     @inline(__always) func din(_ g: Int) -> Int { switch g { case 0: din.0; case 1: din.1; case 2: din.2; default: din.3 } }
     @inline(__always) func dout(_ g: Int) -> Int { switch g { case 0: dout.0; case 1: dout.1; case 2: dout.2; default: dout.3 } }
     var qW: Int { H * hd }
+
+    /// Decode attention over at least this many positions (head size 64) is split in two parts,
+    /// positions [0, m) and [m, T) with m = T / 2 rounded down to 16, each (sequence, KV head, part)
+    /// a work item and the second part to finish merging both (`KVCache.mergeParts`, in part order):
+    /// at batch 1 SmolLM2's 3 KV heads were 3 items split 2:1 over two cores, now 6 split 3:3. The
+    /// split depends on the length alone, so a sequence's bits do not depend on its batch or on the
+    /// thread count; no barrier is added (session 13's position blocks paid one, and merged behind it).
+    static let splitAttentionFrom = 256
     var kvW: Int { KV * hd }
 }
 
@@ -211,23 +233,47 @@ private struct PooledDecodeRunner: BlockRunner {
     /// session 13 the heads were split on their own, behind one more barrier per layer).
     func attention(layer l: Int) {
         let p = plan, H = p.pointee.H, KV = p.pointee.KV, hd = p.pointee.hd, qW = p.pointee.qW, kvW = p.pointee.kvW
-        let W = p.pointee.dout(GroupSite.attnIn.rawValue), perKV = H / KV
+        let W = p.pointee.dout(GroupSite.attnIn.rawValue), perKV = H / KV, B = p.pointee.B
         let layer = p.pointee.layers[l]
-        // (sequence, KV head) pairs: each cached key and value row is read once for the KV head's perKV query heads.
+        let partFloats = perKV * (hd + 2)
+        // (sequence, KV head, part) items: each cached key and value row is read once for the KV head's perKV query heads.
         let scale = 1 / Float(hd).squareRoot()
-        for item in ctx.share(p.pointee.B * KV) {
-            let b = item / KV, kvh = item % KV
-            let cache = p.pointee.caches[b * p.pointee.L + l]
+        for item in ctx.share(B * KV * 2) {
+            let b = item / (2 * KV), kvh = (item / 2) % KV, part = item % 2
             let T = p.pointee.lengths[b] + 1
+            let split = hd == 64 && T >= DecodePlan.splitAttentionFrom
+            if part == 1 && !split { continue }
+            let cache = p.pointee.caches[b * p.pointee.L + l]
             let row = p.pointee.qkv + b * W
+            let q = row + kvh * perKV * hd, o = p.pointee.att + b * qW + kvh * perKV * hd
+            let newest = !split || part == 1    // attends over the new position: rotates its key and stores it
+            var queries = UnsafePointer(q)
             if let step = p.pointee.positionStep {
                 let cs = p.pointee.ropeCS + b * hd
-                step.apply(row, heads: (kvh * perKV)..<((kvh + 1) * perKV), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: cs)
-                step.apply(row, heads: (H + kvh)..<(H + kvh + 1), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: cs)
+                if split {
+                    // Both parts need the rotated queries: each rotates its own copy (the same bits).
+                    let copy = p.pointee.queries + ctx.index * perKV * hd
+                    copy.update(from: q, count: perKV * hd)
+                    for i in 0..<perKV { step.apply(head: kvh * perKV + i, at: copy + i * hd, qNorm: layer.qNorm, kNorm: layer.kNorm, cs: cs) }
+                    queries = UnsafePointer(copy)
+                } else {
+                    step.apply(row, heads: (kvh * perKV)..<((kvh + 1) * perKV), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: cs)
+                }
+                if newest { step.apply(row, heads: (H + kvh)..<(H + kvh + 1), qNorm: layer.qNorm, kNorm: layer.kNorm, cs: cs) }
             }
-            cache.store(head: kvh, position: T - 1, key: row + qW + kvh * hd, value: row + qW + kvW + kvh * hd, hd: hd)
-            let q = row + kvh * perKV * hd, o = p.pointee.att + b * qW + kvh * perKV * hd
-            cache.decodeGroup(head: kvh, q: q, heads: perKV, hd: hd, count: T, scale: scale, scores: sc, out: o)
+            if newest { cache.store(head: kvh, position: T - 1, key: row + qW + kvh * hd, value: row + qW + kvW + kvh * hd, hd: hd) }
+            guard split else {
+                cache.decodeGroup(head: kvh, q: queries, heads: perKV, hd: hd, count: T, scale: scale, scores: sc, out: o)
+                continue
+            }
+            let m = T / 2 / 16 * 16
+            let both = p.pointee.parts + (b * KV + kvh) * 2 * partFloats
+            cache.decodePart(head: kvh, q: queries, heads: perKV, from: part == 0 ? 0 : m, count: part == 0 ? m : T - m, scale: scale,
+                             scores: sc, part: both + part * partFloats)
+            // The second to finish merges (its acquire sees the other's part).
+            if pf2lora_arrive(p.pointee.arrivals + (l * B + b) * KV + kvh) == 1 {
+                KVCache.mergeParts(both, both + partFloats, heads: perKV, out: o)
+            }
         }
         barrier(before: l, GroupSite.attnOut.rawValue)
     }

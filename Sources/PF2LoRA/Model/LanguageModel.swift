@@ -214,9 +214,43 @@ public final class KVCache {
                                     hd: hd, count: T, scale: scale, scores: sc, out: o)
             }
         }
+
+        /// One part of a split decode attention (head size 64): the g heads over positions
+        /// [t0, t0 + n) of KV head `h`, unnormalized. part[i * 64 + e] = sum_j exp(s_ij - m_i) v_j[e]
+        /// for head i; part[g * 64 + 2i] = m_i (its largest score), part[g * 64 + 2i + 1] = the sum of
+        /// its exps. The same kernels as `decodeGroup`, their scale of 1 / sum left to the merge.
+        @inline(__always)
+        func decodePart(head h: Int, q: UnsafePointer<Float>, heads g: Int, from t0: Int, count n: Int, scale: Float,
+                        scores sc: UnsafeMutablePointer<Float>, part: UnsafeMutablePointer<Float>) {
+            let off = (h * capacity + t0) * 64
+            if half { pf2lora_attention_scores64_f16(q, g, k.assumingMemoryBound(to: UInt16.self) + off, n, scale, sc) }
+            else { pf2lora_attention_scores64(q, g, k.assumingMemoryBound(to: Float.self) + off, n, scale, sc) }
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: g) { ones in
+                for i in 0..<g {
+                    let (m, l) = expShiftedInPlace(sc + i * n, count: n)
+                    part[g * 64 + 2 * i] = m; part[g * 64 + 2 * i + 1] = l
+                    ones[i] = 1
+                }
+                if half { pf2lora_attention_values64_f16(sc, g, n, v.assumingMemoryBound(to: UInt16.self) + off, ones.baseAddress!, part) }
+                else { pf2lora_attention_values64(sc, g, n, v.assumingMemoryBound(to: Float.self) + off, ones.baseAddress!, part) }
+            }
+        }
+    }
+
+    /// Two parts of `decodePart` (positions [0, m) then [m, T)) as one head group's attention:
+    /// out_i = (w0 acc0_i + w1 acc1_i) / (w0 l0_i + w1 l1_i) with w_k = exp(m_k - max(m0, m1)), in
+    /// this order whoever computed which part.
+    static func mergeParts(_ p0: UnsafePointer<Float>, _ p1: UnsafePointer<Float>, heads g: Int, out o: UnsafeMutablePointer<Float>) {
+        for i in 0..<g {
+            let m0 = p0[g * 64 + 2 * i], m1 = p1[g * 64 + 2 * i], M = max(m0, m1)
+            let w0 = expf(m0 - M), w1 = expf(m1 - M)
+            let inv = 1 / (w0 * p0[g * 64 + 2 * i + 1] + w1 * p1[g * 64 + 2 * i + 1])
+            for e in 0..<64 { o[i * 64 + e] = (w0 * p0[i * 64 + e] + w1 * p1[i * 64 + e]) * inv }
+        }
     }
 
     /// Layer `l`'s rows.
+    @inline(__always)
     func layer(_ l: Int) -> Layer {
         switch precision {
         case .f32: return Layer(k: UnsafeMutableRawPointer(k[l].data), v: UnsafeMutableRawPointer(v[l].data), capacity: capacity, half: false)

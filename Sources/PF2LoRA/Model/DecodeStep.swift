@@ -103,7 +103,7 @@ extension InferenceEngine {
             x: x.data, qkv: qkv.data, att: att.data, fc: fc.data, ropeCS: UnsafePointer(ropeCS.data), logits: logits.data,
             partials: (partials.data, partials.cols), ln: (privateLN.data, privateLN.cols), scores: (privateScores.data, privateScores.cols),
             lora: (privateLoRA.data, privateLoRA.cols), act: (privateAct.data, privateAct.cols), sharedT: lowRankT.data))
-        withExtendedLifetime((inputs, segments, w)) {
+        withExtendedLifetime((inputs, segments, w, terms)) {
             pool.run { ctx in
                 let runner = PooledDecodeRunner(plan: UnsafePointer(plan), ctx: ctx)
                 for l in 0..<L { runBlock(runner, layer: l) }

@@ -67,7 +67,7 @@ final class Q8Activations {
     private var capacity = 0
 
     init(capacity n: Int = 0) {
-        capacity = max(n, 32)
+        capacity = max((n + 31) / 32 * 32, 32)
         q = .allocate(capacity: capacity); d = .allocate(capacity: capacity / 32); c = .allocate(capacity: capacity / 16)
     }
 

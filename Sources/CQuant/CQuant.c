@@ -288,8 +288,9 @@ void pf2lora_q8_0_dot_rows(const void *w, long cols, const int8_t *xq, const flo
 // signed weights each chunk needed two `vpsign`s to move the sign onto the activations; with
 // unsigned ones it is one `vpdpbusd` straight into the accumulator, whose start is the block's
 // correction -128 * (sum of the activations over the same bytes), computed once per input
-// (`pf2lora_q8_quantize_activations`' c). Session 14: 2 uops per 32 weight bytes instead of 6,
-// the kernel over L2-resident weights ~1.2x faster, the same bits.
+// (`pf2lora_q8_quantize_activations`' c). Session 14: 2 uops per 32 weight bytes instead of 6, the
+// same bits; over L1- / L2-resident weights only 1.03-1.07x faster (the kernel was not bound by its
+// instruction count), streaming from memory level.
 //
 // Every path computes, for row r and block j, two exact int32 sums L0 = sum over c of values
 // 8c..8c+3 (w * x) and L1 = sum over c of values 8c+4..8c+7; then with s = dw_j * dx_j (f32),
@@ -458,9 +459,7 @@ static inline void dot4_vnni(const uint8_t *q, const uint8_t *sc, long nb, const
             for (long v = 0; v < count; v++) {                                                  \
                 float o[4];                                                                      \
                 DOT(q, sc, nb, xq + v * cols, xd + v * nb, xc + 2 * v * nb, o);                  \
-                float *dst = out + v * stride + 4 * g;                                           \
-                if (r0 == 0 && r1 == 4) { dst[0] = o[0]; dst[1] = o[1]; dst[2] = o[2]; dst[3] = o[3]; } \
-                else for (long k = r0; k < r1; k++) dst[k] = o[k];                               \
+                for (long k = r0; k < r1; k++) out[v * stride + 4 * g + k] = o[k];               \
             }                                                                                    \
         }                                                                                        \
     }

@@ -182,6 +182,7 @@ struct DecodePlan {
     @inline(__always) func din(_ g: Int) -> Int { switch g { case 0: din.0; case 1: din.1; case 2: din.2; default: din.3 } }
     @inline(__always) func dout(_ g: Int) -> Int { switch g { case 0: dout.0; case 1: dout.1; case 2: dout.2; default: dout.3 } }
     var qW: Int { H * hd }
+    var kvW: Int { KV * hd }
 
     /// Decode attention over at least this many positions (head size 64) is split in two parts,
     /// positions [0, m) and [m, T) with m = T / 2 rounded down to 16, each (sequence, KV head, part)
@@ -190,7 +191,6 @@ struct DecodePlan {
     /// split depends on the length alone, so a sequence's bits do not depend on its batch or on the
     /// thread count; no barrier is added (session 13's position blocks paid one, and merged behind it).
     static let splitAttentionFrom = 256
-    var kvW: Int { KV * hd }
 }
 
 /// `runBlock`'s steps for one participant of a pooled decode step (reading only its `DecodePlan`).

@@ -54,7 +54,7 @@ public final class WorkerPool: @unchecked Sendable {
             let unit = max(1, size / 4), units = (n + unit - 1) / unit, most = max(1, size / unit)
             for k in 0..<count {
                 let o = (index + k) % count
-                let s0 = units * o / count, len = units * (o + 1) / count - s0
+                let s0 = shareStart(units, o), len = shareStart(units, o + 1) - s0
                 let c = p.range(slot: phase & 3, participant: o)
                 while true {
                     var got = 1
@@ -71,8 +71,11 @@ public final class WorkerPool: @unchecked Sendable {
         @inline(__always) public func ownShare(_ n: Int, size: Int) -> Range<Int> {
             if count == 1 { return 0..<n }
             let unit = max(1, size / 4), units = (n + unit - 1) / unit
-            return min(n, units * index / count * unit)..<min(n, units * (index + 1) / count * unit)
+            return min(n, shareStart(units, index) * unit)..<min(n, shareStart(units, index + 1) * unit)
         }
+
+        /// The first of `units` units in participant o's share (o = count: the end).
+        @inline(__always) private func shareStart(_ units: Int, _ o: Int) -> Int { units * o / count }
 
         /// `barrier()`, asking for up to `bytes` at `next` while it waits for the others (512 bytes
         /// per check): the reads this participant starts with after the barrier, so that waiting

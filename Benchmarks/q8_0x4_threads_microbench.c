@@ -31,11 +31,10 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
-#undef X4_PREFETCH
-#define X4_PREFETCH(Q)
+#define NO_PREFETCH(Q)
 __attribute__((target("avxvnni,avx2,fma,f16c")))
 static void dot4_nopf(const uint8_t *q, const uint8_t *sc, long nb, const int8_t *xq, const float *xd, const int32_t *xc, float *out) {
-    DOT4_BODY(X4_CHUNK_VNNI, X4_START_VNNI) }
+    DOT4_BODY(X4_CHUNK_VNNI, X4_START_VNNI, NO_PREFETCH) }
 typedef struct { long rows, cols; uint8_t *w; } mat;
 static mat ms[400]; static int nm; static long total; static uint8_t *base;
 static int8_t *xq; static float *xd; static int32_t *xc; static float *outs[2];

@@ -395,23 +395,41 @@ static inline __m256i x4_correction(const int32_t *xc, long j) {
 // 1.5 KB gave 0.82-0.88x and 4-8 KB 0.92-1.00x (SmolLM2 and GPT-2 shapes), flat over 4-8 KB: 6 KB.
 // A plain read gains nothing from the same hints (0.98-1.01x), so the read bound stands. Loads
 // only: no result changes.
+//
+// Two tiers on the AVX2 path (session 15; AMD EPYC family 23 model 49 = Zen 2, AVX2 without
+// AVX-VNNI, one core reading ~15 GB/s). One distance was not enough there: 6 KB to L1 streamed at
+// 0.82-0.84x of a plain read (1.5-12 KB alike), 6 or 16 KB to L2 alone or NTA 0.82-0.86x; 1.5 KB to
+// L1 plus 12-16 KB to L2 0.86-0.89x (0.75-6 KB plus 8-16 KB 0.84-0.88x; 3 + 24 KB 0.82-0.83x).
+// Benchmarks/q8_0x4_threads_microbench.c `lib1`, binaries alternating, medians of 5 rounds. Decode,
+// 1 thread, vs the in-process read: SmolLM2 0.82-0.84 -> 0.86-0.87x, GPT-2 0.84-0.86 -> 0.90-0.93x.
+// The compute is not the limit there (in L2 the kernel runs at ~30 GB/s, and dropping the XOR below
+// changed nothing). The AVX-VNNI path keeps the one tier measured on its machine (session 11's,
+// above): the AVX2 loop is the only one an AVX2-only CPU runs, and the one tuned on it.
 #ifndef X4_PREFETCH_BYTES   // a -D for the microbenchmarks
 #define X4_PREFETCH_BYTES 6144
 #endif
-#define X4_PREFETCH(Q)                                                                           \
-    _mm_prefetch((const char *)(Q) + X4_PREFETCH_BYTES, _MM_HINT_T0);                            \
-    _mm_prefetch((const char *)(Q) + X4_PREFETCH_BYTES + 64, _MM_HINT_T0);                       \
-    _mm_prefetch((const char *)(Q) + X4_PREFETCH_BYTES + 128, _MM_HINT_T0);                      \
-    _mm_prefetch((const char *)(Q) + X4_PREFETCH_BYTES + 192, _MM_HINT_T0);
+#ifndef X4_NEAR_BYTES
+#define X4_NEAR_BYTES 1536
+#endif
+#ifndef X4_FAR_BYTES
+#define X4_FAR_BYTES 12288
+#endif
+#define X4_PREFETCH_LINES(Q, AHEAD, HINT)                                                        \
+    _mm_prefetch((const char *)(Q) + (AHEAD), HINT);                                             \
+    _mm_prefetch((const char *)(Q) + (AHEAD) + 64, HINT);                                        \
+    _mm_prefetch((const char *)(Q) + (AHEAD) + 128, HINT);                                       \
+    _mm_prefetch((const char *)(Q) + (AHEAD) + 192, HINT);
+#define X4_PREFETCH(Q) X4_PREFETCH_LINES(Q, X4_PREFETCH_BYTES, _MM_HINT_T0)
+#define X4_PREFETCH_TIERS(Q) X4_PREFETCH_LINES(Q, X4_NEAR_BYTES, _MM_HINT_T0) X4_PREFETCH_LINES(Q, X4_FAR_BYTES, _MM_HINT_T1)
 
-#define DOT4_BODY(CHUNK, START)                                                                  \
+#define DOT4_BODY(CHUNK, START, PREFETCH)                                                        \
     const __m256i lo4 = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), hi4 = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7); \
     __m256 a = _mm256_setzero_ps(), b = a;                                                       \
     long j = 0;                                                                                  \
     for (; j + 2 <= nb; j += 2) {                                                                \
         const uint8_t *q0 = q + j * 128, *q1 = q0 + 128;                                         \
         const int8_t *x0 = xq + j * QK, *x1 = x0 + QK;                                           \
-        X4_PREFETCH(q0)                                                                          \
+        PREFETCH(q0)                                                                             \
         /* two accumulators per block, so that the chunks' sums do not wait on one another */    \
         __m256i t = START(j), u = START(j + 1), t2 = _mm256_setzero_si256(), u2 = t2;            \
         CHUNK(t, q0, x0, 0) CHUNK(u, q1, x1, 0) CHUNK(t2, q0, x0, 1) CHUNK(u2, q1, x1, 1)        \
@@ -439,11 +457,11 @@ static inline __m256i x4_correction(const int32_t *xc, long j) {
 
 __attribute__((target("avx2,fma,f16c"), always_inline))
 static inline void dot4_avx2(const uint8_t *q, const uint8_t *sc, long nb, const int8_t *xq, const float *xd, const int32_t *xc,
-                             float *out) { (void)xc; DOT4_BODY(X4_CHUNK_AVX2, X4_START_AVX2) }
+                             float *out) { (void)xc; DOT4_BODY(X4_CHUNK_AVX2, X4_START_AVX2, X4_PREFETCH_TIERS) }
 
 __attribute__((target("avxvnni,avx2,fma,f16c"), always_inline))
 static inline void dot4_vnni(const uint8_t *q, const uint8_t *sc, long nb, const int8_t *xq, const float *xd, const int32_t *xc,
-                             float *out) { DOT4_BODY(X4_CHUNK_VNNI, X4_START_VNNI) }
+                             float *out) { DOT4_BODY(X4_CHUNK_VNNI, X4_START_VNNI, X4_PREFETCH) }
 #endif
 
 // Group by group: its 4 rows (cols * 34 / 8 bytes) are read from memory once and stay in L1 for

@@ -35,6 +35,23 @@ import Testing
         #expect(p.soloJobs == p.maxSoloJobs)
     }
 
+    /// Short jobs split unevenly are not contention (session 15): a prefill's per-layer attention
+    /// over 3 KV heads on 2 participants took 30-140 us with the caller waiting 25-70 % of it, and
+    /// three such jobs in a row sent the pool solo for the decode that followed. A lost core costs a
+    /// scheduler slice, so a contended job's stall must also last `minStallNanos`.
+    @Test func shortUnevenJobsAreNotContention() {
+        var p = ContentionPolicy()
+        for _ in 0..<100 { p.record(jobNanos: 80_000, stallNanos: 60_000) }
+        #expect(!p.solo && p.switches == 0)
+        // A contended decode step (ms long, mostly waiting) still counts, three in a row switch.
+        for _ in 0..<3 { p.record(jobNanos: 2_000_000, stallNanos: 1_500_000) }
+        #expect(p.solo && p.switches == 1)
+        // Half the job but under the minimum: not contended, even when long jobs are also late.
+        var q = ContentionPolicy()
+        for _ in 0..<10 { q.record(jobNanos: 900_000, stallNanos: 480_000) }
+        #expect(!q.solo)
+    }
+
     /// More participants than cores with a busy loop on every core: the pool's waits stall, the
     /// policy notices within a few hundred jobs, and every job still computes the same sum.
     @Test func oversubscribedPoolGoesSoloAndStaysCorrect() throws {

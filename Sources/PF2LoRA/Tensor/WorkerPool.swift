@@ -266,12 +266,19 @@ public final class WorkerPool: @unchecked Sendable {
 /// after a prefill stalled 35-65% while OpenBLAS ran its own threads (they spin for ~0.1 s after a
 /// GEMM; since session 13 OpenBLAS runs one thread and large products are split over this pool, see
 /// `BLAS`); with one spinning process beside it, 80-96% on every step. A job whose stalls exceed
-/// `stallFraction` (50%) counts as contended; after `trigger` (3) contended jobs in a row the pool
+/// `stallFraction` (50%) and last at least `minStallNanos` (0.5 ms) counts as contended: a
+/// participant that lost its core is gone for a scheduler slice (milliseconds), while a short job's
+/// uneven split shows as tens of microseconds (session 15, AMD Zen 2: a 512-token SmolLM2 prefill's
+/// per-layer attention jobs, 3 KV heads on 2 participants, took 30-140 us and the caller waited
+/// 25-70 % of that; three in a row sent the pool solo, the solo periods doubled, and the decode after
+/// the prefill ran on one core in a third of the runs: 75-83 instead of 116-140 tok/s). After
+/// `trigger` (3) contended jobs in a row the pool
 /// runs the next `soloJobs` jobs on the caller alone (no barriers, no wake-ups), then tries the pool
 /// again. Each relapse doubles the solo period, from `minSoloJobs` (32) up to `maxSoloJobs`; an
 /// uncontended pooled job resets it. A job's result does not depend on how many ran it.
 public struct ContentionPolicy: Sendable, Equatable {
     public var stallFraction = 0.5
+    public var minStallNanos = 500_000.0
     public var trigger = 3
     public var minSoloJobs = 32
     public var maxSoloJobs = 4096
@@ -296,7 +303,7 @@ public struct ContentionPolicy: Sendable, Equatable {
     public mutating func record(jobNanos: Double, stallNanos: Double) {
         pooledJobs += 1
         if jobNanos > 0 { stallFractionSum += stallNanos / jobNanos }
-        if jobNanos > 0 && stallNanos > stallFraction * jobNanos {
+        if jobNanos > 0 && stallNanos > stallFraction * jobNanos && stallNanos >= minStallNanos {
             streak += 1
             if streak >= trigger {
                 soloLeft = soloJobs

@@ -35,7 +35,7 @@ struct BenchDecode: ParsableCommand {
     var pooledRows: Int?
     @Option(name: .customLong("kv-cache"), help: ArgumentHelp(KVCacheOption.help, valueName: "auto|f32|f16"))
     var kvCache = "auto"
-    @Option(name: .customLong("read-bound-rounds"), help: "Then this many rounds of 4 batch-1 decode steps (continuing after the prompt), each followed at once by a plain read of the weight bytes a step reads: decode_vs_read_bound is the median per-round ratio of the read's time (scaled to the weights plus that step's KV cache) to a step's. Decode and read minutes apart can meet different memory-bandwidth phases of a shared machine; milliseconds apart they meet the same. 0: none.")
+    @Option(name: .customLong("read-bound-rounds"), help: "Then this many rounds of 4 batch-1 decode steps (continuing after the prompt), each followed at once by a plain read of the weight bytes a step reads (the faster of two reads, with and without the kernels' software prefetch: which is faster depends on the CPU): decode_vs_read_bound is the median per-round ratio of the read's time (scaled to the weights plus that step's KV cache) to a step's. Decode and read minutes apart can meet different memory-bandwidth phases of a shared machine; milliseconds apart they meet the same. 0: none.")
     var readBoundRounds = 0
 
     func validate() throws {
@@ -76,17 +76,17 @@ struct BenchDecode: ParsableCommand {
             let kvBytesPerPosition = Double(c.layerCount * 2 * c.kvHeadCount * c.headDim * (kv == .f16 ? 2 : 4))
             var sink = WorkerPool.shared.sumBytes(matrices)   // every page touched once
             var ratios: [Double] = [], bandwidths: [Double] = []
-            for _ in 0..<readBoundRounds {
+            for round in 0..<readBoundRounds {
                 let context = Double(cache.length) + Double(steps + 1) / 2   // the mean length the steps read
-                var t0 = now()
+                let t0 = now()
                 for _ in 0..<steps {
                     let next = Sampler.argmax(logits.data, count: c.vocabSize)
                     logits = try engine.step([StepInput(cache: cache, tokens: [next], weights: binding.weights, client: binding.client)])
                 }
                 let step = (now() - t0) / Double(steps)
-                t0 = now()
-                sink &+= WorkerPool.shared.sumBytes(matrices)
-                let bandwidth = weightBytes / (now() - t0)
+                let read = WorkerPool.shared.readBoundSeconds(matrices, round: round)
+                sink &+= read.sum
+                let bandwidth = weightBytes / read.seconds
                 ratios.append((weightBytes + kvBytesPerPosition * context) / bandwidth / step)
                 bandwidths.append(bandwidth)
             }
@@ -200,8 +200,9 @@ struct BenchBLAS: ParsableCommand {
             var t0 = now(); checksum += WorkerPool.shared.sumAll(serving); let tg = now() - t0
             if round > 0 { rt.append(tg) }
             for (i, (_, ms)) in sets.enumerated() {
-                t0 = now(); byteSum &+= WorkerPool.shared.sumBytes(ms); let tr = now() - t0
-                if round > 0 { readTimes[i].append(tr) }
+                let read = WorkerPool.shared.readBoundSeconds(ms, round: round)
+                byteSum &+= read.sum
+                if round > 0 { readTimes[i].append(read.seconds) }
             }
             for (i, (_, ms)) in sets.enumerated() {
                 t0 = now(); WorkerPool.shared.dotAll(ms, input: vin, output: vout); let td = now() - t0

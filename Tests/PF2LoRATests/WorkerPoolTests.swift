@@ -52,6 +52,29 @@ import Testing
         #expect(!q.solo)
     }
 
+    /// The read bound's two forms (with and without the software prefetch) read the same bytes: each
+    /// gives the little-endian 32-bit word sum of every matrix, at any participant count, and
+    /// `readBoundSeconds` returns both sums' total.
+    @Test func readBoundFormsSumTheSameBytes() {
+        let mats = [(37, 61), (5, 1000), (128, 33)].map { r, c in
+            WeightMatrix(Tensor((0..<(r * c)).map { Float(($0 * 7919) % 1013) - 500.5 }, shape: [r, c]))
+        }
+        var expected: UInt32 = 0
+        for m in mats {
+            let bytes = UnsafeRawBufferPointer(start: m.base, count: m.byteCount)
+            var i = 0
+            while i + 4 <= bytes.count { expected &+= bytes.loadUnaligned(fromByteOffset: i, as: UInt32.self); i += 4 }
+            while i < bytes.count { expected &+= UInt32(bytes[i]); i += 1 }
+        }
+        for threads in [1, 3] {
+            let pool = WorkerPool(threads: threads)
+            #expect(pool.sumBytes(mats, prefetch: true) == expected)
+            #expect(pool.sumBytes(mats, prefetch: false) == expected)
+            let read = pool.readBoundSeconds(mats, round: threads)
+            #expect(read.sum == expected &* 2 && read.seconds > 0)
+        }
+    }
+
     /// More participants than cores with a busy loop on every core: the pool's waits stall, the
     /// policy notices within a few hundred jobs, and every job still computes the same sum.
     @Test func oversubscribedPoolGoesSoloAndStaysCorrect() throws {

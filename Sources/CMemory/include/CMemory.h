@@ -13,10 +13,10 @@ extern "C" {
 int pf2lora_release_free_heap(void);
 
 /// The bytes of [p, p + bytes) summed as little-endian 32-bit words (wrapping; a tail of fewer than
-/// four bytes byte by byte), read as fast as this machine reads memory: the memory-read bound that
-/// `pf2lora bench` judges the decode kernels by (AVX2 with the kernels' software prefetch; scalar
-/// without AVX2).
-unsigned int pf2lora_read_bytes(const void *p, long bytes);
+/// four bytes byte by byte), with wide loads: the memory-read bound that `pf2lora bench` judges the
+/// decode kernels by (AVX2, with the kernels' software prefetch when `prefetch` is nonzero, which reads
+/// faster on some CPUs and slower on others: the bound times both; scalar without AVX2).
+unsigned int pf2lora_read_bytes(const void *p, long bytes, int prefetch);
 
 /// Asks for the cache lines of [p, p + bytes) ahead of their use (read, kept in every cache level).
 /// Many short, scattered streams (the client pairs of a decode step) are latency-bound without it:

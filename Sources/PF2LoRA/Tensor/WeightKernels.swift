@@ -192,20 +192,35 @@ extension WorkerPool {
         }
     }
 
-    /// The bytes of `matrices` read as fast as the machine reads memory (`pf2lora_read_bytes`: wide
-    /// loads, the decode kernels' software prefetch; each participant a contiguous share of every
-    /// matrix): the memory-read limit for streaming them.
-    public func sumBytes(_ matrices: [WeightMatrix]) -> UInt32 {
+    /// The bytes of `matrices` read with wide loads (`pf2lora_read_bytes`; each participant a
+    /// contiguous share of every matrix), with or without the decode kernels' software prefetch: the
+    /// faster of the two is the memory-read limit for streaming them (which one is faster depends on
+    /// the CPU, see CMemory.c; `readBoundSeconds` times both).
+    public func sumBytes(_ matrices: [WeightMatrix], prefetch: Bool = true) -> UInt32 {
         let totals = UnsafeMutablePointer<UInt32>.allocate(capacity: count)
         defer { totals.deallocate() }
         run { ctx in
             var t: UInt32 = 0
             for m in matrices {
                 let part = ctx.share(m.byteCount, align: 256)
-                t &+= pf2lora_read_bytes(m.base + part.lowerBound, part.count)
+                t &+= pf2lora_read_bytes(m.base + part.lowerBound, part.count, prefetch ? 1 : 0)
             }
             totals[ctx.index] = t
         }
         return (0..<count).reduce(0) { $0 &+ totals[$1] }
+    }
+
+    /// The time of the faster of the two reads of `matrices` (with and without the software
+    /// prefetch, back to back, the order alternating by `round` so neither always comes first), and
+    /// their sum, to keep the reads from being optimized away.
+    public func readBoundSeconds(_ matrices: [WeightMatrix], round: Int) -> (seconds: Double, sum: UInt32) {
+        var best = Double.infinity, sum: UInt32 = 0
+        for k in 0..<2 {
+            let prefetch = (k + round) % 2 == 0
+            let t0 = Self.monotonicNanos()
+            sum &+= sumBytes(matrices, prefetch: prefetch)
+            best = min(best, Double(Self.monotonicNanos() &- t0) / 1e9)
+        }
+        return (best, sum)
     }
 }

@@ -46,7 +46,7 @@ import Testing
         // A contended decode step (ms long, mostly waiting) still counts, three in a row switch.
         for _ in 0..<3 { p.record(jobNanos: 2_000_000, stallNanos: 1_500_000) }
         #expect(p.solo && p.switches == 1)
-        // Half the job but under the minimum: not contended, even when long jobs are also late.
+        // Over half of a 0.9 ms job but under 0.5 ms of stall: not contended.
         var q = ContentionPolicy()
         for _ in 0..<10 { q.record(jobNanos: 900_000, stallNanos: 480_000) }
         #expect(!q.solo)
@@ -72,6 +72,10 @@ import Testing
             #expect(pool.sumBytes(mats, prefetch: false) == expected)
             let read = pool.readBoundSeconds(mats, round: threads)
             #expect(read.sum == expected &* 2 && read.seconds > 0)
+            // The generic read's two forms: the same sum (small integers: exact in f32, any order).
+            let t = Tensor((0..<10_007).map { Float($0 % 13) }, shape: [10_007])
+            let exact = Float((0..<10_007).reduce(0) { $0 + $1 % 13 })
+            #expect(pool.sumAll([t], prefetch: true) == exact && pool.sumAll([t], prefetch: false) == exact)
         }
     }
 

@@ -325,10 +325,11 @@ public struct ContentionPolicy: Sendable, Equatable {
 
 extension WorkerPool {
     /// The sum of every element of `tensors`, each participant reading a contiguous share of each
-    /// tensor with SIMD adds and the decode kernels' software prefetch (6 KB ahead): the least work
-    /// per byte there is, so its time is the memory-read limit for streaming those bytes (`pf2lora
-    /// bench blas` reports it as the bandwidth bound).
-    public func sumAll(_ tensors: [Tensor]) -> Float {
+    /// tensor with SIMD adds, with or without the decode kernels' software prefetch (6 KB ahead): the
+    /// least work per byte there is, so the faster form's time is the memory-read limit for streaming
+    /// those bytes (`pf2lora bench blas` times both and reports it as the bandwidth bound; which form
+    /// is faster depends on the CPU, see CMemory.c).
+    public func sumAll(_ tensors: [Tensor], prefetch: Bool = true) -> Float {
         let totals = Tensor(zeros: [count])
         run { ctx in
             var acc0 = SIMD16<Float>(), acc1 = SIMD16<Float>()
@@ -338,7 +339,7 @@ extension WorkerPool {
                 var p = t.data + part.lowerBound
                 let end = t.data + part.upperBound
                 while p + 32 <= end {
-                    pf2lora_prefetch(p + 1536, 128)   // 6 KB ahead, as the decode kernels' weight streams
+                    if prefetch { pf2lora_prefetch(p + 1536, 128) }   // 6 KB ahead, as the decode kernels' weight streams
                     acc0 += UnsafeRawPointer(p).loadUnaligned(as: SIMD16<Float>.self)
                     acc1 += UnsafeRawPointer(p + 16).loadUnaligned(as: SIMD16<Float>.self)
                     p += 32

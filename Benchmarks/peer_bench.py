@@ -21,6 +21,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import select
 import shutil
 import statistics
@@ -581,7 +582,9 @@ def convert_to_gguf(args, outtype="f32"):
         p = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(stage), "--outtype", outtype,
                             "--outfile", str(tmp_out)], capture_output=True, text=True, timeout=args.timeout)
         if p.returncode != 0:
-            raise RuntimeError("convert_hf_to_gguf.py failed: " + " | ".join(p.stderr.strip().splitlines()[-3:]))
+            missing = re.search(r"No module named '([A-Za-z0-9_.]+)'", p.stderr)
+            hint = f" (the converter needs `{missing.group(1)}`: python3 -m pip install {missing.group(1)})" if missing else ""
+            raise RuntimeError("convert_hf_to_gguf.py failed" + hint + ": " + " | ".join(p.stderr.strip().splitlines()[-3:]))
         tmp_out.rename(out)
     return out
 

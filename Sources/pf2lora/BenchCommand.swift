@@ -197,19 +197,17 @@ struct BenchBLAS: ParsableCommand {
         var checksum: Float = 0
         var byteSum: UInt32 = 0
         for round in 0..<11 {
-            // The generic read, too, the faster of its forms with and without the prefetch (CMemory.c).
-            var t0 = now(), tg = Double.infinity
-            for k in 0..<2 {
-                t0 = now(); checksum += WorkerPool.shared.sumAll(serving, prefetch: (k + round) % 2 == 0); tg = min(tg, now() - t0)
-            }
-            if round > 0 { rt.append(tg) }
+            // The generic read, too, the faster of its forms with and without the prefetch.
+            let generic = WorkerPool.timeBothForms(round: round) { WorkerPool.shared.sumAll(serving, prefetch: $0) }
+            checksum += generic.results.reduce(0, +)
+            if round > 0 { rt.append(generic.seconds) }
             for (i, (_, ms)) in sets.enumerated() {
                 let read = WorkerPool.shared.readBoundSeconds(ms, round: round)
                 byteSum &+= read.sum
                 if round > 0 { readTimes[i].append(read.seconds) }
             }
             for (i, (_, ms)) in sets.enumerated() {
-                t0 = now(); WorkerPool.shared.dotAll(ms, input: vin, output: vout); let td = now() - t0
+                let t0 = now(); WorkerPool.shared.dotAll(ms, input: vin, output: vout); let td = now() - t0
                 if round > 0 { dotTimes[i].append(td) }
             }
         }

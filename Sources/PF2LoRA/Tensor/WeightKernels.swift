@@ -210,17 +210,22 @@ extension WorkerPool {
         return (0..<count).reduce(0) { $0 &+ totals[$1] }
     }
 
-    /// The time of the faster of the two reads of `matrices` (with and without the software
-    /// prefetch, back to back, the order alternating by `round` so neither always comes first), and
-    /// their sum, to keep the reads from being optimized away.
-    public func readBoundSeconds(_ matrices: [WeightMatrix], round: Int) -> (seconds: Double, sum: UInt32) {
-        var best = Double.infinity, sum: UInt32 = 0
+    /// `read` with and without the software prefetch, back to back, the order alternating by `round`
+    /// so neither always comes first: the faster one's time (the read bound: which form is faster
+    /// depends on the CPU, see CMemory.c), and both results, to keep the reads from being optimized away.
+    public static func timeBothForms<T>(round: Int, _ read: (_ prefetch: Bool) -> T) -> (seconds: Double, results: [T]) {
+        var best = Double.infinity, results: [T] = []
         for k in 0..<2 {
-            let prefetch = (k + round) % 2 == 0
-            let t0 = Self.monotonicNanos()
-            sum &+= sumBytes(matrices, prefetch: prefetch)
-            best = min(best, Double(Self.monotonicNanos() &- t0) / 1e9)
+            let t0 = monotonicNanos()
+            results.append(read((k + round) % 2 == 0))
+            best = min(best, Double(monotonicNanos() &- t0) / 1e9)
         }
-        return (best, sum)
+        return (best, results)
+    }
+
+    /// The faster of `sumBytes`' two forms over `matrices` (`timeBothForms`) and their sums' total.
+    public func readBoundSeconds(_ matrices: [WeightMatrix], round: Int) -> (seconds: Double, sum: UInt32) {
+        let r = Self.timeBothForms(round: round) { sumBytes(matrices, prefetch: $0) }
+        return (r.seconds, r.results.reduce(0, &+))
     }
 }

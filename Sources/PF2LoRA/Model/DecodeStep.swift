@@ -66,7 +66,7 @@ extension InferenceEngine {
         let q8 = UnsafeMutablePointer<Q8Activations.Raw>.allocate(capacity: p)
         // Split attention (`DecodePlan.splitAttentionFrom`): both parts of every (sequence, KV head), their arrivals per
         // layer, each participant's copy of the queries it rotates.
-        let perKV = c.headCount / c.kvHeadCount, partFloats = perKV * (c.headDim + 2)
+        let perKV = c.headCount / c.kvHeadCount, partFloats = DecodePlan.partFloats(perKV: perKV, hd: c.headDim)
         let parts = UnsafeMutablePointer<Float>.allocate(capacity: B * c.kvHeadCount * 2 * partFloats)
         let arrivals = UnsafeMutablePointer<UInt64>.allocate(capacity: L * B * c.kvHeadCount)
         arrivals.initialize(repeating: 0, count: L * B * c.kvHeadCount)
@@ -191,6 +191,9 @@ struct DecodePlan {
     /// split depends on the length alone, so a sequence's bits do not depend on its batch or on the
     /// thread count; no barrier is added (session 13's position blocks paid one, and merged behind it).
     static let splitAttentionFrom = 256
+
+    /// Floats of one part (`KVCache.Layer.decodePart`): perKV heads' hd sums, then each head's (max, sum of exps).
+    @inline(__always) static func partFloats(perKV: Int, hd: Int) -> Int { perKV * (hd + 2) }
 }
 
 /// `runBlock`'s steps for one participant of a pooled decode step (reading only its `DecodePlan`).
@@ -235,7 +238,7 @@ private struct PooledDecodeRunner: BlockRunner {
         let p = plan, H = p.pointee.H, KV = p.pointee.KV, hd = p.pointee.hd, qW = p.pointee.qW, kvW = p.pointee.kvW
         let W = p.pointee.dout(GroupSite.attnIn.rawValue), perKV = H / KV, B = p.pointee.B
         let layer = p.pointee.layers[l]
-        let partFloats = perKV * (hd + 2)
+        let partFloats = DecodePlan.partFloats(perKV: perKV, hd: hd)
         // (sequence, KV head, part) items: each cached key and value row is read once for the KV head's perKV query heads.
         let scale = 1 / Float(hd).squareRoot()
         for item in ctx.share(B * KV * 2) {

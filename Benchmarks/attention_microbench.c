@@ -10,6 +10,13 @@
 //   [NKV=900] /tmp/attn 528 3 99 /tmp/new.bin     (T, g, ISA cap, DUMP)
 //
 // -DNEW also times the f32 value pass (`pf2lora_attention_values64`, C since session 10).
+//
+// Session 16 (Zen 2, AVX2 only): the AVX2 value pass blocked over up to three heads (half a row each
+// pass) and both passes' prefetch distances; -DVALUES_NEAR=.. -DVALUES_FAR=.. (rows) and
+// -DSCORES_AHEAD_H=.. -DSCORES_FAR_H=.. / -DSCORES_AHEAD_F=.. (bytes) set them. The heads lie one after
+// another here, so hints past a head's last row fetch the next head's (as for a split decode's first
+// part, not its second): decide distances by decode A/B (`bench decode`), not by this alone.
+//   NKV=900 /tmp/attn 320 3 99 /tmp/new.bin    (a split part of 320 positions, in DRAM)
 #include SRC
 #include <stdio.h>
 #include <stdlib.h>

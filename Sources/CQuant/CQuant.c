@@ -667,14 +667,35 @@ ATT_AVX2 static void scores_tail_avx2(const float *q, long g, const float *kr, l
 
 // Eight keys at a time; within them the heads three at a time (4 keys x 3 heads, twice), then a
 // remaining two (4 x 2) or one (8 x 1).
+//
+// The keys come from memory at each step (the weights stream through the caches between layers).
+// Each block asks for lines ahead: f32 rows 8 KB ahead into L1; f16 rows in two tiers as the q8_0
+// weight stream (X4_PREFETCH_TIERS), 1.5 KB into L1 and 12 KB into L2. Session 16 (Zen 2, AVX2 only,
+// Benchmarks/attention_microbench.c, 900 or 2700 heads of 320 keys, 3 rounds): f16 keys 4 KB ahead
+// alone 3.9-4.0 / 11.0-11.7 ms (g = 3 / 1), two tiers 3.6-3.7 / 9.6-9.9 ms; f32 rows did not gain
+// from two tiers (3 + 24 KB: 2-6 % slower) and keep one. Past the last key the hints run on, as the
+// value pass's (below). Loads only: the same bits.
+#ifndef SCORES_AHEAD_H   // -D for the microbenchmark
+#define SCORES_AHEAD_H 1536
+#define SCORES_FAR_H 12288
+#endif
+#ifndef SCORES_AHEAD_F
+#define SCORES_AHEAD_F 8192
+#endif
 ATT_AVX2 ATT_INLINE void scores64_blocked(const float *q, long g, const void *k, int half, long T, float scale, float *scores) {
     const __m256 sv = _mm256_set1_ps(scale);
     const long es = half ? 2 : 4;
     long j = 0;
     for (; j + 8 <= T; j += 8) {
         const char *kb = (const char *)k + j * 64 * es;
-        // The next-but-one block's lines (beyond the cache, where the keys come from at each step).
-        for (long l = 0; l < 8 * 64 * es; l += 64) _mm_prefetch(kb + 32 * 64 * es + l, _MM_HINT_T0);
+        if (half) {
+            for (long l = 0; l < 8 * 64 * 2; l += 64) {
+                _mm_prefetch(kb + SCORES_AHEAD_H + l, _MM_HINT_T0);
+                _mm_prefetch(kb + SCORES_FAR_H + l, _MM_HINT_T1);
+            }
+        } else {
+            for (long l = 0; l < 8 * 64 * 4; l += 64) _mm_prefetch(kb + SCORES_AHEAD_F + l, _MM_HINT_T0);
+        }
         long i = 0;
         for (; i + 3 <= g; i += 3) {
             scores_block(q + i * 64, 3, kb, 4, half, T, sv, scores + i * T + j);
@@ -706,18 +727,73 @@ ATT_AVX2 static void scores64_f16_avx2(const float *q, long g, const uint16_t *k
     scores64_blocked(q, g, k, 1, T, scale, scores);
 }
 
-// Value pass, AVX2: one head at a time, its 64 outputs in eight accumulators.
-ATT_AVX2 ATT_INLINE void values64_avx2_any(const float *p, long g, long T, const void *v, int half, const float *inv, float *out) {
-    for (long i = 0; i < g; i++) {
-        const float *pi = p + i * T;
-        __m256 a[8];
-        for (int x = 0; x < 8; x++) a[x] = _mm256_setzero_ps();
-        for (long j = 0; j < T; j++) {
-            const __m256 w = _mm256_broadcast_ss(pi + j);
-            for (int x = 0; x < 8; x++) a[x] = _mm256_fmadd_ps(w, ld8(v, j * 64 + 8 * x, half), a[x]);
+// Value pass, AVX2. A value row is read from memory once for every head of its group: up to three
+// heads at a time over half a row (dims [d0, d0 + 32): 4 x 3 = 12 accumulators of the 16 ymm
+// registers), the two halves one pass each; the first pass asks for whole rows ahead (two tiers:
+// VALUES_NEAR rows into L1, VALUES_FAR into L2), so the second finds them in cache. One head alone
+// takes the whole row in eight accumulators. Until session 16 every head was its own pass over the
+// rows, each chunk widened once per head, with no prefetch. Session 16 (Zen 2, AVX2 only,
+// Benchmarks/attention_microbench.c, 320 rows per pass as a split decode part, 3 rounds): f16
+// g = 3 5.7-6.1 -> 4.0-4.2 ms, g = 1 10.5-11.3 -> 8.5-8.9 ms; f32 8.5-9.0 -> 8.2-8.3 / 16.9-18.7 ->
+// 16.2-16.6 ms. Every output is the same sum in order of j, one fused multiply-add per term, on
+// every path: the same bits.
+#ifndef VALUES_NEAR   // -D for the microbenchmark
+#define VALUES_NEAR 12
+#define VALUES_FAR 96
+#endif
+// Past the last row (T) the hints run on: past a split decode's first part lie the second's rows,
+// which the same participant often reads next. Clamping them at T measured slower in decode
+// (session 16, 1 thread, 4 alternating rounds: q8_0 SmolLM2 86.5 vs 89.8, GPT-2 91.1 vs 95.8 tok/s).
+#define VALUES_PREFETCH(V, J, ROW)                                                              \
+    for (long l = 0; l < (ROW); l += 64) {                                                       \
+        _mm_prefetch((const char *)(V) + ((J) + VALUES_NEAR) * (ROW) + l, _MM_HINT_T0);          \
+        _mm_prefetch((const char *)(V) + ((J) + VALUES_FAR) * (ROW) + l, _MM_HINT_T1);           \
+    }
+ATT_AVX2 ATT_INLINE void values_half_avx2(const float *p, int hg, long T, const void *v, int half, long d0, int prefetch,
+                                          const float *inv, float *out) {
+    __m256 a[3][4];
+    for (int i = 0; i < hg; i++) for (int x = 0; x < 4; x++) a[i][x] = _mm256_setzero_ps();
+    const long row = half ? 128 : 256;
+    for (long j = 0; j < T; j++) {
+        if (prefetch) VALUES_PREFETCH(v, j, row)
+        __m256 w[3];
+        for (int i = 0; i < hg; i++) w[i] = _mm256_broadcast_ss(p + i * T + j);
+        for (int x = 0; x < 4; x++) {
+            __m256 vx = ld8(v, j * 64 + d0 + 8 * x, half);
+            for (int i = 0; i < hg; i++) a[i][x] = _mm256_fmadd_ps(w[i], vx, a[i][x]);
         }
+    }
+    for (int i = 0; i < hg; i++) {
         const __m256 s = _mm256_set1_ps(inv[i]);
-        for (int x = 0; x < 8; x++) _mm256_storeu_ps(out + i * 64 + 8 * x, _mm256_mul_ps(a[x], s));
+        for (int x = 0; x < 4; x++) _mm256_storeu_ps(out + i * 64 + d0 + 8 * x, _mm256_mul_ps(a[i][x], s));
+    }
+}
+
+ATT_AVX2 ATT_INLINE void values_one_avx2(const float *pi, long T, const void *v, int half, float inv, float *out) {
+    __m256 a[8];
+    for (int x = 0; x < 8; x++) a[x] = _mm256_setzero_ps();
+    const long row = half ? 128 : 256;
+    for (long j = 0; j < T; j++) {
+        VALUES_PREFETCH(v, j, row)
+        const __m256 w = _mm256_broadcast_ss(pi + j);
+        for (int x = 0; x < 8; x++) a[x] = _mm256_fmadd_ps(w, ld8(v, j * 64 + 8 * x, half), a[x]);
+    }
+    const __m256 s = _mm256_set1_ps(inv);
+    for (int x = 0; x < 8; x++) _mm256_storeu_ps(out + 8 * x, _mm256_mul_ps(a[x], s));
+}
+
+ATT_AVX2 ATT_INLINE void values64_avx2_any(const float *p, long g, long T, const void *v, int half, const float *inv, float *out) {
+    long i = 0;
+    // constant head counts, so that the accumulators are registers
+    for (; i + 3 <= g; i += 3) {
+        values_half_avx2(p + i * T, 3, T, v, half, 0, 1, inv + i, out + i * 64);
+        values_half_avx2(p + i * T, 3, T, v, half, 32, 0, inv + i, out + i * 64);
+    }
+    if (g - i == 2) {
+        values_half_avx2(p + i * T, 2, T, v, half, 0, 1, inv + i, out + i * 64);
+        values_half_avx2(p + i * T, 2, T, v, half, 32, 0, inv + i, out + i * 64);
+    } else if (g - i == 1) {
+        values_one_avx2(p + i * T, T, v, half, inv[i], out + i * 64);
     }
 }
 

@@ -290,8 +290,9 @@ func decodeGroup(q: UnsafePointer<Float>, heads g: Int, k: UnsafePointer<Float>,
 /// `decodeGroup` for hd = 64 (every GPT-2 size, SmolLM2, Llama-3.2), in C: the scores of eight keys at
 /// a time, up to three query heads x four keys in registers so each key is loaded once for the heads
 /// that share it (`pf2lora_attention_scores64`), each head's scores through exp, then the value pass
-/// (`pf2lora_attention_values64`: each value row loaded once for up to three heads with AVX-512F, one
-/// head's 64 outputs in registers with AVX2), the softmax's 1 / sum applied once to the outputs.
+/// (`pf2lora_attention_values64`: each value row loaded once for up to three heads, all 64 outputs in
+/// registers with AVX-512F, half of them per pass with AVX2), the softmax's 1 / sum applied once to
+/// the outputs.
 @inline(__always)
 func decodeGroup64(q: UnsafePointer<Float>, heads g: Int, k: UnsafePointer<Float>, v: UnsafePointer<Float>, count T: Int,
                    scale: Float, scores sc: UnsafeMutablePointer<Float>, out o: UnsafeMutablePointer<Float>) {

@@ -407,8 +407,9 @@ static inline __m256i x4_correction(const int32_t *xc, long j) {
 // reads as fast as one stream, session 16). Every line needs both hints there: one hint per two
 // lines in either tier (the adjacent line left to the hardware) streamed at 0.60-0.85x (session 16,
 // `lib1` with 2 or 1 of the 4 lines per tier). A plain read slows ~10 % under the same hints, about
-// the kernel's remaining gap to the hint-free read. The AVX-VNNI path keeps the one tier measured on its machine (session 11's,
-// above): the AVX2 loop is the only one an AVX2-only CPU runs, and the one tuned on it.
+// the kernel's remaining gap to the hint-free read. The AVX-VNNI path keeps the one tier measured on
+// its machine (session 11's, above): the AVX2 loop is the only one an AVX2-only CPU runs, and the
+// one tuned on it.
 #ifndef X4_PREFETCH_BYTES   // a -D for the microbenchmarks
 #define X4_PREFETCH_BYTES 6144
 #endif

@@ -98,8 +98,8 @@ void pf2lora_attention_scores64_f16(const float *q, long g, const uint16_t *k, l
 
 /// The value pass of decode attention over T f32 values (64 floats each): for the g heads,
 /// out[i * 64 + e] = inv[i] * sum_j p[i * T + j] * v[j][e], summed in order of j with one fused
-/// multiply-add per term on every path (scalar, AVX2 one head at a time, AVX-512F three heads per
-/// value row), so the same bits on each.
+/// multiply-add per term on every path (scalar; AVX2 up to three heads per value row, half a row per
+/// pass; AVX-512F three heads per value row), so the same bits on each.
 void pf2lora_attention_values64(const float *p, long g, long T, const float *v, const float *inv, float *out);
 
 /// The value pass of decode attention over T half values (64 halves each): for the g heads,

@@ -674,15 +674,22 @@ ATT_AVX2 static void scores_tail_avx2(const float *q, long g, const float *kr, l
 // remaining two (4 x 2) or one (8 x 1).
 //
 // The keys come from memory at each step (the weights stream through the caches between layers).
-// Each block asks for lines ahead: f32 rows 8 KB ahead into L1; f16 rows in two tiers as the q8_0
-// weight stream (X4_PREFETCH_TIERS), 1.5 KB into L1 and 12 KB into L2. Session 16 (Zen 2, AVX2 only,
-// Benchmarks/attention_microbench.c, 900 or 2700 heads of 320 keys, 3 rounds): f16 keys 4 KB ahead
-// alone 3.9-4.0 / 11.0-11.7 ms (g = 3 / 1), two tiers 3.6-3.7 / 9.6-9.9 ms; f32 rows did not gain
-// from two tiers (3 + 24 KB: 2-6 % slower) and keep one. Past the last key the hints run on, as the
-// value pass's (below). Loads only: the same bits.
+// Each block asks for lines ahead: f32 rows 8 KB ahead into L1; f16 rows in two tiers, 1 KB into L1
+// and 4 KB into L2. Session 16 (Zen 2, AVX2 only, Benchmarks/attention_microbench.c, 900 or 2700
+// heads of 320 keys, 3 rounds): f16 keys 4 KB ahead alone 3.9-4.0 / 11.0-11.7 ms (g = 3 / 1), two
+// tiers 3.6-3.7 / 9.6-9.9 ms; f32 rows did not gain from two tiers (3 + 24 KB: 2-6 % slower) and keep
+// one. Session 16 had the f16 tiers at 1.5 / 12 KB, chosen where the heads lie back to back and are
+// visited in order, so a hint far past one head's end fetched the next head's start; a decode step's
+// participants jump between KV heads and parts. Visited in a shuffled order
+// (Benchmarks/attention_random_microbench.c, score + value pass, g = 3, 3 alternating rounds) the
+// shorter tiers (keys 1 / 4 KB, values 8 / 32 rows) took 7.4-7.9 instead of 8.7-8.9 ms at 272 keys a
+// part and 6.7-7.0 instead of 7.3-7.6 at 544, in order as before within noise, and in decode (q8_0,
+// 2 threads, contexts 512-768, 3 profiles each) the two passes' samples against the kernel's fell
+// 0.161-0.169 -> 0.150-0.163 (SmolLM2) and 0.206-0.218 -> 0.198-0.202 (GPT-2): about 1 % of a step.
+// Past the last key the hints run on, as the value pass's (below). Loads only: the same bits.
 #ifndef SCORES_AHEAD_H   // -D for the microbenchmark
-#define SCORES_AHEAD_H 1536
-#define SCORES_FAR_H 12288
+#define SCORES_AHEAD_H 1024
+#define SCORES_FAR_H 4096
 #endif
 #ifndef SCORES_AHEAD_F
 #define SCORES_AHEAD_F 8192
@@ -735,7 +742,8 @@ ATT_AVX2 static void scores64_f16_avx2(const float *q, long g, const uint16_t *k
 // Value pass, AVX2. A value row is read from memory once for every head of its group: up to three
 // heads at a time over half a row (dims [d0, d0 + 32): 4 x 3 = 12 accumulators of the 16 ymm
 // registers), the two halves one pass each; the first pass asks for whole rows ahead (two tiers:
-// VALUES_NEAR rows into L1, VALUES_FAR into L2), so the second finds them in cache. One head alone
+// VALUES_NEAR rows into L1, VALUES_FAR into L2: 8 and 32 rows since session 17, see the key pass's
+// distances above), so the second finds them in cache. One head alone
 // takes the whole row in eight accumulators. Until session 16 every head was its own pass over the
 // rows, each chunk widened once per head, with no prefetch. Session 16 (Zen 2, AVX2 only,
 // Benchmarks/attention_microbench.c, 320 rows per pass as a split decode part, 3 rounds): f16
@@ -743,8 +751,8 @@ ATT_AVX2 static void scores64_f16_avx2(const float *q, long g, const uint16_t *k
 // 16.2-16.6 ms. Every output is the same sum in order of j, one fused multiply-add per term, on
 // every path: the same bits.
 #ifndef VALUES_NEAR   // -D for the microbenchmark
-#define VALUES_NEAR 12
-#define VALUES_FAR 96
+#define VALUES_NEAR 8
+#define VALUES_FAR 32
 #endif
 // Past the last row (T) the hints run on: past a split decode's first part lie the second's rows,
 // which the same participant often reads next. Clamping them at T measured slower in decode

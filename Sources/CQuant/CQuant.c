@@ -407,14 +407,23 @@ static inline __m256i x4_correction(const int32_t *xc, long j) {
 // reads as fast as one stream, session 16). Every line needs both hints there: one hint per two
 // lines in either tier (the adjacent line left to the hardware) streamed at 0.60-0.85x (session 16,
 // `lib1` with 2 or 1 of the 4 lines per tier). A plain read slows ~10 % under the same hints, about
-// the kernel's remaining gap to the hint-free read. The AVX-VNNI path keeps the one tier measured on
-// its machine (session 11's, above): the AVX2 loop is the only one an AVX2-only CPU runs, and the
-// one tuned on it.
+// the kernel's remaining gap to the hint-free read.
+//
+// One short tier on the AVX2 path since session 17 (the same Zen 2): each line asked for 768 bytes
+// ahead into L1, nothing into L2. Sessions 15-16 tried single distances from 1.5 KB up only; below
+// that the stream is another: over the SmolLM2 shape's 143 MB, 1 thread, 7 alternating rounds
+// against the same round's plain read, the two tiers 0.84-0.88x, one tier 256 bytes 0.87x, 512
+// 0.97x, 768 0.96x, 1 KB 0.98x (1.5-12 KB 0.82-0.84x, session 15), no hints 0.76-0.77x
+// (Benchmarks/q8_0x4_distance_microbench.c). Decode,
+// q8_0, contexts 512-576, 3-4 alternating rounds against the two tiers: SmolLM2 +16 % at 1 thread,
+// +7 % at 2 (every round; 0.79 -> 0.87x and 0.80 -> 0.85x of the in-process read bound), GPT-2 +9 %
+// and +8 %. The AVX-VNNI path keeps the one 6 KB tier measured on its machine (session 11's, above):
+// the AVX2 loop is the only one an AVX2-only CPU runs, and the one tuned on it.
 #ifndef X4_PREFETCH_BYTES   // a -D for the microbenchmarks
 #define X4_PREFETCH_BYTES 6144
 #endif
 #ifndef X4_NEAR_BYTES
-#define X4_NEAR_BYTES 1536
+#define X4_NEAR_BYTES 768
 #endif
 #ifndef X4_FAR_BYTES
 #define X4_FAR_BYTES 12288
@@ -426,6 +435,7 @@ static inline __m256i x4_correction(const int32_t *xc, long j) {
     _mm_prefetch((const char *)(Q) + (AHEAD) + 192, HINT);
 #define X4_PREFETCH(Q) X4_PREFETCH_LINES(Q, X4_PREFETCH_BYTES, _MM_HINT_T0)
 #define X4_PREFETCH_TIERS(Q) X4_PREFETCH_LINES(Q, X4_NEAR_BYTES, _MM_HINT_T0) X4_PREFETCH_LINES(Q, X4_FAR_BYTES, _MM_HINT_T1)
+#define X4_PREFETCH_NEAR(Q) X4_PREFETCH_LINES(Q, X4_NEAR_BYTES, _MM_HINT_T0)
 
 #define DOT4_BODY(CHUNK, START, PREFETCH)                                                        \
     const __m256i lo4 = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), hi4 = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7); \
@@ -462,7 +472,7 @@ static inline __m256i x4_correction(const int32_t *xc, long j) {
 
 __attribute__((target("avx2,fma,f16c"), always_inline))
 static inline void dot4_avx2(const uint8_t *q, const uint8_t *sc, long nb, const int8_t *xq, const float *xd, const int32_t *xc,
-                             float *out) { (void)xc; DOT4_BODY(X4_CHUNK_AVX2, X4_START_AVX2, X4_PREFETCH_TIERS) }
+                             float *out) { (void)xc; DOT4_BODY(X4_CHUNK_AVX2, X4_START_AVX2, X4_PREFETCH_NEAR) }
 
 __attribute__((target("avxvnni,avx2,fma,f16c"), always_inline))
 static inline void dot4_vnni(const uint8_t *q, const uint8_t *sc, long nb, const int8_t *xq, const float *xd, const int32_t *xc,

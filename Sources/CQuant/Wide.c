@@ -48,7 +48,8 @@
         WIDE_CASE(TILE, 2, 3) WIDE_CASE(TILE, 2, 2) WIDE_CASE(TILE, 2, 1)                           \
         WIDE_CASE(TILE, 1, 3) WIDE_CASE(TILE, 1, 2) WIDE_CASE(TILE, 1, 1)                           \
     }
-#define WIDE_PREFETCH_BYTES 6144
+#define WIDE_PREFETCH_BYTES 6144       // a CPU with AVX-VNNI or AVX-512 (see WIDE_ROW4)
+#define WIDE_PREFETCH_BYTES_AVX2 768   // an AVX2-only CPU
 
 // MARK: - Weight loads (scalar)
 
@@ -175,22 +176,30 @@ WIDE_TILE(wide_bf16_tile, uint16_t, wide_bf16_8, wide_bf16_1)
 
 // One input, one row, A = 4: the four accumulators fed in one sequential pass over the row (the
 // same sums as a tile's four passes). The rows lie one after another, so the pass streams the whole
-// matrix. 16-bit rows: each 64-byte line asks for the one WIDE_PREFETCH_BYTES ahead (a hint: past
+// matrix. 16-bit rows: each 64-byte line asks for the one `wide_ahead()` bytes ahead (a hint: past
 // the end it is harmless, the sums are unchanged). C microbenchmark, SmolLM2 shape at f16 (270 MB,
 // alternating rounds): 0.79x of a plain read without, 0.84-0.88x with 1 KB ahead (session 5's
-// machine); on session 11's (AMD, family 26; Benchmarks/wide_stream_microbench.c, per-round ratios)
-// 1 KB gave 0.84-0.86x, 4 KB 0.96-0.99x, 6 KB 0.98-0.99x, 8 KB 0.97-0.98x (SmolLM2, GPT-2): 6 KB.
+// machine); on session 11's (AMD, family 26, AVX-512 + AVX-VNNI; Benchmarks/wide_stream_microbench.c,
+// per-round ratios) 1 KB gave 0.84-0.86x, 4 KB 0.96-0.99x, 6 KB 0.98-0.99x, 8 KB 0.97-0.98x
+// (SmolLM2, GPT-2): 6 KB. On session 15-17's (AMD Zen 2, AVX2 only) the same 6 KB streamed at
+// 0.82-0.85x and 768 bytes at 0.99-1.00x (session 17, 7 / 5 rounds, SmolLM2 / GPT-2; 512 bytes
+// 0.88 / 0.97x, 1 KB 0.97x, 4-8 KB 0.83-0.86x, none 0.86x), as the q8_0x4 AVX2 loop (CQuant.c). Which
+// distance suits a CPU is measured, not derived: the CPU's level stands in for the two machines
+// measured (an AVX2-only CPU gets 768 bytes, one with AVX-VNNI or AVX-512 6 KB).
 // f32 rows: no hint (0.72-0.87x of a plain read with 1-2 KB ahead, 0.87-0.94x without; session 8).
+static inline long wide_ahead(void) {
+    return pf2lora_cpu_isa() >= PF2LORA_ISA_AVXVNNI ? WIDE_PREFETCH_BYTES : WIDE_PREFETCH_BYTES_AVX2;
+}
 #define WIDE_ROW4(NAME, T, LOAD8, LOAD1, PREFETCH)                                                    \
 __attribute__((target("avx2,fma,f16c")))                                                            \
 static void NAME(const T *w, long C, const float *x, long r0, long r1, float *out) {                \
-    long C32 = C & ~31L, C8 = C & ~7L;                                                              \
+    long C32 = C & ~31L, C8 = C & ~7L, ahead = PREFETCH ? wide_ahead() : 0;                         \
     for (long r = r0; r < r1; r++) {                                                                \
         const T *wr = w + r * C;                                                                    \
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                 \
         long k = 0;                                                                                 \
         for (; k < C32; k += 32) {                                                                  \
-            if (PREFETCH) _mm_prefetch((const char *)(wr + k) + WIDE_PREFETCH_BYTES, _MM_HINT_T0);  \
+            if (PREFETCH) _mm_prefetch((const char *)(wr + k) + ahead, _MM_HINT_T0);                \
             a0 = _mm256_fmadd_ps(LOAD8(wr, k), _mm256_loadu_ps(x + k), a0);                         \
             a1 = _mm256_fmadd_ps(LOAD8(wr, k + 8), _mm256_loadu_ps(x + k + 8), a1);                 \
             a2 = _mm256_fmadd_ps(LOAD8(wr, k + 16), _mm256_loadu_ps(x + k + 16), a2);               \

@@ -12,7 +12,8 @@
 // -DNEW also times the f32 value pass (`pf2lora_attention_values64`, C since session 10).
 //
 // Session 16 (Zen 2, AVX2 only): the AVX2 value pass blocked over up to three heads (half a row each
-// pass) and both passes' prefetch distances; -DVALUES_NEAR=.. -DVALUES_FAR=.. (rows) and
+// pass) and both passes' prefetch distances; -DVALUES_NEAR=.. -DVALUES_FAR=.. (f32 rows; f16 rows
+// -DVALUES_NEAR_H / _FAR_H since session 17) and
 // -DSCORES_AHEAD_H=.. -DSCORES_FAR_H=.. / -DSCORES_AHEAD_F=.. (bytes) set them. The heads lie one after
 // another here, so hints past a head's last row fetch the next head's (as for a split decode's first
 // part, not its second): decide distances by decode A/B (`bench decode`), not by this alone.

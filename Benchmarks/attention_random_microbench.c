@@ -9,7 +9,7 @@
 //
 //   clang -O3 -DSRC='"Sources/CQuant/CQuant.c"' -I. -ISources/CQuant/include -ISources/CQuant -o /tmp/attn_rnd Benchmarks/attention_random_microbench.c -lm
 //   /tmp/attn_rnd 272 900          (T, items)
-//   -DSCORES_AHEAD_H=.. -DSCORES_FAR_H=.. (bytes) and -DVALUES_NEAR=.. -DVALUES_FAR=.. (rows) set the distances.
+//   -DSCORES_AHEAD_H=.. -DSCORES_FAR_H=.. (bytes) and -DVALUES_NEAR_H=.. -DVALUES_FAR_H=.. (f16 rows) set the distances.
 #include SRC
 #include <stdio.h>
 #include <stdlib.h>

@@ -707,7 +707,7 @@ ATT_AVX2 static void scores_tail_avx2(const float *q, long g, const float *kr, l
 // visited in order, so a hint far past one head's end fetched the next head's start; a decode step's
 // participants jump between KV heads and parts. Visited in a shuffled order
 // (Benchmarks/attention_random_microbench.c, score + value pass, g = 3, 3 alternating rounds) the
-// shorter tiers (keys 1 / 4 KB, values 8 / 32 rows) took 7.4-7.9 instead of 8.7-8.9 ms at 272 keys a
+// shorter tiers (keys 1 / 4 KB, f16 values 8 / 32 rows) took 7.4-7.9 instead of 8.7-8.9 ms at 272 keys a
 // part and 6.7-7.0 instead of 7.3-7.6 at 544, in order as before within noise, and in decode (q8_0,
 // 2 threads, contexts 512-768, 3 profiles each) the two passes' samples against the kernel's fell
 // 0.161-0.169 -> 0.150-0.163 (SmolLM2) and 0.206-0.218 -> 0.198-0.202 (GPT-2): about 1 % of a step.
@@ -767,25 +767,32 @@ ATT_AVX2 static void scores64_f16_avx2(const float *q, long g, const uint16_t *k
 // Value pass, AVX2. A value row is read from memory once for every head of its group: up to three
 // heads at a time over half a row (dims [d0, d0 + 32): 4 x 3 = 12 accumulators of the 16 ymm
 // registers), the two halves one pass each; the first pass asks for whole rows ahead (two tiers:
-// VALUES_NEAR rows into L1, VALUES_FAR into L2: 8 and 32 rows since session 17, see the key pass's
-// distances above), so the second finds them in cache. One head alone
+// VALUES_NEAR(_H) rows into L1, VALUES_FAR(_H) into L2: f16 rows 8 and 32 since session 17, see the
+// key pass's distances above; f32 rows keep session 16's 12 and 96, the f32 decode measured no gain
+// from the f16 rows' distances: GPT-2 f32, 1 thread, 10 alternating rounds 0.99x), so the second
+// finds them in cache. One head alone
 // takes the whole row in eight accumulators. Until session 16 every head was its own pass over the
 // rows, each chunk widened once per head, with no prefetch. Session 16 (Zen 2, AVX2 only,
 // Benchmarks/attention_microbench.c, 320 rows per pass as a split decode part, 3 rounds): f16
 // g = 3 5.7-6.1 -> 4.0-4.2 ms, g = 1 10.5-11.3 -> 8.5-8.9 ms; f32 8.5-9.0 -> 8.2-8.3 / 16.9-18.7 ->
 // 16.2-16.6 ms. Every output is the same sum in order of j, one fused multiply-add per term, on
 // every path: the same bits.
-#ifndef VALUES_NEAR   // -D for the microbenchmark
-#define VALUES_NEAR 8
-#define VALUES_FAR 32
+#ifndef VALUES_NEAR   // -D for the microbenchmark: f32 rows (session 16's distances)
+#define VALUES_NEAR 12
+#define VALUES_FAR 96
+#endif
+#ifndef VALUES_NEAR_H  // f16 rows (session 17's)
+#define VALUES_NEAR_H 8
+#define VALUES_FAR_H 32
 #endif
 // Past the last row (T) the hints run on: past a split decode's first part lie the second's rows,
 // which the same participant often reads next. Clamping them at T measured slower in decode
 // (session 16, 1 thread, 4 alternating rounds: q8_0 SmolLM2 86.5 vs 89.8, GPT-2 91.1 vs 95.8 tok/s).
 #define VALUES_PREFETCH(V, J, ROW)                                                              \
     for (long l = 0; l < (ROW); l += 64) {                                                       \
-        _mm_prefetch((const char *)(V) + ((J) + VALUES_NEAR) * (ROW) + l, _MM_HINT_T0);          \
-        _mm_prefetch((const char *)(V) + ((J) + VALUES_FAR) * (ROW) + l, _MM_HINT_T1);           \
+        const long near_ = (ROW) == 128 ? VALUES_NEAR_H : VALUES_NEAR, far_ = (ROW) == 128 ? VALUES_FAR_H : VALUES_FAR; \
+        _mm_prefetch((const char *)(V) + ((J) + near_) * (ROW) + l, _MM_HINT_T0);                \
+        _mm_prefetch((const char *)(V) + ((J) + far_) * (ROW) + l, _MM_HINT_T1);                 \
     }
 ATT_AVX2 ATT_INLINE void values_half_avx2(const float *p, int hg, long T, const void *v, int half, long d0, int prefetch,
                                           const float *inv, float *out) {

@@ -15,9 +15,10 @@
 // N = 1: each matrix's 4-row groups in order; N = 2, 3: the groups in N contiguous parts, visited
 // group by group round robin over the parts (N streams in flight; the same outputs).
 //
-// Session 17 (AMD EPYC Zen 2, AVX2 only, 2 vCPUs, one core reading 16-17 GB/s), 7 rounds, per-round
-// ratio to the plain read (medians): tiers1 (1.5 + 12 KB) 0.84-0.87; near1 at 256 / 512 / 768 /
-// 1024 bytes 0.87 / 0.97 / 0.96 / 0.98; near2 0.93 / 1.01 / 1.04 / 0.99; np1 0.76-0.77, np2 0.79-0.82.
+// Session 17 (AMD EPYC Zen 2, AVX2 only, 2 vCPUs, one core reading 15-18 GB/s), 7 rounds, per-round
+// ratio to the plain read (medians), the fast-phase run: tiers1 / tiers2 (1.5 + 12 KB) 0.86 / 0.87;
+// near1 / near2 at 512 bytes 0.94 / 1.00, 768 0.99 / 1.03, 1 KB 0.99 / 0.95, 1.5 KB 0.82 / 0.90;
+// np1 / np2 0.77-0.78 / 0.79-0.81 (table: Benchmarks/README.md "The weight streams' prefetch distance").
 #define _GNU_SOURCE
 #include "../Sources/CQuant/CQuant.c"
 #include <stdio.h>

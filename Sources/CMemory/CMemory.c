@@ -17,7 +17,7 @@ int pf2lora_release_free_heap(void) {
 #include <immintrin.h>
 
 // Four 256-bit accumulators; with `prefetch` each 256-byte step asks for the lines 6 KB ahead, as
-// the decode kernels' weight streams do on a CPU with AVX-VNNI or AVX-512 (CQuant.c X4_PREFETCH_BYTES,
+// the decode kernels' weight streams do on a CPU with AVX-VNNI (CQuant.c X4_PREFETCH_BYTES,
 // Wide.c WIDE_PREFETCH_BYTES; on an AVX2-only CPU they ask 768 bytes ahead since session 17).
 // Which form reads faster depends on the CPU: on session 13's (AMD Zen 5) the read without the hints
 // measured below the kernels it bounds at 1 thread; on session 15's (AMD Zen 2) the hints slowed the

@@ -425,7 +425,7 @@ static inline __m256i x4_correction(const int32_t *xc, long j) {
 #ifndef X4_NEAR_BYTES
 #define X4_NEAR_BYTES 768
 #endif
-#ifndef X4_FAR_BYTES
+#ifndef X4_FAR_BYTES   // sessions 15-16's L2 tier; only the distance microbenchmark uses it now
 #define X4_FAR_BYTES 12288
 #endif
 #define X4_PREFETCH_LINES(Q, AHEAD, HINT)                                                        \
@@ -434,7 +434,6 @@ static inline __m256i x4_correction(const int32_t *xc, long j) {
     _mm_prefetch((const char *)(Q) + (AHEAD) + 128, HINT);                                       \
     _mm_prefetch((const char *)(Q) + (AHEAD) + 192, HINT);
 #define X4_PREFETCH(Q) X4_PREFETCH_LINES(Q, X4_PREFETCH_BYTES, _MM_HINT_T0)
-#define X4_PREFETCH_TIERS(Q) X4_PREFETCH_LINES(Q, X4_NEAR_BYTES, _MM_HINT_T0) X4_PREFETCH_LINES(Q, X4_FAR_BYTES, _MM_HINT_T1)
 #define X4_PREFETCH_NEAR(Q) X4_PREFETCH_LINES(Q, X4_NEAR_BYTES, _MM_HINT_T0)
 
 #define DOT4_BODY(CHUNK, START, PREFETCH)                                                        \

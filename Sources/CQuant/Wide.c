@@ -48,7 +48,7 @@
         WIDE_CASE(TILE, 2, 3) WIDE_CASE(TILE, 2, 2) WIDE_CASE(TILE, 2, 1)                           \
         WIDE_CASE(TILE, 1, 3) WIDE_CASE(TILE, 1, 2) WIDE_CASE(TILE, 1, 1)                           \
     }
-#define WIDE_PREFETCH_BYTES 6144       // a CPU with AVX-VNNI or AVX-512 (see WIDE_ROW4)
+#define WIDE_PREFETCH_BYTES 6144       // a CPU with AVX-VNNI (see WIDE_ROW4)
 #define WIDE_PREFETCH_BYTES_AVX2 768   // an AVX2-only CPU
 
 // MARK: - Weight loads (scalar)
@@ -185,7 +185,8 @@ WIDE_TILE(wide_bf16_tile, uint16_t, wide_bf16_8, wide_bf16_1)
 // 0.82-0.85x and 768 bytes at 0.99-1.00x (session 17, 7 / 5 rounds, SmolLM2 / GPT-2; 512 bytes
 // 0.88 / 0.97x, 1 KB 0.97x, 4-8 KB 0.83-0.86x, none 0.86x), as the q8_0x4 AVX2 loop (CQuant.c). Which
 // distance suits a CPU is measured, not derived: the CPU's level stands in for the two machines
-// measured (an AVX2-only CPU gets 768 bytes, one with AVX-VNNI or AVX-512 6 KB).
+// measured: an AVX2-only CPU gets 768 bytes, one with AVX-VNNI (as session 11's Zen 5) 6 KB; a CPU
+// with AVX-512 but no AVX-VNNI reports as AVX2 (`pf2lora_cpu_isa`), so it gets 768 bytes, unmeasured.
 // f32 rows: no hint (0.72-0.87x of a plain read with 1-2 KB ahead, 0.87-0.94x without; session 8).
 static inline long wide_ahead(void) {
     return pf2lora_cpu_isa() >= PF2LORA_ISA_AVXVNNI ? WIDE_PREFETCH_BYTES : WIDE_PREFETCH_BYTES_AVX2;

@@ -339,7 +339,7 @@ extension WorkerPool {
                 var p = t.data + part.lowerBound
                 let end = t.data + part.upperBound
                 while p + 32 <= end {
-                    if prefetch { pf2lora_prefetch(p + 1536, 128) }   // 6 KB ahead, as the decode kernels' weight streams with AVX-VNNI / AVX-512
+                    if prefetch { pf2lora_prefetch(p + 1536, 128) }   // 6 KB ahead, as the decode kernels' weight streams with AVX-VNNI
                     acc0 += UnsafeRawPointer(p).loadUnaligned(as: SIMD16<Float>.self)
                     acc1 += UnsafeRawPointer(p + 16).loadUnaligned(as: SIMD16<Float>.self)
                     p += 32

@@ -21,6 +21,9 @@
 // np1 / np2 0.77-0.78 / 0.79-0.81 (table: Benchmarks/README.md "The weight streams' prefetch distance").
 #define _GNU_SOURCE
 #include "../Sources/CQuant/CQuant.c"
+#ifndef X4_FAR_BYTES   // the L2 tier of sessions 15-16 (CQuant.c kept it until session 17)
+#define X4_FAR_BYTES 12288
+#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>

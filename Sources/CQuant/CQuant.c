@@ -425,9 +425,6 @@ static inline __m256i x4_correction(const int32_t *xc, long j) {
 #ifndef X4_NEAR_BYTES
 #define X4_NEAR_BYTES 768
 #endif
-#ifndef X4_FAR_BYTES   // sessions 15-16's L2 tier; only the distance microbenchmark uses it now
-#define X4_FAR_BYTES 12288
-#endif
 #define X4_PREFETCH_LINES(Q, AHEAD, HINT)                                                        \
     _mm_prefetch((const char *)(Q) + (AHEAD), HINT);                                             \
     _mm_prefetch((const char *)(Q) + (AHEAD) + 64, HINT);                                        \
@@ -480,7 +477,7 @@ static inline void dot4_vnni(const uint8_t *q, const uint8_t *sc, long nb, const
 
 // Group by group: its 4 rows (cols * 34 / 8 bytes) are read from memory once and stay in L1 for
 // every sequence. The AVX2 loop takes the groups of [row0, row1) as two streams, the first half's and
-// the second half's groups in turn (X4_STREAMS; each group's outputs as before, the same bits): two
+// the second half's groups in turn (STREAMS 2; each group's outputs as before, the same bits): two
 // hinted streams kept the memory busier on session 17's Zen 2 (Benchmarks/q8_0x4_distance_microbench.c,
 // 768 bytes ahead: one stream 0.94-0.98x of a plain read, two 0.98-1.04x, three no better; decode
 // q8_0 4 alternating rounds: SmolLM2 +3 % / +2 % at 1 / 2 threads, GPT-2 +0 % / +1.5 %). A group only partly in [row0, row1) is computed whole; only its rows in range are
@@ -500,20 +497,17 @@ static inline void dot4_vnni(const uint8_t *q, const uint8_t *sc, long nb, const
 #define X4_ROWS(NAME, DOT, ATTR, STREAMS)                                                        \
     ATTR static void NAME(const uint8_t *quants, const uint8_t *scales, long nb, const int8_t *xq, const float *xd,       \
                           const int32_t *xc, long count, long cols, long row0, long row1, float *out, long stride) {    \
-        const long g0 = row0 / 4, n = (row1 - 1) / 4 - g0 + 1, half = (n + 1) / 2;              \
-        if ((STREAMS) < 2) { for (long i = 0; i < n; i++) X4_GROUP(DOT, g0 + i) return; }        \
+        /* STREAMS 1: every group in the first "half" */                                        \
+        const long g0 = row0 / 4, n = (row1 - 1) / 4 - g0 + 1, half = (STREAMS) == 2 ? (n + 1) / 2 : n; \
         for (long i = 0; i < half; i++) {                                                        \
             X4_GROUP(DOT, g0 + i)                                                                \
             if (half + i < n) X4_GROUP(DOT, g0 + half + i)                                       \
         }                                                                                        \
     }
-#ifndef X4_STREAMS
-#define X4_STREAMS 2
-#endif
 
 X4_ROWS(rows4_scalar, dot4_scalar, , 1)
 #ifdef PF2LORA_X86
-X4_ROWS(rows4_avx2, dot4_avx2, __attribute__((target("avx2,fma,f16c"))), X4_STREAMS)
+X4_ROWS(rows4_avx2, dot4_avx2, __attribute__((target("avx2,fma,f16c"))), 2)
 X4_ROWS(rows4_vnni, dot4_vnni, __attribute__((target("avxvnni,avx2,fma,f16c"))), 1)
 #endif
 
